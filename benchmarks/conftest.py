@@ -1,0 +1,69 @@
+"""Fixtures for the conversion benchmarks: the cached corpus, an output directory, round counts.
+
+Run from the repository root::
+
+    python -m pytest benchmarks -q --benchmark-only --benchmark-json=out.json
+    QCOWFAST_BENCH_SIZE=64M python -m pytest benchmarks -q --benchmark-only
+    python benchmarks/report.py out.json
+
+``pytest tests/`` never collects this directory (``testpaths = ["tests"]``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # also under --import-mode=importlib
+    sys.path.insert(0, str(HERE))
+
+import corpus as corpus_mod  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("qcowfast benchmarks")
+    group.addoption("--bench-size", default=None,
+                    help=f"corpus virtual size, e.g. 64M or 1G (default ${corpus_mod.ENV_SIZE} "
+                         f"or {corpus_mod.DEFAULT_SIZE})")
+    group.addoption("--bench-dir", default=None,
+                    help=f"corpus cache root (default ${corpus_mod.ENV_ROOT} or "
+                         f"{corpus_mod.DEFAULT_ROOT})")
+    group.addoption("--bench-rounds", type=int, default=None,
+                    help="timed rounds per benchmark (default 5 up to 256 MiB, else 3)")
+    group.addoption("--bench-warmup", type=int, default=1,
+                    help="untimed rounds before the timed ones (default 1)")
+
+
+def _log(line: str) -> None:
+    # Corpus building takes minutes at 1 GiB: show progress past pytest's capture.
+    print(line, file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(scope="session")
+def bench_corpus(pytestconfig) -> corpus_mod.Corpus:
+    """The corpus of images, built on first use and cached across runs."""
+    size = pytestconfig.getoption("--bench-size")
+    root = pytestconfig.getoption("--bench-dir")
+    return corpus_mod.ensure_corpus(size, root, log=_log)
+
+
+@pytest.fixture(scope="session")
+def bench_out(bench_corpus) -> Path:
+    """A scratch directory for converted files, next to the corpus (same file system)."""
+    out = bench_corpus.directory.parent / f"out-{os.getpid()}"
+    out.mkdir(exist_ok=True)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bench_rounds(pytestconfig, bench_corpus) -> tuple[int, int]:
+    """``(rounds, warmup_rounds)`` for ``benchmark.pedantic``."""
+    rounds = pytestconfig.getoption("--bench-rounds")
+    if rounds is None:
+        rounds = 5 if bench_corpus.size <= 256 * corpus_mod.MiB else 3
+    return rounds, pytestconfig.getoption("--bench-warmup")

@@ -1,0 +1,16 @@
+"""qcowfast: fast, safe reading and conversion of QCOW2 disk images."""
+from .constants import ExtentKind
+from .errors import (
+    BackingChainError, CorruptImage, DecompressionError, EncryptedImage, FormatError, OutputError,
+    QcowError, TruncatedImage, UnsafePathError, UnsupportedFeature,
+)
+from .header import Header
+from .image import Extent, Image, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open", "Image", "Extent", "ExtentKind", "Header", "QcowError", "FormatError", "CorruptImage",
+    "TruncatedImage", "DecompressionError", "UnsupportedFeature", "EncryptedImage",
+    "BackingChainError", "UnsafePathError", "OutputError",
+]

@@ -1,0 +1,246 @@
+# cython: language_level=3
+"""Batch inflation of compressed QCOW2 clusters with the GIL released.
+
+Compiled because a converted image may hold millions of compressed clusters: one call inflates a
+whole batch in a C loop with one reused stream, so several threads inflate on all cores at once.
+The C libraries are reached through symbols exported by the zlib-ng and backports.zstd extension
+modules (their wheels ship no headers), resolved once with dlsym().
+"""
+from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memset
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    const char *dlerror()
+    int RTLD_NOW
+    int RTLD_LOCAL
+
+cdef extern from "_codecs.h" nogil:
+    ctypedef struct qf_zng_stream:
+        const uint8_t *next_in
+        unsigned int avail_in
+        uint8_t *next_out
+        unsigned int avail_out
+    ctypedef int (*qf_zng_inflateInit2_fn)(qf_zng_stream *strm, int window_bits)
+    ctypedef int (*qf_zng_inflate_fn)(qf_zng_stream *strm, int flush)
+    ctypedef int (*qf_zng_inflateReset_fn)(qf_zng_stream *strm)
+    ctypedef int (*qf_zng_inflateEnd_fn)(qf_zng_stream *strm)
+    ctypedef struct qf_zstd_in:
+        const void *src
+        size_t size
+        size_t pos
+    ctypedef struct qf_zstd_out:
+        void *dst
+        size_t size
+        size_t pos
+    ctypedef void *(*qf_zstd_createDCtx_fn)()
+    ctypedef size_t (*qf_zstd_freeDCtx_fn)(void *dctx)
+    ctypedef size_t (*qf_zstd_DCtx_reset_fn)(void *dctx, int directive)
+    ctypedef size_t (*qf_zstd_decompressStream_fn)(void *dctx, qf_zstd_out *out, qf_zstd_in *inp)
+    ctypedef unsigned (*qf_zstd_isError_fn)(size_t code)
+    int QF_Z_FINISH, QF_Z_OK, QF_Z_STREAM_END, QF_Z_BUF_ERROR, QF_ZSTD_RESET_SESSION_ONLY
+
+import importlib
+
+from .errors import QcowError
+
+cdef enum:
+    ZLIB = 0
+    ZSTD = 1
+
+COMPRESSION_TYPES = {"zlib": ZLIB, "zstd": ZSTD}
+
+cdef qf_zng_inflateInit2_fn zng_inflateInit2 = NULL
+cdef qf_zng_inflate_fn zng_inflate = NULL
+cdef qf_zng_inflateReset_fn zng_inflateReset = NULL
+cdef qf_zng_inflateEnd_fn zng_inflateEnd = NULL
+cdef qf_zstd_createDCtx_fn zstd_createDCtx = NULL
+cdef qf_zstd_freeDCtx_fn zstd_freeDCtx = NULL
+cdef qf_zstd_DCtx_reset_fn zstd_DCtx_reset = NULL
+cdef qf_zstd_decompressStream_fn zstd_decompressStream = NULL
+cdef qf_zstd_isError_fn zstd_isError = NULL
+
+
+class CodecUnavailable(QcowError):
+    """The C library behind a compression type could not be loaded."""
+
+
+cdef void *_open_module(modules, what) except NULL:
+    cdef void *handle = NULL
+    tried = []
+    for name in modules:
+        try:
+            path = importlib.import_module(name).__file__
+        except ImportError as exc:
+            tried.append(f"{name}: {exc}")
+            continue
+        handle = dlopen(path.encode(), RTLD_NOW | RTLD_LOCAL)
+        if handle != NULL:
+            return handle
+        tried.append(f"{name}: {dlerror().decode(errors='replace')}")
+    raise CodecUnavailable(f"cannot load the {what} library ({'; '.join(tried)}); "
+                           f"install the package that provides it")
+
+
+cdef void *_sym(void *handle, const char *name, what) except NULL:
+    cdef void *fn = dlsym(handle, name)
+    if fn == NULL:
+        raise CodecUnavailable(f"the {what} library does not export {name.decode()}")
+    return fn
+
+
+cdef int _load_zlib() except -1:
+    global zng_inflateInit2, zng_inflate, zng_inflateReset, zng_inflateEnd
+    if zng_inflate != NULL:
+        return 0
+    cdef void *h = _open_module(("zlib_ng.zlib_ng",), "zlib-ng")
+    zng_inflateInit2 = <qf_zng_inflateInit2_fn>_sym(h, b"zng_inflateInit2", "zlib-ng")
+    zng_inflateReset = <qf_zng_inflateReset_fn>_sym(h, b"zng_inflateReset", "zlib-ng")
+    zng_inflateEnd = <qf_zng_inflateEnd_fn>_sym(h, b"zng_inflateEnd", "zlib-ng")
+    zng_inflate = <qf_zng_inflate_fn>_sym(h, b"zng_inflate", "zlib-ng")
+    return 0
+
+
+cdef int _load_zstd() except -1:
+    global zstd_createDCtx, zstd_freeDCtx, zstd_DCtx_reset, zstd_decompressStream, zstd_isError
+    if zstd_decompressStream != NULL:
+        return 0
+    cdef void *h = _open_module(("backports.zstd._zstd", "_zstd"), "zstd")
+    zstd_createDCtx = <qf_zstd_createDCtx_fn>_sym(h, b"ZSTD_createDCtx", "zstd")
+    zstd_freeDCtx = <qf_zstd_freeDCtx_fn>_sym(h, b"ZSTD_freeDCtx", "zstd")
+    zstd_DCtx_reset = <qf_zstd_DCtx_reset_fn>_sym(h, b"ZSTD_DCtx_reset", "zstd")
+    zstd_isError = <qf_zstd_isError_fn>_sym(h, b"ZSTD_isError", "zstd")
+    zstd_decompressStream = <qf_zstd_decompressStream_fn>_sym(h, b"ZSTD_decompressStream", "zstd")
+    return 0
+
+
+def check_codec(int compression_type):
+    """Load the library for `compression_type` now; raise CodecUnavailable if it cannot be."""
+    if compression_type == ZLIB:
+        _load_zlib()
+    elif compression_type == ZSTD:
+        _load_zstd()
+    else:
+        raise ValueError(f"unknown compression type {compression_type}")
+
+
+cdef int _zlib_one(qf_zng_stream *strm, const uint8_t *src, int64_t src_len, uint8_t *dst,
+                   int64_t cluster_size) noexcept nogil:
+    # QEMU qcow2_zlib_decompress(): raw deflate (window -12) into exactly one cluster; success
+    # when the output is full and the stream ended or ran out of input (Z_BUF_ERROR), because the
+    # stored length is rounded up to 512-byte sectors. Output never exceeds one cluster.
+    cdef int ret
+    if zng_inflateReset(strm) != QF_Z_OK:
+        return -1
+    strm.next_in = src
+    strm.avail_in = <unsigned int>src_len
+    strm.next_out = dst
+    strm.avail_out = <unsigned int>cluster_size
+    ret = zng_inflate(strm, QF_Z_FINISH)
+    if (ret == QF_Z_STREAM_END or ret == QF_Z_BUF_ERROR) and strm.avail_out == 0:
+        return 0
+    return -1
+
+
+cdef int _zstd_one(void *dctx, const uint8_t *src, int64_t src_len, uint8_t *dst,
+                   int64_t cluster_size) noexcept nogil:
+    # QEMU qcow2_zstd_decompress(): decode frames until the cluster is full; an input or output
+    # that stops moving, or a frame left unfinished when the cluster is full, is an error.
+    cdef qf_zstd_in inp
+    cdef qf_zstd_out out
+    cdef size_t ret = 0, last_in, last_out
+    if zstd_isError(zstd_DCtx_reset(dctx, QF_ZSTD_RESET_SESSION_ONLY)):
+        return -1
+    inp.src = src
+    inp.size = <size_t>src_len
+    inp.pos = 0
+    out.dst = dst
+    out.size = <size_t>cluster_size
+    out.pos = 0
+    while out.pos < out.size:
+        last_in = inp.pos
+        last_out = out.pos
+        ret = zstd_decompressStream(dctx, &out, &inp)
+        if zstd_isError(ret):
+            return -1
+        if last_in >= inp.pos and last_out >= out.pos:
+            return -1
+    return 0 if ret == 0 else -1
+
+
+cdef class Decompressor:
+    """A reusable decoder for one compression type and cluster size; one thread at a time."""
+    cdef qf_zng_stream zstrm
+    cdef void *dctx
+    cdef readonly int compression_type
+    cdef readonly int64_t cluster_size
+    cdef bint ready, busy
+
+    def __cinit__(self, int compression_type, int64_t cluster_size):
+        memset(&self.zstrm, 0, sizeof(self.zstrm))
+        self.dctx = NULL
+        self.ready = False
+        self.busy = False
+        if not 512 <= cluster_size <= (1 << 21):
+            raise ValueError("cluster size out of range")
+        self.compression_type = compression_type
+        self.cluster_size = cluster_size
+        check_codec(compression_type)
+        if compression_type == ZLIB:
+            if zng_inflateInit2(&self.zstrm, -12) != QF_Z_OK:
+                raise MemoryError("zlib-ng inflateInit2 failed")
+        else:
+            self.dctx = zstd_createDCtx()
+            if self.dctx == NULL:
+                raise MemoryError("ZSTD_createDCtx failed")
+        self.ready = True
+
+    def __dealloc__(self):
+        if self.ready and self.compression_type == ZLIB:
+            zng_inflateEnd(&self.zstrm)
+        if self.dctx != NULL:
+            zstd_freeDCtx(self.dctx)
+
+    def inflate_batch(self, src, const int64_t[::1] in_off, const int64_t[::1] in_len,
+                      dst, const int64_t[::1] out_off):
+        """Inflate cluster j from src[in_off[j]:+in_len[j]] into dst[out_off[j]:+cluster_size].
+
+        Returns -1 when every cluster inflated, else the index of the first that did not.
+        """
+        cdef const uint8_t[::1] s = memoryview(src).cast("B")
+        cdef uint8_t[::1] d = memoryview(dst).cast("B")
+        cdef Py_ssize_t n = in_off.shape[0], j
+        cdef int64_t cs = self.cluster_size, slen = s.shape[0], dlen = d.shape[0]
+        cdef int rc = 0
+        if in_len.shape[0] != n or out_off.shape[0] != n:
+            raise ValueError("batch arrays differ in length")
+        if n == 0:
+            return -1
+        for j in range(n):
+            if (in_off[j] < 0 or in_len[j] <= 0 or in_len[j] > slen - in_off[j]
+                    or in_len[j] > 0x7FFFFFFF or out_off[j] < 0 or out_off[j] > dlen - cs):
+                raise ValueError(f"batch entry {j} lies outside its buffers")
+        if self.busy:
+            raise RuntimeError("Decompressor used by two threads at once")
+        self.busy = True
+        j = 0
+        try:
+            with nogil:
+                if self.compression_type == ZLIB:
+                    while j < n:
+                        rc = _zlib_one(&self.zstrm, &s[0] + in_off[j], in_len[j],
+                                       &d[0] + out_off[j], cs)
+                        if rc:
+                            break
+                        j += 1
+                else:
+                    while j < n:
+                        rc = _zstd_one(self.dctx, &s[0] + in_off[j], in_len[j],
+                                       &d[0] + out_off[j], cs)
+                        if rc:
+                            break
+                        j += 1
+        finally:
+            self.busy = False
+        return j if rc else -1

@@ -1,0 +1,41 @@
+"""The qcowfast exception hierarchy: every failure qcowfast reports is a QcowError."""
+
+
+class QcowError(Exception):
+    """Root of all qcowfast exceptions."""
+
+
+class FormatError(QcowError, ValueError):
+    """The file is not a QCOW2 image qcowfast can parse (bad magic, header fields out of range)."""
+
+
+class CorruptImage(QcowError):
+    """Metadata breaks a rule of the QCOW2 specification (bad table entry, overlap, bad offset)."""
+
+
+class TruncatedImage(CorruptImage):
+    """A table or data range lies (partly) past the end of the image file."""
+
+
+class DecompressionError(CorruptImage):
+    """A compressed cluster does not inflate to exactly one cluster."""
+
+
+class UnsupportedFeature(QcowError):
+    """The image uses a feature this build does not implement (named in the message)."""
+
+
+class EncryptedImage(UnsupportedFeature):
+    """The image is encrypted (legacy AES or LUKS); qcowfast does not decrypt."""
+
+
+class BackingChainError(QcowError):
+    """A backing chain is missing a file, loops, or is deeper than allowed."""
+
+
+class UnsafePathError(QcowError):
+    """A file named inside an image lies outside what the caller allowed to be opened."""
+
+
+class OutputError(QcowError):
+    """The conversion output cannot be written as asked (exists, is the source, ...)."""

@@ -1,0 +1,305 @@
+"""QCOW2 header and header-extension parsing, with every check done before a table is read.
+
+Layout and rules: QEMU docs/interop/qcow2.txt ("Header", "Header extensions"); the checks follow
+QEMU's qcow2_do_open() and add file-size bounds QEMU leaves to later reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass, field
+
+from .constants import (
+    MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear, CompressionType,
+    CryptMethod, ExtensionType, IMPLEMENTED_INCOMPATIBLE, INCOMPATIBLE_NAMES, Incompatible,
+)
+from .errors import EncryptedImage, FormatError, TruncatedImage, UnsupportedFeature
+
+_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+_EXT = struct.Struct(">II")
+_BITMAPS_EXT = struct.Struct(">IIQQ")
+_CRYPTO_EXT = struct.Struct(">QQ")
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Extension:
+    """One header extension as found in the file: its type, where its data starts, its length."""
+    type: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """Every field of a QCOW2 header plus what its extensions say (frozen; sizes in bytes)."""
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = CompressionType.ZLIB
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: dict = field(default_factory=dict, repr=False)
+    bitmaps: BitmapsExtension | None = None
+    crypto_header: tuple[int, int] | None = None
+    extensions: tuple[Extension, ...] = field(default=(), repr=False)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.EXTENDED_L2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        """L2 entries per L2 table (one cluster)."""
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & Autoclear.DATA_FILE_RAW)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.CORRUPT)
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    def replace(self, **changes) -> "Header":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_table(name: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:
+    if offset % cluster_size:
+        raise FormatError(f"{name} offset {offset:#x} is not aligned to the cluster size {cluster_size}")
+    if nbytes and offset + nbytes > file_size:
+        raise TruncatedImage(f"{name} at {offset:#x} ({nbytes} bytes) runs past the end of the file "
+                             f"({file_size} bytes)")
+
+
+def feature_name(header_names: dict, kind: int, bit: int) -> str:
+    """Name of feature bit `bit` of `kind` (0 incompatible, 1 compatible, 2 autoclear)."""
+    name = header_names.get((kind, bit))
+    if name:
+        return name
+    if kind == 0 and bit in INCOMPATIBLE_NAMES:
+        return INCOMPATIBLE_NAMES[bit]
+    return f"unknown {('incompatible', 'compatible', 'autoclear')[kind]} feature bit {bit}"
+
+
+def parse_header(data: bytes, file_size: int) -> Header:
+    """Parse and validate a header from the first cluster (or less, at end of file) of an image.
+
+    `data` must hold the first min(file_size, 2 MiB) bytes; all offsets are checked against
+    `file_size`. Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage.
+    """
+    if len(data) < V2_HEADER_LENGTH:
+        if data[:4] == QCOW_MAGIC or len(data) < 4:
+            raise TruncatedImage(f"file is {len(data)} bytes, shorter than a QCOW2 header (72 bytes)")
+        raise FormatError("not a QCOW2 image (bad magic)")
+    (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,
+     l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
+     snapshots_offset) = _V2.unpack_from(data)
+    if magic != QCOW_MAGIC:
+        raise FormatError("not a QCOW2 image (bad magic)")
+    if version not in (2, 3):
+        raise UnsupportedFeature(f"QCOW2 version {version} (only versions 2 and 3 exist)")
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(f"cluster_bits {cluster_bits} out of range "
+                          f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
+    cluster_size = 1 << cluster_bits
+    fields = dict(version=version, backing_file_offset=backing_file_offset,
+                  backing_file_size=backing_file_size, cluster_bits=cluster_bits, size=size,
+                  crypt_method=crypt_method, l1_size=l1_size, l1_table_offset=l1_table_offset,
+                  refcount_table_offset=refcount_table_offset,
+                  refcount_table_clusters=refcount_table_clusters, nb_snapshots=nb_snapshots,
+                  snapshots_offset=snapshots_offset)
+    if version == 3:
+        if len(data) < V3_HEADER_LENGTH:
+            raise TruncatedImage(f"file is {len(data)} bytes, shorter than a version 3 header")
+        incompatible, compatible, autoclear, refcount_order, header_length = \
+            _V3.unpack_from(data, V2_HEADER_LENGTH)
+        if header_length < V3_HEADER_LENGTH or header_length % 8:
+            raise FormatError(f"header_length {header_length} must be a multiple of 8 and >= 104")
+        if header_length > cluster_size:
+            raise FormatError(f"header_length {header_length} exceeds the cluster size {cluster_size}")
+        if header_length > len(data):
+            raise TruncatedImage(f"header_length {header_length} runs past the end of the file")
+        if refcount_order > 6:
+            raise FormatError(f"refcount_order {refcount_order} out of range 0..6")
+        compression_type = data[104] if header_length > 104 else CompressionType.ZLIB
+        fields.update(incompatible_features=incompatible, compatible_features=compatible,
+                      autoclear_features=autoclear, refcount_order=refcount_order,
+                      header_length=header_length, compression_type=compression_type)
+    else:
+        header_length = V2_HEADER_LENGTH
+        incompatible = 0
+
+    ext_end = backing_file_offset if backing_file_offset else cluster_size
+    ext_end = min(ext_end, cluster_size, len(data))
+    ext_fields = _parse_extensions(data, header_length, ext_end)
+    names = ext_fields.get("feature_names", {})
+
+    unknown = incompatible & ~int(IMPLEMENTED_INCOMPATIBLE)
+    if unknown:
+        bits = [b for b in range(64) if unknown >> b & 1]
+        raise UnsupportedFeature("unsupported incompatible feature: "
+                                 + ", ".join(feature_name(names, 0, b) for b in bits))
+    if crypt_method:
+        method = {CryptMethod.AES: "legacy AES", CryptMethod.LUKS: "LUKS"}.get(
+            crypt_method, f"unknown method {crypt_method}")
+        raise EncryptedImage(f"image is encrypted ({method}); qcowfast does not decrypt images")
+    _check_compression(fields.get("compression_type", 0), incompatible)
+    if incompatible & Incompatible.EXTENDED_L2 and cluster_bits < 14:
+        raise FormatError(f"extended L2 entries need clusters of at least 16 KiB (cluster_bits "
+                          f"{cluster_bits})")
+
+    # Backing file name: must fit in the first cluster (QEMU: "Backing file name too long").
+    if backing_file_offset:
+        if (backing_file_size > MAX_BACKING_NAME
+                or backing_file_offset + backing_file_size > cluster_size):
+            raise FormatError(f"backing file name ({backing_file_size} bytes at "
+                              f"{backing_file_offset:#x}) too long or outside the first cluster")
+        end = backing_file_offset + backing_file_size
+        if end > len(data):
+            raise TruncatedImage("backing file name runs past the end of the file")
+        fields["backing_file"] = _decode_name(data[backing_file_offset:end], "backing file name")
+
+    if size >= 1 << 63:
+        raise FormatError(f"virtual size {size} too large")
+    l2_entries = cluster_size // (16 if incompatible & Incompatible.EXTENDED_L2 else 8)
+    needed_l1 = -(-size // (cluster_size * l2_entries))
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise FormatError(f"L1 table too large ({l1_size} entries, limit {MAX_L1_BYTES // 8})")
+    if l1_size < needed_l1:
+        raise FormatError(f"L1 table too small: {l1_size} entries for a virtual size of {size} "
+                          f"bytes needs {needed_l1}")
+    _check_table("L1 table", l1_table_offset, l1_size * 8, cluster_size, file_size)
+    if refcount_table_clusters * cluster_size > MAX_REFTABLE_BYTES:
+        raise FormatError(f"refcount table too large ({refcount_table_clusters} clusters)")
+    _check_table("refcount table", refcount_table_offset, refcount_table_clusters * cluster_size,
+                 cluster_size, file_size)
+    if nb_snapshots > MAX_SNAPSHOTS:
+        raise FormatError(f"too many snapshots ({nb_snapshots}, limit {MAX_SNAPSHOTS})")
+    if nb_snapshots:
+        _check_table("snapshot table", snapshots_offset, 40 * nb_snapshots, cluster_size, file_size)
+
+    if incompatible & Incompatible.DATA_FILE:
+        pass  # the name is optional: the caller may pass the data file explicitly
+    elif ext_fields.get("data_file") is not None:
+        raise FormatError("external data file name present without the data file feature bit")
+    elif fields.get("autoclear_features", 0) & Autoclear.DATA_FILE_RAW:
+        raise FormatError("data-file-raw set without an external data file")
+    if ext_fields.get("bitmaps") is not None and not (
+            fields.get("autoclear_features", 0) & Autoclear.BITMAPS):
+        ext_fields["bitmaps"] = None  # stale extension: QEMU ignores it without the autoclear bit
+    if ext_fields.get("crypto_header") is not None and not crypt_method:
+        raise FormatError("full disk encryption header extension in an unencrypted image")
+    return Header(**fields, **ext_fields)
+
+
+def _check_compression(compression_type: int, incompatible: int) -> None:
+    # QEMU validate_compression_type(): the incompatible bit is set iff the type is not zlib.
+    if compression_type not in (CompressionType.ZLIB, CompressionType.ZSTD):
+        raise UnsupportedFeature(f"unknown compression type {compression_type}")
+    has_bit = bool(incompatible & Incompatible.COMPRESSION_TYPE)
+    if has_bit != (compression_type != CompressionType.ZLIB):
+        raise FormatError("compression type feature bit must be set exactly when the compression "
+                          f"type is not zlib (type {compression_type})")
+
+
+def _decode_name(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{what} is not valid UTF-8") from None
+
+
+def _parse_extensions(data: bytes, start: int, end: int) -> dict:
+    """Walk the header extensions in [start, end) (QEMU qcow2_read_extensions)."""
+    out: dict = {}
+    found = []
+    offset = start
+    seen = set()
+    while offset + _EXT.size <= end:
+        ext_type, length = _EXT.unpack_from(data, offset)
+        offset += _EXT.size
+        if ext_type == ExtensionType.END:
+            break
+        if length > end - offset:
+            raise FormatError(f"header extension {ext_type:#010x} length {length} runs past the "
+                              f"end of the header area ({end - offset} bytes left)")
+        if ext_type in seen and ext_type in ExtensionType._value2member_map_:
+            raise FormatError(f"duplicate header extension {ext_type:#010x}")
+        seen.add(ext_type)
+        payload = data[offset:offset + length]
+        found.append(Extension(ext_type, offset, length))
+        if ext_type == ExtensionType.BACKING_FORMAT:
+            out["backing_format"] = _decode_name(payload, "backing format").rstrip("\0")
+        elif ext_type == ExtensionType.DATA_FILE:
+            out["data_file"] = _decode_name(payload, "external data file name").rstrip("\0")
+        elif ext_type == ExtensionType.FEATURE_TABLE:
+            names = {}
+            for i in range(length // 48):
+                kind, bit = payload[i * 48], payload[i * 48 + 1]
+                name = payload[i * 48 + 2:i * 48 + 48].split(b"\0", 1)[0]
+                names[(kind, bit)] = name.decode("utf-8", "replace")
+            out["feature_names"] = names
+        elif ext_type == ExtensionType.BITMAPS:
+            if length != _BITMAPS_EXT.size:
+                raise FormatError(f"bitmaps extension length {length}, expected {_BITMAPS_EXT.size}")
+            nb, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(payload)
+            if reserved:
+                raise FormatError("bitmaps extension reserved field is not zero")
+            if nb > MAX_BITMAPS or dir_size > MAX_BITMAP_DIRECTORY_BYTES:
+                raise FormatError(f"bitmaps extension: {nb} bitmaps / directory of {dir_size} bytes "
+                                  "exceed QEMU's limits")
+            out["bitmaps"] = BitmapsExtension(nb, dir_size, dir_offset)
+        elif ext_type == ExtensionType.CRYPTO:
+            if length != _CRYPTO_EXT.size:
+                raise FormatError(f"encryption header extension length {length}, expected 16")
+            out["crypto_header"] = _CRYPTO_EXT.unpack(payload)
+        offset += (length + 7) & ~7
+    out["extensions"] = tuple(found)
+    return out

@@ -1,0 +1,17 @@
+"""Build the Cython kernels; all metadata lives in pyproject.toml."""
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DIRECTIVES = {"language_level": "3", "boundscheck": False, "wraparound": False,
+              "cdivision": True, "initializedcheck": False}
+
+extensions = [
+    Extension(name, [f"qcowfast/{name.split('.')[-1]}.pyx"],
+              include_dirs=[numpy.get_include(), "qcowfast"],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+              extra_compile_args=["-O3"], libraries=["dl"])
+    for name in ("qcowfast._tables", "qcowfast._inflate")
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES))

@@ -1,0 +1,181 @@
+"""Shared checkers for the qcowfast tests.
+
+The oracles here are QEMU's own tools, never qcowfast:
+
+* bytes:   ``qemu-img convert -O raw``  (:func:`reference_raw`)
+* extents: ``qemu-img map --output=json``  (:func:`qemu_map`)
+* headers: ``qemu-img info --output=json``  (:func:`qemu_info`)
+
+Images are written with ``qemu-img`` and ``qemu-io`` (:func:`qemu_img`, :func:`qemu_io`).
+Every helper raises :class:`QemuToolError` (carrying the tool's stderr) when the tool fails,
+so a broken recipe or oracle fails the test loudly instead of comparing against garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+QEMU_IMG = "qemu-img"
+QEMU_IO = "qemu-io"
+
+__all__ = [
+    "QEMU_IMG",
+    "QEMU_IO",
+    "QemuToolError",
+    "assert_same_bytes",
+    "first_difference",
+    "missing_qemu_tools",
+    "qemu_img",
+    "qemu_info",
+    "qemu_io",
+    "qemu_map",
+    "reference_raw",
+]
+
+
+class QemuToolError(AssertionError):
+    """A qemu-img / qemu-io invocation failed; the message holds its command line and stderr."""
+
+
+def missing_qemu_tools() -> list[str]:
+    """Return the names of the QEMU tools the tests need that are not on ``PATH``."""
+    return [tool for tool in (QEMU_IMG, QEMU_IO) if shutil.which(tool) is None]
+
+
+def _run(argv: list[str], cwd: str | os.PathLike | None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    # qemu-io reports failed commands on stdout/stderr but may still exit 0, so its
+    # output is also scanned for the error lines it prints.
+    failed = proc.returncode != 0
+    if not failed and argv[0] == QEMU_IO:
+        out = proc.stdout + proc.stderr
+        failed = any(
+            marker in out
+            for marker in ("failed:", "Error", "error:", "Invalid", "not supported")
+        )
+    if failed:
+        raise QemuToolError(
+            f"command failed (exit {proc.returncode}): {' '.join(argv)}"
+            + (f"\n  cwd: {cwd}" if cwd is not None else "")
+            + f"\n  stdout: {proc.stdout.strip()}\n  stderr: {proc.stderr.strip()}"
+        )
+    return proc
+
+
+def qemu_img(*args: str | os.PathLike | int, cwd: str | os.PathLike | None = None
+             ) -> subprocess.CompletedProcess:
+    """Run ``qemu-img ARGS...`` and return the completed process.
+
+    Raises
+    ------
+    QemuToolError
+        If qemu-img exits non-zero; the message includes its stderr.
+    """
+    return _run([QEMU_IMG, *map(os.fspath, map(_as_arg, args))], cwd)
+
+
+def qemu_io(path: str | os.PathLike, *commands: str, fmt: str = "qcow2",
+            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run ``qemu-io -f FMT -c CMD1 -c CMD2 ... PATH``, e.g. ``qemu_io(p, "write -P 0x5a 64k 192k")``.
+
+    Commands run in order within one qemu-io process. ``-q`` is added to write, discard
+    and zero-write commands that lack it, to keep the output small.
+
+    Raises
+    ------
+    QemuToolError
+        If qemu-io exits non-zero or prints an error for any command.
+    """
+    argv = [QEMU_IO, "-f", fmt]
+    for cmd in commands:
+        verb, _, rest = cmd.strip().partition(" ")
+        if verb in ("write", "discard", "read") and "-q" not in rest.split():
+            cmd = f"{verb} -q {rest}"
+        argv += ["-c", cmd]
+    argv.append(os.fspath(path))
+    return _run(argv, cwd)
+
+
+def _as_arg(value: str | os.PathLike | int) -> str | os.PathLike:
+    return str(value) if isinstance(value, int) else value
+
+
+def qemu_info(path: str | os.PathLike) -> dict:
+    """Return ``qemu-img info --output=json PATH`` parsed (``virtual-size``, ``cluster-size``...)."""
+    return json.loads(qemu_img("info", "--output=json", path).stdout)
+
+
+def qemu_map(path: str | os.PathLike) -> list[dict]:
+    """Return ``qemu-img map --output=json PATH`` parsed: a list of extent dicts.
+
+    Each dict has ``start``, ``length``, ``depth``, ``present``, ``zero``, ``data`` and,
+    when QEMU knows the host location, ``offset``.
+    """
+    return json.loads(qemu_img("map", "--output=json", path).stdout)
+
+
+_RAW_CACHE: dict[tuple[str, int, int], bytes] = {}
+
+
+def reference_raw(path: str | os.PathLike) -> bytes:
+    """Return the guest-visible bytes of the image at *path*, as ``qemu-img convert -O raw`` writes them.
+
+    Results are cached per (resolved path, mtime, size) of *path*: rewriting the image
+    refreshes the entry, while rewriting only a backing file does not, so tests that mutate
+    a backing file should work on a fresh copy of the chain.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    cached = _RAW_CACHE.get(key)
+    if cached is None:
+        with tempfile.TemporaryDirectory(prefix="qcowfast-ref-") as tmp:
+            out = Path(tmp, "reference.raw")
+            qemu_img("convert", "-O", "raw", p, out)
+            cached = out.read_bytes()
+        _RAW_CACHE[key] = cached
+    return cached
+
+
+def first_difference(got: bytes, want: bytes) -> int | None:
+    """Return the first offset where *got* and *want* differ (a length mismatch counts), or None."""
+    got, want = memoryview(got).cast("B"), memoryview(want).cast("B")
+    n = min(len(got), len(want))
+    if got[:n] != want[:n]:
+        # Bisect on slice equality: slices compare in C, so this stays fast on megabytes.
+        lo, hi = 0, n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if got[lo:mid] != want[lo:mid]:
+                hi = mid
+            else:
+                lo = mid
+        return lo
+    return None if len(got) == len(want) else n
+
+
+def assert_same_bytes(got: bytes, want: bytes, what: str, base: int = 0) -> None:
+    """Assert ``got == want`` without letting pytest print megabyte-long diffs.
+
+    On failure the message names *what* was compared, both lengths and the first differing
+    offset (shifted by *base*, e.g. the guest offset the buffers start at), with a few bytes
+    of context from each side.
+    """
+    __tracebackhide__ = True
+    pos = first_difference(got, want)
+    if pos is None:
+        return
+    lo = max(0, pos - 8)
+    got_ctx = bytes(memoryview(got)[lo:pos + 24]).hex(" ")
+    want_ctx = bytes(memoryview(want)[lo:pos + 24]).hex(" ")
+    raise AssertionError(
+        f"{what}: bytes differ at offset {base + pos:#x} ({base + pos}); "
+        f"len(got)={len(got)} len(want)={len(want)}\n"
+        f"  got  @{base + lo:#x}: {got_ctx}\n"
+        f"  want @{base + lo:#x}: {want_ctx}"
+    )
