@@ -14,3 +14,7 @@ __all__ = [
     "TruncatedImage", "DecompressionError", "UnsupportedFeature", "EncryptedImage",
     "BackingChainError", "UnsafePathError", "OutputError",
 ]
+
+from .convert import ConvertResult, convert  # noqa: E402
+
+__all__ += ["convert", "ConvertResult"]

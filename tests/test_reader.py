@@ -1,0 +1,387 @@
+"""Reading: guest bytes, extents and the allocation map of every catalogue image.
+
+The oracles are QEMU's: ``qemu-img convert -O raw`` for bytes and ``qemu-img map --output=json``
+for extents (see ``tests/common.py``). Each test runs on every image of the catalogue
+(``tests/conftest.py``), whose ids name the test cases.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import random
+import threading
+import zlib
+import pytest
+
+import qcowfast
+from qcowfast import ExtentKind
+from common import assert_same_bytes, qemu_map, reference_raw
+
+# Kinds whose bytes come from somewhere other than a zero rule.
+_BYTES_KINDS = (ExtentKind.DATA, ExtentKind.COMPRESSED)
+
+
+def _open(image):
+    return qcowfast.open(str(image.path))
+
+
+def _rng(image, salt: str) -> random.Random:
+    return random.Random(zlib.crc32(f"{image.id}/{salt}".encode()))
+
+
+def _interesting_offsets(image) -> list[int]:
+    """Guest offsets where reads are likely to go wrong: cluster, L2-table and layer edges."""
+    vs = image.virtual_size
+    points = {0, vs}
+    for layer in image.chain:
+        points.add(min(layer.virtual_size, vs))
+        cs = layer.cluster_size or 512
+        points.update(range(cs, vs, max(cs, vs // 64 // cs * cs)))
+        # One L2 table covers cs * (cs / entry size) bytes; entries are 8 or 16 bytes.
+        for entry_size in (8, 16):
+            points.update(range(0, vs, cs * (cs // entry_size)))
+    return sorted(points)
+
+
+def _read_plan(image, rng: random.Random, count: int) -> list[tuple[int, int]]:
+    """Return *count* (offset, size) pairs around interesting offsets, and a few anywhere."""
+    vs = image.virtual_size
+    cs = image.cluster_size
+    points = _interesting_offsets(image)
+    plan = [(0, 0), (vs, 0), (max(0, vs - 1), 1), (max(0, vs - 700), 5000)]
+    while len(plan) < count:
+        if rng.random() < 0.75:
+            offset = max(0, rng.choice(points) + rng.randint(-700, 700))
+        else:
+            offset = rng.randrange(vs + 4096)
+        size = rng.choice((0, 1, rng.randint(1, 1100), rng.randint(1, 3 * cs),
+                           rng.randint(1, 3 * cs), rng.randint(1, 1 << 20)))
+        plan.append((offset, size))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes
+
+
+def test_read_whole_image(image):
+    want = reference_raw(image.path)
+    with _open(image) as img:
+        assert img.virtual_size == image.virtual_size == len(want)
+        assert img.cluster_size == image.cluster_size
+        got = img.read(0, img.virtual_size)
+    assert isinstance(got, bytes)
+    assert_same_bytes(got, want, f"{image.id}: read(0, virtual_size)")
+
+
+def test_as_file_reads_everything(image):
+    want = reference_raw(image.path)
+    with _open(image) as img:
+        f = img.as_file()
+        assert isinstance(f, io.RawIOBase)
+        assert f.readable() and f.seekable() and not f.writable()
+        assert_same_bytes(f.read(), want, f"{image.id}: as_file().read()")
+        assert f.tell() == len(want)
+        assert f.read() == b""
+        assert f.read(10) == b""
+
+        # Through a BufferedReader with an odd chunk size, as a consumer like shutil would.
+        f.seek(0)
+        buffered = io.BufferedReader(f, buffer_size=7 * 1024 + 3)
+        chunks = iter(lambda: buffered.read(50_000 + 17), b"")
+        assert_same_bytes(b"".join(chunks), want, f"{image.id}: BufferedReader.read() loop")
+
+        # seek/tell/readinto from the middle and from the end.
+        mid = len(want) // 3 + 5
+        assert f.seek(mid) == mid
+        buf = bytearray(100_000)
+        n = f.readinto(buf)
+        assert n == len(want[mid:mid + len(buf)])
+        assert_same_bytes(bytes(buf[:n]), want[mid:mid + n], f"{image.id}: readinto at {mid}")
+        assert f.tell() == mid + n
+        assert f.seek(-3, io.SEEK_END) == len(want) - 3
+        assert f.read(10) == want[-3:]
+        f.close()
+
+
+def test_random_reads(image):
+    want = reference_raw(image.path)
+    rng = _rng(image, "random-reads")
+    with _open(image) as img:
+        for offset, size in _read_plan(image, rng, 150):
+            got = img.read(offset, size)
+            assert_same_bytes(got, want[offset:offset + size],
+                              f"{image.id}: read({offset}, {size})", base=offset)
+
+
+def test_random_readinto(image):
+    want = reference_raw(image.path)
+    rng = _rng(image, "random-readinto")
+    with _open(image) as img:
+        for offset, size in _read_plan(image, rng, 60):
+            expect = want[offset:offset + size]
+            # A memoryview slice of a larger buffer: bytes outside it must stay untouched.
+            backing = bytearray(b"\xa5" * (size + 64))
+            view = memoryview(backing)[32:32 + size]
+            n = img.readinto(offset, view)
+            assert n == len(expect), f"{image.id}: readinto({offset}, [{size}]) returned {n}"
+            assert_same_bytes(bytes(view[:n]), expect, f"{image.id}: readinto({offset}, [{size}])",
+                              base=offset)
+            assert backing[:32] == b"\xa5" * 32 and backing[32 + size:] == b"\xa5" * 32
+
+
+def test_reads_past_the_end(image):
+    want = reference_raw(image.path)
+    vs = image.virtual_size
+    with _open(image) as img:
+        assert img.read(vs - 10, 100) == want[-10:]
+        assert img.read(vs, 1) == b""
+        assert img.read(vs + 12345, 4096) == b""
+        assert img.read(0, vs + (1 << 20)) == want
+        assert img.read(0, 0) == b""
+        buf = bytearray(b"\xee" * 64)
+        assert img.readinto(vs - 5, buf) == 5
+        assert bytes(buf[:5]) == want[-5:] and buf[5:] == b"\xee" * 59
+        assert img.readinto(vs, buf) == 0
+        assert img.readinto(vs + 1, bytearray(10)) == 0
+        f = img.as_file()
+        assert f.seek(vs + 100) == vs + 100
+        assert f.read(10) == b""
+        assert f.readinto(bytearray(10)) == 0
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib", "c4k-chain3-short-base"))
+def test_negative_offsets_are_refused(image):
+    with _open(image) as img:
+        with pytest.raises(ValueError):
+            img.read(-1, 10)
+        with pytest.raises(ValueError):
+            img.readinto(-512, bytearray(10))
+
+
+def test_concurrent_reads(image):
+    """Threads sharing one Image (and its caches) all read the right bytes."""
+    want = reference_raw(image.path)
+    nthreads = 4
+    plans = [_read_plan(image, _rng(image, f"thread-{t}"), 40) for t in range(nthreads)]
+    barrier = threading.Barrier(nthreads)
+    failures: list[str] = []
+
+    def worker(img, plan):
+        try:
+            barrier.wait(timeout=30)
+            for _ in range(2):
+                for offset, size in plan:
+                    if img.read(offset, size) != want[offset:offset + size]:
+                        failures.append(f"read({offset}, {size})")
+        except Exception as exc:  # reported below, in the main thread
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    with _open(image) as img:
+        threads = [threading.Thread(target=worker, args=(img, plan)) for plan in plans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), f"{image.id}: reader threads hung"
+    assert not failures, f"{image.id}: wrong concurrent reads: {failures[:5]} ({len(failures)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Extents and the map
+
+
+def _check_cover(extents, start: int, end: int, chain_len: int, what: str) -> None:
+    pos = start
+    for e in extents:
+        assert isinstance(e, qcowfast.Extent), what
+        assert e.guest_offset == pos, f"{what}: gap or overlap at {pos}: {e}"
+        assert e.length > 0, f"{what}: empty extent {e}"
+        assert isinstance(e.kind, ExtentKind), f"{what}: kind of {e} is not an ExtentKind"
+        assert 0 <= e.depth < chain_len, f"{what}: depth out of the chain: {e}"
+        if e.kind in _BYTES_KINDS:
+            assert isinstance(e.host_offset, int) and e.host_offset >= 0, f"{what}: {e}"
+        elif e.kind == ExtentKind.UNALLOCATED:
+            assert e.host_offset is None, f"{what}: unallocated extent with a host offset: {e}"
+        pos += e.length
+    assert pos == end, f"{what}: extents end at {pos}, not at {end}"
+
+
+def test_extents_cover_the_image(image):
+    with _open(image) as img:
+        extents = list(img.extents())
+    _check_cover(extents, 0, image.virtual_size, len(image.chain), f"{image.id}: extents()")
+
+
+def _pieces(a: list, b: list, start_a, len_a, start_b, len_b):
+    """Sweep two sorted, contiguous interval lists together.
+
+    Yields (start, end, x, y) for every maximal piece lying in one item x of *a* and one
+    item y of *b*; the ``start_*``/``len_*`` callables read an item's interval.
+    """
+    i = j = 0
+    while i < len(a) and j < len(b):
+        x, y = a[i], b[j]
+        x_end, y_end = start_a(x) + len_a(x), start_b(y) + len_b(y)
+        yield max(start_a(x), start_b(y)), min(x_end, y_end), x, y
+        end = min(x_end, y_end)
+        i += x_end == end
+        j += y_end == end
+
+
+def _extent_pieces(a: list, b: list):
+    return _pieces(a, b, lambda e: e.guest_offset, lambda e: e.length,
+                   lambda e: e.guest_offset, lambda e: e.length)
+
+
+def test_extents_of_a_window(image):
+    """extents(start, length) covers exactly the window and agrees with the full extents."""
+    vs = image.virtual_size
+    rng = _rng(image, "windows")
+    with _open(image) as img:
+        full = list(img.extents())
+        windows = [(0, vs), (0, None), (vs // 2, None), (vs, 0), (vs, None)]
+        windows += [(o, s) for o, s in _read_plan(image, rng, 30) if o <= vs]
+        for start, length in windows:
+            end = vs if length is None else min(vs, start + length)
+            what = f"{image.id}: extents({start}, {length})"
+            part = list(img.extents(start, length))
+            _check_cover(part, start, end, len(image.chain), what)
+            first = bisect.bisect_right([f.guest_offset for f in full], start) - 1
+            for lo, hi, e, f in _extent_pieces(part, full[max(first, 0):]):
+                where = f"{what}: [{lo:#x}, {hi:#x}): {e} vs full {f}"
+                assert (e.kind, e.depth) == (f.kind, f.depth), where
+                if e.kind == ExtentKind.COMPRESSED:
+                    assert e.host_offset == f.host_offset, where
+                elif e.host_offset is not None or f.host_offset is not None:
+                    assert None not in (e.host_offset, f.host_offset), where
+                    assert e.host_offset - e.guest_offset == f.host_offset - f.guest_offset, where
+
+
+def _map_kind(entry: dict) -> ExtentKind:
+    if not entry["present"]:
+        return ExtentKind.UNALLOCATED
+    if entry["data"]:
+        # QEMU gives every present data range a host offset except compressed clusters.
+        return ExtentKind.DATA if "offset" in entry else ExtentKind.COMPRESSED
+    return ExtentKind.ZERO
+
+
+def test_extents_agree_with_qemu_map(image):
+    """Sweep extents and map entries together and compare every overlapping piece.
+
+    Map to kind: not present -> UNALLOCATED; data with an offset -> DATA; data without ->
+    COMPRESSED; present, not data -> ZERO (with a host offset iff map prints one). A raw
+    backing file's holes and its partial last sector, which QEMU calls zero, may be DATA.
+    """
+    entries = qemu_map(image.path)
+    with _open(image) as img:
+        extents = list(img.extents())
+    assert sum(m["length"] for m in entries) == image.virtual_size
+    covered = 0
+    for lo, hi, e, m in _pieces(extents, entries, lambda e: e.guest_offset, lambda e: e.length,
+                                lambda m: m["start"], lambda m: m["length"]):
+        what = f"{image.id}: [{lo:#x}, {hi:#x}): extent {e} vs map {m}"
+        want_kind = _map_kind(m)
+        raw_layer = m["present"] and image.chain[m["depth"]].fmt == "raw"
+        if raw_layer and want_kind == ExtentKind.ZERO:
+            assert e.kind in (ExtentKind.ZERO, ExtentKind.DATA), what
+        else:
+            assert e.kind == want_kind, what
+        if want_kind != ExtentKind.UNALLOCATED:
+            assert e.depth == m["depth"], what
+        if e.kind == ExtentKind.DATA and "offset" in m:
+            assert e.host_offset - e.guest_offset == m["offset"] - m["start"], what
+        if e.kind == ExtentKind.ZERO and not raw_layer:
+            # Zero clusters keep a host offset exactly when QEMU reports one (zero-alloc).
+            assert (e.host_offset is not None) == ("offset" in m), what
+            if e.host_offset is not None:
+                assert e.host_offset - e.guest_offset == m["offset"] - m["start"], what
+        covered += hi - lo
+    assert covered == image.virtual_size
+
+
+def _inflate_cluster(data: bytes, compression: str, cluster_size: int) -> bytes:
+    if compression == "zstd":
+        try:
+            from compression import zstd
+        except ImportError:
+            from backports import zstd
+        return zstd.ZstdDecompressor().decompress(data, max_length=cluster_size)
+    return zlib.decompressobj(-12).decompress(data, cluster_size)
+
+
+def test_extents_describe_the_bytes(image):
+    """Each extent's kind and host offset explain the reference bytes on their own.
+
+    DATA: the layer file holds the bytes at host_offset; COMPRESSED: the stream at host_offset
+    inflates (with zlib/zstd, not qcowfast) to a cluster holding them, and the extent stays
+    within one cluster of its layer; ZERO and UNALLOCATED: the bytes are zeros.
+    """
+    want = reference_raw(image.path)
+    files = {layer.path: layer.path.read_bytes() for layer in image.chain}
+    with _open(image) as img:
+        extents = list(img.extents())
+    for e in extents:
+        expect = want[e.guest_offset:e.guest_offset + e.length]
+        layer = image.chain[e.depth]
+        what = f"{image.id}: {e} in {layer.path.name}"
+        if e.kind == ExtentKind.DATA:
+            got = files[layer.path][e.host_offset:e.host_offset + e.length]
+            got += bytes(e.length - len(got))      # a raw file's partial last sector
+            assert_same_bytes(got, expect, what, base=e.guest_offset)
+        elif e.kind == ExtentKind.COMPRESSED:
+            cs = layer.cluster_size
+            first = e.guest_offset // cs
+            assert (e.guest_offset + e.length - 1) // cs == first, f"{what}: spans clusters"
+            stream = files[layer.path][e.host_offset:e.host_offset + cs + 1024]
+            cluster = _inflate_cluster(stream, layer.compression, cs)
+            assert len(cluster) == cs, f"{what}: stream inflates to {len(cluster)} bytes"
+            within = e.guest_offset - first * cs
+            assert_same_bytes(cluster[within:within + e.length], expect, what,
+                              base=e.guest_offset)
+        else:
+            assert expect == bytes(e.length), f"{what}: {e.kind.name} extent over non-zero bytes"
+
+
+def test_map_matches_qemu_img(image):
+    with _open(image) as img:
+        got = img.map()
+    want = qemu_map(image.path)
+    if got != want:
+        diff = next(i for i, (a, b) in enumerate(zip(got + [None] * len(want),
+                                                      want + [None] * len(got))) if a != b)
+        pytest.fail(f"{image.id}: map() differs from qemu-img map at entry {diff}: "
+                    f"got {got[diff] if diff < len(got) else None}, "
+                    f"qemu-img {want[diff] if diff < len(want) else None} "
+                    f"({len(got)} vs {len(want)} entries)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backing chain
+
+
+def test_backing_chain(image):
+    with _open(image) as img:
+        layer = img
+        assert os.path.samefile(img.filename, image.path)
+        for depth, built in enumerate(image.chain):
+            what = f"{image.id}: layer {depth} ({built.path.name})"
+            assert layer is not None, f"{what}: missing, the chain stops at depth {depth}"
+            assert os.path.samefile(layer.filename, built.path), what
+            if built.fmt == "qcow2":
+                assert isinstance(layer, qcowfast.Image), what
+                assert layer.virtual_size == built.virtual_size, what
+                assert layer.cluster_size == built.cluster_size, what
+                assert layer.header.version == (2 if built.compat == "0.10" else 3), what
+                if built.backing_name is None:
+                    assert not layer.header.backing_file, what
+                else:
+                    assert layer.header.backing_file == built.backing_name, what
+            else:
+                # qemu-img rounds a raw file's size up to 512; the file size is fine too.
+                assert layer.virtual_size in (built.path.stat().st_size, built.virtual_size), what
+            layer = layer.backing
+        assert layer is None, f"{image.id}: chain longer than the {len(image.chain)} layers built"
