@@ -70,7 +70,8 @@ class ExtensionType(IntEnum):
 class ExtentKind(IntEnum):
     """What serves a run of guest bytes.
 
-    UNALLOCATED: no layer of the chain allocates it; reads as zeros.
+    UNALLOCATED: no layer of the chain allocates it; reads as zeros (host_offset set when the
+        top layer keeps a host cluster for it: QEMU's unallocated-alloc subclusters).
     ZERO: reads as zeros by a zero flag (host_offset set when the cluster keeps an allocation).
     DATA: plain bytes at host_offset of the layer's data file.
     COMPRESSED: one compressed cluster whose stream starts at host_offset.

@@ -166,7 +166,7 @@ def _chain_ids(image: Image) -> set:
 
 def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
             progress=None, overwrite: bool = False, fsync: bool = False,
-            backing_dirs=(), data_file=None, max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
+            backing_dirs=(), data_file=None, snapshot=None, max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
             unit_size: int = UNIT_SIZE) -> ConvertResult:
     """Convert QCOW2 image `src` (with its backing chain) to a raw image.
 
@@ -187,7 +187,7 @@ def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
         Replace an existing `dst` (never the source or a file of its chain).
     fsync : bool
         Flush the output to stable storage before publishing it.
-    backing_dirs, data_file
+    backing_dirs, data_file, snapshot
         As for `qcowfast.open`.
     max_stream_size : int or None
         Refuse to stream an image whose virtual size exceeds this (None: no limit).
@@ -202,7 +202,8 @@ def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
     threads = threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError("threads must be at least 1")
-    with open_image(src, backing_dirs=backing_dirs, data_file=data_file) as image:
+    with open_image(src, backing_dirs=backing_dirs, data_file=data_file,
+                    snapshot=snapshot) as image:
         unit = max(unit_size - unit_size % image.cluster_size, image.cluster_size)
         if sparse_size:
             unit = max(unit - unit % sparse_size, sparse_size) if sparse_size <= unit else unit

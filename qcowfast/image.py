@@ -105,7 +105,10 @@ class _Layer:
             if max(g0, mid) < g1:
                 # Past the end of a shorter backing file: zeros, unallocated at this layer
                 # (QEMU bdrv_co_block_status() reports them as zero at the upper layer).
-                yield _single_run(max(g0, mid), g1, _UNALLOCATED, self.depth)
+                tail = _single_run(max(g0, mid), g1, _UNALLOCATED, self.depth)
+                if chunk.host[h] >= 0:
+                    tail.host[0] = chunk.host[h] + (max(g0, mid) - g0)
+                yield tail
             pos = h + 1
         if pos < len(chunk.guest):
             yield Runs(*(a[pos:] for a in chunk))
@@ -125,15 +128,18 @@ class RawImage(_Layer):
         self.depth = depth
         self.backing = None
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.virtual_size = os.fstat(self._fd).st_size
+        self.data_size = os.fstat(self._fd).st_size
+        # QEMU sizes raw images in whole 512-byte sectors; the partial tail reads as zeros.
+        self.virtual_size = -(-self.data_size // 512) * 512
         self.data_fd = self._fd
-        self.data_size = self.virtual_size
 
     def _own_runs(self, start: int, end: int) -> Iterator[Runs]:
-        if start < end:
-            r = _single_run(start, end, _DATA, self.depth)
-            r.host[0] = start
-            yield r
+        for a, b, kind in ((start, min(end, self.data_size), _DATA),
+                           (max(start, self.data_size), end, _ZERO)):
+            if a < b:
+                r = _single_run(a, b, kind, self.depth)
+                r.host[0] = a
+                yield r
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -152,7 +158,7 @@ class Image(_Layer):
     Thread-safe: several threads may call `read`/`readinto`/`extents` at once.
     """
 
-    def __init__(self, path, *, backing=None, backing_dirs=(), data_file=None,
+    def __init__(self, path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
                  cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH,
                  _depth: int = 0, _seen: tuple = ()):
         self.filename = os.fspath(path)
@@ -162,13 +168,13 @@ class Image(_Layer):
         self._fd = os.open(self.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self._open(backing, tuple(os.fspath(d) for d in backing_dirs), data_file,
-                       cache_size, max_depth, _seen)
+                       snapshot, cache_size, max_depth, _seen)
         except BaseException:
             self.close()
             raise
 
     # -- opening -------------------------------------------------------------------------------
-    def _open(self, backing, backing_dirs, data_file, cache_size, max_depth, seen):
+    def _open(self, backing, backing_dirs, data_file, snapshot, cache_size, max_depth, seen):
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
             raise FormatError(f"{self.filename} is not a regular file")
@@ -196,8 +202,15 @@ class Image(_Layer):
         self._zcache: OrderedDict = OrderedDict()
         self._local = threading.local()
 
-        l1_used = -(-h.size // self._l2_per_l1) if h.size else 0
-        self._l1_be = self._read_table(h.l1_table_offset, l1_used, "L1 table")
+        l1_offset, what = h.l1_table_offset, "L1 table"
+        self.snapshot = None
+        if snapshot is not None:
+            from .snapshots import find_snapshot
+            self.snapshot = snap = find_snapshot(self, snapshot)
+            self.virtual_size = snap.disk_size
+            l1_offset, what = snap.l1_table_offset, f"L1 table of snapshot {snap.id!r}"
+        l1_used = -(-self.virtual_size // self._l2_per_l1) if self.virtual_size else 0
+        self._l1_be = self._read_table(l1_offset, l1_used, what)
         bad = _tables.l1_check(self._l1_be, h.cluster_bits, self.file_size)
         if bad >= 0:
             entry = int(self._l1_be[bad])
@@ -364,6 +377,9 @@ class Image(_Layer):
 
     def _clip(self, arrays, start: int, end: int) -> Runs:
         guest, length, kind, host, csize = arrays
+        keep = (guest + length > start) & (guest < end)
+        if not keep.all():
+            guest, length, kind, host, csize = (a[keep] for a in (guest, length, kind, host, csize))
         if len(guest):
             head = start - int(guest[0])
             if head > 0:
@@ -521,7 +537,7 @@ def _extent(g, n, k, h, d) -> Extent:
     return Extent(g, n, ExtentKind(k), h if h >= 0 else None, d)
 
 
-def open(path, *, backing=None, backing_dirs=(), data_file=None,
+def open(path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
          cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH) -> Image:
     """Open a QCOW2 image read-only.
 
@@ -536,6 +552,8 @@ def open(path, *, backing=None, backing_dirs=(), data_file=None,
         Extra directories trusted to hold backing and external data files named in images.
     data_file : path, optional
         The external data file, instead of the name stored in the image.
+    snapshot : str, optional
+        Read this internal snapshot (by id or name) instead of the active state.
     cache_size : int
         L2 slice cache budget in bytes, per image of the chain.
     max_depth : int
@@ -548,7 +566,7 @@ def open(path, *, backing=None, backing_dirs=(), data_file=None,
         opened at all.
     """
     return Image(path, backing=backing, backing_dirs=backing_dirs, data_file=data_file,
-                 cache_size=cache_size, max_depth=max_depth)
+                 snapshot=snapshot, cache_size=cache_size, max_depth=max_depth)
 
 
 __all__ = ["Image", "RawImage", "Extent", "Runs", "open", "QcowError"]

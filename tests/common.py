@@ -81,7 +81,7 @@ def qemu_img(*args: str | os.PathLike | int, cwd: str | os.PathLike | None = Non
 
 def qemu_io(path: str | os.PathLike, *commands: str, fmt: str = "qcow2",
             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
-    """Run ``qemu-io -f FMT -c CMD1 -c CMD2 ... PATH``, e.g. ``qemu_io(p, "write -P 0x5a 64k 192k")``.
+    """Run ``qemu-io -f FMT -c CMD1 -c CMD2 ... PATH``, e.g. ``qemu_io(p, "write -P 0x5a 0 64k")``.
 
     Commands run in order within one qemu-io process. ``-q`` is added to write, discard
     and zero-write commands that lack it, to keep the output small.
@@ -106,7 +106,7 @@ def _as_arg(value: str | os.PathLike | int) -> str | os.PathLike:
 
 
 def qemu_info(path: str | os.PathLike) -> dict:
-    """Return ``qemu-img info --output=json PATH`` parsed (``virtual-size``, ``cluster-size``...)."""
+    """Return ``qemu-img info --output=json PATH`` parsed (``virtual-size``, ``cluster-size``)."""
     return json.loads(qemu_img("info", "--output=json", path).stdout)
 
 
@@ -123,7 +123,7 @@ _RAW_CACHE: dict[tuple[str, int, int], bytes] = {}
 
 
 def reference_raw(path: str | os.PathLike) -> bytes:
-    """Return the guest-visible bytes of the image at *path*, as ``qemu-img convert -O raw`` writes them.
+    """Return the guest bytes of the image at *path*, as ``qemu-img convert -O raw`` writes them.
 
     Results are cached per (resolved path, mtime, size) of *path*: rewriting the image
     refreshes the entry, while rewriting only a backing file does not, so tests that mutate

@@ -122,7 +122,11 @@ class BuiltImage:
         return self.chain[0].cluster_size
 
     def copy_to(self, dest_dir: Path) -> BuiltImage:
-        """Copy every file of the chain into *dest_dir* and return the copy's description."""
+        """Copy every file of the chain into *dest_dir* and return the copy's description.
+
+        The copies are dense (file holes are filled), which can change what ``qemu-img map``
+        reports for ``prealloc`` images; the guest bytes are the same.
+        """
         dest_dir = Path(dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         layers = []
@@ -172,7 +176,7 @@ def mixed_content(rng: random.Random, size: int, cluster_size: int) -> bytes:
 
 
 def text_content(rng: random.Random, size: int) -> bytes:
-    """Return *size* bytes of compressible text (for compressed writes that must stay compressed)."""
+    """Return *size* bytes of compressible text, for writes that must compress."""
     return b" ".join(rng.choices(_WORDS, k=size // 4 + 1))[:size]
 
 
@@ -225,7 +229,7 @@ class Workbench:
     def convert(self, src: str, name: str, *, cluster: int = 64 * K, compat: str = "1.1",
                 compress: bool = False, compression: str | None = None,
                 extl2: bool = False) -> str:
-        """``qemu-img convert [-c] -f raw -O qcow2`` *src* into *name* (zero runs stay unallocated)."""
+        """``qemu-img convert [-c] -f raw -O qcow2`` *src* to *name*; zero runs stay unallocated."""
         args = ["convert", "-f", "raw", "-O", "qcow2",
                 "-o", self._opts(cluster, compat, compression, extl2)]
         if compress:
@@ -274,7 +278,9 @@ def recipe(image_id: str, tags: str, description: str):
 
 
 def _cluster_tag(cluster: int) -> str:
-    return f"c{cluster // M}m" if cluster >= M else (f"c{cluster // K}k" if cluster >= K else f"c{cluster}")
+    if cluster >= M:
+        return f"c{cluster // M}m"
+    return f"c{cluster // K}k" if cluster >= K else f"c{cluster}"
 
 
 # Single images converted from mixed raw content: every cluster size, v2/v3, plain/compressed.
@@ -566,7 +572,8 @@ def _raw_backing_odd(w: Workbench) -> str:
     w.io(top,
          "write -P 0x10 4096 8192",
          f"write -z {64 * K} {8 * K}",
-         f"write -P 0x20 {M - 100} 1000")
+         f"write -P 0x20 {M - 5000} 1000",
+         f"write -P 0x30 {M + 5 * K} 100")   # the cluster holding the base's end stays unallocated
     return top
 
 
@@ -604,6 +611,7 @@ class ImageFactory:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._built: dict[str, BuiltImage] = {}
+        self._failed: dict[str, str] = {}
 
     def ids(self, *tags: str, exclude: Iterable[str] = ()) -> list[str]:
         """Ids having every tag in *tags* and none in *exclude* (see :func:`select_ids`)."""
@@ -612,18 +620,25 @@ class ImageFactory:
     def get(self, image_id: str) -> BuiltImage:
         """Return the built image *image_id*, building it on first use."""
         built = self._built.get(image_id)
-        if built is None:
-            try:
-                rec = CATALOGUE[image_id]
-            except KeyError:
-                raise KeyError(f"no image {image_id!r} in the catalogue") from None
+        if built is not None:
+            return built
+        if image_id in self._failed:
+            raise RuntimeError(f"building image {image_id!r} failed earlier in this session:\n"
+                               f"{self._failed[image_id]}")
+        try:
+            rec = CATALOGUE[image_id]
+        except KeyError:
+            raise KeyError(f"no image {image_id!r} in the catalogue") from None
+        try:
             directory = self.root / image_id
             directory.mkdir(parents=True)
             top = rec.build(Workbench(directory, seed=zlib.crc32(image_id.encode())))
             chain, infos = _probe_chain(directory / top)
             _check_tags(image_id, rec.tags, chain, infos)
-            built = BuiltImage(rec.id, rec.tags, rec.description, chain)
-            self._built[image_id] = built
+        except Exception as exc:
+            self._failed[image_id] = f"{type(exc).__name__}: {exc}"
+            raise
+        built = self._built[image_id] = BuiltImage(rec.id, rec.tags, rec.description, chain)
         return built
 
     def copy(self, image_id: str, dest_dir: Path) -> BuiltImage:
@@ -640,7 +655,8 @@ def _probe_chain(top: Path) -> tuple[tuple[Layer, ...], list[dict]]:
         assert path.exists() and Path(info["filename"]).parent in (Path("."), top.parent), \
             f"{top}: chain member {info['filename']!r} is outside the image directory"
         backing = info.get("backing-filename")
-        assert backing is None or "/" not in backing, f"{path}: backing name {backing!r} is not plain"
+        assert backing is None or "/" not in backing, \
+            f"{path}: backing name {backing!r} is not a plain relative name"
         qcow2 = info["format"] == "qcow2"
         specific = info["format-specific"]["data"] if qcow2 else {}
         layers.append(Layer(
@@ -662,7 +678,8 @@ def _check_tags(image_id: str, tags: frozenset[str], chain: tuple[Layer, ...],
     """
     top = chain[0]
     specific = [i["format-specific"]["data"] for i in infos if i["format"] == "qcow2"]
-    entries = qemu_map(top.path)
+    # Only qcow2 layers: QEMU reports a raw file's holes and partial last sector as zero.
+    entries = [e for e in qemu_map(top.path) if chain[e["depth"]].fmt == "qcow2"]
     # Compressed clusters are the only present data QEMU reports no host offset for.
     compressed = any(e["present"] and e["data"] and "offset" not in e for e in entries)
     facts = {
@@ -717,7 +734,8 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("images")
     ids = select_ids(*marker.args, **marker.kwargs) if marker else IMAGE_IDS
     if not ids:
-        raise pytest.UsageError(f"{metafunc.definition.nodeid}: @pytest.mark.images selects no image")
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: @pytest.mark.images selects no image")
     metafunc.parametrize("image", ids, ids=ids, indirect=True)
 
 
