@@ -1,9 +1,9 @@
-/* The slice of the zlib-ng (native API) and zstd ABIs that qcowfast calls.
+/* The slice of the zlib-ng (native API), libdeflate and zstd ABIs that qcowfast calls.
  *
- * The PyPI packages zlib-ng and backports.zstd ship no C headers, but their extension modules
+ * The PyPI packages zlib-ng, deflate and backports.zstd ship no C headers, but their extension modules
  * export these symbols; _inflate.pyx resolves them with dlsym() into the function pointers below.
- * Layouts follow zlib-ng's zlib-ng.h (zng_stream) and zstd.h (ZSTD_inBuffer/ZSTD_outBuffer),
- * both stable ABIs.
+ * Layouts follow zlib-ng's zlib-ng.h (zng_stream), libdeflate.h and zstd.h
+ * (ZSTD_inBuffer/ZSTD_outBuffer), all stable ABIs.
  */
 #ifndef QCOWFAST_CODECS_H
 #define QCOWFAST_CODECS_H
@@ -36,6 +36,14 @@ typedef int32_t (*qf_zng_inflateInit2_fn)(qf_zng_stream *strm, int32_t window_bi
 typedef int32_t (*qf_zng_inflate_fn)(qf_zng_stream *strm, int32_t flush);
 typedef int32_t (*qf_zng_inflateReset_fn)(qf_zng_stream *strm);
 typedef int32_t (*qf_zng_inflateEnd_fn)(qf_zng_stream *strm);
+
+/* libdeflate (from the `deflate` package): the fast path for whole zlib clusters. */
+typedef void *(*qf_ld_alloc_fn)(void);
+typedef void (*qf_ld_free_fn)(void *d);
+typedef int (*qf_ld_decompress_ex_fn)(void *d, const void *in, size_t in_nbytes, void *out,
+                                      size_t out_nbytes_avail, size_t *actual_in_nbytes_ret,
+                                      size_t *actual_out_nbytes_ret);
+#define QF_LIBDEFLATE_SUCCESS 0
 
 typedef struct qf_zstd_in { const void *src; size_t size; size_t pos; } qf_zstd_in;
 typedef struct qf_zstd_out { void *dst; size_t size; size_t pos; } qf_zstd_out;

@@ -1,0 +1,129 @@
+"""The batch inflater against the stdlib and QEMU's rule for compressed clusters."""
+import random
+import threading
+import zlib
+
+import numpy as np
+import pytest
+from backports import zstd
+
+from qcowfast._inflate import COMPRESSION_TYPES, Decompressor
+
+ZLIB, ZSTD = COMPRESSION_TYPES["zlib"], COMPRESSION_TYPES["zstd"]
+
+
+def deflate_raw(data: bytes, wbits: int = -12) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return c.compress(data) + c.flush()
+
+
+def cluster_data(rng: random.Random, size: int) -> bytes:
+    kind = rng.choice(("text", "random", "zeros", "pattern"))
+    if kind == "text":
+        return (b"the quick brown qcow2 cluster " * (size // 30 + 1))[:size]
+    if kind == "random":
+        return rng.randbytes(size)
+    if kind == "zeros":
+        return bytes(size)
+    return bytes(rng.randrange(4) for _ in range(64)) * (size // 64)
+
+
+def batch(streams, cluster_size, pad=0):
+    src = bytearray()
+    in_off, in_len = [], []
+    for s in streams:
+        in_off.append(len(src))
+        src += s + b"\xee" * pad                 # trailing bytes up to the sector end
+        in_len.append(len(s) + pad)
+    out = np.zeros(len(streams) * cluster_size, np.uint8)
+    out_off = np.arange(len(streams), dtype=np.int64) * cluster_size
+    return bytes(src), np.array(in_off, np.int64), np.array(in_len, np.int64), out, out_off
+
+
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536, 1 << 21])
+@pytest.mark.parametrize("ctype", [ZLIB, ZSTD], ids=["zlib", "zstd"])
+def test_batch_matches_reference(cluster_size, ctype):
+    rng = random.Random(cluster_size + ctype)
+    n = 6 if cluster_size == 1 << 21 else 40
+    datas = [cluster_data(rng, cluster_size) for _ in range(n)]
+    comp = [deflate_raw(d) if ctype == ZLIB else zstd.compress(d) for d in datas]
+    src, in_off, in_len, out, out_off = batch(comp, cluster_size, pad=rng.randrange(0, 511))
+    assert Decompressor(ctype, cluster_size).inflate_batch(src, in_off, in_len, out,
+                                                           out_off) == -1
+    assert out.tobytes() == b"".join(datas)
+
+
+def test_zlib_follows_qemu_rule_for_odd_streams():
+    cs = 4096
+    dec = Decompressor(ZLIB, cs)
+    rng = random.Random(7)
+    two = rng.randbytes(cs) + rng.randbytes(cs)
+    cases = {
+        # More than one cluster of output: QEMU keeps the first cluster (Z_BUF_ERROR, full).
+        "longer": (deflate_raw(two), two[:cs], True),
+        # The stream ends before the cluster is full: error.
+        "short": (deflate_raw(two[:cs - 1]), None, False),
+        # The input stops before the stream ends and the cluster is not full: error.
+        "truncated": (deflate_raw(two[:cs])[:-200], None, False),
+        "garbage": (bytes(rng.randrange(256) for _ in range(600)), None, False),
+    }
+    for name, (stream, want, ok) in cases.items():
+        src, in_off, in_len, out, out_off = batch([stream], cs)
+        got = dec.inflate_batch(src, in_off, in_len, out, out_off)
+        assert (got == -1) == ok, name
+        if ok:
+            assert out.tobytes() == want, name
+
+
+def test_first_failing_index_is_reported():
+    cs = 4096
+    good = deflate_raw(b"a" * cs)
+    src, in_off, in_len, out, out_off = batch([good, good, b"\xff" * 100, good], cs)
+    assert Decompressor(ZLIB, cs).inflate_batch(src, in_off, in_len, out, out_off) == 2
+
+
+def test_zstd_multiple_frames_fill_one_cluster_and_unfinished_frame_fails():
+    cs = 65536
+    data = random.Random(3).randbytes(cs)
+    frames = zstd.compress(data[:20000]) + zstd.compress(data[20000:])
+    src, in_off, in_len, out, out_off = batch([frames], cs, pad=100)
+    assert Decompressor(ZSTD, cs).inflate_batch(src, in_off, in_len, out, out_off) == -1
+    assert out.tobytes() == data
+    # A frame longer than the cluster: the cluster fills but the frame is not finished.
+    longer = zstd.compress(data + data[:5000])
+    src, in_off, in_len, out, out_off = batch([longer], cs)
+    assert Decompressor(ZSTD, cs).inflate_batch(src, in_off, in_len, out, out_off) == 0
+
+
+def test_bounds_checked_at_the_boundary():
+    dec = Decompressor(ZLIB, 4096)
+    src, in_off, in_len, out, out_off = batch([deflate_raw(b"x" * 4096)], 4096)
+    with pytest.raises(ValueError):
+        dec.inflate_batch(src, in_off, in_len + 1000, out, out_off)
+    with pytest.raises(ValueError):
+        dec.inflate_batch(src, in_off, in_len, out, out_off + 1)
+    with pytest.raises(ValueError):
+        dec.inflate_batch(src, in_off, in_len[:0], out, out_off)
+    with pytest.raises(ValueError):
+        Decompressor(ZLIB, 256)
+
+
+def test_threads_inflate_concurrently_with_their_own_decompressors():
+    cs = 65536
+    rng = random.Random(11)
+    datas = [cluster_data(rng, cs) for _ in range(64)]
+    src, in_off, in_len, _, out_off = batch([deflate_raw(d) for d in datas], cs)
+    want = b"".join(datas)
+    results = []
+
+    def work():
+        out = np.zeros(len(datas) * cs, np.uint8)
+        rc = Decompressor(ZLIB, cs).inflate_batch(src, in_off, in_len, out, out_off)
+        results.append(rc == -1 and out.tobytes() == want)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 4
