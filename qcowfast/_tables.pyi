@@ -1,0 +1,16 @@
+import numpy as np
+
+FLAGS: dict[str, int]
+
+class L2EntryError(Exception):
+    index: int
+    code: int
+    rule: str
+    past_eof: bool
+
+def classify_l2(l2_be: np.ndarray, first: int, count: int, cluster_bits: int, flags: int,
+                guest_base: int, host_limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                           np.ndarray, np.ndarray]: ...
+def l1_check(l1_be: np.ndarray, cluster_bits: int, host_limit: int) -> int: ...
+def l1_offsets(l1_be: np.ndarray) -> np.ndarray: ...
+def nonzero_runs(buf, granularity: int) -> tuple[np.ndarray, np.ndarray]: ...
