@@ -36,6 +36,9 @@ def pytest_addoption(parser):
                     help="timed rounds per benchmark (default 5 up to 256 MiB, else 3)")
     group.addoption("--bench-warmup", type=int, default=1,
                     help="untimed rounds before the timed ones (default 1)")
+    group.addoption("--bench-wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each round, wait up to SECONDS for other processes to leave "
+                         "the CPUs idle (default 0: do not wait)")
 
 
 def _log(line: str) -> None:
@@ -67,3 +70,9 @@ def bench_rounds(pytestconfig, bench_corpus) -> tuple[int, int]:
     if rounds is None:
         rounds = 5 if bench_corpus.size <= 256 * corpus_mod.MiB else 3
     return rounds, pytestconfig.getoption("--bench-warmup")
+
+
+@pytest.fixture(scope="session")
+def bench_wait_quiet(pytestconfig) -> float:
+    """Longest wait for a quiet machine before each round, in seconds (0: no wait)."""
+    return pytestconfig.getoption("--bench-wait-quiet")

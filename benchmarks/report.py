@@ -13,6 +13,8 @@ import sys
 
 MiB = 1 << 20
 TOOLS = ("qemu-img", "qemu-img-m16W", "qcowfast")
+#: Rows measured while other processes used at least this many cores are flagged.
+NOISY_LOAD = 0.25
 #: Row order when the variants are known; others follow in file order.
 VARIANT_ORDER = ("u64k", "zlib64k", "zlib4k", "zlib2m", "zstd64k", "extl2-zlib64k",
                  "v2-zlib64k", "overlay")
@@ -44,6 +46,7 @@ def collect(data: dict) -> tuple[dict, set]:
             "rss": info.get("peak_rss_mib"),
             "ok": info.get("digest_ok", True),
             "image_bytes": info.get("image_bytes"),
+            "other_load": info.get("other_load_cores", 0.0),
         }
     return rows, sizes
 
@@ -55,9 +58,10 @@ def table(data: dict) -> str:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {})
     rounds = sorted({e["rounds"] for r in rows.values() for e in r.values()})
+    brand = cpu.get("brand_raw", machine.get("processor", "?"))
     out.append(f"Virtual size {', '.join(_size(s) for s in sorted(sizes)) or '?'}; "
                f"median of {'/'.join(map(str, rounds))} rounds; "
-               f"{cpu.get('count', '?')} CPUs ({cpu.get('brand_raw', machine.get('processor', '?'))}); "
+               f"{cpu.get('count', '?')} CPUs ({brand}); "
                f"{data.get('datetime', '')[:16]}. Throughput in virtual MiB/s; "
                "ratio = qcowfast speed / qemu-img speed.")
     out.append("")
@@ -88,6 +92,12 @@ def table(data: dict) -> str:
             "—" if f is None or f["rss"] is None else f"{f['rss']:.0f}",
             "—" if q is None or q["rss"] is None else f"{q['rss']:.0f}",
         ]) + " |")
+    noisy = [f"{v}/{t} ({e['other_load']:.1f})" for v in order for t, e in rows[v].items()
+             if e["other_load"] >= NOISY_LOAD]
+    if noisy:
+        out.append("")
+        out.append("Noisy: other processes kept this many cores busy during a timed round: "
+                   + ", ".join(noisy))
     if mismatches:
         out.append("")
         out.append("✗ output digest differs from qemu-img's: " + ", ".join(mismatches))

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -38,30 +39,69 @@ def _qemu_img_m16w(src: Path, dst: Path) -> list[str]:
 TOOLS = {"qcowfast": _qcowfast, "qemu-img": _qemu_img, "qemu-img-m16W": _qemu_img_m16w}
 
 
+#: GNU time reports the child's own peak RSS. ``os.wait4`` alone cannot: Linux carries the
+#: high-water RSS of the forking process (this pytest) over ``exec`` into the child's ru_maxrss.
+GNU_TIME = "/usr/bin/time"
+
+
 @dataclasses.dataclass(frozen=True)
 class ChildRun:
-    """What ``os.wait4`` says about one finished child."""
+    """Resource use of one finished child, and what the rest of the machine did meanwhile."""
 
     maxrss_kib: int
     cpu_s: float
+    wall_s: float
+    other_cpu_s: float  # CPU time burnt by processes other than the child: noise
 
 
-def run_child(argv: list[str], stderr) -> ChildRun:
-    """Run ``argv`` to completion; return its own rusage; raise if it fails."""
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_s() -> float:
+    """Return the machine's busy CPU seconds since boot (all cores)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def wait_quiet(limit_s: float, *, busy_cores: float = 0.2, sample_s: float = 0.5) -> float:
+    """Wait up to ``limit_s`` until the CPUs are idle for ``sample_s``; return the last load."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy0 = _busy_cpu_s()
+        time.sleep(sample_s)
+        load = (_busy_cpu_s() - busy0) / sample_s
+        if load < busy_cores or time.monotonic() >= deadline:
+            return load
+
+
+def run_child(argv: list[str], stderr, rss_file: Path) -> ChildRun:
+    """Run ``argv`` to completion under GNU time; return its resource use.
+
+    Raise if it fails.
+    """
+    if not os.access(GNU_TIME, os.X_OK):
+        raise RuntimeError(f"{GNU_TIME} (GNU time, Debian package 'time') is required")
     stderr.seek(0)
     stderr.truncate()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    busy0, t0 = _busy_cpu_s(), time.perf_counter()
+    proc = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=stderr, cwd=REPO, env=env)
-    # wait4 rather than proc.wait(): it returns the rusage of this child alone.
+    # wait4 rather than proc.wait(): its rusage covers this child and its reaped children.
     _, status, usage = os.wait4(proc.pid, 0)
+    wall, busy = time.perf_counter() - t0, _busy_cpu_s() - busy0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         stderr.seek(0)
         message = stderr.read().decode(errors="replace").strip()
         raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}: {message}")
-    return ChildRun(usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+    maxrss = int(rss_file.read_text().split()[-1])
+    cpu = usage.ru_utime + usage.ru_stime
+    return ChildRun(maxrss, cpu, wall, max(0.0, busy - cpu))
 
 
 def _explain_mismatch(bench_corpus, variant: str, dst: Path, scratch: Path) -> str:
@@ -84,7 +124,8 @@ def _explain_mismatch(bench_corpus, variant: str, dst: Path, scratch: Path) -> s
 
 @pytest.mark.parametrize("tool", list(TOOLS))
 @pytest.mark.parametrize("variant", corpus_mod.BENCH_VARIANTS)
-def test_convert(benchmark, bench_corpus, bench_out, bench_rounds, variant, tool):
+def test_convert(benchmark, bench_corpus, bench_out, bench_rounds, bench_wait_quiet,
+                 variant, tool):
     src = bench_corpus.path(variant)
     dst = bench_out / f"{variant}.{tool}.raw"
     argv = TOOLS[tool](src, dst)
@@ -94,19 +135,24 @@ def test_convert(benchmark, bench_corpus, bench_out, bench_rounds, variant, tool
     def setup():
         dst.unlink(missing_ok=True)
         os.sync()  # no write-back of earlier output during the timed round
+        if bench_wait_quiet:
+            wait_quiet(bench_wait_quiet)
 
     benchmark.group = variant
     with tempfile.TemporaryFile() as stderr:
-        benchmark.pedantic(lambda: runs.append(run_child(argv, stderr)), setup=setup,
-                           rounds=rounds, warmup_rounds=warmup)
+        rss_file = bench_out / f"{variant}.{tool}.rss"
+        benchmark.pedantic(lambda: runs.append(run_child(argv, stderr, rss_file)),
+                           setup=setup, rounds=rounds, warmup_rounds=warmup)
 
-    timed = runs[-rounds:] if len(runs) > rounds else runs
+    timed = runs[-rounds:]  # not the warm-up rounds
     virtual = bench_corpus.size
     info = benchmark.extra_info
     info.update(variant=variant, tool=tool, command=" ".join(argv), virtual_bytes=virtual,
                 image_bytes=bench_corpus.file_bytes(variant),
                 peak_rss_mib=round(max(r.maxrss_kib for r in timed) / 1024, 1),
-                cpu_s_median=round(statistics.median(r.cpu_s for r in timed), 3))
+                cpu_s_median=round(statistics.median(r.cpu_s for r in timed), 3),
+                other_load_cores=round(statistics.median(r.other_cpu_s / r.wall_s
+                                                         for r in timed), 2))
     if benchmark.stats:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         info.update(median_s=median, throughput_mib_s=round(virtual / median / 2**20, 1))

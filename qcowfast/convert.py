@@ -116,13 +116,11 @@ class _Filler:
         ulen = min(self.unit, self.vsize - base)
         view = memoryview(buf)
         # Zero the gaps between runs (unallocated and zero ranges read as zeros).
-        pos = 0
-        for a, b in zip((s - base).tolist(), (e - base).tolist()):
-            if a > pos:
-                buf[pos:a] = 0
-            pos = b
-        if pos < ulen:
-            buf[pos:ulen] = 0
+        gap_start = np.concatenate(([0], e - base))
+        gap_end = np.concatenate((s - base, [ulen]))
+        real = np.flatnonzero(gap_end > gap_start)
+        for a, b in zip(gap_start[real].tolist(), gap_end[real].tolist()):
+            buf[a:b] = 0
         data = np.flatnonzero(k == _DATA)
         for i in data.tolist():
             layer = self.image.layer(int(depth[i]))

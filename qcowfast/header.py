@@ -176,9 +176,9 @@ def parse_header(data: bytes, file_size: int) -> Header:
         header_length = V2_HEADER_LENGTH
         incompatible = 0
 
-    ext_end = backing_file_offset if backing_file_offset else cluster_size
-    ext_end = min(ext_end, cluster_size, len(data))
-    ext_fields = _parse_extensions(data, header_length, ext_end)
+    # Extensions run up to the backing file name, or to the end of the first cluster.
+    area_end = min(backing_file_offset if backing_file_offset else cluster_size, cluster_size)
+    ext_fields = _parse_extensions(data, header_length, area_end)
     names = ext_fields.get("feature_names", {})
 
     unknown = incompatible & ~int(IMPLEMENTED_INCOMPATIBLE)
@@ -256,20 +256,29 @@ def _decode_name(raw: bytes, what: str) -> str:
         raise FormatError(f"{what} is not valid UTF-8") from None
 
 
-def _parse_extensions(data: bytes, start: int, end: int) -> dict:
-    """Walk the header extensions in [start, end) (QEMU qcow2_read_extensions)."""
+def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:
+    """Walk the header extensions in [start, area_end) (QEMU qcow2_read_extensions).
+
+    `data` may stop before `area_end` when the file does: an extension cut by the end of the file
+    is a TruncatedImage, one longer than the header area a FormatError.
+    """
     out: dict = {}
     found = []
     offset = start
     seen = set()
+    end = min(area_end, len(data))
     while offset + _EXT.size <= end:
         ext_type, length = _EXT.unpack_from(data, offset)
         offset += _EXT.size
         if ext_type == ExtensionType.END:
             break
+        if length > area_end - offset:
+            raise FormatError(f"header extension {ext_type:#010x} at {offset - _EXT.size:#x}: "
+                              f"length {length} runs past the end of the header area "
+                              f"({area_end - offset} bytes left)")
         if length > end - offset:
-            raise FormatError(f"header extension {ext_type:#010x} length {length} runs past the "
-                              f"end of the header area ({end - offset} bytes left)")
+            raise TruncatedImage(f"header extension {ext_type:#010x} at {offset - _EXT.size:#x}: "
+                                 f"{length} bytes run past the end of the file ({len(data)} bytes)")
         if ext_type in seen and ext_type in ExtensionType._value2member_map_:
             raise FormatError(f"duplicate header extension {ext_type:#010x}")
         seen.add(ext_type)
