@@ -127,8 +127,10 @@ cdef int64_t classify_loop(const uint64_t[::1] l2_be, int64_t first, int64_t cou
             bad_index[0] = i; bad_code[0] = E_UNALIGNED; return -1
         host = <int64_t>offset
         # Offset 0 means unallocated, except in an external data file where COPIED marks
-        # host offset 0 (QEMU qcow2_get_cluster_type()).
-        if offset == 0 and not (data_file and entry & QCOW_OFLAG_COPIED):
+        # host offset 0 (QEMU qcow2_get_cluster_type()). That function tests a standard
+        # entry's zero flag first: with offset 0 it is ZERO_PLAIN (no host offset) even then.
+        if offset == 0 and (not (data_file and entry & QCOW_OFLAG_COPIED)
+                            or (not extended and entry & 1)):
             host = -1
         if not extended:
             if entry & 1:
@@ -256,26 +258,27 @@ def l1_offsets(l1_be):
     return out
 
 
-def nonzero_runs(buf, Py_ssize_t granularity):
+def nonzero_runs(buf, Py_ssize_t granularity, int64_t origin=0):
     """Return (starts, ends) int64 arrays of the runs of `buf` not made of all-zero blocks.
 
-    `buf` is scanned in blocks of `granularity` bytes (the last block may be shorter); adjacent
-    non-zero blocks are merged into one run.
+    Blocks are `granularity` bytes aligned to absolute offsets, `buf[0]` lying at absolute offset
+    `origin` (the first and last blocks may be shorter); adjacent non-zero blocks are merged.
     """
     cdef const uint8_t[::1] b = memoryview(buf).cast("B")
     cdef Py_ssize_t size = b.shape[0]
-    if granularity <= 0:
-        raise ValueError("granularity must be positive")
-    cdef Py_ssize_t nblocks = (size + granularity - 1) // granularity
+    if granularity <= 0 or origin < 0:
+        raise ValueError("granularity must be positive and origin non-negative")
+    cdef Py_ssize_t nblocks = (size + granularity - 1) // granularity + 1
     starts = np.empty(nblocks // 2 + 1, np.int64)
     ends = np.empty(nblocks // 2 + 1, np.int64)
     cdef int64_t[::1] s = starts, e = ends
-    cdef Py_ssize_t n = 0, blk, pos, end, j
+    cdef Py_ssize_t n = 0, pos = 0, end
     cdef int in_run = 0, nz
+    if size == 0:
+        return starts[:0], ends[:0]
     with nogil:
-        for blk in range(nblocks):
-            pos = blk * granularity
-            end = pos + granularity
+        end = granularity - <Py_ssize_t>(origin % granularity)
+        while pos < size:
             if end > size:
                 end = size
             nz = _block_nonzero(&b[0], pos, end)
@@ -286,6 +289,8 @@ def nonzero_runs(buf, Py_ssize_t granularity):
                 e[n] = pos
                 n += 1
                 in_run = 0
+            pos = end
+            end = pos + granularity
         if in_run:
             e[n] = size
             n += 1

@@ -2,13 +2,15 @@
 cores (pread / batch inflate with the GIL released), write only what is not zero, publish
 atomically.
 
-Memory bound: each of `threads` workers holds one unit buffer (UNIT_SIZE + one cluster) and the
-compressed input of one unit; the main thread holds at most 2 x threads planned units. With the
-default 16 MiB unit that is about threads x 40 MiB plus the L2 caches (32 MiB per chain layer).
+Memory bound: each of `threads` workers holds one unit buffer (UNIT_SIZE) and the compressed
+input of one unit (less than a unit for real images, at most 3 units if crafted); a stream holds threads + 1 unit buffers. With the
+default 16 MiB unit that is about threads x 32 MiB + 16 MiB, plus the L2 caches (at most 32 MiB
+per chain layer) and the interpreter (~40 MiB): under 256 MiB for 4 threads.
 """
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import sys
 import tempfile
@@ -103,7 +105,7 @@ class _Filler:
     def buffer(self) -> np.ndarray:
         buf = getattr(self.local, "buf", None)
         if buf is None:
-            buf = self.local.buf = np.empty(self.unit + self.image.cluster_size, np.uint8)
+            buf = self.local.buf = np.empty(self.unit, np.uint8)
         return buf
 
     def fill(self, ui: int, runs, buf: np.ndarray, *, copy_fd: int = -1) -> int:
@@ -115,14 +117,23 @@ class _Filler:
         base = ui * self.unit
         ulen = min(self.unit, self.vsize - base)
         view = memoryview(buf)
+        # Compressed clusters inflate whole, so a deeper layer's cluster may cover ranges that
+        # upper layers serve: inflate deepest first, then zero the gaps and read data over them.
+        comp = np.flatnonzero(k == _COMPRESSED)
+        if len(comp):
+            for d in sorted(np.unique(depth[comp]).tolist(), reverse=True):
+                sel = comp[depth[comp] == d]
+                layer = self.image.layer(d)
+                cs = layer.cluster_size
+                starts = s[sel] - (s[sel] % cs)
+                layer.inflate_into(host[sel], csize[sel], starts, buf, starts - base)
         # Zero the gaps between runs (unallocated and zero ranges read as zeros).
         gap_start = np.concatenate(([0], e - base))
         gap_end = np.concatenate((s - base, [ulen]))
         real = np.flatnonzero(gap_end > gap_start)
         for a, b in zip(gap_start[real].tolist(), gap_end[real].tolist()):
             buf[a:b] = 0
-        data = np.flatnonzero(k == _DATA)
-        for i in data.tolist():
+        for i in np.flatnonzero(k == _DATA).tolist():
             layer = self.image.layer(int(depth[i]))
             a, b, h = int(s[i]), int(e[i]), int(host[i])
             if copy_fd >= 0:
@@ -130,14 +141,6 @@ class _Filler:
                 continue
             _pread_exact(layer.data_fd, view[a - base:b - base], h,
                          f"{layer.filename}: data for guest offset {a:#x}", layer.data_size)
-        comp = np.flatnonzero(k == _COMPRESSED)
-        if len(comp):
-            for d in np.unique(depth[comp]).tolist():
-                sel = comp[depth[comp] == d]
-                layer = self.image.layer(d)
-                cs = layer.cluster_size
-                starts = s[sel] - (s[sel] % cs)
-                layer.inflate_into(host[sel], csize[sel], starts, buf, starts - base)
         return ulen
 
 
@@ -202,9 +205,10 @@ def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
         raise ValueError("threads must be at least 1")
     with open_image(src, backing_dirs=backing_dirs, data_file=data_file,
                     snapshot=snapshot) as image:
-        unit = max(unit_size - unit_size % image.cluster_size, image.cluster_size)
-        if sparse_size:
-            unit = max(unit - unit % sparse_size, sparse_size) if sparse_size <= unit else unit
+        # Units are whole clusters of every layer (cluster sizes are powers of two), so no
+        # compressed cluster crosses a unit.
+        largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
+        unit = max(unit_size - unit_size % largest, largest)
         stream = _stream_target(dst)
         if stream is not None:
             if max_stream_size is not None and image.virtual_size > max_stream_size:
@@ -238,14 +242,15 @@ def _stream_target(dst):
     return None
 
 
-def _run_units(image, unit, threads, work, done):
+def _run_units(image, unit, threads, work, done, max_inflight=None):
     """Run work(ui, runs) on a pool over the planned units; call done(ui, result) in order."""
+    max_inflight = max_inflight or 2 * threads
     with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
         inflight = deque()
         try:
             for ui, runs in _plan(image, unit):
                 inflight.append((ui, pool.submit(work, ui, runs)))
-                while len(inflight) > 2 * threads:
+                while len(inflight) >= max_inflight:
                     u, fut = inflight.popleft()
                     done(u, fut.result())
             while inflight:
@@ -286,7 +291,7 @@ def _convert_file(image, dst, unit, threads, sparse_size, progress, overwrite, f
             buf = filler.buffer()
             if sparse_size:
                 ulen = filler.fill(ui, runs, buf)
-                starts, ends = _tables.nonzero_runs(buf[:ulen], sparse_size)
+                starts, ends = _tables.nonzero_runs(buf[:ulen], sparse_size, ui * unit)
             else:
                 comp = runs[2] == _COMPRESSED
                 ulen = filler.fill(ui, runs, buf, copy_fd=fd)
@@ -363,19 +368,29 @@ def _convert_stream(image, out, unit, threads, progress) -> int:
             if progress:
                 progress(state["pos"], vsize)
 
-    def work(ui, runs):
-        buf = np.empty(unit + image.cluster_size, np.uint8)
-        ulen = filler.fill(ui, runs, buf)
-        return buf[:ulen]
+    # At most `inflight` units are planned and not yet written, each holding one pooled buffer.
+    inflight = threads + 1
+    pool: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(inflight):
+        pool.put(None)
 
-    def done(ui, data):
+    def work(ui, runs):
+        buf = pool.get()
+        if buf is None:
+            buf = np.empty(unit, np.uint8)
+        ulen = filler.fill(ui, runs, buf)
+        return buf, ulen
+
+    def done(ui, result):
+        buf, ulen = result
         zeros_until(ui * unit)
-        write(data)
-        state["pos"] += len(data)
+        write(buf[:ulen])
+        pool.put(buf)
+        state["pos"] += ulen
         if progress:
             progress(state["pos"], vsize)
 
-    _run_units(image, unit, threads, work, done)
+    _run_units(image, unit, threads, work, done, inflight)
     zeros_until(vsize)
     if hasattr(out, "flush"):
         out.flush()
