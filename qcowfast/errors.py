@@ -39,3 +39,7 @@ class UnsafePathError(QcowError):
 
 class OutputError(QcowError):
     """The conversion output cannot be written as asked (exists, is the source, ...)."""
+
+
+class SnapshotNotFound(QcowError, LookupError):
+    """No internal snapshot has the id or name asked for (the message lists those that exist)."""

@@ -186,7 +186,7 @@ class Image(_Layer):
             first = os.pread(self._fd, min(span, self.file_size), 0)
         self.header: Header = parse_header(first, self.file_size)
         h = self.header
-        self.virtual_size = h.size
+        self.virtual_size = h.size - h.size % 512   # QEMU counts whole sectors (qcow2_do_open)
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.compression_type = CompressionType(h.compression_type)
@@ -302,6 +302,12 @@ class Image(_Layer):
         return (f"<qcowfast.Image {self.filename!r} v{self.header.version} "
                 f"size={self.virtual_size} cluster={self.cluster_size}"
                 f"{' backing=' + repr(self.backing.filename) if self.backing else ''}>")
+
+    @property
+    def snapshots(self) -> list:
+        """The internal snapshots (`qcowfast.snapshots.Snapshot`), in table order."""
+        from .snapshots import read_snapshots
+        return read_snapshots(self)
 
     @property
     def chain(self) -> list:

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from .constants import MAX_L1_BYTES, MAX_SNAPSHOTS
-from .errors import FormatError, QcowError, TruncatedImage
+from .errors import FormatError, SnapshotNotFound, TruncatedImage
 
 # QCowSnapshotHeader: l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
 # vm_clock_nsec, vm_state_size, extra_data_size (40 bytes, each entry 8-byte aligned).
@@ -20,10 +20,6 @@ _ENTRY = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOTS_SIZE = 64 * 1024 * 1024       # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
 MAX_EXTRA_DATA = 1024                       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 _READ_AHEAD = 64 * 1024
-
-
-class SnapshotNotFound(QcowError, LookupError):
-    """No internal snapshot has the id or name asked for (the message lists those that exist)."""
 
 
 @dataclass(frozen=True)
