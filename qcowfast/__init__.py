@@ -18,3 +18,9 @@ __all__ = [
 from .convert import ConvertResult, convert  # noqa: E402
 
 __all__ += ["convert", "ConvertResult"]
+
+from .info import info  # noqa: E402
+from .check import CheckResult, check  # noqa: E402
+from .compare import CompareResult, compare  # noqa: E402
+
+__all__ += ["info", "check", "CheckResult", "compare", "CompareResult"]

@@ -6,6 +6,7 @@ means a bug.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -27,6 +28,24 @@ def parse_size(text: str) -> int:
     if value != int(value):
         raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
     return int(value)
+
+
+def sparse_size(text: str) -> int:
+    """-S: a size that is a multiple of 512 bytes (0 for fully allocated output)."""
+    value = parse_size(text)
+    if value % 512:
+        raise argparse.ArgumentTypeError(f"-S {text!r} must be a multiple of 512 bytes")
+    return value
+
+
+def thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid thread count {text!r} (a positive integer)")
+    return value
 
 
 def human_size(n: float) -> str:
@@ -85,7 +104,7 @@ def cmd_convert(args) -> int:
     try:
         result = convert(args.src, dst, threads=args.threads, sparse_size=args.sparse_size,
                          progress=bar, overwrite=args.overwrite, fsync=args.fsync,
-                         backing_dirs=args.allow_backing_dir,
+                         backing_dirs=args.allow_backing_dir, snapshot=args.snapshot,
                          max_stream_size=args.max_stream_size or None)
     finally:
         if bar is not None:
@@ -113,6 +132,76 @@ def cmd_map(args) -> int:
     return 0
 
 
+def _progress_bar(args, label: str):
+    show = args.progress and (args.force_progress or sys.stderr.isatty())
+    return ProgressBar(sys.stderr, label) if show else None
+
+
+def _add_progress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--progress", action="store_true",
+                   help="show a progress bar on stderr (when it is a terminal)")
+    p.add_argument("--force-progress", action="store_true",
+                   help="with -p, show progress even when stderr is not a terminal")
+
+
+def cmd_info(args) -> int:
+    from .info import format_human, format_json, info
+    result = info(args.image, backing_chain=args.backing_chain,
+                  backing_dirs=args.allow_backing_dir, fmt=args.format)
+    sys.stdout.write(format_json(result) if args.output == "json" else format_human(result))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import NotChecked, check
+    bar = _progress_bar(args, "checking")
+    try:
+        result = check(args.image, progress=bar)
+    except NotChecked as exc:
+        print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
+              file=sys.stderr)
+        return 63
+    except QcowError as exc:
+        print(f"qcowfast: check failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.finish()
+    for line in result.messages:
+        print(line, file=sys.stderr)
+    if not args.quiet:
+        if args.output == "json":
+            sys.stdout.write(json.dumps(result.to_json(), indent=4) + "\n")
+        else:
+            sys.stdout.write(result.format_human())
+    if result.check_errors:
+        print("qcowfast: check failed: internal errors occurred during the check",
+              file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+    bar = _progress_bar(args, "comparing")
+    try:
+        result = compare(args.image1, args.image2, fmt_a=args.format_a, fmt_b=args.format_b,
+                         strict=args.strict, progress=bar, backing_dirs=args.allow_backing_dir)
+    except QcowError as exc:
+        print(f"qcowfast: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.finish()
+    if not args.quiet:
+        for line in result.messages:
+            print(line)
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qcowfast", description="Fast, safe reading and conversion of QCOW2 disk images.")
@@ -132,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show a progress bar on stderr (when it is a terminal)")
     p.add_argument("--force-progress", action="store_true",
                    help="with -p, show progress even when stderr is not a terminal")
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+    p.add_argument("-t", "--threads", type=thread_count, default=None, metavar="N",
                    help="worker threads (default: all cores)")
-    p.add_argument("-S", dest="sparse_size", type=parse_size, default=4096, metavar="SIZE",
+    p.add_argument("-S", dest="sparse_size", type=sparse_size, default=4096, metavar="SIZE",
                    help="zero runs of SIZE bytes are left as holes (default 4k; 0 writes a fully "
                         "allocated file)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -143,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to stream (DST = -) images larger than SIZE (default 1T; 0 = no "
                         "limit)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.add_argument("-l", "--snapshot", metavar="NAME", default=None,
+                   help="convert internal snapshot NAME (its id, or else its name) instead of "
+                        "the current state")
     _add_open_options(p)
     p.set_defaults(func=cmd_convert)
 
@@ -157,12 +249,81 @@ def build_parser() -> argparse.ArgumentParser:
                         "guest offset")
     _add_open_options(p)
     p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("info", help="describe an image like qemu-img info",
+                       description="Describe an image as `qemu-img info` does: virtual and disk "
+                                   "size, cluster size, backing file, snapshots, bitmaps and "
+                                   "format specific fields. Only the image file itself is read: "
+                                   "backing and external data files are named, never opened "
+                                   "(unless --backing-chain asks to follow the chain).")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="output format (default human); json prints the keys and values of "
+                        "`qemu-img info --output=json`")
+    p.add_argument("--backing-chain", action="store_true",
+                   help="also describe every backing file, following the chain under the same "
+                        "path policy as convert (see --allow-backing-dir)")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="format of IMG (default: probe the QCOW2 magic, else raw)")
+    _add_open_options(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("check", help="check an image's metadata like qemu-img check",
+                       description="Check a QCOW2 image's metadata read-only, as `qemu-img "
+                                   "check` does without -r: every reference is counted and "
+                                   "compared with the stored refcounts; leaks, corruptions, "
+                                   "metadata overlaps and offsets outside the file are "
+                                   "reported on stderr. Exit status: 0 no errors, 1 the check "
+                                   "could not be completed, 2 corruptions, 3 only leaked "
+                                   "clusters, 63 the file is not a QCOW2 image.")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="output format (default human); json prints the keys and values of "
+                        "`qemu-img check --output=json`")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print no report (the exit status still tells the result)")
+    _add_progress_options(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("compare", help="compare the contents of two images like qemu-img "
+                                       "compare",
+                       description="Compare the guest contents of two images (qcow2, with "
+                                   "their backing chains, or raw). Ranges both images know to "
+                                   "be zero are not read. When the sizes differ, the larger "
+                                   "image's tail must read as zeros. Exit status: 0 identical, "
+                                   "1 different (the first differing offset is printed), 2 an "
+                                   "image could not be read.")
+    p.add_argument("image1", metavar="IMG1")
+    p.add_argument("image2", metavar="IMG2")
+    p.add_argument("-f", dest="format_a", choices=("qcow2", "raw"), default=None,
+                   help="format of IMG1 (default: probe)")
+    p.add_argument("-F", dest="format_b", choices=("qcow2", "raw"), default=None,
+                   help="format of IMG2 (default: probe)")
+    p.add_argument("-s", "--strict", action="store_true",
+                   help="strict mode: images of different sizes differ, and so do ranges "
+                        "allocated differently (zero, data, unallocated) even when their "
+                        "contents are equal")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing; use the exit "
+                                                             "status")
+    _add_progress_options(p)
+    _add_open_options(p)
+    p.set_defaults(func=cmd_compare)
     return parser
+
+
+# qemu-img check exits 2 and 3 for corruptions and leaks: its usage errors must not look so.
+_USAGE_ERROR_STATUS = {"check": 1}
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        if exc.code == 2 and words and words[0] in _USAGE_ERROR_STATUS:
+            raise SystemExit(_USAGE_ERROR_STATUS[words[0]]) from None
+        raise
     try:
         return args.func(args)
     except QcowError as exc:

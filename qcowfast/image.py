@@ -270,8 +270,11 @@ class Image(_Layer):
             raise BackingChainError(f"backing chain loops: {self.filename} -> {path}")
         fmt = h.backing_format if backing is None else None
         if fmt is None:
-            with open(path, "rb") as f:
-                fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fmt = "qcow2" if os.pread(fd, 4, 0) == QCOW_MAGIC else "raw"
+            finally:
+                os.close(fd)
         if fmt == "raw":
             self.backing = RawImage(path, self.depth + 1)
         elif fmt == "qcow2":

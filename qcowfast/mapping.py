@@ -31,16 +31,53 @@ def _raw_pieces(fd: int, start: int, length: int):
         pos = hole
 
 
+def metadata_preallocated(layer) -> bool:
+    """QEMU qcow2_detect_metadata_preallocation(): more clusters have a refcount than the file
+    really allocates (st_blocks), by over a ninth. QEMU then reports holes of the host file
+    inside data clusters as zero."""
+    import numpy as np
+
+    from .refcounts import StoredRefcounts
+    st = os.fstat(layer._fd)
+    cs = layer.cluster_size
+    real_clusters = st.st_blocks * 512 // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-st.st_size // cs)
+    refs = StoredRefcounts(layer._fd, layer.header)
+    per_block = 1 << refs.block_bits
+    count = 0
+    for t in range(-(-end_cluster // per_block)):
+        if not refs.block_offset(t):
+            continue
+        blk = refs.block(t)
+        if blk is None:
+            return False                  # QEMU: the refcount read fails, no detection
+        count += int(np.count_nonzero(blk[:min(per_block, end_cluster - t * per_block)]))
+        if count > threshold:
+            return True
+    return False
+
+
 def _entries(image):
     from .image import RawImage
+    prealloc = {}
     for e in image.extents():
         kind = e.kind
-        if kind == ExtentKind.DATA and isinstance(image.layer(e.depth), RawImage):
-            fd = image.layer(e.depth).data_fd
-            for start, length, is_data in _raw_pieces(fd, e.guest_offset, e.length):
+        layer = image.layer(e.depth)
+        if kind == ExtentKind.DATA and isinstance(layer, RawImage):
+            for start, length, is_data in _raw_pieces(layer.data_fd, e.guest_offset, e.length):
                 yield dict(start=start, length=length, depth=e.depth, present=True,
                            zero=not is_data, data=is_data, offset=start)
             continue
+        if kind == ExtentKind.DATA:
+            if e.depth not in prealloc:
+                prealloc[e.depth] = metadata_preallocated(layer)
+            if prealloc[e.depth]:
+                delta = e.host_offset - e.guest_offset
+                for start, length, is_data in _raw_pieces(layer.data_fd, e.host_offset, e.length):
+                    yield dict(start=start - delta, length=length, depth=e.depth, present=True,
+                               zero=not is_data, data=True, offset=start)
+                continue
         entry = dict(start=e.guest_offset, length=e.length, depth=e.depth,
                      present=kind != ExtentKind.UNALLOCATED,
                      zero=kind in (ExtentKind.ZERO, ExtentKind.UNALLOCATED),

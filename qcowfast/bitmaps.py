@@ -1,0 +1,161 @@
+"""Persistent dirty bitmaps: the bitmap directory and bitmap tables, read-only.
+
+Layout: QEMU docs/interop/qcow2.txt "Bitmaps extension", "Bitmap directory", "Bitmap table".
+The rules a directory entry must follow are those of QEMU block/qcow2-bitmap.c
+(bitmap_list_load(), check_dir_entry(), check_table_entry()), so an image QEMU refuses to list
+bitmaps of is refused here with the same reason.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CorruptImage, FormatError, TruncatedImage
+from .header import MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS, Header
+from .refcounts import pread_padded
+
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_RESERVED_FLAGS = 0xFFFFFFFF & ~(BME_FLAG_IN_USE | BME_FLAG_AUTO)
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_NAME_SIZE = 1023
+BT_DIRTY_TRACKING_BITMAP = 1
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+
+_DIR_ENTRY = struct.Struct(">QIIBBHI")   # table offset, table size, flags, type, gran, name, extra
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """One bitmap directory entry."""
+    name: str
+    table_offset: int
+    table_size: int          # entries of the bitmap table
+    flags: int
+    type: int
+    granularity_bits: int
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.flags & BME_FLAG_IN_USE)
+
+    @property
+    def auto(self) -> bool:
+        return bool(self.flags & BME_FLAG_AUTO)
+
+    def flag_names(self) -> list[str]:
+        """The flags as `qemu-img info` names them ("in-use", "auto")."""
+        names = []
+        if self.in_use:
+            names.append("in-use")
+        if self.auto:
+            names.append("auto")
+        return names
+
+
+def _entry_problem(e: tuple, header: Header) -> str | None:
+    """Why a directory entry breaks QEMU's check_dir_entry() rules, or None."""
+    table_offset, table_size, flags, btype, gran, name_size, _extra = e
+    cs = header.cluster_size
+    if table_size == 0:
+        return "its bitmap table is empty"
+    if table_offset == 0 or table_offset % cs:
+        return f"its bitmap table offset {table_offset:#x} is zero or not cluster aligned"
+    if table_size > BME_MAX_TABLE_SIZE:
+        return f"its bitmap table has {table_size} entries (limit {BME_MAX_TABLE_SIZE})"
+    if not BME_MIN_GRANULARITY_BITS <= gran <= BME_MAX_GRANULARITY_BITS:
+        return f"granularity_bits {gran} is out of range 9..31"
+    if flags & BME_RESERVED_FLAGS:
+        return f"reserved flags are set ({flags:#x})"
+    if name_size > BME_MAX_NAME_SIZE:
+        return f"its name is {name_size} bytes long (limit {BME_MAX_NAME_SIZE})"
+    if btype != BT_DIRTY_TRACKING_BITMAP:
+        return f"its type is {btype}, not a dirty tracking bitmap"
+    phys = table_size * cs
+    if phys > BME_MAX_PHYS_SIZE:
+        return f"its bitmap data would take {phys} bytes (limit {BME_MAX_PHYS_SIZE})"
+    if not flags & BME_FLAG_IN_USE and header.size // 512 * 512 > (phys * 8) << gran:
+        return "its bitmap table is too small for the virtual size"
+    return None
+
+
+def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitmap]:
+    """Parse and validate the bitmap directory named by the header's bitmaps extension.
+
+    Returns [] when the image has no (valid) bitmaps extension. Raises FormatError,
+    TruncatedImage or CorruptImage when the directory breaks a rule.
+    """
+    ext = header.bitmaps
+    if ext is None:
+        return []
+    if ext.nb_bitmaps == 0:
+        raise FormatError("bitmaps extension announces zero bitmaps")
+    if ext.nb_bitmaps > MAX_BITMAPS:
+        raise FormatError(f"bitmaps extension announces {ext.nb_bitmaps} bitmaps "
+                          f"(limit {MAX_BITMAPS})")
+    if ext.directory_size == 0:
+        raise FormatError("bitmap directory size is zero")
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_BYTES:
+        raise FormatError(f"bitmap directory of {ext.directory_size} bytes is too big")
+    if ext.directory_offset % header.cluster_size:
+        raise FormatError(f"bitmap directory offset {ext.directory_offset:#x} is not cluster "
+                          "aligned")
+    if ext.directory_offset + ext.directory_size > file_size:
+        raise TruncatedImage(f"bitmap directory at {ext.directory_offset:#x} "
+                             f"({ext.directory_size} bytes) runs past the end of the file")
+    data = pread_padded(fd, ext.directory_size, ext.directory_offset)
+    out: list[Bitmap] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + _DIR_ENTRY.size > end:
+            raise CorruptImage("broken bitmap directory: an entry runs past its end")
+        if len(out) + 1 > ext.nb_bitmaps:
+            raise CorruptImage(f"bitmap directory holds more bitmaps than the {ext.nb_bitmaps} "
+                               "the header extension announces")
+        e = _DIR_ENTRY.unpack_from(data, pos)
+        name_size, extra_size = e[5], e[6]
+        entry_size = (_DIR_ENTRY.size + extra_size + name_size + 7) & ~7
+        if pos + entry_size > end:
+            raise CorruptImage("broken bitmap directory: an entry runs past its end")
+        if extra_size:
+            raise CorruptImage("bitmap directory entry has extra data, which QEMU does not "
+                               "support")
+        name_start = pos + _DIR_ENTRY.size + extra_size
+        raw_name = data[name_start:name_start + name_size]
+        name = raw_name.decode("utf-8", "replace")
+        problem = _entry_problem(e, header)
+        if problem:
+            raise CorruptImage(f"bitmap {name!r} is invalid: {problem}")
+        out.append(Bitmap(name, e[0], e[1], e[2], e[3], e[4]))
+        pos += entry_size
+    if len(out) != ext.nb_bitmaps:
+        raise CorruptImage(f"bitmap directory holds {len(out)} bitmaps, the header extension "
+                           f"announces {ext.nb_bitmaps}")
+    return out
+
+
+def read_bitmap_table(fd: int, bitmap: Bitmap) -> np.ndarray:
+    """The bitmap table of `bitmap` as native uint64 entries (past the end of file: zeros)."""
+    raw = pread_padded(fd, bitmap.table_size * 8, bitmap.table_offset)
+    return np.frombuffer(raw, ">u8").astype(np.uint64)
+
+
+def bad_table_entries(table: np.ndarray, cluster_size: int) -> np.ndarray:
+    """Mask of bitmap table entries breaking QEMU's check_table_entry() rules."""
+    offset = table & np.uint64(BME_TABLE_ENTRY_OFFSET_MASK)
+    bad = (table & np.uint64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0
+    has = offset != 0
+    bad |= has & ((table & np.uint64(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+    bad |= has & ((offset & np.uint64(cluster_size - 1)) != 0)
+    return bad

@@ -1,0 +1,599 @@
+"""A read-only consistency check of a QCOW2 image, counting what `qemu-img check` counts.
+
+Every reference the image makes (header, active and snapshot L1/L2 tables, data and compressed
+clusters, refcount table and blocks, snapshot table, bitmap directory, tables and data) is
+counted into a numpy array of computed refcounts, one entry per host cluster of the file; then
+the stored refcounts are compared with it block by block. The rules, messages and counters
+follow QEMU 7.2 block/qcow2-refcount.c (qcow2_check_refcounts(), calculate_refcounts(),
+check_refcounts_l1/l2(), check_refblocks(), compare_refcounts(), check_oflag_copied()) so that
+the JSON report equals `qemu-img check --output=json`.
+
+Work is per table, never per cluster in Python: each L2 table is one read and a few vector
+operations. An L2 table referenced from several L1 entries (snapshots share them with the
+active state) is read and classified once and counted with its multiplicity.
+Memory: 5 bytes per host cluster of the file (computed counts and owners), plus one L2 table.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bitmaps import (
+    BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, read_bitmap_directory, read_bitmap_table,
+)
+from .constants import (
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+)
+from .errors import CorruptImage, FormatError, QcowError
+from .header import Header
+from .info import read_header, read_snapshot_table
+from .refcounts import (
+    MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
+)
+
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+QCOW_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+MAX_MESSAGES = 200          # per kind of message; the counters stay exact
+_U64 = np.uint64
+
+# Owners of host clusters, for the metadata overlap report.
+HEADER, L1_TABLE, L2_TABLE, REFCOUNT_TABLE, REFCOUNT_BLOCK, SNAPSHOT_TABLE, BITMAP_DIRECTORY, \
+    BITMAP_TABLE, BITMAP_DATA, DATA, COMPRESSED = range(1, 12)
+OWNER_NAMES = {HEADER: "the header", L1_TABLE: "an L1 table", L2_TABLE: "an L2 table",
+               REFCOUNT_TABLE: "the refcount table", REFCOUNT_BLOCK: "a refcount block",
+               SNAPSHOT_TABLE: "the snapshot table", BITMAP_DIRECTORY: "the bitmap directory",
+               BITMAP_TABLE: "a bitmap table", BITMAP_DATA: "bitmap data",
+               DATA: "a data cluster", COMPRESSED: "a compressed cluster"}
+
+
+class NotChecked(QcowError):
+    """The file is not in a format that can be checked (qemu-img: exit code 63)."""
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A host cluster used by two different kinds of structure (e.g. an L2 table and data)."""
+    cluster: int
+    first: str
+    second: str
+
+
+@dataclass
+class CheckResult:
+    """What `check` found; the counters are those of `qemu-img check`."""
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    #: One line per problem, as qemu-img prints them on stderr (capped per kind).
+    messages: list = field(default_factory=list)
+    #: Host clusters claimed by two kinds of structure (capped); `overlap_count` is exact.
+    overlaps: list = field(default_factory=list)
+    overlap_count: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's exit code: 1 check errors, 2 corruptions, 3 leaks, 0 clean."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        return 3 if self.leaks else 0
+
+    def to_json(self) -> dict:
+        """The object `qemu-img check --output=json` prints (zero counters left out, as in
+        QEMU)."""
+        out: dict = {}
+        if self.image_end_offset:
+            out["image-end-offset"] = self.image_end_offset
+        if self.compressed_clusters:
+            out["compressed-clusters"] = self.compressed_clusters
+        if self.total_clusters:
+            out["total-clusters"] = self.total_clusters
+        if self.corruptions:
+            out["corruptions"] = self.corruptions
+        out["check-errors"] = self.check_errors
+        if self.leaks:
+            out["leaks"] = self.leaks
+        if self.allocated_clusters:
+            out["allocated-clusters"] = self.allocated_clusters
+        out["filename"] = self.filename
+        out["format"] = self.format
+        if self.fragmented_clusters:
+            out["fragmented-clusters"] = self.fragmented_clusters
+        return out
+
+    def format_human(self) -> str:
+        """The summary `qemu-img check` prints on stdout."""
+        lines = []
+        if not (self.corruptions or self.leaks or self.check_errors):
+            lines.append("No errors were found on the image.")
+        if self.corruptions:
+            lines += ["", f"{self.corruptions} errors were found on the image.",
+                      "Data may be corrupted, or further writes to the image may corrupt it."]
+        if self.leaks:
+            lines += ["", f"{self.leaks} leaked clusters were found on the image.",
+                      "This means waste of disk space, but no harm to data."]
+        if self.check_errors:
+            lines += ["", f"{self.check_errors} internal errors have occurred during the check."]
+        if self.total_clusters and self.allocated_clusters:
+            a = self.allocated_clusters
+            lines.append(f"{a}/{self.total_clusters} = {a * 100.0 / self.total_clusters:0.2f}% "
+                         f"allocated, {self.fragmented_clusters * 100.0 / a:0.2f}% fragmented, "
+                         f"{self.compressed_clusters * 100.0 / a:0.2f}% compressed clusters")
+        if self.image_end_offset:
+            lines.append(f"Image end offset: {self.image_end_offset}")
+        return "\n".join(lines) + "\n"
+
+
+class _Checker:
+    """One run of the check over an open image: computed counts, then the comparison."""
+
+    def __init__(self, fd: int, header: Header, file_size: int, result: CheckResult, progress):
+        self.fd = fd
+        self.h = header
+        self.file_size = file_size
+        self.res = result
+        self.progress = progress
+        self.cs = header.cluster_size
+        self.cb = header.cluster_bits
+        #: Clusters compared (QEMU's nb_clusters: the file's, grown by references that end
+        #: less than one cluster past the end of the file).
+        self.nb = -(-file_size // self.cs)
+        if self.nb > 0x7FFFFFFF:
+            raise QcowError(f"image file too large to check ({self.nb} clusters)")
+        self.counts = np.zeros(self.nb + 1, np.uint32)
+        self.owner = np.zeros(self.nb + 1, np.uint8)
+        self._added = 0
+        self.refmax = (1 << header.refcount_bits) - 1
+        self._said: dict = {}
+        self.steps_done = self.steps_total = 0
+
+    # -- reporting -----------------------------------------------------------------------------
+    def say(self, kind: str, text: str, times: int = 1) -> None:
+        n = self._said.get(kind, 0)
+        self._said[kind] = n + 1
+        if n < MAX_MESSAGES:
+            self.res.messages.append(text if times == 1 else f"{text} (x{times})")
+        elif n == MAX_MESSAGES:
+            self.res.messages.append(f"... further messages of this kind ({kind}) omitted")
+
+    def corrupt(self, n: int, kind: str, text: str) -> None:
+        if n:
+            self.res.corruptions += n
+            self.say(kind, text, n)
+
+    def tick(self) -> None:
+        """One more L2 table or refcount block checked (progress in bytes of metadata)."""
+        self.steps_done += 1
+        if self.progress is not None:
+            total = max(self.steps_total, self.steps_done)
+            self.progress(self.steps_done * self.cs, total * self.cs)
+
+    # -- counting references -------------------------------------------------------------------
+    def inc(self, offsets, sizes, owner: int, weights=1) -> None:
+        """Count references to the host ranges [offsets, +sizes) (qcow2_inc_refcounts_imrt).
+
+        A range ending one cluster or more past the end of the file is a corruption and is not
+        counted (QEMU: "counting reference for region exceeding the end of the file").
+        """
+        offsets = np.atleast_1d(np.asarray(offsets, np.uint64))
+        sizes = np.broadcast_to(np.asarray(sizes, np.uint64), offsets.shape)
+        if (offsets > _U64(MAX_OFFSET) - sizes).any():
+            # QEMU fails the whole check on such a range (it cannot size its refcount array).
+            bad = int(offsets[offsets > _U64(MAX_OFFSET) - sizes][0])
+            raise CorruptImage(f"{OWNER_NAMES[owner]} at {bad:#x} lies beyond any possible "
+                               "file offset")
+        offsets, sizes = offsets.astype(np.int64), sizes.astype(np.int64)
+        weights = np.broadcast_to(np.asarray(weights, np.int64), offsets.shape)
+        keep = sizes > 0
+        past = keep & (offsets + sizes - self.file_size >= self.cs)
+        if past.any():
+            for o, s in zip(offsets[past][:3].tolist(), sizes[past][:3].tolist()):
+                self.say("past-eof", f"ERROR: counting reference for region exceeding the end "
+                         f"of the file by one cluster or more: offset {o:#x} size {s:#x} "
+                         f"({OWNER_NAMES[owner]})")
+            self.res.corruptions += int(weights[past].sum())
+        keep &= ~past
+        if not keep.any():
+            return
+        o, s, w = offsets[keep], sizes[keep], weights[keep]
+        first = o >> self.cb
+        last = (o + s - 1) >> self.cb
+        span = last - first
+        self.nb = max(self.nb, int(last.max()) + 1)
+        # Single-cluster and two-cluster ranges (tables, data, compressed streams) in one go;
+        # longer ones (L1, refcount and snapshot tables) are few: one slice each.
+        short = span <= 1
+        two = short & (span == 1)
+        self._add(np.concatenate((first[short], last[two])),
+                  np.concatenate((w[short], w[two])), owner)
+        for a, b, ww in zip(first[~short].tolist(), last[~short].tolist(), w[~short].tolist()):
+            self._add(np.arange(a, b + 1), np.full(b + 1 - a, ww), owner)
+
+    def _add(self, clusters: np.ndarray, weights: np.ndarray, owner: int) -> None:
+        if not len(clusters):
+            return
+        self._added += int(weights.sum())
+        if self._added > 0xFFFFFFFF and self.counts.dtype != np.uint64:
+            self.counts = self.counts.astype(np.uint64)      # only a hostile image gets here
+        np.add.at(self.counts, clusters, weights.astype(self.counts.dtype))
+        prev = self.owner[clusters]
+        clash = (prev != 0) & (prev != owner)
+        if clash.any():
+            for c, p in zip(clusters[clash].tolist(), prev[clash].tolist()):
+                self.res.overlap_count += 1
+                if len(self.res.overlaps) < MAX_MESSAGES:
+                    self.res.overlaps.append(Overlap(c, OWNER_NAMES[p], OWNER_NAMES[owner]))
+                    self.say("overlap", f"ERROR cluster {c} is used by both {OWNER_NAMES[p]} "
+                             f"and {OWNER_NAMES[owner]} (metadata overlap)")
+        self.owner[clusters[prev == 0]] = owner
+
+    # -- the walk ------------------------------------------------------------------------------
+    def run(self, stored: StoredRefcounts) -> None:
+        h, res = self.h, self.res
+        snapshots, snapshots_size = [], 0
+        if h.nb_snapshots:
+            try:
+                snapshots, snapshots_size = read_snapshot_table(self.fd, h)
+            except CorruptImage as exc:
+                # qemu-img: "Check failed" (qcow2_co_check_locked() stops here).
+                raise CorruptImage(f"failed to read the snapshot table: {exc}") from None
+        if h.version >= 3:
+            # Version 3 entries carry at least the 64-bit VM state size and the disk size.
+            for i, sn in enumerate(snapshots):
+                if sn.extra_data_size < 16:
+                    self.corrupt(1, "snapshot-incomplete",
+                                 f"ERROR snapshot table entry {i} is incomplete")
+
+        self.inc(0, self.cs, HEADER)
+        l2_refs = _L2Refs()
+        active_l1 = self.l1_table(h.l1_table_offset, h.l1_size, l2_refs, active=True)
+        if h.has_data_file and snapshots:
+            self.corrupt(1, "snapshots-data-file",
+                         f"ERROR {len(snapshots)} snapshots in image with data file")
+        for sn in snapshots:
+            if sn.l1_table_offset % self.cs:
+                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) has an "
+                             f"unaligned L1 table offset: {sn.l1_table_offset:#x}")
+                continue
+            if sn.l1_size > MAX_L1_BYTES // 8:
+                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) L1 table is "
+                             f"too large: L1 size is {sn.l1_size}")
+                continue
+            self.l1_table(sn.l1_table_offset, sn.l1_size, l2_refs, active=False)
+        self.l2_tables(l2_refs, stored)
+        self.oflag_copied_l1(active_l1, stored)
+
+        self.inc(h.snapshots_offset if snapshots else 0, snapshots_size, SNAPSHOT_TABLE)
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs, REFCOUNT_TABLE)
+        self.bitmaps()
+        self.refcount_blocks(stored)
+        self.compare(stored)
+
+    def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool):
+        """Count an L1 table and collect the L2 tables it names (check_refcounts_l1)."""
+        if not entries:
+            return np.zeros(0, _U64)
+        self.inc(offset, entries * 8, L1_TABLE)
+        l1 = np.frombuffer(pread_padded(self.fd, entries * 8, offset), ">u8").astype(_U64)
+        l1 = l1[l1 != 0]
+        reserved = int(np.count_nonzero(l1 & _U64(L1E_RESERVED_MASK)))
+        self.corrupt(reserved, "l1-reserved", "ERROR found L1 entry with reserved bits set")
+        l2_offsets = (l1 & _U64(L1E_OFFSET_MASK)).astype(np.int64)
+        unaligned = int(np.count_nonzero(l2_offsets & (self.cs - 1)))
+        self.corrupt(unaligned, "l2-unaligned",
+                     "ERROR L2 table offset is not cluster aligned; L1 entry corrupted")
+        self.inc(l2_offsets, self.cs, L2_TABLE)
+        l2_refs.add(l2_offsets, active)
+        return l1
+
+    def l2_tables(self, l2_refs: "_L2Refs", stored: StoredRefcounts) -> None:
+        """Check every distinct L2 table once, counted as often as L1 entries name it."""
+        offsets, n_active, n_snap = l2_refs.distinct()
+        # A table starting past the end of the file reads as zeros: nothing to count.
+        inside = offsets < self.file_size
+        offsets, n_active, n_snap = offsets[inside], n_active[inside], n_snap[inside]
+        self.steps_total = len(offsets) + -(-self.nb // (1 << stored.block_bits))
+        for off, act, snap in zip(offsets.tolist(), n_active.tolist(), n_snap.tolist()):
+            self.l2_table(off, act, act + snap, stored)
+            self.tick()
+
+    def l2_table(self, l2_offset: int, active: int, weight: int, stored: StoredRefcounts):
+        """check_refcounts_l2() for one table, weighted; check_oflag_copied() for its entries.
+
+        `active` counts the active L1 entries naming the table, `weight` all L1 entries.
+        """
+        h, res, cs = self.h, self.res, self.cs
+        # check_oflag_copied() skips L1 entries whose masked offset is 0; the count does not.
+        oflag = active if l2_offset else 0
+        raw = np.frombuffer(pread_padded(self.fd, cs, l2_offset), ">u8").astype(_U64)
+        if h.extended_l2:
+            entry, bitmap = raw[0::2], raw[1::2]
+        else:
+            entry, bitmap = raw, np.zeros(len(raw), _U64)
+        # qcow2_get_cluster_type(): with subclusters the zero flag is not a cluster type.
+        comp = (entry & _U64(QCOW_OFLAG_COMPRESSED)) != 0
+        copied = (entry & _U64(QCOW_OFLAG_COPIED)) != 0
+        offset = (entry & _U64(L2E_OFFSET_MASK)).astype(np.int64)
+        zero = ~comp & ((entry & _U64(QCOW_OFLAG_ZERO)) != 0) if not h.extended_l2 else \
+            np.zeros(len(entry), bool)
+        allocated = ~comp & ((offset != 0) | (~zero & copied & h.has_data_file))
+        unallocated = ~comp & ~zero & ~allocated
+        where = f"L2 table at {l2_offset:#x}"
+
+        reserved = ~comp & ((entry & _U64(L2E_STD_RESERVED_MASK)) != 0)
+        self.corrupt(int(reserved.sum()) * weight, "l2-reserved",
+                     f"ERROR found l2 entry with reserved bits set ({where})")
+        self.corrupt(int((comp & copied).sum()) * weight, "compressed-copied",
+                     f"ERROR: copied flag must never be set for compressed clusters ({where})")
+        if h.has_data_file:
+            self.corrupt(int(comp.sum()) * weight, "compressed-data-file",
+                         f"ERROR compressed cluster with data file ({where})")
+            comp_ok = np.zeros(len(entry), bool)
+        else:
+            bad_bitmap = comp & (bitmap != 0)
+            self.corrupt(int(bad_bitmap.sum()) * weight, "compressed-bitmap",
+                         f"ERROR compressed cluster with non-zero subcluster allocation bitmap "
+                         f"({where})")
+            comp_ok = comp & ~bad_bitmap
+        n_comp = int(comp_ok.sum())
+        if n_comp:
+            # qcow2_parse_compressed_l2_entry(): x = 62 - (cluster_bits - 8) offset bits, then
+            # the number of additional 512-byte sectors; the stream ends with its last sector.
+            shift = 62 - (self.cb - 8)
+            ce = entry[comp_ok]
+            coffset = (ce & _U64((1 << shift) - 1)).astype(np.int64)
+            sectors = ((ce >> _U64(shift)) & _U64((1 << (self.cb - 8)) - 1)).astype(np.int64) + 1
+            self.inc(coffset, sectors * 512 - (coffset & 511), COMPRESSED, weight)
+            res.allocated_clusters += n_comp * active
+            res.compressed_clusters += n_comp * active
+            res.fragmented_clusters += n_comp * active      # compressed: fragmented by nature
+
+        alloc_off = offset[allocated]
+        if h.extended_l2:
+            bm = bitmap[allocated]
+            self.corrupt(int(np.count_nonzero((bm >> _U64(32)) & bm)) * weight, "l2-bitmap",
+                         f"ERROR allocated cluster has corrupted subcluster allocation bitmap "
+                         f"({where})")
+            self.corrupt(int(np.count_nonzero(bitmap[unallocated]
+                                              & _U64(QCOW_L2_BITMAP_ALL_ALLOC))) * weight,
+                         "l2-bitmap", f"ERROR: unallocated cluster has non-zero subcluster "
+                         f"allocation map ({where})")
+        unaligned = alloc_off & (cs - 1)
+        self.corrupt(int(np.count_nonzero(unaligned)) * weight, "data-unaligned",
+                     f"ERROR: data cluster is not properly aligned; L2 entry corrupted ({where})")
+        if len(alloc_off):
+            res.allocated_clusters += len(alloc_off) * active
+            res.fragmented_clusters += int(np.count_nonzero(
+                alloc_off[1:] != alloc_off[:-1] + cs)) * active
+            if not h.has_data_file:
+                self.inc(alloc_off, cs, DATA, weight)
+            if oflag:
+                # check_oflag_copied(): COPIED must be set exactly when the refcount is 1.
+                if h.has_data_file:
+                    one, ok = np.ones(len(alloc_off), bool), np.ones(len(alloc_off), bool)
+                else:
+                    values, ok = stored.lookup(alloc_off >> self.cb)
+                    one = values == 1
+                bad = ok & (one != copied[allocated])
+                self.corrupt(int(bad.sum()) * oflag, "oflag-copied",
+                             f"ERROR OFLAG_COPIED data cluster: refcount and COPIED flag "
+                             f"disagree ({where})")
+
+    def oflag_copied_l1(self, l1: np.ndarray, stored: StoredRefcounts) -> None:
+        l2_offsets = (l1 & _U64(L1E_OFFSET_MASK)).astype(np.int64)
+        l1 = l1[l2_offsets != 0]
+        l2_offsets = l2_offsets[l2_offsets != 0]
+        values, ok = stored.lookup(l2_offsets >> self.cb)
+        bad = ok & ((values == 1) != ((l1 & _U64(QCOW_OFLAG_COPIED)) != 0))
+        for e, v in zip(l1[bad][:3].tolist(), values[bad][:3].tolist()):
+            self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: l1_entry={e:x} "
+                     f"refcount={v}")
+        self.res.corruptions += int(bad.sum())
+
+    def bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts(): the directory, each bitmap table and its clusters."""
+        h = self.h
+        if h.bitmaps is None:
+            return
+        self.inc(h.bitmaps.directory_offset, h.bitmaps.directory_size, BITMAP_DIRECTORY)
+        try:
+            directory = read_bitmap_directory(self.fd, h, self.file_size)
+        except QcowError as exc:
+            self.res.corruptions += 1
+            raise CorruptImage(f"cannot check bitmaps: {exc}") from None
+        for bm in directory:
+            self.inc(bm.table_offset, bm.table_size * 8, BITMAP_TABLE)
+            table = read_bitmap_table(self.fd, bm)
+            bad = bad_table_entries(table, self.cs)
+            if bad.any():
+                self.res.corruptions += 1
+                raise CorruptImage(f"cannot check bitmaps: bitmap {bm.name!r} has an invalid "
+                                   f"bitmap table entry {int(np.flatnonzero(bad)[0])}")
+            data = (table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)).astype(np.int64)
+            self.inc(data[data != 0], self.cs, BITMAP_DATA)
+
+    def refcount_blocks(self, stored: StoredRefcounts) -> None:
+        """check_refblocks(): count each refcount block; each must be referenced exactly once."""
+        table = stored.table
+        nz = np.flatnonzero(table)
+        ent = table[nz]
+        reserved = (ent & _U64(REFT_RESERVED_MASK)) != 0
+        for i in nz[reserved][:3].tolist():
+            self.say("reftable", f"ERROR refcount table entry {i} has reserved bits set")
+        self.res.corruptions += int(reserved.sum())
+        off = ent & _U64(REFT_OFFSET_MASK)
+        unaligned = ~reserved & ((off & _U64(self.cs - 1)) != 0)
+        for i in nz[unaligned][:3].tolist():
+            self.say("reftable", f"ERROR refcount block {i} is not cluster aligned; refcount "
+                     "table entry corrupted")
+        self.res.corruptions += int(unaligned.sum())
+        cluster = off >> _U64(self.cb)
+        outside = ~reserved & ~unaligned & (cluster >= _U64(self.nb))
+        for i in nz[outside][:3].tolist():
+            self.say("reftable", f"ERROR refcount block {i} is outside image")
+        self.res.corruptions += int(outside.sum())
+        cand = ~reserved & ~unaligned & ~outside & (off != 0)
+        idx, cl, off = nz[cand], cluster[cand].astype(np.int64), off[cand].astype(np.int64)
+        counted = off < self.file_size        # the rest ends a cluster or more past the end
+        base = self.counts[cl].astype(np.int64)
+        # Blocks are counted in table order; each is checked right after it is counted, so it
+        # sees the blocks before it that share its cluster.
+        before = np.zeros(len(cl), np.int64)
+        if len(cl):
+            order = np.lexsort((np.arange(len(cl)), cl))
+            c_sorted = cl[order]
+            cum = np.cumsum(counted[order].astype(np.int64))
+            group_start = np.flatnonzero(np.r_[True, c_sorted[1:] != c_sorted[:-1]])
+            start_cum = np.repeat(cum[group_start] - counted[order][group_start],
+                                  np.diff(np.r_[group_start, len(cl)]))
+            before[order] = cum - start_cum        # counted blocks up to and including this
+        seen = np.minimum((base + before).astype(_U64), _U64(self.refmax))
+        wrong = seen != 1
+        for i, v in zip(idx[wrong][:3].tolist(), seen[wrong][:3].tolist()):
+            self.say("refblock", f"ERROR refcount block {i} refcount={v}")
+        self.res.corruptions += int(wrong.sum())
+        self.inc(off[counted], self.cs, REFCOUNT_BLOCK)
+        self.inc(off[~counted], self.cs, REFCOUNT_BLOCK)       # reported past the end
+
+    def compare(self, stored: StoredRefcounts) -> None:
+        """compare_refcounts(): stored against computed refcounts, one refcount block at a time."""
+        res, nb = self.res, self.nb
+        # Increments past the refcount maximum are refused one by one, each a corruption.
+        if self.refmax < np.iinfo(self.counts.dtype).max:
+            over = np.flatnonzero(self.counts[:nb] > self.refmax)
+            for c in over[:3].tolist():
+                self.say("overflow", f"ERROR: overflow cluster offset={c * self.cs:#x}")
+            res.corruptions += int((self.counts[over].astype(np.int64) - self.refmax).sum())
+        per_block = 1 << stored.block_bits
+        highest = 0
+        n_blocks = -(-nb // per_block)
+        for t in range(n_blocks):
+            lo, hi = t * per_block, min((t + 1) * per_block, nb)
+            if stored.block_offset(t) == 0:
+                values = np.zeros(hi - lo, _U64)
+            else:
+                blk = stored.block(t)
+                if blk is None:
+                    res.check_errors += hi - lo
+                    self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
+                             f"refcount block {t} has an unaligned or impossible offset",
+                             hi - lo)
+                    continue
+                values = blk[:hi - lo]
+            computed = np.minimum(self.counts[lo:hi].astype(_U64), _U64(self.refmax))
+            used = np.flatnonzero((values > 0) | (computed > 0))
+            if len(used):
+                highest = lo + int(used[-1])
+            diff = np.flatnonzero(values != computed)
+            for i in diff[:MAX_MESSAGES].tolist():
+                v, r = int(values[i]), int(computed[i])
+                self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {lo + i} "
+                         f"refcount={v} reference={r}")
+            low = int(np.count_nonzero(values[diff] < computed[diff]))
+            res.corruptions += low
+            res.leaks += len(diff) - low
+            self.tick()
+        res.image_end_offset = (highest + 1) * self.cs
+
+
+class _L2Refs:
+    """The distinct L2 table offsets named by L1 entries, with how often (active, snapshots).
+
+    Each L1 table's offsets are reduced to (distinct offsets, counts) at once; the merge into
+    one sorted set is deferred until a few million offsets wait, so thousands of snapshot L1
+    tables sharing the same L2 tables cost one merge, not one each.
+    """
+    MERGE_AT = 1 << 22
+
+    def __init__(self):
+        self.offsets = np.zeros(0, np.int64)
+        self.active = np.zeros(0, np.int64)
+        self.snap = np.zeros(0, np.int64)
+        self._pending: list = []
+        self._waiting = 0
+
+    def add(self, offsets: np.ndarray, active: bool) -> None:
+        new, counts = np.unique(offsets, return_counts=True)
+        self._pending.append((new, counts, active))
+        self._waiting += len(new)
+        if self._waiting >= self.MERGE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        parts = [(self.offsets, self.active, self.snap)]
+        for new, counts, active in self._pending:
+            zero = np.zeros(len(new), np.int64)
+            parts.append((new, counts, zero) if active else (new, zero, counts))
+        offsets = np.concatenate([p[0] for p in parts])
+        merged, inv = np.unique(offsets, return_inverse=True)
+        self.active = np.bincount(inv, np.concatenate([p[1] for p in parts]),
+                                  len(merged)).astype(np.int64)
+        self.snap = np.bincount(inv, np.concatenate([p[2] for p in parts]),
+                                len(merged)).astype(np.int64)
+        self.offsets = merged
+        self._pending, self._waiting = [], 0
+
+    def distinct(self):
+        """(offsets, active counts, snapshot counts), sorted by offset."""
+        self._merge()
+        return self.offsets, self.active, self.snap
+
+
+def check(path, *, progress=None) -> CheckResult:
+    """Check a QCOW2 image's metadata read-only, as `qemu-img check` does (without repairs).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The image. Backing and external data files are not opened.
+    progress : callable(done, total), optional
+        Called as L2 tables and refcount blocks are checked (in bytes of metadata).
+
+    Returns
+    -------
+    CheckResult
+        Counters equal to `qemu-img check --output=json`'s (see `CheckResult.to_json`), the
+        problems found (`messages`) and metadata overlaps. `exit_code` is qemu-img's.
+
+    Raises
+    ------
+    NotChecked
+        The file is not a QCOW2 image (qemu-img: "This image format does not support checks").
+    QcowError
+        The image cannot be checked at all: its header is invalid, or its bitmaps cannot be
+        read (qemu-img: "Could not open" / "Check failed", exit code 1).
+    """
+    name = os.fspath(path)
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{name} is not a regular file")
+        if os.pread(fd, 4, 0) != QCOW_MAGIC:
+            raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
+        header = read_header(fd, st.st_size, tables_in_file=False)
+        result = CheckResult(filename=name)
+        result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
+        checker = _Checker(fd, header, st.st_size, result, progress)
+        checker.run(StoredRefcounts(fd, header))
+        return result
+    finally:
+        os.close(fd)
+
+
+__all__ = ["check", "CheckResult", "Overlap", "NotChecked"]

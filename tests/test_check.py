@@ -1,0 +1,518 @@
+"""``qcowfast check`` against ``qemu-img check``, through a real subprocess.
+
+Oracle: ``qemu-img check --output=json`` (its JSON, its exit code, its human summary) on the same
+file. Clean images come from the session catalogue and from qemu-img here (every refcount width,
+bitmaps with data, an external data file, a lazy-refcounts image left dirty by a killed qemu-io);
+damaged ones are copies patched by ``Qcow2File`` below, a small transcription of
+docs/interop/qcow2.txt written for these tests (never qcowfast's code): leaked clusters, wrong
+refcounts of every width, an L2 entry pointing into the L1 table, unaligned and out-of-file
+offsets, a compressed stream past the end of the file, broken refcount table entries, snapshot
+table problems. A seeded mutation sweep compares many more damaged images with qemu-img.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import qcowfast
+from common import QEMU_IMG, qemu_img, qemu_io
+from conftest import IMAGE_IDS, mixed_content
+
+K = 1024
+M = 1024 * 1024
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED, COMPRESSED = 1 << 63, 1 << 62
+
+
+def cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def qemu_check(path, *args, cwd=None) -> subprocess.CompletedProcess:
+    """``qemu-img check`` (which exits non-zero for damaged images, so no raising here)."""
+    return subprocess.run([QEMU_IMG, "check", *map(str, args), str(path)], capture_output=True,
+                          text=True, check=False, cwd=cwd)
+
+
+def both_json(path):
+    """((our exit code, our JSON or None), (qemu's exit code, its JSON or None)).
+
+    Both run in the image's directory: QEMU 7.2 opens a relative external data file name
+    against its working directory.
+    """
+    def parse(proc):
+        return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None)
+    path = Path(path)
+    ours = cli("check", "--output=json", path.name, cwd=path.parent)
+    assert "Traceback" not in ours.stderr, ours.stderr
+    return parse(ours), parse(qemu_check(path.name, "--output=json", cwd=path.parent))
+
+
+# --------------------------------------------------------------------------------------------
+# A transcription of the format, for making damaged images
+
+
+class Qcow2File:
+    """Header fields and table entries of an image file, read and patched with struct."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        h = self.path.read_bytes()[:112]
+        self.version = struct.unpack_from(">I", h, 4)[0]
+        self.cluster_bits = struct.unpack_from(">I", h, 20)[0]
+        self.cs = 1 << self.cluster_bits
+        self.l1_size, self.l1_offset = struct.unpack_from(">IQ", h, 36)
+        self.reftable_offset, self.reftable_clusters = struct.unpack_from(">QI", h, 48)
+        self.nb_snapshots, self.snapshots_offset = struct.unpack_from(">IQ", h, 60)
+        self.incompatible = struct.unpack_from(">Q", h, 72)[0] if self.version == 3 else 0
+        self.refcount_order = struct.unpack_from(">I", h, 96)[0] if self.version == 3 else 4
+        self.l2_entry = 16 if self.incompatible & 16 else 8
+
+    def u64(self, offset: int) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return struct.unpack(">Q", f.read(8))[0]
+
+    def put(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def put_u64(self, offset: int, value: int) -> None:
+        self.put(offset, struct.pack(">Q", value))
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def l2_entries(self):
+        """(file offset of the entry, entry) of every non-zero active L2 entry."""
+        out = []
+        for i in range(self.l1_size):
+            l2 = self.u64(self.l1_offset + 8 * i) & OFFSET_MASK
+            if not l2:
+                continue
+            with open(self.path, "rb") as f:
+                f.seek(l2)
+                table = f.read(self.cs)
+            for j in range(0, self.cs, self.l2_entry):
+                entry = struct.unpack_from(">Q", table, j)[0]
+                if entry:
+                    out.append((l2 + j, entry))
+        return out
+
+    def data_entries(self):
+        return [(at, e) for at, e in self.l2_entries()
+                if not e & COMPRESSED and e & OFFSET_MASK]
+
+    # Refcount block entries: refcount_bits wide; below 8 bits, bit 0 is the least significant
+    # bit of the byte (qcow2.txt "Refcount blocks"); 8 bits and more are big-endian integers.
+    def _refcount_slot(self, cluster: int):
+        bits = 1 << self.refcount_order
+        per_block = self.cs * 8 // bits
+        block = self.u64(self.reftable_offset + 8 * (cluster // per_block)) & ~0x1FF
+        assert block, "cluster not covered by a refcount block"
+        return block, cluster % per_block, bits
+
+    def refcount(self, cluster: int) -> int:
+        block, index, bits = self._refcount_slot(cluster)
+        with open(self.path, "rb") as f:
+            f.seek(block + index * bits // 8)
+            raw = f.read(max(1, bits // 8))
+        if bits < 8:
+            return raw[0] >> (index * bits % 8) & ((1 << bits) - 1)
+        return int.from_bytes(raw, "big")
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        block, index, bits = self._refcount_slot(cluster)
+        at = block + index * bits // 8
+        if bits < 8:
+            with open(self.path, "rb") as f:
+                f.seek(at)
+                byte = f.read(1)[0]
+            shift = index * bits % 8
+            byte = byte & ~(((1 << bits) - 1) << shift) | (value << shift)
+            self.put(at, bytes([byte]))
+        else:
+            self.put(at, value.to_bytes(bits // 8, "big"))
+
+    def append_clusters(self, n: int) -> list[int]:
+        """Grow the file by n clusters (after rounding it to whole clusters); their indices."""
+        end = -(-self.size // self.cs) * self.cs
+        os.truncate(self.path, end + n * self.cs)
+        return [end // self.cs + k for k in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Clean images: the catalogue
+
+
+def _collected_ids(request, name: str) -> list[str]:
+    ids = {item.callspec.params["image"] for item in request.session.items
+           if getattr(item, "originalname", None) == name and hasattr(item, "callspec")}
+    return [i for i in IMAGE_IDS if i in ids]
+
+
+@pytest.fixture(scope="module")
+def catalogue_checks(request, images) -> dict:
+    ids = _collected_ids(request, "test_catalogue_image_checks_like_qemu")
+    paths = {i: images.get(i).path for i in ids}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(ids, pool.map(lambda i: both_json(paths[i]), ids)))
+
+
+def test_catalogue_image_checks_like_qemu(image, catalogue_checks):
+    ours, qemu = catalogue_checks[image.id]
+    assert ours == qemu
+    assert ours[0] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Images made and damaged here
+
+
+def _content(seed: int, size: int, cluster: int) -> bytes:
+    return mixed_content(random.Random(seed), size, cluster)
+
+
+def _converted(d: Path, name: str, opts: str, *, compress=False, size=2 * M) -> Qcow2File:
+    src = d / f"{name}.src"
+    src.write_bytes(_content(len(name), size, 4 * K))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", opts, *(["-c"] if compress else []),
+             src, d / name)
+    return Qcow2File(d / name)
+
+
+def case_leaked(d):
+    q = _converted(d, "leak.qcow2", "cluster_size=65536")
+    for c in q.append_clusters(3):
+        q.set_refcount(c, 1)
+    return q.path, 3, lambda r: r["leaks"] == 3 and "corruptions" not in r
+
+
+def case_refcount_zero(d):
+    q = _converted(d, "zero.qcow2", "cluster_size=4096")
+    at, entry = q.data_entries()[5]
+    q.set_refcount((entry & OFFSET_MASK) >> q.cluster_bits, 0)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_refcount_too_high(d):
+    q = _converted(d, "high.qcow2", "cluster_size=4096")
+    at, entry = q.data_entries()[3]
+    q.set_refcount((entry & OFFSET_MASK) >> q.cluster_bits, 2)
+    # a leak, and a COPIED flag that no longer matches the refcount
+    return q.path, 2, lambda r: r["leaks"] == 1 and r["corruptions"] == 1
+
+
+def case_l2_into_l1(d):
+    q = _converted(d, "l2l1.qcow2", "cluster_size=65536")
+    at, entry = q.data_entries()[2]
+    q.put_u64(at, COPIED | q.l1_offset)
+    return q.path, 2, lambda r: r["corruptions"] >= 1 and r["leaks"] == 1
+
+
+def case_l2_unaligned(d):
+    q = _converted(d, "unal.qcow2", "cluster_size=65536")
+    at, entry = q.data_entries()[1]
+    q.put_u64(at, entry + 512)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_l2_past_eof(d):
+    q = _converted(d, "l2eof.qcow2", "cluster_size=4096")
+    at, entry = q.data_entries()[0]
+    q.put_u64(at, COPIED | (q.size + 100 * q.cs))
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_l1_past_eof(d):
+    q = _converted(d, "l1eof.qcow2", "cluster_size=4096")
+    q.put_u64(q.l1_offset, COPIED | (q.size + 7 * q.cs))
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_compressed_past_eof(d):
+    q = _converted(d, "ceof.qcow2", "cluster_size=65536", compress=True)
+    comp = [(at, e) for at, e in q.l2_entries() if e & COMPRESSED]
+    at, entry = comp[len(comp) // 2]
+    x = 62 - (q.cluster_bits - 8)            # descriptor: offset bits below x, sectors above
+    sectors = entry & ~((1 << x) - 1)
+    q.put_u64(at, sectors | (q.size + 3 * q.cs + 700))
+    return q.path, 2, lambda r: r["corruptions"] >= 1 and r["compressed-clusters"] >= 1
+
+
+def case_compressed_overhang(d):
+    """A compressed stream may end less than a cluster past the end of the file: no error."""
+    q = _converted(d, "chang.qcow2", "cluster_size=65536", compress=True)
+    comp = [(at, e) for at, e in q.l2_entries() if e & COMPRESSED]
+    at, entry = max(comp, key=lambda ae: ae[1] & ((1 << (62 - (q.cluster_bits - 8))) - 1))
+    os.truncate(q.path, (entry & ((1 << (62 - (q.cluster_bits - 8))) - 1)) + 100)
+    return q.path, None, lambda r: True
+
+
+def case_reftable_reserved_bit(d):
+    q = _converted(d, "rtres.qcow2", "cluster_size=4096")
+    q.put_u64(q.reftable_offset, q.u64(q.reftable_offset) | 1)
+    return q.path, 2, lambda r: r["corruptions"] == 1 and r["leaks"] == 1
+
+
+def case_refblock_unaligned(d):
+    q = _converted(d, "rbunal.qcow2", "cluster_size=4096")
+    q.put_u64(q.reftable_offset, q.u64(q.reftable_offset) + 1024)
+    return q.path, 1, lambda r: r["check-errors"] > 0
+
+
+def case_refblock_outside(d):
+    q = _converted(d, "rbout.qcow2", "cluster_size=4096")
+    q.put_u64(q.reftable_offset + 8, q.size + 50 * q.cs)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_snapshot_shared_refcount(d):
+    img = d / "snap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, 2 * M)
+    qemu_io(img, "write -P 0x41 0 1M")
+    qemu_img("snapshot", "-c", "one", img)
+    qemu_io(img, "write -P 0x42 0 64k")
+    q = Qcow2File(img)
+    at, entry = q.data_entries()[-1]                 # still shared with the snapshot
+    cluster = (entry & OFFSET_MASK) >> q.cluster_bits
+    assert q.refcount(cluster) == 2
+    q.set_refcount(cluster, 1)
+    return img, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_snapshot_incomplete(d):
+    """A v3 snapshot entry without the 16 bytes of extra data every v3 entry must have."""
+    img = d / "snapinc.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, M)
+    qemu_io(img, "write -P 0x41 0 64k")
+    qemu_img("snapshot", "-c", "one", img)
+    q = Qcow2File(img)
+    entry = q.snapshots_offset
+    with open(img, "rb") as f:
+        f.seek(entry)
+        head = bytearray(f.read(40))
+        extra_len = struct.unpack_from(">I", head, 36)[0]
+        ids = struct.unpack_from(">HH", head, 12)
+        f.seek(entry + 40 + extra_len)
+        names = f.read(sum(ids))
+    struct.pack_into(">I", head, 36, 8)
+    q.put(entry, bytes(head) + bytes(8) + names)
+    return img, 2, lambda r: r["corruptions"] == 1
+
+
+def case_bitmap_data_refcount(d):
+    img = d / "bitmap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, 4 * M)
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_img("bitmap", "--add", "-g", "4k", img, "b1")
+    qemu_io(img, "write -P 1 0 1M", "write -P 2 3M 64k")
+    q = Qcow2File(img)
+    data = {(e & OFFSET_MASK) >> q.cluster_bits for _, e in q.data_entries()}
+    meta = {0, q.l1_offset >> q.cluster_bits, q.reftable_offset >> q.cluster_bits}
+    meta |= {(e & OFFSET_MASK) >> q.cluster_bits for e in
+             (q.u64(q.l1_offset + 8 * i) for i in range(q.l1_size)) if e}
+    meta |= {q.u64(q.reftable_offset) >> q.cluster_bits}
+    used = [c for c in range(q.size // q.cs) if q.refcount(c) and c not in data | meta]
+    assert len(used) >= 3                 # bitmap directory, tables and bitmap data
+    q.set_refcount(used[-1], 0)
+    return img, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_data_file(d):
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "df.qcow2", 2 * M, cwd=d)
+    qemu_io("df.qcow2", "write -P 7 0 300k", "write -P 8 1M 64k", cwd=d)
+    return d / "df.qcow2", 0, lambda r: r["allocated-clusters"] == 6
+
+
+def case_killed_lazy_refcounts(d):
+    """qemu-io killed after writes to a lazy-refcounts image: dirty, refcounts never written."""
+    img = d / "lazy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, 4 * M)
+    subprocess.run(["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -P 2 2M 512k",
+                    "-c", "sigraise 9", str(img)], capture_output=True, check=False)
+    return img, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_truncated(d):
+    q = _converted(d, "trunc.qcow2", "cluster_size=4096")
+    os.truncate(q.path, q.size // 2 + 1000)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_metadata_prealloc_32g(d):
+    """32 GiB with every L2 table and cluster allocated (a sparse file): one L2 table each
+    for 256 L1 entries, 524288 allocated clusters."""
+    img = d / "prealloc.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, 32 * 1024 * M)
+    return img, 0, lambda r: r["allocated-clusters"] == 524288
+
+
+def _width_case(bits):
+    def case(d):
+        q = _converted(d, f"rc{bits}.qcow2", f"cluster_size=4096,refcount_bits={bits}",
+                       size=M)
+        assert q.refcount_order == bits.bit_length() - 1
+        new = q.append_clusters(2)
+        q.set_refcount(new[0], 1)                     # a leak
+        at, entry = q.data_entries()[2]
+        cluster = (entry & OFFSET_MASK) >> q.cluster_bits
+        assert q.refcount(cluster) == 1
+        q.set_refcount(cluster, 0)          # a corruption; COPIED no longer matches: another
+        return q.path, 2, lambda r: r["leaks"] == 1 and r["corruptions"] == 2
+    return case
+
+
+CASES = {
+    "leaked": case_leaked,
+    "refcount-zero": case_refcount_zero,
+    "refcount-too-high": case_refcount_too_high,
+    "l2-into-l1": case_l2_into_l1,
+    "l2-unaligned": case_l2_unaligned,
+    "l2-past-eof": case_l2_past_eof,
+    "l1-past-eof": case_l1_past_eof,
+    "compressed-past-eof": case_compressed_past_eof,
+    "compressed-overhang": case_compressed_overhang,
+    "reftable-reserved-bit": case_reftable_reserved_bit,
+    "refblock-unaligned": case_refblock_unaligned,
+    "refblock-outside": case_refblock_outside,
+    "snapshot-shared-refcount": case_snapshot_shared_refcount,
+    "snapshot-incomplete": case_snapshot_incomplete,
+    "bitmap-data-refcount": case_bitmap_data_refcount,
+    "data-file": case_data_file,
+    "killed-lazy-refcounts": case_killed_lazy_refcounts,
+    "truncated": case_truncated,
+    "prealloc-32g": case_metadata_prealloc_32g,
+    **{f"refcount-bits-{b}": _width_case(b) for b in (1, 2, 4, 8, 16, 32, 64)},
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(request, tmp_path_factory) -> dict:
+    """Build the cases the session will run, then check them all (a few at a time)."""
+    names = {item.callspec.params["case"] for item in request.session.items
+             if getattr(item, "originalname", None) == "test_damaged_image_checks_like_qemu"}
+    root = tmp_path_factory.mktemp("check")
+    built = {}
+    for name in CASES:
+        if name in names:
+            d = root / name
+            d.mkdir()
+            built[name] = CASES[name](d)
+
+    def job(name):
+        path, code, predicate = built[name]
+        ours, qemu = both_json(path)
+        return path, code, predicate, ours, qemu
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(built, pool.map(job, built)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_damaged_image_checks_like_qemu(case, damaged):
+    path, code, predicate, ours, qemu = damaged[case]
+    assert ours == qemu
+    if code is not None:
+        assert ours[0] == code
+    assert predicate(ours[1])
+
+
+def test_human_report_and_messages(damaged):
+    for case in ("leaked", "l2-into-l1", "compressed-past-eof", "refcount-bits-4"):
+        path = damaged[case][0]
+        ours, qemu = cli("check", path), qemu_check(path)
+        assert ours.stdout == qemu.stdout
+        assert ours.returncode == qemu.returncode
+    # qemu-img's problem lines, and the overlap qcowfast names: the L1 table's cluster is
+    # also used as a data cluster.
+    ours = cli("check", damaged["l2-into-l1"][0])
+    assert "metadata overlap" in ours.stderr and "an L1 table" in ours.stderr
+    assert "ERROR cluster" in ours.stderr and "Leaked cluster" in ours.stderr
+    result = qcowfast.check(damaged["l2-into-l1"][0])
+    q = Qcow2File(damaged["l2-into-l1"][0])
+    assert [(o.cluster, o.first, o.second) for o in result.overlaps] == [
+        (q.l1_offset >> q.cluster_bits, "an L1 table", "a data cluster")]
+    assert result.exit_code == 2
+    ours = cli("check", damaged["compressed-past-eof"][0])
+    assert "exceeding the end of the file" in ours.stderr
+
+
+def test_cli_edges(damaged, tmp_path):
+    raw = tmp_path / "plain.raw"
+    raw.write_bytes(bytes(4096))
+    proc = cli("check", raw)
+    assert proc.returncode == 63 == qemu_check(raw).returncode
+    proc = cli("check", tmp_path / "missing.qcow2")
+    assert proc.returncode == 1 and proc.stderr.startswith("qcowfast: ")
+    assert cli("check", "--no-such-option", raw).returncode == 1   # never 2 (= corruptions)
+    proc = cli("check", "-q", damaged["leaked"][0])
+    assert proc.returncode == 3 and proc.stdout == ""
+    proc = cli("check", "-p", "--force-progress", damaged["prealloc-32g"][0])
+    assert proc.returncode == 0 and "checking [" in proc.stderr and "100.0%" in proc.stderr
+    header_only = tmp_path / "header.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", header_only, M)
+    header_only.write_bytes(header_only.read_bytes()[:60])
+    proc = cli("check", header_only)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    text = cli("check", "--help").stdout
+    for option in ("--output", "-q", "-p", "exit", "63"):
+        assert option in text
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded mutations of metadata words, judged by qemu-img
+
+
+def _mutate(q: Qcow2File, rng: random.Random) -> str:
+    words = [q.l1_offset + 8 * i for i in range(q.l1_size)]
+    words += [at for at, _ in q.l2_entries()]
+    words += [q.reftable_offset + 8 * i for i in range(4)]
+    refblock = q.u64(q.reftable_offset) & ~0x1FF
+    words += [refblock + 8 * i for i in range(8)]
+    at = rng.choice(words)
+    old = q.u64(at)
+    new = rng.choice([
+        old ^ (1 << rng.randrange(64)), 0, old + rng.choice((512, q.cs, -q.cs)),
+        (old & ~OFFSET_MASK) | (rng.randrange(q.size // q.cs + 4) * q.cs), old ^ COPIED,
+        rng.getrandbits(64)]) % (1 << 64)
+    q.put_u64(at, new)
+    return f"{at:#x}: {old:#x} -> {new:#x}"
+
+
+def test_seeded_mutations_match_qemu(tmp_path):
+    bases = [_converted(tmp_path, "m-c4k.qcow2", "cluster_size=4096"),
+             _converted(tmp_path, "m-comp.qcow2", "cluster_size=65536", compress=True),
+             _converted(tmp_path, "m-ext.qcow2", "cluster_size=65536,extended_l2=on")]
+    snap = tmp_path / "m-snap.qcow2"
+    shutil.copy(bases[0].path, snap)
+    qemu_img("snapshot", "-c", "s", snap)
+    qemu_io(snap, "write -P 9 0 200k")
+    bases.append(Qcow2File(snap))
+    rng = random.Random(4242)
+    for n in range(40):
+        base = bases[n % len(bases)]
+        path = tmp_path / f"mut{n}.qcow2"
+        shutil.copy(base.path, path)
+        what = [_mutate(Qcow2File(path), rng) for _ in range(rng.choice((1, 1, 2)))]
+        qemu = qemu_check(path, "--output=json")
+        try:
+            result = qcowfast.check(path)
+        except qcowfast.QcowError as exc:       # qemu-img: could not check
+            assert qemu.returncode == 1 and not qemu.stdout.strip(), (what, str(exc))
+            continue
+        assert result.exit_code == qemu.returncode, what
+        assert result.to_json() == json.loads(qemu.stdout), what
