@@ -16,7 +16,8 @@ import numpy as np
 
 from . import _inflate, _tables
 from .constants import (
-    MAX_CHAIN_DEPTH, MAX_CLUSTER_BITS, QCOW_MAGIC, CompressionType, ExtentKind,
+    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, MAX_CLUSTER_BITS, QCOW_MAGIC, QCOW_OFLAG_COPIED,
+    CompressionType, ExtentKind,
 )
 from .errors import (
     BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError, TruncatedImage,
@@ -214,9 +215,15 @@ class Image(_Layer):
         bad = _tables.l1_check(self._l1_be, h.cluster_bits, self.file_size)
         if bad >= 0:
             entry = int(self._l1_be[bad])
-            raise CorruptImage(f"{self.filename}: L1 entry {bad} ({entry:#018x}) is invalid: "
-                               "reserved bits set, L2 offset unaligned, or L2 table past the end "
-                               "of the file")
+            l2 = entry & L1E_OFFSET_MASK
+            where = f"{self.filename}: L1 entry {bad} ({entry:#018x})"
+            if entry & ~(L1E_OFFSET_MASK | QCOW_OFLAG_COPIED):
+                raise CorruptImage(f"{where}: reserved bits are set")
+            if l2 % self.cluster_size:
+                raise CorruptImage(f"{where}: L2 table offset {l2:#x} is not aligned to the "
+                                   f"cluster size")
+            raise TruncatedImage(f"{where}: L2 table at {l2:#x} lies past the end of the file "
+                                 f"({self.file_size} bytes)")
         self._l2_offsets = _tables.l1_offsets(self._l1_be)
 
         self._open_data_file(data_file, backing_dirs)
