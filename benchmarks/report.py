@@ -3,7 +3,7 @@
 One row per image: throughput (virtual MiB per second of the median wall time) of qemu-img,
 qemu-img -m 16 -W and qcowfast; qcowfast's speed-up over both (above 1 means faster); peak RSS.
 
-    python benchmarks/report.py out.json
+    python benchmarks/report.py out.json [rerun.json ...] [--cpu]
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def collect(data: dict) -> tuple[dict, set]:
             "ok": info.get("digest_ok", True),
             "image_bytes": info.get("image_bytes"),
             "other_load": info.get("other_load_cores", 0.0),
+            "cpu": info.get("cpu_s_median"),
         }
     return rows, sizes
 
@@ -104,13 +105,48 @@ def table(data: dict) -> str:
     return "\n".join(out)
 
 
+def cpu_table(data: dict) -> str:
+    """Return a table of median CPU seconds (user + system, all threads) per conversion."""
+    rows, _ = collect(data)
+    order = [v for v in VARIANT_ORDER if v in rows] + [v for v in rows if v not in VARIANT_ORDER]
+    out = ["| image | qemu-img CPU s | qemu-img -m16 -W CPU s | qcowfast CPU s "
+           "| qcowfast / qemu-img |", "|---|--:|--:|--:|--:|"]
+    for variant in order:
+        q, m, f = (rows[variant].get(t) for t in TOOLS)
+        cells = ["—" if e is None or e["cpu"] is None else f"{e['cpu']:.2f}" for e in (q, m, f)]
+        ratio = ("—" if q is None or f is None or not q["cpu"] or f["cpu"] is None
+                 else f"{f['cpu'] / q['cpu']:.2f}×")
+        out.append(" | ".join([f"| {variant}", *cells, ratio]) + " |")
+    return "\n".join(out)
+
+
+def merge(paths: list[str]) -> dict:
+    """Load benchmark JSON files; a benchmark in a later file replaces one of the same name."""
+    merged: dict = {}
+    by_name: dict[str, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        merged.update({k: v for k, v in data.items() if k != "benchmarks"})
+        by_name.update((b["fullname"], b) for b in data["benchmarks"])
+    merged["benchmarks"] = list(by_name.values())
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="file written by pytest --benchmark-json")
+    parser.add_argument("json", nargs="+",
+                        help="files written by pytest --benchmark-json; a benchmark found in "
+                             "several files is taken from the last")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also print median CPU time per conversion (steadier than wall "
+                             "time on a busy machine)")
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
+    data = merge(args.json)
     print(table(data))
+    if args.cpu:
+        print()
+        print(cpu_table(data))
     return 0
 
 
