@@ -55,6 +55,7 @@ from .errors import QcowError
 cdef enum:
     ZLIB = 0
     ZSTD = 1
+    INPUT_EXHAUSTED = -2      # the stream wanted more input than it was given
 
 COMPRESSION_TYPES = {"zlib": ZLIB, "zstd": ZSTD}
 
@@ -162,6 +163,8 @@ cdef int _zlib_one(qf_zng_stream *strm, void *ld, const uint8_t *src, int64_t sr
     ret = zng_inflate(strm, QF_Z_FINISH)
     if (ret == QF_Z_STREAM_END or ret == QF_Z_BUF_ERROR) and strm.avail_out == 0:
         return 0
+    if ret == QF_Z_BUF_ERROR and strm.avail_in == 0:
+        return INPUT_EXHAUSTED
     return -1
 
 
@@ -187,7 +190,7 @@ cdef int _zstd_one(void *dctx, const uint8_t *src, int64_t src_len, uint8_t *dst
         if zstd_isError(ret):
             return -1
         if last_in >= inp.pos and last_out >= out.pos:
-            return -1
+            return INPUT_EXHAUSTED if inp.pos == inp.size else -1
     return 0 if ret == 0 else -1
 
 
@@ -198,6 +201,7 @@ cdef class Decompressor:
     cdef void *dctx
     cdef readonly int compression_type
     cdef readonly int64_t cluster_size
+    cdef readonly bint input_exhausted
     cdef bint ready, busy
 
     def __cinit__(self, int compression_type, int64_t cluster_size):
@@ -235,7 +239,8 @@ cdef class Decompressor:
                       dst, const int64_t[::1] out_off):
         """Inflate cluster j from src[in_off[j]:+in_len[j]] into dst[out_off[j]:+cluster_size].
 
-        Returns -1 when every cluster inflated, else the index of the first that did not.
+        Returns -1 when every cluster inflated, else the index of the first that did not; then
+        `input_exhausted` tells whether its stream ran out of input (rather than being invalid).
         """
         cdef const uint8_t[::1] s = memoryview(src).cast("B")
         cdef uint8_t[::1] d = memoryview(dst).cast("B")
@@ -253,6 +258,7 @@ cdef class Decompressor:
         if self.busy:
             raise RuntimeError("Decompressor used by two threads at once")
         self.busy = True
+        self.input_exhausted = False
         j = 0
         try:
             with nogil:
@@ -272,4 +278,5 @@ cdef class Decompressor:
                         j += 1
         finally:
             self.busy = False
+        self.input_exhausted = rc == INPUT_EXHAUSTED
         return j if rc else -1

@@ -281,9 +281,12 @@ def _convert_file(image, dst, unit, threads, sparse_size, progress, overwrite, f
         os.umask(mask)
         os.fchmod(fd, 0o666 & ~mask)
         vsize = image.virtual_size
-        os.ftruncate(fd, vsize)
-        if not sparse_size and vsize:
-            os.posix_fallocate(fd, 0, vsize)
+        try:
+            os.ftruncate(fd, vsize)
+            if not sparse_size and vsize:
+                os.posix_fallocate(fd, 0, vsize)
+        except OSError as exc:
+            raise OutputError(f"cannot size {dst} to {vsize} bytes: {exc.strerror}") from None
         filler = _Filler(image, unit)
         total = [0]
         write_lock = threading.Lock()

@@ -61,6 +61,18 @@ def _single_run(start: int, end: int, kind: int, depth: int) -> Runs:
                 one(depth))
 
 
+def _open_ro(path: str, what: str) -> int:
+    """Open a regular file read-only; never block on a FIFO or device; QcowError if missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BackingChainError(f"{what} {path} cannot be opened: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{what} {path} is not a regular file")
+    return fd
+
+
 def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
     """Fill memoryview `buf` from `fd` at `offset`; a short read is a TruncatedImage."""
     want = len(buf)
@@ -128,7 +140,7 @@ class RawImage(_Layer):
         self.filename = path
         self.depth = depth
         self.backing = None
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = _open_ro(path, "raw backing file")
         self.data_size = os.fstat(self._fd).st_size
         # QEMU sizes raw images in whole 512-byte sectors; the partial tail reads as zeros.
         self.virtual_size = -(-self.data_size // 512) * 512
@@ -166,8 +178,10 @@ class Image(_Layer):
         self.depth = _depth
         self.backing = None
         self._data_fd = -1
-        self._fd = os.open(self.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = -1
         try:
+            self._fd = os.open(self.filename,
+                               os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             self._open(backing, tuple(os.fspath(d) for d in backing_dirs), data_file,
                        snapshot, cache_size, max_depth, _seen)
         except BaseException:
@@ -225,6 +239,16 @@ class Image(_Layer):
             raise TruncatedImage(f"{where}: L2 table at {l2:#x} lies past the end of the file "
                                  f"({self.file_size} bytes)")
         self._l2_offsets = _tables.l1_offsets(self._l1_be)
+        used = self._l2_offsets[self._l2_offsets != 0]
+        if len(np.unique(used)) != len(used):
+            # QEMU never shares an L2 table within one L1 table; a crafted repeat would make
+            # work grow with the declared size instead of the file.
+            values, first, counts = np.unique(self._l2_offsets, return_index=True,
+                                              return_counts=True)
+            dup = next(v for v, c in zip(values.tolist(), counts.tolist()) if v and c > 1)
+            where = np.flatnonzero(self._l2_offsets == dup)[:2].tolist()
+            raise CorruptImage(f"{self.filename}: L1 entries {where[0]} and {where[1]} both "
+                               f"point to the L2 table at {dup:#x}")
 
         self._open_data_file(data_file, backing_dirs)
         self._open_backing(backing, backing_dirs, cache_size, max_depth, seen)
@@ -249,7 +273,7 @@ class Image(_Layer):
                                   "pass data_file=PATH")
             data_file = resolve_reference(self.filename, h.data_file, "external data file", allowed)
         self.data_file = os.fspath(data_file)
-        self._data_fd = os.open(self.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._data_fd = _open_ro(self.data_file, f"external data file of {self.filename}:")
         self.data_fd = self._data_fd
         self.data_size = os.fstat(self._data_fd).st_size
 
@@ -527,8 +551,14 @@ class Image(_Layer):
     def inflate_into(self, coffsets, csizes, guests, out, out_off) -> None:
         """Inflate compressed clusters into `out` at `out_off`; raise DecompressionError."""
         src, in_off, in_len = self.read_compressed(coffsets, csizes)
-        bad = self.decompressor().inflate_batch(src, in_off, in_len, out, out_off)
+        dec = self.decompressor()
+        bad = dec.inflate_batch(src, in_off, in_len, out, out_off)
         if bad >= 0:
+            # A stream that ran out of input where the end of the file clipped it was cut short.
+            if dec.input_exhausted and in_len[bad] < csizes[bad]:
+                raise TruncatedImage(
+                    f"{self.filename}: compressed cluster at host offset "
+                    f"{int(coffsets[bad]):#x} is cut short by the end of the file")
             raise DecompressionError(
                 f"{self.filename}: compressed cluster at host offset {int(coffsets[bad]):#x} "
                 f"(guest offset {int(guests[bad]) & ~(self.cluster_size - 1):#x}) does not "

@@ -558,7 +558,7 @@ def test_data_file_explicit_path(data_file_image, workdir):
     top = copy_of(data_file_image, d)
     other = _mkdir(workdir, f"datafile-elsewhere-{data_file_image.parent.name}")
     os.rename(d / "data.img", other / "moved.img")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(qcowfast.BackingChainError):
         qcowfast.open(top)
     want = qemu_raw(data_file_image)
     with qcowfast.open(top, data_file=other / "moved.img") as img:
