@@ -87,6 +87,12 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help=f"output format (default human); json prints what `qemu-img {tool} "
+                        f"--output=json` prints")
+
+
 def _add_open_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
                    help="also follow backing and external data files named inside the image "
@@ -242,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print which guest ranges are data, zero or unallocated and "
                                    "where they live, as `qemu-img map` does.")
     p.add_argument("image", metavar="IMG")
-    p.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default human)")
+    _add_output_option(p, "map")
     p.add_argument("--lookup", type=parse_size, metavar="OFFSET", default=None,
                    help="describe the L1/L2 entries, cluster type and host offset serving one "
                         "guest offset")
@@ -257,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "backing and external data files are named, never opened "
                                    "(unless --backing-chain asks to follow the chain).")
     p.add_argument("image", metavar="IMG")
-    p.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default human); json prints the keys and values of "
-                        "`qemu-img info --output=json`")
+    _add_output_option(p, "info")
     p.add_argument("--backing-chain", action="store_true",
                    help="also describe every backing file, following the chain under the same "
                         "path policy as convert (see --allow-backing-dir)")
@@ -277,9 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "could not be completed, 2 corruptions, 3 only leaked "
                                    "clusters, 63 the file is not a QCOW2 image.")
     p.add_argument("image", metavar="IMG")
-    p.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default human); json prints the keys and values of "
-                        "`qemu-img check --output=json`")
+    _add_output_option(p, "check")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no report (the exit status still tells the result)")
     _add_progress_options(p)

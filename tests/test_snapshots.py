@@ -53,15 +53,9 @@ def qemu_snapshots(path: Path) -> list[dict]:
 
 def table_entries(path: Path) -> list[tuple[int, tuple]]:
     """(file offset, fixed fields) of each snapshot table entry, walked per qcow2.txt."""
-    data = path.read_bytes()
-    nb, pos = struct.unpack_from(">IQ", data, 60)
-    out = []
-    for _ in range(nb):
-        pos = (pos + 7) & ~7
-        fields = ENTRY.unpack_from(data, pos)
-        out.append((pos, fields))
-        pos += ENTRY.size + fields[8] + fields[2] + fields[3]
-    return out
+    with open(path, "rb") as f:
+        nb, offset = struct.unpack(">IQ", f.read(72)[60:72])
+    return table_entries_from(path, offset, nb)
 
 
 def copy_image(src: Path, dest: Path) -> Path:
