@@ -29,8 +29,8 @@ from .constants import (
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
 )
 from .errors import CorruptImage, FormatError, QcowError
-from .header import Header
-from .info import read_header, read_snapshot_table
+from .header import Header, read_header
+from .info import read_snapshot_table
 from .refcounts import (
     MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
 )
@@ -242,7 +242,7 @@ class _Checker:
 
     # -- the walk ------------------------------------------------------------------------------
     def run(self, stored: StoredRefcounts) -> None:
-        h, res = self.h, self.res
+        h = self.h
         snapshots, snapshots_size = [], 0
         if h.nb_snapshots:
             try:

@@ -6,6 +6,7 @@ QEMU's qcow2_do_open() and add file-size bounds QEMU leaves to later reads.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -237,6 +238,20 @@ def parse_header(data: bytes, file_size: int) -> Header:
     if ext_fields.get("crypto_header") is not None and not crypt_method:
         raise FormatError("full disk encryption header extension in an unencrypted image")
     return Header(**fields, **ext_fields)
+
+
+def read_header(fd: int, file_size: int, *, tables_in_file: bool = True) -> Header:
+    """Parse the header of the QCOW2 image open on `fd` (reads at most its first cluster).
+
+    With `tables_in_file=False` the L1, refcount and snapshot tables may extend past the end of
+    the file (QEMU opens such images and reads zeros there; `check` reports them).
+    """
+    first = os.pread(fd, 72, 0)
+    if len(first) >= 24 and first[:4] == QCOW_MAGIC:
+        cluster_bits = int.from_bytes(first[20:24], "big")
+        span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
+        first = os.pread(fd, min(span, file_size), 0)
+    return parse_header(first, file_size if tables_in_file else 1 << 63)
 
 
 def _check_compression(compression_type: int, incompatible: int) -> None:

@@ -16,14 +16,14 @@ import numpy as np
 
 from . import _inflate, _tables
 from .constants import (
-    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, MAX_CLUSTER_BITS, QCOW_MAGIC, QCOW_OFLAG_COPIED,
+    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED,
     CompressionType, ExtentKind,
 )
 from .errors import (
     BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError, TruncatedImage,
     UnsupportedFeature,
 )
-from .header import Header, parse_header
+from .header import Header, read_header
 from .paths import resolve_reference
 
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024      # L2 slice cache budget per image (QEMU's maximum)
@@ -194,12 +194,7 @@ class Image(_Layer):
         if not stat.S_ISREG(st.st_mode):
             raise FormatError(f"{self.filename} is not a regular file")
         self.file_size = st.st_size
-        first = os.pread(self._fd, 72, 0)
-        if len(first) >= 24 and first[:4] == QCOW_MAGIC:
-            cluster_bits = int.from_bytes(first[20:24], "big")
-            span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
-            first = os.pread(self._fd, min(span, self.file_size), 0)
-        self.header: Header = parse_header(first, self.file_size)
+        self.header: Header = read_header(self._fd, self.file_size)
         h = self.header
         self.virtual_size = h.size - h.size % 512   # QEMU counts whole sectors (qcow2_do_open)
         self.cluster_size = h.cluster_size

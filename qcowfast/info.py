@@ -16,30 +16,16 @@ import time
 
 from .bitmaps import read_bitmap_directory
 from .constants import (
-    MAX_CHAIN_DEPTH, MAX_CLUSTER_BITS, QCOW_MAGIC, Compatible, CompressionType,
+    MAX_CHAIN_DEPTH, QCOW_MAGIC, Compatible, CompressionType,
 )
 from .errors import BackingChainError, CorruptImage, FormatError, UnsupportedFeature
-from .header import Header, parse_header
+from .header import Header, read_header
 from .paths import has_protocol, resolve_reference
 from .refcounts import pread_padded
 from .snapshots import _ENTRY, MAX_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, Snapshot
 
 SECTOR = 512
 _READ_WINDOW = 64 * 1024
-
-
-def read_header(fd: int, file_size: int, *, tables_in_file: bool = True) -> Header:
-    """Parse the header of the QCOW2 image open on `fd` (reads at most its first cluster).
-
-    With `tables_in_file=False` the L1, refcount and snapshot tables may extend past the end of
-    the file (QEMU opens such images and reads zeros there; `check` reports them).
-    """
-    first = os.pread(fd, 72, 0)
-    if len(first) >= 24 and first[:4] == QCOW_MAGIC:
-        cluster_bits = int.from_bytes(first[20:24], "big")
-        span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
-        first = os.pread(fd, min(span, file_size), 0)
-    return parse_header(first, file_size if tables_in_file else 1 << 63)
 
 
 def read_snapshot_table(fd: int, header: Header) -> tuple[list[Snapshot], int]:
@@ -296,5 +282,5 @@ def format_human(result) -> str:
     return "\n".join("\n".join(_human_one(d)) + "\n" for d in layers)
 
 
-__all__ = ["info", "format_json", "format_human", "read_header", "read_snapshot_table",
+__all__ = ["info", "format_json", "format_human", "read_snapshot_table",
            "full_backing_filename", "size_to_str"]
