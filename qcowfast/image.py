@@ -509,7 +509,8 @@ class Image(_Layer):
     def read_compressed(self, coffsets: np.ndarray, csizes: np.ndarray, gap: int | None = None):
         """Read the compressed streams [coffsets[i], +csizes[i]) with few large reads.
 
-        Returns (buffer, in_off, in_len): stream i is buffer[in_off[i]:+in_len[i]]. Lengths are
+        Returns (buffer, in_off, in_len): stream i is buffer[in_off[i]:+in_len[i]]; the buffer is
+        this thread's scratch space, valid until its next call. Lengths are
         clipped at the end of the file, where the sector-rounded size may overhang (QEMU reads
         zeros there); a stream starting past the end is a TruncatedImage.
         """
@@ -530,8 +531,11 @@ class Image(_Layer):
         g_end = np.concatenate((breaks, [len(s)]))
         spans = [(int(s[a]), int(reach[b - 1])) for a, b in zip(g_start.tolist(), g_end.tolist())]
         total = sum(b - a for a, b in spans)
-        buf = bytearray(total)
-        view = memoryview(buf)
+        # A per-thread scratch buffer, reused: fresh pages per unit cost page faults and zeroing.
+        buf = getattr(self._local, "cbuf", None)
+        if buf is None or len(buf) < total:
+            buf = self._local.cbuf = np.empty(max(total, 1 << 20), np.uint8)
+        view = memoryview(buf)[:total]
         in_off_sorted = np.empty(len(s), np.int64)
         pos = 0
         for (a, b), ga, gb in zip(spans, g_start.tolist(), g_end.tolist()):
@@ -541,7 +545,7 @@ class Image(_Layer):
             pos += b - a
         in_off = np.empty(len(s), np.int64)
         in_off[order] = in_off_sorted
-        return buf, in_off, ends - coffsets
+        return view, in_off, ends - coffsets
 
     def inflate_into(self, coffsets, csizes, guests, out, out_off) -> None:
         """Inflate compressed clusters into `out` at `out_off`; raise DecompressionError."""
