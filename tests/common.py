@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -179,3 +180,10 @@ def assert_same_bytes(got: bytes, want: bytes, what: str, base: int = 0) -> None
         f"  got  @{base + lo:#x}: {got_ctx}\n"
         f"  want @{base + lo:#x}: {want_ctx}"
     )
+
+
+def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """Run ``python -m qcowfast ARGS`` (paths and ints become strings); text output, no raise."""
+    return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL)

@@ -18,25 +18,19 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import qcowfast
-from common import QEMU_IMG, qemu_img, qemu_io
+from common import QEMU_IMG, qemu_img, qemu_io, run_cli as cli
 from conftest import IMAGE_IDS, mixed_content
 
 K = 1024
 M = 1024 * 1024
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED, COMPRESSED = 1 << 63, 1 << 62
-
-
-def cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def qemu_check(path, *args, cwd=None) -> subprocess.CompletedProcess:

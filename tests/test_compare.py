@@ -13,24 +13,18 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import qcowfast
-from common import QEMU_IMG, qemu_img, qemu_io
+from common import QEMU_IMG, qemu_img, qemu_io, run_cli as cli
 from conftest import IMAGE_IDS
 
 K = 1024
 M = 1024 * 1024
 G = 1024 * M
-
-
-def cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def qemu_compare(*args) -> subprocess.CompletedProcess:

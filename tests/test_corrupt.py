@@ -37,7 +37,7 @@ from qcowfast import (
     TruncatedImage, UnsafePathError, UnsupportedFeature,
 )
 
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_io, reference_raw, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
 from harness import exercise  # noqa: E402  (fuzz/harness.py: what a user does with an image)
@@ -681,11 +681,6 @@ CLI_CASES = ["header-truncated-at-50", "cluster-bits-huge", "extension-length-hu
 MAP_FAILS = {"header-truncated-at-50", "cluster-bits-huge", "extension-length-huge",
              "l1-size-huge", "l1-entry-past-eof", "l2-entry-reserved-bit-1", "v2-zero-flag",
              "backing-loop-self", "backing-absolute", "incompatible-bit-63", "encrypted-luks"}
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
 def assert_one_line_error(proc, c: Case):

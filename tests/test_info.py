@@ -13,30 +13,18 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import qcowfast
-from common import assert_same_bytes, qemu_img, qemu_io
+from common import assert_same_bytes, qemu_img, qemu_io, run_cli as cli
 from conftest import IMAGE_IDS
 
 K = 1024
 M = 1024 * 1024
 INCOMPAT_DIRTY, INCOMPAT_CORRUPT = 1, 2
-
-
-def cli(*args, cwd=None, timeout=60) -> subprocess.CompletedProcess:
-    """Run ``python -m qcowfast ARGS``; text output."""
-    return subprocess.run([sys.executable, "-m", "qcowfast", *map(os.fspath, map(_arg, args))],
-                          capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False)
-
-
-def _arg(a):
-    return str(a) if isinstance(a, int) else a
 
 
 def ours_json(*args, cwd=None):
