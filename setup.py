@@ -6,12 +6,15 @@ from setuptools import Extension, setup
 DIRECTIVES = {"language_level": "3", "boundscheck": False, "wraparound": False,
               "cdivision": True, "initializedcheck": False}
 
+# One compiled module per kernel subject; add a name here to build a new .pyx.
+KERNELS = ("qcowfast._tables", "qcowfast._inflate")
+
 extensions = [
     Extension(name, [f"qcowfast/{name.split('.')[-1]}.pyx"],
               include_dirs=[numpy.get_include(), "qcowfast"],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
               extra_compile_args=["-O3"], libraries=["dl"])
-    for name in ("qcowfast._tables", "qcowfast._inflate")
+    for name in KERNELS
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES))

@@ -6,6 +6,7 @@ means a bug.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -308,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_options(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_compare)
+    for name in _EXTRA_COMMANDS:
+        importlib.import_module(f"qcowfast.{name}").add_parser(sub)
     return parser
+
+
+# Modules that register their own subcommands: each defines add_parser(subparsers) and imports
+# nothing heavy at module level (start-up time).
+_EXTRA_COMMANDS: tuple[str, ...] = ()
 
 
 # qemu-img check exits 2 and 3 for corruptions and leaks: its usage errors must not look so.
