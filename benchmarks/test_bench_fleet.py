@@ -1,0 +1,144 @@
+"""A batch of a dozen small images (16-64 MiB: plain, zlib, zstd, 512-byte clusters), five ways.
+
+(a) a shell loop of ``qemu-img convert``; (b) a loop of ``qcowfast convert`` processes;
+(c) ``qcowfast.convert_many`` in this process; (d) ``qcowfast.dask.convert_many`` on a
+2-worker ``distributed.LocalCluster`` (timed after the cluster has started); (e) a plain
+in-process loop calling ``qcowfast.convert`` one job after another. Outputs go to tmpfs
+(/dev/shm) when it has room, so the benchmark measures the converters, not ext4's write-back.
+Every approach's outputs are checked against qemu-img's SHA-256 after its last round.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import corpus as corpus_mod
+
+MiB = 1024 * 1024
+SIZES_MIB = (16, 24, 32, 48, 64, 16, 24, 32, 48, 64, 16, 32)
+VARIANTS = {  # name: qemu-img convert options
+    "plain": ["-o", "cluster_size=65536"],
+    "zlib": ["-c", "-o", "cluster_size=65536"],
+    "zstd": ["-c", "-o", "cluster_size=65536,compression_type=zstd"],
+    "c512": ["-o", "cluster_size=512"],
+}
+APPROACHES = ("qemu-img-loop", "qcowfast-process-loop", "convert_many", "dask", "python-loop")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def fleet_images(pytestconfig) -> list[tuple[Path, str]]:
+    """The dozen images and the SHA-256 of qemu-img's raw output of each, cached on disk."""
+    root = Path(pytestconfig.getoption("--bench-dir") or corpus_mod.default_root())
+    directory = root / "fleet-v1"
+    done = directory / "digests.txt"
+    if not done.exists():
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        lines = []
+        names = list(VARIANTS)
+        for i, size in enumerate(SIZES_MIB):
+            raw = directory / f"src{i}.raw"
+            corpus_mod.write_raw(raw, size * MiB)
+            variant = names[i % len(names)]
+            img = directory / f"img{i:02d}-{variant}.qcow2"
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                            *VARIANTS[variant], str(raw), str(img)], check=True)
+            ref = directory / "ref.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(ref)], check=True)
+            lines.append(f"{img.name} {_sha256(ref)}")
+            ref.unlink()
+            raw.unlink()
+        done.write_text("\n".join(lines) + "\n")
+    out = []
+    for line in done.read_text().split("\n"):
+        if line:
+            name, digest = line.split()
+            out.append((directory / name, digest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fleet_out() -> Path:
+    shm = Path("/dev/shm")
+    need = 2 * sum(SIZES_MIB) * MiB
+    base = shm if shm.is_dir() and shutil.disk_usage(shm).free > need else Path("/tmp")
+    out = base / f"qcowfast-fleet-{os.getpid()}"
+    out.mkdir(exist_ok=True)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    import distributed
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def _jobs(images, out: Path) -> list[tuple[str, str]]:
+    return [(str(src), str(out / (src.stem + ".raw"))) for src, _ in images]
+
+
+def _clear(out: Path) -> None:
+    for p in out.iterdir():
+        p.unlink()
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approach):
+    jobs = _jobs(fleet_images, fleet_out)
+    env = dict(os.environ)
+    if approach == "qemu-img-loop":
+        script = "\n".join(f"qemu-img convert -O raw '{s}' '{d}' || exit 1" for s, d in jobs)
+        run = lambda: subprocess.run(["sh", "-c", script], check=True)  # noqa: E731
+    elif approach == "qcowfast-process-loop":
+        script = "\n".join(f"'{sys.executable}' -m qcowfast convert -q '{s}' '{d}' || exit 1"
+                           for s, d in jobs)
+        run = lambda: subprocess.run(["sh", "-c", script], check=True, env=env)  # noqa: E731
+    elif approach == "convert_many":
+        import qcowfast
+
+        def run():
+            results = qcowfast.convert_many(jobs)
+            assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    elif approach == "dask":
+        import qcowfast
+        from qcowfast import dask as qdask
+        client = request.getfixturevalue("dask_client")
+
+        def run():
+            results = qdask.convert_many(jobs, client)
+            assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    else:
+        import qcowfast
+
+        def run():
+            for s, d in jobs:
+                qcowfast.convert(s, d)
+
+    rounds, warmup = bench_rounds
+    benchmark.group = "fleet: 12 images, 432 MiB virtual"
+    benchmark.extra_info.update(approach=approach, images=len(jobs),
+                                virtual_bytes=sum(SIZES_MIB) * MiB, output_dir=str(fleet_out))
+    benchmark.pedantic(run, setup=lambda: _clear(fleet_out), rounds=rounds,
+                       warmup_rounds=warmup)
+    for (src, digest), (_, dst) in zip(fleet_images, jobs):
+        assert _sha256(Path(dst)) == digest, f"{approach}: {dst} differs from qemu-img's output"

@@ -1,0 +1,200 @@
+"""`qcowfast convert-many`: a batch of conversions in one process, one line per job, a report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+EXTENSIONS = {"raw": ".raw", "qcow2": ".qcow2"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert-many", help="convert many images in one run",
+        description="Convert a batch of images in one process, keeping every core busy across "
+                    "image boundaries. Each job is an ordinary convert with an atomic output: a "
+                    "failed job leaves nothing behind and never stops the others. Jobs come "
+                    "from --jobs FILE (JSON lines {\"src\": ..., \"dst\": ..., options} or "
+                    "'SRC DST' lines) or from --target-dir DIR SRC... Exit status: 0 when every "
+                    "job succeeded (or was skipped), 1 otherwise.")
+    p.add_argument("sources", metavar="SRC", nargs="*", help="images to convert (with "
+                   "--target-dir)")
+    p.add_argument("--jobs", metavar="FILE", help="job file: JSON lines or 'SRC DST' lines "
+                   "(- for standard input)")
+    p.add_argument("--target-dir", metavar="DIR", help="write each SRC to DIR/<name>.<format>")
+    p.add_argument("-O", dest="output_format", choices=tuple(EXTENSIONS), default="raw",
+                   help="output format (default raw)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress qcow2 output (zlib unless -o compression_type=zstd)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
+                   help="qcow2 output options: compression_type=zlib|zstd,cluster_size=SIZE")
+    p.add_argument("-S", dest="sparse_size", metavar="SIZE", default=None,
+                   help="zero runs of SIZE bytes are left as holes (raw output; default 4k)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="jobs converted side by side (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads per job (default: all cores)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip jobs whose destination exists (resume a killed batch)")
+    p.add_argument("--no-clobber", action="store_true",
+                   help="fail jobs whose destination exists instead of replacing it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing destinations (the default, as for convert)")
+    p.add_argument("--stop-on-error", action="store_true",
+                   help="start no new job after the first failure")
+    p.add_argument("--report", metavar="FILE", help="write a JSON report of every job to FILE")
+    p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
+                   help="also follow backing and data files named inside images when they lie "
+                        "in DIR")
+    p.add_argument("-p", "--progress", action="store_true",
+                   help="show one progress bar for the batch on stderr (when it is a terminal)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-job lines")
+    p.set_defaults(func=cmd_convert_many)
+
+
+def read_jobs(args) -> list[dict]:
+    """The batch as a list of job dicts, from --jobs or --target-dir; ValueError if malformed."""
+    if bool(args.jobs) == bool(args.target_dir):
+        raise ValueError("give either --jobs FILE or --target-dir DIR SRC...")
+    if args.target_dir:
+        if not args.sources:
+            raise ValueError("--target-dir needs at least one SRC")
+        ext = EXTENSIONS[args.output_format]
+        jobs, seen = [], {}
+        for src in args.sources:
+            stem = os.path.splitext(os.path.basename(src))[0]
+            dst = os.path.join(args.target_dir, stem + ext)
+            if dst in seen:
+                raise ValueError(f"{src} and {seen[dst]} would both be written to {dst}")
+            seen[dst] = src
+            jobs.append({"src": src, "dst": dst})
+        return jobs
+    if args.sources:
+        raise ValueError("SRC arguments go with --target-dir, not with --jobs")
+    stream = sys.stdin if args.jobs == "-" else open(args.jobs, encoding="utf-8")
+    jobs = []
+    with stream:
+        for number, line in enumerate(stream, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text.startswith("{"):
+                try:
+                    job = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{args.jobs}:{number}: invalid JSON: {exc.msg}") from None
+                if not isinstance(job, dict) or "src" not in job or "dst" not in job:
+                    raise ValueError(f"{args.jobs}:{number}: a job needs \"src\" and \"dst\"")
+            else:
+                words = text.split()
+                if len(words) != 2:
+                    raise ValueError(f"{args.jobs}:{number}: expected 'SRC DST' (use JSON "
+                                     "lines for names with spaces)")
+                job = {"src": words[0], "dst": words[1]}
+            jobs.append(job)
+    return jobs
+
+
+def _common_options(args) -> dict:
+    from .cli import parse_size
+    options = {}
+    if args.output_format != "raw":
+        options["format"] = args.output_format
+    if args.compress:
+        options["compression"] = "zlib"
+    for item in filter(None, (args.options or "").split(",")):
+        key, _, value = item.partition("=")
+        if key == "compression_type" and value in ("zlib", "zstd"):
+            options["compression"] = value
+        elif key == "cluster_size" and value:
+            options["cluster_size"] = parse_size(value)
+        else:
+            raise ValueError(f"-o {item!r}: unknown or invalid option (known: "
+                             "compression_type=zlib|zstd, cluster_size=SIZE)")
+    if "compression" in options and args.output_format != "qcow2":
+        raise ValueError("-c and compression_type need -O qcow2")
+    if args.sparse_size is not None:
+        options["sparse_size"] = parse_size(args.sparse_size)
+    if args.allow_backing_dir:
+        options["backing_dirs"] = list(args.allow_backing_dir)
+    return options
+
+
+def describe(result) -> tuple[str, dict]:
+    """(status, report fields) for one job's result."""
+    from .fleet import Skipped
+    if isinstance(result, Skipped):
+        return "skipped", {"reason": result.reason}
+    if isinstance(result, BaseException):
+        return "failed", {"error": str(result) or type(result).__name__,
+                          "error_type": type(result).__name__}
+    return "ok", {"virtual_size": result.virtual_size, "bytes_written": result.bytes_written,
+                  "seconds": round(result.seconds, 6)}
+
+
+def cmd_convert_many(args) -> int:
+    from .cli import ProgressBar, human_size
+    from .fleet import convert_many
+    try:
+        jobs = read_jobs(args)
+        common = _common_options(args)
+    except (ValueError, OSError) as exc:
+        print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+        return 1
+    jobs = [{**common, **job} for job in jobs]
+    show = args.progress and sys.stderr.isatty()
+    bar = ProgressBar(sys.stderr, "converting") if show else None
+    lock = threading.Lock()
+
+    def on_result(i, job, result):
+        if args.quiet:
+            return
+        status, fields = describe(result)
+        if status == "ok":
+            line = (f"ok      {job.src} -> {job.dst}: {human_size(fields['virtual_size'])} in "
+                    f"{fields['seconds']:.2f} s")
+        elif status == "skipped":
+            line = f"skipped {job.src} -> {job.dst}: {fields['reason']}"
+        else:
+            line = f"FAILED  {job.src} -> {job.dst}: {fields['error']}"
+        with lock:
+            if bar is not None:
+                sys.stderr.write("\r\x1b[K")
+            print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        results = convert_many(jobs, workers=args.workers, threads=args.threads,
+                               on_error="stop" if args.stop_on_error else "continue",
+                               progress=bar, skip_existing=args.skip_existing,
+                               overwrite=not args.no_clobber, on_result=on_result)
+    except ValueError as exc:
+        print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.finish()
+    seconds = time.perf_counter() - t0
+    entries = []
+    for job, result in zip(jobs, results):
+        status, fields = describe(result)
+        entries.append({"src": job["src"], "dst": job["dst"], "status": status, **fields})
+    failed = sum(e["status"] == "failed" for e in entries)
+    if args.report:
+        report = {"jobs": entries, "succeeded": len(entries) - failed, "failed": failed,
+                  "seconds": round(seconds, 6)}
+        try:
+            with open(args.report, "w", encoding="utf-8") as out:
+                json.dump(report, out, indent=2)
+                out.write("\n")
+        except OSError as exc:
+            print(f"qcowfast convert-many: cannot write report {args.report}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+    if not args.quiet:
+        print(f"qcowfast: {len(entries) - failed} of {len(entries)} jobs succeeded in "
+              f"{seconds:.2f} s", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,114 @@
+"""Conversions as Dask tasks on a `distributed` cluster (extra: ``pip install qcowfast[dask]``).
+
+Dask stays at the edge: jobs go in as tasks, results come back; the conversion itself is the
+ordinary `qcowfast.convert` running in a worker process. Sources and destinations are paths on
+storage that every worker sees (a shared filesystem).
+
+Image errors come back as values in the job's slot (a `QcowError` is a property of the image,
+and Dask's ``retries=`` would retry every raised exception); only transient I/O errors
+(`qcowfast.fleet.TRANSIENT_ERRNOS`: EIO, ESTALE, ETIMEDOUT, ...) are raised so that Dask retries
+them.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from . import fleet
+
+KEY_PREFIX = "qcowfast-convert"
+
+
+def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool):
+    """Run in a worker: the job's result or its non-transient exception, as a value."""
+    if threads is None:
+        threads = _threads_for_this_worker()
+    try:
+        return fleet.run_job(job, threads=threads, skip_existing=skip_existing,
+                             overwrite=overwrite)
+    except Exception as exc:          # noqa: BLE001 - sorted below, nothing is swallowed
+        if fleet.is_transient(exc):
+            raise                     # Dask retries it
+        return exc
+
+
+def _threads_for_this_worker() -> int:
+    """Cores per task slot on this host: conversions on one host share its cores."""
+    from distributed import get_worker
+    cores = len(os.sched_getaffinity(0))
+    try:
+        slots = get_worker().state.nthreads
+    except (ValueError, AttributeError):
+        slots = 1
+    return max(1, cores // max(1, slots))
+
+
+def _check_resources(client, resources: dict) -> None:
+    """Fail fast when no worker declares `resources`: such tasks would wait forever."""
+    workers = client.scheduler_info().get("workers", {})
+    for name, amount in resources.items():
+        best = max((w.get("resources", {}).get(name, 0) for w in workers.values()), default=0)
+        if best < amount:
+            raise ValueError(f"no worker of the cluster declares resource {name!r} >= {amount} "
+                             f"(declared: {best}); start workers with --resources "
+                             f"\"{name}={amount}\" or call without resources=")
+
+
+def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
+                overwrite: bool = False, resources: dict | None = None, retries: int = 2):
+    """Submit one task per job; return the list of `distributed.Future`s, in job order.
+
+    Each future's result is what `qcowfast.convert_many` gives for that job. Task keys start
+    with ``qcowfast-convert`` so the dashboard groups them.
+    """
+    from distributed import get_client
+    jobs = [fleet.as_job(j) for j in jobs]
+    fleet.check_options(jobs)
+    client = client or get_client()
+    if resources:
+        _check_resources(client, resources)
+    batch = uuid.uuid4().hex[:8]
+    return [client.submit(_task, job, threads, skip_existing, overwrite,
+                          key=f"{KEY_PREFIX}-{batch}-{i}", resources=resources,
+                          retries=retries, pure=False)
+            for i, job in enumerate(jobs)]
+
+
+def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
+                 overwrite: bool = False, resources: dict | None = None,
+                 retries: int = 2) -> list:
+    """Convert jobs on a Dask cluster; one result per job, in job order.
+
+    Parameters
+    ----------
+    jobs : iterable
+        As for `qcowfast.convert_many`; paths must be visible to every worker.
+    client : distributed.Client, optional
+        The cluster to use (default: the current client, `distributed.get_client()`).
+    threads : int, optional
+        Threads per conversion (default: the worker host's cores divided by the worker's task
+        slots, so one conversion per slot keeps the host's cores busy).
+    resources : dict, optional
+        Worker resources each task needs, e.g. ``{"disk": 1}``; checked against the scheduler
+        first (ValueError when no worker declares them).
+    retries : int
+        Retries of transient I/O errors only (image errors are returned, never retried).
+
+    Returns
+    -------
+    list
+        For each job: a `ConvertResult`, a `fleet.Skipped`, or the exception it ended with
+        (including a transient error that outlived its retries).
+    """
+    futures = submit_many(jobs, client, threads=threads, skip_existing=skip_existing,
+                          overwrite=overwrite, resources=resources, retries=retries)
+    results = []
+    for fut in futures:
+        try:
+            results.append(fut.result())
+        except Exception as exc:      # noqa: BLE001 - a transient error past its retries
+            results.append(exc)
+    return results
+
+
+__all__ = ["convert_many", "submit_many"]

@@ -1,0 +1,258 @@
+"""Many conversions in one process: `convert_many` keeps every core busy across image boundaries.
+
+Jobs run side by side on a small pool of job slots; each job is an ordinary `convert` (its own
+worker threads, its own atomic output), so one bad image ends in that job's result and never
+stops, corrupts or hides the others. Results come back in job order, as values: a
+`ConvertResult`, a `Skipped`, or the exception the job raised (as `concurrent.futures` does).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import inspect
+import os
+import resource
+import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple
+
+from .errors import QcowError
+
+TEMP_SUFFIX = ".qcowfast-tmp"      # convert's temporary outputs: .<name>.<random>.qcowfast-tmp
+FDS_PER_JOB = 16                   # a chain's files, the output and slack
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class Job:
+    """One conversion: `convert(src, dst, **options)`."""
+    src: str
+    dst: str
+    options: dict = field(default_factory=dict)
+
+
+class Skipped(NamedTuple):
+    """A job not run because its destination was already complete (skip_existing=True)."""
+    dst: str
+    reason: str
+
+
+def as_job(spec) -> Job:
+    """A Job from a Job, a (src, dst) pair or a dict {"src":, "dst":, **convert options}."""
+    if isinstance(spec, Job):
+        return spec
+    if isinstance(spec, dict):
+        options = dict(spec)
+        try:
+            src, dst = options.pop("src"), options.pop("dst")
+        except KeyError as exc:
+            raise ValueError(f"job {spec!r} has no {exc.args[0]!r}") from None
+        return Job(os.fspath(src), os.fspath(dst), options)
+    try:
+        src, dst = spec
+    except (TypeError, ValueError):
+        raise ValueError(f"job {spec!r} is neither a (src, dst) pair nor a dict") from None
+    return Job(os.fspath(src), os.fspath(dst))
+
+
+def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:
+    """Raise ValueError for any job option `convert` does not take (a caller's bug: fail fast)."""
+    from .convert import convert
+    known = set(inspect.signature(convert).parameters) - {"src", "dst"} - set(reserved)
+    for i, job in enumerate(jobs):
+        unknown = sorted(set(job.options) - known)
+        if unknown:
+            raise ValueError(f"job {i} ({job.src}): unknown option(s) {', '.join(unknown)}; "
+                             f"convert takes {', '.join(sorted(known))}")
+
+
+def sweep_stale_temps(dst: str) -> list[str]:
+    """Remove temporary outputs a killed run left beside `dst`; return the removed paths.
+
+    A conversion holds an exclusive flock on its temporary file while it writes, so a file that
+    can be locked is no one's: it was left by a process that died.
+    """
+    directory = os.path.dirname(os.path.abspath(dst))
+    pattern = os.path.join(glob.escape(directory),
+                           f".{glob.escape(os.path.basename(dst))}.*{TEMP_SUFFIX}")
+    removed = []
+    for path in glob.glob(pattern):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue                  # a live conversion holds it
+        else:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def default_workers(threads: int | None) -> int:
+    """Job slots: one per core, within the file-descriptor limit."""
+    cores = len(os.sched_getaffinity(0))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    by_fds = max(1, (soft - 32) // FDS_PER_JOB) if soft != resource.RLIM_INFINITY else MAX_WORKERS
+    return max(1, min(cores, by_fds, MAX_WORKERS))
+
+
+class _Progress:
+    """Folds per-job progress calls into one (done_bytes, total_bytes) stream for the batch."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None, total: int):
+        self.callback = callback
+        self.total = total
+        self.done = {}
+        self.finished = 0
+        self.lock = threading.Lock()
+
+    def for_job(self, index: int):
+        if self.callback is None:
+            return None
+
+        def report(done: int, total: int) -> None:
+            with self.lock:
+                self.done[index] = done
+                now = self.finished + sum(self.done.values())
+            self.callback(min(now, self.total), self.total)
+        return report
+
+    def job_ended(self, index: int, size: int) -> None:
+        with self.lock:
+            self.done.pop(index, None)
+            self.finished += size
+            now = self.finished + sum(self.done.values())
+        if self.callback is not None:
+            self.callback(min(now, self.total), self.total)
+
+
+def guest_size(job: Job) -> int:
+    """The job's virtual size from its header alone (0 when it cannot be read: the job fails)."""
+    from .header import read_header
+    try:
+        fd = os.open(job.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            return read_header(fd, size).size
+        except QcowError:
+            return size
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
+            overwrite: bool = False, progress=None):
+    """Run one job; return its ConvertResult or Skipped, raise what convert raised."""
+    from .convert import convert
+    sweep_stale_temps(job.dst)
+    if skip_existing and os.path.isfile(job.dst):
+        # convert publishes only complete outputs (rename on success), so an existing regular
+        # file at dst is a finished earlier run.
+        return Skipped(job.dst, "destination exists")
+    options = {"overwrite": overwrite, **job.options}
+    if threads is not None:
+        options.setdefault("threads", threads)
+    return convert(job.src, job.dst, progress=progress, **options)
+
+
+def convert_many(jobs, *, workers: int | None = None, threads: int | None = None,
+                 on_error: str = "continue", progress=None, skip_existing: bool = False,
+                 overwrite: bool = False, on_result=None) -> list[Any]:
+    """Convert many images in one process; one result per job, in job order.
+
+    Parameters
+    ----------
+    jobs : iterable
+        `(src, dst)` pairs, `Job`s, or dicts `{"src": ..., "dst": ..., **convert options}`
+        (format, compression, snapshot, backing_dirs, sparse_size, ...).
+    workers : int, optional
+        Jobs converted side by side (default: one per core, capped by the file-descriptor
+        limit). Each job holds one image chain open, so this also caps open images.
+    threads : int, optional
+        Worker threads per job (default: all cores; jobs side by side share them).
+    on_error : "continue" or "stop"
+        "stop" starts no new job after the first failure; jobs not started get a
+        `concurrent.futures.CancelledError` as their result.
+    progress : callable(done_bytes, total_bytes), optional
+        One progress stream for the whole batch (guest bytes of all jobs).
+    skip_existing : bool
+        Skip jobs whose destination already exists (outputs are published only when complete,
+        so a killed batch resumes where it stopped). Temporary files a killed run left beside a
+        destination are removed either way.
+    overwrite : bool
+        Replace existing destinations (a job's own "overwrite" option wins).
+    on_result : callable(index, job, result), optional
+        Called as each job ends (from a worker thread), e.g. to print a summary line.
+
+    Returns
+    -------
+    list
+        For each job: a `ConvertResult`, a `Skipped`, or the exception (`QcowError`,
+        `OSError`, ...) it raised.
+
+    Memory: at most `workers` conversions at once, each bounded as `convert` documents.
+    """
+    if on_error not in ("continue", "stop"):
+        raise ValueError("on_error must be 'continue' or 'stop'")
+    jobs = [as_job(j) for j in jobs]
+    check_options(jobs)
+    workers = workers or default_workers(threads)
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0))
+    sizes = [guest_size(j) for j in jobs]
+    batch = _Progress(progress, sum(sizes))
+    results: list[Any] = [None] * len(jobs)
+    stop = threading.Event()
+
+    def one(i: int):
+        job = jobs[i]
+        if stop.is_set():
+            result = CancelledError(f"not started: an earlier job failed ({job.src})")
+        else:
+            try:
+                result = run_job(job, threads=threads, skip_existing=skip_existing,
+                                 overwrite=overwrite, progress=batch.for_job(i))
+            except (QcowError, OSError, ValueError, MemoryError) as exc:
+                result = exc
+                if on_error == "stop":
+                    stop.set()
+        results[i] = result
+        batch.job_ended(i, sizes[i])
+        if on_result is not None:
+            on_result(i, job, result)
+
+    with ThreadPoolExecutor(min(workers, max(1, len(jobs))),
+                            thread_name_prefix="qcowfast-job") as pool:
+        # Largest first: a big image started last would leave the other slots idle at the end.
+        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+        futures = [pool.submit(one, i) for i in order]
+        for fut in futures:
+            fut.result()
+    return results
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An I/O error worth retrying (a flaky shared filesystem), not a property of the job."""
+    return (isinstance(exc, OSError) and not isinstance(exc, QcowError)
+            and exc.errno in TRANSIENT_ERRNOS)
+
+
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT,
+                              errno.ESTALE, errno.ECONNRESET, errno.EBUSY})

@@ -1,0 +1,128 @@
+"""Conversions on a real `distributed.LocalCluster` (2 worker processes, loopback only).
+
+The cluster is started once for this file and torn down after it. Outputs must be
+byte-identical to `qcowfast.convert` of the same job in this process (and so to qemu-img);
+image errors come back as values in their slot, transient I/O errors are retried by Dask.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import qcowfast
+from common import assert_same_bytes, reference_raw
+
+import distributed
+from qcowfast import dask as qdask
+from qcowfast import fleet
+
+IMAGES = ("c64k-v3-zlib", "c64k-v3-zstd", "c4k-chain3-short-base", "c512-v3-zlib")
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None,
+                                       worker_dashboard_address=None)
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+def test_outputs_match_local_convert_and_errors_are_values(client, images, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    jobs = [{"src": images.get(i).path, "dst": remote / f"{i}.raw"} for i in IMAGES]
+    corrupt = tmp_path / "corrupt.qcow2"
+    corrupt.write_bytes(b"QFI\xfb" + b"\0" * 4092)          # qcow magic, version 0
+    jobs.insert(1, {"src": corrupt, "dst": remote / "corrupt.raw"})
+    jobs.append({"src": tmp_path / "missing.qcow2", "dst": remote / "missing.raw"})
+
+    results = qdask.convert_many(jobs, client)
+
+    assert len(results) == len(jobs)
+    assert isinstance(results[1], qcowfast.QcowError)
+    assert isinstance(results[-1], FileNotFoundError)
+    for job, result in zip(jobs, results):
+        if job["src"] in (corrupt, tmp_path / "missing.qcow2"):
+            assert not Path(job["dst"]).exists()
+            continue
+        assert isinstance(result, qcowfast.ConvertResult), result
+        mine = local / Path(job["dst"]).name
+        qcowfast.convert(job["src"], mine)
+        assert Path(job["dst"]).read_bytes() == mine.read_bytes()
+        assert_same_bytes(mine.read_bytes(), reference_raw(job["src"]), str(job["src"]))
+    assert not [p for p in remote.iterdir() if p.name.endswith(fleet.TEMP_SUFFIX)]
+
+
+def test_task_keys_are_named_for_the_dashboard(client, images, tmp_path):
+    futures = qdask.submit_many([(images.get(IMAGES[0]).path, tmp_path / "a.raw")], client)
+    assert futures[0].key.startswith(qdask.KEY_PREFIX)
+    assert isinstance(futures[0].result(), qcowfast.ConvertResult)
+
+
+def test_undeclared_resources_fail_fast(client, images, tmp_path):
+    with pytest.raises(ValueError, match="gpu-disk"):
+        qdask.convert_many([(images.get(IMAGES[0]).path, tmp_path / "a.raw")], client,
+                           resources={"gpu-disk": 1})
+    assert not (tmp_path / "a.raw").exists()
+
+
+def _flaky_run_job(marker: str):
+    """Install, in a worker, a run_job that fails with EIO once (per marker file), then works."""
+    original = fleet.__dict__.setdefault("_unpatched_run_job", fleet.run_job)
+
+    def flaky(job, **kw):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return original(job, **kw)
+        os.close(fd)
+        raise OSError(errno.EIO, "injected transient I/O error")
+
+    fleet.run_job = flaky
+    return True
+
+
+def _restore_run_job():
+    fleet.run_job = fleet.__dict__.pop("_unpatched_run_job", fleet.run_job)
+    return True
+
+
+def test_transient_errors_are_retried_image_errors_are_not(client, images, tmp_path):
+    marker = str(tmp_path / "failed-once")
+    client.run(_flaky_run_job, marker)
+    try:
+        src = images.get(IMAGES[0]).path
+        results = qdask.convert_many([(src, tmp_path / "a.raw")], client, retries=1)
+        assert os.path.exists(marker), "the injected failure did not happen"
+        assert isinstance(results[0], qcowfast.ConvertResult), results[0]
+        assert_same_bytes((tmp_path / "a.raw").read_bytes(), reference_raw(src), "retried job")
+        os.unlink(marker)
+        results = qdask.convert_many([(src, tmp_path / "b.raw")], client, retries=0)
+        assert isinstance(results[0], OSError) and results[0].errno == errno.EIO
+    finally:
+        client.run(_restore_run_job)
+
+
+def test_task_sorts_exceptions_by_kind(monkeypatch, tmp_path):
+    def raiser(exc):
+        def run_job(job, **kw):
+            raise exc
+        return run_job
+    job = fleet.Job("a", "b")
+    monkeypatch.setattr(fleet, "run_job", raiser(qcowfast.CorruptImage("bad L2")))
+    assert isinstance(qdask._task(job, 1, False, False), qcowfast.CorruptImage)
+    monkeypatch.setattr(fleet, "run_job", raiser(OSError(errno.ENOSPC, "full")))
+    assert isinstance(qdask._task(job, 1, False, False), OSError)
+    monkeypatch.setattr(fleet, "run_job", raiser(OSError(errno.ESTALE, "stale handle")))
+    with pytest.raises(OSError):
+        qdask._task(job, 1, False, False)

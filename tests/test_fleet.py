@@ -1,0 +1,211 @@
+"""Batch conversion in one process: `convert_many` and `qcowfast convert-many`.
+
+Every good job's output is compared with ``qemu-img convert -O raw`` of its source; bad jobs (a
+corrupt image, a missing one, an unwritable destination) must come back as that job's exception,
+in job order, with no output and no temporary file left behind, while the other jobs finish.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import struct
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import pytest
+
+import qcowfast
+from common import assert_same_bytes, reference_raw, run_cli
+from qcowfast.fleet import Skipped, convert_many, sweep_stale_temps
+
+GOOD = ("c64k-v3-zlib", "c4k-chain3-short-base", "c64k-v3-zstd", "c512-v3-zlib")
+TMP_SUFFIX = ".qcowfast-tmp"
+
+
+def _corrupt_copy(images, tmp_path: Path) -> Path:
+    """A copy of a zlib image whose first compressed descriptor points past the end of file."""
+    src = images.get("c64k-v3-zlib").path
+    bad = tmp_path / "corrupt.qcow2"
+    shutil.copyfile(src, bad)
+    with qcowfast.open(bad) as img:
+        ext = next(e for e in img.extents() if e.kind == qcowfast.ExtentKind.COMPRESSED)
+        l1_index = ext.guest_offset // img._l2_per_l1
+        l2_offset = int(img._l2_offsets[l1_index])
+        l2_index = (ext.guest_offset % img._l2_per_l1) // img.cluster_size
+    with open(bad, "r+b") as f:
+        f.seek(l2_offset + 8 * l2_index)
+        entry, = struct.unpack(">Q", f.read(8))
+        f.seek(l2_offset + 8 * l2_index)
+        # Keep the compressed flag and sector count, move the stream far past the end.
+        f.write(struct.pack(">Q", (entry & ~((1 << 54) - 1)) | (1 << 50)))
+    return bad
+
+
+def _batch(images, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"x")
+    jobs = [(images.get(GOOD[0]).path, out / "a.raw"),
+            (_corrupt_copy(images, tmp_path), out / "corrupt.raw"),
+            (tmp_path / "missing.qcow2", out / "missing.raw"),
+            (images.get(GOOD[1]).path, blocker / "b.raw"),           # unwritable destination
+            (images.get(GOOD[2]).path, out / "c.raw"),
+            {"src": images.get(GOOD[3]).path, "dst": out / "d.raw", "sparse_size": 0}]
+    return out, jobs
+
+
+def _no_litter(*dirs: Path) -> None:
+    for d in dirs:
+        left = [p.name for p in d.iterdir() if p.name.endswith(TMP_SUFFIX)]
+        assert not left, f"temporary files left in {d}: {left}"
+
+
+def test_mixed_batch_results_in_job_order(images, tmp_path):
+    out, jobs = _batch(images, tmp_path)
+    progress = []
+    results = convert_many(jobs, workers=2, threads=2,
+                           progress=lambda done, total: progress.append((done, total)))
+    assert len(results) == len(jobs)
+    ok = {0: GOOD[0], 4: GOOD[2], 5: GOOD[3]}
+    for i, image_id in ok.items():
+        assert isinstance(results[i], qcowfast.ConvertResult), (i, results[i])
+        dst = jobs[i]["dst"] if isinstance(jobs[i], dict) else jobs[i][1]
+        assert_same_bytes(Path(dst).read_bytes(), reference_raw(images.get(image_id).path),
+                          f"job {i} ({image_id})")
+    assert isinstance(results[1], qcowfast.QcowError)
+    assert isinstance(results[2], FileNotFoundError) and "missing.qcow2" in str(results[2])
+    assert isinstance(results[3], (qcowfast.OutputError, OSError))
+    assert not (out / "corrupt.raw").exists() and not (out / "missing.raw").exists()
+    _no_litter(out, tmp_path)
+    # One stream for the whole batch: never decreasing, ending at the sum of the good sizes.
+    dones = [d for d, _ in progress]
+    assert dones == sorted(dones)
+    total = progress[-1][1]
+    assert dones[-1] == total >= sum(results[i].virtual_size for i in ok)
+
+
+def test_stop_on_error_cancels_the_rest(images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [(tmp_path / "missing.qcow2", out / "x.raw")] + [
+        (images.get(i).path, out / f"{i}.raw") for i in GOOD[:2]]
+    results = convert_many(jobs, workers=1, on_error="stop")
+    assert isinstance(results[0], FileNotFoundError)
+    # One slot, largest first: the missing image (size 0) runs last, so the others finished;
+    # with the missing image first in size order nothing after it may start.
+    assert all(isinstance(r, (qcowfast.ConvertResult, CancelledError)) for r in results[1:])
+    for (src, dst), r in zip(jobs[1:], results[1:]):
+        assert Path(dst).exists() == isinstance(r, qcowfast.ConvertResult)
+
+
+def test_on_error_stop_starts_nothing_after_a_failure(images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    bad = _corrupt_copy(images, tmp_path)      # the largest job: it runs first with one slot
+    small = images.get("c64k-v3-tiny").path
+    results = convert_many([(small, out / "s.raw"), (bad, out / "bad.raw")], workers=1,
+                           on_error="stop")
+    assert isinstance(results[1], qcowfast.QcowError)
+    assert isinstance(results[0], CancelledError)
+    assert not any(out.iterdir())
+
+
+def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
+    src = images.get(GOOD[0]).path
+    done = tmp_path / "done.raw"
+    done.write_bytes(b"finished earlier")
+    todo = tmp_path / "todo.raw"
+    stale = tmp_path / f".todo.raw.abc123{TMP_SUFFIX}"
+    stale.write_bytes(b"left by a killed run")
+    live = tmp_path / f".done.raw.live99{TMP_SUFFIX}"
+    live.write_bytes(b"a conversion still writing")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)            # held as a running conversion holds it
+    try:
+        results = convert_many([(src, done), (src, todo)], skip_existing=True)
+        assert results[0] == Skipped(str(done), "destination exists")
+        assert isinstance(results[1], qcowfast.ConvertResult)
+        assert done.read_bytes() == b"finished earlier"
+        assert_same_bytes(todo.read_bytes(), reference_raw(src), "resumed job")
+        assert not stale.exists()
+        assert live.exists()
+    finally:
+        os.close(fd)
+    assert sweep_stale_temps(str(done)) == [str(live)]
+
+
+def test_running_conversion_holds_its_temporary_file(images, tmp_path):
+    """The sweep's premise: convert's temporary output is flocked while it is written."""
+    src = images.get(GOOD[2]).path
+    dst = tmp_path / "x.raw"
+    seen = []
+
+    def progress(done, total):
+        if not seen:
+            seen.extend(sweep_stale_temps(str(dst)))
+            seen.append([p.name for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)])
+
+    qcowfast.convert(src, dst, progress=progress)
+    assert seen and seen[-1], "no temporary file seen during the conversion"
+    assert len(seen) == 1, f"the sweep removed a live temporary file: {seen}"
+
+
+def test_unknown_option_fails_fast(images, tmp_path):
+    with pytest.raises(ValueError, match="bogus"):
+        convert_many([{"src": images.get(GOOD[0]).path, "dst": tmp_path / "x.raw",
+                       "bogus": 1}])
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_jobs_file_report_and_exit_code(images, tmp_path):
+    out, jobs = _batch(images, tmp_path)
+    lines = []
+    for job in jobs:
+        if isinstance(job, dict):
+            lines.append(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                     for k, v in job.items()}))
+        else:
+            lines.append(f"{job[0]} {job[1]}")
+    jobs_file = tmp_path / "jobs.txt"
+    jobs_file.write_text("# a batch\n" + "\n".join(lines) + "\n")
+    report = tmp_path / "report.json"
+    r = run_cli("convert-many", "--jobs", jobs_file, "--report", report, "--workers", "2")
+    assert r.returncode == 1, r.stderr
+    data = json.loads(report.read_text())
+    assert [j["status"] for j in data["jobs"]] == ["ok", "failed", "failed", "failed", "ok", "ok"]
+    assert data["succeeded"] == 3 and data["failed"] == 3
+    assert data["jobs"][2]["src"] == str(tmp_path / "missing.qcow2")
+    for entry in data["jobs"]:
+        status_word = {"ok": "ok", "failed": "FAILED"}[entry["status"]]
+        assert any(line.startswith(status_word) and entry["src"] in line
+                   for line in r.stderr.splitlines()), (entry, r.stderr)
+    assert_same_bytes((out / "d.raw").read_bytes(), reference_raw(images.get(GOOD[3]).path),
+                      "JSON-lines job")
+    _no_litter(out, tmp_path)
+
+
+def test_cli_target_dir_all_good_exits_zero(images, tmp_path):
+    srcs = [images.get(i).path for i in GOOD[:2]]
+    target = tmp_path / "t"
+    target.mkdir()
+    r = run_cli("convert-many", "-q", "--target-dir", target, *srcs)
+    assert r.returncode == 0, r.stderr
+    for src in srcs:
+        dst = target / (Path(src).stem + ".raw")
+        assert_same_bytes(dst.read_bytes(), reference_raw(src), str(dst))
+    # Replaced by default like convert; --no-clobber fails every job and keeps the files.
+    r = run_cli("convert-many", "--no-clobber", "--target-dir", target, *srcs)
+    assert r.returncode == 1
+    assert r.stderr.count("FAILED") == 2
+
+
+def test_cli_usage_errors(tmp_path):
+    r = run_cli("convert-many", "--target-dir", tmp_path)
+    assert r.returncode == 1 and "at least one SRC" in r.stderr
+    bad = tmp_path / "jobs"
+    bad.write_text("only-one-word\n")
+    r = run_cli("convert-many", "--jobs", bad)
+    assert r.returncode == 1 and ":1:" in r.stderr
