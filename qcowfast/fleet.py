@@ -14,6 +14,7 @@ import inspect
 import os
 import resource
 import threading
+import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
@@ -23,6 +24,7 @@ from .errors import QcowError
 TEMP_SUFFIX = ".qcowfast-tmp"      # convert's temporary outputs: .<name>.<random>.qcowfast-tmp
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
 MAX_WORKERS = 64
+FRESH_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,25 +76,25 @@ def sweep_stale_temps(dst: str) -> list[str]:
     A conversion holds an exclusive flock on its temporary file while it writes, so a file that
     can be locked is no one's: it was left by a process that died.
     """
-    directory = os.path.dirname(os.path.abspath(dst))
-    pattern = os.path.join(glob.escape(directory),
-                           f".{glob.escape(os.path.basename(dst))}.*{TEMP_SUFFIX}")
+    candidates = set()
+    for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
+        pattern = os.path.join(glob.escape(os.path.dirname(name)),
+                               f".{glob.escape(os.path.basename(name))}.*{TEMP_SUFFIX}")
+        candidates.update(glob.glob(pattern))
     removed = []
-    for path in glob.glob(pattern):
+    for path in sorted(candidates):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue                  # a live conversion holds it
-        else:
-            try:
+            # A conversion creates its file, then locks it: leave files younger than that gap.
+            if time.time() - os.fstat(fd).st_mtime >= FRESH_SECONDS:
                 os.unlink(path)
                 removed.append(path)
-            except FileNotFoundError:
-                pass
+        except OSError:
+            pass                      # held by a live conversion, or already gone
         finally:
             os.close(fd)
     return removed

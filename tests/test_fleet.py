@@ -122,6 +122,9 @@ def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
     stale.write_bytes(b"left by a killed run")
     live = tmp_path / f".done.raw.live99{TMP_SUFFIX}"
     live.write_bytes(b"a conversion still writing")
+    old = os.stat(stale).st_mtime - 60         # killed a minute ago
+    for p in (stale, live):
+        os.utime(p, (old, old))
     fd = os.open(live, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)            # held as a running conversion holds it
     try:
@@ -135,6 +138,9 @@ def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
     finally:
         os.close(fd)
     assert sweep_stale_temps(str(done)) == [str(live)]
+    just_created = tmp_path / f".done.raw.new000{TMP_SUFFIX}"   # created, not yet locked
+    just_created.write_bytes(b"")
+    assert sweep_stale_temps(str(done)) == [] and just_created.exists()
 
 
 def test_running_conversion_holds_its_temporary_file(images, tmp_path):
