@@ -43,3 +43,19 @@ class OutputError(QcowError):
 
 class SnapshotNotFound(QcowError, LookupError):
     """No internal snapshot has the id or name asked for (the message lists those that exist)."""
+
+
+class ImageOpenError(QcowError, OSError):
+    """An image, backing or data file cannot be opened (the message names the path given)."""
+
+
+class ImageNotFound(ImageOpenError, FileNotFoundError):
+    """An image, backing or data file does not exist (the message names the path given)."""
+
+
+class MissingBackingFile(BackingChainError, ImageNotFound):
+    """A file of a chain (backing or external data file, named or given) does not exist."""
+
+
+class ImageLocked(QcowError):
+    """A running QEMU holds the image open for writing; force_share=True (-U) reads anyway."""

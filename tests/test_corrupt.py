@@ -34,6 +34,7 @@ except ImportError:
 import qcowfast
 from qcowfast import (
     BackingChainError, CorruptImage, DecompressionError, EncryptedImage, FormatError,
+    MissingBackingFile,
     TruncatedImage, UnsafePathError, UnsupportedFeature,
 )
 
@@ -551,9 +552,14 @@ def _(q):
 
 
 @case("backing-absolute", "chain", UnsafePathError,
-      r"backing file '/.*base\.qcow2' .* is an absolute path.*--allow-backing-dir")
+      r"backing file '/.*elsewhere/base\.qcow2' .*outside the image's directory.*"
+      r"--allow-backing-dir")
 def _(q):
-    q.set_backing_name(str(q.path.parent / "base.qcow2"))
+    # An absolute name is followed only where it lands inside the image's directory.
+    outside = q.path.parent.parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    shutil.copyfile(q.path.parent / "base.qcow2", outside / "base.qcow2")
+    q.set_backing_name(str(outside / "base.qcow2"))
 
 
 @case("backing-dotdot", "chain", UnsafePathError,
@@ -567,7 +573,7 @@ def _(q):
     q.set_backing_name('json:{"file.filename":"base.qcow2"}')
 
 
-@case("backing-missing", "chain", BackingChainError, r"backing file .*nothere\.qcow2 .*cannot")
+@case("backing-missing", "chain", MissingBackingFile, r"backing file .*nothere\.qcow2 .*cannot")
 def _(q):
     q.set_backing_name("nothere.qcow2")
 
@@ -615,7 +621,8 @@ def test_convert_refuses(pristine, tmp_path, c):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / "disk.raw"
-    raises_exactly(c, lambda: qcowfast.convert(src, dst, threads=2))
+    # src_format: a damaged header must not send the probe to raw (qemu-img -f qcow2).
+    raises_exactly(c, lambda: qcowfast.convert(src, dst, threads=2, src_format="qcow2"))
     assert not dst.exists(), "a failed conversion left its output"
     assert leftovers(out_dir) == []
 

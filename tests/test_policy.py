@@ -1,10 +1,11 @@
 """Safe by default: which files an image may make qcowfast open, read-only opening, bounded work.
 
-* Backing and external data files named inside an image are followed only when the name is a
-  plain relative path resolving (symlinks included) inside the image's own directory; anything
-  else is an UnsafePathError naming the file and the option that allows it (backing_dirs=,
-  backing= / data_file=, --allow-backing-dir). Allowed names resolve as QEMU resolves them, so
-  the bytes always match ``qemu-img convert``.
+* Backing and external data files named inside an image are followed, whether the name is
+  absolute or relative, only when the file reached (symlinks included) lies inside the image's
+  own directory or a directory the caller allowed; anything else is an UnsafePathError naming
+  the file and the option that allows it (backing_dirs=, backing= / data_file=,
+  --allow-backing-dir). Allowed names resolve as QEMU resolves them, so the bytes always match
+  ``qemu-img convert``.
 * The backing format comes from the backing-format extension, else from the content.
 * Nothing is ever written to a source image, even a dirty one.
 * Work and memory follow the allocated metadata, not the declared virtual size; chains are
@@ -138,12 +139,36 @@ def test_dotdot_escape_refused_and_allowed(tmp_path):
     assert_refused(top, "../outside/base.qcow2", backing_dirs=[tmp_path / "other"])
 
 
-def test_absolute_name_refused_even_inside_directory(tmp_path):
+def test_absolute_name_inside_directory_followed(tmp_path):
+    """The rule is where the file is, not how it is spelled (`qemu-img create -b /abs/...`)."""
     base = make_base(tmp_path / "base.qcow2")
-    top = make_top(tmp_path / "top.qcow2", str(base))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", top)
+    qemu_io(top, "write -P 0x22 64k 4k")
+    assert qcowfast.info(top)["backing-filename"] == str(base)
+    assert_matches_qemu(top)
+
+
+def test_absolute_name_through_symlinked_directory_followed(tmp_path):
+    """An absolute name spelled through a symlink to the image's own directory is inside it."""
+    make_base(tmp_path / "real" / "base.qcow2")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    top = make_top(tmp_path / "real" / "top.qcow2", str(tmp_path / "alias" / "base.qcow2"))
+    assert_matches_qemu(top)
+    # Opened through the symlinked directory too.
+    assert_matches_qemu(tmp_path / "alias" / "top.qcow2")
+
+
+def test_absolute_name_outside_refused_and_allowed(tmp_path):
+    base = make_base(tmp_path / "outside" / "base.qcow2")
+    top = make_top(tmp_path / "img" / "top.qcow2", str(base))
     msg = assert_refused(top, str(base))
-    assert "absolute path" in msg
-    assert_matches_qemu(top, backing_dirs=[tmp_path])
+    assert "outside the image's directory" in msg
+    assert_matches_qemu(top, backing_dirs=[tmp_path / "outside"])
+    assert_matches_qemu(top, backing=base)
+    proc = run_cli("convert", "-q", top, tmp_path / "o.raw")
+    assert proc.returncode == 1 and "--allow-backing-dir" in proc.stderr
+    assert not (tmp_path / "o.raw").exists()
 
 
 @pytest.mark.parametrize("name", [
@@ -249,6 +274,11 @@ def make_data_file_image(directory: Path, data_name: str) -> Path:
 
 def test_data_file_relative_followed(tmp_path):
     img = make_data_file_image(tmp_path, "data.raw")
+    assert_matches_qemu(img)
+
+
+def test_data_file_absolute_inside_followed(tmp_path):
+    img = make_data_file_image(tmp_path, str(tmp_path / "data.raw"))
     assert_matches_qemu(img)
 
 

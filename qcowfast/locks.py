@@ -1,0 +1,49 @@
+"""QEMU's image locks: refuse to read an image a running QEMU holds open for writing.
+
+QEMU (block/file-posix.c, raw_apply_lock_bytes()) takes OFD byte-range locks on every image
+file it opens: one byte at RAW_LOCK_PERM_BASE (100) + i for each permission bit i it holds,
+and one at RAW_LOCK_SHARED_BASE (200) + i for each bit it does not share with others.
+qemu-img without -U opens read-only without sharing BLK_PERM_WRITE, so raw_check_lock_bytes()
+refuses the file when another open file description holds byte 100 + 1 (BLK_PERM_WRITE is bit 1):
+"Failed to get shared 'write' lock". qcowfast makes the same test; it takes no lock itself.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from .errors import ImageLocked
+
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)      # Linux
+RAW_LOCK_PERM_BASE = 100
+BLK_PERM_WRITE_BIT = 1
+# struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_SIZE = -(-_FLOCK.size // 8) * 8               # with the C struct's tail padding
+
+
+def write_locked(fd: int) -> bool:
+    """True when another open file description holds QEMU's WRITE permission lock on `fd`.
+
+    False where the file system offers no OFD locks (QEMU's locking=auto then skips locking).
+    """
+    query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, RAW_LOCK_PERM_BASE + BLK_PERM_WRITE_BIT,
+                        1, 0).ljust(_FLOCK_SIZE, b"\0")
+    try:
+        answer = fcntl.fcntl(fd, F_OFD_GETLK, query)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+                         errno.EBADF):
+            return False
+        raise
+    return _FLOCK.unpack(answer[:_FLOCK.size])[0] != fcntl.F_UNLCK
+
+
+def check_not_locked(fd: int, name: str) -> None:
+    """Raise ImageLocked (naming `name` and -U / force_share=True) when `fd` is write-locked."""
+    if write_locked(fd):
+        raise ImageLocked(f'{name}: failed to get shared "write" lock: another process (a '
+                          f"running QEMU?) has the image open for writing and a copy could be "
+                          f"torn; pass -U (force_share=True) to read it anyway")

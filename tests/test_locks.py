@@ -1,0 +1,175 @@
+"""Images in use: QEMU's OFD locks are honoured as qemu-img honours them (issue 11).
+
+A `qemu-io` process holding an image open for writing stands for a running VM. The oracle is
+qemu-img itself: it refuses the image without -U ("Failed to get shared "write" lock") and
+reads it with -U. qcowfast must refuse the same files (top image, backing file, data file, raw
+source) with ImageLocked naming -U / force_share=True, and read them with force_share=True.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import qcowfast
+from qcowfast.errors import ImageLocked
+from qcowfast.image import open_source
+from qcowfast.locks import write_locked
+
+from common import assert_same_bytes, qemu_img, qemu_io, run_cli
+
+
+def _locked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return write_locked(fd)
+    finally:
+        os.close(fd)
+
+
+class Holder:
+    """`qemu-io [-r] -f FMT PATH` reading commands from a pipe kept open: the image stays open."""
+
+    def __init__(self, path: Path, fmt: str = "qcow2", read_only: bool = False,
+                 watch: Path | None = None):
+        args = ["qemu-io", *(["-r"] if read_only else []), "-f", fmt, str(path)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        # qemu-io has opened the image once it answers a command.
+        self.proc.stdin.write(b"help\n")
+        self.proc.stdin.flush()
+        watch = watch or path
+        deadline = time.monotonic() + 20
+        while not read_only and not _locked(watch):
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "qemu-io did not lock the image"
+            time.sleep(0.02)
+        if read_only:
+            time.sleep(0.3)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def hold():
+    holders = []
+
+    def start(*args, **kw) -> Holder:
+        holders.append(Holder(*args, **kw))
+        return holders[-1]
+
+    yield start
+    for h in holders:
+        h.close()
+
+
+def qemu_refuses(path: Path, fmt: str = "qcow2", cwd=None) -> None:
+    """The oracle: qemu-img convert refuses without -U (naming the write lock), reads with -U."""
+    out = Path(cwd or path.parent) / "oracle.raw"
+    proc = subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, out],
+                          capture_output=True, text=True, cwd=cwd)
+    assert proc.returncode == 1 and 'Failed to get shared "write" lock' in proc.stderr, proc
+    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, out, cwd=cwd)
+    out.unlink()
+
+
+def _raw_u(path: Path, tmp: Path, fmt: str = "qcow2") -> bytes:
+    out = tmp / "ref-u.raw"
+    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, out)
+    return out.read_bytes()
+
+
+def _assert_locked_error(exc, name: Path):
+    msg = str(exc)
+    assert str(name) in msg and "-U" in msg and "force_share=True" in msg, msg
+
+
+@pytest.fixture
+def chain(tmp_path):
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io(base, "write -P 0x5a 0 256k")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "1M")
+    qemu_io(top, "write -P 0x22 64k 4k")
+    return top, base
+
+
+def test_top_image_held_for_writing(chain, hold, tmp_path):
+    top, _ = chain
+    hold(top)
+    qemu_refuses(top)
+    proc = subprocess.run(["qemu-img", "info", top], capture_output=True, text=True)
+    assert proc.returncode == 1 and 'Failed to get shared "write" lock' in proc.stderr
+    for call in (lambda: qcowfast.open(top), lambda: open_source(top),
+                 lambda: qcowfast.info(top), lambda: qcowfast.compare(top, top),
+                 lambda: qcowfast.convert(top, tmp_path / "o.raw")):
+        with pytest.raises(ImageLocked) as exc:
+            call()
+        _assert_locked_error(exc.value, top)
+    assert not (tmp_path / "o.raw").exists()
+    with qcowfast.open(top, force_share=True) as img:
+        assert_same_bytes(img.read(0, img.virtual_size), _raw_u(top, tmp_path), "-U read")
+    assert qcowfast.info(top, force_share=True)["format"] == "qcow2"
+    assert qcowfast.compare(top, top, force_share=True).identical
+    proc = run_cli("info", top)
+    assert proc.returncode == 1 and "-U" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert run_cli("info", "-U", top).returncode == 0
+
+
+def test_backing_file_held_for_writing(chain, hold, tmp_path):
+    """A writer on a backing file (e.g. a commit job) makes qemu-img refuse the overlay too."""
+    top, base = chain
+    hold(base)
+    qemu_refuses(top)
+    with pytest.raises(ImageLocked) as exc:
+        qcowfast.open(top)
+    _assert_locked_error(exc.value, base)
+    with pytest.raises(ImageLocked):
+        qcowfast.info(top, backing_chain=True)
+    with qcowfast.open(top, force_share=True) as img:          # propagates down the chain
+        assert_same_bytes(img.read(0, img.virtual_size), _raw_u(top, tmp_path), "-U chain")
+
+
+def test_data_file_held_for_writing(tmp_path, hold):
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", img, "1M", cwd=tmp_path)
+    qemu_io("img.qcow2", "write -P 0x3c 0 128k", cwd=tmp_path)
+    hold(tmp_path / "data.raw", fmt="raw")
+    qemu_refuses(Path("img.qcow2"), cwd=tmp_path)
+    with pytest.raises(ImageLocked) as exc:
+        qcowfast.open(img)
+    assert "data.raw" in str(exc.value)
+    with qcowfast.open(img, force_share=True) as image:
+        assert image.read(0, 4) == b"\x3c" * 4
+
+
+def test_raw_source_held_for_writing(tmp_path, hold):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(64 * 1024))
+    hold(raw, fmt="raw")
+    qemu_refuses(raw, fmt="raw")
+    with pytest.raises(ImageLocked):
+        open_source(raw)
+    with pytest.raises(ImageLocked):
+        qcowfast.open(raw, format="raw")
+    # qemu-img info reads no data of a raw file and does not test its lock; neither does info.
+    qemu_img("info", "-f", "raw", raw)
+    assert qcowfast.info(raw)["format"] == "raw"
+    with open_source(raw, force_share=True) as src:
+        assert src.read(0, 64 * 1024) == raw.read_bytes()
+
+
+def test_read_only_holder_does_not_block(chain, hold):
+    """qemu-io -r (a VM with a read-only disk) shares writing: both tools read."""
+    top, _ = chain
+    hold(top, read_only=True)
+    qemu_img("info", top)
+    with qcowfast.open(top) as img:
+        assert img.read(64 * 1024, 4) == b"\x22" * 4
