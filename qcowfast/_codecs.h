@@ -53,7 +53,14 @@ typedef size_t (*qf_zstd_freeDCtx_fn)(void *dctx);
 typedef size_t (*qf_zstd_DCtx_reset_fn)(void *dctx, int directive);
 typedef size_t (*qf_zstd_decompressStream_fn)(void *dctx, qf_zstd_out *out, qf_zstd_in *in);
 typedef unsigned (*qf_zstd_isError_fn)(size_t code);
+typedef size_t (*qf_zstd_DCtx_setParameter_fn)(void *dctx, int param, int value);
+typedef int (*qf_zstd_getErrorCode_fn)(size_t code);
 #define QF_ZSTD_RESET_SESSION_ONLY 1
+/* zstd.h: ZSTD_d_stableOutBuffer is ZSTD_d_experimentalParam2 (stable since zstd 1.4.4): the
+ * output buffer stays put between calls, so frames decode straight into it, with no window
+ * buffer. zstd_errors.h: ZSTD_error_memory_allocation. */
+#define QF_ZSTD_D_STABLE_OUT_BUFFER 1001
+#define QF_ZSTD_ERROR_MEMORY_ALLOCATION 64
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 static inline uint64_t qf_be64(uint64_t x) { return x; }

@@ -46,7 +46,10 @@ cdef extern from "_codecs.h" nogil:
     ctypedef size_t (*qf_zstd_DCtx_reset_fn)(void *dctx, int directive)
     ctypedef size_t (*qf_zstd_decompressStream_fn)(void *dctx, qf_zstd_out *out, qf_zstd_in *inp)
     ctypedef unsigned (*qf_zstd_isError_fn)(size_t code)
+    ctypedef size_t (*qf_zstd_DCtx_setParameter_fn)(void *dctx, int param, int value)
+    ctypedef int (*qf_zstd_getErrorCode_fn)(size_t code)
     int QF_Z_FINISH, QF_Z_OK, QF_Z_STREAM_END, QF_Z_BUF_ERROR, QF_ZSTD_RESET_SESSION_ONLY
+    int QF_ZSTD_D_STABLE_OUT_BUFFER, QF_ZSTD_ERROR_MEMORY_ALLOCATION
 
 import importlib
 
@@ -56,6 +59,7 @@ cdef enum:
     ZLIB = 0
     ZSTD = 1
     INPUT_EXHAUSTED = -2      # the stream wanted more input than it was given
+    ALLOCATION_FAILED = -3    # the codec could not allocate memory
 
 COMPRESSION_TYPES = {"zlib": ZLIB, "zstd": ZSTD}
 
@@ -71,10 +75,16 @@ cdef qf_zstd_freeDCtx_fn zstd_freeDCtx = NULL
 cdef qf_zstd_DCtx_reset_fn zstd_DCtx_reset = NULL
 cdef qf_zstd_decompressStream_fn zstd_decompressStream = NULL
 cdef qf_zstd_isError_fn zstd_isError = NULL
+cdef qf_zstd_DCtx_setParameter_fn zstd_DCtx_setParameter = NULL
+cdef qf_zstd_getErrorCode_fn zstd_getErrorCode = NULL
 
 
 class CodecUnavailable(QcowError):
     """The C library behind a compression type could not be loaded."""
+
+
+class AllocationFailed(QcowError, MemoryError):
+    """A decompressor could not allocate the memory it needs (not a corrupt cluster)."""
 
 
 cdef void *_open_module(modules, what) except NULL:
@@ -121,6 +131,7 @@ cdef int _load_zlib() except -1:
 
 cdef int _load_zstd() except -1:
     global zstd_createDCtx, zstd_freeDCtx, zstd_DCtx_reset, zstd_decompressStream, zstd_isError
+    global zstd_DCtx_setParameter, zstd_getErrorCode
     if zstd_decompressStream != NULL:
         return 0
     cdef void *h = _open_module(("backports.zstd._zstd", "_zstd"), "zstd")
@@ -128,6 +139,9 @@ cdef int _load_zstd() except -1:
     zstd_freeDCtx = <qf_zstd_freeDCtx_fn>_sym(h, b"ZSTD_freeDCtx", "zstd")
     zstd_DCtx_reset = <qf_zstd_DCtx_reset_fn>_sym(h, b"ZSTD_DCtx_reset", "zstd")
     zstd_isError = <qf_zstd_isError_fn>_sym(h, b"ZSTD_isError", "zstd")
+    zstd_DCtx_setParameter = <qf_zstd_DCtx_setParameter_fn>_sym(h, b"ZSTD_DCtx_setParameter",
+                                                                "zstd")
+    zstd_getErrorCode = <qf_zstd_getErrorCode_fn>_sym(h, b"ZSTD_getErrorCode", "zstd")
     zstd_decompressStream = <qf_zstd_decompressStream_fn>_sym(h, b"ZSTD_decompressStream", "zstd")
     return 0
 
@@ -168,15 +182,24 @@ cdef int _zlib_one(qf_zng_stream *strm, void *ld, const uint8_t *src, int64_t sr
     return -1
 
 
+cdef inline int _zstd_error(size_t ret) noexcept nogil:
+    if zstd_getErrorCode(ret) == QF_ZSTD_ERROR_MEMORY_ALLOCATION:
+        return ALLOCATION_FAILED
+    return -1
+
+
 cdef int _zstd_one(void *dctx, const uint8_t *src, int64_t src_len, uint8_t *dst,
                    int64_t cluster_size) noexcept nogil:
     # QEMU qcow2_zstd_decompress(): decode frames until the cluster is full; an input or output
     # that stops moving, or a frame left unfinished when the cluster is full, is an error.
+    # The context decodes into `dst` directly (stable output buffer), so a frame's window
+    # (up to zstd's default limit of 2^27, as in QEMU) costs no allocation.
     cdef qf_zstd_in inp
     cdef qf_zstd_out out
     cdef size_t ret = 0, last_in, last_out
-    if zstd_isError(zstd_DCtx_reset(dctx, QF_ZSTD_RESET_SESSION_ONLY)):
-        return -1
+    ret = zstd_DCtx_reset(dctx, QF_ZSTD_RESET_SESSION_ONLY)
+    if zstd_isError(ret):
+        return _zstd_error(ret)
     inp.src = src
     inp.size = <size_t>src_len
     inp.pos = 0
@@ -188,7 +211,7 @@ cdef int _zstd_one(void *dctx, const uint8_t *src, int64_t src_len, uint8_t *dst
         last_out = out.pos
         ret = zstd_decompressStream(dctx, &out, &inp)
         if zstd_isError(ret):
-            return -1
+            return _zstd_error(ret)
         if last_in >= inp.pos and last_out >= out.pos:
             return INPUT_EXHAUSTED if inp.pos == inp.size else -1
     return 0 if ret == 0 else -1
@@ -218,13 +241,16 @@ cdef class Decompressor:
         if compression_type == ZLIB:
             self.ld = ld_alloc()
             if self.ld == NULL:
-                raise MemoryError("libdeflate_alloc_decompressor failed")
+                raise AllocationFailed("allocation failed: libdeflate_alloc_decompressor")
             if zng_inflateInit2(&self.zstrm, -12) != QF_Z_OK:
-                raise MemoryError("zlib-ng inflateInit2 failed")
+                raise AllocationFailed("allocation failed: zlib-ng inflateInit2")
         else:
             self.dctx = zstd_createDCtx()
             if self.dctx == NULL:
-                raise MemoryError("ZSTD_createDCtx failed")
+                raise AllocationFailed("allocation failed: ZSTD_createDCtx")
+            if zstd_isError(zstd_DCtx_setParameter(self.dctx, QF_ZSTD_D_STABLE_OUT_BUFFER, 1)):
+                raise CodecUnavailable("the zstd library does not support a stable output "
+                                       "buffer (zstd 1.4.4 or later is needed)")
         self.ready = True
 
     def __dealloc__(self):
@@ -241,6 +267,7 @@ cdef class Decompressor:
 
         Returns -1 when every cluster inflated, else the index of the first that did not; then
         `input_exhausted` tells whether its stream ran out of input (rather than being invalid).
+        Raises AllocationFailed when the codec runs out of memory.
         """
         cdef const uint8_t[::1] s = memoryview(src).cast("B")
         cdef uint8_t[::1] d = memoryview(dst).cast("B")
@@ -279,4 +306,7 @@ cdef class Decompressor:
         finally:
             self.busy = False
         self.input_exhausted = rc == INPUT_EXHAUSTED
+        if rc == ALLOCATION_FAILED:
+            raise AllocationFailed(f"allocation failed while decompressing cluster {j} of the "
+                                   "batch (out of memory)")
         return j if rc else -1

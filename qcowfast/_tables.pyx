@@ -35,7 +35,9 @@ cdef enum:
 cdef uint64_t L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t QCOW_OFLAG_COPIED = 1ULL << 63
 cdef uint64_t QCOW_OFLAG_COMPRESSED = 1ULL << 62
-# Bits 1-8 and 56-61 of a standard L2 entry are reserved (bit 0 too with extended L2).
+# Bits 1-8 and 56-61 of an L2 entry are reserved. With extended L2 bit 0 is reserved too, but
+# QEMU's read path ignores it (qcow2_get_cluster_type() skips the zero flag when the image has
+# subclusters), and so does qcowfast (iotest 271).
 cdef uint64_t L2E_RESERVED = 0x3F000000000001FEULL
 cdef uint64_t L1E_RESERVED = 0x7F000000000001FFULL
 
@@ -94,7 +96,7 @@ cdef int64_t classify_loop(const uint64_t[::1] l2_be, int64_t first, int64_t cou
     cdef int csize_shift = 62 - (cluster_bits - 8)
     cdef uint64_t csize_mask = (1ULL << (cluster_bits - 8)) - 1
     cdef uint64_t coffset_mask = (1ULL << csize_shift) - 1
-    cdef uint64_t reserved = L2E_RESERVED | (1 if extended else 0)
+    cdef uint64_t reserved = L2E_RESERVED
     cdef int64_t i, n = 0, guest, host, coffset, csize
     cdef uint64_t entry, bitmap, offset
     cdef int sc, run_start, kind, prev_kind
@@ -111,8 +113,8 @@ cdef int64_t classify_loop(const uint64_t[::1] l2_be, int64_t first, int64_t cou
                 bad_index[0] = i; bad_code[0] = E_COMPRESSED_COPIED; return -1
             if data_file:
                 bad_index[0] = i; bad_code[0] = E_COMPRESSED_DATA_FILE; return -1
-            if bitmap:
-                bad_index[0] = i; bad_code[0] = E_COMPRESSED_BITMAP; return -1
+            # A compressed cluster's subcluster bitmap is ignored on read
+            # (qcow2_get_subcluster_type() returns COMPRESSED first); `check` reports it.
             coffset = <int64_t>(entry & coffset_mask)
             csize = <int64_t>(((entry >> csize_shift) & csize_mask) + 1) * 512 - (coffset & 511)
             if coffset >= host_limit:
@@ -317,3 +319,39 @@ cdef inline int _block_nonzero(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end)
             return 1
         j += 1
     return 0
+
+
+# -- small lookups: image.py's lean path for small reads ------------------------------------------
+# One shared set of output buffers: classify_small runs classify_loop with the GIL held and calls
+# no Python in between, so no other thread can use the buffers meanwhile.
+cdef enum:
+    SMALL_RUNS = 1024
+SMALL_ENTRIES = SMALL_RUNS          # standard entries per call (extended: SMALL_RUNS // 32)
+_small = [np.empty(SMALL_RUNS, np.int64) for _ in range(4)] + [np.empty(SMALL_RUNS, np.uint8)]
+cdef int64_t[::1] _s_guest = _small[0], _s_len = _small[1], _s_host = _small[2]
+cdef int64_t[::1] _s_csize = _small[3]
+cdef uint8_t[::1] _s_kind = _small[4]
+
+
+def classify_small(l2_u64, Py_ssize_t first, Py_ssize_t count, int cluster_bits, int flags,
+                   int64_t guest_base, int64_t host_limit):
+    """classify_l2 for a few entries of a native-order uint64 view of a big-endian table.
+
+    Returns a list of (guest, length, kind, host, csize) tuples; at most SMALL_ENTRIES standard
+    or SMALL_ENTRIES // 32 extended entries per call. Raises L2EntryError like classify_l2.
+    """
+    cdef const uint64_t[::1] tbl = l2_u64
+    cdef int64_t width = 2 if flags & FLAG_EXTENDED_L2 else 1
+    cdef int64_t bad_index = -1, n, i
+    cdef int bad_code = E_OK
+    if not 9 <= cluster_bits <= 21:
+        raise ValueError("cluster_bits out of range")
+    if first < 0 or count < 0 or (first + count) * width > tbl.shape[0]:
+        raise ValueError("entry range outside the table")
+    if count * (32 if width == 2 else 1) > SMALL_RUNS:
+        raise ValueError("too many entries for classify_small")
+    n = classify_loop(tbl, first, count, cluster_bits, flags, guest_base, host_limit,
+                      _s_guest, _s_len, _s_kind, _s_host, _s_csize, &bad_index, &bad_code)
+    if n < 0:
+        raise L2EntryError(bad_index, bad_code)
+    return [(_s_guest[i], _s_len[i], _s_kind[i], _s_host[i], _s_csize[i]) for i in range(n)]

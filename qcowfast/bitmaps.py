@@ -28,6 +28,7 @@ BT_DIRTY_TRACKING_BITMAP = 1
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+_SCAN_BYTES = 8 * 1024 * 1024
 
 _DIR_ENTRY = struct.Struct(">QIIBBHI")   # table offset, table size, flags, type, gran, name, extra
 
@@ -159,3 +160,39 @@ def bad_table_entries(table: np.ndarray, cluster_size: int) -> np.ndarray:
     bad |= has & ((table & np.uint64(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
     bad |= has & ((offset & np.uint64(cluster_size - 1)) != 0)
     return bad
+
+
+def check_bitmaps_at_open(fd: int, header: Header, file_size: int) -> None:
+    """Refuse what QEMU refuses when it loads the bitmaps at open (qcow2_load_dirty_bitmaps()).
+
+    The directory is validated (bitmap_list_load(), check_dir_entry()) and so is the table of
+    every bitmap not marked in use (load_bitmap() -> bitmap_table_load(), check_table_entry());
+    table bytes past the end of the file read as zeros, which are valid entries. Each byte of
+    the file is read at most once, however many tables overlap.
+    Raises FormatError, TruncatedImage or CorruptImage.
+    """
+    loaded = [bm for bm in read_bitmap_directory(fd, header, file_size) if not bm.in_use]
+    spans = sorted((bm.table_offset, min(bm.table_offset + bm.table_size * 8, file_size))
+                   for bm in loaded if bm.table_offset < file_size)
+    bad_at: list[np.ndarray] = []
+    pos = 0
+    for start, end in spans:
+        start = max(start, pos)
+        while start < end:                   # the union of the tables, in chunks of 8 MiB
+            n = min(end - start, _SCAN_BYTES)
+            raw = np.frombuffer(pread_padded(fd, n, start), ">u8").astype(np.uint64)
+            bad_at.append(np.flatnonzero(bad_table_entries(raw, header.cluster_size)) * 8 + start)
+            start += n
+        pos = max(pos, end)
+    bad = np.sort(np.concatenate(bad_at)) if bad_at else np.zeros(0, np.int64)
+    if not len(bad):
+        return
+    for bm in loaded:
+        lo, hi = np.searchsorted(bad, [bm.table_offset, bm.table_offset + bm.table_size * 8])
+        if hi > lo:
+            offset = int(bad[lo])
+            entry = int.from_bytes(pread_padded(fd, 8, offset), "big")
+            raise CorruptImage(f"bitmap {bm.name!r}: bitmap table entry "
+                               f"{(offset - bm.table_offset) // 8} ({entry:#018x}) is invalid "
+                               "(reserved bits, an unaligned offset, or the all-ones flag with "
+                               "an offset)")

@@ -15,7 +15,7 @@ from .constants import (
     MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear, CompressionType,
     CryptMethod, ExtensionType, IMPLEMENTED_INCOMPATIBLE, INCOMPATIBLE_NAMES, Incompatible,
 )
-from .errors import EncryptedImage, FormatError, TruncatedImage, UnsupportedFeature
+from .errors import EncryptedImage, FormatError, QcowError, TruncatedImage, UnsupportedFeature
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
@@ -129,11 +129,12 @@ def feature_name(header_names: dict, kind: int, bit: int) -> str:
     return f"unknown {('incompatible', 'compatible', 'autoclear')[kind]} feature bit {bit}"
 
 
-def parse_header(data: bytes, file_size: int) -> Header:
+def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) -> Header:
     """Parse and validate a header from the first cluster (or less, at end of file) of an image.
 
     `data` must hold the first min(file_size, 2 MiB) bytes; all offsets are checked against
-    `file_size`. Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage.
+    `file_size`. Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage
+    (unless `allow_encrypted`, for describing an image without reading its data).
     """
     if len(data) < V2_HEADER_LENGTH:
         if data[:4] == QCOW_MAGIC or len(data) < 4:
@@ -187,9 +188,11 @@ def parse_header(data: bytes, file_size: int) -> Header:
         bits = [b for b in range(64) if unknown >> b & 1]
         raise UnsupportedFeature("unsupported incompatible feature: "
                                  + ", ".join(feature_name(names, 0, b) for b in bits))
-    if crypt_method:
-        method = {CryptMethod.AES: "legacy AES", CryptMethod.LUKS: "LUKS"}.get(
-            crypt_method, f"unknown method {crypt_method}")
+    if crypt_method not in (CryptMethod.NONE, CryptMethod.AES, CryptMethod.LUKS):
+        raise EncryptedImage(f"image is encrypted (unknown method {crypt_method} in "
+                             "crypt_method); qcowfast does not decrypt images")
+    if crypt_method and not allow_encrypted:
+        method = {CryptMethod.AES: "legacy AES", CryptMethod.LUKS: "LUKS"}[crypt_method]
         raise EncryptedImage(f"image is encrypted ({method}); qcowfast does not decrypt images")
     _check_compression(fields.get("compression_type", 0), incompatible)
     if incompatible & Incompatible.EXTENDED_L2 and cluster_bits < 14:
@@ -223,6 +226,10 @@ def parse_header(data: bytes, file_size: int) -> Header:
                  cluster_size, file_size)
     if nb_snapshots > MAX_SNAPSHOTS:
         raise FormatError(f"too many snapshots ({nb_snapshots}, limit {MAX_SNAPSHOTS})")
+    # QEMU validates the snapshot table's offset even when there are no snapshots.
+    if snapshots_offset % cluster_size or snapshots_offset + 40 * nb_snapshots >= 1 << 63:
+        raise FormatError(f"snapshots_offset {snapshots_offset:#x} is invalid (not aligned to the "
+                          f"cluster size {cluster_size})")
     if nb_snapshots:
         _check_table("snapshot table", snapshots_offset, 40 * nb_snapshots, cluster_size, file_size)
 
@@ -235,23 +242,45 @@ def parse_header(data: bytes, file_size: int) -> Header:
     if ext_fields.get("bitmaps") is not None and not (
             fields.get("autoclear_features", 0) & Autoclear.BITMAPS):
         ext_fields["bitmaps"] = None  # stale extension: QEMU ignores it without the autoclear bit
-    if ext_fields.get("crypto_header") is not None and not crypt_method:
-        raise FormatError("full disk encryption header extension in an unencrypted image")
+    if ext_fields.get("crypto_header") is not None and crypt_method != CryptMethod.LUKS:
+        # QEMU qcow2_read_extensions(): only LUKS has a full disk encryption header.
+        raise FormatError("full disk encryption header extension in an image that is not "
+                          "LUKS-encrypted")
     return Header(**fields, **ext_fields)
 
 
-def read_header(fd: int, file_size: int, *, tables_in_file: bool = True) -> Header:
+def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
+                name: str | None = None, allow_encrypted: bool = False) -> Header:
     """Parse the header of the QCOW2 image open on `fd` (reads at most its first cluster).
 
     With `tables_in_file=False` the L1, refcount and snapshot tables may extend past the end of
-    the file (QEMU opens such images and reads zeros there; `check` reports them).
+    the file (QEMU opens such images and reads zeros there; `check` reports them), and a
+    missing refcount table is accepted as `qemu-img check` accepts it (QEMU's BDRV_O_CHECK);
+    call `require_refcount_table` to refuse it as every other qemu-img command does.
+    Errors name the image as `name` when given (`x.img: not a QCOW2 image (bad magic)`).
     """
-    first = os.pread(fd, 72, 0)
-    if len(first) >= 24 and first[:4] == QCOW_MAGIC:
-        cluster_bits = int.from_bytes(first[20:24], "big")
-        span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
-        first = os.pread(fd, min(span, file_size), 0)
-    return parse_header(first, file_size if tables_in_file else 1 << 63)
+    try:
+        first = os.pread(fd, 72, 0)
+        if len(first) >= 24 and first[:4] == QCOW_MAGIC:
+            cluster_bits = int.from_bytes(first[20:24], "big")
+            span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
+            first = os.pread(fd, min(span, file_size), 0)
+        header = parse_header(first, file_size if tables_in_file else 1 << 63,
+                              allow_encrypted=allow_encrypted)
+        if tables_in_file:
+            require_refcount_table(header)
+        return header
+    except QcowError as exc:
+        if name is None:
+            raise
+        raise type(exc)(f"{name}: {exc}") from None
+
+
+def require_refcount_table(header: Header) -> None:
+    """Refuse an image without a refcount table, as QEMU's qcow2_do_open() does at open."""
+    if header.refcount_table_clusters == 0:
+        raise FormatError("refcount_table_clusters is 0: the image does not contain a reference "
+                          "count table")
 
 
 def _check_compression(compression_type: int, incompatible: int) -> None:
@@ -282,15 +311,27 @@ def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:
     offset = start
     seen = set()
     end = min(area_end, len(data))
-    while offset + _EXT.size <= end:
+    while offset < area_end:
+        # QEMU checks both the 8-byte extension header and its data against the end of the
+        # area before it looks at the type ("Header extension too large"), so even an end
+        # marker must fit.
+        if offset + _EXT.size > area_end:
+            raise FormatError(f"header extension at {offset:#x}: its 8-byte header runs past the "
+                              f"end of the header area at {area_end:#x} (header extension too "
+                              "large)")
+        if offset >= len(data):
+            break  # past the end of the file QEMU reads zeros: the end marker
+        if offset + _EXT.size > len(data):
+            raise TruncatedImage(f"header extension at {offset:#x} runs past the end of the file "
+                                 f"({len(data)} bytes)")
         ext_type, length = _EXT.unpack_from(data, offset)
         offset += _EXT.size
-        if ext_type == ExtensionType.END:
-            break
         if length > area_end - offset:
             raise FormatError(f"header extension {ext_type:#010x} at {offset - _EXT.size:#x}: "
                               f"length {length} runs past the end of the header area "
-                              f"({area_end - offset} bytes left)")
+                              f"({area_end - offset} bytes left; header extension too large)")
+        if ext_type == ExtensionType.END:
+            break
         if length > end - offset:
             raise TruncatedImage(f"header extension {ext_type:#010x} at {offset - _EXT.size:#x}: "
                                  f"{length} bytes run past the end of the file ({len(data)} bytes)")

@@ -1,9 +1,14 @@
 """Internal snapshots: the snapshot table and the lookup of one snapshot by id or name.
 
 Layout: QEMU docs/interop/qcow2.txt "Snapshots"; reading and lookup follow QEMU
-block/qcow2-snapshot.c (qcow2_do_read_snapshots(), find_snapshot_by_id_or_name()) and the table
-checks of qcow2_validate_table(). Every length and offset is checked against QEMU's limits and
-the file size before it is used.
+block/qcow2-snapshot.c (qcow2_do_read_snapshots(), find_snapshot_by_id_and_name(),
+qcow2_snapshot_load_tmp()) and the table checks of qcow2_validate_table(). Every length and
+offset is checked against QEMU's limits and the file size before it is used.
+
+Reading a snapshot follows qcow2_snapshot_load_tmp(): the guest keeps the image's current
+virtual size and only the L1 table is switched, so past the end of the snapshot's L1 table
+(which may be shorter than the header's) clusters are unallocated and the backing file shows
+through. The snapshot's own disk size stays metadata (`Snapshot.disk_size`).
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from .constants import MAX_L1_BYTES, MAX_SNAPSHOTS
-from .errors import FormatError, SnapshotNotFound, TruncatedImage
+from .errors import CorruptImage, FormatError, SnapshotNotFound, TruncatedImage
+from .refcounts import pread_padded
 
 # QCowSnapshotHeader: l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
 # vm_clock_nsec, vm_state_size, extra_data_size (40 bytes, each entry 8-byte aligned).
@@ -20,6 +26,7 @@ _ENTRY = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOTS_SIZE = 64 * 1024 * 1024       # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
 MAX_EXTRA_DATA = 1024                       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 _READ_AHEAD = 64 * 1024
+SECTOR = 512
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,8 @@ class Snapshot:
 
     `vm_state_size` is the 64-bit size from the extra data when present, else the 32-bit field;
     `disk_size` is the snapshot's virtual disk size (the image's current size when the entry has
-    no extra data for it); `icount` is -1 when not recorded. `id` and `name` are decoded as UTF-8
+    no extra data for it), metadata only: a snapshot is read at the image's current size, as
+    qemu-img reads it; `icount` is -1 when not recorded. `id` and `name` are decoded as UTF-8
     with undecodable bytes kept as surrogate escapes.
     """
     id: str
@@ -79,7 +87,7 @@ def read_snapshots(image) -> list[Snapshot]:
     Parameters
     ----------
     image : Image
-        An image whose `header`, `_fd`, `file_size` and `_l2_per_l1` are set.
+        An image whose `header`, `_fd` and `file_size` are set.
 
     Returns
     -------
@@ -89,10 +97,9 @@ def read_snapshots(image) -> list[Snapshot]:
     Raises
     ------
     FormatError
-        A length or offset breaks a QEMU limit (extra data over 1 KiB, table over 64 MiB, L1 table
-        over 32 MiB, unaligned, or too small for the snapshot's disk size).
+        A length or offset breaks a QEMU limit (extra data over 1 KiB, table over 64 MiB).
     TruncatedImage
-        The table or a snapshot's L1 table runs past the end of the file.
+        The table runs past the end of the file.
     """
     h = image.header
     count, start = h.nb_snapshots, h.snapshots_offset
@@ -122,40 +129,91 @@ def read_snapshots(image) -> list[Snapshot]:
         extra = body[:extra_len]
         ident = body[extra_len:extra_len + id_len].decode("utf-8", "surrogateescape")
         name = body[extra_len + id_len:].decode("utf-8", "surrogateescape")
-        label = _label(i, ident, name)
         # Extra data (qcow2.txt): 64-bit VM state size, disk size, icount; unknown fields ignored.
         vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
         disk_size = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else h.size
         icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
-        _check_l1(image, label, l1_offset, l1_size, disk_size)
         out.append(Snapshot(ident, name, l1_offset, l1_size, vm_state, disk_size, date_sec,
                             date_nsec, vm_clock_nsec, icount, extra_len))
         pos = end
     return out
 
 
-def _check_l1(image, label: str, offset: int, entries: int, disk_size: int) -> None:
-    """Check a snapshot's L1 table like QEMU's qcow2_validate_table(), plus the file bounds."""
+def check_l1(image, snap: Snapshot) -> None:
+    """Check the L1 table of the snapshot about to be read (QEMU qcow2_snapshot_load_tmp()).
+
+    QEMU's qcow2_validate_table() rules (at most 32 MiB, cluster aligned), plus the file bounds
+    qcowfast keeps for every table. A table shorter than the disk needs is legal (iotest 029):
+    the clusters it does not cover read as unallocated.
+    """
     h = image.header
-    if disk_size >= 1 << 63:
-        raise FormatError(f"{label}: disk size {disk_size} too large")
+    label = f"snapshot (id {snap.id!r}, name {snap.name!r})"
+    offset, entries = snap.l1_table_offset, snap.l1_size
     if entries * 8 > MAX_L1_BYTES:
         raise FormatError(f"{label}: L1 table too large ({entries} entries, limit "
                           f"{MAX_L1_BYTES // 8})")
-    if offset % h.cluster_size:
+    if offset % h.cluster_size or offset + entries * 8 >= 1 << 63:
         raise FormatError(f"{label}: L1 table offset {offset:#x} is not aligned to the cluster "
                           f"size {h.cluster_size}")
     if entries and offset + entries * 8 > image.file_size:
         raise TruncatedImage(f"{label}: L1 table at {offset:#x} ({entries * 8} bytes) runs past "
                              f"the end of the file ({image.file_size} bytes)")
-    needed = -(-disk_size // image._l2_per_l1)
-    if entries < needed:
-        raise FormatError(f"{label}: L1 table too small: {entries} entries for a disk size of "
-                          f"{disk_size} bytes needs {needed}")
+
+
+def parse_snapshot_option(text) -> dict:
+    """Parse a snapshot selector the way `qemu-img convert -l` does.
+
+    ``snapshot.name=NAME`` and ``snapshot.id=ID`` (QEMU option syntax: comma-separated, ``,,``
+    for a literal comma; both may be given) select by name and/or id. Any other text selects
+    by id, else by name (bdrv_snapshot_load_tmp_by_id_or_name()).
+
+    Returns
+    -------
+    dict
+        ``{"id": ..., "name": ...}`` with the keys given, or ``{"id_or_name": text}``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``snapshot.`` option, or one without a value.
+    """
+    text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
+    if not text.startswith("snapshot."):
+        return {"id_or_name": text}
+    out: dict = {}
+    for item in _split_opts(text):
+        key, sep, value = item.partition("=")
+        if key not in ("snapshot.id", "snapshot.name") or not sep:
+            raise ValueError(f"invalid snapshot option {item!r} (expected snapshot.id=ID or "
+                             "snapshot.name=NAME)")
+        out[key[len("snapshot."):]] = value
+    return out
+
+
+def _split_opts(text: str) -> list[str]:
+    """Split QEMU option text at single commas; ',,' stands for a comma."""
+    items, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    items.append("".join(cur))
+    return items
 
 
 def find_snapshot(image, key) -> Snapshot:
-    """Return the snapshot whose id is `key`, else the first whose name is `key` (like QEMU).
+    """Return the snapshot `key` selects, as qemu-img does.
+
+    `key` is a dict from `parse_snapshot_option`, or text in any of its spellings: a plain id or
+    name looks up the id first, then the name; with both ``snapshot.id`` and ``snapshot.name``
+    one snapshot must have both (find_snapshot_by_id_and_name()).
 
     Raises
     ------
@@ -163,16 +221,90 @@ def find_snapshot(image, key) -> Snapshot:
         No snapshot matches; the message lists the snapshots the image has.
     FormatError, TruncatedImage
         The snapshot table is invalid (see `read_snapshots`).
+    ValueError
+        `key` is malformed option text.
     """
-    key = os.fsdecode(key) if isinstance(key, bytes) else str(key)
+    select = key if isinstance(key, dict) else parse_snapshot_option(key)
     snaps = read_snapshots(image)
-    for attr in ("id", "name"):
+    if "id_or_name" in select:
+        wanted = select["id_or_name"]
+        tries = [{"id": wanted}, {"name": wanted}]
+        shown = f"id or name {wanted!r}"
+    else:
+        tries = [select]
+        shown = " and ".join(f"{k} {v!r}" for k, v in select.items())
+    for want in tries:
         for snap in snaps:
-            if getattr(snap, attr) == key:
+            if all(getattr(snap, k) == v for k, v in want.items()):
                 return snap
     listing = ", ".join(f"id {s.id!r} name {s.name!r}" for s in snaps) or "none"
-    raise SnapshotNotFound(f"{image.filename}: no snapshot with id or name {key!r} "
+    raise SnapshotNotFound(f"{image.filename}: no snapshot with {shown} "
                            f"(snapshots: {listing})")
 
 
-__all__ = ["Snapshot", "SnapshotNotFound", "read_snapshots", "find_snapshot"]
+def read_snapshot_table(fd: int, header) -> tuple[list[Snapshot], int]:
+    """Walk the snapshot table as QEMU's qcow2_do_read_snapshots() does when it opens an image.
+
+    Only the table-level rules QEMU enforces at open are checked (extra data over 1 KiB, a table
+    over 64 MiB); bytes past the end of the file read as zeros and each snapshot's L1 table is
+    left alone, so this refuses exactly the images QEMU refuses to open. Ids and names end at
+    their first NUL byte (C strings, as QEMU prints them).
+
+    Returns (snapshots, table size in bytes). Raises CorruptImage.
+    """
+    start, count = header.snapshots_offset, header.nb_snapshots
+    window_base, window = start, b""
+
+    def get(offset: int, n: int) -> bytes:
+        nonlocal window_base, window
+        if not (window_base <= offset and offset + n <= window_base + len(window)):
+            window_base, window = offset, pread_padded(fd, max(n, _READ_AHEAD), offset)
+        lo = offset - window_base
+        return window[lo:lo + n]
+
+    out = []
+    pos = start
+    for i in range(count):
+        pos = (pos + 7) & ~7
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
+         extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size))
+        if extra_len > MAX_EXTRA_DATA:
+            raise CorruptImage(f"snapshot table entry {i}: extra_data_size {extra_len} exceeds "
+                               f"QEMU's limit of {MAX_EXTRA_DATA} bytes")
+        end = pos + _ENTRY.size + extra_len + id_len + name_len
+        if end - start > MAX_SNAPSHOTS_SIZE:
+            raise CorruptImage(f"snapshot table is larger than QEMU's limit of "
+                               f"{MAX_SNAPSHOTS_SIZE} bytes (at entry {i})")
+        body = get(pos + _ENTRY.size, end - pos - _ENTRY.size)
+        extra = body[:extra_len]
+        ident = body[extra_len:extra_len + id_len].split(b"\0", 1)[0]
+        name = body[extra_len + id_len:].split(b"\0", 1)[0]
+        vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
+        disk_size = (int.from_bytes(extra[8:16], "big") if extra_len >= 16
+                     else header.size // SECTOR * SECTOR)
+        icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
+        out.append(Snapshot(ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
+                            l1_offset, l1_size, vm_state, disk_size, date_sec, date_nsec,
+                            vm_clock_nsec, icount, extra_len))
+        pos = end
+    return out, pos - start
+
+
+
+
+def check_at_open(image) -> None:
+    """Refuse what QEMU's qcow2_do_open() refuses beyond the header, for an opened `image`.
+
+    The snapshot table (qcow2_read_snapshots()) and the persistent bitmaps
+    (qcow2_load_dirty_bitmaps()) are read and checked like QEMU does when it opens an image.
+    """
+    h = image.header
+    if h.nb_snapshots:
+        read_snapshot_table(image._fd, h)
+    if h.bitmaps is not None:
+        from .bitmaps import check_bitmaps_at_open
+        check_bitmaps_at_open(image._fd, h, image.file_size)
+
+
+__all__ = ["Snapshot", "SnapshotNotFound", "read_snapshots", "read_snapshot_table",
+           "find_snapshot", "parse_snapshot_option", "check_l1", "check_at_open"]

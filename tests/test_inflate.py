@@ -127,3 +127,55 @@ def test_threads_inflate_concurrently_with_their_own_decompressors():
     for t in threads:
         t.join()
     assert results == [True] * 4
+
+
+def _unknown_size_frame(data: bytes, window_log: int) -> bytes:
+    """A zstd frame declaring a 2**window_log window (no content size, so the header keeps it)."""
+    c = zstd.ZstdCompressor(options={zstd.CompressionParameter.window_log: window_log,
+                                     zstd.CompressionParameter.content_size_flag: 0})
+    frame = c.compress(data) + c.flush()
+    # Frame header (RFC 8878 3.1.1.1): no single-segment flag, so a window descriptor follows;
+    # its exponent says 2**(10 + exponent) bytes.
+    assert not frame[4] & 0x20 and 10 + (frame[5] >> 3) == window_log
+    return frame
+
+
+_LIMITED_CHILD = r"""
+import resource, sys
+import numpy as np
+from qcowfast._inflate import Decompressor
+frame = open(sys.argv[1], "rb").read()
+dec = Decompressor(1, 65536)
+out = bytearray(65536)
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+limit = vm + 48 * 1024 * 1024        # far less than the 128 MiB window the frame declares
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+rc = dec.inflate_batch(frame, np.array([0]), np.array([len(frame)]), out, np.array([0]))
+sys.stdout.buffer.write(bytes(out) if rc == -1 else b"failed %d" % rc)
+"""
+
+
+def test_zstd_window_needs_no_window_buffer(tmp_path):
+    """A frame declaring zstd's default maximum window (2**27, what QEMU decodes) inflates with
+    far less address space than that window: the cluster is decoded straight into its output."""
+    import subprocess
+    import sys
+    data = b"".join(b"window %06d " % i for i in range(6000))[:65536]
+    (tmp_path / "frame.zst").write_bytes(_unknown_size_frame(data, 27))
+    proc = subprocess.run([sys.executable, "-c", _LIMITED_CHILD, str(tmp_path / "frame.zst")],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == data
+
+
+def test_zstd_window_over_qemu_limit_is_refused():
+    """2**28 is over zstd's default window limit, which QEMU keeps: refused, as qemu-img does."""
+    data = bytes(range(256)) * 256
+    frame = _unknown_size_frame(data, 28)
+    unlimited = zstd.ZstdDecompressor(options={zstd.DecompressionParameter.window_log_max: 31})
+    assert unlimited.decompress(frame) == data   # valid for a decoder without the limit
+    dec = Decompressor(COMPRESSION_TYPES["zstd"], 65536)
+    out = bytearray(65536)
+    assert dec.inflate_batch(frame, np.array([0]), np.array([len(frame)]), out,
+                             np.array([0])) == 0
+    assert not dec.input_exhausted

@@ -19,7 +19,7 @@ import pytest
 
 import qcowfast
 from qcowfast.snapshots import Snapshot, SnapshotNotFound, find_snapshot, read_snapshots
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import QemuToolError, assert_same_bytes, qemu_img, qemu_io, reference_raw
 
 K = 1024
 M = 1024 * 1024
@@ -180,15 +180,14 @@ def test_snapshot_bytes_match_qemu(snap_image, key, select):
     want = snapshot_raw(snap_image, **select)
     with qcowfast.open(snap_image, snapshot=key) as img:
         snap = img.snapshot
-        assert img.virtual_size == snap.disk_size
         got = img.read(0, img.virtual_size)
         extents = list(img.extents())
-    # QEMU reads an older, smaller snapshot at the image's current size (zeros past its end);
-    # qcowfast reads it at the snapshot's own disk size.
-    assert len(want) == SIZE2 and len(got) == snap.disk_size
-    assert_same_bytes(got, want[:len(got)], f"snapshot {key!r}")
-    assert want[len(got):] == bytes(len(want) - len(got))
-    assert sum(e.length for e in extents) == snap.disk_size
+    # QEMU reads an older, smaller snapshot at the image's current size (qcow2_snapshot_load_tmp
+    # switches only the L1 table); its own disk size stays metadata.
+    assert len(want) == SIZE2 and len(got) == SIZE2
+    assert snap.disk_size == dict((i, n) for i, _, n in EXPECTED)[snap.id]
+    assert_same_bytes(got, want, f"snapshot {key!r}")
+    assert sum(e.length for e in extents) == SIZE2
 
 
 def test_snapshots_differ_from_each_other_and_the_active_state(snap_image):
@@ -208,7 +207,7 @@ def test_id_is_looked_up_before_name(snap_image):
              cwd=snap_image.parent)
     by_key = (snap_image.parent / "by-key.raw").read_bytes()
     os.unlink(snap_image.parent / "by-key.raw")
-    assert by_key[:SIZE1] == read_whole(snap_image, snapshot="1")
+    assert by_key == read_whole(snap_image, snapshot="1")
 
 
 def test_unknown_snapshot_lists_the_available_ones(snap_image, workdir):
@@ -233,8 +232,8 @@ def test_convert_snapshot_matches_qemu(snap_image, workdir, key):
     with qcowfast.open(snap_image, snapshot=key) as img:
         select = dict(id=img.snapshot.id)
     want = snapshot_raw(snap_image, **select)
-    assert result.virtual_size == len(got)
-    assert_same_bytes(got, want[:len(got)], f"convert snapshot {key!r}")
+    assert result.virtual_size == len(got) == SIZE2
+    assert_same_bytes(got, want, f"convert snapshot {key!r}")
 
 
 @pytest.fixture(scope="module", params=["extl2-backing", "compressed-zstd", "v2"])
@@ -335,7 +334,7 @@ def test_old_and_future_extra_data(snap_image, workdir, extra):
     for ident, name, _ in expected:
         got = read_whole(top, snapshot=ident)
         want = snapshot_raw(top, id=ident)
-        assert_same_bytes(got, want[:len(got)], f"snapshot {ident} with extra {len(extra)}")
+        assert_same_bytes(got, want, f"snapshot {ident} with extra {len(extra)}")
 
 
 def _field(index: int):
@@ -391,37 +390,78 @@ def _huge_table(path: Path, _):
     patch(path, 60, struct.pack(">IQ", 520, offset))
 
 
-CORRUPTIONS = {
-    # name: (mutator, value, exception, words in the message)
-    "extra-data-too-large": (_field(8), 1025, qcowfast.FormatError, ("entry 1", "extra_data_size")),
-    "l1-unaligned": (_field(0), lambda f: f[0] + 512, qcowfast.FormatError,
-                     ("'second'", "aligned")),
-    "l1-too-large": (_field(1), 4 * M + 1, qcowfast.FormatError, ("'second'", "too large")),
-    "l1-past-eof": (_field(0), 1 << 40, qcowfast.TruncatedImage, ("'second'", "past the end")),
-    "l1-too-small": (_field(1), 1, qcowfast.FormatError, ("'second'", "too small")),
-    "disk-size-beyond-l1": (_disk_size(7 * M), None, qcowfast.FormatError, ("'second'", "too small")),
-    "disk-size-absurd": (_disk_size(1 << 63), None, qcowfast.FormatError, ("'second'", "disk size")),
-    "name-past-eof": (_truncate_table, None, qcowfast.TruncatedImage, ("entry 3", "past the end")),
-    "table-over-64-mib": (_huge_table, None, qcowfast.FormatError, ("64", "larger")),
+# Rules QEMU applies when it opens any image (qcow2_read_snapshots()): the image is refused.
+TABLE_CORRUPTIONS = {
+    # name: (mutator, value, words in qemu-img's message, words in ours)
+    "extra-data-too-large": (_field(8), 1025, "Too much extra metadata",
+                             ("entry 1", "extra_data_size")),
+    "table-over-64-mib": (_huge_table, None, "Snapshot table is too big", ("64", "larger")),
 }
 
 
-@pytest.mark.parametrize("case", CORRUPTIONS)
-def test_broken_snapshot_tables_are_refused(case, snap_image, workdir):
-    mutate, value, exc, words = CORRUPTIONS[case]
+@pytest.mark.parametrize("case", TABLE_CORRUPTIONS)
+def test_broken_snapshot_tables_are_refused_at_open(case, snap_image, workdir):
+    mutate, value, qemu_words, words = TABLE_CORRUPTIONS[case]
+    top = copy_image(snap_image, workdir / f"broken-{case}")
+    mutate(top, value)
+    with pytest.raises(QemuToolError) as qemu:
+        qemu_img("info", top.name, cwd=top.parent)
+    assert qemu_words in str(qemu.value)
+    for kw in ({}, {"snapshot": "first"}):
+        with pytest.raises(qcowfast.QcowError) as info:
+            qcowfast.open(top, **kw)
+        for w in words:
+            assert w in str(info.value), (w, str(info.value))
+    out = workdir / f"broken-{case}.raw"
+    with pytest.raises(qcowfast.QcowError):
+        qcowfast.convert(top, out)
+    assert not out.exists()
+
+
+# Rules QEMU applies to the snapshot it reads (qcow2_snapshot_load_tmp()); the table past the end
+# of the file is qcowfast's documented refusal (QEMU reads zeros there).
+SNAPSHOT_CORRUPTIONS = {
+    # name: (mutator, value, exception, words in the message, qemu-img refuses too)
+    "l1-unaligned": (_field(0), lambda f: f[0] + 512, qcowfast.FormatError,
+                     ("'second'", "aligned"), True),
+    "l1-too-large": (_field(1), 4 * M + 1, qcowfast.FormatError, ("'second'", "too large"),
+                     True),
+    "l1-past-eof": (_field(0), 1 << 40, qcowfast.TruncatedImage, ("'second'", "past the end"),
+                    False),
+    "name-past-eof": (_truncate_table, None, qcowfast.TruncatedImage, ("entry 3", "past the end"),
+                      False),
+}
+
+
+@pytest.mark.parametrize("case", SNAPSHOT_CORRUPTIONS)
+def test_broken_snapshot_is_refused_when_read(case, snap_image, workdir):
+    mutate, value, exc, words, qemu_refuses = SNAPSHOT_CORRUPTIONS[case]
     top = copy_image(snap_image, workdir / f"broken-{case}")
     active = reference_raw(snap_image)
     mutate(top, value)
     with qcowfast.open(top) as img:
-        with pytest.raises(exc) as info:
-            read_snapshots(img)
         # The active state does not depend on the snapshot table.
         assert_same_bytes(img.read(0, img.virtual_size), active, "active state")
+    with pytest.raises(exc) as info:
+        qcowfast.open(top, snapshot="second")
     for w in words:
         assert w in str(info.value), (w, str(info.value))
-    with pytest.raises(exc):
-        qcowfast.open(top, snapshot="first")
+    if qemu_refuses:
+        with pytest.raises(QemuToolError):
+            snapshot_raw(top, name="second")
     out = workdir / f"broken-{case}.raw"
     with pytest.raises(exc):
-        qcowfast.convert(top, out, snapshot="first")
+        qcowfast.convert(top, out, snapshot="second")
     assert not out.exists()
+
+
+# L1 tables shorter than the disk size (iotest 029) and disk sizes QEMU does not look at when it
+# reads a snapshot: read as QEMU reads them.
+@pytest.mark.parametrize("case,mutate,value", [
+    ("l1-too-small", _field(1), 1), ("disk-size-beyond-l1", _disk_size(7 * M), None),
+    ("disk-size-absurd", _disk_size(1 << 63), None)], ids=lambda v: v if isinstance(v, str) else "")
+def test_snapshot_l1_shapes_qemu_reads(case, mutate, value, snap_image, workdir):
+    top = copy_image(snap_image, workdir / f"odd-{case}")
+    mutate(top, value)
+    want = snapshot_raw(top, name="second")
+    assert_same_bytes(read_whole(top, snapshot="second"), want, case)
