@@ -1,0 +1,345 @@
+"""Write a QCOW2 v3 image from any source: zero detection, batch compression on all cores, one
+writer allocating host space in guest order.
+
+Layout (the same bytes for any thread count): the header cluster, then the clusters in guest
+order as QEMU allocates them: plain clusters appended at the end of the file, compressed streams
+packed at byte granularity into the open cluster (qcow2_alloc_bytes: a stream that does not fit
+runs over into the next cluster only when that one directly follows). Each L2 table is appended
+once its guest range is done, each refcount block once its host range is, then the L1 table,
+the last refcount blocks and the refcount table. Memory is bounded: at most MAX_INFLIGHT
+batches of two WRITE_UNIT buffers, one L2 table, a refcount window of about one block, the L1
+and refcount tables (at most 32 MiB and 8 MiB: QEMU's limits).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import struct
+import threading
+from array import array
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _deflate
+from .convert import _Filler, _plan, _write_all
+from .errors import OutputError
+
+COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
+DEFAULT_LEVELS = {"zlib": 6, "zstd": 3}     # Z_DEFAULT_COMPRESSION, ZSTD_CLEVEL_DEFAULT
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_MAX_L1_SIZE = 0x2000000                # bytes (block/qcow2.h)
+QCOW_MAX_REFTABLE_SIZE = 0x800000           # bytes (block/qcow2.h)
+REFCOUNT_ORDER = 4                          # 16-bit refcounts, as qemu-img creates
+WRITE_UNIT = 4 * 1024 * 1024                # guest bytes per batch; fixed: the layout depends
+                                            # on it, and must not depend on the thread count
+MAX_INFLIGHT = 16                           # batches in flight: 2 buffers each, <= 128 MiB
+HEADER_LENGTH = 112
+# Feature name table as QEMU 7.2 writes it (qcow2_update_header): (type, bit, name).
+FEATURE_NAMES = ((0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
+                 (0, 3, b"compression type"), (0, 4, b"extended L2 entries"),
+                 (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"))
+INCOMPAT_COMPRESSION = 1 << 3
+
+
+def _resolve_level(compression, level):
+    if compression is None:
+        if level is not None:
+            raise ValueError("a compression level needs a compression type")
+        return -1, 0
+    if compression not in COMPRESSION_TYPES:
+        raise ValueError(f"unknown compression type {compression!r} (zlib or zstd)")
+    if level is None:
+        level = DEFAULT_LEVELS[compression]
+    if compression == "zlib":
+        if not 1 <= level <= 9:
+            raise ValueError("zlib level must be 1..9")
+        # zlib-ng widens the window to 8 KiB at level 1; QEMU needs 4 KiB: level 2 instead.
+        level = max(level, 2)
+    return COMPRESSION_TYPES[compression], int(level)
+
+
+def _header(vsize, cluster_bits, ctype, l1_size, l1_offset, rt_offset, rt_clusters) -> bytes:
+    ctype = max(ctype, 0)                   # uncompressed images say zlib, as qemu-img's do
+    incompat = INCOMPAT_COMPRESSION if ctype else 0
+    hdr = struct.pack(">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, 0, 0, cluster_bits, vsize, 0,
+                      l1_size, l1_offset, rt_offset, rt_clusters, 0, 0, incompat, 0, 0,
+                      REFCOUNT_ORDER, HEADER_LENGTH)
+    hdr += bytes([ctype]) + bytes(HEADER_LENGTH - len(hdr) - 1)
+    table = b"".join(struct.pack(">BB46s", t, b, name) for t, b, name in FEATURE_NAMES)
+    hdr += struct.pack(">II", 0x6803F857, len(table)) + table
+    return hdr + bytes(8)                   # end of header extensions
+
+
+class _Layout:
+    """The single writer: appends clusters, L2 tables and refcount blocks at the file's end."""
+
+    def __init__(self, fd, cluster_size, vsize):
+        self.fd = fd
+        self.cs = cluster_size
+        self.bits = cluster_size.bit_length() - 1
+        self.l2_entries = cluster_size // 8
+        self.l1_size = -(-vsize // (self.l2_entries * cluster_size))
+        if self.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            raise OutputError(f"virtual size {vsize} needs an L1 table over QEMU's limit of "
+                              f"{QCOW_MAX_L1_SIZE} bytes at cluster size {cluster_size}; use a "
+                              "larger cluster size")
+        self.l1 = np.zeros(self.l1_size, np.uint64)
+        self.cur_t = -1
+        self.cur = np.zeros(self.l2_entries, np.uint64)
+        self.block = cluster_size * 8 >> REFCOUNT_ORDER     # host clusters per refcount block
+        self.rc = np.zeros(self.block, np.uint16)
+        self.rc_base = 0                    # host cluster index of rc[0]
+        self.reftable = array("Q")          # host offsets of the refcount blocks written
+        self.rc[0] = 1                      # the header cluster
+        # [end of file, open cluster of compressed streams (-1: none), bytes in it, carry dirty]
+        self.state = np.array([cluster_size, -1, 0, 0], np.int64)
+        self.carry = np.zeros(cluster_size, np.uint8)    # the open cluster, once written
+
+    @property
+    def pos(self) -> int:
+        return int(self.state[0])
+
+    def need(self, clusters_end):
+        """Make the refcount window reach host cluster `clusters_end` (exclusive)."""
+        want = clusters_end - self.rc_base
+        if want > len(self.rc):
+            grow = max(want - len(self.rc), self.block)
+            self.rc = np.concatenate((self.rc, np.zeros(grow, np.uint16)))
+
+    def append_clusters(self, data: np.ndarray) -> int:
+        """Write whole clusters at the next cluster boundary, refcount 1 each; return offset."""
+        cs = self.cs
+        off = self.pos
+        n = len(data) // cs
+        self.need(off // cs + n)
+        self.rc[off // cs - self.rc_base:off // cs - self.rc_base + n] += 1
+        _write_all(self.fd, memoryview(data).cast("B"), off)
+        self.state[0] = off + len(data)
+        return off
+
+    def append_batch(self, src, offsets, out, sizes, staging, entries, runs):
+        """Allocate and write one batch of clusters (see _deflate.pack)."""
+        cs, n = self.cs, len(sizes)
+        start, carried = self.pos, int(self.state[1])
+        self.need(start // cs + n + 1)
+        end, nruns = _deflate.pack(src, offsets, out, offsets, sizes, self.bits, self.state,
+                                   staging, self.carry, self.rc, self.rc_base, entries, runs)
+        if self.state[3]:
+            _write_all(self.fd, memoryview(self.carry), carried * cs)
+            self.state[3] = 0
+        # Stored clusters go from the source buffer, the rest from staging: one pwritev.
+        pieces, at = [], start
+        st, sv = memoryview(staging), memoryview(src)
+        for host, off, length in runs[:nruns].tolist():
+            if host > at:
+                pieces.append(st[at - start:host - start])
+            pieces.append(sv[off:off + length])
+            at = host + length
+        if end > at:
+            pieces.append(st[at - start:end - start])
+        _writev_all(self.fd, pieces, start)
+        opened = int(self.state[1]) * cs
+        if opened >= start:
+            self.carry[:] = staging[opened - start:opened - start + cs]
+
+    def add_entries(self, g0, entries):
+        """Place L2 entries for guest clusters g0.. and write the L2 tables completed."""
+        e, i, n = self.l2_entries, 0, len(entries)
+        done = []
+        while i < n:
+            t, off = divmod(g0 + i, e)
+            take = min(n - i, e - off)
+            if t != self.cur_t:
+                self._close_table(done)
+                self.cur_t = t
+            self.cur[off:off + take] = entries[i:i + take]
+            i += take
+            if off + take == e:
+                self._close_table(done)
+        self._write_tables(done)
+
+    def _close_table(self, done):
+        if self.cur_t >= 0 and self.cur.any():
+            done.append((self.cur_t, self.cur.copy()))
+        self.cur[:] = 0
+        self.cur_t = -1
+
+    def _write_tables(self, done):
+        if not done:
+            return
+        # (np.concatenate returns native byte order: swap after it)
+        tables = np.concatenate([tbl for _, tbl in done]).astype(">u8")
+        off = self.append_clusters(tables.view(np.uint8))
+        for k, (t, _) in enumerate(done):
+            self.l1[t] = (off + k * self.cs) | QCOW_OFLAG_COPIED
+        self.flush_blocks()
+
+    def flush_blocks(self):
+        """Write every refcount block whose host range lies wholly before the end of the file."""
+        while self.rc_base + self.block <= self.pos // self.cs:
+            if self.rc_base <= self.state[1] < self.rc_base + self.block:
+                self.state[1] = -1          # close the open cluster: its refcount is final
+            blk = self.rc[:self.block].astype(">u2")
+            self.need(self.rc_base + self.block + 1)
+            self.rc = self.rc[self.block:].copy()
+            self.rc_base += self.block
+            # Its own cluster lies past the range it covers, in the window's new first block.
+            self.reftable.append(self.append_clusters(blk.view(np.uint8)))
+
+    def finish(self, vsize, ctype) -> int:
+        """Write the last L2 table, L1, the last refcount blocks, the refcount table, the header."""
+        done = []
+        self._close_table(done)
+        self._write_tables(done)
+        cs = self.cs
+        l1_offset = 0
+        if self.l1_size:
+            l1 = np.zeros(-(-self.l1_size * 8 // cs) * cs // 8, ">u8")
+            l1[:self.l1_size] = self.l1
+            l1_offset = self.append_clusters(l1.view(np.uint8))
+        self.flush_blocks()
+        # The last refcount blocks and the refcount table must cover themselves
+        # (qcow2-refcount.c, qcow2_refcount_area): iterate to the fixed point.
+        end = self.pos // cs
+        blocks = rt_clusters = 0
+        while True:
+            total = -(-(end + blocks + rt_clusters) // self.block)
+            nb, nt = total - len(self.reftable), -(-total * 8 // cs)
+            if (nb, nt) == (blocks, rt_clusters):
+                break
+            blocks, rt_clusters = nb, nt
+        if rt_clusters * cs > QCOW_MAX_REFTABLE_SIZE:
+            raise OutputError("the image needs a refcount table over QEMU's limit of "
+                              f"{QCOW_MAX_REFTABLE_SIZE} bytes; use a larger cluster size")
+        self.need(end + blocks + rt_clusters)
+        self.rc[end - self.rc_base:end + blocks + rt_clusters - self.rc_base] += 1
+        area = np.zeros(blocks * self.block, ">u2")
+        live = self.rc[:blocks * self.block]
+        area[:len(live)] = live
+        self.reftable.extend((end + k) * cs for k in range(blocks))
+        reftable = np.zeros(rt_clusters * cs // 8, ">u8")
+        reftable[:len(self.reftable)] = np.frombuffer(self.reftable, np.uint64)
+        rt_offset = (end + blocks) * cs
+        _write_all(self.fd, memoryview(area.view(np.uint8)), end * cs)
+        _write_all(self.fd, memoryview(reftable.view(np.uint8)), rt_offset)
+        self.state[0] = rt_offset + rt_clusters * cs
+        hdr = _header(vsize, self.bits, ctype, self.l1_size, l1_offset, rt_offset, rt_clusters)
+        _write_all(self.fd, hdr, 0)
+        return self.pos
+
+
+def _writev_all(fd, pieces, offset):
+    """pwritev the buffers in order from `offset`, in groups the kernel accepts."""
+    for k in range(0, len(pieces), 512):
+        group = pieces[k:k + 512]
+        done = os.pwritev(fd, group, offset)
+        want = sum(map(len, group))
+        if done < want:                     # short write: finish piece by piece
+            pos = offset
+            for piece in group:
+                if pos + len(piece) > offset + done:
+                    skip = max(0, offset + done - pos)
+                    _write_all(fd, piece[skip:], pos + skip)
+                pos += len(piece)
+        offset += want
+
+
+def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536, threads=None,
+                progress=None) -> int:
+    """Write `source` as a QCOW2 v3 image into the empty regular file `fd`.
+
+    Parameters
+    ----------
+    source : Image or top-level raw image
+        What to write (has virtual_size, _runs, layer()).
+    fd : int
+        An open, empty, writable regular file.
+    compression : None, "zlib" or "zstd"
+        Store every cluster that shrinks compressed, as QEMU does; None writes a plain sparse
+        image. All-zero clusters are never stored.
+    level : int, optional
+        zlib 1..9 (default 6; 1 is written as 2: zlib-ng's level 1 uses an 8 KiB window, QEMU
+        needs 4 KiB) or a zstd level (default 3).
+    cluster_size : int
+        Power of two from 512 to 2 MiB.
+    threads : int, optional
+        Compression threads (default: all cores). The output is the same for any count.
+    progress : callable(done_bytes, total_bytes), optional
+        Called from the calling thread as guest space is finished.
+
+    Returns
+    -------
+    int
+        Size of the written file.
+    """
+    if not 512 <= cluster_size <= 1 << 21 or cluster_size & (cluster_size - 1):
+        raise ValueError("cluster_size must be a power of two from 512 to 2 MiB")
+    ctype, level = _resolve_level(compression, level)
+    threads = threads or len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    vsize = -(-source.virtual_size // 512) * 512     # qcow2_co_create_opts() rounds up
+    cs = cluster_size
+    layout = _Layout(fd, cs, vsize)
+    unit = WRITE_UNIT                       # a multiple of every cluster size (<= 2 MiB)
+    filler = _Filler(source, unit)
+    ncl = unit // cs
+    offsets = np.arange(ncl, dtype=np.int64) * cs
+    local = threading.local()
+    spare: queue.SimpleQueue = queue.SimpleQueue()
+    inflight = min(2 * threads + 2, MAX_INFLIGHT)
+    staging = np.empty(unit + cs, np.uint8)
+    entries = np.empty(ncl, np.uint64)
+    stored_runs = np.empty((ncl, 3), np.int64)
+    _deflate.Compressor(ctype, cs, level)       # fail early on a missing library or bad level
+
+    def work(ui, runs):
+        comp = getattr(local, "comp", None)
+        if comp is None:
+            comp = local.comp = _deflate.Compressor(ctype, cs, level)
+        try:
+            bufs = spare.get_nowait()
+        except queue.Empty:
+            bufs = (np.empty(unit, np.uint8), np.empty(unit if ctype >= 0 else cs, np.uint8),
+                    np.empty(ncl, np.int64))
+        src, out, sizes = bufs
+        ulen = filler.fill(ui, runs, src)
+        n = -(-ulen // cs)
+        src[ulen:n * cs] = 0                # the last cluster is zero-padded (QEMU does)
+        comp.compress_batch(src, offsets[:n], out, offsets[:n], sizes[:n])
+        return bufs, n, ulen
+
+    def done(ui, result):
+        bufs, n, ulen = result
+        src, out, sizes = bufs
+        layout.append_batch(src, offsets[:n], out, sizes[:n], staging, entries[:n],
+                            stored_runs)
+        spare.put(bufs)
+        layout.flush_blocks()
+        layout.add_entries(ui * unit // cs, entries[:n])
+        if progress:
+            progress(ui * unit + ulen, source.virtual_size)
+
+    # Never more workers than batches in flight (each holds a Compressor and two buffers).
+    with ThreadPoolExecutor(min(threads, MAX_INFLIGHT), thread_name_prefix="qcowfast-w") as pool:
+        pending: deque = deque()
+        try:
+            for ui, runs in _plan(source, unit):
+                pending.append((ui, pool.submit(work, ui, runs)))
+                if len(pending) >= inflight:
+                    u, fut = pending.popleft()
+                    done(u, fut.result())
+            while pending:
+                u, fut = pending.popleft()
+                done(u, fut.result())
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            raise
+    size = layout.finish(vsize, ctype)
+    os.ftruncate(fd, size)
+    if progress:
+        progress(source.virtual_size, source.virtual_size)
+    return size
