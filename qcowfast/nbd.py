@@ -1,0 +1,743 @@
+"""The NBD protocol, server side, for one read-only export (NBD doc/proto.md).
+
+One `Connection` per client socket: the fixed newstyle handshake (option haggling), then the
+transmission phase. Requests are parsed on the connection's thread; reads and block-status
+queries run on a small per-connection worker pool and are answered as they finish (NBD allows
+replies in any order: the client matches them by handle). Queued reads that continue each other
+(a sequential copy) are filled by one worker in one pass, up to 4 MiB, and answered one reply
+per request. Replies are sent whole under one lock, so chunks of different replies never
+interleave.
+
+Bounds (`Limits`): every length is checked before anything it announces is read; option data,
+option count, request length, requests and bytes in flight, and the time a started message or a
+reply may take are all capped. A write's payload is read and discarded (it is under the request
+cap) or the connection is closed (it is over), so the stream never desyncs.
+
+This module knows nothing of QCOW2: it serves any object with the `Export` shape.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("qcowfast.serve")
+
+# -- constants (names and values of doc/proto.md) -------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943                 # "NBDMAGIC", INIT_PASSWD
+IHAVEOPT = 0x49484156454F5054                 # "IHAVEOPT", also the option request magic
+NBD_REP_MAGIC = 0x0003E889045565A9            # option reply magic
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# handshake flags (server) and client flags
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+
+# transmission flags
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_ROTATIONAL = 1 << 4
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_SEND_DF = 1 << 7
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+NBD_FLAG_SEND_RESIZE = 1 << 9
+NBD_FLAG_SEND_CACHE = 1 << 10
+NBD_FLAG_SEND_FAST_ZERO = 1 << 11
+
+# options
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_PEEK_EXPORT = 4
+NBD_OPT_STARTTLS = 5
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+NBD_OPT_LIST_META_CONTEXT = 9
+NBD_OPT_SET_META_CONTEXT = 10
+NBD_OPT_EXTENDED_HEADERS = 11
+
+# option replies
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_META_CONTEXT = 4
+_REP_ERR = 1 << 31
+NBD_REP_ERR_UNSUP = _REP_ERR + 1
+NBD_REP_ERR_POLICY = _REP_ERR + 2
+NBD_REP_ERR_INVALID = _REP_ERR + 3
+NBD_REP_ERR_PLATFORM = _REP_ERR + 4
+NBD_REP_ERR_TLS_REQD = _REP_ERR + 5
+NBD_REP_ERR_UNKNOWN = _REP_ERR + 6
+NBD_REP_ERR_SHUTDOWN = _REP_ERR + 7
+NBD_REP_ERR_BLOCK_SIZE_REQD = _REP_ERR + 8
+NBD_REP_ERR_TOO_BIG = _REP_ERR + 9
+
+# NBD_OPT_INFO / NBD_OPT_GO information types
+NBD_INFO_EXPORT = 0
+NBD_INFO_NAME = 1
+NBD_INFO_DESCRIPTION = 2
+NBD_INFO_BLOCK_SIZE = 3
+
+# commands and command flags
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_CACHE = 5
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_BLOCK_STATUS = 7
+NBD_CMD_RESIZE = 8
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_CMD_FLAG_DF = 1 << 2
+NBD_CMD_FLAG_REQ_ONE = 1 << 3
+NBD_CMD_FLAG_FAST_ZERO = 1 << 4
+
+# structured replies
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_OFFSET_HOLE = 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# error values
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+
+# base:allocation
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+BASE_ALLOCATION = b"base:allocation"
+BASE_ALLOCATION_ID = 1                      # our context id for base:allocation
+
+NBD_MAX_STRING = 4096                       # proto.md: strings MUST be no longer than 4096 bytes
+NBD_MAX_BUFFER_SIZE = 32 * 1024 * 1024      # QEMU's NBD_MAX_BUFFER_SIZE, the usual request cap
+READ_BATCH_BYTES = 4 * 1024 * 1024          # contiguous queued reads filled together, at most
+READ_BATCH_COUNT = 32
+RECV_BUFFER = 64 * 1024                     # read-ahead of small messages
+
+_OPTION_HEADER = struct.Struct(">QII")       # magic, option, length
+_OPTION_REPLY = struct.Struct(">QIII")       # magic, option, reply type, length
+_REQUEST = struct.Struct(">IHHQQI")          # magic, flags, type, handle, offset, length
+_SIMPLE_REPLY = struct.Struct(">IIQ")        # magic, error, handle
+_CHUNK = struct.Struct(">IHHQI")             # magic, flags, type, handle, length
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+_OPTION_NAMES = {v: k for k, v in globals().items() if k.startswith("NBD_OPT_")}
+_COMMAND_NAMES = {v: k for k, v in globals().items() if k.startswith("NBD_CMD_") and
+                  "FLAG" not in k}
+
+
+class Export(Protocol):
+    """What a connection needs from the thing it exports (see qcowfast.serve.ImageExport)."""
+
+    name: str                    # export name clients ask for ("" is the default export)
+    description: str
+    size: int                    # bytes
+    preferred_block_size: int    # power of two >= 512 (NBD_INFO_BLOCK_SIZE)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with the bytes at [offset, offset + len(out)) (within size)."""
+
+    def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """Return (length, NBD_STATE_* flags) extents covering [offset, offset + length) from
+        `offset` on, at most `max_extents` of them (at least one)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection bounds. Times are seconds; None means no limit."""
+
+    max_request: int = NBD_MAX_BUFFER_SIZE    # longest read (and write payload) accepted
+    max_options: int = 64                     # options per handshake
+    max_option_length: int = 64 * 1024        # option data bytes
+    max_queries: int = 32                     # meta-context queries per option
+    max_extents: int = 16384                  # descriptors per block-status reply
+    max_in_flight: int = 64                   # requests queued or running per connection
+    max_in_flight_bytes: int = 64 * 1024 * 1024   # read bytes queued or running
+    workers: int = 4                          # worker threads per connection
+    handshake_timeout: float | None = 10.0    # whole option haggling
+    io_timeout: float | None = 30.0           # finish a started request, or send a reply
+    idle_timeout: float | None = None         # between requests (kernel clients idle for hours)
+
+
+class Disconnect(Exception):
+    """The connection must end (peer closed, timeout, protocol violation); message says why."""
+
+
+class OptionError(Exception):
+    """An option fails with error reply `reply` (an NBD_REP_ERR_*); the message goes with it."""
+
+    def __init__(self, reply: int, message: str):
+        super().__init__(message)
+        self.reply = reply
+
+
+_STOP = object()          # a command handler's "end the transmission phase"
+_GO = object()            # an option handler's "enter the transmission phase"
+
+
+class Connection:
+    """One client: handshake, then requests until disconnect. Use `run()` on its own thread.
+
+    `on_negotiated()` is called when the transmission phase starts.
+    """
+
+    def __init__(self, sock: socket.socket, export: Export, limits: Limits = Limits(),
+                 on_negotiated=None):
+        self.sock = sock
+        self.export = export
+        self.limits = limits
+        self.peer = _peer_name(sock)
+        self.negotiated = False
+        self.structured = False
+        self.no_zeroes = False
+        self.contexts: dict[int, bytes] = {}
+        self._on_negotiated = on_negotiated
+        self._name = export.name.encode()
+        self._send_lock = threading.Lock()
+        self._flow = threading.Condition()
+        self._in_flight = 0
+        self._in_flight_bytes = 0
+        self._reads: deque = deque()              # admitted reads not yet taken by a worker
+        self._rbuf = bytearray()                  # bytes received ahead of the parser
+        self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        sock.setblocking(False)
+        self._rpoll = select.poll()
+        self._rpoll.register(sock, select.POLLIN | select.POLLPRI)
+        self._wpoll = select.poll()
+        self._wpoll.register(sock, select.POLLOUT)
+        self._options = {
+            NBD_OPT_EXPORT_NAME: self._opt_export_name,
+            NBD_OPT_ABORT: self._opt_abort,
+            NBD_OPT_LIST: self._opt_list,
+            NBD_OPT_STARTTLS: self._opt_starttls,
+            NBD_OPT_INFO: self._opt_info_go,
+            NBD_OPT_GO: self._opt_info_go,
+            NBD_OPT_STRUCTURED_REPLY: self._opt_structured_reply,
+            NBD_OPT_LIST_META_CONTEXT: self._opt_meta_context,
+            NBD_OPT_SET_META_CONTEXT: self._opt_meta_context,
+        }
+        self._commands = {
+            NBD_CMD_READ: self._cmd_read,
+            NBD_CMD_WRITE: self._cmd_write,
+            NBD_CMD_DISC: self._cmd_disc,
+            NBD_CMD_FLUSH: self._cmd_flush,
+            NBD_CMD_TRIM: self._cmd_refuse_write,
+            NBD_CMD_CACHE: self._cmd_refuse_write,
+            NBD_CMD_WRITE_ZEROES: self._cmd_refuse_write,
+            NBD_CMD_BLOCK_STATUS: self._cmd_block_status,
+        }
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve the client until it leaves or breaks the protocol; always close the socket."""
+        try:
+            if self._negotiate():
+                self.negotiated = True
+                if self._on_negotiated is not None:
+                    self._on_negotiated()
+                self._transmission()
+        except Disconnect as exc:
+            log.info("%s: %s", self.peer, exc)
+        except OSError as exc:
+            log.info("%s: connection error: %s", self.peer, exc)
+        except Exception:                         # a bug: end this connection, keep serving
+            log.exception("%s: connection failed", self.peer)
+        finally:
+            self._finish()
+
+    def shutdown(self) -> None:
+        """Ask the connection to end: no more requests are read; replies in flight are sent."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """End the connection now, replies in flight or not: wake the reader and workers."""
+        self._closed = True
+        with self._flow:
+            self._flow.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _finish(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- socket I/O ------------------------------------------------------------------------------
+    # The socket is non-blocking and every wait is a poll() with its own deadline: the reader
+    # and the workers sending replies share it, so per-socket timeouts would interfere.
+    def _wait(self, poller, deadline: float | None, what: str) -> None:
+        if deadline is None:
+            timeout = None
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Disconnect(f"timed out {what}")
+            timeout = int(left * 1000) + 1
+        if not poller.poll(timeout):
+            raise Disconnect(f"timed out {what}")
+
+    def _recv_exact(self, n: int, deadline: float | None) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf), deadline)
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview, deadline: float | None) -> None:
+        # Small reads go through a buffer of at most RECV_BUFFER bytes, so a burst of pipelined
+        # request headers costs one system call, not one each.
+        got = min(len(view), len(self._rbuf))
+        if got:
+            view[:got] = self._rbuf[:got]
+            del self._rbuf[:got]
+        while got < len(view):
+            direct = len(view) - got >= RECV_BUFFER
+            try:
+                if direct:
+                    k = self.sock.recv_into(view[got:])
+                else:
+                    data = self.sock.recv(RECV_BUFFER)
+                    k = min(len(data), len(view) - got)
+                    view[got:got + k] = data[:k]
+                    self._rbuf += data[k:]
+            except (BlockingIOError, InterruptedError):
+                self._wait(self._rpoll, deadline, "waiting for the client")
+                continue
+            if k == 0:
+                raise Disconnect("client closed the connection" if got == 0 else
+                                 "client closed the connection in the middle of a message")
+            got += k
+
+    def _discard(self, n: int, deadline: float | None) -> None:
+        scratch = memoryview(bytearray(min(n, 256 * 1024)))
+        while n:
+            k = min(n, len(scratch))
+            self._recv_into(scratch[:k], deadline)
+            n -= k
+
+    def _send(self, *parts) -> None:
+        """Send the parts as one message; a reply that cannot be sent ends the connection.
+
+        The client must keep accepting bytes: io_timeout without progress ends the connection.
+        """
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        timeout = self.limits.io_timeout
+        with self._send_lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while views:
+                if self._closed:
+                    raise Disconnect("connection closed while replying")
+                try:
+                    sent = self.sock.sendmsg(views)
+                except (BlockingIOError, InterruptedError):
+                    self._wait(self._wpoll, deadline, "sending a reply")
+                    continue
+                if timeout is not None:
+                    deadline = time.monotonic() + timeout
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+
+    # -- handshake -------------------------------------------------------------------------------
+    def _negotiate(self) -> bool:
+        """Fixed newstyle negotiation; True when the transmission phase starts."""
+        lim = self.limits
+        deadline = (None if lim.handshake_timeout is None
+                    else time.monotonic() + lim.handshake_timeout)
+        self._send(_U64.pack(NBDMAGIC), _U64.pack(IHAVEOPT),
+                   _U16.pack(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+        (cflags,) = _U32.unpack(self._recv_exact(4, deadline))
+        if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+            raise Disconnect(f"unknown client flags {cflags:#x}")
+        self.no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+        for _ in range(lim.max_options):
+            magic, opt, length = _OPTION_HEADER.unpack(self._recv_exact(16, deadline))
+            if magic != IHAVEOPT:
+                raise Disconnect(f"bad option magic {magic:#x}")
+            if length > lim.max_option_length:
+                raise Disconnect(f"option {opt} announces {length} bytes of data (limit "
+                                 f"{lim.max_option_length})")
+            data = self._recv_exact(length, deadline)
+            handler = self._options.get(opt)
+            try:
+                if handler is None:
+                    raise OptionError(NBD_REP_ERR_UNSUP, f"option {opt} is not supported")
+                result = handler(opt, data)
+            except OptionError as err:
+                self._opt_reply(opt, err.reply, str(err).encode()[:NBD_MAX_STRING])
+                continue
+            if result is _GO:
+                return True
+            if result is _STOP:
+                return False
+        raise Disconnect(f"more than {lim.max_options} options")
+
+    def _opt_reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
+        self._send(_OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rtype, len(data)), data)
+
+    def transmission_flags(self) -> int:
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN
+        if self.structured:
+            flags |= NBD_FLAG_SEND_DF
+        return flags
+
+    def _check_name(self, name: bytes) -> None:
+        if name != self._name:
+            raise OptionError(NBD_REP_ERR_UNKNOWN,
+                              f"no export named {name[:256].decode(errors='replace')!r}")
+
+    def _opt_export_name(self, opt: int, data: bytes):
+        if data != self._name:
+            # proto.md: NBD_OPT_EXPORT_NAME cannot fail with a reply; terminate the session.
+            raise Disconnect("NBD_OPT_EXPORT_NAME for an unknown export")
+        tail = b"" if self.no_zeroes else bytes(124)
+        self._send(_U64.pack(self.export.size), _U16.pack(self.transmission_flags()), tail)
+        return _GO
+
+    def _opt_abort(self, opt: int, data: bytes):
+        try:
+            self._opt_reply(opt, NBD_REP_ACK)
+        except (OSError, Disconnect):
+            pass                       # the client may close without waiting for the ACK
+        return _STOP
+
+    def _opt_list(self, opt: int, data: bytes):
+        if data:
+            raise OptionError(NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+        desc = self.export.description.encode()[:NBD_MAX_STRING]
+        self._opt_reply(opt, NBD_REP_SERVER, _U32.pack(len(self._name)) + self._name + desc)
+        self._opt_reply(opt, NBD_REP_ACK)
+
+    def _opt_starttls(self, opt: int, data: bytes):
+        raise OptionError(NBD_REP_ERR_UNSUP, "TLS is not supported by this server")
+
+    def _opt_info_go(self, opt: int, data: bytes):
+        # 32-bit name length, name, 16-bit count, count x 16-bit information requests
+        if len(data) < 6:
+            raise OptionError(NBD_REP_ERR_INVALID, "option data too short")
+        (namelen,) = _U32.unpack_from(data, 0)
+        if namelen > len(data) - 6 or namelen > NBD_MAX_STRING:
+            raise OptionError(NBD_REP_ERR_INVALID, "bad export name length")
+        name = data[4:4 + namelen]
+        (count,) = _U16.unpack_from(data, 4 + namelen)
+        if len(data) != 6 + namelen + 2 * count:
+            raise OptionError(NBD_REP_ERR_INVALID,
+                              "option length does not match the information requests")
+        requests = set(struct.unpack_from(f">{count}H", data, 6 + namelen))
+        self._check_name(name)
+        exp = self.export
+        self._opt_reply(opt, NBD_REP_INFO, struct.pack(">HQH", NBD_INFO_EXPORT, exp.size,
+                                                       self.transmission_flags()))
+        if NBD_INFO_NAME in requests:
+            self._opt_reply(opt, NBD_REP_INFO, _U16.pack(NBD_INFO_NAME) + self._name)
+        if NBD_INFO_DESCRIPTION in requests and exp.description:
+            self._opt_reply(opt, NBD_REP_INFO, _U16.pack(NBD_INFO_DESCRIPTION)
+                            + exp.description.encode()[:NBD_MAX_STRING])
+        # Minimum 1 is the default, so clients that did not ask lose nothing by ignoring it.
+        self._opt_reply(opt, NBD_REP_INFO, struct.pack(
+            ">HIII", NBD_INFO_BLOCK_SIZE, 1, exp.preferred_block_size, self.limits.max_request))
+        self._opt_reply(opt, NBD_REP_ACK)
+        return _GO if opt == NBD_OPT_GO else None
+
+    def _opt_structured_reply(self, opt: int, data: bytes):
+        if data:
+            raise OptionError(NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        self.structured = True
+        self._opt_reply(opt, NBD_REP_ACK)
+
+    def _opt_meta_context(self, opt: int, data: bytes):
+        setting = opt == NBD_OPT_SET_META_CONTEXT
+        if setting:
+            self.contexts = {}          # replaced even when the option fails (proto.md)
+        if not self.structured:
+            raise OptionError(NBD_REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+        name, queries = _parse_meta_context(data, self.limits.max_queries)
+        self._check_name(name)
+        if any(b":" not in q for q in queries):
+            raise OptionError(NBD_REP_ERR_INVALID, "a metadata context query lacks its namespace")
+        if setting:
+            # "base:" alone selects nothing in SET; unknown names are ignored.
+            if BASE_ALLOCATION in queries:
+                self.contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
+                self._opt_reply(opt, NBD_REP_META_CONTEXT,
+                                _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION)
+        elif not queries or any(q in (b"base:", BASE_ALLOCATION) for q in queries):
+            self._opt_reply(opt, NBD_REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION)
+        self._opt_reply(opt, NBD_REP_ACK)
+
+    # -- transmission ----------------------------------------------------------------------------
+    def _transmission(self) -> None:
+        lim = self.limits
+        self._pool = ThreadPoolExecutor(max_workers=max(1, lim.workers),
+                                        thread_name_prefix="nbd-worker")
+        while not self._closed:
+            # Idle between requests: only the idle timeout applies; a started request must be
+            # complete within io_timeout.
+            if not self._rbuf:
+                idle = None if lim.idle_timeout is None else time.monotonic() + lim.idle_timeout
+                self._wait(self._rpoll, idle, "waiting for a request (idle)")
+            deadline = None if lim.io_timeout is None else time.monotonic() + lim.io_timeout
+            header = self._recv_exact(_REQUEST.size, deadline)
+            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
+            if magic != NBD_REQUEST_MAGIC:
+                raise Disconnect(f"bad request magic {magic:#x}")
+            handler = self._commands.get(cmd, self._cmd_unknown)
+            if handler(cmd, flags, handle, offset, length, deadline) is _STOP:
+                return
+
+    def _check_range(self, cmd: int, offset: int, length: int, cap: int | None) -> str | None:
+        size = self.export.size
+        if cap is not None and length > cap:
+            return f"{_COMMAND_NAMES[cmd]} of {length} bytes exceeds the maximum of {cap}"
+        if offset > size or length > size - offset:
+            return (f"{_COMMAND_NAMES[cmd]} of {length} bytes at offset {offset} runs past the "
+                    f"end of the export ({size} bytes)")
+        return None
+
+    def _cmd_read(self, cmd, flags, handle, offset, length, deadline):
+        allowed = NBD_CMD_FLAG_DF if self.structured else 0
+        if flags & ~allowed:
+            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on read")
+        bad = self._check_range(cmd, offset, length, self.limits.max_request)
+        if bad:
+            return self._reply_error(handle, NBD_EINVAL, bad)
+        self._submit_read(handle, offset, length)
+
+    def _cmd_block_status(self, cmd, flags, handle, offset, length, deadline):
+        if BASE_ALLOCATION_ID not in self.contexts:
+            return self._reply_error(handle, NBD_EINVAL, "no metadata context was negotiated")
+        if flags & ~NBD_CMD_FLAG_REQ_ONE:
+            return self._reply_error(handle, NBD_EINVAL,
+                                     f"unsupported flags {flags:#x} on block status")
+        bad = self._check_range(cmd, offset, length, None)
+        if bad or length == 0:
+            return self._reply_error(handle, NBD_EINVAL, bad or "block status of 0 bytes")
+        self._submit(0, self._do_block_status, handle, offset, length,
+                     bool(flags & NBD_CMD_FLAG_REQ_ONE))
+
+    def _cmd_write(self, cmd, flags, handle, offset, length, deadline):
+        if length > self.limits.max_request:
+            # The payload cannot be skipped within bounds: refuse, then end the connection.
+            self._reply_error(handle, NBD_EPERM, "the export is read-only")
+            raise Disconnect(f"write payload of {length} bytes is over the request limit")
+        self._discard(length, deadline)
+        self._reply_error(handle, NBD_EPERM, "the export is read-only")
+
+    def _cmd_refuse_write(self, cmd, flags, handle, offset, length, deadline):
+        self._reply_error(handle, NBD_EPERM, "the export is read-only")
+
+    def _cmd_flush(self, cmd, flags, handle, offset, length, deadline):
+        # Nothing is ever written, so there is nothing to flush (not advertised anyway).
+        self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+
+    def _cmd_disc(self, cmd, flags, handle, offset, length, deadline):
+        return _STOP
+
+    def _cmd_unknown(self, cmd, flags, handle, offset, length, deadline):
+        self._reply_error(handle, NBD_EINVAL, f"unknown command {cmd}")
+
+    # -- replies ---------------------------------------------------------------------------------
+    def _reply_error(self, handle: int, error: int, message: str) -> None:
+        if self.structured:
+            msg = message.encode()[:NBD_MAX_STRING]
+            payload = struct.pack(">IH", error, len(msg)) + msg
+            self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                   NBD_REPLY_TYPE_ERROR, handle, len(payload)), payload)
+        else:
+            self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle))
+
+    def _admit(self, nbytes: int) -> None:
+        """Wait until one more request of `nbytes` fits in the in-flight bounds; count it."""
+        lim = self.limits
+        with self._flow:
+            while not self._closed and self._in_flight and (
+                    self._in_flight >= lim.max_in_flight
+                    or self._in_flight_bytes + nbytes > lim.max_in_flight_bytes):
+                self._flow.wait()
+            if self._closed:
+                raise Disconnect("connection closed")
+            self._in_flight += 1
+            self._in_flight_bytes += nbytes
+
+    def _release(self, count: int, nbytes: int) -> None:
+        with self._flow:
+            self._in_flight -= count
+            self._in_flight_bytes -= nbytes
+            self._flow.notify_all()
+
+    def _submit(self, nbytes: int, fn, *args) -> None:
+        """Run fn(*args) on the pool once the request fits in the in-flight bounds."""
+        self._admit(nbytes)
+        self._pool.submit(self._run_request, nbytes, fn, *args)
+
+    def _run_request(self, nbytes: int, fn, *args) -> None:
+        try:
+            self._guarded(fn, *args)
+        finally:
+            self._release(1, nbytes)
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Disconnect as exc:
+            log.info("%s: %s", self.peer, exc)
+            self.abort()
+        except OSError as exc:
+            log.info("%s: reply failed: %s", self.peer, exc)
+            self.abort()
+        except Exception:                         # a bug: never leave the client waiting
+            log.exception("%s: request failed", self.peer)
+            self.abort()
+
+    def _submit_read(self, handle: int, offset: int, length: int) -> None:
+        self._admit(length)
+        with self._flow:
+            self._reads.append((handle, offset, length))
+        self._pool.submit(self._run_reads)
+
+    def _run_reads(self) -> None:
+        """Serve the oldest queued read, with the reads queued right after it that continue it
+        (clients copy sequentially): one fill for the batch, one reply per request."""
+        with self._flow:
+            if not self._reads:
+                return                            # an earlier task took this one in a batch
+            batch = [self._reads.popleft()]
+            end = batch[0][1] + batch[0][2]
+            total = batch[0][2]
+            while self._reads and len(batch) < READ_BATCH_COUNT:
+                handle, offset, length = self._reads[0]
+                if offset != end or total + length > READ_BATCH_BYTES:
+                    break
+                batch.append(self._reads.popleft())
+                end += length
+                total += length
+        try:
+            self._guarded(self._do_reads, batch, total)
+        finally:
+            self._release(len(batch), total)
+
+    def _buffer(self, n: int) -> memoryview:
+        # Worker threads keep one read buffer of up to 4 MiB; longer reads get a fresh one.
+        if n > 4 * 1024 * 1024:
+            return memoryview(bytearray(n))
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.buf = bytearray(max(n, 256 * 1024))
+        return memoryview(buf)[:n]
+
+    def _do_reads(self, batch: list, total: int) -> None:
+        first = batch[0][1]
+        view = self._buffer(total)
+        try:
+            self.export.read_into(first, view)
+        except Exception as exc:
+            log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
+            for handle, offset, length in batch:
+                self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
+                                                   f"{offset} failed: {type(exc).__name__}")
+            return
+        for handle, offset, length in batch:
+            data = view[offset - first:offset - first + length]
+            if not self.structured:
+                self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
+            elif length == 0:
+                self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                       NBD_REPLY_TYPE_NONE, handle, 0))
+            else:
+                self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                       NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + length),
+                           _U64.pack(offset), data)
+
+    def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
+        try:
+            extents = self.export.allocation(offset, length,
+                                             1 if req_one else self.limits.max_extents)
+        except Exception as exc:
+            log.warning("%s: block status at %d failed: %s", self.peer, offset, exc)
+            return self._reply_error(handle, NBD_EIO, f"block status at offset {offset} "
+                                                      f"failed: {type(exc).__name__}")
+        if req_one:
+            extents = [(min(extents[0][0], length), extents[0][1])]
+        flat = [v for ext in extents for v in ext]
+        payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
+        self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                               NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+
+
+def _parse_meta_context(data: bytes, max_queries: int) -> tuple[bytes, list[bytes]]:
+    """Parse NBD_OPT_{LIST,SET}_META_CONTEXT data into (export name, queries)."""
+    invalid = OptionError(NBD_REP_ERR_INVALID, "malformed metadata context request")
+    if len(data) < 8:
+        raise invalid
+    (namelen,) = _U32.unpack_from(data, 0)
+    if namelen > NBD_MAX_STRING or 4 + namelen + 4 > len(data):
+        raise invalid
+    name = data[4:4 + namelen]
+    pos = 4 + namelen
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if count > max_queries:
+        raise OptionError(NBD_REP_ERR_TOO_BIG, f"more than {max_queries} metadata context queries")
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise invalid
+        (qlen,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if qlen > NBD_MAX_STRING or pos + qlen > len(data):
+            raise invalid
+        queries.append(data[pos:pos + qlen])
+        pos += qlen
+    if pos != len(data):
+        raise invalid
+    return name, queries
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "client"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return "unix client"

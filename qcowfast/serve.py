@@ -1,0 +1,478 @@
+"""`qcowfast serve`: a read-only NBD export of an image, and its Python API.
+
+The protocol lives in `qcowfast.nbd`; this module opens the image (same path policy as
+everywhere: `qcowfast.open` with `backing_dirs`, `snapshot`), adapts it to the protocol's
+`Export` shape and runs the listener: a Unix socket by default, loopback TCP when a port is
+given, any other address only when asked explicitly.
+
+Like `qemu-nbd -r -e SHARED`: at most `shared` connections at once (the others wait in the listen
+backlog), multi-conn advertised, and without `persistent` the server ends when its last client
+that reached the transmission phase has left.
+
+Memory per connection is bounded by `Limits`: read bytes in flight (64 MiB), requests in flight,
+and per worker thread a read buffer of at most 4 MiB plus the image's inflate scratch, which
+`ImageExport` keeps small by filling reads in 4 MiB windows.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import socket as _socket
+import stat
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import replace
+
+import numpy as np
+
+from . import nbd
+from .constants import ExtentKind
+from .image import _pread_exact
+
+DEFAULT_PORT = 10809
+FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
+SEND_BUFFER = 2 * 1024 * 1024          # SO_SNDBUF asked for each connection
+STATUS_SPAN = 1 << 30                  # guest bytes one block-status reply examines, at most
+_DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
+_HOLE_ZERO = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
+
+
+class ImageExport:
+    """An opened image as an NBD export: reads and base:allocation from its extent stream.
+
+    Reads take the batch path convert uses: DATA runs are `pread` into the reply buffer,
+    compressed clusters are inflated a batch at a time with the GIL released
+    (`inflate_into`), zero and unallocated runs are cleared.
+    """
+
+    def __init__(self, image, name: str = "", description: str = ""):
+        self.image = image
+        self.name = name
+        self.description = description
+        self.size = image.virtual_size
+        cluster = getattr(image, "cluster_size", 4096)
+        self.preferred_block_size = min(max(512, cluster), 2 * 1024 * 1024)
+
+    def read_into(self, offset: int, out) -> None:
+        """Fill `out` (a writable buffer) with the guest bytes at `offset`."""
+        arr = np.frombuffer(out, np.uint8)
+        pos, end = offset, offset + len(arr)
+        while pos < end:
+            # Windows end on FILL_WINDOW boundaries (a multiple of every cluster size), so a
+            # compressed cluster is only ever split at the request's own edges.
+            stop = min(end, (pos // FILL_WINDOW + 1) * FILL_WINDOW)
+            self._fill(pos, arr[pos - offset:stop - offset])
+            pos = stop
+
+    def _fill(self, start: int, out: np.ndarray) -> None:
+        image = self.image
+        end = start + len(out)
+        view = memoryview(out)
+        comp = []
+        for chunk in image._runs(start, end):
+            g, n, k = chunk.guest, chunk.length, chunk.kind
+            data, compressed = k == _DATA, k == _COMPRESSED
+            zero = ~(data | compressed)
+            for a, b in zip((g[zero] - start).tolist(), (g[zero] + n[zero] - start).tolist()):
+                out[a:b] = 0
+            for gg, nn, hh, dd in zip(g[data].tolist(), n[data].tolist(),
+                                      chunk.host[data].tolist(), chunk.depth[data].tolist()):
+                layer = image.layer(dd)
+                _pread_exact(layer.data_fd, view[gg - start:gg - start + nn], hh,
+                             f"{layer.filename}: data for guest offset {gg:#x}",
+                             layer.data_size)
+            if compressed.any():
+                comp.append(tuple(a[compressed] for a in (g, n, chunk.host, chunk.csize,
+                                                          chunk.depth)))
+        if comp:
+            cols = [np.concatenate(c) for c in zip(*comp)] if len(comp) > 1 else comp[0]
+            self._inflate(start, out, *cols)
+
+    def _inflate(self, start, out, g, n, host, csize, depth) -> None:
+        for d in np.unique(depth).tolist():
+            sel = depth == d
+            gs, ns, hs, cz = g[sel], n[sel], host[sel], csize[sel]
+            layer = self.image.layer(d)
+            cs = layer.cluster_size
+            within = gs % cs
+            whole = (within == 0) & (ns == cs)
+            if whole.any():
+                layer.inflate_into(hs[whole], cz[whole], gs[whole], out, gs[whole] - start)
+            part = np.flatnonzero(~whole)
+            if not len(part):
+                continue
+            # Clusters cut by the request's edges (or by a layer above, with subclusters):
+            # inflate each cluster once into scratch, copy the pieces asked for.
+            uniq, first, inverse = np.unique(hs[part], return_index=True, return_inverse=True)
+            scratch = np.empty(len(uniq) * cs, np.uint8)
+            layer.inflate_into(uniq, cz[part][first], gs[part][first] - within[part][first],
+                               scratch, np.arange(len(uniq), dtype=np.int64) * cs)
+            for gg, nn, w, j in zip(gs[part].tolist(), ns[part].tolist(),
+                                    within[part].tolist(), inverse.tolist()):
+                src = j * cs + w
+                out[gg - start:gg - start + nn] = scratch[src:src + nn]
+
+    def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """base:allocation extents from `offset`: data and compressed clusters are allocated
+        (flags 0), everything else reads as zeros and is a hole (HOLE|ZERO), as qemu-nbd
+        reports a qcow2 chain. At most STATUS_SPAN bytes are examined per call (the protocol
+        lets a reply cover less than asked; clients ask again from where it ends)."""
+        end = min(offset + length, self.size, offset + STATUS_SPAN)
+        out: list[tuple[int, int]] = []
+        cur_start, cur_flag = offset, -1
+        for chunk in self.image._runs(offset, end):
+            k = chunk.kind
+            flags = np.where((k == _DATA) | (k == _COMPRESSED), 0, _HOLE_ZERO)
+            prev = np.concatenate(([cur_flag], flags[:-1]))
+            for i in np.flatnonzero(flags != prev).tolist():
+                s = int(chunk.guest[i])
+                if cur_flag >= 0 and s > cur_start:
+                    out.append((s - cur_start, cur_flag))
+                    if len(out) >= max_extents:
+                        return out
+                cur_start, cur_flag = s, int(flags[i])
+        out.append((end - cur_start, max(cur_flag, 0)))
+        return out
+
+
+def _open_image(path, fmt, backing_dirs, snapshot, force_share):
+    from .image import open_source
+    return open_source(path, fmt, backing_dirs=tuple(backing_dirs), snapshot=snapshot,
+                       force_share=force_share)
+
+
+class NBDServer:
+    """A read-only NBD server for one image; runs in background threads.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The image (opened with `qcowfast.open` and its path policy).
+    socket : path, optional
+        Listen on this Unix socket. Default, when neither `socket` nor `port` is given: a Unix
+        socket in a new private temporary directory (see `address`).
+    bind : str
+        The TCP address to listen on when `port` is given: loopback unless another address
+        is asked for explicitly.
+    port : int, optional
+        Listen on TCP at `bind`:`port` (qemu-nbd's port is 10809; 0 picks a free port).
+    export_name : str
+        The export's name ("" is the default export clients get without naming one).
+    snapshot : str, optional
+        Serve this internal snapshot (id or name) instead of the current state.
+    backing_dirs : iterable of paths
+        Directories trusted to hold backing and data files, as for `qcowfast.open`.
+    shared : int
+        Connections served at once (qemu-nbd -e); further clients wait in the backlog.
+    persistent : bool
+        Keep serving after the last client leaves (qemu-nbd -t). Without it, the server
+        ends when its last client that reached the transmission phase disconnects.
+    force_share : bool
+        Open the image even when a running QEMU holds its write lock (qemu-img -U).
+    format : None, "qcow2" or "raw"
+        None probes like qemu-img (QCOW2, foreign formats refused by name, else raw).
+    limits : qcowfast.nbd.Limits, optional
+        Per-connection bounds; `handshake_timeout`, `idle_timeout`, `max_request` and
+        `workers` override single fields.
+
+    Use as a context manager, or `start()` ... `stop()`; `wait()` blocks until a
+    non-persistent server's last client has left.
+    """
+
+    def __init__(self, path, *, socket=None, bind: str = "127.0.0.1", port=None,
+                 export_name: str = "",
+                 snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
+                 force_share: bool = False, format: str | None = None,
+                 limits: nbd.Limits | None = None,
+                 handshake_timeout: float | None = None, idle_timeout: float | None = None,
+                 max_request: int | None = None, workers: int | None = None):
+        if socket is not None and port is not None:
+            raise ValueError("give either a Unix socket or a TCP port, not both")
+        if shared < 1:
+            raise ValueError("shared must be at least 1")
+        if port is not None and not 0 <= int(port) <= 65535:
+            raise ValueError(f"invalid TCP port {port}")
+        if len(export_name.encode()) > nbd.NBD_MAX_STRING:
+            raise ValueError("export name longer than 4096 bytes")
+        # Workers per connection: enough to keep every core inflating with the GIL released.
+        lim = limits or nbd.Limits(workers=max(4, min(8, (os.cpu_count() or 1) + 2)))
+        overrides = {k: v for k, v in (("handshake_timeout", handshake_timeout),
+                                       ("idle_timeout", idle_timeout),
+                                       ("max_request", max_request), ("workers", workers))
+                     if v is not None}
+        if "max_request" in overrides and not 512 <= overrides["max_request"] <= 1 << 30:
+            raise ValueError("max_request must be between 512 bytes and 1 GiB")
+        self.limits = replace(lim, **overrides)
+        self.path = os.fspath(path)
+        self.export_name = export_name
+        self.snapshot = snapshot
+        self.backing_dirs = tuple(backing_dirs)
+        self.shared = int(shared)
+        self.persistent = persistent
+        self.force_share = force_share
+        self.format = format
+        self._socket_path = None if socket is None else os.fspath(socket)
+        self._tcp = port is not None
+        self._bind = bind
+        self._port = None if port is None else int(port)
+        self._tmpdir = None
+        self._image = None
+        self._listener = None
+        self._wake_r = self._wake_w = -1
+        self._accept_thread = None
+        self._lock = threading.Condition()
+        self._conns: dict = {}            # Connection -> thread
+        self._done = threading.Event()
+        self._started = False
+        self._stopped = False
+        self.address = None
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> "NBDServer":
+        """Open the image, listen, and start accepting clients; return self."""
+        if self._started:
+            raise RuntimeError("server already started")
+        self._started = True
+        try:
+            self._image = _open_image(self.path, self.format, self.backing_dirs,
+                                      self.snapshot, self.force_share)
+            self.export = ImageExport(self._image, self.export_name,
+                                      f"qcowfast: {os.path.basename(self.path)}")
+            self._listener = self._listen()
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self.stop()
+            raise
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                               name="nbd-accept")
+        self._accept_thread.start()
+        return self
+
+    def _listen(self) -> _socket.socket:
+        if self._tcp:
+            family = _socket.AF_INET6 if ":" in self._bind else _socket.AF_INET
+            sock = _socket.socket(family, _socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+                sock.bind((self._bind, self._port))
+                sock.listen(max(16, self.shared))
+            except BaseException:
+                sock.close()
+                raise
+            host, port = sock.getsockname()[:2]
+            self.address = (host, port)
+            return sock
+        if self._socket_path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="qcowfast-nbd-")
+            self._socket_path = os.path.join(self._tmpdir, "nbd.sock")
+        else:
+            _clear_stale_socket(self._socket_path)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.bind(self._socket_path)
+            sock.listen(max(16, self.shared))
+        except BaseException:
+            sock.close()
+            raise
+        self._owns_socket_file = os.stat(self._socket_path)
+        self.address = self._socket_path
+        return sock
+
+    @property
+    def uri(self) -> str:
+        """The NBD URI of the export (nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME)."""
+        name = urllib.parse.quote(self.export_name, safe="")
+        if isinstance(self.address, tuple):
+            host, port = self.address
+            host = f"[{host}]" if ":" in host else host
+            return f"nbd://{host}:{port}/{name}"
+        return f"nbd+unix:///{name}?socket={urllib.parse.quote(self.address, safe='/')}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the server is done (stopped, or its last client left); True if done."""
+        return self._done.wait(timeout)
+
+    def serve_forever(self) -> None:
+        """Start if needed, serve until done (see `persistent`), then stop."""
+        if not self._started:
+            self.start()
+        try:
+            while not self._done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, end every connection (replies in flight are sent), close the image
+        and remove the Unix socket. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._done.set()
+            self._lock.notify_all()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        accept = self._accept_thread
+        if accept is not None and accept is not threading.current_thread():
+            accept.join(timeout)
+        with self._lock:
+            conns = [(c, t) for c, t in self._conns.items() if t is not threading.current_thread()]
+        for conn, _ in conns:
+            conn.shutdown()                   # replies in flight are still sent
+        deadline = time.monotonic() + timeout
+        for conn, thread in conns:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                conn.abort()                  # a client that does not take its replies
+                thread.join(2.0)
+        lingering = any(thread.is_alive() for _, thread in conns)
+        if self._listener is not None:
+            self._listener.close()
+            self._remove_socket_file()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._image is not None and not lingering:
+            # Never close descriptors a lingering worker may still pread (a reused number
+            # would read another file); such daemon threads end with the process.
+            self._image.close()
+            self._image = None
+
+    def _remove_socket_file(self) -> None:
+        path = self._socket_path
+        owned = getattr(self, "_owns_socket_file", None)
+        if path is None or owned is None:
+            return
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (owned.st_dev, owned.st_ino):
+                os.unlink(path)
+        except OSError:
+            pass
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> "NBDServer":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- connections -------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        lsock = self._listener
+        lsock.setblocking(False)
+        while True:
+            with self._lock:
+                while not self._stopped and len(self._conns) >= self.shared:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+            poller = select.poll()
+            poller.register(lsock, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            if any(fd == self._wake_r for fd, _ in poller.poll()):
+                return
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._done.wait(0.1)        # out of resources: back off, keep serving
+                    continue
+                raise
+            try:
+                # Room for a whole 256 KiB-1 MiB reply per send: fewer partial sends and wakeups.
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
+            if sock.family != _socket.AF_UNIX:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+            conn = nbd.Connection(sock, self.export, self.limits)
+            thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
+                                      name=f"nbd-{conn.peer}")
+            with self._lock:
+                if self._stopped:
+                    sock.close()
+                    return
+                self._conns[conn] = thread
+            thread.start()
+
+    def _serve_connection(self, conn: nbd.Connection) -> None:
+        try:
+            conn.run()
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+                # qemu-nbd (nbd_client_closed): without --persistent, the last client that
+                # negotiated ends the server; failed handshakes do not.
+                if conn.negotiated and not self._conns and not self.persistent:
+                    self._done.set()
+                    self._stopped_accepting()
+                self._lock.notify_all()
+
+    def _stopped_accepting(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a Unix socket nobody listens on; refuse any other existing file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(errno.EADDRINUSE, "another server listens on this socket", path)
+
+
+def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name: str = "",
+          snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
+          force_share: bool = False, format: str | None = None,
+          handshake_timeout: float | None = None, idle_timeout: float | None = None,
+          ready=None) -> None:
+    """Serve an image read-only over NBD until the last client leaves (or forever).
+
+    Blocks. Parameters are those of `NBDServer`; `ready(server)` is called once the server
+    listens (e.g. to print `server.uri`). Without a socket or port it listens on a Unix socket
+    in a new temporary directory. Raises QcowError if the image cannot be opened,
+    OSError if the address cannot be bound.
+    """
+    server = NBDServer(path, socket=socket, bind=bind, port=port, export_name=export_name,
+                       snapshot=snapshot, backing_dirs=backing_dirs, shared=shared,
+                       persistent=persistent, force_share=force_share, format=format,
+                       handshake_timeout=handshake_timeout, idle_timeout=idle_timeout)
+    server.start()
+    try:
+        if ready is not None:
+            ready(server)
+        server.serve_forever()
+    finally:
+        server.stop()
+
+
+__all__ = ["NBDServer", "ImageExport", "serve", "DEFAULT_PORT"]

@@ -1,0 +1,715 @@
+"""The NBD server against a raw-socket client: every reply checked against NBD's doc/proto.md.
+
+Real clients see NBD_FLAG_READ_ONLY and never send writes, so this client sends what they do
+not: writes (with payloads under and over the request cap), trims, write-zeroes, unknown
+commands and options, bad magic, reads past the end, oversized reads, option floods, stalled
+messages and garbage, and checks each reply and that the connection still serves (or is closed
+where the spec says). A hypothesis test fuzzes the handshake and request parser. Expected bytes
+come from `qemu-img convert -O raw` of an image qemu-io wrote.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from qcowfast import nbd
+from qcowfast.serve import NBDServer
+
+SIZE = 2 * 1024 * 1024
+CLUSTER = 65536
+MAX_REQUEST = 1024 * 1024
+LIMITS = nbd.Limits(max_request=MAX_REQUEST, max_options=16, handshake_timeout=1.0,
+                    io_timeout=0.5, max_in_flight=8, workers=2)
+
+REP_MAGIC = 0x0003E889045565A9
+
+
+@pytest.fixture(scope="module")
+def proto_image(tmp_path_factory):
+    """2 MiB compressed image: data, a hole, data again (qemu-io + qemu-img convert -c)."""
+    d = tmp_path_factory.mktemp("proto")
+    plain = d / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", plain, SIZE)
+    qemu_io(plain, "write -P 0x5a 0 512k", "write -P 0x33 1536k 512k")
+    out = d / "image.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", plain, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def want(proto_image):
+    return reference_raw(proto_image)
+
+
+class Errors(logging.Handler):
+    """Collects ERROR records of the server and exceptions escaping its threads."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.seen = []
+
+    def emit(self, record):
+        self.seen.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def server(proto_image, tmp_path_factory):
+    errors = Errors()
+    logger = logging.getLogger("qcowfast.serve")
+    logger.addHandler(errors)
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.seen.append(repr(args.exc_value))
+    srv = NBDServer(proto_image, socket=tmp_path_factory.mktemp("sock") / "nbd.sock",
+                    persistent=True, limits=LIMITS)
+    srv.start()
+    srv.errors = errors.seen
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        threading.excepthook = old_hook
+        logger.removeHandler(errors)
+    assert srv.errors == []
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors(request):
+    yield
+    if "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        assert srv.errors == [], srv.errors
+
+
+class Client:
+    """A minimal NBD client over a raw socket; every read has a timeout."""
+
+    def __init__(self, address, timeout=5.0):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+
+    def close(self):
+        self.sock.close()
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def closed(self, timeout=3.0) -> bool:
+        """True when the server closes the connection (any pending bytes are discarded)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    # handshake
+    def greet(self, client_flags=nbd.NBD_FLAG_C_FIXED_NEWSTYLE | nbd.NBD_FLAG_C_NO_ZEROES):
+        magic, opt_magic, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt_magic) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+        assert flags == nbd.NBD_FLAG_FIXED_NEWSTYLE | nbd.NBD_FLAG_NO_ZEROES
+        self.sock.sendall(struct.pack(">I", client_flags))
+        return self
+
+    def send_option(self, opt: int, data: bytes = b"", magic=nbd.IHAVEOPT):
+        self.sock.sendall(struct.pack(">QII", magic, opt, len(data)) + data)
+
+    def option_reply(self):
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == REP_MAGIC
+        return opt, rtype, self.recv(length)
+
+    def option(self, opt: int, data: bytes = b"") -> list:
+        """Send an option; return its replies up to the final ACK or error."""
+        self.send_option(opt, data)
+        replies = []
+        while True:
+            got_opt, rtype, payload = self.option_reply()
+            assert got_opt == opt
+            replies.append((rtype, payload))
+            if rtype == nbd.NBD_REP_ACK or rtype & (1 << 31):
+                return replies
+
+    def go(self, structured=True, meta=True, name=b""):
+        if structured:
+            assert self.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+        if meta:
+            replies = self.option(nbd.NBD_OPT_SET_META_CONTEXT,
+                                  meta_data(name, [b"base:allocation"]))
+            assert [t for t, _ in replies] == [nbd.NBD_REP_META_CONTEXT, nbd.NBD_REP_ACK]
+            self.context_id = struct.unpack_from(">I", replies[0][1])[0]
+        replies = self.option(nbd.NBD_OPT_GO, info_data(name, [nbd.NBD_INFO_BLOCK_SIZE]))
+        assert replies[-1][0] == nbd.NBD_REP_ACK, replies
+        self.structured = structured
+        return replies
+
+    # transmission
+    def request(self, cmd, handle=1, offset=0, length=0, flags=0, payload=b""):
+        self.sock.sendall(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, flags, cmd, handle,
+                                      offset, length) + payload)
+
+    def simple_reply(self, length=0):
+        magic, error, handle = struct.unpack(">IIQ", self.recv(16))
+        assert magic == nbd.NBD_SIMPLE_REPLY_MAGIC
+        return error, handle, (self.recv(length) if error == 0 and length else b"")
+
+    def chunk(self):
+        magic, flags, rtype, handle, length = struct.unpack(">IHHQI", self.recv(20))
+        assert magic == nbd.NBD_STRUCTURED_REPLY_MAGIC
+        return flags, rtype, handle, self.recv(length)
+
+    def read(self, offset, length, handle=7, flags=0):
+        """Issue a read; return (error, data)."""
+        self.request(nbd.NBD_CMD_READ, handle, offset, length, flags)
+        if not self.structured:
+            error, got, data = self.simple_reply(length)
+            assert got == handle
+            return error, data
+        data, error = bytearray(length), 0
+        while True:
+            cflags, rtype, got, payload = self.chunk()
+            assert got == handle
+            if rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA:
+                (off,) = struct.unpack_from(">Q", payload)
+                data[off - offset:off - offset + len(payload) - 8] = payload[8:]
+            elif rtype == nbd.NBD_REPLY_TYPE_OFFSET_HOLE:
+                off, n = struct.unpack(">QI", payload)
+                data[off - offset:off - offset + n] = bytes(n)
+            elif rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                error, msglen = struct.unpack_from(">IH", payload)
+                assert len(payload) == 6 + msglen and msglen > 0
+            else:
+                assert rtype == nbd.NBD_REPLY_TYPE_NONE
+            if cflags & nbd.NBD_REPLY_FLAG_DONE:
+                return error, bytes(data)
+
+    def error_of(self, handle, read=False):
+        """The error of a reply without data (simple, or structured when negotiated; reads
+        must be answered structured then)."""
+        (magic,) = struct.unpack(">I", self.recv(4))
+        if magic == nbd.NBD_SIMPLE_REPLY_MAGIC:
+            assert not (read and self.structured), "simple reply to a structured read"
+            error, got = struct.unpack(">IQ", self.recv(12))
+            assert got == handle
+            return error
+        assert self.structured and magic == nbd.NBD_STRUCTURED_REPLY_MAGIC
+        flags, rtype, got, length = struct.unpack(">HHQI", self.recv(16))
+        payload = self.recv(length)
+        assert got == handle and flags & nbd.NBD_REPLY_FLAG_DONE
+        if rtype == nbd.NBD_REPLY_TYPE_NONE:
+            return 0
+        assert rtype == nbd.NBD_REPLY_TYPE_ERROR
+        error, msglen = struct.unpack_from(">IH", payload)
+        assert len(payload) == 6 + msglen and msglen > 0
+        return error
+
+
+def info_data(name: bytes, requests=()) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">H", len(requests))
+            + b"".join(struct.pack(">H", r) for r in requests))
+
+
+def meta_data(name: bytes, queries) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+
+
+@pytest.fixture
+def client(server):
+    clients = []
+
+    def connect(greet=True):
+        c = Client(server.address)
+        clients.append(c)
+        return c.greet() if greet else c
+
+    yield connect
+    for c in clients:
+        c.close()
+
+
+def healthy(server, want) -> None:
+    """A fresh client negotiates and reads correct bytes: the server still serves."""
+    c = Client(server.address).greet()
+    try:
+        c.go()
+        error, data = c.read(CLUSTER - 100, 300)
+        assert error == 0
+        assert_same_bytes(data, want[CLUSTER - 100:CLUSTER + 200], "read after abuse")
+    finally:
+        c.close()
+
+
+# -- handshake ------------------------------------------------------------------------------
+
+def test_unknown_client_flags_close_the_connection(client):
+    c = client(greet=False).greet(client_flags=1 << 5)
+    assert c.closed()
+
+
+def test_list_and_unknown_options(client):
+    c = client()
+    (server_rep, ack) = c.option(nbd.NBD_OPT_LIST)
+    assert server_rep[0] == nbd.NBD_REP_SERVER and ack[0] == nbd.NBD_REP_ACK
+    (namelen,) = struct.unpack_from(">I", server_rep[1])
+    assert namelen == 0                      # the default export, ""
+    assert c.option(nbd.NBD_OPT_LIST, b"x")[-1][0] == nbd.NBD_REP_ERR_INVALID
+    for opt in (nbd.NBD_OPT_PEEK_EXPORT, nbd.NBD_OPT_STARTTLS, nbd.NBD_OPT_EXTENDED_HEADERS,
+                99, 0xFFFFFFFF):
+        ((rtype, message),) = c.option(opt, b"junk" * 3)
+        assert rtype == nbd.NBD_REP_ERR_UNSUP and message
+    # Still negotiating: the next option works.
+    assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+
+
+def test_info_reports_size_flags_and_block_sizes(client, want):
+    c = client()
+    replies = c.option(nbd.NBD_OPT_INFO, info_data(b"", [nbd.NBD_INFO_BLOCK_SIZE,
+                                                           nbd.NBD_INFO_NAME, 1234]))
+    assert replies[-1][0] == nbd.NBD_REP_ACK
+    infos = {struct.unpack_from(">H", p)[0]: p[2:] for t, p in replies[:-1]}
+    assert all(t == nbd.NBD_REP_INFO for t, _ in replies[:-1])
+    size, tflags = struct.unpack(">QH", infos[nbd.NBD_INFO_EXPORT])
+    assert size == len(want)
+    assert tflags & nbd.NBD_FLAG_HAS_FLAGS and tflags & nbd.NBD_FLAG_READ_ONLY
+    assert tflags & nbd.NBD_FLAG_CAN_MULTI_CONN
+    assert not tflags & (nbd.NBD_FLAG_SEND_TRIM | nbd.NBD_FLAG_SEND_WRITE_ZEROES
+                         | nbd.NBD_FLAG_SEND_DF)          # DF only with structured replies
+    assert struct.unpack(">III", infos[nbd.NBD_INFO_BLOCK_SIZE]) == (1, CLUSTER, MAX_REQUEST)
+    assert infos[nbd.NBD_INFO_NAME] == b""
+    # INFO leaves the client negotiating; malformed and unknown names are errors.
+    assert c.option(nbd.NBD_OPT_INFO, info_data(b"nope"))[-1][0] == nbd.NBD_REP_ERR_UNKNOWN
+    assert c.option(nbd.NBD_OPT_GO, info_data(b"nope"))[-1][0] == nbd.NBD_REP_ERR_UNKNOWN
+    bad = struct.pack(">I", 100) + b"ab" + struct.pack(">H", 0)
+    assert c.option(nbd.NBD_OPT_INFO, bad)[-1][0] == nbd.NBD_REP_ERR_INVALID
+    assert c.option(nbd.NBD_OPT_INFO, info_data(b"", [3])[:-1])[-1][0] == \
+        nbd.NBD_REP_ERR_INVALID
+    assert c.option(nbd.NBD_OPT_INFO, b"\0\0")[-1][0] == nbd.NBD_REP_ERR_INVALID
+    replies = c.go(structured=True, meta=False)
+    tflags = struct.unpack(">QH", replies[0][1][2:])[1]
+    assert tflags & nbd.NBD_FLAG_SEND_DF
+
+
+def test_meta_contexts(client):
+    c = client()
+    query = meta_data(b"", [b"base:allocation"])
+    assert c.option(nbd.NBD_OPT_SET_META_CONTEXT, query)[-1][0] == nbd.NBD_REP_ERR_INVALID
+    assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+    for queries in ([], [b"base:"], [b"base:allocation", b"qemu:dirty-bitmap:x"]):
+        replies = c.option(nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", queries))
+        assert [t for t, _ in replies] == [nbd.NBD_REP_META_CONTEXT, nbd.NBD_REP_ACK]
+        assert replies[0][1][4:] == b"base:allocation"
+    replies = c.option(nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", [b"x-other:thing"]))
+    assert [t for t, _ in replies] == [nbd.NBD_REP_ACK]
+    replies = c.option(nbd.NBD_OPT_SET_META_CONTEXT,
+                       meta_data(b"", [b"qemu:dirty-bitmap:x", b"base:allocation"]))
+    assert [t for t, _ in replies] == [nbd.NBD_REP_META_CONTEXT, nbd.NBD_REP_ACK]
+    assert replies[0][1][4:] == b"base:allocation"
+    assert struct.unpack_from(">I", replies[0][1])[0] != 0
+    assert c.option(nbd.NBD_OPT_SET_META_CONTEXT,
+                    meta_data(b"", [b"nocolon"]))[-1][0] == nbd.NBD_REP_ERR_INVALID
+    assert c.option(nbd.NBD_OPT_SET_META_CONTEXT,
+                    meta_data(b"", [b"base:x"] * 40))[-1][0] == nbd.NBD_REP_ERR_TOO_BIG
+    assert c.option(nbd.NBD_OPT_SET_META_CONTEXT,
+                    meta_data(b"other", [b"base:allocation"]))[-1][0] == nbd.NBD_REP_ERR_UNKNOWN
+    truncated = meta_data(b"", [b"base:allocation"])[:-3]
+    assert c.option(nbd.NBD_OPT_SET_META_CONTEXT, truncated)[-1][0] == nbd.NBD_REP_ERR_INVALID
+    # The failed SETs cleared the selection: block status is refused after GO.
+    c.option(nbd.NBD_OPT_GO, info_data(b""))
+    c.structured = True
+    c.request(nbd.NBD_CMD_BLOCK_STATUS, 5, 0, 4096)
+    assert c.error_of(5) == nbd.NBD_EINVAL
+
+
+def test_bad_option_magic_closes(client):
+    c = client()
+    c.send_option(nbd.NBD_OPT_LIST, magic=0x1122334455667788)
+    assert c.closed()
+
+
+def test_oversized_option_closes(client):
+    c = client()
+    c.sock.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.NBD_OPT_GO, 1 << 30))
+    assert c.closed()
+
+
+def test_option_flood_is_capped(client, server, want):
+    c = client()
+    for _ in range(LIMITS.max_options + 10):
+        try:
+            c.send_option(77)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    replies = 0
+    try:
+        while True:
+            _, rtype, _ = c.option_reply()
+            assert rtype == nbd.NBD_REP_ERR_UNSUP
+            replies += 1
+    except (EOFError, ConnectionResetError):
+        pass
+    assert replies == LIMITS.max_options
+    healthy(server, want)
+
+
+def test_abort_acks_then_closes(client):
+    c = client()
+    ((rtype, _),) = c.option(nbd.NBD_OPT_ABORT)
+    assert rtype == nbd.NBD_REP_ACK
+    assert c.closed()
+
+
+def test_export_name_enters_transmission_with_simple_replies(client, want):
+    c = client()
+    c.send_option(nbd.NBD_OPT_EXPORT_NAME, b"")
+    size, tflags = struct.unpack(">QH", c.recv(10))   # NO_ZEROES negotiated: no padding
+    assert size == len(want) and tflags & nbd.NBD_FLAG_READ_ONLY
+    c.structured = False
+    error, data = c.read(100, 70000)
+    assert error == 0
+    assert_same_bytes(data, want[100:70100], "simple reply read")
+    c.request(nbd.NBD_CMD_DISC)
+    assert c.closed()
+
+
+def test_export_name_padding_and_unknown_name(client, server):
+    c = Client(server.address).greet(client_flags=nbd.NBD_FLAG_C_FIXED_NEWSTYLE)
+    try:
+        c.send_option(nbd.NBD_OPT_EXPORT_NAME, b"")
+        assert c.recv(10 + 124)[10:] == bytes(124)       # no NO_ZEROES: 124 zero bytes
+    finally:
+        c.close()
+    c = client()
+    c.send_option(nbd.NBD_OPT_EXPORT_NAME, b"missing")
+    assert c.closed()
+
+
+def test_handshake_timeout(client, server, want):
+    c = client(greet=False)
+    assert c.recv(18)[:8] == b"NBDMAGIC"
+    t0 = time.monotonic()
+    assert c.closed(timeout=5)
+    assert time.monotonic() - t0 < 4
+    healthy(server, want)
+
+
+# -- transmission ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_refused_and_invalid_requests_keep_the_connection(client, want, structured):
+    c = client()
+    c.go(structured=structured, meta=structured)
+    checks = [
+        # (command, flags, offset, length, payload, expected error)
+        (nbd.NBD_CMD_WRITE, 0, 0, 4096, b"w" * 4096, nbd.NBD_EPERM),
+        (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_FLAG_FUA, 0, 0, b"", nbd.NBD_EPERM),
+        (nbd.NBD_CMD_TRIM, 0, 0, 65536, b"", nbd.NBD_EPERM),
+        (nbd.NBD_CMD_WRITE_ZEROES, 0, 0, 65536, b"", nbd.NBD_EPERM),
+        (nbd.NBD_CMD_CACHE, 0, 0, 65536, b"", nbd.NBD_EPERM),
+        (42, 0, 0, 0, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_RESIZE, 0, 0, 0, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_FLUSH, 0, 0, 0, b"", 0),
+        (nbd.NBD_CMD_READ, 0, SIZE - 10, 11, b"", nbd.NBD_EINVAL),         # past the end
+        (nbd.NBD_CMD_READ, 0, SIZE + 4096, 1, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_READ, 0, (1 << 64) - 1, 2, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_READ, 0, 0, MAX_REQUEST + 1, b"", nbd.NBD_EINVAL),    # over the cap
+        (nbd.NBD_CMD_READ, nbd.NBD_CMD_FLAG_FUA, 0, 512, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_BLOCK_STATUS, 0, SIZE, 1, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_BLOCK_STATUS, 0, 0, 0, b"", nbd.NBD_EINVAL),
+    ]
+    if not structured:
+        checks.append((nbd.NBD_CMD_BLOCK_STATUS, 0, 0, 4096, b"", nbd.NBD_EINVAL))
+        checks.append((nbd.NBD_CMD_READ, nbd.NBD_CMD_FLAG_DF, 0, 512, b"", nbd.NBD_EINVAL))
+    for handle, (cmd, flags, offset, length, payload, error) in enumerate(checks, 100):
+        c.request(cmd, handle, offset, length, flags, payload)
+        assert c.error_of(handle, read=cmd == nbd.NBD_CMD_READ) == error, (cmd, offset, length)
+        # The next request on the same connection still works.
+        err, data = c.read(CLUSTER * 3 + 5, 1000, handle=handle + 1000)
+        assert err == 0
+        assert_same_bytes(data, want[CLUSTER * 3 + 5:CLUSTER * 3 + 1005], f"after {cmd}")
+    c.request(nbd.NBD_CMD_DISC)
+    assert c.closed()
+
+
+def test_write_over_the_cap_is_refused_and_closes(client, server, want):
+    c = client()
+    c.go()
+    c.request(nbd.NBD_CMD_WRITE, 9, 0, MAX_REQUEST + 1)     # payload never sent
+    assert c.error_of(9) == nbd.NBD_EPERM
+    assert c.closed()
+    healthy(server, want)
+
+
+def test_bad_request_magic_closes(client, server, want):
+    c = client()
+    c.go()
+    c.sock.sendall(struct.pack(">IHHQQI", 0x12560953, 0, 0, 1, 0, 512))
+    assert c.closed()
+    healthy(server, want)
+
+
+def test_structured_reads_and_df(client, want):
+    c = client()
+    c.go()
+    for offset, length in ((0, 4096), (CLUSTER - 1, 3), (500_000, 700_000), (SIZE - 1, 1),
+                           (0, MAX_REQUEST)):
+        for flags in (0, nbd.NBD_CMD_FLAG_DF):
+            error, data = c.read(offset, length, flags=flags)
+            assert error == 0
+            assert_same_bytes(data, want[offset:offset + length], "structured read", offset)
+    # DF: exactly one content chunk.
+    c.request(nbd.NBD_CMD_READ, 3, 0, 8192, nbd.NBD_CMD_FLAG_DF)
+    flags, rtype, handle, payload = c.chunk()
+    assert (flags, rtype, handle, len(payload)) == (1, nbd.NBD_REPLY_TYPE_OFFSET_DATA, 3, 8200)
+    error, data = c.read(SIZE - 10, 20)
+    assert error == nbd.NBD_EINVAL
+
+
+def _block_status(c, offset, length, flags=0, handle=11):
+    c.request(nbd.NBD_CMD_BLOCK_STATUS, handle, offset, length, flags)
+    cflags, rtype, got, payload = c.chunk()
+    assert got == handle and cflags & nbd.NBD_REPLY_FLAG_DONE
+    assert rtype == nbd.NBD_REPLY_TYPE_BLOCK_STATUS, payload
+    assert (len(payload) - 4) % 8 == 0 and len(payload) > 4
+    vals = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
+    return struct.unpack_from(">I", payload)[0], list(zip(vals[::2], vals[1::2]))
+
+
+def test_block_status_matches_the_bytes(client, want):
+    c = client()
+    c.go()
+    context, extents = _block_status(c, 0, SIZE)
+    assert context == c.context_id
+    assert sum(n for n, _ in extents) == SIZE
+    holes = [(pos, n) for pos, (n, f) in zip(_starts(extents), extents) if f]
+    assert holes == [(512 * 1024, 1024 * 1024)]                     # qemu-io wrote around it
+    assert all(f in (0, nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO) for _, f in extents)
+    for pos, n in holes:
+        assert want[pos:pos + n].count(0) == n
+    # A query inside the hole, REQ_ONE, and one crossing into data.
+    assert _block_status(c, 600_000, 10)[1] == [(10, 3)]
+    _, ext = _block_status(c, 0, SIZE, nbd.NBD_CMD_FLAG_REQ_ONE)
+    assert ext == [(512 * 1024, 0)]
+    _, ext = _block_status(c, 100, 1000, nbd.NBD_CMD_FLAG_REQ_ONE)
+    assert ext == [(1000, 0)]
+    _, ext = _block_status(c, 1536 * 1024 - 10, 20)
+    assert ext == [(10, 3), (10, 0)]
+    c.request(nbd.NBD_CMD_BLOCK_STATUS, 12, 0, 4096, nbd.NBD_CMD_FLAG_DF)
+    assert c.error_of(12) == nbd.NBD_EINVAL
+
+
+def _starts(extents):
+    pos = 0
+    for n, _ in extents:
+        yield pos
+        pos += n
+
+
+def test_pipelined_requests_all_answered(client, want):
+    c = client()
+    c.go()
+    requests = {h: ((h * 37_001) % (SIZE - 70_000), 1 + (h * 7919) % 65536) for h in range(200)}
+    c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ,
+                                        h, off, n) for h, (off, n) in requests.items()))
+    seen = set()
+    while len(seen) < len(requests):
+        flags, rtype, handle, payload = c.chunk()
+        assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA and flags & nbd.NBD_REPLY_FLAG_DONE
+        off, n = requests[handle]
+        assert struct.unpack_from(">Q", payload)[0] == off and len(payload) == 8 + n
+        assert payload[8:] == want[off:off + n]
+        seen.add(handle)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_contiguous_pipelined_reads(client, want, structured):
+    # Sequential reads queued together are filled in batches: each still gets its own reply.
+    c = client()
+    c.go(structured=structured, meta=False)
+    requests, pos = {}, 1000
+    for h in range(60):
+        n = [1, 4096, 65536, 70_000, 0, 300_000][h % 6]
+        if pos + n > SIZE:
+            break
+        requests[h] = (pos, n)
+        pos += n
+    c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ,
+                                        h, off, n) for h, (off, n) in requests.items()))
+    seen = set()
+    while len(seen) < len(requests):
+        if structured:
+            flags, rtype, handle, payload = c.chunk()
+            off, n = requests[handle]
+            if n == 0:
+                assert rtype == nbd.NBD_REPLY_TYPE_NONE and payload == b""
+            else:
+                assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
+                assert struct.unpack_from(">Q", payload)[0] == off
+                assert_same_bytes(payload[8:], want[off:off + n], "batched read", off)
+        else:
+            error, handle, _ = c.simple_reply()
+            off, n = requests[handle]
+            assert error == 0
+            assert_same_bytes(c.recv(n), want[off:off + n], "batched read", off)
+        assert handle not in seen
+        seen.add(handle)
+
+
+def test_half_open_request_times_out(client, server, want):
+    c = client()
+    c.go()
+    c.sock.sendall(struct.pack(">IHH", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ))
+    healthy(server, want)                     # others are served meanwhile
+    t0 = time.monotonic()
+    assert c.closed(timeout=5)
+    assert time.monotonic() - t0 < 4
+    # A write whose payload stops half way ends the same way.
+    c = client()
+    c.go(structured=False, meta=False)
+    c.request(nbd.NBD_CMD_WRITE, 1, 0, 8192, payload=b"x" * 100)
+    assert c.closed(timeout=5)
+
+
+def test_garbage_closes_and_server_survives(client, server, want):
+    for blob in (b"\xff" * 64, b"IHAVEOPT" * 10, bytes(100)):
+        c = client(greet=False)
+        c.recv(18)
+        c.sock.sendall(blob)
+        assert c.closed()
+    healthy(server, want)
+
+
+def test_corrupt_cluster_is_an_eio_reply(proto_image, tmp_path, want):
+    import shutil
+
+    import qcowfast
+    bad = tmp_path / "bad.qcow2"
+    shutil.copyfile(proto_image, bad)
+    with qcowfast.open(bad) as img:
+        ext = next(e for e in img.extents() if e.kind == qcowfast.ExtentKind.COMPRESSED
+                   and e.guest_offset >= CLUSTER)
+    with open(bad, "r+b") as f:                   # garble the cluster's deflate stream
+        f.seek(ext.host_offset)
+        f.write(b"\xff" * 64)
+    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", str(bad), str(tmp_path / "o")],
+                          capture_output=True, timeout=60)
+    assert proc.returncode != 0                  # qemu-img agrees the cluster is broken
+    srv = NBDServer(bad, socket=tmp_path / "s.sock", persistent=True, limits=LIMITS)
+    with srv:
+        for structured in (True, False):
+            c = Client(srv.address).greet()
+            c.go(structured=structured, meta=False)
+            error, _ = c.read(ext.guest_offset, 4096)
+            assert error == nbd.NBD_EIO
+            error, data = c.read(0, 1000)            # the connection still serves
+            assert error == 0 and data == want[:1000]
+            c.close()
+
+
+def test_stop_ends_a_client_that_takes_no_replies(proto_image, tmp_path):
+    srv = NBDServer(proto_image, socket=tmp_path / "s.sock", persistent=True,
+                    limits=nbd.Limits(max_request=MAX_REQUEST, io_timeout=60))
+    srv.start()
+    try:
+        c = Client(srv.address).greet()
+        c.go()
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                            nbd.NBD_CMD_READ, h, 0, MAX_REQUEST)
+                                for h in range(40)))        # 40 MiB of replies, never read
+        time.sleep(0.5)
+    finally:
+        t0 = time.monotonic()
+        srv.stop(timeout=1.0)
+    assert time.monotonic() - t0 < 5
+    assert srv._image is None                 # no worker left behind: the image was closed
+    assert c.closed(timeout=10)
+    c.close()
+
+
+# -- fuzz -----------------------------------------------------------------------------------
+
+_u32 = st.integers(0, 2**32 - 1)
+
+
+def _option_frame():
+    known = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 2**31])
+    data = st.one_of(
+        st.binary(max_size=40),
+        st.builds(info_data, st.sampled_from([b"", b"x"]),
+                  st.lists(st.integers(0, 5), max_size=4)),
+        st.builds(meta_data, st.sampled_from([b"", b"x"]),
+                  st.lists(st.sampled_from([b"base:", b"base:allocation", b"q", b"x-a:b"]),
+                           max_size=4)))
+    return st.builds(lambda magic, opt, d, lie: struct.pack(
+        ">QII", magic, opt, len(d) if not lie else lie) + d,
+        st.sampled_from([nbd.IHAVEOPT, nbd.IHAVEOPT, nbd.IHAVEOPT, 0]),
+        st.one_of(known, _u32), data, st.sampled_from([0, 0, 0, 1, 3, 100]))
+
+
+def _request_frame():
+    def build(cmd, flags, handle, offset, length, payload):
+        body = struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length)
+        return body + (payload[:length] if cmd == nbd.NBD_CMD_WRITE else b"")
+    offsets = st.one_of(st.integers(0, SIZE + 10), st.sampled_from([SIZE, 2**63, 2**64 - 1]))
+    lengths = st.one_of(st.integers(0, 70_000),
+                        st.sampled_from([MAX_REQUEST, MAX_REQUEST + 1, 2**32 - 1]))
+    return st.builds(build, st.integers(0, 12), st.sampled_from([0, 1, 2, 4, 8, 0xFFFF]),
+                     st.integers(0, 2**64 - 1), offsets, lengths, st.binary(max_size=600))
+
+
+_session = st.tuples(
+    st.sampled_from([0, 1, 3, 2, 1 << 7]),                               # client flags
+    st.lists(_option_frame(), max_size=5),
+    st.sampled_from([b"", struct.pack(">QII", nbd.IHAVEOPT, nbd.NBD_OPT_GO, 8) + info_data(b""),
+                     struct.pack(">QII", nbd.IHAVEOPT, nbd.NBD_OPT_EXPORT_NAME, 0)]),
+    st.lists(st.one_of(_request_frame(), st.binary(min_size=1, max_size=40)), max_size=6),
+)
+
+
+@settings(max_examples=60, deadline=4000, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(session=_session)
+def test_fuzz_handshake_and_requests(server, want, session):
+    flags, options, enter, requests = session
+    c = Client(server.address, timeout=5)
+    try:
+        c.recv(18)
+        blob = struct.pack(">I", flags) + b"".join(options) + enter + b"".join(requests)
+        sender = threading.Thread(target=_send_quietly, args=(c.sock, blob), daemon=True)
+        sender.start()
+        sender.join(5)
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        # The server answers what it can and closes once the client stops: never hangs.
+        assert c.closed(timeout=5)
+    finally:
+        c.close()
+    assert server.errors == []
+    healthy(server, want)
+
+
+def _send_quietly(sock, blob):
+    try:
+        sock.sendall(blob)
+    except OSError:
+        pass

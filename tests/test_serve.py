@@ -1,0 +1,396 @@
+"""`qcowfast serve` read by real NBD clients: qemu-img, qemu-io, nbdcopy and nbdinfo (libnbd).
+
+Bytes are judged against `qemu-img convert -O raw` of the image, allocation against
+`nbdinfo --map` of `qemu-nbd -r` serving the same image. Servers run in a thread (the Python
+API) or as `python -m qcowfast serve` subprocesses; every one is stopped by a finalizer, every
+wait has a timeout, and only Unix sockets in tmp_path or 127.0.0.1 are used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import qcowfast
+from common import assert_same_bytes, qemu_img, qemu_info, qemu_io, reference_raw
+from qcowfast.serve import NBDServer
+
+TIMEOUT = 60
+
+
+def run(*argv, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, f"{argv}: {proc.stdout[-2000:]} {proc.stderr.strip()}"
+    return proc
+
+
+def unix_uri(sock: Path, name: str = "") -> str:
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """served(path, **kw) -> a started in-thread NBDServer on a Unix socket in tmp_path."""
+    servers = []
+
+    def start(path, **kw):
+        kw.setdefault("socket", tmp_path / f"s{len(servers)}.sock")
+        kw.setdefault("persistent", True)
+        server = NBDServer(path, **kw)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class CliServer:
+    """`python -m qcowfast serve ...` as a subprocess; the URI is read from its stderr."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "serve", *map(str, args)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.uri = self._wait_ready()
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + 20
+        line = ""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.5)
+            if ready:
+                line = self.proc.stderr.readline()
+                if " on nbd" in line:
+                    return line.rsplit(" on ", 1)[1].strip()
+                if not line:
+                    break
+        self.stop()
+        raise AssertionError(f"qcowfast serve did not start: {line}")
+
+    def wait(self, timeout=20) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def cli_server():
+    started = []
+
+    def start(*args):
+        server = CliServer(*args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class QemuNbd:
+    """qemu-nbd -r -t serving an image on a Unix socket: the reference server."""
+
+    def __init__(self, path, sock: Path):
+        self.sock = sock
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock),
+                                      str(path)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("qemu-nbd did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+def nbd_map(uri: str) -> list[tuple[int, int, int]]:
+    """`nbdinfo --map` as (offset, length, type) with adjacent equal types merged."""
+    out: list[list[int]] = []
+    for line in run("nbdinfo", "--map", uri).stdout.splitlines():
+        offset, length, kind = (int(w) for w in line.split()[:3])
+        if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == offset:
+            out[-1][1] += length
+        else:
+            out.append([offset, length, kind])
+    return [tuple(e) for e in out]
+
+
+# -- bytes ----------------------------------------------------------------------------------
+
+BYTE_IMAGES = ("c64k-v3-zlib", "c4k-v2-zlib", "c64k-v3-zstd", "c64k-extl2", "c32k-extl2-zstd",
+               "c64k-extl2-zlib-backing", "c4k-chain3-short-base", "c2m-chain3-mixed-clusters",
+               "c64k-raw-backing", "c64k-v3-snapshot", "c64k-v3-tiny")
+
+
+@pytest.mark.images(ids=BYTE_IMAGES)
+def test_qemu_img_and_nbdcopy_read_identical_bytes(image, served, tmp_path):
+    want = reference_raw(image.path)
+    server = served(image.path)
+    out = tmp_path / "qemu-img.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert_same_bytes(out.read_bytes(), want, f"qemu-img convert from NBD, {image.id}")
+    out = tmp_path / "nbdcopy.raw"
+    run("nbdcopy", server.uri, out)
+    assert_same_bytes(out.read_bytes(), want, f"nbdcopy from NBD, {image.id}")
+
+
+def test_snapshot_export_matches_qemu_img(images, served, tmp_path):
+    image = images.get("c64k-v3-snapshot")
+    for name in ("s1", "s2"):
+        ref = tmp_path / f"{name}.raw"
+        qemu_img("convert", "-O", "raw", "-l", f"snapshot.name={name}", image.path, ref)
+        server = served(image.path, snapshot=name)
+        out = tmp_path / f"{name}.nbd.raw"
+        run("nbdcopy", server.uri, out)
+        assert_same_bytes(out.read_bytes(), ref.read_bytes(), f"snapshot {name} over NBD")
+
+
+@pytest.fixture(scope="module")
+def pattern_image(tmp_path_factory):
+    """A compressed 4 MiB image with known fills, made by qemu-io and qemu-img convert -c."""
+    d = tmp_path_factory.mktemp("pattern")
+    plain = d / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", plain, "4M")
+    qemu_io(plain, "write -P 0x5a 0 1M", "write -P 0x11 1M 512k", "write -P 0x77 3M 64k")
+    out = d / "compressed.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", plain, out)
+    return out
+
+
+def test_qemu_io_reads_patterns(pattern_image, served):
+    server = served(pattern_image)
+    proc = run("qemu-io", "-r", "-f", "raw",
+               "-c", "read -P 0x5a 0 1M", "-c", "read -P 0x11 1M 512k",
+               "-c", "read -P 0 1536k 1536k", "-c", "read -P 0x77 3M 64k",
+               "-c", "read -P 0x5a 1000 3000", "-c", "read -P 0x77 3150000 10000",
+               "-c", "read -P 0 4128768 65536", server.uri)
+    out = proc.stdout + proc.stderr
+    assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+    assert out.count("read ") == 7, out
+
+
+def test_nbdinfo_json_describes_a_read_only_export(images, served):
+    image = images.get("c64k-v3-zlib")
+    server = served(image.path, export_name="disk0")
+    info = json.loads(run("nbdinfo", "--json", unix_uri(server.address, "disk0")).stdout)
+    (export,) = info["exports"]
+    assert info["structured"] is True
+    assert export["export-name"] == "disk0"
+    assert export["export-size"] == qemu_info(image.path)["virtual-size"]
+    assert export["is_read_only"] is True
+    assert export["can_multi_conn"] is True
+    assert export["can_df"] is True
+    for feature in ("can_trim", "can_zero", "can_flush", "can_fua", "can_cache"):
+        assert export[feature] is False, feature
+    assert "base:allocation" in export["contexts"]
+    assert export["block_size_minimum"] == 1
+    assert export["block_size_preferred"] == image.cluster_size
+    assert export["block_size_maximum"] == 32 * 1024 * 1024
+
+
+def test_unknown_export_name_is_refused(images, served):
+    server = served(images.get("c64k-v3").path, export_name="disk0")
+    listed = run("nbdinfo", "--list", "--json", server.uri).stdout
+    assert [e["export-name"] for e in json.loads(listed)["exports"]] == ["disk0"]
+    proc = subprocess.run(["nbdinfo", "--size", unix_uri(server.address, "other")],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "other" in proc.stderr
+
+
+# -- allocation -----------------------------------------------------------------------------
+
+MAP_IMAGES = ("c64k-v3-zeroes", "c4k-v3-zeroes", "c64k-v2-zeroes", "c512-v3-sparse",
+              "c64k-extl2", "c64k-chain2-zlib-base", "c4k-chain3-short-base",
+              "c64k-v2-chain2-long-base", "c64k-raw-backing", "c64k-v3-empty", "c2m-v3-zlib")
+
+
+@pytest.mark.images(ids=MAP_IMAGES)
+def test_nbdinfo_map_matches_qemu_nbd(image, served, tmp_path):
+    reference = QemuNbd(image.path, tmp_path / "qemu-nbd.sock")
+    try:
+        want = nbd_map(unix_uri(reference.sock))
+    finally:
+        reference.stop()
+    server = served(image.path)
+    assert nbd_map(server.uri) == want
+
+
+def test_block_status_holes_read_as_zeros(images, served, tmp_path):
+    # Independent of qemu-nbd: every range reported hole,zero must read as zeros.
+    image = images.get("c64k-v3-zeroes")
+    want = reference_raw(image.path)
+    server = served(image.path)
+    extents = nbd_map(server.uri)
+    assert sum(e[1] for e in extents) == len(want)
+    assert {e[2] for e in extents} == {0, 3}
+    for offset, length, kind in extents:
+        if kind == 3:
+            assert want[offset:offset + length].count(0) == length
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def test_cli_serves_until_the_last_client_leaves(images, cli_server, tmp_path):
+    image = images.get("c64k-chain2-zlib-base")
+    sock = tmp_path / "nbd.sock"
+    server = cli_server(image.path, "--socket", sock)
+    assert server.uri == unix_uri(sock)
+    out = tmp_path / "out.raw"
+    run("nbdcopy", "--connections=4", server.uri, out)
+    assert_same_bytes(out.read_bytes(), reference_raw(image.path), "nbdcopy from the CLI")
+    assert server.wait() == 0            # not persistent: exits after the last client
+    assert not sock.exists()
+
+
+def test_cli_sigterm_removes_the_socket(images, cli_server, tmp_path):
+    image = images.get("c64k-v3-snapshot")
+    sock = tmp_path / "nbd.sock"
+    server = cli_server(image.path, "-k", sock, "--persistent", "-l", "snapshot.name=s1")
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-O", "raw", "-l", "snapshot.name=s1", image.path, ref)
+    out = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert_same_bytes(out.read_bytes(), ref.read_bytes(), "snapshot s1 from the CLI")
+    run("nbdinfo", "--size", server.uri)          # persistent: still serving
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not sock.exists()
+
+
+def test_cli_tcp_listens_on_loopback(images, cli_server, tmp_path):
+    image = images.get("c64k-v3-zstd")
+    server = cli_server(image.path, "--port", "0", "-x", "d")
+    assert server.uri.startswith("nbd://127.0.0.1:") and server.uri.endswith("/d")
+    size = int(run("nbdinfo", "--size", server.uri).stdout)
+    assert size == qemu_info(image.path)["virtual-size"]
+    assert server.wait() == 0
+
+
+def test_cli_reports_an_unopenable_image_in_one_line(tmp_path):
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(504))     # v3, cluster_bits 0
+    proc = subprocess.run([sys.executable, "-m", "qcowfast", "serve", str(bad), "-k",
+                           str(tmp_path / "s.sock")], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("qcowfast: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_cli_refuses_socket_with_port(images, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qcowfast", "serve",
+                           str(images.get("c64k-v3").path), "-k", str(tmp_path / "s"),
+                           "-p", "10809"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1 and "--socket" in proc.stderr
+
+
+# -- the Python API -------------------------------------------------------------------------
+
+def test_api_default_socket_and_non_persistent_exit(images):
+    image = images.get("c64k-v3-zlib")
+    with NBDServer(image.path) as server:
+        assert server.uri.startswith("nbd+unix:///?socket=")
+        sock = Path(server.address)
+        assert sock.exists() and oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+        # A client that never negotiates does not end the server; one that does, does.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            assert s.recv(8) == b"NBDMAGIC"
+        assert not server.wait(0.3)
+        run("nbdinfo", "--size", server.uri)
+        assert server.wait(10)
+    assert not sock.exists() and not sock.parent.exists()
+
+
+def test_qcowfast_serve_blocks_until_done(images, tmp_path):
+    image = images.get("c4k-v3")
+    sock = tmp_path / "s.sock"
+    seen, clients = [], []
+
+    def client(server):
+        seen.append(server.uri)
+        clients.append(subprocess.Popen(["nbdinfo", "--size", server.uri],
+                                        stdout=subprocess.DEVNULL))
+
+    t = threading.Thread(target=qcowfast.serve, args=(image.path,),
+                         kwargs={"socket": sock, "ready": client}, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert seen == [unix_uri(sock)]
+    assert clients[0].wait(10) == 0
+    assert not sock.exists()
+
+
+def test_shared_caps_connections(images, served):
+    server = served(images.get("c64k-v3").path, shared=1)
+    first = socket.socket(socket.AF_UNIX)
+    second = socket.socket(socket.AF_UNIX)
+    try:
+        first.settimeout(5)
+        first.connect(server.address)
+        assert first.recv(8) == b"NBDMAGIC"
+        second.settimeout(0.5)
+        second.connect(server.address)            # waits in the backlog
+        with pytest.raises(socket.timeout):
+            second.recv(8)
+        first.close()
+        second.settimeout(5)
+        assert second.recv(8) == b"NBDMAGIC"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_path_policy_applies(images, served, tmp_path):
+    base = images.get("c64k-v3-zlib").path
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    elsewhere = tmp_path / "not-a-dir-of-base"
+    elsewhere.mkdir()
+    with pytest.raises(qcowfast.QcowError):
+        served(top, socket=tmp_path / "refused.sock")
+    assert not (tmp_path / "refused.sock").exists()
+    server = served(top, backing_dirs=[base.parent])
+    out = tmp_path / "out.raw"
+    run("nbdcopy", server.uri, out)
+    assert_same_bytes(out.read_bytes(), reference_raw(base), "backing file over NBD")
+
+
+def test_existing_file_at_socket_path_is_not_replaced(images, tmp_path):
+    path = tmp_path / "precious"
+    path.write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        NBDServer(images.get("c64k-v3").path, socket=path).start()
+    assert path.read_bytes() == b"keep"
+    assert os.path.exists(path)
