@@ -1,14 +1,18 @@
-"""The `qcowfast` command line: qemu-img-like subcommands over the qcowfast API.
+"""The `qcowfast` command line: qemu-img's subcommands and option grammar over the qcowfast API.
 
-Every QcowError becomes one line on stderr and exit code 1 (qemu-img's convention); a traceback
-means a bug.
+Every QcowError becomes one line on stderr and exit code 1 (qemu-img's convention); usage errors
+exit 1 too, as qemu-img's do. A traceback means a bug. Module-level imports stay cheap (no numpy):
+`qcowfast --version` and `qcowfast info` must start fast; each command imports what it needs.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import re
+import signal
 import sys
 import time
 
@@ -17,28 +21,52 @@ from .errors import QcowError
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
              "e": 1 << 60}
+_SIZE = re.compile(r"\s*(?:0x([0-9a-f]+)|(\d+)(?:\.(\d+))?)\s*([bkmgtpe]?)\s*", re.IGNORECASE)
+# qemu-img convert -S: MAX_BUF_SECTORS (32768) sectors of 512 bytes.
+MAX_SPARSE_SIZE = 16 << 20
+MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COROUTINES
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "unsafe", "directsync")
+OUTPUT_FORMATS = ("raw", "qcow2")
+SOURCE_FORMATS = ("qcow2", "raw")
 
 
 def parse_size(text: str) -> int:
-    """Parse a qemu-img style size: bytes with an optional k/M/G/T/P/E suffix (powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)\s*", text, re.IGNORECASE)
+    """Parse a qemu-img style size: decimal (fractions allowed) or 0x hex, with an optional
+    b/k/M/G/T/P/E suffix (powers of 1024), e.g. ``4096``, ``4k``, ``1.5M``, ``0x100000``."""
+    m = _SIZE.fullmatch(text)
     if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 4096, 4k, 1M)")
-    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
-    if value != int(value):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 4096, 4k, 1M, 0x1000)")
+    hexa, whole, frac, suffix = m.groups()
+    mult = _SUFFIXES[suffix.lower()]
+    if hexa is not None:
+        return int(hexa, 16) * mult
+    frac = frac or ""
+    scaled = (int(whole) * 10 ** len(frac) + int(frac or 0)) * mult
+    value, rest = divmod(scaled, 10 ** len(frac))
+    if rest:
         raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
+    return value
 
 
 def sparse_size(text: str) -> int:
-    """-S: a size that is a multiple of 512 bytes (0 for fully allocated output)."""
-    value = parse_size(text)
-    if value % 512:
-        raise argparse.ArgumentTypeError(f"-S {text!r} must be a multiple of 512 bytes")
+    """-S: a multiple of 512 bytes up to 16 MiB (0: fully allocated output), as qemu-img wants."""
+    try:
+        value = parse_size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E "
+            "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ) from None
+    if value % 512 or value > MAX_SPARSE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+            f"up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse detection (fully allocates "
+            f"output).")
     return value
 
 
 def thread_count(text: str) -> int:
+    """--threads: a positive integer."""
     try:
         value = int(text)
     except ValueError:
@@ -46,6 +74,29 @@ def thread_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid thread count {text!r} (a positive integer)")
     return value
+
+
+def coroutine_count(text: str) -> int:
+    """-m: qemu-img's number of parallel requests (1 to 16); qcowfast uses that many threads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_COROUTINES:
+        raise argparse.ArgumentTypeError(
+            f"Invalid number of coroutines. Allowed number of coroutines is between 1 and "
+            f"{MAX_COROUTINES}")
+    return value
+
+
+def cache_mode(text: str) -> str:
+    """-t / -T: one of qemu's cache modes."""
+    if text not in CACHE_MODES:
+        hint = (" (-t is the cache mode, as in qemu-img; give threads with --threads or -m)"
+                if text.isdigit() else "")
+        raise argparse.ArgumentTypeError(
+            f"Invalid cache option: {text} (one of {', '.join(CACHE_MODES)}){hint}")
+    return text
 
 
 def human_size(n: float) -> str:
@@ -56,8 +107,20 @@ def human_size(n: float) -> str:
     return f"{n:.2f} EiB"
 
 
+def _columns(stream) -> int:
+    """The terminal width of `stream` (80 when it has none)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class ProgressBar:
-    """A one-line progress bar on a stream, redrawn at most 10 times a second."""
+    """A one-line progress bar on a stream, redrawn in place at most 10 times a second.
+
+    The line never exceeds the terminal's width (read at every redraw, so a resized window is
+    followed): the bar shrinks first, then the rate and the ETA are dropped.
+    """
 
     def __init__(self, stream, label: str):
         self.stream = stream
@@ -65,32 +128,70 @@ class ProgressBar:
         self.t0 = time.monotonic()
         self.last = 0.0
         self.last_done = -1
+        self.drawn = False
+
+    def line(self, done: int, total: int, columns: int, now: float) -> str:
+        """The bar's text for `columns` columns (at most columns - 1 characters)."""
+        frac = min(done / total, 1.0) if total else 1.0
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        pct = f"{frac * 100:5.1f}%"
+        tails = [f" {human_size(done)}/{human_size(total)} {human_size(rate)}/s ETA {eta:.0f}s",
+                 f" {human_size(done)}/{human_size(total)}", ""]
+        room = columns - 1
+        for tail in tails:
+            width = room - len(self.label) - len(pct) - len(tail) - 4
+            if width >= 10:
+                fill = int(frac * width)
+                return f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {pct}{tail}"
+        return f"{self.label} {pct}"[:room]
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
         if done == self.last_done or (done < total and now - self.last < 0.1):
             return
         self.last, self.last_done = now, done
-        frac = done / total if total else 1.0
-        width = 30
-        fill = int(frac * width)
-        elapsed = now - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% "
-                          f"{human_size(done)}/{human_size(total)} {human_size(rate)}/s "
-                          f"ETA {eta:4.0f}s ")
+        columns = _columns(self.stream)
+        # \r back to column 0, the line padded to erase a longer previous one.
+        self.stream.write("\r" + self.line(done, total, columns, now).ljust(columns - 1))
         self.stream.flush()
+        self.drawn = True
 
     def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help=f"output format (default human); json prints what `qemu-img {tool} "
                         f"--output=json` prints")
+
+
+def _add_force_share_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read the image even when a running QEMU holds it open for writing")
+
+
+def _check_format(args) -> int:
+    """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
+    if args.format == "raw":
+        print("qcowfast: This image format does not support checks", file=sys.stderr)
+        return 63
+    if args.format == "qcow2":
+        from .constants import QCOW_MAGIC
+        fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            magic = os.pread(fd, 4, 0)
+        finally:
+            os.close(fd)
+        if magic != QCOW_MAGIC:
+            print(f"qcowfast: Could not open '{args.image}': Image is not in qcow2 format",
+                  file=sys.stderr)
+            return 1
+    return cmd_check(args)
 
 
 def _add_open_options(p: argparse.ArgumentParser) -> None:
@@ -100,24 +201,108 @@ def _add_open_options(p: argparse.ArgumentParser) -> None:
                         "directory are followed)")
 
 
+class CliError(Exception):
+    """A command line qcowfast cannot honour: one line on stderr, exit code 1."""
+
+
+class _Unsupported(argparse.Action):
+    """An option of qemu-img convert that needs a feature qcowfast lacks: refused by name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.unsupported = [*getattr(namespace, "unsupported", []), option_string]
+
+
+# qemu-img convert options that qcowfast refuses by name (each needs a feature it lacks).
+_UNSUPPORTED = {"-B": ("output backing files", 1), "-F": ("output backing files", 1),
+                "--image-opts": ("option strings instead of file names", 0),
+                "--object": ("QEMU objects", 1), "-r": ("rate limits", 1),
+                "-C": ("copy offloading as a requirement", 0), "--salvage": ("salvaging", 0),
+                "--bitmaps": ("copying bitmaps", 0), "--skip-broken-bitmaps": ("bitmaps", 0)}
+_OUTPUT_OPTIONS = ("compression_type", "cluster_size")
+
+
+def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
+    """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict."""
+    opts = {}
+    for text in texts:
+        for item in re.split(r"(?<!,),(?!,)", text):
+            key, sep, value = item.replace(",,", ",").partition("=")
+            if not key:
+                continue
+            if key not in _OUTPUT_OPTIONS:
+                raise CliError(f"-o {key}: unknown option (qcowfast knows "
+                               f"{', '.join(_OUTPUT_OPTIONS)}, for -O qcow2)")
+            if fmt != "qcow2":
+                raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
+            if not sep:
+                raise CliError(f"-o {key}: give a value ({key}=...)")
+            opts[key] = value
+    if opts and existing:
+        raise CliError("-o has no effect when skipping image creation (-n)")
+    if opts.get("compression_type", "zlib") not in ("zlib", "zstd"):
+        raise CliError(f"-o compression_type={opts['compression_type']}: one of zlib, zstd")
+    if "cluster_size" in opts:
+        try:
+            size = parse_size(opts["cluster_size"])
+        except argparse.ArgumentTypeError as exc:
+            raise CliError(f"-o cluster_size: {exc}") from None
+        if not 512 <= size <= 2 << 20 or size & (size - 1):
+            raise CliError("-o cluster_size: Cluster size must be a power of two between 512 "
+                           "and 2048k")
+        opts["cluster_size"] = size
+    return opts
+
+
+def convert_arguments(args) -> tuple[str, str, dict]:
+    """Map a parsed `qcowfast convert` command line to convert()'s (src, dst, keywords).
+
+    Raises CliError for command lines qcowfast refuses.
+    """
+    for option in getattr(args, "unsupported", []):
+        raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
+    if args.extra:
+        raise CliError("multiple source images are not supported (qemu-img would concatenate "
+                       "them); convert one image at a time")
+    fmt = args.output_format
+    if fmt not in OUTPUT_FORMATS:
+        raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
+    if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
+        raise CliError(f"-f {args.src_format}: qcowfast reads {' and '.join(SOURCE_FORMATS)} "
+                       "images")
+    opts = _output_options(args.options, fmt, args.existing)
+    if args.compress and fmt != "qcow2":
+        raise CliError(f"-c: compression needs -O qcow2 (-O {fmt} cannot be compressed)")
+    if args.target_is_zero and not args.existing:
+        raise CliError("--target-is-zero requires use of -n flag")
+    if args.dst == "-" and sys.stdout.isatty():
+        raise CliError("refusing to write a binary image to a terminal; redirect standard "
+                       "output or name an output file")
+    kw = dict(format=fmt, src_format=args.src_format,
+              compression=opts.get("compression_type", "zlib") if args.compress else None,
+              cluster_size=opts.get("cluster_size", 65536),
+              threads=args.threads or args.coroutines, sparse_size=args.sparse_size,
+              overwrite=not args.no_clobber, existing=args.existing,
+              target_is_zero=args.target_is_zero, force_share=args.force_share,
+              direct=args.cache in ("none", "off", "directsync"),
+              fsync=args.fsync or args.cache in ("writethrough", "directsync"),
+              backing_dirs=args.allow_backing_dir, snapshot=args.snapshot,
+              max_stream_size=args.max_stream_size or None)
+    return args.src, args.dst, kw
+
+
 def cmd_convert(args) -> int:
+    src, dst, kw = convert_arguments(args)
     from .convert import convert
-    if args.output_format != "raw":
-        raise QcowError(f"output format {args.output_format!r} is not supported (only raw)")
     show = args.progress and (args.force_progress or sys.stderr.isatty())
     bar = ProgressBar(sys.stderr, "converting") if show else None
-    dst = args.dst
     try:
-        result = convert(args.src, dst, threads=args.threads, sparse_size=args.sparse_size,
-                         progress=bar, overwrite=args.overwrite, fsync=args.fsync,
-                         backing_dirs=args.allow_backing_dir, snapshot=args.snapshot,
-                         max_stream_size=args.max_stream_size or None)
+        result = convert(src, dst, progress=bar, **kw)
     finally:
         if bar is not None:
             bar.finish()
     if not args.quiet:
         rate = result.virtual_size / result.seconds if result.seconds > 0 else 0.0
-        print(f"qcowfast: converted {args.src} -> {dst}: {human_size(result.virtual_size)} "
+        print(f"qcowfast: converted {src} -> {dst}: {human_size(result.virtual_size)} "
               f"virtual, {human_size(result.bytes_written)} written, "
               f"{human_size(result.bytes_sparse)} left sparse, {result.seconds:.2f} s "
               f"({human_size(rate)}/s, {result.threads} threads)", file=sys.stderr)
@@ -126,15 +311,14 @@ def cmd_convert(args) -> int:
 
 def cmd_map(args) -> int:
     from .image import open as open_image
-    from .mapping import format_human, format_json
+    from .mapping import write_human, write_json
     with open_image(args.image, backing_dirs=args.allow_backing_dir) as image:
         if args.lookup is not None:
             from .lookup import describe
             sys.stdout.write(describe(image, args.lookup))
             return 0
-        entries = image.map()
-        text = format_json(entries) if args.output == "json" else format_human(image, entries)
-    sys.stdout.write(text)
+        # Streamed entry by entry: memory does not grow with the number of extents.
+        (write_json if args.output == "json" else write_human)(image, sys.stdout)
     return 0
 
 
@@ -152,8 +336,9 @@ def _add_progress_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args) -> int:
     from .info import format_human, format_json, info
+    kw = {"force_share": True} if args.force_share else {}
     result = info(args.image, backing_chain=args.backing_chain,
-                  backing_dirs=args.allow_backing_dir, fmt=args.format)
+                  backing_dirs=args.allow_backing_dir, fmt=args.format, **kw)
     sys.stdout.write(format_json(result) if args.output == "json" else format_human(result))
     return 0
 
@@ -162,13 +347,19 @@ def cmd_check(args) -> int:
     from .check import NotChecked, check
     bar = _progress_bar(args, "checking")
     try:
-        result = check(args.image, progress=bar)
+        result = check(args.image, progress=bar,
+                       backing_dirs=getattr(args, "allow_backing_dir", ()),
+                       force_share=getattr(args, "force_share", False))
     except NotChecked as exc:
         print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
               file=sys.stderr)
         return 63
     except QcowError as exc:
-        print(f"qcowfast: check failed: {exc}", file=sys.stderr)
+        # As qemu-img: "Could not open 'IMG': ..." when the image or its chain cannot be
+        # opened, "Check failed: ..." when the check itself cannot complete.
+        text = str(exc)
+        print(f"qcowfast: {text}" if text.startswith("Could not open ") else
+              f"qcowfast: check failed: {text}", file=sys.stderr)
         return 1
     finally:
         if bar is not None:
@@ -190,8 +381,10 @@ def cmd_compare(args) -> int:
     from .compare import compare
     bar = _progress_bar(args, "comparing")
     try:
+        kw = {"force_share": True} if args.force_share else {}
         result = compare(args.image1, args.image2, fmt_a=args.format_a, fmt_b=args.format_b,
-                         strict=args.strict, progress=bar, backing_dirs=args.allow_backing_dir)
+                         strict=args.strict, progress=bar, backing_dirs=args.allow_backing_dir,
+                         **kw)
     except QcowError as exc:
         print(f"qcowfast: {exc}", file=sys.stderr)
         return 2
@@ -208,41 +401,87 @@ def cmd_compare(args) -> int:
     return result.exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qcowfast", description="Fast, safe reading and conversion of QCOW2 disk images.")
-    parser.add_argument("--version", action="version", version=f"qcowfast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's usage-error status: the usage of the (sub)command and exit 1."""
 
-    p = sub.add_parser("convert", help="convert a QCOW2 image to raw",
-                       description="Convert a QCOW2 image (with its backing chain) to a raw "
-                                   "image, byte-identical to `qemu-img convert -O raw`. The "
-                                   "output is written to a temporary file and renamed only on "
-                                   "success.")
-    p.add_argument("src", metavar="SRC", help="QCOW2 image to read")
-    p.add_argument("dst", metavar="DST", help="raw output file, or - for standard output")
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert an image to raw or qcow2 (qemu-img convert's options)",
+        description="Convert a QCOW2 (or raw) image, with its backing chain, to raw (byte-"
+                    "identical to `qemu-img convert -O raw`) or qcow2. Options follow qemu-img "
+                    "convert; -t is the cache mode as in qemu-img (threads: --threads or -m). "
+                    "A file output is written to a temporary file beside DST and renamed over "
+                    "it only on success; an existing DST is replaced unless --no-clobber.")
+    p.add_argument("src", metavar="SRC", help="image to read (qcow2 or raw)")
+    p.add_argument("dst", metavar="DST", help="output file or block device, or - for standard "
+                                              "output (qemu-img takes - as a file name)")
+    p.add_argument("-f", dest="src_format", default=None, metavar="FMT",
+                   help="format of SRC: qcow2 or raw (default: probe)")
     p.add_argument("-O", dest="output_format", default="raw", metavar="FMT",
-                   help="output format (only raw)")
+                   help="output format: raw (default) or qcow2")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress the qcow2 output (zlib, or -o compression_type)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="qcow2 output options key=val[,key=val]: compression_type=zlib|zstd, "
+                        "cluster_size=SIZE (512 to 2M, default 64k)")
+    p.add_argument("-n", dest="existing", action="store_true",
+                   help="write into the existing DST in place (do not create it)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="with -n: DST reads as zeros already, so zeros are not written")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read SRC even when a running QEMU holds it open for writing (the copy "
+                        "may be torn)")
+    p.add_argument("-t", dest="cache", type=cache_mode, default="writeback", metavar="CACHE",
+                   help="output cache mode: none/off (O_DIRECT), directsync (O_DIRECT and "
+                        "flush), writethrough (flush before publishing, like --fsync), "
+                        "writeback (default), unsafe")
+    p.add_argument("-T", dest="src_cache", type=cache_mode, default="writeback",
+                   metavar="CACHE", help="source cache mode (accepted; qcowfast reads through "
+                                         "the page cache)")
+    p.add_argument("-m", dest="coroutines", type=coroutine_count, default=None, metavar="N",
+                   help="parallel requests as in qemu-img (1 to 16): N worker threads")
+    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="worker threads (default: all cores; overrides -m)")
+    p.add_argument("-W", dest="out_of_order", action="store_true",
+                   help="allow out-of-order writes (accepted: qcowfast always may)")
+    p.add_argument("-S", dest="sparse_size", type=sparse_size, default=4096, metavar="SIZE",
+                   help="zero runs of SIZE bytes are left as holes: a multiple of 512 up to 16M "
+                        "(default 4k; 0 writes a fully allocated file)")
+    p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", default=None,
+                   help="convert an internal snapshot: snapshot.id=ID, snapshot.name=NAME, or "
+                        "ID_OR_NAME")
     p.add_argument("-p", "--progress", action="store_true",
                    help="show a progress bar on stderr (when it is a terminal)")
     p.add_argument("--force-progress", action="store_true",
                    help="with -p, show progress even when stderr is not a terminal")
-    p.add_argument("-t", "--threads", type=thread_count, default=None, metavar="N",
-                   help="worker threads (default: all cores)")
-    p.add_argument("-S", dest="sparse_size", type=sparse_size, default=4096, metavar="SIZE",
-                   help="zero runs of SIZE bytes are left as holes (default 4k; 0 writes a fully "
-                        "allocated file)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    clobber = p.add_mutually_exclusive_group()
+    clobber.add_argument("--no-clobber", action="store_true",
+                         help="refuse to replace an existing DST")
+    clobber.add_argument("--overwrite", action="store_true",
+                         help="replace an existing DST (the default; kept for old scripts)")
     p.add_argument("--fsync", action="store_true", help="flush DST to disk before publishing it")
     p.add_argument("--max-stream-size", type=parse_size, default=1 << 40, metavar="SIZE",
                    help="refuse to stream (DST = -) images larger than SIZE (default 1T; 0 = no "
                         "limit)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
-    p.add_argument("-l", "--snapshot", metavar="NAME", default=None,
-                   help="convert internal snapshot NAME (its id, or else its name) instead of "
-                        "the current state")
+    for option, (_, nargs) in _UNSUPPORTED.items():
+        p.add_argument(option, action=_Unsupported, nargs=nargs, help=argparse.SUPPRESS)
     _add_open_options(p)
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, extra=[])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qcowfast", description="Fast, safe reading and conversion of QCOW2 disk images.")
+    parser.add_argument("--version", action="version", version=f"qcowfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_convert_parser(sub)
 
     p = sub.add_parser("map", help="print the allocation map like qemu-img map",
                        description="Print which guest ranges are data, zero or unallocated and "
@@ -268,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "path policy as convert (see --allow-backing-dir)")
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe the QCOW2 magic, else raw)")
+    _add_force_share_option(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_info)
 
@@ -283,8 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_option(p, "check")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no report (the exit status still tells the result)")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="format of IMG (default: probe); raw images cannot be checked")
+    _add_force_share_option(p)
     _add_progress_options(p)
-    p.set_defaults(func=cmd_check)
+    p.set_defaults(func=_check_format)
 
     p = sub.add_parser("compare", help="compare the contents of two images like qemu-img "
                                        "compare",
@@ -306,46 +549,120 @@ def build_parser() -> argparse.ArgumentParser:
                         "contents are equal")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; use the exit "
                                                              "status")
+    _add_force_share_option(p)
     _add_progress_options(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_compare)
     for name in _EXTRA_COMMANDS:
         importlib.import_module(f"qcowfast.{name}").add_parser(sub)
+    parser.commands = sub.choices
     return parser
 
 
 # Modules that register their own subcommands: each defines add_parser(subparsers) and imports
 # nothing heavy at module level (start-up time).
-_EXTRA_COMMANDS: tuple[str, ...] = ()
+_EXTRA_COMMANDS: tuple[str, ...] = ("cli_fleet", "cli_serve")
 
 
-# qemu-img check exits 2 and 3 for corruptions and leaks: its usage errors must not look so.
-_USAGE_ERROR_STATUS = {"check": 1}
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT) arrived: unwinds like Ctrl-C, so that convert's cleanup
+    removes its temporary output; then the process ends by that signal, as qemu-img would."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _on_signal(signum, frame):
+    for name in _SIGNALS:                       # a second signal must not cut the cleanup short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Route SIGINT/SIGTERM/SIGHUP to Interrupted; returns the handlers replaced."""
+    old = {}
+    for name in _SIGNALS:
+        num = getattr(signal, name, None)
+        if num is None or signal.getsignal(num) == signal.SIG_IGN:   # e.g. nohup, `cmd &`
+            continue
+        try:
+            old[num] = signal.signal(num, _on_signal)
+        except ValueError:                      # not the main thread: leave signals alone
+            break
+    return old
+
+
+def _die_by(signum: int) -> int:
+    """End the process by `signum` (status 128 + signum in a shell), as if killed by it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum                         # only reached if the signal did not end us
+
+
+def _broken_pipe(exc: BaseException | None) -> bool:
+    """True when `exc` (or what it wraps) is EPIPE: the reader of our output went away."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so Python's final flush cannot complain (the
+    recipe of the `signal` module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv=None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
+    if argv == ["--version"]:                   # scripts call this often: skip the parser
+        print(f"qcowfast {__version__}")
+        return 0
     parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = parser.commands[args.command]
+        if args.command == "convert" and not any(e.startswith("-") and e != "-" for e in extras):
+            args.extra = extras                 # more than one source: refused by name
+        else:
+            sub.error(f"unrecognized arguments: {' '.join(extras)}")
+    old_handlers = _install_signal_handlers()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-        if exc.code == 2 and words and words[0] in _USAGE_ERROR_STATUS:
-            raise SystemExit(_USAGE_ERROR_STATUS[words[0]]) from None
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except KeyboardInterrupt as exc:
+        return _die_by(getattr(exc, "signum", signal.SIGINT))
+    except Exception as exc:
+        if _broken_pipe(exc):
+            # The reader closed the pipe (`| head`): end quietly with qemu-img's status 0.
+            _quiet_stdout()
+            return 0
+        if isinstance(exc, (QcowError, CliError, ValueError)):
+            prefix = "qcowfast: convert: " if isinstance(exc, CliError) else "qcowfast: "
+            print(f"{prefix}{exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            name = f"{exc.filename}: " if exc.filename else ""
+            print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
+            return 1
         raise
-    try:
-        return args.func(args)
-    except QcowError as exc:
-        print(f"qcowfast: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 1
-    except OSError as exc:
-        name = f"{exc.filename}: " if exc.filename else ""
-        print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("qcowfast: interrupted", file=sys.stderr)
-        return 130
+    finally:
+        for num, handler in old_handlers.items():
+            signal.signal(num, handler)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ images differ in size the larger one's extra tail must read as zeros (unless str
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .constants import QCOW_MAGIC, ExtentKind
-from .errors import FormatError, UnsupportedFeature
-from .image import Image, RawImage, open as open_image
+from .constants import ExtentKind
+from .image import Image, RawImage, open_source
 from .mapping import _raw_pieces
 
 SECTOR = 512
@@ -40,16 +38,9 @@ class _Piece(NamedTuple):
 class _RawSource:
     """A raw image file; its size rounded up to whole sectors, as QEMU sees it."""
 
-    def __init__(self, path: str):
-        self.name = path
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-        self.fd = os.open(path, flags)
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(self.fd)
-            raise FormatError(f"{path} is not a regular file")
-        self.file_size = st.st_size
-        self.size = -(-st.st_size // SECTOR) * SECTOR
+    def __init__(self, raw: RawImage):
+        self.name, self.raw, self.fd = raw.filename, raw, raw.data_fd
+        self.file_size, self.size = raw.data_size, raw.virtual_size
 
     def pieces(self, start: int, end: int) -> Iterator[_Piece]:
         stop = min(end, self.file_size)
@@ -70,15 +61,15 @@ class _RawSource:
             got += n
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.raw.close()
 
 
 class _QcowSource:
     """A QCOW2 image with its backing chain."""
 
-    def __init__(self, path: str, backing_dirs):
-        self.name = path
-        self.image: Image = open_image(path, backing_dirs=backing_dirs)
+    def __init__(self, image: Image):
+        self.name = image.filename
+        self.image = image
         self.size = self.image.virtual_size // SECTOR * SECTOR   # QEMU: whole sectors
 
     def pieces(self, start: int, end: int) -> Iterator[_Piece]:
@@ -103,15 +94,10 @@ class _QcowSource:
         self.image.close()
 
 
-def _open_source(path: str, fmt: str | None, backing_dirs):
-    if fmt is None:
-        with open(path, "rb") as f:
-            fmt = "qcow2" if f.read(4) == QCOW_MAGIC else "raw"
-    if fmt == "qcow2":
-        return _QcowSource(path, backing_dirs)
-    if fmt == "raw":
-        return _RawSource(path)
-    raise UnsupportedFeature(f"format {fmt!r} (qcowfast compares qcow2 and raw images)")
+def _open_source(path: str, fmt: str | None, backing_dirs, force_share: bool = False):
+    # Probed as qemu-img probes (foreign formats refused by name); FIFOs and sockets refused.
+    src = open_source(path, fmt, backing_dirs=backing_dirs, force_share=force_share)
+    return _RawSource(src) if isinstance(src, RawImage) else _QcowSource(src)
 
 
 @dataclass
@@ -127,6 +113,10 @@ class CompareResult:
     def exit_code(self) -> int:
         """qemu-img compare's exit code: 0 identical, 1 different."""
         return 0 if self.identical else 1
+
+    def __bool__(self) -> bool:
+        """True only when the images are identical."""
+        return self.identical
 
 
 def _nonzero_at(buf, n: int) -> int | None:
@@ -208,7 +198,7 @@ class _Comparer:
 
 
 def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False,
-            progress=None, backing_dirs=()) -> CompareResult:
+            progress=None, backing_dirs=(), force_share: bool = False) -> CompareResult:
     """Compare the guest contents of images `a` and `b` like `qemu-img compare`.
 
     Parameters
@@ -225,6 +215,8 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
         Called with guest bytes compared so far.
     backing_dirs : iterable of paths
         Extra directories trusted to hold backing files (see `qcowfast.open`).
+    force_share : bool
+        Read images a running QEMU holds open for writing (qemu-img -U).
 
     Returns
     -------
@@ -239,9 +231,9 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
     """
     a, b = os.fspath(a), os.fspath(b)
     dirs = tuple(os.fspath(d) for d in backing_dirs)
-    src_a = _open_source(a, fmt_a, dirs)
+    src_a = _open_source(a, fmt_a, dirs, force_share)
     try:
-        src_b = _open_source(b, fmt_b, dirs)
+        src_b = _open_source(b, fmt_b, dirs, force_share)
     except BaseException:
         src_a.close()
         raise

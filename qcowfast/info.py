@@ -11,71 +11,114 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
+import struct
 import time
 
-from .bitmaps import read_bitmap_directory
+from .bitmaps import check_bitmaps_at_open, read_bitmap_directory
 from .constants import (
-    MAX_CHAIN_DEPTH, QCOW_MAGIC, Compatible, CompressionType,
+    MAX_CHAIN_DEPTH, Compatible, CompressionType, CryptMethod,
 )
-from .errors import BackingChainError, CorruptImage, FormatError, UnsupportedFeature
-from .header import Header, read_header
-from .paths import has_protocol, resolve_reference
+from .errors import BackingChainError, FormatError, UnsupportedFeature
+from .header import Header, read_header, require_refcount_table
+from .locks import check_not_locked
+from .paths import OpenedFile, has_protocol, open_file, resolve_reference
+from .probe import detect_format
 from .refcounts import pread_padded
-from .snapshots import _ENTRY, MAX_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, Snapshot
+from .snapshots import Snapshot, read_snapshot_table
 
 SECTOR = 512
-_READ_WINDOW = 64 * 1024
 
 
-def read_snapshot_table(fd: int, header: Header) -> tuple[list[Snapshot], int]:
-    """Walk the snapshot table as QEMU's qcow2_do_read_snapshots() does.
+# LUKS v1 header (QEMU crypto/block-luks.c QCryptoBlockLUKSHeader): magic, version, cipher
+# name, cipher mode, hash spec, payload offset (sectors), master key length, digest, salt,
+# iterations, uuid; then 8 key slots of active, iterations, salt, key offset (sectors), stripes.
+_LUKS = struct.Struct(">6sH32s32s32sII20s32sI40s")
+_LUKS_SLOT = struct.Struct(">II32sII")
+_LUKS_MAGIC = b"LUKS\xba\xbe"
+_LUKS_SLOT_ENABLED = 0x00AC71F3
+_LUKS_SECTOR = 512
+_LUKS_STRIPES = 4000
+_LUKS_CIPHERS = {"aes": (16, 24, 32), "cast5": (16,), "serpent": (16, 24, 32),
+                 "twofish": (16, 24, 32), "sm4": (16,)}
+_LUKS_MODES = ("ecb", "cbc", "xts", "ctr")
+_LUKS_IVGENS = ("plain", "plain64", "essiv")
+_LUKS_HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 
-    Unlike `qcowfast.snapshots.read_snapshots`, which validates each snapshot's L1 table before
-    it is read from, this only parses the entries: `qemu-img info` lists snapshots whose L1
-    table is broken, and `qemu-img check` counts such tables as corruptions, not as failures.
-    Bytes past the end of the file read as zeros (as in QEMU).
 
-    Returns (snapshots, table size in bytes). Raises CorruptImage for the table-level rules
-    QEMU enforces (extra data over 1 KiB, a table over 64 MiB).
+def _encrypt_info(fd: int, h: Header, file_size: int) -> dict:
+    """The "encrypt" data of `qemu-img info` (QEMU qcow2_get_specific_info()).
+
+    Legacy AES has no header of its own. LUKS: the header is read from the full disk encryption
+    header extension and checked like qcrypto_block_luks_open() does without a key
+    (QCRYPTO_BLOCK_OPEN_NO_IO); nothing is decrypted.
     """
-    start, count = header.snapshots_offset, header.nb_snapshots
-    window_base, window = start, b""
-
-    def get(offset: int, n: int) -> bytes:
-        nonlocal window_base, window
-        if not (window_base <= offset and offset + n <= window_base + len(window)):
-            window_base, window = offset, pread_padded(fd, max(n, _READ_WINDOW), offset)
-        lo = offset - window_base
-        return window[lo:lo + n]
-
-    out = []
-    pos = start
-    for i in range(count):
-        pos = (pos + 7) & ~7
-        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
-         extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size))
-        if extra_len > MAX_EXTRA_DATA:
-            raise CorruptImage(f"snapshot table entry {i}: {extra_len} bytes of extra data "
-                               f"exceed QEMU's limit of {MAX_EXTRA_DATA}")
-        end = pos + _ENTRY.size + extra_len + id_len + name_len
-        body = get(pos + _ENTRY.size, end - pos - _ENTRY.size)
-        extra = body[:extra_len]
-        # A C string: QEMU prints ids and names up to their first NUL byte.
-        ident = body[extra_len:extra_len + id_len].split(b"\0", 1)[0]
-        name = body[extra_len + id_len:].split(b"\0", 1)[0]
-        vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
-        disk_size = (int.from_bytes(extra[8:16], "big") if extra_len >= 16
-                     else header.size // SECTOR * SECTOR)
-        icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
-        out.append(Snapshot(ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
-                            l1_offset, l1_size, vm_state, disk_size, date_sec, date_nsec,
-                            vm_clock_nsec, icount, extra_len))
-        pos = end
-        if pos - start > MAX_SNAPSHOTS_SIZE:
-            raise CorruptImage(f"snapshot table is larger than QEMU's limit of "
-                               f"{MAX_SNAPSHOTS_SIZE} bytes")
-    return out, pos - start
+    if h.crypt_method == CryptMethod.AES:
+        return {"format": "aes"}
+    if h.crypto_header is None:
+        raise FormatError("LUKS-encrypted image without the full disk encryption header "
+                          "extension (crypt_method 2)")
+    offset, length = h.crypto_header
+    if offset % h.cluster_size:
+        raise FormatError(f"full disk encryption header offset {offset:#x} is not a multiple of "
+                          f"the cluster size {h.cluster_size}")
+    need = _LUKS.size + 8 * _LUKS_SLOT.size
+    if length < need:
+        raise FormatError(f"full disk encryption header extension: {length} bytes hold no LUKS "
+                          f"header ({need} bytes)")
+    raw = pread_padded(fd, need, offset)
+    (magic, version, cipher_name, cipher_mode, hash_spec, payload_sector, key_bytes, _digest,
+     _salt, mk_iters, uuid) = _LUKS.unpack_from(raw)
+    if magic != _LUKS_MAGIC:
+        raise FormatError("LUKS header: bad magic (volume is not in LUKS format)")
+    if version != 1:
+        raise UnsupportedFeature(f"LUKS header: version {version} is not supported")
+    names = []
+    for what, field in (("cipher name", cipher_name), ("cipher mode", cipher_mode),
+                        ("hash spec", hash_spec), ("uuid", uuid)):
+        if b"\0" not in field:
+            raise FormatError(f"LUKS header: {what} is not NUL terminated")
+        names.append(field.split(b"\0", 1)[0].decode("ascii", "replace"))
+    cipher, mode_spec, hash_alg, uuid_text = names
+    mode, _, ivgen = mode_spec.partition("-")
+    ivgen, _, ivhash = ivgen.partition(":")
+    bits = key_bytes // 2 if mode == "xts" else key_bytes
+    if bits not in _LUKS_CIPHERS.get(cipher, ()):
+        raise UnsupportedFeature(f"LUKS header: cipher {cipher!r} with a {key_bytes}-byte key")
+    if mode not in _LUKS_MODES or ivgen not in _LUKS_IVGENS or hash_alg not in _LUKS_HASHES \
+            or (ivhash and ivhash not in _LUKS_HASHES):
+        raise UnsupportedFeature(f"LUKS header: cipher mode {mode_spec!r} or hash {hash_alg!r}")
+    header_sectors = -(-need // 4096) * 4096 // _LUKS_SECTOR
+    split_sectors = -(-key_bytes * _LUKS_STRIPES // 4096) * 4096 // _LUKS_SECTOR
+    slots, spans = [], []
+    for i in range(8):
+        active, iters, _s, key_sector, stripes = _LUKS_SLOT.unpack_from(
+            raw, _LUKS.size + i * _LUKS_SLOT.size)
+        # qcrypto_block_luks_check_header(): every slot, active or not.
+        if stripes != _LUKS_STRIPES:
+            raise FormatError(f"LUKS key slot {i} is corrupted (stripes {stripes})")
+        if key_sector < header_sectors:
+            raise FormatError(f"LUKS key slot {i} overlaps the LUKS header")
+        if key_sector + split_sectors > payload_sector:
+            raise FormatError(f"LUKS key slot {i} overlaps the encrypted payload")
+        for j, (a, b) in enumerate(spans):
+            if key_sector < b and a < key_sector + split_sectors:
+                raise FormatError(f"LUKS key slots {j} and {i} overlap")
+        spans.append((key_sector, key_sector + split_sectors))
+        slot = {"active": active == _LUKS_SLOT_ENABLED}
+        if slot["active"]:
+            slot["iters"] = iters
+        slot["key-offset"] = key_sector * _LUKS_SECTOR
+        if slot["active"]:
+            slot["stripes"] = stripes
+        slots.append(slot)
+    # Keys in the order QEMU's QDict prints them (hash buckets), as qemu-img does.
+    out = {"ivgen-alg": ivgen, "hash-alg": hash_alg, "cipher-alg": f"{cipher}-{bits * 8}",
+           "uuid": uuid_text}
+    if ivgen == "essiv":
+        out["ivgen-hash-alg"] = ivhash
+    out.update({"format": "luks", "cipher-mode": mode, "slots": slots,
+                "payload-offset": payload_sector * _LUKS_SECTOR, "master-key-iters": mk_iters})
+    return out
 
 
 def full_backing_filename(image_name: str, backing: str) -> str:
@@ -103,7 +146,9 @@ def _snapshot_json(s: Snapshot) -> dict:
 def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     # Like qemu-img, describe images whose tables run past the end of the file (truncated
     # copies): info reads none of those tables.
-    h = read_header(fd, st.st_size, tables_in_file=False)
+    h = read_header(fd, st.st_size, tables_in_file=False, name=name, allow_encrypted=True)
+    require_refcount_table(h)      # qemu-img info opens without BDRV_O_CHECK
+    encrypt = _encrypt_info(fd, h, st.st_size) if h.crypt_method else None
     snapshots = read_snapshot_table(fd, h)[0] if h.nb_snapshots else []
     out: dict = {}
     if h.backing_file and h.backing_format:
@@ -117,14 +162,17 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
                       "compression-type": CompressionType(h.compression_type).name.lower()}
     if h.version >= 3:
         specific["lazy-refcounts"] = bool(h.compatible_features & Compatible.LAZY_REFCOUNTS)
+        check_bitmaps_at_open(fd, h, st.st_size)
         bitmaps = read_bitmap_directory(fd, h, st.st_size)
         if bitmaps:
             specific["bitmaps"] = [{"flags": b.flag_names(), "name": b.name,
                                     "granularity": b.granularity} for b in bitmaps]
     specific["refcount-bits"] = h.refcount_bits
+    if h.version >= 3 and h.data_file:
+        specific["data-file"] = h.data_file
+    if encrypt is not None:
+        specific["encrypt"] = encrypt
     if h.version >= 3:
-        if h.data_file:
-            specific["data-file"] = h.data_file
         if h.has_data_file:
             specific["data-file-raw"] = h.data_file_raw
         specific["corrupt"] = h.corrupt
@@ -132,35 +180,45 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     out["format-specific"] = {"type": "qcow2", "data": specific}
     if h.backing_file:
         out["full-backing-filename"] = full_backing_filename(name, h.backing_file)
+    if encrypt is not None:
+        out["encrypted"] = True
+    if h.backing_file:
         out["backing-filename"] = h.backing_file
     out["dirty-flag"] = h.dirty
     return out
 
 
-def _layer_info(path: str, fmt: str | None) -> tuple[dict, tuple[int, int]]:
-    """Info of one file (qcow2 or raw, probed when `fmt` is None) and its (st_dev, st_ino)."""
-    # O_NONBLOCK: opening a FIFO must not hang; anything but a regular file is refused below.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+def _layer_info(path: str, fmt: str | None, force_share: bool = False
+                ) -> tuple[dict, tuple[int, int]]:
+    """Info of one file (qcow2 or raw, probed when `fmt` is None) and its (st_dev, st_ino).
+
+    `path` is a name or a paths.OpenedFile (from resolve_reference: its checked descriptor is
+    the one read). paths.open_file opens with O_NONBLOCK (a FIFO cannot hang it) and refuses
+    FIFOs, sockets and directories; foreign formats are refused by name (probe.detect_format).
+    """
+    opened = path if isinstance(path, OpenedFile) else open_file(path, "image")
+    path, fd, st = opened.path, opened.fd, opened.st
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{path} is not a regular file")
         if fmt is None:
-            fmt = "qcow2" if os.pread(fd, 4, 0) == QCOW_MAGIC else "raw"
+            fmt = detect_format(fd, path)
         if fmt == "qcow2":
+            # qemu-img info checks QEMU's write lock on qcow2 files only: it reads no data,
+            # so a raw file's lock is not tested (QEMU block/raw-format.c passes perms through).
+            if not force_share:
+                check_not_locked(fd, path)
             out = _qcow2_info(fd, path, st)
         elif fmt == "raw":
-            out = {"virtual-size": -(-st.st_size // SECTOR) * SECTOR, "filename": path,
+            out = {"virtual-size": -(-opened.size // SECTOR) * SECTOR, "filename": path,
                    "format": "raw", "actual-size": st.st_blocks * 512, "dirty-flag": False}
         else:
             raise UnsupportedFeature(f"{path}: format {fmt!r} (qcowfast reads qcow2 and raw)")
         return out, (st.st_dev, st.st_ino)
     finally:
-        os.close(fd)
+        opened.close()
 
 
 def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None = None,
-         max_depth: int = MAX_CHAIN_DEPTH):
+         max_depth: int = MAX_CHAIN_DEPTH, force_share: bool = False):
     """Describe an image as `qemu-img info --output=json` does.
 
     Parameters
@@ -176,6 +234,8 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         Format of `path`; None probes it (QCOW2 magic, else raw), as qemu-img does.
     max_depth : int
         Longest backing chain followed.
+    force_share : bool
+        Describe images a running QEMU holds open for writing (qemu-img -U).
 
     Returns
     -------
@@ -189,7 +249,7 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         when a file cannot be opened at all.
     """
     name = os.fspath(path)
-    top, ident = _layer_info(name, fmt)
+    top, ident = _layer_info(name, fmt, force_share)
     if not backing_chain:
         return top
     chain, seen = [top], {ident}
@@ -201,7 +261,8 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         next_path = resolve_reference(current["filename"], current["backing-filename"],
                                       "backing file", allowed)
         try:
-            current, ident = _layer_info(next_path, current.get("backing-filename-format"))
+            current, ident = _layer_info(next_path, current.get("backing-filename-format"),
+                                         force_share)
         except FileNotFoundError:
             raise BackingChainError(f"backing file {next_path} of {current['filename']} does "
                                     "not exist") from None
@@ -249,6 +310,8 @@ def _human_one(d: dict) -> list[str]:
     lines = [f"image: {d['filename']}", f"file format: {d['format']}",
              f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)",
              f"disk size: {size_to_str(d['actual-size'])}"]
+    if d.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in d:
         lines.append(f"cluster_size: {d['cluster-size']}")
     if d.get("dirty-flag"):

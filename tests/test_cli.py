@@ -2,12 +2,16 @@
 
 Oracles: ``qemu-img convert -O raw`` for the bytes, ``qemu-img map`` (text, both formats) for
 ``qcowfast map``, and the image file itself (L1/L2 entries read with ``struct`` from the header
-fields) for ``map --lookup``. Errors must be one ``qcowfast: ...`` line on stderr with exit code 1
-(2 for usage errors), never a traceback.
+fields) for ``map --lookup``. Errors must be one ``qcowfast: ...`` line on stderr with exit code 1,
+never a traceback; usage errors print the subcommand's usage and exit 1, as qemu-img's do.
+Where qemu-img has the same option, the same command line goes through both tools and the exit
+status class and output bytes are compared.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pty
 import re
@@ -15,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -55,13 +60,35 @@ def assert_one_line_error(proc, *, contains: str | None = None, code: int = 1) -
     return lines[0]
 
 
-def assert_usage_error(proc, option: str) -> None:
+def assert_usage_error(proc, option: str, command: str | None = None) -> None:
+    """qemu-img's convention: a usage error exits 1; argparse's usage of the (sub)command."""
     __tracebackhide__ = True
     err = err_text(proc)
-    assert proc.returncode == 2, f"exit {proc.returncode}, stderr: {err}"
+    assert proc.returncode == 1, f"exit {proc.returncode}, stderr: {err}"
     assert "Traceback" not in err, err
-    assert err.startswith("usage: "), err
+    assert err.startswith(f"usage: qcowfast {command or ''}"), err
     assert option in err.splitlines()[-1], err
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``qcowfast ARGS`` in this process (cheap: for argument handling); returns (exit
+    status, stdout, stderr). The subprocess tests above cover the real process's behaviour."""
+    from qcowfast.cli import main
+    try:
+        status = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line(status: int, out: str, err: str, contains: str, code: int = 1) -> str:
+    __tracebackhide__ = True
+    assert status == code, (status, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcowfast: ") and contains in lines[0], err
+    assert out == ""
+    return lines[0]
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -100,7 +127,8 @@ def test_convert_quiet(images, tmp_path):
 def test_convert_all_options(images, tmp_path):
     image = images.get("c64k-chain2-zlib-base")
     dst = tmp_path / "out.raw"
-    proc = run("convert", "-O", "raw", "-t", "3", "-S", "64k", "--fsync", "--overwrite",
+    proc = run("convert", "-O", "raw", "--threads", "3", "-t", "writeback", "-S", "64k",
+               "--fsync", "--overwrite",
                "--max-stream-size", "1G", "--allow-backing-dir", tmp_path, image.path, dst)
     assert proc.returncode == 0, err_text(proc)
     assert "3 threads" in err_text(proc)
@@ -184,7 +212,8 @@ def test_sparse_size_option(images, tmp_path, size, granularity):
 
 @pytest.mark.parametrize("option, bad", [
     ("-S", "abc"), ("-S", "4q"), ("-S", "-1"), ("-S", "1.3k"), ("-S", ""),
-    ("--max-stream-size", "4kk"), ("--max-stream-size", "k"), ("--lookup", "0x10"),
+    ("--max-stream-size", "4kk"), ("--max-stream-size", "k"), ("--lookup", "0x1g0"),
+    ("--lookup", "0x1.5k"),
 ])
 def test_bad_size_strings_are_usage_errors(images, tmp_path, option, bad):
     image = images.get("c4k-v3")
@@ -192,12 +221,13 @@ def test_bad_size_strings_are_usage_errors(images, tmp_path, option, bad):
         proc = run("map", option, bad, image.path)
     else:
         proc = run("convert", option, bad, image.path, tmp_path / "out.raw")
-    assert_usage_error(proc, option)
+    assert_usage_error(proc, option, "map" if option == "--lookup" else "convert")
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("args", [("-S", "1000"), ("-S", "100"), ("-t", "-1"), ("-t", "x")],
-                         ids=["S1000", "S100", "t-1", "tx"])
+@pytest.mark.parametrize("args", [("-S", "1000"), ("-S", "100"), ("--threads", "-1"),
+                                  ("--threads", "x"), ("-t", "4")],
+                         ids=["S1000", "S100", "threads-1", "threadsx", "t4"])
 def test_invalid_option_values_fail_cleanly(images, tmp_path, args):
     """Values the parser accepts but convert() refuses: an error message, never a traceback."""
     image = images.get("c4k-v3")
@@ -220,7 +250,7 @@ def test_stream_to_pipe(images):
 
 def test_stream_to_pipe_with_progress(images):
     image = images.get("c64k-v3-zstd")
-    proc = run("convert", "-p", "--force-progress", "-t", "2", image.path, "-")
+    proc = run("convert", "-p", "--force-progress", "--threads", "2", image.path, "-")
     assert proc.returncode == 0, err_text(proc)
     assert_same_bytes(proc.stdout, reference_raw(image.path), "convert -p IMG -")
     assert "100.0%" in err_text(proc)
@@ -246,16 +276,16 @@ def test_missing_source(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_not_a_qcow2_image(tmp_path):
-    src = tmp_path / "plain.raw"
-    src.write_bytes(b"just some bytes\n" * 1000)
-    assert_one_line_error(run("convert", src, tmp_path / "out.raw"),
-                          contains="qcowfast: not a QCOW2 image")
-    assert os.listdir(tmp_path) == ["plain.raw"]
-    assert_one_line_error(run("map", src), contains="qcowfast: not a QCOW2 image")
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    assert_one_line_error(run("convert", empty, tmp_path / "out.raw"))
+def test_raw_source_converts_like_qemu_img(tmp_path):
+    """A file without the QCOW2 magic is probed as raw, as qemu-img probes it."""
+    for name, data in (("plain.raw", b"just some bytes\n" * 1000), ("empty", b"")):
+        src = tmp_path / name
+        src.write_bytes(data)
+        proc = run("convert", "-q", src, tmp_path / "out.raw")
+        assert proc.returncode == 0, err_text(proc)
+        qemu_img("convert", "-O", "raw", src, tmp_path / "want.raw")
+        assert_same_bytes((tmp_path / "out.raw").read_bytes(),
+                          (tmp_path / "want.raw").read_bytes(), f"raw source {name}")
 
 
 def test_directory_as_source(tmp_path):
@@ -265,21 +295,29 @@ def test_directory_as_source(tmp_path):
 
 def test_unsupported_output_format(images, tmp_path):
     image = images.get("c4k-v3")
-    assert_one_line_error(run("convert", "-O", "qcow2", image.path, tmp_path / "out.qcow2"),
-                          contains="qcow2")
+    assert_one_line_error(run("convert", "-O", "vmdk", image.path, tmp_path / "out.vmdk"),
+                          contains="-O vmdk")
+    assert_one_line_error(run("convert", "-f", "vmdk", image.path, tmp_path / "out.raw"),
+                          contains="-f vmdk")
     assert os.listdir(tmp_path) == []
 
 
 def test_existing_dst(images, tmp_path):
+    """qemu-img replaces an existing file; so does qcowfast unless --no-clobber."""
     image = images.get("c64k-v3")
     dst = tmp_path / "out.raw"
     dst.write_bytes(b"keep me")
-    assert_one_line_error(run("convert", image.path, dst), contains="--overwrite")
+    line = assert_one_line_error(run("convert", "--no-clobber", image.path, dst))
+    assert str(dst) in line
     assert dst.read_bytes() == b"keep me"
     assert os.listdir(tmp_path) == ["out.raw"]
-    proc = run("convert", "--overwrite", image.path, dst)
-    assert proc.returncode == 0, err_text(proc)
-    assert_same_bytes(dst.read_bytes(), reference_raw(image.path), "--overwrite")
+    for options in ((), ("--overwrite",)):
+        dst.write_bytes(b"replace me")
+        proc = run("convert", *options, image.path, dst)
+        assert proc.returncode == 0, err_text(proc)
+        assert_same_bytes(dst.read_bytes(), reference_raw(image.path), f"{options}")
+    assert_usage_error(run("convert", "--overwrite", "--no-clobber", image.path, dst),
+                       "--no-clobber", "convert")
 
 
 def test_dst_is_source_or_backing(images, tmp_path):
@@ -450,7 +488,8 @@ def test_map_lookup_size_suffix(images):
     image = images.get("c64k-v3")
     a = run("map", "--lookup", "1M", image.path)
     b = run("map", "--lookup", str(M), image.path)
-    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout
+    c = run("map", "--lookup", "0x100000", image.path)
+    assert a.returncode == 0 and a.stdout == b.stdout == c.stdout and a.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,8 +497,10 @@ def test_map_lookup_size_suffix(images):
 
 
 @pytest.mark.parametrize("command, options", [
-    ("convert", ["-O", "-p", "--force-progress", "-t", "-S", "--overwrite", "--fsync",
-                 "--max-stream-size", "-q", "--allow-backing-dir", "SRC", "DST"]),
+    ("convert", ["-f", "-O", "-c", "-o", "-n", "--target-is-zero", "-U", "-t", "-T", "-m",
+                 "--threads", "-W", "-S", "-l", "-p", "--force-progress", "-q", "--no-clobber",
+                 "--overwrite", "--fsync", "--max-stream-size", "--allow-backing-dir", "SRC",
+                 "DST"]),
     ("map", ["--output", "--lookup", "--allow-backing-dir", "IMG"]),
 ])
 def test_subcommand_help(command, options):
@@ -477,9 +518,9 @@ def test_top_level_help_and_usage():
     out = proc.stdout.decode()
     assert "convert" in out and "map" in out and "--version" in out
     proc = run()
-    assert proc.returncode == 2 and err_text(proc).startswith("usage: ")
+    assert proc.returncode == 1 and err_text(proc).startswith("usage: ")
     proc = run("frobnicate")
-    assert proc.returncode == 2 and "Traceback" not in err_text(proc)
+    assert proc.returncode == 1 and "Traceback" not in err_text(proc)
 
 
 def test_version():
@@ -490,9 +531,391 @@ def test_version():
 
 
 def test_console_script_entry_point():
-    """The installed ``qcowfast`` script is the same program."""
-    import shutil
-    exe = shutil.which("qcowfast")
-    assert exe, "the qcowfast console script is not on PATH"
+    """The installed ``qcowfast`` script (beside this interpreter: the venv's bin/, which
+    need not be on PATH) is the same program."""
+    exe = Path(sys.executable).with_name("qcowfast")
+    assert exe.exists(), f"the qcowfast console script is not installed beside {sys.executable}"
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout == f"qcowfast {qcowfast.__version__}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# qemu-img's convert grammar: the same command line through both tools
+
+
+@pytest.fixture(scope="module")
+def small_qcow2(tmp_path_factory):
+    """1 MiB qcow2 with data, a zero run and holes; written by qemu-io."""
+    path = tmp_path_factory.mktemp("grammar") / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, M)
+    qemu_io(path, "write -P 0x5a 0 64k", "write -z 128k 64k", "write -P 0x33 700k 12k")
+    qemu_img("snapshot", "-c", "snap1", path)
+    qemu_io(path, "write -P 0x77 0 4k")
+    return path
+
+
+PARITY = [
+    # accepted by both (several options per line: each command line costs two processes)
+    ["-f", "qcow2", "-O", "raw", "-m", "16", "-W", "-U", "-T", "none", "-q"],
+    ["-t", "unsafe", "-T", "writethrough", "-p", "-S", "64k"],
+    ["-t", "writethrough", "-S", "0x1000"], ["-t", "none", "-S", "1.5k"],
+    ["-t", "directsync", "-m", "1", "-S", "0"], ["-t", "writeback", "-S", "16M"],
+    ["-l", "snapshot.name=snap1"], ["-l", "snapshot.id=1"], ["-l", "snap1"],
+    ["-f", "raw", "-O", "qcow2"],
+    # refused by both
+    ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
+    ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
+    ["-o", "compression_type=zstd"], ["--target-is-zero"], ["-f", "vmdk"],
+]
+
+
+@pytest.mark.parametrize("options", PARITY, ids=[" ".join(o) for o in PARITY])
+def test_convert_grammar_matches_qemu_img(small_qcow2, tmp_path, capsys, options):
+    """Same options, same source: qemu-img and qcowfast agree on success (then on the bytes
+    written) or on failure (exit 1, one line or a usage message, no output left behind)."""
+    want_dir, got_dir = tmp_path / "qemu", tmp_path / "qcowfast"
+    want_dir.mkdir()
+    got_dir.mkdir()
+    want = subprocess.run(["qemu-img", "convert", *options, small_qcow2, want_dir / "out"],
+                          capture_output=True, check=False)
+    status, _, err = cli(capsys, "convert", *options, small_qcow2, got_dir / "out")
+    assert (status == 0) == (want.returncode == 0), (status, err, want)
+    if want.returncode:
+        assert status == 1, err
+        assert os.listdir(got_dir) == []
+        assert err.startswith(("qcowfast: ", "usage: qcowfast convert")), err
+        return
+    out = got_dir / "out"
+    if "qcow2" in options:
+        compare = subprocess.run(["qemu-img", "compare", want_dir / "out", out],
+                                 capture_output=True, text=True, check=False)
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+    else:
+        assert_same_bytes(out.read_bytes(), (want_dir / "out").read_bytes(), " ".join(options))
+    if "-S" in options and options[options.index("-S") + 1] == "0":
+        assert out.stat().st_blocks * 512 >= out.stat().st_size         # fully allocated
+
+
+def test_convert_options_after_operands(small_qcow2, tmp_path):
+    """GNU getopt (qemu-img) takes options after the file names too."""
+    dst = tmp_path / "out.raw"
+    proc = run("convert", small_qcow2, "-O", "raw", dst, "-S", "0", "-q")
+    assert proc.returncode == 0, err_text(proc)
+    assert_same_bytes(dst.read_bytes(), reference_raw(small_qcow2), "options after operands")
+    assert dst.stat().st_blocks * 512 >= M
+
+
+@pytest.mark.parametrize("options, named", [
+    (["-B", "base.qcow2", "-O", "qcow2"], "-B"), (["-F", "qcow2"], "-F"),
+    (["--image-opts"], "--image-opts"), (["--object", "secret,id=s0,data=x"], "--object"),
+    (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
+    (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
+    (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
+    (["-o", "cluster_size=3k", "-O", "qcow2"], "cluster_size"),
+    (["-o", "cluster_size=4M", "-O", "qcow2"], "cluster_size"),
+    (["-o", "compression_type=lzma", "-O", "qcow2"], "compression_type"),
+    (["-o", "cluster_size=64k", "-O", "raw"], "cluster_size"),
+    (["-c", "-O", "raw"], "-c"),
+    (["-n", "-o", "cluster_size=64k", "-O", "qcow2"], "-o"),
+])
+def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
+    line = assert_one_line(*cli(capsys, "convert", *options, small_qcow2, tmp_path / "out"),
+                           contains=named)
+    assert line.startswith("qcowfast: convert: "), line
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_refuses_by_name_in_a_process(small_qcow2, tmp_path):
+    assert_one_line_error(run("convert", "--image-opts", small_qcow2, tmp_path / "out.raw"),
+                          contains="--image-opts")
+    assert_one_line_error(run("convert", small_qcow2, small_qcow2, tmp_path / "out.raw"),
+                          contains="multiple source images")
+    assert os.listdir(tmp_path) == []
+
+
+def test_t_is_the_cache_mode(small_qcow2, tmp_path, capsys):
+    """-t means cache mode as in qemu-img; a number gets a hint towards --threads / -m."""
+    status, _, err = cli(capsys, "convert", "-t", "4", small_qcow2, tmp_path / "out.raw")
+    assert status == 1 and err.startswith("usage: qcowfast convert") and "--threads" in err
+    status, _, err = cli(capsys, "convert", "-m", "3", small_qcow2, tmp_path / "out.raw")
+    assert status == 0 and "3 threads" in err, err
+    status, _, err = cli(capsys, "convert", "-m", "3", "--threads", "2", small_qcow2,
+                         tmp_path / "out.raw")
+    assert status == 0 and "2 threads" in err, err
+
+
+def _filled(path: Path, size: int, byte: int) -> None:
+    path.write_bytes(bytes([byte]) * size)
+
+
+@pytest.mark.parametrize("options", [["-n"], ["-n", "--target-is-zero"], ["-n", "-S", "0"]])
+def test_n_writes_into_existing_target_like_qemu_img(small_qcow2, tmp_path, options):
+    """-n writes in place: zeros of the source overwrite the old contents, except with
+    --target-is-zero, which trusts the target to read as zeros (qemu-img leaves it alone)."""
+    want, got = tmp_path / "want.raw", tmp_path / "got.raw"
+    _filled(want, M, 0xEE)
+    _filled(got, M, 0xEE)
+    ino = got.stat().st_ino
+    qemu_img("convert", *options, "-O", "raw", small_qcow2, want)
+    proc = run("convert", *options, "-O", "raw", small_qcow2, got)
+    assert proc.returncode == 0, err_text(proc)
+    assert_same_bytes(got.read_bytes(), want.read_bytes(), " ".join(options))
+    assert got.stat().st_ino == ino                                      # in place
+    assert leftovers(tmp_path) == []
+
+
+def test_n_needs_an_existing_target(small_qcow2, tmp_path):
+    want = subprocess.run(["qemu-img", "convert", "-n", "-O", "raw", small_qcow2,
+                           tmp_path / "missing.raw"], capture_output=True, check=False)
+    assert want.returncode == 1
+    line = assert_one_line_error(run("convert", "-n", small_qcow2, tmp_path / "missing.raw"))
+    assert "missing.raw" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("options, compression, cluster", [
+    (["-O", "qcow2"], None, 65536),
+    (["-O", "qcow2", "-c"], "zlib", 65536),
+    (["-O", "qcow2", "-c", "-o", "compression_type=zstd"], "zstd", 65536),
+    (["-O", "qcow2", "-o", "cluster_size=4k,compression_type=zlib", "-c"], "zlib", 4096),
+    (["-O", "qcow2", "-o", "cluster_size=4k", "-o", "compression_type=zstd", "-c"], "zstd", 4096),
+])
+def test_qcow2_output_options(small_qcow2, tmp_path, options, compression, cluster):
+    """-O qcow2 / -c / -o reach the writer: qemu-img reads the result as the same guest data
+    with the cluster size and compression type asked for, and finds it clean."""
+    dst = tmp_path / "out.qcow2"
+    proc = run("convert", *options, small_qcow2, dst)
+    assert proc.returncode == 0, err_text(proc)
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", small_qcow2, dst)
+    check = json.loads(qemu_img("check", "--output=json", dst).stdout)
+    info = json.loads(qemu_img("info", "--output=json", dst).stdout)
+    assert info["cluster-size"] == cluster
+    assert info["format-specific"]["data"].get("compression-type", "zlib") == (compression or
+                                                                               "zlib")
+    assert bool(check.get("compressed-clusters")) == (compression is not None), check
+
+
+# ---------------------------------------------------------------------------------------------
+# images in use (-U), check -f, usage errors of every subcommand
+
+
+@pytest.fixture
+def held_open(tmp_path):
+    """A copy of a small image held open for writing by a qemu-io process (QEMU's locks)."""
+    path = tmp_path / "busy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, M)
+    qemu_io(path, "write -P 0x42 0 64k")
+    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120          # until qemu-io holds the lock
+        while not subprocess.run(["qemu-img", "info", path], capture_output=True).returncode:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            time.sleep(0.05)
+        yield path
+    finally:
+        proc.communicate(b"quit\n", timeout=30)
+
+
+@pytest.mark.parametrize("command", [["info"], ["compare", "COPY"], ["convert", "OUT"]])
+def test_force_share(held_open, tmp_path, command):
+    """Without -U qcowfast refuses an image QEMU holds for writing (naming -U), as qemu-img
+    does; with -U both read it."""
+    copy = tmp_path / "copy.raw"
+    qemu_img("convert", "-U", "-O", "raw", held_open, copy)
+    name, *rest = command
+    extra = [copy if a == "COPY" else tmp_path / "out.raw" if a == "OUT" else a for a in rest]
+    want = subprocess.run(["qemu-img", name, held_open, *extra], capture_output=True)
+    got = run(name, held_open, *extra)
+    assert want.returncode != 0 and got.returncode == want.returncode, (got, want)
+    line = err_text(got).strip().splitlines()[-1]
+    assert "-U" in line and str(held_open) in line, line
+    got = run(name, "-U", held_open, *extra)
+    want = subprocess.run(["qemu-img", name, "-U", held_open, *extra], capture_output=True)
+    assert got.returncode == want.returncode == 0, err_text(got)
+    if name == "convert":
+        assert (tmp_path / "out.raw").read_bytes() == copy.read_bytes()
+
+
+@pytest.mark.parametrize("options", [["-f", "qcow2"], ["-f", "raw"], [], ["-U"]])
+@pytest.mark.parametrize("kind", ["qcow2", "raw"])
+def test_check_format_option_like_qemu_img(small_qcow2, tmp_path, capsys, options, kind):
+    if kind == "raw":
+        path = tmp_path / "plain.raw"
+        path.write_bytes(b"\x01" * 65536)
+    else:
+        path = small_qcow2
+    want = subprocess.run(["qemu-img", "check", *options, path], capture_output=True)
+    status, _, err = cli(capsys, "check", *options, path)
+    assert status == want.returncode, (err, want.stderr)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "only-one"], ["convert", "--bogus", "a", "b"], ["info"], ["info", "a", "b"],
+    ["map"], ["check", "--output=yaml", "x"], ["compare", "a"],
+])
+def test_usage_errors_exit_1_like_qemu_img(argv, capsys):
+    want = subprocess.run(["qemu-img", *argv], capture_output=True)
+    assert want.returncode == 1, want
+    status, out, err = cli(capsys, *argv)
+    assert status == 1, err
+    assert err.startswith(f"usage: qcowfast {argv[0]}"), err
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# terminals and pipes
+
+
+def _run_on_pty(argv, *, columns: int, stream: str):
+    """Run `python -m qcowfast ARGV` with `stream` (stdout or stderr) on a pseudo-terminal of
+    `columns` columns; returns (process, bytes the terminal received)."""
+    import fcntl
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    received = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        kw = {stream: slave}
+        other = "stderr" if stream == "stdout" else "stdout"
+        kw[other] = subprocess.PIPE
+        proc = subprocess.run([sys.executable, "-m", "qcowfast", *map(str, argv)], timeout=120,
+                              check=False, **kw)
+    finally:
+        os.close(slave)
+        reader.join(timeout=30)
+        os.close(master)
+    return proc, bytes(received)
+
+
+@pytest.mark.parametrize("columns", [40, 80, 200])
+def test_progress_fits_the_terminal(images, tmp_path, columns):
+    image = images.get("c2m-chain3-mixed-clusters")
+    proc, text = _run_on_pty(["convert", "-p", "-q", image.path, tmp_path / "out.raw"],
+                             columns=columns, stream="stderr")
+    assert proc.returncode == 0, text
+    drawn = text.decode().replace("\r\n", "\n").split("\n")[0].split("\r")
+    frames = [f for f in drawn if f]
+    assert frames and "100.0%" in frames[-1], text
+    assert all(len(f) < columns for f in frames), [len(f) for f in frames]
+    assert text.count(b"\n") == 1                  # redrawn in place, one line feed at the end
+
+
+def test_refuses_binary_to_a_terminal(images, tmp_path):
+    image = images.get("c4k-v3")
+    proc, text = _run_on_pty(["convert", image.path, "-"], columns=80, stream="stdout")
+    assert text == b""
+    proc.stdout = b""                               # stdout was the terminal: nothing arrived
+    assert_one_line_error(proc, contains="terminal")
+
+
+@pytest.mark.parametrize("argv", [["convert", "IMG", "-"], ["map", "--output=json", "IMG"]])
+def test_closed_pipe_ends_quietly(tmp_path, argv):
+    """`qcowfast ... | head -c 100`: no traceback, no "Exception ignored", exit 0 as qemu-img
+    (which ignores SIGPIPE and the failed writes) exits for `qemu-img map | head -c 1`."""
+    raw = tmp_path / "striped.raw"                 # 4 KiB of data every 8 KiB: 2048 extents
+    with open(raw, "wb") as f:
+        for i in range(2048):
+            f.seek(i * 8192)
+            f.write(bytes([i % 255 + 1]) * 4096)
+    image = tmp_path / "striped.qcow2"
+    qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=4k", raw, image)
+    argv = [image if a == "IMG" else a for a in argv]
+    if argv[0] == "map":
+        shell = f"qemu-img map --output=json {image} | head -c 1 >/dev/null; " \
+                "echo ${PIPESTATUS[0]}"
+        status = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
+        assert status.stdout.strip() == "0", status
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = proc.stdout.read(100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert len(head) == 100
+    assert err == "", err
+
+
+# ---------------------------------------------------------------------------------------------
+# error messages name what the user named
+
+
+def test_errors_name_the_destination_never_the_temporary_file(images, tmp_path):
+    import resource
+    image = images.get("c64k-v3")
+    dst = tmp_path / "out.raw"
+
+    def small_files():                           # writes past 64 KiB fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "qcowfast", "convert", "-S", "0", image.path,
+                           dst], capture_output=True, preexec_fn=small_files, check=False)
+    line = assert_one_line_error(proc)
+    assert str(dst) in line and ".qcowfast-tmp" not in line, line
+    assert os.listdir(tmp_path) == []
+    missing_dir = tmp_path / "no" / "such" / "out.raw"
+    line = assert_one_line_error(run("convert", image.path, missing_dir))
+    assert str(missing_dir) in line and ".qcowfast-tmp" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python API's surface
+
+
+def test_compare_result_truth(small_qcow2, tmp_path):
+    other = tmp_path / "other.raw"
+    qemu_img("convert", "-O", "raw", small_qcow2, other)
+    same = qcowfast.compare(small_qcow2, other)
+    assert same.identical and bool(same)
+    with open(other, "r+b") as f:
+        f.seek(700 * K)
+        f.write(b"x")
+    differ = qcowfast.compare(small_qcow2, other)
+    assert not differ.identical and not bool(differ)
+    assert subprocess.run(["qemu-img", "compare", small_qcow2, other],
+                          capture_output=True).returncode == 1
+
+
+def test_public_names():
+    import qcowfast.errors
+    import qcowfast.info
+    assert callable(qcowfast.info) and qcowfast.info.__module__ == "qcowfast.info"
+    assert issubclass(qcowfast.NotChecked, qcowfast.QcowError)
+    errors = {n for n, v in vars(qcowfast.errors).items()
+              if isinstance(v, type) and issubclass(v, qcowfast.QcowError)}
+    assert errors <= set(qcowfast.__all__), errors - set(qcowfast.__all__)
+    assert set(qcowfast.__all__) <= set(dir(qcowfast))
+    for name in qcowfast.__all__:
+        # serve comes from the NBD server's module, written in parallel with this one.
+        if name != "serve" or importlib.util.find_spec("qcowfast.serve"):
+            assert getattr(qcowfast, name) is not None, name
+    with pytest.raises(AttributeError):
+        qcowfast.no_such_name
+
+
+@pytest.mark.parametrize("code", [
+    "import qcowfast",
+    "import sys; sys.argv = ['qcowfast', '--version']; from qcowfast.cli import main; main()",
+    "import qcowfast, qcowfast.errors; qcowfast.QcowError",
+])
+def test_light_imports(code):
+    """`import qcowfast` and `qcowfast --version` load neither numpy nor the kernels."""
+    probe = (f"{code}\nimport sys\nheavy = sorted(m for m in sys.modules if m == 'numpy' or "
+             "m.startswith('qcowfast._'))\nprint(heavy, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
