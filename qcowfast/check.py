@@ -11,7 +11,10 @@ the JSON report equals `qemu-img check --output=json`.
 Work is per table, never per cluster in Python: each L2 table is one read and a few vector
 operations. An L2 table referenced from several L1 entries (snapshots share them with the
 active state) is read and classified once and counted with its multiplicity.
-Memory: 5 bytes per host cluster of the file (computed counts and owners), plus one L2 table.
+Memory follows the metadata, not the file size: computed refcounts are kept only for the
+clusters that are referenced (sorted arrays, ~9 bytes per referenced cluster, `_Computed`),
+and stored refcount blocks are compared one at a time; clusters no refcount block covers are
+compared in one vector pass. An allocation failure is reported as a QcowError.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bitmaps import (
-    BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, read_bitmap_directory, read_bitmap_table,
+    BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, read_bitmap_directory,
 )
 from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
@@ -153,9 +156,7 @@ class _Checker:
         self.nb = -(-file_size // self.cs)
         if self.nb > 0x7FFFFFFF:
             raise QcowError(f"image file too large to check ({self.nb} clusters)")
-        self.counts = np.zeros(self.nb + 1, np.uint32)
-        self.owner = np.zeros(self.nb + 1, np.uint8)
-        self._added = 0
+        self.refs = _Computed()
         self.refmax = (1 << header.refcount_bits) - 1
         self._said: dict = {}
         self.steps_done = self.steps_total = 0
@@ -200,7 +201,8 @@ class _Checker:
         keep = sizes > 0
         past = keep & (offsets + sizes - self.file_size >= self.cs)
         if past.any():
-            for o, s in zip(offsets[past][:3].tolist(), sizes[past][:3].tolist()):
+            for o, s in zip(offsets[past][:MAX_MESSAGES + 1].tolist(),
+                            sizes[past][:MAX_MESSAGES + 1].tolist()):
                 self.say("past-eof", f"ERROR: counting reference for region exceeding the end "
                          f"of the file by one cluster or more: offset {o:#x} size {s:#x} "
                          f"({OWNER_NAMES[owner]})")
@@ -223,22 +225,16 @@ class _Checker:
             self._add(np.arange(a, b + 1), np.full(b + 1 - a, ww), owner)
 
     def _add(self, clusters: np.ndarray, weights: np.ndarray, owner: int) -> None:
-        if not len(clusters):
-            return
-        self._added += int(weights.sum())
-        if self._added > 0xFFFFFFFF and self.counts.dtype != np.uint64:
-            self.counts = self.counts.astype(np.uint64)      # only a hostile image gets here
-        np.add.at(self.counts, clusters, weights.astype(self.counts.dtype))
-        prev = self.owner[clusters]
-        clash = (prev != 0) & (prev != owner)
-        if clash.any():
-            for c, p in zip(clusters[clash].tolist(), prev[clash].tolist()):
-                self.res.overlap_count += 1
-                if len(self.res.overlaps) < MAX_MESSAGES:
-                    self.res.overlaps.append(Overlap(c, OWNER_NAMES[p], OWNER_NAMES[owner]))
-                    self.say("overlap", f"ERROR cluster {c} is used by both {OWNER_NAMES[p]} "
-                             f"and {OWNER_NAMES[owner]} (metadata overlap)")
-        self.owner[clusters[prev == 0]] = owner
+        if len(clusters):
+            self.refs.add(clusters, weights, owner)
+
+    def report_overlaps(self) -> None:
+        """Metadata overlaps, in the order the references were counted."""
+        self.res.overlap_count = self.refs.clash_count
+        for c, first, second in self.refs.clashes:
+            self.res.overlaps.append(Overlap(c, OWNER_NAMES[first], OWNER_NAMES[second]))
+            self.say("overlap", f"ERROR cluster {c} is used by both {OWNER_NAMES[first]} "
+                     f"and {OWNER_NAMES[second]} (metadata overlap)")
 
     # -- the walk ------------------------------------------------------------------------------
     def run(self, stored: StoredRefcounts) -> None:
@@ -263,6 +259,7 @@ class _Checker:
         if h.has_data_file and snapshots:
             self.corrupt(1, "snapshots-data-file",
                          f"ERROR {len(snapshots)} snapshots in image with data file")
+        tables: dict = {}           # (offset, entries) -> snapshots sharing that L1 table
         for sn in snapshots:
             if sn.l1_table_offset % self.cs:
                 self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) has an "
@@ -272,7 +269,15 @@ class _Checker:
                 self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) L1 table is "
                              f"too large: L1 size is {sn.l1_size}")
                 continue
-            self.l1_table(sn.l1_table_offset, sn.l1_size, l2_refs, active=False)
+            if sn.l1_size:
+                key = (sn.l1_table_offset, sn.l1_size)
+                tables[key] = tables.get(key, 0) + 1
+        if tables:
+            # Every snapshot L1 table counted in one pass; each distinct table read once.
+            keys = np.array(list(tables), np.uint64).reshape(-1, 2)
+            self.inc(keys[:, 0], keys[:, 1] * _U64(8), L1_TABLE, list(tables.values()))
+            for (offset, entries), times in tables.items():
+                self.l1_table(offset, entries, l2_refs, active=False, times=times, counted=True)
         self.l2_tables(l2_refs, stored)
         self.oflag_copied_l1(active_l1, stored)
 
@@ -281,23 +286,40 @@ class _Checker:
         self.bitmaps()
         self.refcount_blocks(stored)
         self.compare(stored)
+        self.report_overlaps()
 
-    def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool):
-        """Count an L1 table and collect the L2 tables it names (check_refcounts_l1)."""
+    def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool,
+                 times: int = 1, counted: bool = False):
+        """Count an L1 table and collect the L2 tables it names (check_refcounts_l1).
+
+        `times`: how many L1 tables (snapshots) share this one; `counted`: the table's own
+        clusters were already counted.
+        """
         if not entries:
             return np.zeros(0, _U64)
-        self.inc(offset, entries * 8, L1_TABLE)
-        l1 = np.frombuffer(pread_padded(self.fd, entries * 8, offset), ">u8").astype(_U64)
+        if not counted:
+            self.inc(offset, entries * 8, L1_TABLE, times)
+        l1 = self.read_table(offset, entries)
         l1 = l1[l1 != 0]
         reserved = int(np.count_nonzero(l1 & _U64(L1E_RESERVED_MASK)))
-        self.corrupt(reserved, "l1-reserved", "ERROR found L1 entry with reserved bits set")
+        self.corrupt(reserved * times, "l1-reserved",
+                     "ERROR found L1 entry with reserved bits set")
         l2_offsets = (l1 & _U64(L1E_OFFSET_MASK)).astype(np.int64)
         unaligned = int(np.count_nonzero(l2_offsets & (self.cs - 1)))
-        self.corrupt(unaligned, "l2-unaligned",
+        self.corrupt(unaligned * times, "l2-unaligned",
                      "ERROR L2 table offset is not cluster aligned; L1 entry corrupted")
-        self.inc(l2_offsets, self.cs, L2_TABLE)
-        l2_refs.add(l2_offsets, active)
+        self.inc(l2_offsets, self.cs, L2_TABLE, times)
+        l2_refs.add(l2_offsets, active, times)
         return l1
+
+    def read_table(self, offset: int, entries: int) -> np.ndarray:
+        """A table of 64-bit entries (native uint64); only its part inside the file is read.
+
+        What lies past the end of the file reads as zeros (as in QEMU), and zero entries
+        reference nothing: they are left out, so a huge table past the end costs nothing.
+        """
+        inside = min(entries, max(0, -(-(self.file_size - offset) // 8)))
+        return np.frombuffer(pread_padded(self.fd, inside * 8, offset), ">u8").astype(_U64)
 
     def l2_tables(self, l2_refs: "_L2Refs", stored: StoredRefcounts) -> None:
         """Check every distinct L2 table once, counted as often as L1 entries name it."""
@@ -305,7 +327,9 @@ class _Checker:
         # A table starting past the end of the file reads as zeros: nothing to count.
         inside = offsets < self.file_size
         offsets, n_active, n_snap = offsets[inside], n_active[inside], n_snap[inside]
-        self.steps_total = len(offsets) + -(-self.nb // (1 << stored.block_bits))
+        per_block = 1 << stored.block_bits
+        self.steps_total = len(offsets) + int(np.count_nonzero(
+            stored.table[:-(-self.nb // per_block)] & _U64(REFT_OFFSET_MASK)))
         for off, act, snap in zip(offsets.tolist(), n_active.tolist(), n_snap.tolist()):
             self.l2_table(off, act, act + snap, stored)
             self.tick()
@@ -414,16 +438,37 @@ class _Checker:
         except QcowError as exc:
             self.res.corruptions += 1
             raise CorruptImage(f"cannot check bitmaps: {exc}") from None
-        for bm in directory:
-            self.inc(bm.table_offset, bm.table_size * 8, BITMAP_TABLE)
-            table = read_bitmap_table(self.fd, bm)
-            bad = bad_table_entries(table, self.cs)
-            if bad.any():
-                self.res.corruptions += 1
-                raise CorruptImage(f"cannot check bitmaps: bitmap {bm.name!r} has an invalid "
-                                   f"bitmap table entry {int(np.flatnonzero(bad)[0])}")
+        if not directory:
+            return
+        # All bitmap tables counted in one pass (those past the end of the file reported
+        # there), a table shared by several bitmaps once with their number as weight; each
+        # distinct table is then read once, only its part inside the file.
+        tables: dict = {}
+        for i, bm in enumerate(directory):
+            tables.setdefault((bm.table_offset, bm.table_size), []).append(i)
+        keys = np.array(list(tables), np.uint64).reshape(-1, 2)
+        self.inc(keys[:, 0], keys[:, 1] * _U64(8), BITMAP_TABLE,
+                 [len(users) for users in tables.values()])
+        data_parts, weights = [], []
+        first_bad = None
+        for (offset, entries), users in tables.items():
+            table = self.read_table(offset, entries)
+            bad = np.flatnonzero(bad_table_entries(table, self.cs))
+            if len(bad):
+                first = users[0]
+                if first_bad is None or first < first_bad[0]:
+                    first_bad = (first, int(bad[0]))
+                continue
             data = (table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)).astype(np.int64)
-            self.inc(data[data != 0], self.cs, BITMAP_DATA)
+            data_parts.append(data[data != 0])
+            weights.append(np.full(len(data_parts[-1]), len(users), np.int64))
+        if first_bad is not None:
+            # qcow2_check_bitmaps_refcounts() stops at the first bitmap whose table is invalid.
+            self.res.corruptions += 1
+            raise CorruptImage(f"cannot check bitmaps: bitmap {directory[first_bad[0]].name!r} "
+                               f"has an invalid bitmap table entry {first_bad[1]}")
+        if data_parts:
+            self.inc(np.concatenate(data_parts), self.cs, BITMAP_DATA, np.concatenate(weights))
 
     def refcount_blocks(self, stored: StoredRefcounts) -> None:
         """check_refblocks(): count each refcount block; each must be referenced exactly once."""
@@ -448,7 +493,7 @@ class _Checker:
         cand = ~reserved & ~unaligned & ~outside & (off != 0)
         idx, cl, off = nz[cand], cluster[cand].astype(np.int64), off[cand].astype(np.int64)
         counted = off < self.file_size        # the rest ends a cluster or more past the end
-        base = self.counts[cl].astype(np.int64)
+        base = self.refs.lookup(cl).astype(np.int64)
         # Blocks are counted in table order; each is checked right after it is counted, so it
         # sees the blocks before it that share its cluster.
         before = np.zeros(len(cl), np.int64)
@@ -469,44 +514,142 @@ class _Checker:
         self.inc(off[~counted], self.cs, REFCOUNT_BLOCK)       # reported past the end
 
     def compare(self, stored: StoredRefcounts) -> None:
-        """compare_refcounts(): stored against computed refcounts, one refcount block at a time."""
-        res, nb = self.res, self.nb
+        """compare_refcounts(): stored against computed refcounts, one refcount block at a time.
+
+        Clusters in no stored refcount block (a zero or missing table entry) have stored
+        refcount 0: those with references are compared in one pass, the rest need no work.
+        """
+        res, nb, refmax = self.res, self.nb, self.refmax
+        clusters, counts = self.refs.items()
         # Increments past the refcount maximum are refused one by one, each a corruption.
-        if self.refmax < np.iinfo(self.counts.dtype).max:
-            over = np.flatnonzero(self.counts[:nb] > self.refmax)
-            for c in over[:3].tolist():
-                self.say("overflow", f"ERROR: overflow cluster offset={c * self.cs:#x}")
-            res.corruptions += int((self.counts[over].astype(np.int64) - self.refmax).sum())
-        per_block = 1 << stored.block_bits
-        highest = 0
-        n_blocks = -(-nb // per_block)
-        for t in range(n_blocks):
+        over = np.flatnonzero(counts > _U64(refmax))
+        for c in clusters[over][:3].tolist():
+            self.say("overflow", f"ERROR: overflow cluster offset={c * self.cs:#x}")
+        res.corruptions += sum((counts[over] - _U64(refmax)).tolist())
+        computed = np.minimum(counts, _U64(refmax))
+        bits = stored.block_bits
+        per_block = 1 << bits
+        table = stored.table[:-(-nb // per_block)] & _U64(REFT_OFFSET_MASK)
+        present = np.flatnonzero(table)
+        block_of = clusters >> bits
+        k = np.minimum(np.searchsorted(present, block_of), max(len(present) - 1, 0))
+        covered = (present[k] == block_of) if len(present) else np.zeros(len(clusters), bool)
+        uncovered = ~covered & (computed > 0)
+        problems = [(c, 0, r) for c, r in zip(clusters[uncovered][:MAX_MESSAGES + 1].tolist(),
+                                              computed[uncovered][:MAX_MESSAGES + 1].tolist())]
+        res.corruptions += int(np.count_nonzero(uncovered))
+        highest = int(clusters[uncovered][-1]) if uncovered.any() else 0
+        self.steps_total = self.steps_done + len(present)
+        for t in present.tolist():
             lo, hi = t * per_block, min((t + 1) * per_block, nb)
-            if stored.block_offset(t) == 0:
-                values = np.zeros(hi - lo, _U64)
-            else:
-                blk = stored.block(t)
-                if blk is None:
-                    res.check_errors += hi - lo
-                    self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
-                             f"refcount block {t} has an unaligned or impossible offset",
-                             hi - lo)
-                    continue
-                values = blk[:hi - lo]
-            computed = np.minimum(self.counts[lo:hi].astype(_U64), _U64(self.refmax))
-            used = np.flatnonzero((values > 0) | (computed > 0))
+            blk = stored.block(t)
+            if blk is None:
+                res.check_errors += hi - lo
+                self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
+                         f"refcount block {t} has an unaligned or impossible offset", hi - lo)
+                self.tick()
+                continue
+            values = blk[:hi - lo]
+            a, b = np.searchsorted(clusters, (lo, hi))
+            mine = np.zeros(hi - lo, _U64)
+            mine[clusters[a:b] - lo] = computed[a:b]
+            used = np.flatnonzero((values > 0) | (mine > 0))
             if len(used):
-                highest = lo + int(used[-1])
-            diff = np.flatnonzero(values != computed)
-            for i in diff[:MAX_MESSAGES].tolist():
-                v, r = int(values[i]), int(computed[i])
-                self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {lo + i} "
-                         f"refcount={v} reference={r}")
-            low = int(np.count_nonzero(values[diff] < computed[diff]))
+                highest = max(highest, lo + int(used[-1]))
+            diff = np.flatnonzero(values != mine)
+            for i in diff[:MAX_MESSAGES + 1].tolist():
+                problems.append((lo + i, int(values[i]), int(mine[i])))
+            low = int(np.count_nonzero(values[diff] < mine[diff]))
             res.corruptions += low
             res.leaks += len(diff) - low
             self.tick()
+        problems.sort()
+        for c, v, r in problems[:MAX_MESSAGES + 1]:
+            self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} "
+                     f"refcount={v} reference={r}")
         res.image_end_offset = (highest + 1) * self.cs
+
+
+class _Computed:
+    """Computed refcounts of the referenced host clusters only, as sorted arrays.
+
+    Memory follows the references, not the file size: per distinct referenced cluster its
+    index (int32: a check never counts past 2**31 clusters), its count (uint32, uint64 once
+    a hostile image could overflow it) and the kind of structure that referenced it first.
+    References wait in a list and are merged a couple of million at a time. A later reference
+    by another kind of structure than the first is a metadata overlap (`clashes`, in counting
+    order, capped; `clash_count` exact).
+    """
+    MERGE_AT = 1 << 21
+
+    def __init__(self):
+        self.clusters = np.zeros(0, np.int32)
+        self.counts = np.zeros(0, np.uint32)
+        self.owner = np.zeros(0, np.uint8)
+        self.clash_count = 0
+        self.clashes: list = []
+        self._pending: list = []
+        self._waiting = 0
+        self._added = 0
+
+    def add(self, clusters: np.ndarray, weights: np.ndarray, owner: int) -> None:
+        self._pending.append((clusters.astype(np.int32), weights, owner))
+        self._added += int(weights.sum())
+        self._waiting += len(clusters)
+        if self._waiting >= self.MERGE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        pend, self._pending, self._waiting = self._pending, [], 0
+        cl = np.concatenate([p[0] for p in pend])
+        w = np.concatenate([np.broadcast_to(p[1], p[0].shape) for p in pend]).astype(np.int64)
+        own = np.concatenate([np.full(len(p[0]), p[2], np.uint8) for p in pend])
+        del pend
+        order = np.argsort(cl, kind="stable")        # stable: counting order per cluster
+        cl, own = cl[order], own[order]
+        starts = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1]])
+        uniq = cl[starts]
+        sums = np.add.reduceat(w[order], starts)
+        first = own[starts]
+        pos = np.searchsorted(self.clusters, uniq)
+        known = pos < len(self.clusters)
+        known[known] = self.clusters[pos[known]] == uniq[known]
+        first[known] = self.owner[pos[known]]
+        first_each = np.repeat(first, np.diff(np.r_[starts, len(cl)]))
+        clash = np.flatnonzero(own != first_each)
+        if len(clash):
+            self.clash_count += len(clash)
+            room = MAX_MESSAGES - len(self.clashes)
+            if room > 0:
+                pick = clash[np.argsort(order[clash], kind="stable")[:room]]
+                self.clashes += zip(cl[pick].tolist(), first_each[pick].tolist(),
+                                    own[pick].tolist())
+        if self._added > 0xFFFFFFFF and self.counts.dtype != np.uint64:
+            self.counts = self.counts.astype(np.uint64)      # only a hostile image gets here
+        self.counts[pos[known]] += sums[known].astype(self.counts.dtype)
+        new = ~known
+        at = pos[new]
+        self.clusters = np.insert(self.clusters, at, uniq[new])
+        self.counts = np.insert(self.counts, at, sums[new].astype(self.counts.dtype))
+        self.owner = np.insert(self.owner, at, first[new])
+
+    def lookup(self, clusters: np.ndarray) -> np.ndarray:
+        """Computed refcounts (uint64) of the given cluster indices."""
+        self._merge()
+        clusters = np.asarray(clusters, np.int64)
+        out = np.zeros(len(clusters), _U64)
+        if len(self.clusters) and len(clusters):
+            pos = np.minimum(np.searchsorted(self.clusters, clusters), len(self.clusters) - 1)
+            hit = self.clusters[pos] == clusters
+            out[hit] = self.counts[pos[hit]]
+        return out
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster indices int64, counts uint64), sorted by cluster."""
+        self._merge()
+        return self.clusters.astype(np.int64), self.counts.astype(_U64)
 
 
 class _L2Refs:
@@ -525,9 +668,9 @@ class _L2Refs:
         self._pending: list = []
         self._waiting = 0
 
-    def add(self, offsets: np.ndarray, active: bool) -> None:
+    def add(self, offsets: np.ndarray, active: bool, times: int = 1) -> None:
         new, counts = np.unique(offsets, return_counts=True)
-        self._pending.append((new, counts, active))
+        self._pending.append((new, counts * times, active))
         self._waiting += len(new)
         if self._waiting >= self.MERGE_AT:
             self._merge()
@@ -554,15 +697,54 @@ class _L2Refs:
         return self.offsets, self.active, self.snap
 
 
-def check(path, *, progress=None) -> CheckResult:
+def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_share) -> None:
+    """Open (then close) the external data file and the backing chain the image names.
+
+    qemu-img check opens the whole chain before it checks, and fails (exit code 1) when a
+    backing or data file is missing, the chain loops, the backing format is unknown, or the
+    image needs a data file and names none. Files are found under qcowfast's path policy.
+    """
+    from .errors import BackingChainError, UnsupportedFeature
+    from .image import Image, RawImage
+    from .paths import resolve_reference
+    from .probe import detect_format
+    if header.has_data_file:
+        if not header.data_file:
+            raise FormatError("'data-file' is required for this image")
+        resolve_reference(name, header.data_file, "external data file", backing_dirs).close()
+    if not header.backing_file:
+        return
+    opened = resolve_reference(name, header.backing_file, "backing file", backing_dirs)
+    try:
+        if opened.ident == ident:
+            raise BackingChainError(f"backing chain loops: {name} -> {opened.path}")
+        fmt = header.backing_format or detect_format(opened.fd, opened.path)
+        if fmt == "raw":
+            layer = RawImage(opened, 1, force_share=force_share)
+        elif fmt == "qcow2":
+            layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share, _depth=1,
+                          _seen=(ident,))
+        else:
+            raise UnsupportedFeature(f"unknown backing file format {fmt!r}")
+        layer.close()
+    finally:
+        opened.close()
+
+
+def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckResult:
     """Check a QCOW2 image's metadata read-only, as `qemu-img check` does (without repairs).
 
     Parameters
     ----------
     path : str or os.PathLike
-        The image. Backing and external data files are not opened.
+        The image. Its backing chain and external data file are opened first (as qemu-img
+        check does) but not checked.
     progress : callable(done, total), optional
         Called as L2 tables and refcount blocks are checked (in bytes of metadata).
+    backing_dirs : iterable of paths
+        Extra directories trusted to hold backing and data files the image names.
+    force_share : bool
+        Open the backing chain even when a running QEMU holds it open for writing (-U).
 
     Returns
     -------
@@ -575,8 +757,9 @@ def check(path, *, progress=None) -> CheckResult:
     NotChecked
         The file is not a QCOW2 image (qemu-img: "This image format does not support checks").
     QcowError
-        The image cannot be checked at all: its header is invalid, or its bitmaps cannot be
-        read (qemu-img: "Could not open" / "Check failed", exit code 1).
+        The image cannot be checked at all (qemu-img exits 1): its header is invalid or its
+        chain cannot be opened (the message starts with "Could not open 'PATH': "), its
+        bitmaps cannot be read, or memory ran out.
     """
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
@@ -586,14 +769,29 @@ def check(path, *, progress=None) -> CheckResult:
             raise FormatError(f"{name} is not a regular file")
         if os.pread(fd, 4, 0) != QCOW_MAGIC:
             raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
-        header = read_header(fd, st.st_size, tables_in_file=False)
+        try:
+            header = read_header(fd, st.st_size, tables_in_file=False)
+            _open_chain(name, (st.st_dev, st.st_ino), header, tuple(backing_dirs), force_share)
+        except QcowError as exc:
+            raise _reworded(exc, f"Could not open {name!r}: {exc}") from exc
         result = CheckResult(filename=name)
         result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
-        checker = _Checker(fd, header, st.st_size, result, progress)
-        checker.run(StoredRefcounts(fd, header))
+        try:
+            checker = _Checker(fd, header, st.st_size, result, progress)
+            checker.run(StoredRefcounts(fd, header))
+        except MemoryError:
+            raise QcowError(f"{name}: not enough memory to check the image") from None
         return result
     finally:
         os.close(fd)
+
+
+def _reworded(exc: QcowError, message: str) -> QcowError:
+    """The same kind of exception with another message."""
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return QcowError(message)
 
 
 __all__ = ["check", "CheckResult", "Overlap", "NotChecked"]

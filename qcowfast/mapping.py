@@ -6,10 +6,14 @@ the range, `offset` the host offset when QEMU reports one (not for compressed cl
 """
 from __future__ import annotations
 
+import errno
 import os
+from typing import Iterable, Iterator, TextIO
 
 from .constants import ExtentKind
 from .errors import QcowError
+
+_BATCH = 4096           # entries formatted per write to the output stream
 
 
 def _raw_pieces(fd: int, start: int, length: int):
@@ -19,7 +23,10 @@ def _raw_pieces(fd: int, start: int, length: int):
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:     # no SEEK_DATA (a block device): all data
+                yield pos, end - pos, True
+                return
             data = end                       # ENXIO: only a hole up to the end of the file
         data = min(data, end)
         if data > pos:
@@ -88,6 +95,7 @@ def _entries(image):
 
 
 def _mergeable(a: dict, b: dict) -> bool:
+    # qemu-img.c entry_mergeable(): same flags, and host offsets (when known) contiguous.
     if any(a[k] != b[k] for k in ("depth", "present", "zero", "data")):
         return False
     if ("offset" in a) != ("offset" in b):
@@ -95,40 +103,108 @@ def _mergeable(a: dict, b: dict) -> bool:
     return "offset" not in a or a["offset"] + a["length"] == b["offset"]
 
 
+def iter_entries(image) -> Iterator[dict]:
+    """Yield the entries `qemu-img map --output=json` prints for `image`, one at a time.
+
+    Memory stays bounded by one L2 slice of the extent stream, whatever the number of entries.
+    """
+    pending = None
+    for entry in _entries(image):
+        if pending is not None and _mergeable(pending, entry):
+            pending["length"] += entry["length"]
+            continue
+        if pending is not None:
+            yield pending
+        pending = entry
+    if pending is not None:
+        yield pending
+    else:
+        # qemu-img.c img_map(): an empty image still prints its initial, empty entry.
+        yield dict(start=0, length=0, depth=0, present=False, zero=False, data=False)
+
+
 def map_entries(image) -> list[dict]:
     """Return the list `qemu-img map --output=json` prints for `image`."""
-    out: list[dict] = []
-    for entry in _entries(image):
-        if out and _mergeable(out[-1], entry):
-            out[-1]["length"] += entry["length"]
-        else:
-            out.append(entry)
-    return out
+    return list(iter_entries(image))
 
 
-def format_json(entries: list[dict]) -> str:
-    """Render entries exactly as qemu-img map --output=json does."""
-    def one(e):
-        s = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]}, '
-             f'"present": {str(e["present"]).lower()}, "zero": {str(e["zero"]).lower()}, '
-             f'"data": {str(e["data"]).lower()}')
-        if "offset" in e:
-            s += f', "offset": {e["offset"]}'
-        return s + "}"
-    return "[" + ",\n".join(one(e) for e in entries) + "]\n"
+def _json_line(e: dict) -> str:
+    s = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]}, '
+         f'"present": {"true" if e["present"] else "false"}, '
+         f'"zero": {"true" if e["zero"] else "false"}, "data": {"true" if e["data"] else "false"}')
+    if "offset" in e:
+        s += f', "offset": {e["offset"]}'
+    return s + "}"
 
 
-def format_human(image, entries: list[dict]) -> str:
-    """Render the human map of qemu-img: data ranges with their host offset and file."""
+def _batched(lines: Iterable[str], stream: TextIO, sep: str) -> None:
+    """Write `lines` joined by `sep`, _BATCH lines per write call."""
+    batch: list = []
+    first = True
+    for line in lines:
+        batch.append(line)
+        if len(batch) == _BATCH:
+            stream.write(("" if first else sep) + sep.join(batch))
+            first, batch = False, []
+    if batch:
+        stream.write(("" if first else sep) + sep.join(batch))
+
+
+def write_json(image, stream: TextIO) -> None:
+    """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry."""
+    stream.write("[")
+    _batched(map(_json_line, iter_entries(image)), stream, ",\n")
+    stream.write("]\n")
+
+
+def write_human(image, stream: TextIO) -> None:
+    """Write qemu-img's human map (data ranges, host offset, file) to the text `stream`.
+
+    As qemu-img.c dump_map_entry() does, rows are written as they come; a data range without
+    a host offset (a compressed cluster) stops the map after the rows before it.
+
+    Raises
+    ------
+    QcowError
+        The image has compressed clusters (qemu-img: "File contains external, encrypted or
+        compressed clusters.").
+    """
+    stream.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    failed = []
+
+    def rows():
+        for e in iter_entries(image):
+            if e["data"] and "offset" not in e:
+                failed.append(e)
+                return
+            if e["data"] and not e["zero"]:
+                layer = image.layer(e["depth"])
+                fname = getattr(layer, "data_file", layer.filename)
+                yield (f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
+                       f"{fname}\n")
+
+    _batched(rows(), stream, "")
+    if failed:
+        stream.flush()
+        raise QcowError("File contains external, encrypted or compressed clusters.")
+
+
+def format_json(entries: Iterable[dict]) -> str:
+    """Render entries exactly as qemu-img map --output=json does (see write_json to stream)."""
+    return "[" + ",\n".join(map(_json_line, entries)) + "]\n"
+
+
+def format_human(image, entries: Iterable[dict]) -> str:
+    """Render the human map of qemu-img for a list of entries (see write_human to stream)."""
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     for e in entries:
-        if not e["data"] or e["zero"]:
-            continue
-        if "offset" not in e:
+        if e["data"] and "offset" not in e:
             raise QcowError("File contains external, encrypted or compressed clusters.")
-        layer = image.layer(e["depth"])
-        fname = getattr(layer, "data_file", layer.filename)
-        lines.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{fname}")
+        if e["data"] and not e["zero"]:
+            layer = image.layer(e["depth"])
+            fname = getattr(layer, "data_file", layer.filename)
+            lines.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}"
+                         f"{_hex(e['offset']):<16}{fname}")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ table problems. A seeded mutation sweep compares many more damaged images with q
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -355,6 +356,108 @@ def case_metadata_prealloc_32g(d):
     return img, 0, lambda r: r["allocated-clusters"] == 524288
 
 
+# Many snapshot L1 tables and bitmap tables, written with struct into the snapshot table and
+# the bitmap directory (docs/interop/qcow2.txt "Snapshot table", "Bitmap directory").
+
+
+def _append(q: Qcow2File, data: bytes) -> int:
+    """Write `data` at the next cluster boundary past the end of the file; its offset."""
+    at = -(-q.size // q.cs) * q.cs
+    q.put(at, data)
+    os.truncate(q.path, -(-(at + len(data)) // q.cs) * q.cs)
+    return at
+
+
+def _snapshot_table(q: Qcow2File, tables) -> None:
+    """Replace the snapshot table by one entry per (l1_table_offset, l1_size) in `tables`."""
+    out = b""
+    for i, (offset, size) in enumerate(tables):
+        sid, name = str(i + 1).encode(), f"s{i}".encode()
+        e = struct.pack(">QIHHIIQII", offset, size, len(sid), len(name), 0, 0, 0, 0, 16)
+        e += struct.pack(">QQ", 0, q.l1_size << (2 * q.cluster_bits - 3)) + sid + name
+        out += e + bytes(-len(e) % 8)
+    at = _append(q, out)
+    q.put(60, struct.pack(">IQ", len(tables), at))
+
+
+def case_snapshots_l1_past_eof(d):
+    """60 snapshots whose 32 MiB L1 tables lie past the end of the file (reported, skipped)."""
+    q = _converted(d, "snapeof.qcow2", "cluster_size=65536")
+    far = (q.size // q.cs + 64) * q.cs
+    _snapshot_table(q, [(far + i * 32 * M, 4 * M) for i in range(60)])
+    return q.path, 2, lambda r: r["corruptions"] >= 60
+
+
+def case_snapshots_share_l1(d):
+    """40 snapshots naming the active L1 table, 20 another copy of it (counted 40 + 20 times)."""
+    q = _converted(d, "snapshare.qcow2", "cluster_size=4096")
+    with open(q.path, "rb") as f:
+        f.seek(q.l1_offset)
+        copy = _append(q, f.read(q.l1_size * 8))
+    _snapshot_table(q, [(q.l1_offset, q.l1_size)] * 40 + [(copy, q.l1_size)] * 20)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def _bitmap_directory(q: Qcow2File, entries) -> None:
+    """Replace the bitmap directory by (table_offset, table_size, flags) entries."""
+    out = b""
+    for i, (offset, size, flags) in enumerate(entries):
+        name = f"b{i}".encode()
+        e = struct.pack(">QIIBBHI", offset, size, flags, 1, 16, len(name), 0) + name
+        out += e + bytes(-len(e) % 8)
+    at = _append(q, out)
+    with open(q.path, "rb") as f:
+        head = f.read(q.cs)
+    pos = struct.unpack_from(">I", head, 100)[0] if q.version == 3 else 72
+    while True:
+        magic, length = struct.unpack_from(">II", head, pos)
+        assert magic, "no bitmaps extension"
+        if magic == 0x23852875:
+            q.put(pos + 8, struct.pack(">IIQQ", len(entries), 0, len(out), at))
+            return
+        pos += 8 + -(-length // 8) * 8
+
+
+def _bitmap_image(d, name):
+    img = d / name
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, 64 * M)
+    qemu_io(img, "write -P 1 0 64k")
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_io(img, "write -P 2 1M 64k")
+    return Qcow2File(img)
+
+
+def case_bitmaps_past_eof(d):
+    """300 in-use bitmaps whose 8 MiB tables lie past the end of the file."""
+    q = _bitmap_image(d, "bmeof.qcow2")
+    _bitmap_directory(q, [((1 << 30) + i * 8 * M, M, 1) for i in range(300)])
+    return q.path, 2, lambda r: r["corruptions"] >= 300
+
+
+def case_bitmaps_share_table(d):
+    """200 in-use bitmaps sharing the table qemu wrote for b0 (counted 200 times)."""
+    q = _bitmap_image(d, "bmshare.qcow2")
+    with open(q.path, "rb") as f:
+        data = f.read()
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while struct.unpack_from(">I", data, pos)[0] != 0x23852875:     # the bitmaps extension
+        pos += 8 + -(-struct.unpack_from(">I", data, pos + 4)[0] // 8) * 8
+    directory = struct.unpack_from(">Q", data, pos + 24)[0]
+    offset, size = struct.unpack_from(">QI", data, directory)
+    assert offset and size
+    _bitmap_directory(q, [(offset, size, 1)] * 200)
+    return q.path, 2, lambda r: r["corruptions"] >= 1
+
+
+def case_sparse_64g_file(d):
+    """512-byte clusters and a 64 GiB sparse file: 2**27 clusters, a few thousand in use."""
+    img = d / "sparse.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, 64 * M)
+    qemu_io(img, "write -P 1 0 1M")
+    os.truncate(img, 64 * 1024 * M)
+    return img, 0, lambda r: r["allocated-clusters"] == 2048
+
+
 def _width_case(bits):
     def case(d):
         q = _converted(d, f"rc{bits}.qcow2", f"cluster_size=4096,refcount_bits={bits}",
@@ -390,6 +493,11 @@ CASES = {
     "killed-lazy-refcounts": case_killed_lazy_refcounts,
     "truncated": case_truncated,
     "prealloc-32g": case_metadata_prealloc_32g,
+    "snapshots-l1-past-eof": case_snapshots_l1_past_eof,
+    "snapshots-share-l1": case_snapshots_share_l1,
+    "bitmaps-past-eof": case_bitmaps_past_eof,
+    "bitmaps-share-table": case_bitmaps_share_table,
+    "sparse-64g-file": case_sparse_64g_file,
     **{f"refcount-bits-{b}": _width_case(b) for b in (1, 2, 4, 8, 16, 32, 64)},
 }
 
@@ -510,3 +618,79 @@ def test_seeded_mutations_match_qemu(tmp_path):
             continue
         assert result.exit_code == qemu.returncode, what
         assert result.to_json() == json.loads(qemu.stdout), what
+
+
+# --------------------------------------------------------------------------------------------
+# Chains that cannot be opened: qemu-img check opens the chain first and exits 1
+
+
+def _ext_offset(path, magic: int) -> int:
+    """File offset of the header extension `magic` (v3 header, after header_length)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    pos = struct.unpack_from(">I", head, 100)[0]
+    while True:
+        m, length = struct.unpack_from(">II", head, pos)
+        assert m, f"no header extension {magic:#x}"
+        if m == magic:
+            return pos
+        pos += 8 + -(-length // 8) * 8
+
+
+def _chain_cases(d: Path) -> dict:
+    def create(name, *args):
+        qemu_img("create", "-q", "-f", "qcow2", *args, name, M, cwd=d)
+        return d / name
+    qemu_img("create", "-q", "-f", "qcow2", d / "base.qcow2", M)
+    cases = {"missing-backing": create("mb.qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2")}
+    df = create("df.qcow2", "-o", "data_file=df.raw")
+    (d / "df.raw").unlink()
+    cases["missing-data-file"] = df
+    loop = create("self.qcow2", "-u", "-b", "sel2.qcow2", "-F", "qcow2")
+    q = Qcow2File(loop)
+    name_at, name_len = struct.unpack(">QI", loop.read_bytes()[8:20])
+    assert name_len == len("self.qcow2")
+    q.put(name_at, b"self.qcow2")                  # the image is its own backing file
+    cases["loop"] = loop
+    fmt = create("fmt.qcow2", "-b", "base.qcow2", "-F", "qcow2")
+    Qcow2File(fmt).put(_ext_offset(fmt, 0xE2792ACA) + 8, b"qcowx")     # backing format name
+    cases["unknown-backing-format"] = fmt
+    noname = create("noname.qcow2", "-o", "data_file=nn.raw")
+    Qcow2File(noname).put(_ext_offset(noname, 0x44415441), bytes(4))   # drop the name ext.
+    cases["data-file-unnamed"] = noname
+    return cases
+
+
+def _qemu_check_limited(path, *args, cwd=None):
+    """qemu-img check under a 700 MiB address-space limit: on a backing loop QEMU 7.2 opens
+    the same file again and again until memory runs out (then it exits 1)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (700 * M, 700 * M))
+    return subprocess.run([QEMU_IMG, "check", *args, str(path)], capture_output=True,
+                          text=True, check=False, cwd=cwd, preexec_fn=limit, timeout=60)
+
+
+def test_chain_that_cannot_be_opened_exits_1(tmp_path):
+    cases = _chain_cases(tmp_path)
+    for (case, path), output in itertools.product(cases.items(),
+                                                  [(), ("--output=json",), ("-q",)]):
+        qemu = _qemu_check_limited(path.name, *output, cwd=tmp_path)
+        ours = cli("check", *output, path.name, cwd=tmp_path)
+        assert qemu.stdout == "", (case, qemu.stderr[-300:])
+        if case == "loop" and qemu.returncode < 0:
+            # Memory can also run out while QEMU starts a thread: it aborts (no message).
+            assert "qemu_thread_create" in qemu.stderr, qemu.stderr[-300:]
+        else:
+            assert qemu.returncode == 1, (case, qemu.stderr[-300:])
+        assert (ours.returncode, ours.stdout) == (1, ""), (case, ours.stderr)
+        # One line, worded as qemu-img's: "Could not open 'IMG': <why>".
+        lines = ours.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in ours.stderr, (case, ours.stderr)
+        want = f"Could not open '{path.name}': "
+        assert lines[0].startswith(f"qcowfast: {want}"), (case, lines[0])
+        if qemu.returncode == 1:
+            assert qemu.stderr.startswith(f"qemu-img: {want}"), (case, qemu.stderr[-300:])
+        with pytest.raises(qcowfast.QcowError, match="Could not open"):
+            qcowfast.check(path)

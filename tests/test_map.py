@@ -1,0 +1,125 @@
+"""``map``: the streamed allocation map against ``qemu-img map`` (JSON and human text).
+
+Oracle: ``qemu-img map`` run on the same file with the same spelling of its path: its stdout
+byte for byte, its exit code, and (for the human map of compressed images) the rows it prints
+before it gives up. ``--lookup`` is checked against L1/L2 entries read with ``struct``.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+
+import pytest
+
+import qcowfast
+from qcowfast.mapping import write_human, write_json
+from common import QEMU_IMG, qemu_img, qemu_io, qemu_map, run_cli
+from conftest import IMAGE_IDS
+
+
+def qemu_map_proc(path, *args, cwd=None) -> subprocess.CompletedProcess:
+    """``qemu-img map`` without raising (the human map of a compressed image exits 1)."""
+    return subprocess.run([QEMU_IMG, "map", *args, str(path)], capture_output=True, text=True,
+                          check=False, cwd=cwd)
+
+
+@pytest.mark.images(ids=IMAGE_IDS)
+def test_streamed_map_matches_qemu_img(image):
+    path = str(image.path)
+    want_json = qemu_map_proc(path, "--output=json")
+    assert want_json.returncode == 0, want_json.stderr
+    with qcowfast.open(path) as img:
+        streamed = list(img.iter_map())
+        assert streamed == img.map() == qemu_map(path)
+        out = io.StringIO()
+        write_json(img, out)
+        assert out.getvalue() == want_json.stdout
+        want = qemu_map_proc(path)
+        out = io.StringIO()
+        if want.returncode == 0:
+            write_human(img, out)
+        else:
+            # qemu-img prints the rows before the first compressed extent, then fails.
+            with pytest.raises(qcowfast.QcowError, match="compressed clusters"):
+                write_human(img, out)
+            assert want.returncode == 1 and "compressed clusters" in want.stderr
+        assert out.getvalue() == want.stdout
+
+
+def _compressed_after_data(d):
+    """An overlay whose first cluster is plain data and whose backing file is compressed."""
+    plain = d / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", plain, "4M")
+    qemu_io(plain, "write -P 1 0 64k", "write -P 2 1M 64k")
+    base = d / "base.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", plain, base)
+    qemu_io(base, "write -P 3 2M 64k")
+    top = d / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, cwd=d)
+    qemu_io(top, "write -P 4 0 4k", "write -P 5 3M 64k")
+    return top
+
+
+@pytest.mark.parametrize("output", [(), ("--output", "human")])
+def test_human_map_prints_rows_then_fails_on_compressed(tmp_path, output):
+    top = _compressed_after_data(tmp_path)
+    want = qemu_map_proc(top.name, *output, cwd=tmp_path)
+    ours = run_cli("map", *output, top.name, cwd=tmp_path)
+    assert want.returncode == 1 and len(want.stdout.splitlines()) == 2   # header + one row
+    assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout)
+    assert "Traceback" not in ours.stderr
+    assert ours.stderr.splitlines() == [
+        want.stderr.strip().replace("qemu-img: ", "qcowfast: ", 1)]
+
+
+def test_map_json_streams_whole_chain(tmp_path):
+    top = _compressed_after_data(tmp_path)
+    want = qemu_map_proc(top.name, "--output=json", cwd=tmp_path)
+    ours = run_cli("map", "--output=json", top.name, cwd=tmp_path)
+    assert want.returncode == 0
+    assert (ours.returncode, ours.stdout) == (0, want.stdout)
+
+
+def _l2_entry(path, offset: int) -> int:
+    """The standard L2 entry serving guest `offset` (no extended L2), read with struct."""
+    with open(path, "rb") as f:
+        h = f.read(104)
+        cluster_bits, = struct.unpack_from(">I", h, 20)
+        l1_offset, = struct.unpack_from(">Q", h, 40)
+        per_l2 = (1 << cluster_bits) // 8
+        l1_index, l2_index = divmod(offset >> cluster_bits, per_l2)
+        f.seek(l1_offset + 8 * l1_index)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+        f.seek(l2 + 8 * l2_index)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+@pytest.mark.parametrize("spelling, offset", [
+    ("0x100000", 1 << 20), ("0X100000", 1 << 20), ("1M", 1 << 20), ("1048576", 1 << 20),
+    ("1024k", 1 << 20), ("0x100400", 0x100400)])
+def test_lookup_takes_hex_and_suffixed_sizes(tmp_path, spelling, offset):
+    path = tmp_path / "l.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "4M")
+    qemu_io(path, "write -P 7 1M 8k")
+    proc = run_cli("map", "--lookup", spelling, path)
+    assert proc.returncode == 0, proc.stderr
+    entry = _l2_entry(path, offset)
+    assert f"= {entry:#018x}" in proc.stdout
+    host = (entry & 0x00FF_FFFF_FFFF_FE00) + offset % 4096
+    # qemu-img map names the same host offset for the range holding `offset`.
+    row = next(e for e in qemu_map(path) if e["start"] <= offset < e["start"] + e["length"])
+    assert host == row["offset"] + offset - row["start"]
+    assert f"host offset {host:#x}" in proc.stdout
+
+
+def test_empty_image_map(tmp_path):
+    """A zero-sized image: qemu-img prints one empty entry (JSON) and only the header."""
+    path = tmp_path / "empty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, 0)
+    for output in ("--output=json", "--output=human"):
+        want = qemu_map_proc(path.name, output, cwd=tmp_path)
+        ours = run_cli("map", output, path.name, cwd=tmp_path)
+        assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout) == (0, want.stdout)
+    with qcowfast.open(path) as img:
+        assert list(img.iter_map()) == img.map() == qemu_map(path)
