@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import CorruptImage, FormatError, TruncatedImage
 from .header import MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS, Header
-from .refcounts import pread_padded
+from .preads import pread_padded
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
@@ -146,14 +148,16 @@ def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitma
     return out
 
 
-def read_bitmap_table(fd: int, bitmap: Bitmap) -> np.ndarray:
+def read_bitmap_table(fd: int, bitmap: Bitmap) -> "np.ndarray":
     """The bitmap table of `bitmap` as native uint64 entries (past the end of file: zeros)."""
+    import numpy as np
     raw = pread_padded(fd, bitmap.table_size * 8, bitmap.table_offset)
     return np.frombuffer(raw, ">u8").astype(np.uint64)
 
 
-def bad_table_entries(table: np.ndarray, cluster_size: int) -> np.ndarray:
+def bad_table_entries(table: "np.ndarray", cluster_size: int) -> "np.ndarray":
     """Mask of bitmap table entries breaking QEMU's check_table_entry() rules."""
+    import numpy as np
     offset = table & np.uint64(BME_TABLE_ENTRY_OFFSET_MASK)
     bad = (table & np.uint64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0
     has = offset != 0
@@ -174,6 +178,9 @@ def check_bitmaps_at_open(fd: int, header: Header, file_size: int) -> None:
     loaded = [bm for bm in read_bitmap_directory(fd, header, file_size) if not bm.in_use]
     spans = sorted((bm.table_offset, min(bm.table_offset + bm.table_size * 8, file_size))
                    for bm in loaded if bm.table_offset < file_size)
+    if not spans:
+        return
+    import numpy as np                       # only images with bitmaps pay for numpy
     bad_at: list[np.ndarray] = []
     pos = 0
     for start, end in spans:

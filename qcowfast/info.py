@@ -23,7 +23,7 @@ from .header import Header, read_header, require_refcount_table
 from .locks import check_not_locked
 from .paths import OpenedFile, has_protocol, open_file, resolve_reference
 from .probe import detect_format
-from .refcounts import pread_padded
+from .preads import pread_padded
 from .snapshots import Snapshot, read_snapshot_table
 
 SECTOR = 512

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .constants import MAX_L1_BYTES, MAX_SNAPSHOTS
 from .errors import CorruptImage, FormatError, SnapshotNotFound, TruncatedImage
-from .refcounts import pread_padded
+from .preads import pread_padded
 
 # QCowSnapshotHeader: l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
 # vm_clock_nsec, vm_state_size, extra_data_size (40 bytes, each entry 8-byte aligned).
