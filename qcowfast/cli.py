@@ -348,8 +348,8 @@ def cmd_check(args) -> int:
     bar = _progress_bar(args, "checking")
     try:
         result = check(args.image, progress=bar,
-                       backing_dirs=getattr(args, "allow_backing_dir", ()),
-                       force_share=getattr(args, "force_share", False))
+                       backing_dirs=args.allow_backing_dir,
+                       force_share=args.force_share)
     except NotChecked as exc:
         print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
               file=sys.stderr)
@@ -527,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of IMG (default: probe); raw images cannot be checked")
     _add_force_share_option(p)
     _add_progress_options(p)
+    _add_open_options(p)
     p.set_defaults(func=_check_format)
 
     p = sub.add_parser("compare", help="compare the contents of two images like qemu-img "
