@@ -21,6 +21,7 @@ _LAZY = {
     "EncryptedImage": "errors", "BackingChainError": "errors", "UnsafePathError": "errors",
     "OutputError": "errors", "SnapshotNotFound": "errors", "ImageOpenError": "errors",
     "ImageNotFound": "errors", "MissingBackingFile": "errors", "ImageLocked": "errors",
+    "AllocationFailed": "errors",
 }
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
     "UnsupportedFeature", "EncryptedImage", "BackingChainError", "UnsafePathError", "OutputError",
     "SnapshotNotFound", "ImageOpenError", "ImageNotFound", "MissingBackingFile", "ImageLocked",
+    "AllocationFailed",
 ]
 
 

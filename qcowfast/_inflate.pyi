@@ -1,12 +1,11 @@
 import numpy as np
 
-from .errors import QcowError
+from .errors import AllocationFailed as AllocationFailed, QcowError
 
 COMPRESSION_TYPES: dict[str, int]
 
 class CodecUnavailable(QcowError): ...
 
-class AllocationFailed(QcowError, MemoryError): ...
 
 def check_codec(compression_type: int) -> None: ...
 

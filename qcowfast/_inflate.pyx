@@ -53,7 +53,7 @@ cdef extern from "_codecs.h" nogil:
 
 import importlib
 
-from .errors import QcowError
+from .errors import AllocationFailed, QcowError
 
 cdef enum:
     ZLIB = 0
@@ -81,10 +81,6 @@ cdef qf_zstd_getErrorCode_fn zstd_getErrorCode = NULL
 
 class CodecUnavailable(QcowError):
     """The C library behind a compression type could not be loaded."""
-
-
-class AllocationFailed(QcowError, MemoryError):
-    """A decompressor could not allocate the memory it needs (not a corrupt cluster)."""
 
 
 cdef void *_open_module(modules, what) except NULL:

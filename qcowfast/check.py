@@ -31,7 +31,7 @@ from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
 )
-from .errors import CorruptImage, FormatError, QcowError
+from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
 from .refcounts import (
@@ -780,7 +780,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
             checker = _Checker(fd, header, st.st_size, result, progress)
             checker.run(StoredRefcounts(fd, header))
         except MemoryError:
-            raise QcowError(f"{name}: not enough memory to check the image") from None
+            raise AllocationFailed(f"{name}: not enough memory to check the image") from None
         return result
     finally:
         os.close(fd)

@@ -59,3 +59,7 @@ class MissingBackingFile(BackingChainError, ImageNotFound):
 
 class ImageLocked(QcowError):
     """A running QEMU holds the image open for writing; force_share=True (-U) reads anyway."""
+
+
+class AllocationFailed(QcowError, MemoryError):
+    """Memory ran out while reading or checking an image (not a property of the image)."""
