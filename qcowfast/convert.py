@@ -1,19 +1,22 @@
-"""QCOW2 -> raw conversion: plan units of guest space from the extent stream, fill them on all
-cores (pread / batch inflate with the GIL released), write only what is not zero, publish
-atomically.
+"""Conversion: plan units of guest space from the extent stream, fill them on all cores (pread /
+batch inflate with the GIL released), write only what is not zero. Raw output is executed here
+(`_execute_file` for new files, `_execute_ordered` for in-place and O_DIRECT targets, and
+`_convert_stream` for streams); QCOW2 output is handed to `writer.write_qcow2`. Where the bytes go
+and how they are published (temporary file, rename, block devices, no-clobber) is `output.py`.
 
 Memory bound: each of `threads` workers holds one unit buffer (UNIT_SIZE) and the compressed
-input of one unit (less than a unit for real images, at most 3 units if crafted); a stream holds threads + 1 unit buffers. With the
-default 8 MiB unit that is about threads x 16 MiB + 8 MiB, plus the L2 caches (at most 32 MiB
-per chain layer) and the interpreter (~40 MiB): under 256 MiB for 4 threads.
+input of one unit (less than a unit for real images, at most 3 units if crafted); ordered
+outputs (streams, in place, O_DIRECT) hold threads + 1 unit buffers. With the default 8 MiB unit
+that is about threads x 16 MiB + 8 MiB, plus the L2 caches (at most 32 MiB per chain layer) and
+the interpreter (~40 MiB): under 256 MiB for 4 threads.
 """
 from __future__ import annotations
 
+import errno
+import inspect
+import mmap
 import os
 import queue
-import stat
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -22,15 +25,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _tables
+from . import _fill, _tables
 from .constants import ExtentKind
-from .errors import OutputError, TruncatedImage
+from .errors import CorruptImage, OutputError, QcowError, TruncatedImage, UnsupportedFeature
 from .image import Image, _pread_exact, open as open_image
+from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
 
 UNIT_SIZE = 8 * 1024 * 1024
+_DIRECT_MIN = 256 * 1024                    # DATA runs this long are written from a mapping
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# copy_file_range() refuses: across file systems, on file systems without it, in old kernels.
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 DEFAULT_MAX_STREAM_SIZE = 1 << 40           # streams longer than 1 TiB must be asked for
 _DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
 _ZEROS = bytes(1 << 20)
+_GAP_SLICE = 1 << 30                        # in-place holes are zeroed (and reported) per GiB
 
 
 @dataclass(frozen=True)
@@ -50,11 +59,22 @@ def _plan(image: Image, unit: int):
     boundaries (compressed clusters never cross one: units are whole clusters).
     """
     current, parts = -1, []
+    claims = _Claims(image)
     for chunk in image._runs(0, image.virtual_size):
         sel = (chunk.kind == _DATA) | (chunk.kind == _COMPRESSED)
         if not sel.any():
             continue
-        g, n, k, h, c, d = (a[sel] for a in chunk)
+        g, n, k, h, c, d = chunk if sel.all() else (a[sel] for a in chunk)
+        claims.add(g, n, k, h, d)
+        u = int(g[0]) // unit
+        if u == int(g[-1] + n[-1] - 1) // unit:
+            # The whole chunk lies in one unit (the usual case): no cutting.
+            if u != current:
+                if parts:
+                    yield current, _concat(parts)
+                current, parts = u, []
+            parts.append((g, g + n, k.astype(np.int64), h, c, d))
+            continue
         u0 = g // unit
         u1 = (g + n - 1) // unit
         cnt = u1 - u0 + 1
@@ -79,6 +99,120 @@ def _plan(image: Image, unit: int):
         yield current, _concat(parts)
 
 
+class _Claims:
+    """Refuse a host cluster that two guest clusters of one L1 view share (issue 10 item 11).
+
+    QEMU never writes one data cluster, or one compressed stream, twice into the L1/L2 tables
+    of one view (qemu-img check counts such a cluster with a wrong refcount or a COPIED flag
+    it cannot have); a crafted image that does would declare far more guest data than its file
+    holds. Per qcow2 layer, the host byte ranges of DATA runs and the start bytes of compressed
+    streams are kept as sorted arrays, merged like the levels of an LSM tree, so memory follows
+    the runs that exist (16 bytes per run of contiguous data, 8 per compressed cluster) and
+    the cost is O(n log n) over the whole plan.
+    """
+
+    def __init__(self, image):
+        self.image = image
+        self.layers = {}
+        node = image
+        while node is not None:
+            if hasattr(node, "_l2_offsets"):
+                self.layers[node.depth] = node
+            node = node.backing
+        self.levels = {}                 # (depth, kind) -> list of (starts, ends) arrays
+        self.pending = {}                # (depth, kind) -> (batches above all levels, high mark)
+        self.last = {}                   # depth -> (coffset, cluster start) of the last stream
+
+    def add(self, g, n, k, h, d) -> None:
+        d0 = int(d[0])
+        one = bool((d == d0).all())
+        for depth in [d0] if one else np.unique(d).tolist():
+            layer = self.layers.get(depth)
+            if layer is None:
+                continue
+            sel = True if one else d == depth
+            data = sel & (k == _DATA)
+            if data.any():
+                self._push(depth, _DATA, h[data], h[data] + n[data])
+            comp = np.flatnonzero(sel & (k == _COMPRESSED))
+            if len(comp):
+                # A compressed cluster seen through several holes of upper layers arrives in
+                # pieces: count each cluster once.
+                co = h[comp]
+                cstart = g[comp] - g[comp] % layer.cluster_size
+                prev = self.last.get(depth, (-1, -1))
+                first = np.ones(len(comp), bool)
+                first[0] = (int(co[0]), int(cstart[0])) != prev
+                first[1:] = (co[1:] != co[:-1]) | (cstart[1:] != cstart[:-1])
+                self.last[depth] = (int(co[-1]), int(cstart[-1]))
+                if first.any():
+                    self._push(depth, _COMPRESSED, co[first], co[first] + 1)
+
+    def _push(self, depth, kind, starts, ends) -> None:
+        order = np.argsort(starts, kind="stable")
+        s, e = starts[order], ends[order]
+        bad = np.flatnonzero(s[1:] < e[:-1])
+        if len(bad):
+            self._refuse(depth, kind, int(s[bad[0] + 1]))
+        key = (depth, kind)
+        levels = self.levels.setdefault(key, [])
+        pending, high = self.pending.get(key, ([], -1))
+        if s[0] >= high:
+            # Above every byte claimed so far (images written in guest order): nothing to
+            # check; keep the batch aside, already sorted after the others.
+            pending.append((s, e))
+            self.pending[key] = (pending, max(high, int(e.max())))
+            return
+        if pending:
+            self._merge_in(levels, (np.concatenate([x[0] for x in pending]),
+                                    np.concatenate([x[1] for x in pending])))
+            pending = []
+        for ls, le in levels:
+            # A new range overlaps an old one when an old range covers its start, or an old
+            # range starts inside it.
+            i = np.searchsorted(ls, s, "right")
+            covers = (i > 0) & (le[np.maximum(i - 1, 0)] > s)
+            inside = (i < len(ls)) & (ls[np.minimum(i, len(ls) - 1)] < e)
+            hit = np.flatnonzero(covers | inside)
+            if len(hit):
+                j = hit[0]
+                self._refuse(depth, kind, int(s[j]) if covers[j] else int(ls[i[j]]))
+        self._merge_in(levels, (s, e))
+        self.pending[key] = (pending, max(high, int(e.max())))
+
+    @staticmethod
+    def _merge_in(levels, run) -> None:
+        s, e = run
+        while levels and len(levels[-1][0]) <= len(s):
+            ls, le = levels.pop()
+            cat = np.concatenate((ls, s))
+            order = np.argsort(cat, kind="stable")
+            s, e = cat[order], np.concatenate((le, e))[order]
+        levels.append((s, e))
+
+    def _refuse(self, depth, kind, host: int):
+        """Raise CorruptImage naming two guest offsets that use host byte `host`."""
+        layer = self.layers[depth]
+        guests = []
+        for chunk in layer._own_runs(0, layer.virtual_size):
+            if kind == _DATA:
+                hit = (chunk.kind == _DATA) & (chunk.host <= host) & (host < chunk.host
+                                                                          + chunk.length)
+                at = chunk.guest[hit] + (host - chunk.host[hit])
+            else:
+                hit = (chunk.kind == _COMPRESSED) & (chunk.host == host)
+                at = chunk.guest[hit]
+            guests += at.tolist()
+            if len(guests) >= 2:
+                break
+        what = "data cluster" if kind == _DATA else "compressed cluster stream"
+        cs = layer.cluster_size
+        where = " and ".join(f"{g - g % cs if kind != _DATA else g:#x}" for g in guests[:2])
+        raise CorruptImage(f"{layer.filename}: guest offsets {where} share the {what} at host "
+                           f"offset {host - host % cs if kind == _DATA else host:#x} (QEMU "
+                           "never shares a cluster within one L1 table)")
+
+
 def _concat(parts):
     if len(parts) == 1:
         return parts[0]
@@ -101,6 +235,13 @@ class _Filler:
         self.unit = unit
         self.vsize = image.virtual_size
         self.local = threading.local()
+        layers, node = {}, image
+        while node is not None:
+            layers[node.depth] = node
+            node = node.backing
+        self.layers = [layers.get(d) for d in range(max(layers) + 1)]
+        self.fds = np.array([getattr(x, "data_fd", -1) for x in self.layers], np.int64)
+        self.sizes = np.array([getattr(x, "data_size", 0) for x in self.layers], np.int64)
 
     def buffer(self) -> np.ndarray:
         buf = getattr(self.local, "buf", None)
@@ -108,46 +249,151 @@ class _Filler:
             buf = self.local.buf = np.empty(self.unit, np.uint8)
         return buf
 
-    def fill(self, ui: int, runs, buf: np.ndarray, *, copy_fd: int = -1, copy_lock=None) -> int:
+    def fill(self, ui: int, runs, buf: np.ndarray, *, copy_fd: int = -1, copy_lock=None,
+             zero_gaps: bool = True) -> int:
         """Fill buf[:ulen] with unit `ui`; DATA runs go by copy_file_range to copy_fd if given.
 
-        Returns the unit's length.
+        Returns the unit's length. With zero_gaps=False the ranges between runs are left as
+        they are (the caller zeroes what it uses).
         """
         s, e, k, host, csize, depth = runs
         base = ui * self.unit
         ulen = min(self.unit, self.vsize - base)
-        view = memoryview(buf)
         # Compressed clusters inflate whole, so a deeper layer's cluster may cover ranges that
         # upper layers serve: inflate deepest first, then zero the gaps and read data over them.
         comp = np.flatnonzero(k == _COMPRESSED)
         if len(comp):
             for d in sorted(np.unique(depth[comp]).tolist(), reverse=True):
                 sel = comp[depth[comp] == d]
-                layer = self.image.layer(d)
+                layer = self.layers[d]
                 cs = layer.cluster_size
                 starts = s[sel] - (s[sel] % cs)
                 layer.inflate_into(host[sel], csize[sel], starts, buf, starts - base)
-        # Zero the gaps between runs (unallocated and zero ranges read as zeros).
-        gap_start = np.concatenate(([0], e - base))
-        gap_end = np.concatenate((s - base, [ulen]))
-        real = np.flatnonzero(gap_end > gap_start)
-        for a, b in zip(gap_start[real].tolist(), gap_end[real].tolist()):
-            buf[a:b] = 0
-        for i in np.flatnonzero(k == _DATA).tolist():
-            layer = self.image.layer(int(depth[i]))
-            a, b, h = int(s[i]), int(e[i]), int(host[i])
-            if copy_fd >= 0:
+        if zero_gaps:
+            # Unallocated and zero ranges read as zeros.
+            _fill.zero_ranges(buf, np.concatenate(([0], e - base)),
+                              np.concatenate((s - base, [ulen])))
+        data = np.flatnonzero(k == _DATA)
+        if copy_fd >= 0:
+            for i in data.tolist():
+                layer = self.layers[int(depth[i])]
+                a, b, h = int(s[i]), int(e[i]), int(host[i])
                 with copy_lock:
-                    _copy_range(layer.data_fd, copy_fd, h, a, b - a, layer)
-                continue
-            _pread_exact(layer.data_fd, view[a - base:b - base], h,
-                         f"{layer.filename}: data for guest offset {a:#x}", layer.data_size)
+                    # The run's own part of buf is the scratch space if the kernel cannot copy.
+                    _copy_range(layer.data_fd, copy_fd, h, a, b - a, layer,
+                                buf[a - base:b - base])
+            return ulen
+        if len(data):
+            self._pread_runs(s[data], e[data], host[data], depth[data], buf, base)
         return ulen
 
+    def _pread_runs(self, s, e, host, depth, buf, base) -> None:
+        bad, err = _fill.pread_runs(self.fds[depth], host, s - base, e - s, buf)
+        if bad >= 0:
+            layer = self.layers[int(depth[bad])]
+            where = f"{layer.filename}: data for guest offset {int(s[bad]):#x}"
+            if err:
+                raise OSError(err, f"{where}: {os.strerror(err)}")
+            raise TruncatedImage(f"{where}: {int(e[bad] - s[bad])} bytes at "
+                                 f"{int(host[bad]):#x} run past the end of the file "
+                                 f"({layer.data_size} bytes)")
 
-def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer):
+    def fill_sparse(self, ui: int, runs, buf: np.ndarray, block: int):
+        """Fill unit `ui` for sparse output: return (ulen, writes, maps).
+
+        writes are (memoryview, guest offset) pairs holding every block of `block` bytes
+        (aligned to absolute offsets) that is not all zeros, and nothing else. The block-aligned
+        middle of a long DATA run is not copied into `buf`: it is scanned and written straight
+        from a read-only mapping of the page cache, which saves one copy of the data; `maps`
+        must be closed (after releasing the views) once the writes are done.
+        """
+        s, e, k, host, csize, depth = runs
+        base = ui * self.unit
+        ulen = min(self.unit, self.vsize - base)
+        end = base + ulen
+        da = -(-s // block) * block
+        db = np.where(e == self.vsize, e, e - e % block)
+        direct = np.flatnonzero((k == _DATA) & (db - da >= _DIRECT_MIN)
+                                & (host + (e - s) <= self.sizes[depth]))
+        if len(direct):
+            # Buffered pieces: every other run, and the unaligned head and tail of direct runs.
+            keep = np.ones(len(s), bool)
+            keep[direct] = False
+            ds, de = da[direct], db[direct]
+            head = direct[s[direct] < ds]
+            tail = direct[de < e[direct]]
+            hs = s[head]
+            ts = db[tail]
+            parts = (
+                (s[keep], e[keep], host[keep], keep),
+                (hs, da[head], host[head], head),
+                (ts, e[tail], host[tail] + (ts - s[tail]), tail),
+            )
+            bs = np.concatenate([p[0] for p in parts])
+            be = np.concatenate([p[1] for p in parts])
+            bh = np.concatenate([p[2] for p in parts])
+            idx = np.concatenate((np.flatnonzero(keep), head, tail))
+            order = np.argsort(bs, kind="stable")
+            bs, be, bh, idx = bs[order], be[order], bh[order], idx[order]
+            buffered = (bs, be, k[idx], bh, csize[idx], depth[idx])
+        else:
+            buffered = runs
+        writes, maps = [], []
+        bs, be = buffered[0], buffered[1]
+        if len(bs):
+            self.fill(ui, buffered, buf, zero_gaps=False)
+            # Scan only the blocks the buffered runs touch; zero their parts no run covers.
+            lo = np.maximum(bs - bs % block, base)
+            hi = np.minimum(-(-be // block) * block, end)
+            prev_e = np.concatenate(([base], be[:-1]))
+            next_s = np.concatenate((bs[1:], [end]))
+            _fill.zero_ranges(buf, np.concatenate((np.maximum(lo, prev_e), be)) - base,
+                              np.concatenate((bs, np.minimum(hi, next_s))) - base)
+            reach = np.maximum.accumulate(hi)
+            brk = np.flatnonzero(lo[1:] > reach[:-1]) + 1
+            seg_lo = lo[np.concatenate(([0], brk))] - base
+            seg_hi = reach[np.concatenate((brk - 1, [len(hi) - 1]))] - base
+            view = memoryview(buf)
+            for a, b in zip(seg_lo.tolist(), seg_hi.tolist()):
+                starts, ends = _tables.nonzero_runs(buf[a:b], block, base + a)
+                writes += [(view[a + x:a + y], base + a + x)
+                           for x, y in zip(starts.tolist(), ends.tolist())]
+        for i in direct.tolist():
+            layer = self.layers[int(depth[i])]
+            a, b = int(da[i]), int(db[i])
+            h = int(host[i]) + (a - int(s[i]))
+            # A mapping read past the end of the file would raise SIGBUS: check the file as it
+            # is now (a read of a shrunken file would come up short the same way).
+            if h + (b - a) > os.fstat(layer.data_fd).st_size:
+                raise TruncatedImage(f"{layer.filename}: data for guest offset {a:#x} lies past "
+                                     "the end of the file (it shrank during the conversion)")
+            page = h - h % mmap.ALLOCATIONGRANULARITY
+            m = mmap.mmap(layer.data_fd, h + (b - a) - page, mmap.MAP_SHARED | _MAP_POPULATE,
+                          mmap.PROT_READ, offset=page)
+            maps.append(m)
+            mv = memoryview(m)[h - page:]
+            starts, ends = _tables.nonzero_runs(mv, block, a)
+            writes += [(mv[x:y], a + x) for x, y in zip(starts.tolist(), ends.tolist())]
+        return ulen, writes, maps
+
+
+def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer, buf=None):
+    """Copy count bytes in the kernel (copy_file_range); across file systems, or where the
+    kernel cannot, through `buf` with pread/pwrite."""
     while count:
-        n = os.copy_file_range(src_fd, dst_fd, count, src_off, dst_off)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count, src_off, dst_off)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE or buf is None:
+                raise
+            view = memoryview(buf)
+            while count:
+                step = min(count, len(view))
+                _pread_exact(src_fd, view[:step], src_off, f"{layer.filename}: data at "
+                             f"{src_off:#x}", layer.data_size)
+                _write_all(dst_fd, view[:step], dst_off)
+                src_off, dst_off, count = src_off + step, dst_off + step, count - step
+            return
         if n <= 0:
             raise TruncatedImage(f"{layer.filename}: data at {src_off:#x} runs past the end of "
                                  "the file")
@@ -156,29 +402,37 @@ def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer):
         count -= n
 
 
-def _chain_ids(image: Image) -> set:
-    ids = set()
-    for layer in image.chain:
-        for fd in {layer.data_fd, getattr(layer, "_fd", -1)}:
-            if fd >= 0:
-                st = os.fstat(fd)
-                ids.add((st.st_dev, st.st_ino))
-    return ids
-
-
-def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
+def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
+            compression: str | None = None, level: int | None = None,
+            cluster_size: int = 65536, threads: int | None = None, sparse_size: int = 4096,
             progress=None, overwrite: bool = False, fsync: bool = False,
-            backing_dirs=(), data_file=None, snapshot=None, max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
-            unit_size: int = UNIT_SIZE) -> ConvertResult:
-    """Convert QCOW2 image `src` (with its backing chain) to a raw image.
+            backing_dirs=(), data_file=None, snapshot=None,
+            max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
+            max_output_size: int | None = None, unit_size: int = UNIT_SIZE,
+            target_is_zero: bool = False, existing: bool = False, force_share: bool = False,
+            direct: bool = False) -> ConvertResult:
+    """Convert image `src` (QCOW2 with its backing chain, or raw) to a raw or QCOW2 image.
 
     Parameters
     ----------
     src : path
-        The QCOW2 image.
+        The source image.
     dst : path, "-" or binary file object
-        A path is written atomically: a temporary file beside it is renamed over it only on
-        success. "-" (stdout) or a writable file object receives a stream, holes written as zeros.
+        A regular file (new, or replaced when `overwrite`; through a symlink, its target) is
+        written to a temporary file beside it, renamed over it only on success, keeping the
+        replaced file's mode, owner and extended attributes. A block device (with `overwrite`
+        or `existing`) or any target with `existing` is written in place. "-" (stdout), a FIFO,
+        a character device or a writable file object receives a raw stream.
+    format : {"raw", "qcow2"}
+        Output format (qcow2 cannot be streamed).
+    src_format : {None, "qcow2", "raw"}
+        Source format; None probes it (foreign formats are refused by name).
+    compression : {None, "zlib", "zstd"}
+        Compress QCOW2 output clusters (qcow2 only).
+    level : int, optional
+        Compression level (default: the library's, as QEMU).
+    cluster_size : int
+        QCOW2 output cluster size, a power of two from 512 to 2 MiB.
     threads : int, optional
         Worker threads (default: all cores).
     sparse_size : int
@@ -186,61 +440,262 @@ def convert(src, dst, /, *, threads: int | None = None, sparse_size: int = 4096,
     progress : callable(done_bytes, total_bytes), optional
         Called from the calling thread as guest space is finished.
     overwrite : bool
-        Replace an existing `dst` (never the source or a file of its chain).
+        Replace an existing regular file, or write onto a block device (never the source or a
+        file of its chain).
     fsync : bool
         Flush the output to stable storage before publishing it.
-    backing_dirs, data_file, snapshot
-        As for `qcowfast.open`.
+    backing_dirs, data_file, snapshot, force_share
+        As for `qcowfast.open` (force_share: qemu-img -U, read an image QEMU has open).
     max_stream_size : int or None
         Refuse to stream an image whose virtual size exceeds this (None: no limit).
+    max_output_size : int or None
+        Stop (OutputError, nothing published) once a file output occupies more than this many
+        bytes; checked per conversion unit.
+    target_is_zero : bool
+        The in-place target already reads as zeros: its holes are not zeroed (qemu-img
+        --target-is-zero).
+    existing : bool
+        Write into the existing target in place, which must hold the whole image (qemu-img -n).
+    direct : bool
+        O_DIRECT output (qemu-img -t none); OutputError where the filesystem does not support it.
 
     Returns
     -------
     ConvertResult
+
+    Raises
+    ------
+    OutputError
+        For anything about the destination (named as given, never the temporary file).
+    ValueError
+        For invalid option values or combinations.
+    QcowError
+        For anything about the source.
     """
     t0 = time.perf_counter()
-    if sparse_size < 0 or sparse_size % 512:
-        raise ValueError("sparse_size must be a non-negative multiple of 512")
+    _check_options(format, src_format, compression, level, cluster_size, sparse_size,
+                   max_output_size)
     threads = threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError("threads must be at least 1")
-    with open_image(src, backing_dirs=backing_dirs, data_file=data_file,
-                    snapshot=snapshot) as image:
+    with _open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
+                      snapshot=snapshot, force_share=force_share) as image:
         # Units are whole clusters of every layer (cluster sizes are powers of two), so no
         # compressed cluster crosses a unit.
         largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
         unit = max(unit_size - unit_size % largest, largest)
-        stream = _stream_target(dst)
-        if stream is not None:
-            if max_stream_size is not None and image.virtual_size > max_stream_size:
-                raise OutputError(f"refusing to stream {image.virtual_size} bytes (virtual size "
-                                  f"of {image.filename}) over the limit of {max_stream_size}; "
-                                  "raise max_stream_size (--max-stream-size) to allow it")
-            if isinstance(stream, str):
-                with open(stream, "wb", buffering=0) as out:
-                    written = _convert_stream(image, out, unit, threads, progress)
-            else:
-                written = _convert_stream(image, stream, unit, threads, progress)
-        else:
-            written = _convert_file(image, os.fspath(dst), unit, threads, sparse_size, progress,
-                                    overwrite, fsync)
         vsize = image.virtual_size
-    return ConvertResult(vsize, written, vsize - written, time.perf_counter() - t0, threads)
+        stream = stream_target(dst)
+        if stream is not None:
+            name = _stream_name(dst, stream)
+            if format != "raw":
+                raise OutputError(f"cannot stream {format} output to {name} (as qemu-img cannot); "
+                                  "write it to a file")
+            if max_stream_size is not None and vsize > max_stream_size:
+                raise OutputError(f"refusing to stream {vsize} bytes (virtual size "
+                                  f"of {getattr(image, 'filename', src)}) over the limit of "
+                                  f"{max_stream_size}; raise max_stream_size (--max-stream-size) "
+                                  "to allow it")
+            if isinstance(stream, str):
+                try:
+                    out = open(stream, "wb", buffering=0)
+                except OSError as exc:
+                    raise OutputError(f"cannot open {name}: {exc.strerror}") from None
+                with out:
+                    written = _convert_stream(image, out, name, unit, threads, progress)
+            else:
+                written = _convert_stream(image, stream, name, unit, threads, progress)
+        else:
+            with FileOutput(dst, image, overwrite=overwrite, existing=existing,
+                            direct=direct) as out:
+                try:
+                    written = _convert_path(image, out, format, unit, threads, sparse_size,
+                                            progress, compression=compression, level=level,
+                                            cluster_size=cluster_size,
+                                            max_output_size=max_output_size,
+                                            target_is_zero=target_is_zero)
+                    out.commit(fsync, drop_cache=direct and format != "raw")
+                except BaseException as exc:
+                    if (isinstance(exc, OSError) and not isinstance(exc, QcowError)
+                            and exc.errno in WRITE_ERRNOS):
+                        raise out.error(exc) from None
+                    if out.in_place and not isinstance(exc, OutputError):
+                        exc.add_note(f"{out.name} was written in place and is incomplete")
+                    raise
+    written = int(written)
+    return ConvertResult(vsize, written, max(vsize - written, 0), time.perf_counter() - t0,
+                         threads)
 
 
-def _stream_target(dst):
-    """A file object to stream into, or None when dst is a path to write atomically."""
-    if dst == "-":
-        return sys.stdout.buffer
-    if hasattr(dst, "write"):
+def _stream_name(dst, stream) -> str:
+    if isinstance(stream, str):
+        return stream
+    if isinstance(dst, str):
         return dst
-    try:
-        st = os.stat(dst)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
-        return os.fspath(dst)         # a pipe or device path: stream into it
-    return None
+    name = getattr(dst, "name", None)
+    return name if isinstance(name, str) else "the output stream"
+
+
+def _check_options(format, src_format, compression, level, cluster_size, sparse_size,
+                   max_output_size) -> None:
+    if format not in ("raw", "qcow2"):
+        raise ValueError(f"format must be 'raw' or 'qcow2', not {format!r}")
+    if src_format not in (None, "raw", "qcow2"):
+        raise ValueError(f"src_format must be None, 'raw' or 'qcow2', not {src_format!r}")
+    if compression not in (None, "zlib", "zstd"):
+        raise ValueError(f"compression must be None, 'zlib' or 'zstd', not {compression!r}")
+    if compression is not None and format != "qcow2":
+        raise ValueError("compression needs format='qcow2' (raw output is never compressed)")
+    if level is not None and compression is None:
+        raise ValueError("level needs compression")
+    if (not isinstance(cluster_size, int) or not 512 <= cluster_size <= 2 << 20
+            or cluster_size & (cluster_size - 1)):
+        raise ValueError(f"cluster_size must be a power of two from 512 to 2 MiB, "
+                         f"not {cluster_size!r}")
+    if sparse_size < 0 or sparse_size % 512:
+        raise ValueError("sparse_size must be a non-negative multiple of 512")
+    if max_output_size is not None and max_output_size < 0:
+        raise ValueError("max_output_size must be None or a non-negative number of bytes")
+
+
+def _open_source(src, src_format, **kw):
+    """Open the source: image.open_source (format probe, raw sources) where it exists."""
+    from . import image as image_module
+    opener = getattr(image_module, "open_source", None)
+    if opener is not None:
+        return opener(src, src_format, **kw)
+    if src_format == "raw":
+        raise UnsupportedFeature("raw sources are not supported by this build")
+    if "force_share" not in inspect.signature(open_image).parameters:
+        kw.pop("force_share")
+    return open_image(src, **kw)
+
+
+def _capped(progress, out, cap):
+    """Wrap `progress` to stop the conversion once the output occupies more than `cap` bytes."""
+    if cap is None:
+        return progress
+    base = out.allocated()
+
+    def check(done, total):
+        if out.allocated() - base > cap:
+            raise OutputError(f"{out.name}: output exceeds max_output_size ({cap} bytes); "
+                              f"stopped, nothing was written to {out.name}")
+        if progress:
+            progress(done, total)
+    return check
+
+
+def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, compression, level,
+                  cluster_size, max_output_size, target_is_zero) -> int:
+    """Fill FileOutput `out`; return the bytes written."""
+    vsize = image.virtual_size
+    if fmt == "qcow2":
+        if out.in_place:
+            raise OutputError(f"cannot write qcow2 output in place onto {out.name} (a block "
+                              "device or existing=True); write it to a file")
+        from .writer import write_qcow2
+        if out.direct:
+            # The writer's buffers are not aligned: write through the page cache, then flush
+            # and drop the written pages at commit (see the direct parameter).
+            out.set_direct(False)
+        size = write_qcow2(image, out.fd, compression=compression, level=level,
+                           cluster_size=cluster_size, threads=threads,
+                           progress=_capped(progress, out, max_output_size))
+        if max_output_size is not None and size > max_output_size:
+            raise OutputError(f"{out.name}: output of {size} bytes exceeds max_output_size "
+                              f"({max_output_size} bytes); nothing was written to {out.name}")
+        return size
+    if max_output_size is not None and not sparse_size and vsize > max_output_size:
+        raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
+                          f"bytes exceeds max_output_size ({max_output_size} bytes)")
+    out.prepare(vsize, allocate=not sparse_size)
+    if out.in_place or out.direct:
+        return _execute_ordered(image, out, unit, threads, sparse_size, progress,
+                                zero_holes=out.in_place and not target_is_zero,
+                                max_output_size=max_output_size)
+    return _execute_file(image, out.fd, unit, threads, sparse_size,
+                         _capped(progress, out, max_output_size))
+
+
+def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_holes,
+                     max_output_size) -> int:
+    """Fill units on the workers and write them from the calling thread in guest order, from
+    page-aligned buffers (O_DIRECT), zeroing the holes when `zero_holes` (in-place targets).
+
+    Return the bytes of data written.
+    """
+    total = [0]
+
+    def zero(start, end):
+        if zero_holes:
+            out.zero_range(start, end, keep_allocated=not sparse_size)
+
+    def write_unit(ui, buf, ulen):
+        base = ui * unit
+        view = memoryview(buf)
+        if sparse_size:
+            starts, ends = _tables.nonzero_runs(buf[:ulen], sparse_size, base)
+        else:
+            starts, ends = [0], [ulen]
+        pos = 0
+        for a, b in zip(list(starts), list(ends)):
+            zero(base + pos, base + a)
+            out.pwrite(view[a:b], base + a)
+            total[0] += b - a
+            pos = b
+        zero(base + pos, base + ulen)
+        if max_output_size is not None and total[0] > max_output_size:
+            raise OutputError(f"{out.name}: output exceeds max_output_size ({max_output_size} "
+                              "bytes); stopped" + (f", {out.name} is incomplete"
+                                                   if out.in_place else ""))
+
+    def gap(start, end):
+        # Whole units of holes: zero them in slices so progress keeps moving on big targets.
+        while start < end:
+            stop = min(end, start + _GAP_SLICE)
+            zero(start, stop)
+            start = stop
+            if progress and start < end:
+                progress(start, image.virtual_size)
+
+    _run_ordered(image, unit, threads, progress, write_unit, gap, aligned=True)
+    return total[0]
+
+
+def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=False) -> None:
+    """Fill planned units on `threads` workers; from the calling thread, in guest order, call
+    on_gap(start, end) for each range no unit covers (it reads as zeros) and
+    on_unit(ui, buf, ulen) for each unit. At most threads + 1 unit buffers exist."""
+    vsize = image.virtual_size
+    filler = _Filler(image, unit)
+    inflight = threads + 1
+    pool: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(inflight):
+        pool.put(None)
+    pos = [0]
+
+    def work(ui, runs):
+        buf = pool.get()
+        if buf is None:
+            buf = aligned_empty(unit) if aligned else np.empty(unit, np.uint8)
+        return buf, filler.fill(ui, runs, buf)
+
+    def done(ui, result):
+        buf, ulen = result
+        if pos[0] < ui * unit:
+            on_gap(pos[0], ui * unit)
+        on_unit(ui, buf, ulen)
+        pool.put(buf)
+        pos[0] = ui * unit + ulen
+        if progress:
+            progress(pos[0], vsize)
+
+    _run_units(image, unit, threads, work, done, inflight)
+    if pos[0] < vsize:
+        on_gap(pos[0], vsize)
+    if progress:
+        progress(vsize, vsize)
 
 
 def _run_units(image, unit, threads, work, done, max_inflight=None):
@@ -263,141 +718,80 @@ def _run_units(image, unit, threads, work, done, max_inflight=None):
             raise
 
 
-def _convert_file(image, dst, unit, threads, sparse_size, progress, overwrite, fsync) -> int:
-    if os.path.isdir(dst):
-        raise OutputError(f"{dst} is a directory")
-    if os.path.lexists(dst):
-        if not overwrite:
-            raise OutputError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-        st = os.stat(dst)
-        if (st.st_dev, st.st_ino) in _chain_ids(image):
-            raise OutputError(f"{dst} is the source image or a file of its backing chain")
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".qcowfast-tmp",
-                               dir=directory)
-    published = False
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        vsize = image.virtual_size
-        try:
-            os.ftruncate(fd, vsize)
-            if not sparse_size and vsize:
-                os.posix_fallocate(fd, 0, vsize)
-        except OSError as exc:
-            raise OutputError(f"cannot size {dst} to {vsize} bytes: {exc.strerror}") from None
-        filler = _Filler(image, unit)
-        total = [0]
-        write_lock = threading.Lock()
+def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
+    """Fill the sized output file `fd` with the image's guest bytes, unit by unit on `threads`
+    workers; return the bytes written (holes of `sparse_size` left alone; with sparse_size 0
+    the file is assumed preallocated and zero)."""
+    vsize = image.virtual_size
+    filler = _Filler(image, unit)
+    total = [0]
+    write_lock = threading.Lock()
 
-        def work(ui, runs):
-            buf = filler.buffer()
-            if sparse_size:
-                ulen = filler.fill(ui, runs, buf)
-                starts, ends = _tables.nonzero_runs(buf[:ulen], sparse_size, ui * unit)
-            else:
-                comp = runs[2] == _COMPRESSED
-                ulen = filler.fill(ui, runs, buf, copy_fd=fd, copy_lock=write_lock)
-                base = ui * unit
-                starts, ends = runs[0][comp] - base, runs[1][comp] - base
+    def work(ui, runs):
+        buf = filler.buffer()
+        base = ui * unit
+        maps = ()
+        if sparse_size:
+            ulen, writes, maps = filler.fill_sparse(ui, runs, buf, sparse_size)
+        else:
+            comp = runs[2] == _COMPRESSED
+            ulen = filler.fill(ui, runs, buf, copy_fd=fd, copy_lock=write_lock)
             view = memoryview(buf)
-            base = ui * unit
+            writes = [(view[a - base:b - base], a)
+                      for a, b in zip(runs[0][comp].tolist(), runs[1][comp].tolist())]
+        try:
             n = 0
             # One writer at a time: concurrent pwrite()s to one file contend on its inode lock
             # in the kernel and burn CPU spinning; the other workers keep inflating meanwhile.
             with write_lock:
-                for a, b in zip(starts.tolist(), ends.tolist()):
-                    _write_all(fd, view[a:b], base + a)
-                    n += b - a
+                for view, offset in writes:
+                    _write_all(fd, view, offset)
+                    n += len(view)
                 total[0] += n
-            return ulen
+        finally:
+            for view, _ in writes:
+                view.release()
+            for m in maps:
+                m.close()
+        return ulen
 
-        def done(ui, ulen):
-            if progress:
-                progress(ui * unit + ulen, vsize)
-
-        _run_units(image, unit, threads, work, done)
+    def done(ui, ulen):
         if progress:
-            progress(vsize, vsize)
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        _publish(tmp, dst, overwrite)
-        published = True
-        return total[0] if sparse_size else vsize
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if not published:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            progress(ui * unit + ulen, vsize)
+
+    _run_units(image, unit, threads, work, done)
+    if progress:
+        progress(vsize, vsize)
+    return total[0] if sparse_size else vsize
 
 
-def _publish(tmp: str, dst: str, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, dst)
-        return
-    try:
-        os.link(tmp, dst)             # fails if dst appeared meanwhile: never clobber
-    except FileExistsError:
-        raise OutputError(f"{dst} appeared during the conversion; not replaced") from None
-    except OSError:
-        if os.path.lexists(dst):
-            raise OutputError(f"{dst} appeared during the conversion; not replaced") from None
-        os.rename(tmp, dst)
-        return
-    os.unlink(tmp)
-
-
-def _convert_stream(image, out, unit, threads, progress) -> int:
+def _convert_stream(image, out, name, unit, threads, progress) -> int:
+    check_stream(out, image, name)
     vsize = image.virtual_size
-    filler = _Filler(image, unit)
-    state = {"pos": 0}
 
     def write(data):
         view = memoryview(data)
         while len(view):
             n = out.write(view)
             if n is None:
-                raise OutputError("output stream would block")
+                raise OutputError(f"{name}: output stream would block")
             view = view[n:]
 
-    def zeros_until(target):
-        while state["pos"] < target:
-            n = min(len(_ZEROS), target - state["pos"])
+    def zeros(start, end):
+        while start < end:
+            n = min(len(_ZEROS), end - start)
             write(_ZEROS[:n])
-            state["pos"] += n
-            if progress:
-                progress(state["pos"], vsize)
+            start += n
+            if progress and start < end:
+                progress(start, vsize)
 
-    # At most `inflight` units are planned and not yet written, each holding one pooled buffer.
-    inflight = threads + 1
-    pool: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(inflight):
-        pool.put(None)
-
-    def work(ui, runs):
-        buf = pool.get()
-        if buf is None:
-            buf = np.empty(unit, np.uint8)
-        ulen = filler.fill(ui, runs, buf)
-        return buf, ulen
-
-    def done(ui, result):
-        buf, ulen = result
-        zeros_until(ui * unit)
-        write(buf[:ulen])
-        pool.put(buf)
-        state["pos"] += ulen
-        if progress:
-            progress(state["pos"], vsize)
-
-    _run_units(image, unit, threads, work, done, inflight)
-    zeros_until(vsize)
-    if hasattr(out, "flush"):
-        out.flush()
+    try:
+        _run_ordered(image, unit, threads, progress,
+                     lambda ui, buf, ulen: write(buf[:ulen]), zeros)
+        if hasattr(out, "flush"):
+            out.flush()
+    except OSError as exc:
+        if isinstance(exc, QcowError) or exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(f"cannot write {name}: {exc.strerror}") from None
     return vsize

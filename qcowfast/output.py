@@ -1,0 +1,476 @@
+"""Conversion destinations: where the bytes go and how they are published.
+
+A path destination is one of
+- a new or existing regular file (through a symlink: the link's target): written to a temporary
+  file beside it (``.NAME.XXXX.qcowfast-tmp``) that is renamed over it only when complete; a
+  replaced file keeps its mode, owner and extended attributes (hard links to the old file keep
+  the old contents, as with any rename);
+- a block device, or any existing target with ``existing=True`` (qemu-img -n): written in place,
+  never renamed over or truncated, after checking that it holds the whole image.
+FIFOs, character devices, "-" and file objects are streams (see `stream_target`).
+
+`FileOutput` is a context manager: leaving it without `commit` (any exception, including
+KeyboardInterrupt) closes and removes the temporary file in ``finally``.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import sys
+import tempfile
+
+import numpy as np
+
+from .errors import OutputError, QcowError
+
+TMP_SUFFIX = ".qcowfast-tmp"
+# Errors that can only come from the output side; others are left to the reader's handling.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+_BLKZEROOUT = 0x127F                   # _IO(0x12, 127): zero a byte range of a block device
+_ZERO_CHUNK = 1 << 20
+_libc = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def aligned_empty(size: int, align: int = 4096) -> np.ndarray:
+    """An uninitialised uint8 buffer whose address is a multiple of `align` (for O_DIRECT)."""
+    raw = np.empty(size + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + size]
+
+
+def _identities(st: os.stat_result) -> set:
+    ids = {(st.st_dev, st.st_ino)}
+    if stat.S_ISBLK(st.st_mode):
+        ids.add(("blk", st.st_rdev))       # the same device under another node
+    return ids
+
+
+def chain_ids(image) -> set:
+    """Identities of every file the image and its chain read."""
+    ids = set()
+    for layer in image.chain:
+        for fd in {getattr(layer, "data_fd", -1), getattr(layer, "_fd", -1)}:
+            if fd >= 0:
+                ids |= _identities(os.fstat(fd))
+    return ids
+
+
+def _sysfs(dev: int) -> str | None:
+    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def _device_holds_chain(st: os.stat_result, image) -> bool:
+    """True when block device `st` holds a file of the chain: the same disk, a partition of it
+    or the disk of a partition (also the device of a chain file's filesystem), or a loop
+    device backed by a chain file."""
+    mine = _sysfs(st.st_rdev)
+    if mine is None:
+        return False
+    ids = chain_ids(image)
+    try:
+        with open(os.path.join(mine, "loop", "backing_file")) as f:
+            if _identities(os.stat(f.read().rstrip("\n"))) & ids:
+                return True
+    except OSError:
+        pass
+    for layer in image.chain:
+        for fd in {getattr(layer, "data_fd", -1), getattr(layer, "_fd", -1)}:
+            if fd < 0:
+                continue
+            cst = os.fstat(fd)
+            for dev in {cst.st_dev} | ({cst.st_rdev} if stat.S_ISBLK(cst.st_mode) else set()):
+                other = _sysfs(dev)
+                if other is not None and (other == mine or other.startswith(mine + "/")
+                                          or mine.startswith(other + "/")):
+                    return True
+    return False
+
+
+def check_not_source(st: os.stat_result, image, name: str) -> None:
+    """OutputError when `st` is a file of the image's chain, or a device holding one."""
+    if _identities(st) & chain_ids(image) or (
+            stat.S_ISBLK(st.st_mode) and _device_holds_chain(st, image)):
+        raise OutputError(f"{name} is the source image or a file of its backing chain, or "
+                          "holds one; refusing to write over it")
+
+
+def stream_target(dst):
+    """A file object (or a FIFO / character device path) to stream into, or None when dst is a
+    path to write as a file or block device."""
+    if isinstance(dst, str) and dst == "-":
+        return sys.stdout.buffer
+    if hasattr(dst, "write"):
+        return dst
+    try:
+        st = os.stat(dst)
+    except OSError:
+        return None
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return os.fspath(dst)
+    return None
+
+
+def check_stream(out, image, name: str) -> None:
+    """Refuse a stream that is a terminal or a file of the source chain (`convert src - 1<>src`)."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return                       # BytesIO and friends: no file behind them
+    if os.isatty(fd):
+        raise OutputError(f"{name} is a terminal; refusing to write binary image data to it")
+    check_not_source(os.fstat(fd), image, name)
+
+
+def free_bytes(directory: str) -> int | None:
+    """Bytes we may still allocate on the filesystem holding `directory` (root may use the
+    blocks reserved for it)."""
+    try:
+        sv = os.statvfs(directory)
+    except OSError:
+        return None
+    return (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
+
+
+class FileOutput:
+    """A path destination being written (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    dst : path
+        The destination as the caller named it (used in every message).
+    image
+        The opened source: its chain is never written over.
+    overwrite : bool
+        Replace an existing regular file; needed (or `existing`) to write over a block device.
+    existing : bool
+        Write into the existing target in place (qemu-img -n).
+    direct : bool
+        Open the output with O_DIRECT (OutputError where the filesystem refuses it).
+
+    Attributes
+    ----------
+    fd : int
+        The descriptor to fill.
+    in_place : bool
+        The target itself is written (block device or `existing`); it is never truncated.
+    block : bool
+        The target is a block device.
+    """
+
+    def __init__(self, dst, image, *, overwrite: bool = False, existing: bool = False,
+                 direct: bool = False):
+        self.name = os.fspath(dst)
+        if isinstance(self.name, bytes):
+            self.name = os.fsdecode(self.name)
+        self.overwrite = overwrite
+        self.direct = direct
+        self.fd = -1
+        self.tmp = None
+        self.old = None                     # stat of a regular file being replaced
+        self.block = False
+        self.in_place = False
+        self.path = self.name               # what is renamed over / opened
+        self._check(image, existing)
+
+    # -- deciding what the destination is ---------------------------------------------------
+
+    def _check(self, image, existing: bool) -> None:
+        name = self.name
+        try:
+            lst = os.lstat(name)
+        except FileNotFoundError:
+            lst = None
+        except OSError as exc:
+            raise OutputError(f"{name}: {exc.strerror}") from None
+        if lst is None:
+            if existing:
+                raise OutputError(f"{name} does not exist; existing=True (-n) writes into an "
+                                  "existing target")
+            directory = os.path.dirname(os.path.abspath(name))
+            if not os.path.isdir(directory):
+                raise OutputError(f"cannot create {name}: directory {directory} does not exist")
+            return
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            raise OutputError(f"{name} is a dangling symlink (to {os.readlink(name)}); "
+                              "not writing through it") from None
+        except OSError as exc:
+            raise OutputError(f"{name}: {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{name} is a directory")
+        check_not_source(st, image, name)
+        if stat.S_ISBLK(st.st_mode):
+            if not (self.overwrite or existing):
+                raise OutputError(f"{name} is a block device; pass overwrite=True (--overwrite) "
+                                  "or existing=True (-n) to write the image onto it")
+            self.block = self.in_place = True
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{name} is neither a regular file nor a block device")
+        if existing:
+            self.in_place = True
+            return
+        if not self.overwrite:
+            raise OutputError(f"{name} exists; pass overwrite=True (--overwrite) to replace it")
+        if stat.S_ISLNK(lst.st_mode):
+            self.path = os.path.realpath(name)      # written through: the link stays
+        if not os.access(self.path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise OutputError(f"{name}: permission denied (cannot write the existing file)")
+        if os.geteuid() != 0 and st.st_uid != os.geteuid():
+            raise OutputError(f"{name} belongs to uid {st.st_uid}: replacing it would change "
+                              "its owner; write it in place with existing=True (-n)")
+        self.old = st
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "FileOutput":
+        try:
+            if self.in_place:
+                self._open_in_place()
+            else:
+                self._open_temp()
+            if self.direct:
+                self.set_direct(True)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def _open_temp(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            self.fd, self.tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.path)}.", suffix=TMP_SUFFIX, dir=directory)
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary file beside {self.name} in "
+                              f"{directory}: {exc.strerror}") from None
+        # Held until the file is published or removed: a temporary file nobody holds was left
+        # by a killed run (fleet.sweep_stale_temps removes those).
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def _open_in_place(self) -> None:
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if self.block:
+            flags |= os.O_EXCL            # refused while mounted or held by another exclusive user
+        try:
+            self.fd = os.open(self.name, flags)
+        except OSError as exc:
+            why = ("it is in use (mounted, or held by another program)"
+                   if exc.errno == errno.EBUSY else exc.strerror)
+            raise OutputError(f"cannot open {self.name} for writing: {why}") from None
+
+    def set_direct(self, on: bool) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        flags = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise OutputError(f"{self.name}: the filesystem does not support O_DIRECT "
+                                  "(direct=True, -t none)") from None
+            raise
+
+    # -- sizing -------------------------------------------------------------------------------
+
+    def target_size(self) -> int:
+        """Size of an in-place target (bytes of the device or file)."""
+        if self.block:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return os.fstat(self.fd).st_size
+
+    def prepare(self, vsize: int, allocate: bool) -> None:
+        """Make the output ready for `vsize` bytes of raw image.
+
+        A temporary file is sized (and its blocks allocated when `allocate`, after checking
+        the free space); an in-place target must already hold `vsize` bytes (qemu-img -n:
+        "output file is smaller than input file"); a larger one keeps its tail.
+        """
+        if self.in_place:
+            size = self.target_size()
+            if size < vsize:
+                raise OutputError(f"{self.name} ({size} bytes) is smaller than the image "
+                                  f"({vsize} bytes); nothing was written")
+            return
+        if allocate and vsize:
+            self.check_space(vsize)
+        try:
+            os.ftruncate(self.fd, vsize)
+            if allocate and vsize:
+                os.posix_fallocate(self.fd, 0, vsize)
+        except OSError as exc:
+            raise OutputError(f"cannot size {self.name} to {vsize} bytes: "
+                              f"{exc.strerror}") from None
+
+    def check_space(self, needed: int) -> None:
+        """OutputError when the filesystem certainly cannot take `needed` more bytes."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        free = free_bytes(directory)
+        if free is not None and needed > free:
+            raise OutputError(f"{self.name} needs {needed} bytes but the filesystem of "
+                              f"{directory} has {free} bytes free; nothing was written")
+
+    def allocated(self) -> int:
+        """Bytes of storage the output file occupies now (0 for a block device)."""
+        if self.block:
+            return 0
+        return os.fstat(self.fd).st_blocks * 512
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def pwrite(self, view, offset: int) -> None:
+        """Write all of `view` at `offset`; with O_DIRECT, a piece the device cannot take
+        directly (unaligned) is written through the page cache."""
+        while len(view):
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self.set_direct(False)
+                try:
+                    n = os.pwrite(self.fd, view, offset)
+                finally:
+                    self.set_direct(True)
+            view = view[n:]
+            offset += n
+
+    def zero_range(self, start: int, end: int, keep_allocated: bool) -> None:
+        """Make [start, end) of an in-place target read as zeros.
+
+        Files: FALLOC_FL_PUNCH_HOLE (or ZERO_RANGE when `keep_allocated`), as qemu-img's
+        write-zeroes does; block devices: BLKZEROOUT; else written zeros.
+        """
+        if end <= start:
+            return
+        try:
+            if self.block:
+                if start % 512 == 0 and end % 512 == 0:
+                    fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("=QQ", start, end - start))
+                    return
+            else:
+                mode = _FALLOC_FL_ZERO_RANGE if keep_allocated else (
+                    _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+                _fallocate(self.fd, mode, start, end - start)
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):
+                raise
+        buf = aligned_empty(min(_ZERO_CHUNK, end - start))
+        buf[:] = 0
+        zeros = memoryview(buf)
+        while start < end:
+            n = min(len(zeros), end - start)
+            self.pwrite(zeros[:n], start)
+            start += n
+
+    def error(self, exc: OSError) -> OutputError:
+        """The OutputError for an OSError met while writing, naming the destination."""
+        what = (f"{self.name} was written in place and is incomplete" if self.in_place
+                else f"nothing was written to {self.name}")
+        return OutputError(f"cannot write {self.name}: {exc.strerror} ({what})")
+
+    # -- finishing ------------------------------------------------------------------------------
+
+    def commit(self, fsync: bool = False, *, drop_cache: bool = False) -> None:
+        """Flush (fsync when asked), give a new file its metadata and publish it."""
+        if fsync or drop_cache:
+            os.fsync(self.fd)
+        if drop_cache:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if self.in_place:
+            os.close(self.fd)
+            self.fd = -1
+            return
+        self._copy_metadata()
+        os.close(self.fd)
+        self.fd = -1
+        self._publish()
+        self.tmp = None
+
+    def _copy_metadata(self) -> None:
+        old = self.old
+        if old is None:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(self.fd, 0o666 & ~mask)
+            return
+        try:
+            new = os.fstat(self.fd)
+            if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+                os.fchown(self.fd, old.st_uid, old.st_gid)
+            os.fchmod(self.fd, stat.S_IMODE(old.st_mode))   # after chown, which clears set-id bits
+        except OSError as exc:
+            raise OutputError(f"cannot keep the owner and mode of {self.name}: "
+                              f"{exc.strerror}; not replaced") from None
+        try:
+            names = os.listxattr(self.path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise OutputError(f"cannot read the extended attributes of {self.name}: "
+                              f"{exc.strerror}; not replaced") from None
+        for attr in names:
+            try:
+                os.setxattr(self.fd, attr, os.getxattr(self.path, attr))
+            except OSError as exc:
+                # security.* (SELinux labels, capabilities) may be refused to us: the new file
+                # then has the labels its directory gives it.
+                if attr.startswith("security.") and exc.errno in (
+                        errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    continue
+                raise OutputError(f"cannot keep extended attribute {attr} of {self.name}: "
+                                  f"{exc.strerror}; not replaced") from None
+
+    def _publish(self) -> None:
+        tmp, dst = self.tmp, self.path
+        try:
+            if self.overwrite:
+                os.replace(tmp, dst)
+                return
+            try:
+                os.link(tmp, dst)             # fails if dst appeared meanwhile: never clobber
+            except FileExistsError:
+                raise OutputError(f"{self.name} appeared during the conversion; "
+                                  "not replaced") from None
+            except OSError:
+                if os.path.lexists(dst):
+                    raise OutputError(f"{self.name} appeared during the conversion; "
+                                      "not replaced") from None
+                os.rename(tmp, dst)
+                return
+            os.unlink(tmp)
+        except OSError as exc:
+            if isinstance(exc, QcowError):
+                raise
+            raise OutputError(f"cannot publish {self.name}: {exc.strerror}") from None
+
+    def _cleanup(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+    def __exit__(self, *exc) -> None:
+        self._cleanup()
