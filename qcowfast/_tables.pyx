@@ -322,8 +322,8 @@ cdef inline int _block_nonzero(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end)
 
 
 # -- small lookups: image.py's lean path for small reads ------------------------------------------
-# One shared set of output buffers: classify_small runs classify_loop with the GIL held and calls
-# no Python in between, so no other thread can use the buffers meanwhile.
+# One shared set of output buffers, used with the GIL held; `_small_busy` hands a second caller
+# (a thread switch while the result list is built, e.g. in a finalizer) fresh arrays instead.
 cdef enum:
     SMALL_RUNS = 1024
 SMALL_ENTRIES = SMALL_RUNS          # standard entries per call (extended: SMALL_RUNS // 32)
@@ -331,6 +331,7 @@ _small = [np.empty(SMALL_RUNS, np.int64) for _ in range(4)] + [np.empty(SMALL_RU
 cdef int64_t[::1] _s_guest = _small[0], _s_len = _small[1], _s_host = _small[2]
 cdef int64_t[::1] _s_csize = _small[3]
 cdef uint8_t[::1] _s_kind = _small[4]
+cdef bint _small_busy = False
 
 
 def classify_small(l2_u64, Py_ssize_t first, Py_ssize_t count, int cluster_bits, int flags,
@@ -340,18 +341,32 @@ def classify_small(l2_u64, Py_ssize_t first, Py_ssize_t count, int cluster_bits,
     Returns a list of (guest, length, kind, host, csize) tuples; at most SMALL_ENTRIES standard
     or SMALL_ENTRIES // 32 extended entries per call. Raises L2EntryError like classify_l2.
     """
+    global _small_busy
     cdef const uint64_t[::1] tbl = l2_u64
     cdef int64_t width = 2 if flags & FLAG_EXTENDED_L2 else 1
     cdef int64_t bad_index = -1, n, i
     cdef int bad_code = E_OK
+    cdef int64_t[::1] g, ln, h, cs
+    cdef uint8_t[::1] k
     if not 9 <= cluster_bits <= 21:
         raise ValueError("cluster_bits out of range")
     if first < 0 or count < 0 or (first + count) * width > tbl.shape[0]:
         raise ValueError("entry range outside the table")
     if count * (32 if width == 2 else 1) > SMALL_RUNS:
         raise ValueError("too many entries for classify_small")
-    n = classify_loop(tbl, first, count, cluster_bits, flags, guest_base, host_limit,
-                      _s_guest, _s_len, _s_kind, _s_host, _s_csize, &bad_index, &bad_code)
-    if n < 0:
-        raise L2EntryError(bad_index, bad_code)
-    return [(_s_guest[i], _s_len[i], _s_kind[i], _s_host[i], _s_csize[i]) for i in range(n)]
+    shared = not _small_busy
+    if shared:
+        _small_busy = True
+        g, ln, k, h, cs = _s_guest, _s_len, _s_kind, _s_host, _s_csize
+    else:
+        g, ln, h, cs = (np.empty(SMALL_RUNS, np.int64) for _ in range(4))
+        k = np.empty(SMALL_RUNS, np.uint8)
+    try:
+        n = classify_loop(tbl, first, count, cluster_bits, flags, guest_base, host_limit,
+                          g, ln, k, h, cs, &bad_index, &bad_code)
+        if n < 0:
+            raise L2EntryError(bad_index, bad_code)
+        return [(g[i], ln[i], k[i], h[i], cs[i]) for i in range(n)]
+    finally:
+        if shared:
+            _small_busy = False

@@ -7,7 +7,6 @@ chain; `extents()`, `read()`, `map()` and convert are consumers of that one stre
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from collections import OrderedDict
 from typing import Iterator, NamedTuple
@@ -16,19 +15,28 @@ import numpy as np
 
 from . import _inflate, _tables
 from .constants import (
-    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED,
+    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED,
     CompressionType, ExtentKind,
 )
 from .errors import (
-    BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError, TruncatedImage,
-    UnsupportedFeature,
+    BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError,
+    TruncatedImage, UnsupportedFeature,
 )
 from .header import Header, read_header
-from .paths import resolve_reference
+from .locks import check_not_locked
+from .paths import OpenedFile, open_file, resolve_reference
+from .probe import detect_format
 
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024      # L2 slice cache budget per image (QEMU's maximum)
 COMPRESSED_CACHE_CLUSTERS = 16              # recently inflated clusters kept for small reads
 L2_SLICE_BYTES = 64 * 1024                  # L2 tables are read and cached in slices of this size
+SMALL_READ = 4 * 1024 * 1024                # reads up to this size take the lean path
+_ZERO_BYTES = memoryview(bytes(256 * 1024))
+_HOLE_BATCH = 16 * 1024 * 1024              # guest window whose holes share one backing walk
+_classify_small, _SMALL_ENTRIES = _tables.classify_small, _tables.SMALL_ENTRIES
+_EXTENDED_L2 = _tables.FLAGS["extended_l2"]
+_ZERO_OFFSET = np.zeros(1, np.int64)
+_ZERO_OFFSET.flags.writeable = False
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
 
@@ -61,16 +69,21 @@ def _single_run(start: int, end: int, kind: int, depth: int) -> Runs:
                 one(depth))
 
 
-def _open_ro(path: str, what: str) -> int:
-    """Open a regular file read-only; never block on a FIFO or device; QcowError if missing."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise BackingChainError(f"{what} {path} cannot be opened: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FormatError(f"{what} {path} is not a regular file")
-    return fd
+def _open_checked(source, what: str, force_share: bool, owner: str | None = None
+                  ) -> OpenedFile:
+    """`source` (a path, or an OpenedFile from paths.resolve_reference) opened, lock-checked.
+
+    On exit the caller owns the returned OpenedFile; QEMU's write lock was tested on it unless
+    `force_share` (qemu-img -U). `what`/`owner` word the messages (paths.open_file).
+    """
+    opened = source if isinstance(source, OpenedFile) else open_file(source, what, owner=owner)
+    if not force_share:
+        try:
+            check_not_locked(opened.fd, opened.path)
+        except BaseException:
+            opened.close()
+            raise
+    return opened
 
 
 def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
@@ -106,25 +119,85 @@ class _Layer:
 
     def _through_backing(self, chunk: Runs, backing: "_Layer") -> Iterator[Runs]:
         holes = np.flatnonzero(chunk.kind == _UNALLOCATED)
+        g0 = chunk.guest[holes]
+        long_ = chunk.length[holes] >= _HOLE_BATCH
+        # Holes starting in one window of _HOLE_BATCH bytes are resolved together with one walk
+        # of the backing layer (cost follows runs, not holes); long holes go alone.
+        window = g0 // _HOLE_BATCH
+        cuts = np.flatnonzero((window[1:] != window[:-1]) | long_[1:] | long_[:-1]) + 1
         pos = 0
-        for h in holes:
-            if h > pos:
-                yield Runs(*(a[pos:h] for a in chunk))
-            g0 = int(chunk.guest[h])
-            g1 = g0 + int(chunk.length[h])
-            mid = min(g1, backing.virtual_size)
-            if g0 < mid:
-                yield from backing._runs(g0, mid)
-            if max(g0, mid) < g1:
-                # Past the end of a shorter backing file: zeros, unallocated at this layer
-                # (QEMU bdrv_co_block_status() reports them as zero at the upper layer).
-                tail = _single_run(max(g0, mid), g1, _UNALLOCATED, self.depth)
-                if chunk.host[h] >= 0:
-                    tail.host[0] = chunk.host[h] + (max(g0, mid) - g0)
-                yield tail
-            pos = h + 1
+        for a, b in zip([0] + cuts.tolist(), cuts.tolist() + [len(holes)]):
+            first, last = int(holes[a]), int(holes[b - 1])
+            if first > pos:
+                yield Runs(*(x[pos:first] for x in chunk))
+            if a + 1 == b:
+                yield from self._one_hole(chunk, first, backing)
+            else:
+                yield self._holes_batch(Runs(*(x[first:last + 1] for x in chunk)), backing)
+            pos = last + 1
         if pos < len(chunk.guest):
-            yield Runs(*(a[pos:] for a in chunk))
+            yield Runs(*(x[pos:] for x in chunk))
+
+    def _one_hole(self, chunk: Runs, h: int, backing: "_Layer") -> Iterator[Runs]:
+        g0 = int(chunk.guest[h])
+        g1 = g0 + int(chunk.length[h])
+        mid = min(g1, backing.virtual_size)
+        if g0 < mid:
+            yield from backing._runs(g0, mid)
+        if max(g0, mid) < g1:
+            # Past the end of a shorter backing file: zeros, unallocated at this layer
+            # (QEMU bdrv_co_block_status() reports them as zero at the upper layer).
+            tail = _single_run(max(g0, mid), g1, _UNALLOCATED, self.depth)
+            if chunk.host[h] >= 0:
+                tail.host[0] = chunk.host[h] + (max(g0, mid) - g0)
+            yield tail
+
+    def _holes_batch(self, sub: Runs, backing: "_Layer") -> Runs:
+        """Resolve every UNALLOCATED run of `sub` through `backing` with one backing walk."""
+        is_hole = sub.kind == _UNALLOCATED
+        hs = sub.guest[is_hole]
+        he = hs + sub.length[is_hole]
+        hhost = sub.host[is_hole]
+        bvs = backing.virtual_size
+        parts = [Runs(*(x[~is_hole] for x in sub))]
+        hc = np.minimum(he, bvs)
+        inside = hs < hc
+        if inside.any():
+            lo, hi = int(hs[inside][0]), int(hc[inside][-1])
+            got = list(backing._runs(lo, hi))
+            b = Runs(*(np.concatenate(col) for col in zip(*got))) if len(got) > 1 else got[0]
+            b_end = b.guest + b.length
+            # Cut at every hole and backing-run boundary; keep the pieces inside a hole.
+            points = np.unique(np.concatenate((hs[inside], hc[inside], b.guest, b_end)))
+            p0, p1 = points[:-1], points[1:]
+            j = np.searchsorted(hs, p0, "right") - 1
+            keep = (j >= 0) & (p0 < hc[np.maximum(j, 0)])
+            p0, p1 = p0[keep], p1[keep]
+            r = np.searchsorted(b.guest, p0, "right") - 1
+            host = b.host[r]
+            shift = (host >= 0) & (b.kind[r] != _COMPRESSED)
+            parts.append(Runs(p0, p1 - p0, b.kind[r], np.where(shift, host + (p0 - b.guest[r]),
+                                                               host), b.csize[r], b.depth[r]))
+        past = np.maximum(hs, bvs) < he
+        if past.any():
+            # Past the end of a shorter backing file, as in _one_hole.
+            ts = np.maximum(hs[past], bvs)
+            th = np.where(hhost[past] >= 0, hhost[past] + (ts - hs[past]), -1)
+            parts.append(Runs(ts, he[past] - ts, np.full(len(ts), _UNALLOCATED, np.uint8), th,
+                              np.zeros(len(ts), np.int64),
+                              np.full(len(ts), self.depth, np.int64)))
+        cat = Runs(*(np.concatenate(col) for col in zip(*parts)))
+        order = np.argsort(cat.guest, kind="stable")
+        return Runs(*(x[order] for x in cat))
+
+    def _small_hole(self, a: int, b: int, out: list) -> None:
+        """Resolve this layer's unallocated [a, b) through the backing chain (lean path)."""
+        backing = self.backing
+        mid = a if backing is None else min(b, backing.virtual_size)
+        if a < mid:
+            backing._small_runs(a, mid, out)
+        if mid < b:
+            out.append((max(a, mid), b, _UNALLOCATED, -1, 0, self))
 
     def layer(self, depth: int) -> "_Layer":
         node = self
@@ -134,14 +207,23 @@ class _Layer:
 
 
 class RawImage(_Layer):
-    """A raw file used as a backing file: every byte is data at the same offset."""
+    """A raw file or block device: every byte is data at the same offset.
 
-    def __init__(self, path: str, depth: int):
-        self.filename = path
+    Used as a backing layer, and as a top-level source (`open_source`, `open(format="raw")`)
+    with the reading API of `Image`: read/readinto/extents/map/as_file, a context manager.
+    """
+    format = "raw"
+    snapshot = None
+
+    def __init__(self, path, depth: int = 0, *, force_share: bool = False):
         self.depth = depth
         self.backing = None
-        self._fd = _open_ro(path, "raw backing file")
-        self.data_size = os.fstat(self._fd).st_size
+        self._fd = -1
+        opened = _open_checked(path, "image" if depth == 0 else "raw backing file", force_share)
+        self.filename = opened.path
+        self.ident = opened.ident
+        self._fd = opened.detach()
+        self.file_size = self.data_size = opened.size
         # QEMU sizes raw images in whole 512-byte sectors; the partial tail reads as zeros.
         self.virtual_size = -(-self.data_size // 512) * 512
         self.data_fd = self._fd
@@ -154,15 +236,72 @@ class RawImage(_Layer):
                 r.host[0] = a
                 yield r
 
+    def _small_runs(self, start: int, end: int, out: list) -> None:
+        mid = min(end, self.data_size)
+        if start < mid:
+            out.append((start, mid, _DATA, start, 0, self))
+        if max(start, mid) < end:
+            out.append((max(start, mid), end, _ZERO, -1, 0, self))
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
+    def __enter__(self) -> "RawImage":
+        return self
 
-def _file_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<qcowfast.RawImage {self.filename!r} size={self.virtual_size}>"
+
+    @property
+    def chain(self) -> list:
+        return [self]
+
+    def _span(self, start: int, length: int | None) -> tuple[int, int]:
+        if start < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be non-negative")
+        end = self.virtual_size if length is None else min(start + length, self.virtual_size)
+        return min(start, self.virtual_size), end
+
+    def extents(self, start: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """DATA over the file's bytes, then ZERO over the partial last sector's padding."""
+        start, end = self._span(start, length)
+        for chunk in self._own_runs(start, end):
+            yield _extent(int(chunk.guest[0]), int(chunk.length[0]), int(chunk.kind[0]),
+                          int(chunk.host[0]), self.depth)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return up to `size` bytes from `offset` (fewer at the end of the image)."""
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must be non-negative")
+        buf = bytearray(max(0, min(size, self.virtual_size - offset)))
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset: int, buffer) -> int:
+        """Fill `buffer` from `offset`; return the count (short at the end of the image)."""
+        view = memoryview(buffer).cast("B")
+        start, end = self._span(offset, len(view))
+        mid = max(start, min(end, self.data_size))
+        if start < mid:
+            _pread_exact(self._fd, view[:mid - start], start, f"{self.filename}: raw data",
+                         self.data_size)
+        view[mid - start:end - start] = bytes(end - mid)
+        return end - start
+
+    def map(self) -> list[dict]:
+        """The allocation map, as `qemu-img map --output=json` prints it for a raw file."""
+        from .mapping import map_entries
+        return map_entries(self)
+
+    def as_file(self):
+        """A read-only, seekable `io.RawIOBase` over the contents."""
+        from .reader import ImageFile
+        return ImageFile(self)
 
 
 class Image(_Layer):
@@ -173,15 +312,20 @@ class Image(_Layer):
 
     def __init__(self, path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
                  cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH,
-                 _depth: int = 0, _seen: tuple = ()):
+                 force_share: bool = False, _depth: int = 0, _seen: tuple = ()):
         self.filename = os.fspath(path)
         self.depth = _depth
         self.backing = None
+        self.force_share = force_share
         self._data_fd = -1
         self._fd = -1
         try:
-            self._fd = os.open(self.filename,
-                               os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            # `path` may be an OpenedFile from paths.resolve_reference: that checked
+            # descriptor is the one read (never the name opened again).
+            opened = _open_checked(path, "image" if _depth == 0 else "backing file", force_share)
+            self.ident = opened.ident
+            self.file_size = opened.size
+            self._fd = opened.detach()
             self._open(backing, tuple(os.fspath(d) for d in backing_dirs), data_file,
                        snapshot, cache_size, max_depth, _seen)
         except BaseException:
@@ -190,11 +334,8 @@ class Image(_Layer):
 
     # -- opening -------------------------------------------------------------------------------
     def _open(self, backing, backing_dirs, data_file, snapshot, cache_size, max_depth, seen):
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{self.filename} is not a regular file")
-        self.file_size = st.st_size
-        self.header: Header = read_header(self._fd, self.file_size)
+        # self.file_size: st_size, or the device size of a block device (paths.open_file).
+        self.header: Header = read_header(self._fd, self.file_size, name=self.filename)
         h = self.header
         self.virtual_size = h.size - h.size % 512   # QEMU counts whole sectors (qcow2_do_open)
         self.cluster_size = h.cluster_size
@@ -212,15 +353,25 @@ class Image(_Layer):
         self._zcache: OrderedDict = OrderedDict()
         self._local = threading.local()
 
+        from .snapshots import check_at_open
+        check_at_open(self)          # what QEMU's qcow2_do_open() validates beyond the header
         l1_offset, what = h.l1_table_offset, "L1 table"
+        l1_used = -(-self.virtual_size // self._l2_per_l1) if self.virtual_size else 0
+        l1_read = l1_used
         self.snapshot = None
         if snapshot is not None:
-            from .snapshots import find_snapshot
+            from .snapshots import check_l1, find_snapshot
             self.snapshot = snap = find_snapshot(self, snapshot)
-            self.virtual_size = snap.disk_size
+            check_l1(self, snap)
+            # qcow2_snapshot_load_tmp(): the guest keeps the current size; past the snapshot's
+            # L1 table the clusters are unallocated (zero-padded L1 below).
             l1_offset, what = snap.l1_table_offset, f"L1 table of snapshot {snap.id!r}"
-        l1_used = -(-self.virtual_size // self._l2_per_l1) if self.virtual_size else 0
-        self._l1_be = self._read_table(l1_offset, l1_used, what)
+            l1_read = min(l1_used, snap.l1_size)
+        self._l1_be = self._read_table(l1_offset, l1_read, what)
+        if l1_read < l1_used:
+            padded = np.zeros(l1_used, ">u8")
+            padded[:l1_read] = self._l1_be
+            self._l1_be = padded
         bad = _tables.l1_check(self._l1_be, h.cluster_bits, self.file_size)
         if bad >= 0:
             entry = int(self._l1_be[bad])
@@ -267,48 +418,44 @@ class Image(_Layer):
                 raise FormatError(f"{self.filename} needs an external data file but names none; "
                                   "pass data_file=PATH")
             data_file = resolve_reference(self.filename, h.data_file, "external data file", allowed)
-        self.data_file = os.fspath(data_file)
-        self._data_fd = _open_ro(self.data_file, f"external data file of {self.filename}:")
-        self.data_fd = self._data_fd
-        self.data_size = os.fstat(self._data_fd).st_size
+        opened = _open_checked(data_file, "external data file", self.force_share,
+                               owner=self.filename)
+        self.data_file = opened.path
+        self._data_fd = self.data_fd = opened.detach()
+        self.data_size = opened.size
 
     def _open_backing(self, backing, allowed, cache_size, max_depth, seen):
         h = self.header
-        me = _file_id(self.filename)
-        seen = seen + (me,)
+        seen = seen + (self.ident,)
         if backing is False or (backing is None and not h.backing_file):
             return
         if isinstance(backing, _Layer):
             self.backing = backing
             return
-        if backing is None:
-            path = resolve_reference(self.filename, h.backing_file, "backing file", allowed)
-        else:
-            path = os.fspath(backing)
         if self.depth + 1 > max_depth:
             raise BackingChainError(f"backing chain of {self.filename} is deeper than {max_depth}")
-        try:
-            ident = _file_id(path)
-        except OSError as exc:
-            raise BackingChainError(f"backing file {path} of {self.filename} cannot be opened: "
-                                    f"{exc.strerror}") from None
-        if ident in seen:
-            raise BackingChainError(f"backing chain loops: {self.filename} -> {path}")
-        fmt = h.backing_format if backing is None else None
-        if fmt is None:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                fmt = "qcow2" if os.pread(fd, 4, 0) == QCOW_MAGIC else "raw"
-            finally:
-                os.close(fd)
-        if fmt == "raw":
-            self.backing = RawImage(path, self.depth + 1)
-        elif fmt == "qcow2":
-            self.backing = Image(path, backing_dirs=allowed, cache_size=cache_size,
-                                 max_depth=max_depth, _depth=self.depth + 1, _seen=seen)
+        # The descriptor opened (and checked) here is the one the backing layer reads.
+        if backing is None:
+            opened = resolve_reference(self.filename, h.backing_file, "backing file", allowed)
         else:
-            raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} (qcowfast "
-                                     "reads qcow2 and raw backing files)")
+            opened = open_file(backing, "backing file", owner=self.filename)
+        try:
+            if opened.ident in seen:
+                raise BackingChainError(f"backing chain loops: {self.filename} -> {opened.path}")
+            fmt = h.backing_format if backing is None else None
+            if fmt is None:
+                fmt = detect_format(opened.fd, opened.path)
+            if fmt == "raw":
+                self.backing = RawImage(opened, self.depth + 1, force_share=self.force_share)
+            elif fmt == "qcow2":
+                self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
+                                     max_depth=max_depth, force_share=self.force_share,
+                                     _depth=self.depth + 1, _seen=seen)
+            else:
+                raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} "
+                                         "(qcowfast reads qcow2 and raw backing files)")
+        finally:
+            opened.close()                  # a no-op once a layer took the descriptor
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -349,25 +496,43 @@ class Image(_Layer):
 
     # -- tables --------------------------------------------------------------------------------
     def _l2_slice(self, l2_offset: int, slice_index: int) -> np.ndarray:
+        """One slice of an L2 table as a big-endian `>u8` array (cached)."""
+        return self._l2_slice_pair(l2_offset, slice_index)[0]
+
+    def _l2_slice_pair(self, l2_offset: int, slice_index: int) -> tuple:
+        """(big-endian array, native uint64 view of it) for one L2 slice, from the cache."""
         key = (l2_offset, slice_index)
-        with self._lock:
-            tbl = self._l2_cache.get(key)
-            if tbl is not None:
-                self._l2_cache.move_to_end(key)
-                return tbl
+        cache = self._l2_cache
+        # Lookups take no lock: get() and move_to_end() are each atomic on an OrderedDict, and
+        # an eviction racing between them only makes move_to_end() miss the key.
+        pair = cache.get(key)
+        if pair is not None:
+            try:
+                cache.move_to_end(key)
+            except KeyError:
+                pass
+            return pair
         nbytes = self._slice_entries * self.header.l2_entry_size
         raw = bytearray(nbytes)
         _pread_exact(self._fd, memoryview(raw), l2_offset + slice_index * nbytes,
                      f"{self.filename}: L2 table at {l2_offset:#x}", self.file_size)
         tbl = np.frombuffer(raw, ">u8")
+        pair = (tbl, tbl.view(np.uint64))
         with self._lock:
             if key not in self._l2_cache:
-                self._l2_cache[key] = tbl
+                self._l2_cache[key] = pair
                 self._l2_cache_bytes += nbytes
                 while self._l2_cache_bytes > self._cache_size:
                     _, old = self._l2_cache.popitem(last=False)
-                    self._l2_cache_bytes -= old.nbytes
-        return tbl
+                    self._l2_cache_bytes -= old[0].nbytes
+        return pair
+
+    def _l2_error(self, err, l2_offset: int, s_index: int, table_start: int) -> QcowError:
+        index = s_index * self._slice_entries + err.index
+        guest = table_start + index * self.cluster_size
+        cls = TruncatedImage if err.past_eof else CorruptImage
+        return cls(f"{self.filename}: L2 entry {index} of the table at {l2_offset:#x} "
+                   f"(guest offset {guest:#x}): {err.rule}")
 
     def _own_runs(self, start: int, end: int) -> Iterator[Runs]:
         """Runs of this layer alone over [start, end), UNALLOCATED where it has no cluster."""
@@ -398,17 +563,59 @@ class Image(_Layer):
                     arrays = _tables.classify_l2(tbl, s_first, count, self.cluster_bits,
                                                  self._flags, guest_base, self.data_size)
                 except _tables.L2EntryError as err:
-                    index = s_index * self._slice_entries + err.index
-                    guest = table_start + index * cs
-                    cls = TruncatedImage if err.past_eof else CorruptImage
-                    raise cls(f"{self.filename}: L2 entry {index} of the table at {l2_offset:#x} "
-                              f"(guest offset {guest:#x}): {err.rule}") from None
+                    raise self._l2_error(err, l2_offset, s_index, table_start) from None
                 yield self._clip(arrays, pos, table_end)
                 first += count
                 pos = min(table_start + first * cs, table_end)
             pos = table_end
         if pos < end:
             yield _single_run(pos, end, _UNALLOCATED, self.depth)
+
+    def _small_runs(self, start: int, end: int, out: list) -> None:
+        """Append (a, b, kind, host, csize, layer) runs of [start, end), resolved through the
+        chain, to `out`: the lean path of small reads (Python tuples, no arrays built).
+
+        host is the host offset of byte a for DATA, the stream offset for COMPRESSED (whose
+        cluster starts at a rounded down to the layer's cluster size).
+        """
+        per_l1 = self._l2_per_l1
+        bits = self.cluster_bits
+        slice_entries = self._slice_entries
+        max_count = _SMALL_ENTRIES // 32 if self._flags & _EXTENDED_L2 else _SMALL_ENTRIES
+        pos = start
+        while pos < end:
+            l1_index = pos // per_l1
+            table_start = l1_index * per_l1
+            stop = end if end < table_start + per_l1 else table_start + per_l1
+            l2_offset = self._l2_offsets.item(l1_index)
+            if not l2_offset:
+                self._small_hole(pos, stop, out)
+                pos = stop
+                continue
+            first = (pos - table_start) >> bits
+            s_index = first // slice_entries
+            s_first = first - s_index * slice_entries
+            count = min(((stop - 1 - table_start) >> bits) + 1 - first,
+                        slice_entries - s_first, max_count)
+            stop = min(stop, table_start + ((first + count) << bits))
+            tbl = self._l2_slice_pair(l2_offset, s_index)[1]
+            try:
+                runs = _classify_small(tbl, s_first, count, bits, self._flags,
+                                       table_start + (first << bits), self.data_size)
+            except _tables.L2EntryError as err:
+                raise self._l2_error(err, l2_offset, s_index, table_start) from None
+            for g, n, k, h, c in runs:
+                a = g if g > pos else pos
+                b = g + n if g + n < stop else stop
+                if a >= b:
+                    continue        # a subcluster run before `pos` in its cluster
+                if k == _DATA:
+                    out.append((a, b, k, h + (a - g), 0, self))
+                elif k == _UNALLOCATED:
+                    self._small_hole(a, b, out)
+                else:
+                    out.append((a, b, k, h, c, self))
+            pos = stop
 
     def _clip(self, arrays, start: int, end: int) -> Runs:
         guest, length, kind, host, csize = arrays
@@ -454,9 +661,18 @@ class Image(_Layer):
         return min(start, self.virtual_size), end
 
     def map(self) -> list[dict]:
-        """The image's allocation map, as `qemu-img map --output=json` prints it."""
+        """The image's allocation map, as `qemu-img map --output=json` prints it (a list).
+
+        Its length grows with the number of extents; `iter_map` yields the same entries one
+        at a time in bounded memory.
+        """
         from .mapping import map_entries
         return map_entries(self)
+
+    def iter_map(self) -> Iterator[dict]:
+        """Yield the entries of `map` one at a time (qemu-img's coalescing), in bounded memory."""
+        from .mapping import iter_entries
+        return iter_entries(self)
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -464,7 +680,23 @@ class Image(_Layer):
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
         n = max(0, min(size, self.virtual_size - offset))
-        buf = bytearray(n)
+        if n <= SMALL_READ:
+            runs = []
+            self._small_runs(offset, offset + n, runs)
+            if len(runs) == 1 and runs[0][2] == _DATA:
+                # One run of plain data: a single pread, no intermediate buffer.
+                layer, host = runs[0][5], runs[0][3]
+                data = os.pread(layer.data_fd, n, host)
+                if len(data) == n:
+                    return data
+            buf = bytearray(n)
+            self._fill_small(offset, memoryview(buf), runs)
+            return bytes(buf)
+        try:
+            buf = bytearray(n)
+        except MemoryError:
+            raise ValueError(f"cannot allocate {n} bytes for a read; use readinto() or "
+                             "as_file() in smaller pieces") from None
         self.readinto(offset, buf)
         return bytes(buf)
 
@@ -474,6 +706,11 @@ class Image(_Layer):
             raise ValueError("offset must be non-negative")
         view = memoryview(buffer).cast("B")
         start, end = self._span(offset, len(view))
+        if end - start <= SMALL_READ:
+            runs = []
+            self._small_runs(start, end, runs)
+            self._fill_small(start, view, runs)
+            return end - start
         for chunk in self._runs(start, end):
             for g, n, k, h, c, d in zip(chunk.guest.tolist(), chunk.length.tolist(),
                                         chunk.kind.tolist(), chunk.host.tolist(),
@@ -491,6 +728,49 @@ class Image(_Layer):
                 else:
                     dst[:] = bytes(n)
         return end - start
+
+    def _fill_small(self, start: int, view, runs: list) -> None:
+        """Fill view (guest bytes from `start`) from the runs of `_small_runs`."""
+        whole = None
+        for a, b, k, h, c, layer in runs:
+            dst = view[a - start:b - start]
+            if k == _DATA:
+                got = os.preadv(layer.data_fd, [dst], h)
+                if got < b - a:
+                    _pread_exact(layer.data_fd, dst[got:], h + got, f"{layer.filename}: data "
+                                 f"cluster for guest offset {a:#x}", layer.data_size)
+            elif k == _COMPRESSED:
+                g = a - (a & (layer.cluster_size - 1))
+                if a == g and b - a == layer.cluster_size:
+                    # A whole cluster: inflated with the others straight into the buffer.
+                    if whole is None:
+                        whole = {}
+                    whole.setdefault(layer, []).append((h, c, a))
+                    continue
+                dst[:] = memoryview(layer._inflated(h, c, g))[a - g:b - g]
+            else:
+                n = b - a
+                if n <= len(_ZERO_BYTES):
+                    dst[:] = _ZERO_BYTES[:n]
+                else:
+                    dst[:] = bytes(n)
+        if whole:
+            for layer, items in whole.items():
+                h, c, a = (np.array(x, np.int64) for x in zip(*items))
+                cores = _cores()
+                if len(h) < 2 * _SPLIT_CLUSTERS or cores < 2:
+                    layer.inflate_into(h, c, a, view, a - start)
+                    continue
+                # Many whole clusters (large reads): inflate them on all cores.
+                parts = np.array_split(np.arange(len(h)), min(cores, len(h) // _SPLIT_CLUSTERS))
+                futures = [_read_pool().submit(layer.inflate_into, h[p], c[p], a[p], view,
+                                               a[p] - start) for p in parts[1:]]
+                try:
+                    layer.inflate_into(h[parts[0]], c[parts[0]], a[parts[0]], view,
+                                       a[parts[0]] - start)
+                finally:
+                    for f in futures:
+                        f.result()
 
     def as_file(self):
         """A read-only, seekable `io.RawIOBase` over the guest contents."""
@@ -521,6 +801,8 @@ class Image(_Layer):
         if len(coffsets) and int(coffsets.max()) >= limit:
             raise TruncatedImage(f"{self.filename}: compressed cluster at {int(coffsets.max()):#x} "
                                  f"starts past the end of the file ({limit} bytes)")
+        if len(coffsets) == 1:
+            return self._read_one_stream(int(coffsets[0]), int(csizes[0]))
         ends = np.minimum(coffsets + csizes, limit)
         order = np.argsort(coffsets, kind="stable")
         s, e = coffsets[order], ends[order]
@@ -547,6 +829,17 @@ class Image(_Layer):
         in_off[order] = in_off_sorted
         return view, in_off, ends - coffsets
 
+    def _read_one_stream(self, coffset: int, csize: int):
+        """read_compressed for one stream (small reads): one pread, no array arithmetic."""
+        n = min(coffset + csize, self.data_size) - coffset
+        buf = getattr(self._local, "cbuf", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.cbuf = np.empty(max(n, 1 << 20), np.uint8)
+        view = memoryview(buf)[:n]
+        _pread_exact(self.data_fd, view, coffset, f"{self.filename}: compressed clusters",
+                     self.data_size)
+        return view, _ZERO_OFFSET, np.array([n], np.int64)
+
     def inflate_into(self, coffsets, csizes, guests, out, out_off) -> None:
         """Inflate compressed clusters into `out` at `out_off`; raise DecompressionError."""
         src, in_off, in_len = self.read_compressed(coffsets, csizes)
@@ -564,7 +857,9 @@ class Image(_Layer):
                 f"{self.compression_type.name.lower()}-decompress to exactly one cluster")
 
     def _inflated(self, coffset: int, csize: int, guest: int) -> bytes:
-        key = coffset
+        # Keyed by the whole descriptor: two L2 entries may share a host offset with different
+        # lengths. Each layer of a chain has its own cache, so the layer is part of the key.
+        key = (coffset, csize)
         with self._lock:
             data = self._zcache.get(key)
             if data is not None:
@@ -581,13 +876,35 @@ class Image(_Layer):
         return data
 
 
+_SPLIT_CLUSTERS = 4                       # fewest clusters worth handing to another thread
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _read_pool():
+    """Helper threads that inflate parts of large reads (created on first use, and again in a
+    forked child, which inherits the pool but not its threads)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL = (os.getpid(), ThreadPoolExecutor(max(1, _cores() - 1),
+                                                     thread_name_prefix="qcowfast-read"))
+        return _POOL[1]
+
+
 def _extent(g, n, k, h, d) -> Extent:
     return Extent(g, n, ExtentKind(k), h if h >= 0 else None, d)
 
 
 def open(path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
-         cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH) -> Image:
-    """Open a QCOW2 image read-only.
+         cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH,
+         force_share: bool = False, format: str | None = None) -> Image:
+    """Open a QCOW2 image (or, with format="raw", a raw image) read-only.
 
     Parameters
     ----------
@@ -606,15 +923,54 @@ def open(path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
         L2 slice cache budget in bytes, per image of the chain.
     max_depth : int
         Longest backing chain accepted.
+    force_share : bool
+        Read even when a running QEMU holds the image (or a file of its chain) open for
+        writing (qemu-img -U); by default that is an ImageLocked error.
+    format : None, "qcow2" or "raw"
+        None opens a QCOW2 image and refuses by name the formats qemu-img recognises (VMDK,
+        VHD, ...); a file with no known magic is a FormatError. "raw" returns a `RawImage`.
 
     Raises
     ------
     QcowError
-        (or a subclass) for anything wrong with the image; OSError for files that cannot be
-        opened at all.
+        (or a subclass) for anything wrong with the image; ImageNotFound (also a
+        FileNotFoundError) when a file is missing.
     """
-    return Image(path, backing=backing, backing_dirs=backing_dirs, data_file=data_file,
-                 snapshot=snapshot, cache_size=cache_size, max_depth=max_depth)
+    return _open_top(path, format, False, dict(
+        backing=backing, backing_dirs=backing_dirs, data_file=data_file, snapshot=snapshot,
+        cache_size=cache_size, max_depth=max_depth, force_share=force_share))
 
 
-__all__ = ["Image", "RawImage", "Extent", "Runs", "open", "QcowError"]
+def open_source(path, fmt: str | None = None, **open_kwargs) -> "Image | RawImage":
+    """Open a source image the way qemu-img does for convert, compare and info.
+
+    `fmt` None probes the file (`probe.detect_format`): a QCOW2 image opens as `Image`,
+    foreign formats are refused by name (UnsupportedFeature), anything else is raw and opens
+    as a top-level `RawImage`. "qcow2" and "raw" force the format. `open_kwargs` are those of
+    `open` (force_share applies to raw files too; the other options need a QCOW2 image).
+    """
+    return _open_top(path, fmt, True, open_kwargs)
+
+
+def _open_top(path, fmt, raw_if_unknown: bool, kw: dict):
+    if fmt not in (None, "qcow2", "raw"):
+        raise UnsupportedFeature(f"{os.fspath(path)}: format {fmt!r} (qcowfast reads qcow2 and "
+                                 "raw)")
+    opened = open_file(path, "image")
+    try:
+        if fmt is None:
+            fmt = detect_format(opened.fd, opened.path)
+            if fmt == "raw" and not raw_if_unknown:
+                fmt = "qcow2"                  # open(): not a QCOW2 image is a FormatError
+        if fmt == "qcow2":
+            return Image(opened, **kw)
+        for key in ("backing", "data_file", "snapshot"):
+            if kw.get(key) not in (None, False):
+                raise UnsupportedFeature(f"{opened.path} is a raw image: {key}= needs a QCOW2 "
+                                         "image")
+        return RawImage(opened, 0, force_share=kw.get("force_share", False))
+    finally:
+        opened.close()                          # a no-op once the image took the descriptor
+
+
+__all__ = ["Image", "RawImage", "Extent", "Runs", "open", "open_source", "QcowError"]
