@@ -567,6 +567,93 @@ def ensure_corpus(size: int | str | None = None, root: str | os.PathLike | None 
     return corpus
 
 
+BIG_NAME = "u4g"
+BIG_SIZE = 4 * GiB
+#: Uncompressed images built on first use beside the cached corpus (no corpus rebuild).
+EXTRA_VARIANTS = {
+    "v2-u64k": ("-o", "compat=0.10"),
+    "extl2-u128k": ("-o", "extended_l2=on,cluster_size=128k"),
+}
+
+
+def ensure_extra(corpus: Corpus, name: str, *, log=print) -> tuple[Path, str]:
+    """Return (path, reference SHA-256) of an EXTRA_VARIANTS image, building it once.
+
+    They are ``qemu-img convert`` of the raw disk, so the reference is the raw disk's digest.
+    """
+    path = corpus.directory / f"{name}.qcow2"
+    digest = corpus.reference_digest(RAW_NAME)
+    with open(corpus.directory.parent / f".{corpus.directory.name}-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            t0 = time.perf_counter()
+            tmp = corpus.directory / f"{name}.qcow2.tmp"
+            _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *EXTRA_VARIANTS[name],
+                  str(corpus.path(RAW_NAME)), str(tmp)])
+            _run(["qemu-img", "check", "-q", str(tmp)])
+            os.replace(tmp, path)
+            log(f"  {name} built in {time.perf_counter() - t0:.1f} s")
+    return path, digest
+
+
+def ensure_big(corpus: Corpus, *, log=print) -> tuple[Path, str]:
+    """Return (path, reference SHA-256) of a 4 GiB uncompressed qcow2 built from the corpus.
+
+    The first half of the raw disk is placed at each GiB of a sparse 4 GiB file (2 GiB of data,
+    2 GiB of holes), copied in the kernel, then converted by qemu-img; built once and cached
+    beside the corpus (``u4g.json`` holds its digest).
+    """
+    path = corpus.directory / f"{BIG_NAME}.qcow2"
+    meta = corpus.directory / f"{BIG_NAME}.json"
+    with open(corpus.directory.parent / f".{corpus.directory.name}-{BIG_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            info = json.loads(meta.read_text())
+            if path.stat().st_size == info["file_bytes"]:
+                return path, info["reference_sha256"]
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        t0 = time.perf_counter()
+        raw = corpus.directory / f"{BIG_NAME}.raw.tmp"
+        src = corpus.path(RAW_NAME)
+        half = min(corpus.size // 2, GiB)
+        with open(src, "rb") as fi, open(raw, "wb") as fo:
+            fo.truncate(BIG_SIZE)
+            for base in range(0, BIG_SIZE, GiB):
+                done = 0
+                while done < half:
+                    n = os.copy_file_range(fi.fileno(), fo.fileno(), half - done, done,
+                                           base + done)
+                    if n <= 0:
+                        raise CorpusError(f"copying {src} into {raw} stopped at {done}")
+                    done += n
+        tmp = corpus.directory / f"{BIG_NAME}.qcow2.tmp"
+        try:
+            _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)])
+            digest = file_digest(raw)
+        finally:
+            raw.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        meta.write_text(json.dumps({"file_bytes": path.stat().st_size, "virtual_size": BIG_SIZE,
+                                    "reference_sha256": digest}) + "\n")
+        log(f"  {BIG_NAME} built in {time.perf_counter() - t0:.1f} s")
+        return path, digest
+
+
+def output_fs(path: Path) -> str:
+    """Return "tmpfs" or the file system type holding ``path`` (from /proc/mounts)."""
+    best, fstype = "", "?"
+    target = str(Path(path).resolve())
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mount, kind = fields[1], fields[2]
+            if (target == mount or target.startswith(mount.rstrip("/") + "/")) \
+                    and len(mount) > len(best):
+                best, fstype = mount, kind
+    return fstype
+
+
 def describe(corpus: Corpus) -> str:
     """Return a small table of the variants: file size and share of the raw allocated bytes."""
     raw_alloc = corpus.manifest["variants"][RAW_NAME]["allocated_bytes"]
