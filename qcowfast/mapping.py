@@ -137,23 +137,25 @@ def _json_line(e: dict) -> str:
     return s + "}"
 
 
-def _batched(lines: Iterable[str], stream: TextIO, sep: str) -> None:
-    """Write `lines` joined by `sep`, _BATCH lines per write call."""
+def _batched(lines: Iterable[str], stream: TextIO, sep: str, prefix: str = "") -> None:
+    """Write `prefix`, then `lines` joined by `sep`, _BATCH lines per write call.
+
+    The prefix goes out with the first batch, so an image that fails early prints nothing.
+    """
     batch: list = []
     first = True
     for line in lines:
         batch.append(line)
         if len(batch) == _BATCH:
-            stream.write(("" if first else sep) + sep.join(batch))
+            stream.write((prefix if first else sep) + sep.join(batch))
             first, batch = False, []
-    if batch:
-        stream.write(("" if first else sep) + sep.join(batch))
+    if batch or first:
+        stream.write((prefix if first else sep) + sep.join(batch))
 
 
 def write_json(image, stream: TextIO) -> None:
     """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry."""
-    stream.write("[")
-    _batched(map(_json_line, iter_entries(image)), stream, ",\n")
+    _batched(map(_json_line, iter_entries(image)), stream, ",\n", prefix="[")
     stream.write("]\n")
 
 
@@ -169,7 +171,6 @@ def write_human(image, stream: TextIO) -> None:
         The image has compressed clusters (qemu-img: "File contains external, encrypted or
         compressed clusters.").
     """
-    stream.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
     failed = []
 
     def rows():
@@ -183,7 +184,7 @@ def write_human(image, stream: TextIO) -> None:
                 yield (f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                        f"{fname}\n")
 
-    _batched(rows(), stream, "")
+    _batched(rows(), stream, "", prefix=f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
     if failed:
         stream.flush()
         raise QcowError("File contains external, encrypted or compressed clusters.")

@@ -184,7 +184,12 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
         raise UnsafePathError(f"{what} {name!r} named in {image_path} is not a regular file "
                               f"({exc}); qcowfast only follows regular files; {hint}") from None
     except MissingBackingFile:
-        check_inside(os.path.realpath(path))   # a name leading outside is refused as such
+        try:
+            real = os.path.realpath(path)
+        except OSError:                        # the name changed under realpath (a race)
+            raise UnsafePathError(f"{what} {name!r} named in {image_path} changed while it "
+                                  "was being opened; refused") from None
+        check_inside(real)                     # a name leading outside is refused as such
         raise
     try:
         real = _real_path(opened)

@@ -42,7 +42,7 @@ def test_outputs_match_local_convert_and_errors_are_values(client, images, tmp_p
     remote.mkdir()
     jobs = [{"src": images.get(i).path, "dst": remote / f"{i}.raw"} for i in IMAGES]
     corrupt = tmp_path / "corrupt.qcow2"
-    corrupt.write_bytes(b"QFI\xfb" + b"\0" * 4092)          # qcow magic, version 0
+    corrupt.write_bytes(b"QFI\xfb\0\0\0\3" + b"\0" * 4088)   # QCOW2 v3, cluster_bits 0
     jobs.insert(1, {"src": corrupt, "dst": remote / "corrupt.raw"})
     jobs.append({"src": tmp_path / "missing.qcow2", "dst": remote / "missing.raw"})
 
