@@ -272,6 +272,8 @@ def convert_arguments(args) -> tuple[str, str, dict]:
     opts = _output_options(args.options, fmt, args.existing)
     if args.compress and fmt != "qcow2":
         raise CliError(f"-c: compression needs -O qcow2 (-O {fmt} cannot be compressed)")
+    if args.compression_level is not None and not args.compress:
+        raise CliError("--compression-level needs -c")
     if args.target_is_zero and not args.existing:
         raise CliError("--target-is-zero requires use of -n flag")
     if args.dst == "-" and sys.stdout.isatty():
@@ -279,6 +281,7 @@ def convert_arguments(args) -> tuple[str, str, dict]:
                        "output or name an output file")
     kw = dict(format=fmt, src_format=args.src_format,
               compression=opts.get("compression_type", "zlib") if args.compress else None,
+              level=args.compression_level,
               cluster_size=opts.get("cluster_size", 65536),
               threads=args.threads or args.coroutines, sparse_size=args.sparse_size,
               overwrite=not args.no_clobber, existing=args.existing,
@@ -426,6 +429,9 @@ def _add_convert_parser(sub) -> None:
                    help="output format: raw (default) or qcow2")
     p.add_argument("-c", dest="compress", action="store_true",
                    help="compress the qcow2 output (zlib, or -o compression_type)")
+    p.add_argument("--compression-level", type=int, default=None, metavar="N",
+                   help="with -c: zlib level 2-9 (default 6; 1 is written as 2) or zstd level "
+                        "(default 3); lower is faster and larger (a qcowfast option)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="qcow2 output options key=val[,key=val]: compression_type=zlib|zstd, "
                         "cluster_size=SIZE (512 to 2M, default 64k)")
@@ -640,6 +646,8 @@ def main(argv=None) -> int:
             args.extra = extras                 # more than one source: refused by name
         else:
             sub.error(f"unrecognized arguments: {' '.join(extras)}")
+    # qcowfast never calls BLAS: spare numpy's OpenBLAS its idle spinning worker threads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     old_handlers = _install_signal_handlers()
     try:
         status = args.func(args)

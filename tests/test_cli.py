@@ -27,7 +27,7 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import assert_same_bytes, qemu_img, qemu_io, qemu_map, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_io, qemu_map, reference_raw, run_cli
 
 K = 1024
 M = 1024 * 1024
@@ -919,3 +919,26 @@ def test_light_imports(code):
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+
+
+def test_compression_level_trades_size_for_speed(tmp_path):
+    """--compression-level reaches the writer: another level writes other streams that
+    qemu-img reads as the same guest data, the default is level 6; without -c it is refused."""
+    import random
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(5000)]
+    raw = tmp_path / "text.raw"
+    raw.write_bytes(b" ".join(rng.choices(words, k=1_200_000))[:8 << 20])
+    outs = {}
+    for level in (None, 2, 6):
+        out = tmp_path / f"l{level}.qcow2"
+        extra = [] if level is None else ["--compression-level", str(level)]
+        r = run_cli("convert", "-q", "-f", "raw", "-O", "qcow2", "-c", *extra, raw, out)
+        assert r.returncode == 0, r.stderr
+        qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, out)
+        outs[level] = out.read_bytes()
+    assert outs[None] == outs[6] != outs[2]
+    r = run_cli("convert", "-q", "-f", "raw", "-O", "qcow2", "--compression-level", "2", raw,
+                tmp_path / "x.qcow2")
+    assert r.returncode == 1 and "--compression-level needs -c" in r.stderr
