@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the Cython kernels with AddressSanitizer in a temporary copy of the repository (the
 # normal in-place build is left alone) and run the hostile-input tests against that build:
-# the corruption matrix, the mutation test, and a replay of the fuzz seeds (plus fuzz/corpus
-# when it exists) through fuzz/fuzz_open.py.
+# the corruption matrix, the mutation test, the kernel tests (inflate, tables, fill, the
+# deflate writer), and a replay of the fuzz seeds (plus fuzz/corpus when it exists) through
+# fuzz/fuzz_open.py.
 #
 #   tools/asan.sh                 # everything above
 #   tools/asan.sh -k deflate      # extra arguments go to pytest
@@ -66,17 +67,18 @@ cd "$work"
 
 # The tests must import the sanitized copy, not the editable install.
 "$python" - "$work" <<'PY'
-import sys, qcowfast, qcowfast._tables, qcowfast._inflate
-for mod in (qcowfast, qcowfast._tables, qcowfast._inflate):
+import sys, qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill
+for mod in (qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill):
     assert mod.__file__.startswith(sys.argv[1]), f"imported {mod.__file__}, not the ASan build"
 PY
 
 # An AddressSanitizer report aborts the process (abort_on_error): pytest or the replay then dies
 # with SIGABRT and the report on stderr. Ordinary test failures are reported, not fatal here.
 status=0
-echo "asan.sh: running the corruption matrix and the mutation test"
-"$python" -m pytest tests/test_corrupt.py tests/test_mutation.py -q -p no:cacheprovider "$@" \
-    || status=$?
+echo "asan.sh: running the corruption matrix, the mutation test and the kernel tests"
+"$python" -m pytest tests/test_corrupt.py tests/test_mutation.py tests/test_inflate.py \
+    tests/test_tables.py tests/test_fastpaths.py tests/test_amplification.py tests/test_write.py \
+    -q -p no:cacheprovider "$@" || status=$?
 
 echo "asan.sh: replaying the fuzz seeds"
 "$python" fuzz/make_corpus.py "$work/seeds"
