@@ -9,23 +9,10 @@
 #define QCOWFAST_COMPRESS_H
 #include <stddef.h>
 #include <stdint.h>
+#include "_codecs.h"
 
-typedef struct qfc_zng_stream {
-    const uint8_t *next_in;
-    uint32_t avail_in;
-    size_t total_in;
-    uint8_t *next_out;
-    uint32_t avail_out;
-    size_t total_out;
-    const char *msg;
-    void *state;
-    void *zalloc;
-    void *zfree;
-    void *opaque;
-    int data_type;
-    uint32_t adler;
-    unsigned long reserved;
-} qfc_zng_stream;
+/* One stream layout for both directions: zlib-ng's zng_stream, declared in _codecs.h. */
+typedef qf_zng_stream qfc_zng_stream;
 
 #define QFC_Z_OK 0
 #define QFC_Z_STREAM_END 1

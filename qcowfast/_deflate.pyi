@@ -1,12 +1,12 @@
 import numpy as np
 
-from .errors import QcowError
+from .errors import CodecUnavailable as CodecUnavailable, QcowError
 
 ZERO_CLUSTER: int
 STORED: int
 REFCOUNT_MAX: int
 
-class CodecUnavailable(QcowError): ...
+
 class CompressionError(QcowError): ...
 
 class Compressor:

@@ -10,13 +10,6 @@ modules (their wheels ship no headers), resolved once with dlsym().
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-cdef extern from "<dlfcn.h>" nogil:
-    void *dlopen(const char *filename, int flags)
-    void *dlsym(void *handle, const char *symbol)
-    const char *dlerror()
-    int RTLD_NOW
-    int RTLD_LOCAL
-
 cdef extern from "_compress.h" nogil:
     ctypedef struct qfc_zng_stream:
         const uint8_t *next_in
@@ -52,7 +45,7 @@ cdef extern from "_compress.h" nogil:
 
 import importlib
 
-from .errors import QcowError
+from .errors import CodecUnavailable, QcowError
 
 cdef enum:
     NONE = -1
@@ -85,36 +78,11 @@ cdef qfc_zstd_compress2_fn zstd_compress2 = NULL
 cdef qfc_zstd_getErrorCode_fn zstd_getErrorCode = NULL
 
 
-class CodecUnavailable(QcowError):
-    """The C library behind a compression type could not be loaded."""
-
-
 class CompressionError(QcowError):
     """The compression library failed on a cluster."""
 
 
-cdef void *_open_module(modules, what) except NULL:
-    cdef void *handle = NULL
-    tried = []
-    for name in modules:
-        try:
-            path = importlib.import_module(name).__file__
-        except ImportError as exc:
-            tried.append(f"{name}: {exc}")
-            continue
-        handle = dlopen(path.encode(), RTLD_NOW | RTLD_LOCAL)
-        if handle != NULL:
-            return handle
-        tried.append(f"{name}: {dlerror().decode(errors='replace')}")
-    raise CodecUnavailable(f"cannot load the {what} library ({'; '.join(tried)}); "
-                           f"install the package that provides it")
-
-
-cdef void *_sym(void *handle, const char *name, what) except NULL:
-    cdef void *fn = dlsym(handle, name)
-    if fn == NULL:
-        raise CodecUnavailable(f"the {what} library does not export {name.decode()}")
-    return fn
+include "_dl.pxi"
 
 
 cdef int _load_zlib() except -1:

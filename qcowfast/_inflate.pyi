@@ -1,10 +1,8 @@
 import numpy as np
 
-from .errors import AllocationFailed as AllocationFailed, QcowError
+from .errors import AllocationFailed as AllocationFailed, CodecUnavailable as CodecUnavailable
 
 COMPRESSION_TYPES: dict[str, int]
-
-class CodecUnavailable(QcowError): ...
 
 
 def check_codec(compression_type: int) -> None: ...

@@ -10,13 +10,6 @@ libdeflate inflates whole clusters fastest; zlib-ng gives QEMU's exact rule for 
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memset
 
-cdef extern from "<dlfcn.h>" nogil:
-    void *dlopen(const char *filename, int flags)
-    void *dlsym(void *handle, const char *symbol)
-    const char *dlerror()
-    int RTLD_NOW
-    int RTLD_LOCAL
-
 cdef extern from "_codecs.h" nogil:
     ctypedef struct qf_zng_stream:
         const uint8_t *next_in
@@ -53,7 +46,7 @@ cdef extern from "_codecs.h" nogil:
 
 import importlib
 
-from .errors import AllocationFailed, QcowError
+from .errors import AllocationFailed, CodecUnavailable
 
 cdef enum:
     ZLIB = 0
@@ -79,32 +72,7 @@ cdef qf_zstd_DCtx_setParameter_fn zstd_DCtx_setParameter = NULL
 cdef qf_zstd_getErrorCode_fn zstd_getErrorCode = NULL
 
 
-class CodecUnavailable(QcowError):
-    """The C library behind a compression type could not be loaded."""
-
-
-cdef void *_open_module(modules, what) except NULL:
-    cdef void *handle = NULL
-    tried = []
-    for name in modules:
-        try:
-            path = importlib.import_module(name).__file__
-        except ImportError as exc:
-            tried.append(f"{name}: {exc}")
-            continue
-        handle = dlopen(path.encode(), RTLD_NOW | RTLD_LOCAL)
-        if handle != NULL:
-            return handle
-        tried.append(f"{name}: {dlerror().decode(errors='replace')}")
-    raise CodecUnavailable(f"cannot load the {what} library ({'; '.join(tried)}); "
-                           f"install the package that provides it")
-
-
-cdef void *_sym(void *handle, const char *name, what) except NULL:
-    cdef void *fn = dlsym(handle, name)
-    if fn == NULL:
-        raise CodecUnavailable(f"the {what} library does not export {name.decode()}")
-    return fn
+include "_dl.pxi"
 
 
 cdef int _load_zlib() except -1:

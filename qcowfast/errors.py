@@ -63,3 +63,7 @@ class ImageLocked(QcowError):
 
 class AllocationFailed(QcowError, MemoryError):
     """Memory ran out while reading or checking an image (not a property of the image)."""
+
+
+class CodecUnavailable(QcowError):
+    """The C library behind a compression type could not be loaded."""

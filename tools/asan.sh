@@ -28,7 +28,7 @@ mkdir -p "$work/qcowfast"
 cp "$repo"/setup.py "$repo"/pyproject.toml "$work"/
 cp "$repo"/qcowfast/*.py "$repo"/qcowfast/*.pyx "$work/qcowfast/"
 cp "$repo"/qcowfast/py.typed "$work/qcowfast/" 2>/dev/null || true
-for ext in pxd pyi h; do
+for ext in pxd pxi pyi h; do
     compgen -G "$repo/qcowfast/*.$ext" >/dev/null && cp "$repo"/qcowfast/*."$ext" "$work/qcowfast/"
 done
 cp -r "$repo/tests" "$work/tests"
