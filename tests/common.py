@@ -187,3 +187,17 @@ def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, check=False,
                           stdin=subprocess.DEVNULL)
+
+
+def qemu_img_pbkdf(*args: str | os.PathLike | int, cwd: str | os.PathLike | None = None,
+                   attempts: int = 8) -> subprocess.CompletedProcess:
+    """``qemu_img(*args)`` for a command that writes a LUKS header, retried when QEMU's PBKDF2
+    benchmark fails with "Unable to get accurate CPU usage" (it times rounds on the thread's
+    CPU clock and gives up now and then on a busy machine)."""
+    for attempt in range(attempts):
+        try:
+            return qemu_img(*args, cwd=cwd)
+        except QemuToolError as exc:
+            if "accurate CPU usage" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

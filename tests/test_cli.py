@@ -708,14 +708,26 @@ def held_open(tmp_path):
     proc = subprocess.Popen(["qemu-io", "-f", "qcow2", path], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120          # until qemu-io holds the lock
+        # Until qemu-io holds the lock. Ask with F_OFD_GETLK, which takes no lock: a polling
+        # `qemu-img info` would hold a shared lock for a moment and make qemu-io's open fail.
+        from qcowfast.locks import write_locked
+        deadline = time.monotonic() + 120
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while not write_locked(fd):
+                assert proc.poll() is None, f"qemu-io ended early: {proc.stdout.read()!r}"
+                assert time.monotonic() < deadline, "qemu-io never locked the image"
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
         while not subprocess.run(["qemu-img", "info", path], capture_output=True).returncode:
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, f"qemu-io ended early: {proc.stdout.read()!r}"
             assert time.monotonic() < deadline, "qemu-io never locked the image"
             time.sleep(0.05)
         yield path
     finally:
-        proc.communicate(b"quit\n", timeout=30)
+        if proc.poll() is None:
+            proc.communicate(b"quit\n", timeout=30)
 
 
 @pytest.mark.parametrize("command", [["info"], ["compare", "COPY"], ["convert", "OUT"]])

@@ -26,7 +26,7 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import QemuToolError, assert_same_bytes, qemu_img, qemu_io
+from common import QemuToolError, assert_same_bytes, qemu_img, qemu_img_pbkdf, qemu_io
 
 K = 1024
 M = 1024 * 1024
@@ -802,17 +802,8 @@ def _create_encrypted(d: Path, opts: str) -> Path:
     if "luks" not in opts:
         qemu_img(*args, cwd=d)
         return d / "image.qcow2"
-    # LUKS: QEMU benchmarks PBKDF2 on the thread's CPU clock and fails with "Unable to get
-    # accurate CPU usage" when a busy machine makes a round measure 0 ms; a short iter-time
-    # and a few attempts make creation dependable.
     args[7] += ",encrypt.iter-time=10"
-    for attempt in range(4):
-        try:
-            qemu_img(*args, cwd=d)
-            break
-        except QemuToolError as exc:
-            if "accurate CPU usage" not in str(exc) or attempt == 3:
-                raise
+    qemu_img_pbkdf(*args, cwd=d)
     return d / "image.qcow2"
 
 

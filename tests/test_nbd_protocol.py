@@ -10,6 +10,7 @@ come from `qemu-img convert -O raw` of an image qemu-io wrote.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import subprocess
@@ -713,3 +714,232 @@ def _send_quietly(sock, blob):
         sock.sendall(blob)
     except OSError:
         pass
+
+
+# -- reads sent from the image file (sendfile), zeros and inflated clusters mixed ---------------
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    """A plain image, an overlay on a shorter compressed backing file, and an overlay on a
+    shorter raw file (its size not a multiple of 512): DATA runs, zero clusters, holes,
+    compressed clusters and the zeros past a short backing file, all within 3 MiB."""
+    import random
+    d = tmp_path_factory.mktemp("chains")
+    plain = d / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", plain, 3 * MIB)
+    qemu_io(plain, "write -P 0x11 0 100k", "write -P 0x22 300k 700k", "write -z 1088k 128k",
+            "write -P 0x44 2000k 64k", "write -P 0x55 3008k 64k")
+    src = d / "bsrc.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, 2 * MIB)
+    qemu_io(src, "write -P 0x66 0 1M", "write -P 0x77 1536k 256k")
+    base = d / "base.qcow2"
+    qemu_img("convert", "-q", "-c", "-O", "qcow2", src, base)
+    overlay = d / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", overlay, 3 * MIB,
+             cwd=d)
+    qemu_io(overlay, "write -P 0x88 192k 64k", "write -P 0x99 1000k 100k",
+            "write -P 0xaa 2500k 64k", "write -z 1600k 64k")
+    raw = d / "base.raw"
+    raw.write_bytes(random.Random(13).randbytes(1536 * 1024 + 300))
+    rawov = d / "rawov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", raw.name, "-F", "raw", rawov, 3 * MIB, cwd=d)
+    qemu_io(rawov, "write -P 0xbb 64k 64k", "write -P 0xcc 1500k 100k")
+    return {"plain": plain, "overlay": overlay, "raw-backed": rawov}
+
+
+# Edges of the runs above (writes, clusters, the end of each backing file) and of the image.
+_EDGES = sorted({k * 1024 for k in (0, 64, 100, 128, 192, 256, 300, 1000, 1024, 1088, 1100,
+                                    1216, 1500, 1536, 1600, 1664, 1792, 2000, 2048, 2064,
+                                    2500, 2564, 3008, 3072)} | {1536 * 1024 + 300})
+
+
+def _crossing_reads():
+    reads = [(0, MAX_REQUEST), (3 * MIB - MAX_REQUEST, MAX_REQUEST)]
+    for e in _EDGES:
+        for before, after in ((1, 1), (1000, 3000), (70_000, 70_001), (300_000, 200_000)):
+            a, b = max(0, e - before), min(3 * MIB, e + after)
+            if a < b:
+                reads.append((a, b - a))
+    return reads
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("kind", ["plain", "overlay", "raw-backed"])
+def test_file_backed_reads_match_qemu_img(chains, tmp_path, kind, structured):
+    path = chains[kind]
+    want = reference_raw(path)
+    assert len(want) == 3 * MIB
+    # Reads crossing every edge, pipelined, then a sequential copy in odd-sized requests
+    # (queued together, so they are filled in batches that end mid-run).
+    reads = _crossing_reads()
+    pos, n = 0, 0
+    while pos < len(want):
+        size = min(len(want) - pos, (200_003, 65536, 1, 262_144, 4095)[n % 5])
+        reads.append((pos, size))
+        pos, n = pos + size, n + 1
+    srv = NBDServer(path, socket=tmp_path / "s.sock", persistent=True, limits=LIMITS)
+    with srv:
+        c = Client(srv.address).greet()
+        c.go(structured=structured, meta=False)
+        for first in range(0, len(reads), 40):
+            part = dict(enumerate(reads[first:first + 40], first))
+            c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                                nbd.NBD_CMD_READ, h, off, size)
+                                    for h, (off, size) in part.items()))
+            for _ in range(len(part)):
+                if structured:
+                    flags, rtype, handle, payload = c.chunk()
+                    off, size = part.pop(handle)
+                    assert flags & nbd.NBD_REPLY_FLAG_DONE
+                    if size == 0:
+                        assert rtype == nbd.NBD_REPLY_TYPE_NONE
+                        continue
+                    assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
+                    assert struct.unpack_from(">Q", payload)[0] == off
+                    data = payload[8:]
+                else:
+                    error, handle, _ = c.simple_reply()
+                    assert error == 0
+                    off, size = part.pop(handle)
+                    data = c.recv(size)
+                assert_same_bytes(data, want[off:off + size], f"{kind} read", off)
+            assert not part
+        c.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "overlay", "raw-backed"])
+def test_read_plan_sends_data_from_the_image_files(chains, kind):
+    """The plan covers the read in order; its file ranges hold the guest bytes (checked with
+    pread against qemu-img), its zero runs are zeros, and data is sent from the files."""
+    import numpy as np
+
+    import qcowfast
+    from qcowfast.serve import ImageExport
+    want = reference_raw(chains[kind])
+    with qcowfast.open(chains[kind]) as img:
+        export = ImageExport(img)
+        files = 0
+        for offset, length in [(0, 3 * MIB), (1000, 2 * MIB + 5), (1536 * 1024 + 1, 600_000)]:
+            out = np.full(length, 0xEE, np.uint8)
+            plan = export.read_plan(offset, memoryview(out))
+            assert plan[0][0] == offset and plan[-1][1] == offset + length
+            for (a, b, fd, host), nxt in zip(plan, plan[1:] + [None]):
+                assert a < b and (nxt is None or nxt[0] == b)
+                if fd >= 0:
+                    files += 1
+                    got = os.pread(fd, b - a, host)
+                elif fd == -1:
+                    got = out[a - offset:b - offset].tobytes()
+                else:
+                    assert fd == -2
+                    got = bytes(b - a)
+                assert_same_bytes(got, want[a:b], f"{kind} plan run", a)
+    assert files > 0
+
+
+def _read_reply_or_close(c, offset, length):
+    """Issue a read; return its error, or None when the server closes the connection."""
+    try:
+        return c.read(offset, length)[0]
+    except (EOFError, ConnectionResetError):
+        return None
+
+
+def test_data_past_the_end_of_the_file(chains, tmp_path):
+    """A data cluster the file does not hold: an EIO reply when the file was already short at
+    open; when the file shrinks while served, the reply (its header sent) ends the connection.
+    qemu-img reads such a cluster as zeros; the server never sends those zeros as data."""
+    import shutil
+    reference = reference_raw(chains["plain"])
+    last = slice(3 * MIB - 65536, 3 * MIB)
+    for when in ("before", "while"):
+        path = tmp_path / f"cut-{when}.qcow2"
+        shutil.copyfile(chains["plain"], path)
+        cut = os.path.getsize(path) - 32 * 1024               # into the last data cluster
+        if when == "before":
+            os.truncate(path, cut)
+            # The cluster lost its data: qemu-img reads the missing half as zeros.
+            assert reference_raw(path)[last] != reference[last]
+        srv = NBDServer(path, socket=tmp_path / f"{when}.sock", persistent=True,
+                        limits=LIMITS)
+        with srv:
+            if when == "while":
+                os.truncate(path, cut)
+            for structured in (True, False):
+                c = Client(srv.address).greet()
+                c.go(structured=structured, meta=False)
+                error = _read_reply_or_close(c, last.start, 65536)
+                if when == "before":
+                    assert error == nbd.NBD_EIO
+                else:
+                    assert error is None or error == nbd.NBD_EIO
+                    if error is None:
+                        assert c.closed()
+                        c.close()
+                        c = Client(srv.address).greet()
+                        c.go(structured=structured, meta=False)
+                error, data = c.read(300 * 1024, 700 * 1024)   # intact data still served
+                assert error == 0
+                assert_same_bytes(data, reference[300 * 1024:1000 * 1024], "after EIO", 300 * 1024)
+                c.close()
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_read_longer_than_a_batch_buffer(tmp_path, structured):
+    """One read over the per-worker buffer (4 MiB): data, holes, a zero cluster and
+    compressed clusters in one reply, as qemu-img reads them."""
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, 12 * MIB)
+    qemu_io(path, "write -P 0x31 0 3M", "write -P 0x32 5M 1M", "write -z 6M 64k",
+            "write -c -P 0x33 7M 128k", "write -c -P 0x34 9M 64k", "write -P 0x35 11M 4k")
+    want = reference_raw(path)
+    length = 11 * MIB
+    srv = NBDServer(path, socket=tmp_path / "s.sock", persistent=True)
+    with srv:
+        c = Client(srv.address).greet()
+        c.go(structured=structured, meta=False)
+        for offset in (100, MIB - 1):
+            error, data = c.read(offset, length)
+            assert error == 0
+            assert_same_bytes(data, want[offset:offset + length], "long read", offset)
+        c.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "raw-backed"])
+def test_file_backed_reads_over_tcp(chains, tmp_path, kind):
+    """Over TCP too (headers corked with MSG_MORE ahead of sendfile), qemu-img and nbdcopy
+    copy the export byte for byte."""
+    want = reference_raw(chains[kind])
+    with NBDServer(chains[kind], port=0, persistent=True) as srv:
+        assert srv.uri.startswith("nbd://127.0.0.1:")
+        out = tmp_path / "qemu.raw"
+        qemu_img("convert", "-f", "raw", "-O", "raw", srv.uri, out)
+        assert_same_bytes(out.read_bytes(), want, f"qemu-img over TCP ({kind})")
+        out = tmp_path / "nbdcopy.raw"
+        subprocess.run(["nbdcopy", srv.uri, str(out)], check=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+        assert_same_bytes(out.read_bytes(), want, f"nbdcopy over TCP ({kind})")
+
+
+def test_stop_ends_a_client_that_takes_no_sendfile_replies(chains, tmp_path):
+    # As test_stop_ends_a_client_that_takes_no_replies, with replies sent from the file.
+    srv = NBDServer(chains["plain"], socket=tmp_path / "s.sock", persistent=True,
+                    limits=nbd.Limits(max_request=MAX_REQUEST, io_timeout=60))
+    srv.start()
+    try:
+        c = Client(srv.address).greet()
+        c.go()
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                            nbd.NBD_CMD_READ, h, 300 * 1024, 700 * 1024)
+                                for h in range(60)))        # 41 MiB of replies, never read
+        time.sleep(0.5)
+    finally:
+        t0 = time.monotonic()
+        srv.stop(timeout=1.0)
+    assert time.monotonic() - t0 < 5
+    assert srv._image is None                 # no worker left behind: the image was closed
+    assert c.closed(timeout=10)
+    c.close()

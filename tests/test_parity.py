@@ -24,7 +24,7 @@ import pytest
 
 import qcowfast
 from qcowfast.snapshots import parse_snapshot_option
-from common import QemuToolError, assert_same_bytes, qemu_img, qemu_io, run_cli
+from common import QemuToolError, assert_same_bytes, qemu_img, qemu_img_pbkdf, qemu_io, run_cli
 
 K = 1024
 M = 1024 * K
@@ -508,16 +508,8 @@ def _create_encrypted(d: Path, opts: str) -> Path:
     args = ["create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o",
             f"{opts},encrypt.key-secret=sec0", "image.qcow2", M]
     if "luks" in opts:
-        # A short PBKDF2 benchmark; QEMU fails it now and then on a busy machine ("Unable to
-        # get accurate CPU usage"), so retry a few times.
         args[7] += ",encrypt.iter-time=10"
-    for attempt in range(4):
-        try:
-            qemu_img(*args, cwd=d)
-            break
-        except QemuToolError as exc:
-            if "accurate CPU usage" not in str(exc) or attempt == 3:
-                raise
+    qemu_img_pbkdf(*args, cwd=d)
     return d / "image.qcow2"
 
 

@@ -25,7 +25,8 @@ from qcowfast import FormatError, UnsupportedFeature
 from qcowfast.image import RawImage, open_source
 from qcowfast.probe import detect_format
 
-from common import assert_same_bytes, qemu_img, qemu_info, qemu_io, reference_raw, run_cli
+from common import (assert_same_bytes, qemu_img, qemu_img_pbkdf, qemu_info, qemu_io, reference_raw,
+                    run_cli)
 from test_corrupt import EXT_BACKING_FORMAT, Qcow
 
 M = 1 << 20
@@ -69,8 +70,8 @@ def foreign(tmp_path_factory) -> dict[str, Path]:
         out[name] = d / name
     qemu_img("create", "-q", "-f", "qcow", d / "v1.qcow", "1M")
     qemu_img("create", "-q", "-f", "parallels", d / "d.hds", "1M")
-    qemu_img("create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw", "-o",
-             "key-secret=s0,iter-time=10", d / "d.luks", "1M")
+    qemu_img_pbkdf("create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw", "-o",
+                   "key-secret=s0,iter-time=10", d / "d.luks", "1M")
     _bochs(d / "d.bochs")
     _cloop(d / "d.cloop")
     out.update({n: d / n for n in ("v1.qcow", "d.hds", "d.luks", "d.bochs", "d.cloop")})
