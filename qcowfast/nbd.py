@@ -1,12 +1,15 @@
 """The NBD protocol, server side, for one read-only export (NBD doc/proto.md).
 
 One `Connection` per client socket: the fixed newstyle handshake (option haggling), then the
-transmission phase. Requests are parsed on the connection's thread; reads and block-status
-queries run on a small per-connection worker pool and are answered as they finish (NBD allows
-replies in any order: the client matches them by handle). Queued reads that continue each other
-(a sequential copy) are filled by one worker in one pass, up to 4 MiB, and answered one reply
-per request. Replies are sent whole under one lock, so chunks of different replies never
-interleave.
+transmission phase. Requests are parsed on the connection's thread, a buffered burst of
+pipelined headers at a time; reads and block-status queries are queued for the connection's
+worker threads and answered as they finish (NBD allows replies in any order: the client matches
+them by handle). Queued reads that continue each other (a sequential copy) are taken by one
+worker and filled in one pass, up to 4 MiB, and answered one reply per request. Replies are
+sent whole under one lock, so chunks of different replies never interleave. An export with
+`read_plan` says which bytes lie in a file: those are sent with sendfile straight from the page
+cache (no copy through Python), zeros from a shared zero buffer, the rest (inflated clusters)
+from the worker's buffer.
 
 Bounds (`Limits`): every length is checked before anything it announces is read; option data,
 option count, request length, requests and bytes in flight, and the time a started message or a
@@ -18,13 +21,14 @@ This module knows nothing of QCOW2: it serves any object with the `Export` shape
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import select
 import socket
 import struct
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -139,6 +143,9 @@ NBD_MAX_BUFFER_SIZE = 32 * 1024 * 1024      # QEMU's NBD_MAX_BUFFER_SIZE, the us
 READ_BATCH_BYTES = 4 * 1024 * 1024          # contiguous queued reads filled together, at most
 READ_BATCH_COUNT = 32
 RECV_BUFFER = 64 * 1024                     # read-ahead of small messages
+_IOV_MAX = 512                              # buffers per sendmsg (Linux allows 1024)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_ZEROS = memoryview(bytes(1024 * 1024))    # zero runs of replies are sent from here
 
 _OPTION_HEADER = struct.Struct(">QII")       # magic, option, length
 _OPTION_REPLY = struct.Struct(">QIII")       # magic, option, reply type, length
@@ -164,6 +171,13 @@ class Export(Protocol):
 
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill `out` with the bytes at [offset, offset + len(out)) (within size)."""
+
+    # Optional, used instead of read_into when present:
+    # def read_plan(self, offset: int, out: memoryview) -> list[tuple[int, int, int, int]]:
+    #     """Say where the bytes of [offset, offset + len(out)) come from: ascending
+    #     (start, end, fd, file_offset) runs covering it; fd >= 0: bytes of file fd from
+    #     file_offset (sent with sendfile), fd == -1: bytes filled into `out` (at start -
+    #     offset), fd == -2: zeros. The file ranges must lie within their files."""
 
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """Return (length, NBD_STATE_* flags) extents covering [offset, offset + length) from
@@ -212,6 +226,7 @@ class Connection:
     def __init__(self, sock: socket.socket, export: Export, limits: Limits = Limits(),
                  on_negotiated=None):
         self.sock = sock
+        self._fileno = sock.fileno()
         self.export = export
         self.limits = limits
         self.peer = _peer_name(sock)
@@ -222,14 +237,21 @@ class Connection:
         self._on_negotiated = on_negotiated
         self._name = export.name.encode()
         self._send_lock = threading.Lock()
-        self._flow = threading.Condition()
+        # One lock for the request queue and the in-flight counts: workers wait on `_work`
+        # for requests, the reader waits on `_flow` for room in the in-flight bounds.
+        self._qlock = threading.Lock()
+        self._flow = threading.Condition(self._qlock)
+        self._work = threading.Condition(self._qlock)
         self._in_flight = 0
         self._in_flight_bytes = 0
-        self._reads: deque = deque()              # admitted reads not yet taken by a worker
+        self._queue: deque = deque()              # admitted requests not yet taken by a worker
+        self._idle = 0                            # workers waiting for a request
+        self._ending = False                      # no more requests: workers drain and end
         self._rbuf = bytearray()                  # bytes received ahead of the parser
         self._closed = False
-        self._pool: ThreadPoolExecutor | None = None
+        self._workers: list[threading.Thread] = []
         self._local = threading.local()
+        self._plan = getattr(export, "read_plan", None)
         sock.setblocking(False)
         self._rpoll = select.poll()
         self._rpoll.register(sock, select.POLLIN | select.POLLPRI)
@@ -285,16 +307,21 @@ class Connection:
     def abort(self) -> None:
         """End the connection now, replies in flight or not: wake the reader and workers."""
         self._closed = True
-        with self._flow:
+        with self._qlock:
             self._flow.notify_all()
+            self._work.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
     def _finish(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        # Requests already admitted are still answered (unless the connection was aborted).
+        with self._qlock:
+            self._ending = True
+            self._work.notify_all()
+        for worker in self._workers:
+            worker.join()
         self._closed = True
         try:
             self.sock.close()
@@ -357,26 +384,53 @@ class Connection:
 
         The client must keep accepting bytes: io_timeout without progress ends the connection.
         """
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        self._send_parts([memoryview(p).cast("B") for p in parts if len(p)])
+
+    def _send_parts(self, parts: list) -> None:
+        """Send `parts` in order as one message, under the send lock: byte buffers (memoryviews
+        of unsigned bytes, non-empty) with sendmsg, `(fd, offset, count)` file ranges with
+        sendfile (zero copy from the page cache). A file that ends early ends the connection:
+        its reply header is already on the wire."""
         timeout = self.limits.io_timeout
+        sock = self.sock
         with self._send_lock:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while views:
+            i, n = 0, len(parts)
+            while i < n:
                 if self._closed:
                     raise Disconnect("connection closed while replying")
-                try:
-                    sent = self.sock.sendmsg(views)
-                except (BlockingIOError, InterruptedError):
-                    self._wait(self._wpoll, deadline, "sending a reply")
-                    continue
+                part = parts[i]
+                if type(part) is tuple:
+                    fd, offset, count = part
+                    try:
+                        sent = os.sendfile(self._fileno, fd, offset, count)
+                    except (BlockingIOError, InterruptedError):
+                        self._wait(self._wpoll, deadline, "sending a reply")
+                        continue
+                    if sent <= 0:
+                        raise Disconnect("the image file ended while sending a reply")
+                    parts[i] = (fd, offset + sent, count - sent) if sent < count else None
+                    if sent == count:
+                        i += 1
+                else:
+                    j = i + 1
+                    while j < n and j - i < _IOV_MAX and type(parts[j]) is not tuple:
+                        j += 1
+                    try:
+                        # MSG_MORE: a file range follows, let TCP fill its segments.
+                        sent = sock.sendmsg(parts[i:j], (), _MSG_MORE if j < n else 0)
+                    except (BlockingIOError, InterruptedError):
+                        self._wait(self._wpoll, deadline, "sending a reply")
+                        continue
+                    while sent:
+                        if sent >= len(parts[i]):
+                            sent -= len(parts[i])
+                            i += 1
+                        else:
+                            parts[i] = parts[i][sent:]
+                            sent = 0
                 if timeout is not None:
                     deadline = time.monotonic() + timeout
-                while sent:
-                    if sent >= len(views[0]):
-                        sent -= len(views.pop(0))
-                    else:
-                        views[0] = views[0][sent:]
-                        sent = 0
 
     # -- handshake -------------------------------------------------------------------------------
     def _negotiate(self) -> bool:
@@ -508,19 +562,39 @@ class Connection:
     # -- transmission ----------------------------------------------------------------------------
     def _transmission(self) -> None:
         lim = self.limits
-        self._pool = ThreadPoolExecutor(max_workers=max(1, lim.workers),
-                                        thread_name_prefix="nbd-worker")
+        for i in range(max(1, lim.workers)):
+            worker = threading.Thread(target=self._worker, daemon=True,
+                                      name=f"nbd-worker-{self.peer}-{i}")
+            self._workers.append(worker)
+            worker.start()
+        rbuf = self._rbuf
+        size = self.export.size
+        read_flags = ~(NBD_CMD_FLAG_DF if self.structured else 0)
+        cap = lim.max_request
         while not self._closed:
-            # Idle between requests: only the idle timeout applies; a started request must be
-            # complete within io_timeout.
-            if not self._rbuf:
-                idle = None if lim.idle_timeout is None else time.monotonic() + lim.idle_timeout
-                self._wait(self._rpoll, idle, "waiting for a request (idle)")
-            deadline = None if lim.io_timeout is None else time.monotonic() + lim.io_timeout
-            header = self._recv_exact(_REQUEST.size, deadline)
-            magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
+            if len(rbuf) < _REQUEST.size:
+                # No whole request buffered: let the workers start on what is queued, then
+                # wait. Idle between requests only the idle timeout applies; a started request
+                # must be complete within io_timeout.
+                self._kick()
+                if not rbuf:
+                    idle = (None if lim.idle_timeout is None
+                            else time.monotonic() + lim.idle_timeout)
+                    self._wait(self._rpoll, idle, "waiting for a request (idle)")
+                deadline = None if lim.io_timeout is None else time.monotonic() + lim.io_timeout
+                header = self._recv_exact(_REQUEST.size, deadline)
+                magic, flags, cmd, handle, offset, length = _REQUEST.unpack(header)
+            else:
+                magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(rbuf)
+                del rbuf[:_REQUEST.size]
+                deadline = None if lim.io_timeout is None else time.monotonic() + lim.io_timeout
             if magic != NBD_REQUEST_MAGIC:
                 raise Disconnect(f"bad request magic {magic:#x}")
+            if (cmd == NBD_CMD_READ and not flags & read_flags and length <= cap
+                    and offset <= size and length <= size - offset):
+                self._submit_read(handle, offset, length)          # the common case
+                continue
+            self._kick()
             handler = self._commands.get(cmd, self._cmd_unknown)
             if handler(cmd, flags, handle, offset, length, deadline) is _STOP:
                 return
@@ -587,34 +661,87 @@ class Connection:
             self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle))
 
     def _admit(self, nbytes: int) -> None:
-        """Wait until one more request of `nbytes` fits in the in-flight bounds; count it."""
+        """Wait until one more request of `nbytes` fits in the in-flight bounds; count it.
+        Called with `_qlock` held."""
         lim = self.limits
-        with self._flow:
-            while not self._closed and self._in_flight and (
-                    self._in_flight >= lim.max_in_flight
-                    or self._in_flight_bytes + nbytes > lim.max_in_flight_bytes):
-                self._flow.wait()
-            if self._closed:
-                raise Disconnect("connection closed")
-            self._in_flight += 1
-            self._in_flight_bytes += nbytes
+        while not self._closed and self._in_flight and (
+                self._in_flight >= lim.max_in_flight
+                or self._in_flight_bytes + nbytes > lim.max_in_flight_bytes):
+            self._work.notify(self._idle)         # the queue must drain to make room
+            self._flow.wait()
+        if self._closed:
+            raise Disconnect("connection closed")
+        self._in_flight += 1
+        self._in_flight_bytes += nbytes
 
-    def _release(self, count: int, nbytes: int) -> None:
-        with self._flow:
-            self._in_flight -= count
-            self._in_flight_bytes -= nbytes
-            self._flow.notify_all()
+    def _kick(self) -> None:
+        """Wake idle workers for the queued requests (one per request, at most)."""
+        if self._queue and self._idle:
+            with self._qlock:
+                self._work.notify(min(self._idle, len(self._queue)))
 
     def _submit(self, nbytes: int, fn, *args) -> None:
-        """Run fn(*args) on the pool once the request fits in the in-flight bounds."""
-        self._admit(nbytes)
-        self._pool.submit(self._run_request, nbytes, fn, *args)
+        """Queue fn(*args) for a worker once the request fits in the in-flight bounds."""
+        with self._qlock:
+            self._admit(nbytes)
+            self._queue.append((None, fn, args, nbytes))
+            self._work.notify()
 
-    def _run_request(self, nbytes: int, fn, *args) -> None:
+    def _submit_read(self, handle: int, offset: int, length: int) -> None:
+        # Workers are woken by _kick once the reader has parsed what it has buffered, so a
+        # burst of pipelined reads is handed over in contiguous batches.
+        with self._qlock:
+            self._admit(length)
+            self._queue.append((handle, offset, length, length))
+
+    def _worker(self) -> None:
         try:
-            self._guarded(fn, *args)
+            self._work_loop()
         finally:
-            self._release(1, nbytes)
+            buf = getattr(self._local, "buf", None)
+            if buf is not None:
+                _give_buffer(buf)
+
+    def _work_loop(self) -> None:
+        """Take requests from the queue until the connection ends. Queued reads that continue
+        each other (clients copy sequentially) are taken together: one fill for the batch,
+        one reply per request."""
+        queue = self._queue
+        while True:
+            with self._qlock:
+                while not queue and not self._ending and not self._closed:
+                    self._idle += 1
+                    self._work.wait()
+                    self._idle -= 1
+                if self._closed or not queue:
+                    return
+                first = queue.popleft()
+                if first[0] is None:
+                    batch = None
+                else:
+                    batch = [first]
+                    end = first[1] + first[2]
+                    total = first[2]
+                    while queue and len(batch) < READ_BATCH_COUNT:
+                        nxt = queue[0]
+                        if nxt[0] is None or nxt[1] != end or total + nxt[2] > READ_BATCH_BYTES:
+                            break
+                        batch.append(queue.popleft())
+                        end += nxt[2]
+                        total += nxt[2]
+                if queue and self._idle:
+                    self._work.notify()            # more for another worker meanwhile
+            if batch is None:
+                _, fn, args, nbytes = first
+                count = 1
+                self._guarded(fn, *args)
+            else:
+                count, nbytes = len(batch), total
+                self._guarded(self._do_reads, batch, total)
+            with self._qlock:
+                self._in_flight -= count
+                self._in_flight_bytes -= nbytes
+                self._flow.notify()
 
     def _guarded(self, fn, *args) -> None:
         try:
@@ -629,64 +756,64 @@ class Connection:
             log.exception("%s: request failed", self.peer)
             self.abort()
 
-    def _submit_read(self, handle: int, offset: int, length: int) -> None:
-        self._admit(length)
-        with self._flow:
-            self._reads.append((handle, offset, length))
-        self._pool.submit(self._run_reads)
-
-    def _run_reads(self) -> None:
-        """Serve the oldest queued read, with the reads queued right after it that continue it
-        (clients copy sequentially): one fill for the batch, one reply per request."""
-        with self._flow:
-            if not self._reads:
-                return                            # an earlier task took this one in a batch
-            batch = [self._reads.popleft()]
-            end = batch[0][1] + batch[0][2]
-            total = batch[0][2]
-            while self._reads and len(batch) < READ_BATCH_COUNT:
-                handle, offset, length = self._reads[0]
-                if offset != end or total + length > READ_BATCH_BYTES:
-                    break
-                batch.append(self._reads.popleft())
-                end += length
-                total += length
-        try:
-            self._guarded(self._do_reads, batch, total)
-        finally:
-            self._release(len(batch), total)
-
     def _buffer(self, n: int) -> memoryview:
-        # Worker threads keep one read buffer of up to 4 MiB; longer reads get a fresh one.
-        if n > 4 * 1024 * 1024:
-            return memoryview(bytearray(n))
+        # Worker threads keep one read buffer of READ_BATCH_BYTES (taken from the process's
+        # spare buffers: fresh pages cost zeroing and faults); longer reads get a fresh
+        # anonymous mapping, whose pages exist only where the fill writes (not for file data).
+        if n > READ_BATCH_BYTES:
+            return memoryview(mmap.mmap(-1, n))
         buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < n:
-            buf = self._local.buf = bytearray(max(n, 256 * 1024))
+        if buf is None:
+            buf = self._local.buf = _take_buffer()
         return memoryview(buf)[:n]
 
     def _do_reads(self, batch: list, total: int) -> None:
         first = batch[0][1]
         view = self._buffer(total)
         try:
-            self.export.read_into(first, view)
+            if self._plan is None:
+                self.export.read_into(first, view)
+                plan = [(first, first + total, -1, 0)]
+            else:
+                plan = self._plan(first, view)
         except Exception as exc:
             log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
-            for handle, offset, length in batch:
+            for handle, offset, length, _ in batch:
                 self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
                                                    f"{offset} failed: {type(exc).__name__}")
             return
-        for handle, offset, length in batch:
-            data = view[offset - first:offset - first + length]
-            if not self.structured:
-                self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
+        structured = self.structured
+        k = 0
+        for handle, offset, length, _ in batch:
+            if not structured:
+                parts = [memoryview(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))]
             elif length == 0:
                 self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
                                        NBD_REPLY_TYPE_NONE, handle, 0))
+                continue
             else:
-                self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                                       NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + length),
-                           _U64.pack(offset), data)
+                parts = [memoryview(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                                NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + length)
+                                    + _U64.pack(offset))]
+            pos, end = offset, offset + length
+            while plan[k][1] <= pos and pos < end:
+                k += 1
+            j = k
+            while pos < end:
+                a, b, fd, host = plan[j]
+                stop = b if b < end else end
+                if fd >= 0:
+                    parts.append((fd, host + (pos - a), stop - pos))
+                elif fd == -1:
+                    parts.append(view[pos - first:stop - first])
+                else:
+                    n = stop - pos
+                    while n > 0:
+                        parts.append(_ZEROS[:min(n, len(_ZEROS))])
+                        n -= len(_ZEROS)
+                pos = stop
+                j += 1
+            self._send_parts(parts)
 
     def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
         try:
@@ -702,6 +829,24 @@ class Connection:
         payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
         self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
                                NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+
+
+_SPARE_BUFFERS: list = []
+_SPARE_LOCK = threading.Lock()
+_SPARE_MAX = 16                     # read buffers kept for later connections, at most
+
+
+def _take_buffer() -> bytearray:
+    with _SPARE_LOCK:
+        if _SPARE_BUFFERS:
+            return _SPARE_BUFFERS.pop()
+    return bytearray(READ_BATCH_BYTES)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    with _SPARE_LOCK:
+        if len(_SPARE_BUFFERS) < _SPARE_MAX:
+            _SPARE_BUFFERS.append(buf)
 
 
 def _parse_meta_context(data: bytes, max_queries: int) -> tuple[bytes, list[bytes]]:

@@ -44,9 +44,10 @@ _HOLE_ZERO = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
 class ImageExport:
     """An opened image as an NBD export: reads and base:allocation from its extent stream.
 
-    Reads take the batch path convert uses: DATA runs are `pread` into the reply buffer,
-    compressed clusters are inflated a batch at a time with the GIL released
-    (`inflate_into`), zero and unallocated runs are cleared.
+    `read_plan` (what the server uses) leaves DATA runs in their files for the server to
+    sendfile, inflates compressed clusters a batch at a time with the GIL released
+    (`inflate_into`) and marks zero and unallocated runs as zeros. `read_into` fills a buffer:
+    DATA runs are `pread`, compressed clusters inflated, zero runs cleared.
     """
 
     def __init__(self, image, name: str = "", description: str = ""):
@@ -56,6 +57,69 @@ class ImageExport:
         self.size = image.virtual_size
         cluster = getattr(image, "cluster_size", 4096)
         self.preferred_block_size = min(max(512, cluster), 2 * 1024 * 1024)
+        # Each layer's data file and its size, by depth in the chain (for read_plan).
+        layers = []
+        node = image
+        while node is not None:
+            layers.append(node)
+            node = node.backing
+        self._fds = np.full(len(layers), -1, np.int64)
+        self._sizes = np.zeros(len(layers), np.int64)
+        for node in layers:
+            self._fds[node.depth] = node.data_fd
+            self._sizes[node.depth] = node.data_size
+
+    def read_plan(self, offset: int, out) -> list:
+        """Where the guest bytes at `offset` (len(out) of them) come from, for the NBD server:
+        ascending (start, end, fd, file_offset) runs; DATA runs stay in their file (fd >= 0,
+        sent with sendfile), compressed clusters are inflated into `out` (fd -1), zero and
+        unallocated runs are zeros (fd -2). A DATA run past the end of its file is read with
+        pread, which raises TruncatedImage (an EIO reply) as read_into does."""
+        arr = np.frombuffer(out, np.uint8)
+        plan: list = []
+        pos, end = offset, offset + len(arr)
+        while pos < end:
+            # One window when the read fits in one (a batch of a sequential copy, whatever its
+            # alignment), else aligned windows as in read_into.
+            stop = end if len(arr) <= FILL_WINDOW else min(
+                end, (pos // FILL_WINDOW + 1) * FILL_WINDOW)
+            self._plan_window(pos, arr[pos - offset:stop - offset], plan)
+            pos = stop
+        return plan
+
+    def _plan_window(self, start: int, out: np.ndarray, plan: list) -> None:
+        image = self.image
+        comp = []
+        for chunk in image._runs(start, start + len(out)):
+            g, n, k, host, depth = chunk.guest, chunk.length, chunk.kind, chunk.host, chunk.depth
+            if not len(g):
+                continue
+            data, compressed = k == _DATA, k == _COMPRESSED
+            code = np.where(compressed, -1, -2)
+            if data.any():
+                code[data] = self._fds[depth[data]]
+                short = data & (host + n > self._sizes[depth])
+                for i in np.flatnonzero(short).tolist():
+                    layer = image.layer(int(depth[i]))
+                    a = int(g[i]) - start
+                    _pread_exact(layer.data_fd, memoryview(out[a:a + int(n[i])]), int(host[i]),
+                                 f"{layer.filename}: data for guest offset {int(g[i]):#x}",
+                                 layer.data_size)
+                    code[i] = -1
+            if compressed.any():
+                comp.append(tuple(a[compressed] for a in (g, n, host, chunk.csize, depth)))
+            # One plan run per stretch of the same source (file ranges contiguous on disk).
+            cut = np.empty(len(g), bool)
+            cut[0] = True
+            cut[1:] = (code[1:] != code[:-1]) | (
+                (code[1:] >= 0) & (host[1:] != host[:-1] + n[:-1]))
+            idx = np.flatnonzero(cut)
+            ends = np.append(g[idx[1:]], g[-1] + n[-1])
+            plan.extend(zip(g[idx].tolist(), ends.tolist(), code[idx].tolist(),
+                            host[idx].tolist()))
+        if comp:
+            cols = [np.concatenate(c) for c in zip(*comp)] if len(comp) > 1 else comp[0]
+            self._inflate(start, out, *cols)
 
     def read_into(self, offset: int, out) -> None:
         """Fill `out` (a writable buffer) with the guest bytes at `offset`."""
