@@ -31,6 +31,14 @@ DEFAULT_CACHE_SIZE = 32 * 1024 * 1024      # L2 slice cache budget per image (QE
 COMPRESSED_CACHE_CLUSTERS = 16              # recently inflated clusters kept for small reads
 L2_SLICE_BYTES = 64 * 1024                  # L2 tables are read and cached in slices of this size
 SMALL_READ = 4 * 1024 * 1024                # reads up to this size take the lean path
+MAX_READ = 1 << 30                          # read() returns bytes up to this size at once
+
+
+def _check_read_size(n: int) -> None:
+    """Refuse, before allocating, a read() larger than MAX_READ (readinto takes any buffer)."""
+    if n > MAX_READ:
+        raise ValueError(f"read() of {n} bytes is over the {MAX_READ}-byte limit; use "
+                         "readinto() with your own buffer, or as_file() in pieces")
 _ZERO_BYTES = memoryview(bytes(256 * 1024))
 _HOLE_BATCH = 16 * 1024 * 1024              # guest window whose holes share one backing walk
 _classify_small, _SMALL_ENTRIES = _tables.classify_small, _tables.SMALL_ENTRIES
@@ -278,7 +286,9 @@ class RawImage(_Layer):
         """Return up to `size` bytes from `offset` (fewer at the end of the image)."""
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
-        buf = bytearray(max(0, min(size, self.virtual_size - offset)))
+        n = max(0, min(size, self.virtual_size - offset))
+        _check_read_size(n)
+        buf = bytearray(n)
         self.readinto(offset, buf)
         return bytes(buf)
 
@@ -680,6 +690,7 @@ class Image(_Layer):
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
         n = max(0, min(size, self.virtual_size - offset))
+        _check_read_size(n)
         if n <= SMALL_READ:
             runs = []
             self._small_runs(offset, offset + n, runs)
@@ -692,11 +703,7 @@ class Image(_Layer):
             buf = bytearray(n)
             self._fill_small(offset, memoryview(buf), runs)
             return bytes(buf)
-        try:
-            buf = bytearray(n)
-        except MemoryError:
-            raise ValueError(f"cannot allocate {n} bytes for a read; use readinto() or "
-                             "as_file() in smaller pieces") from None
+        buf = bytearray(n)
         self.readinto(offset, buf)
         return bytes(buf)
 

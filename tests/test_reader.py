@@ -18,7 +18,7 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import assert_same_bytes, qemu_map, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_map, reference_raw
 
 # Kinds whose bytes come from somewhere other than a zero rule.
 _BYTES_KINDS = (ExtentKind.DATA, ExtentKind.COMPRESSED)
@@ -394,3 +394,22 @@ def test_backing_chain(image):
                 assert layer.virtual_size in (built.path.stat().st_size, built.virtual_size), what
             layer = layer.backing
         assert layer is None, f"{image.id}: chain longer than the {len(image.chain)} layers built"
+
+
+
+def test_oversized_read_refused_before_allocating(tmp_path):
+    """read() of more than MAX_READ bytes is a ValueError raised before any buffer exists
+    (a 1 TiB read must not end in MemoryError); readinto() with the caller's buffer works."""
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1T")
+    raw = tmp_path / "big.raw"
+    with open(raw, "wb") as f:
+        f.truncate(2 << 30)
+    for img in (qcowfast.open(path), qcowfast.image.open_source(raw, "raw")):
+        with img:
+            with pytest.raises(ValueError, match="readinto"):
+                img.read(0, img.virtual_size)
+            with pytest.raises(ValueError, match="readinto"):
+                img.as_file().read()
+            buf = bytearray(4096)
+            assert img.readinto(img.virtual_size - 4096, buf) == 4096 and buf == bytes(4096)
