@@ -4,13 +4,25 @@ from __future__ import annotations
 import io
 
 
+READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
+
+
 class ImageFile(io.RawIOBase):
-    """Read-only, seekable file object over `image`; closing it does not close the image."""
+    """Read-only, seekable file object over `image`; closing it does not close the image.
+
+    Sequential reads smaller than READAHEAD are served from one READAHEAD-byte window filled
+    by a single large read (so compressed clusters inflate in big batches on all cores);
+    random reads go straight to the image.
+    """
 
     def __init__(self, image):
         super().__init__()
         self._image = image
         self._pos = 0
+        self._last_end = -1            # where the previous read ended: sequential detection
+        self._window = None            # bytearray of the read-ahead window, made on first use
+        self._win_start = 0
+        self._win_len = 0
 
     def readable(self) -> bool:
         return True
@@ -39,8 +51,30 @@ class ImageFile(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         self._checkClosed()
-        n = self._image.readinto(self._pos, buffer)
-        self._pos += n
+        view = memoryview(buffer).cast("B")
+        pos, end = self._pos, self._pos + len(view)
+        sequential = pos == self._last_end
+        while pos < end:
+            off = pos - self._win_start
+            if 0 <= off < self._win_len:
+                n = min(end - pos, self._win_len - off)
+                view[pos - self._pos:pos - self._pos + n] = \
+                    memoryview(self._window)[off:off + n]
+            elif sequential and end - pos < READAHEAD:
+                if self._window is None:
+                    self._window = bytearray(READAHEAD)
+                self._win_start = pos
+                self._win_len = self._image.readinto(pos, self._window)
+                if not self._win_len:
+                    break                      # end of the image
+                continue
+            else:
+                n = self._image.readinto(pos, view[pos - self._pos:])
+            if not n:
+                break
+            pos += n
+        n = pos - self._pos
+        self._pos = self._last_end = pos
         return n
 
     def readall(self) -> bytes:

@@ -413,3 +413,28 @@ def test_oversized_read_refused_before_allocating(tmp_path):
                 img.as_file().read()
             buf = bytearray(4096)
             assert img.readinto(img.virtual_size - 4096, buf) == 4096 and buf == bytes(4096)
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib", "c4k-chain3-short-base", "c512-v3-zlib"))
+def test_as_file_read_ahead_window(image, monkeypatch):
+    """Sequential reads served from the read-ahead window, random reads, seeks back into and
+    out of the window, and reads across its edges all return qemu-img's bytes."""
+    from qcowfast import reader
+    monkeypatch.setattr(reader, "READAHEAD", 192 * 1024 + 512)   # many windows, odd edges
+    want = reference_raw(image.path)
+    rng = random.Random(11)
+    with qcowfast.open(image.path) as img:
+        f = img.as_file()
+        got = bytearray()
+        while chunk := f.read(rng.choice((1, 511, 4096, 65536, 100_000))):
+            got += chunk
+        assert_same_bytes(bytes(got), want, "sequential as_file reads")
+        for _ in range(300):
+            pos = rng.randrange(len(want))
+            f.seek(pos)
+            for _ in range(rng.randint(1, 4)):        # a few sequential reads from there
+                n = rng.choice((1, 777, 4096, 70_000, 300_000))
+                at = f.tell()
+                assert_same_bytes(f.read(n), want[at:at + n], f"read at {at:#x}", base=at)
+        f.seek(len(want) - 10)
+        assert f.read(100) == want[-10:] and f.read(100) == b""
