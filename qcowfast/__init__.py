@@ -21,7 +21,7 @@ _LAZY = {
     "EncryptedImage": "errors", "BackingChainError": "errors", "UnsafePathError": "errors",
     "OutputError": "errors", "SnapshotNotFound": "errors", "ImageOpenError": "errors",
     "ImageNotFound": "errors", "MissingBackingFile": "errors", "ImageLocked": "errors",
-    "AllocationFailed": "errors",
+    "AllocationFailed": "errors", "CodecUnavailable": "errors",
 }
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
     "UnsupportedFeature", "EncryptedImage", "BackingChainError", "UnsafePathError", "OutputError",
     "SnapshotNotFound", "ImageOpenError", "ImageNotFound", "MissingBackingFile", "ImageLocked",
-    "AllocationFailed",
+    "AllocationFailed", "CodecUnavailable",
 ]
 
 
