@@ -17,13 +17,11 @@ import queue
 import struct
 import threading
 from array import array
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _deflate
-from .convert import _Filler, _plan, _write_all
+from .convert import _Filler, _run_units, _write_all
 from .errors import OutputError
 
 COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
@@ -323,21 +321,7 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
             progress(ui * unit + ulen, source.virtual_size)
 
     # Never more workers than batches in flight (each holds a Compressor and two buffers).
-    with ThreadPoolExecutor(min(threads, MAX_INFLIGHT), thread_name_prefix="qcowfast-w") as pool:
-        pending: deque = deque()
-        try:
-            for ui, runs in _plan(source, unit):
-                pending.append((ui, pool.submit(work, ui, runs)))
-                if len(pending) >= inflight:
-                    u, fut = pending.popleft()
-                    done(u, fut.result())
-            while pending:
-                u, fut = pending.popleft()
-                done(u, fut.result())
-        except BaseException:
-            for _, fut in pending:
-                fut.cancel()
-            raise
+    _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight)
     size = layout.finish(vsize, ctype)
     os.ftruncate(fd, size)
     if progress:
