@@ -55,6 +55,18 @@ def served(tmp_path):
         server.stop()
 
 
+def _terminate(proc: subprocess.Popen) -> None:
+    """End a server process (SIGTERM, then SIGKILL after 10 s) and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    proc.stderr.close()
+
+
 class CliServer:
     """`python -m qcowfast serve ...` as a subprocess; the URI is read from its stderr."""
 
@@ -82,14 +94,7 @@ class CliServer:
         return self.proc.wait(timeout)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc.stderr.close()
+        _terminate(self.proc)
 
 
 @pytest.fixture
@@ -122,14 +127,7 @@ class QemuNbd:
             time.sleep(0.02)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc.stderr.close()
+        _terminate(self.proc)
 
 
 def nbd_map(uri: str) -> list[tuple[int, int, int]]:
