@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from .constants import MAX_L1_BYTES, MAX_SNAPSHOTS
 from .errors import CorruptImage, FormatError, SnapshotNotFound, TruncatedImage
@@ -52,33 +53,98 @@ class Snapshot:
     extra_data_size: int
 
 
-class _TableReader:
-    """Reads a byte range of the file through a forward read-ahead window."""
+class _Window:
+    """Serves byte ranges of the table from a forward read-ahead window.
 
-    def __init__(self, fd: int, start: int, file_size: int):
-        self.fd = fd
-        self.file_size = file_size
+    `fill(offset, n, what)` reads at least `n` bytes at `offset` (it applies the caller's policy
+    for bytes past the end of the file); `what` names the entry in its errors.
+    """
+
+    def __init__(self, fill, start: int):
+        self.fill = fill
         self.base = start
         self.buf = b""
 
     def get(self, offset: int, n: int, what: str) -> bytes:
-        if offset + n > self.file_size:
-            raise TruncatedImage(f"{what}: {n} bytes at {offset:#x} run past the end of the file "
-                                 f"({self.file_size} bytes)")
         if not (self.base <= offset and offset + n <= self.base + len(self.buf)):
-            want = min(max(n, _READ_AHEAD), self.file_size - offset)
-            self.base, self.buf = offset, os.pread(self.fd, want, offset)
-            if len(self.buf) < n:
-                raise TruncatedImage(f"{what}: short read of {n} bytes at {offset:#x}")
+            self.base, self.buf = offset, self.fill(offset, n, what)
         lo = offset - self.base
         return self.buf[lo:lo + n]
 
 
-def _label(index: int, ident: str | None = None, name: str | None = None) -> str:
-    text = f"snapshot table entry {index}"
-    if ident is not None:
-        text += f" (id {ident!r}, name {name!r})"
-    return text
+def _strict_fill(fd: int, file_size: int):
+    """A `_Window` fill that refuses bytes past the end of the file (TruncatedImage)."""
+    def fill(offset: int, n: int, what: str) -> bytes:
+        if offset + n > file_size:
+            raise TruncatedImage(f"{what}: {n} bytes at {offset:#x} run past the end of the file "
+                                 f"({file_size} bytes)")
+        buf = os.pread(fd, min(max(n, _READ_AHEAD), file_size - offset), offset)
+        if len(buf) < n:
+            raise TruncatedImage(f"{what}: short read of {n} bytes at {offset:#x}")
+        return buf
+    return fill
+
+
+def _padded_fill(fd: int):
+    """A `_Window` fill that reads bytes past the end of the file as zeros, as QEMU does."""
+    return lambda offset, n, what: pread_padded(fd, max(n, _READ_AHEAD), offset)
+
+
+def _label(index: int) -> str:
+    return f"snapshot table entry {index}"
+
+
+def _c_string(raw: bytes) -> str:
+    """An id or name as QEMU prints it: up to its first NUL byte."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """What a walk of the table raises and how it decodes, per caller."""
+    error: type[Exception]      # raised when an entry breaks one of QEMU's limits
+    at: Callable[[int], str]    # names entry i in the table-size message
+    text: Callable[[bytes], str]    # decodes an id or a name
+
+
+# read_snapshots(): the snapshots an opened image serves.
+_STRICT = _Policy(FormatError, _label, lambda raw: raw.decode("utf-8", "surrogateescape"))
+# read_snapshot_table(): what QEMU checks and prints when it opens an image.
+_AT_OPEN = _Policy(CorruptImage, lambda i: f"entry {i}", _c_string)
+
+
+def _walk(get, start: int, count: int, disk_size: int,
+          policy: _Policy) -> tuple[list[Snapshot], int]:
+    """Parse `count` entries from `start` (qcow2_do_read_snapshots()).
+
+    `get(offset, n, what)` returns the `n` bytes at `offset`; `disk_size` stands for entries
+    whose extra data records none. Returns (snapshots, table size in bytes).
+    """
+    out = []
+    pos = start
+    for i in range(count):
+        pos = (pos + 7) & ~7
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
+         extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size, _label(i)))
+        if extra_len > MAX_EXTRA_DATA:
+            raise policy.error(f"{_label(i)}: extra_data_size {extra_len} exceeds QEMU's limit "
+                               f"of {MAX_EXTRA_DATA} bytes")
+        end = pos + _ENTRY.size + extra_len + id_len + name_len
+        if end - start > MAX_SNAPSHOTS_SIZE:
+            raise policy.error(f"snapshot table is larger than QEMU's limit of "
+                               f"{MAX_SNAPSHOTS_SIZE} bytes (at {policy.at(i)})")
+        body = get(pos + _ENTRY.size, end - pos - _ENTRY.size, _label(i))
+        extra = body[:extra_len]
+        # Extra data (qcow2.txt): 64-bit VM state size, disk size, icount; unknown fields ignored.
+        vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
+        disk = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else disk_size
+        icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
+        out.append(Snapshot(policy.text(body[extra_len:extra_len + id_len]),
+                            policy.text(body[extra_len + id_len:]), l1_offset, l1_size,
+                            vm_state, disk, date_sec, date_nsec, vm_clock_nsec, icount,
+                            extra_len))
+        pos = end
+    return out, pos - start
 
 
 def read_snapshots(image) -> list[Snapshot]:
@@ -110,33 +176,8 @@ def read_snapshots(image) -> list[Snapshot]:
     if start % h.cluster_size:
         raise FormatError(f"snapshot table offset {start:#x} is not aligned to the cluster size "
                           f"{h.cluster_size}")
-    file_size = image.file_size
-    reader = _TableReader(image._fd, start, file_size)
-    out = []
-    pos = start
-    for i in range(count):
-        pos = (pos + 7) & ~7
-        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
-         extra_len) = _ENTRY.unpack(reader.get(pos, _ENTRY.size, _label(i)))
-        if extra_len > MAX_EXTRA_DATA:
-            raise FormatError(f"{_label(i)}: extra_data_size {extra_len} exceeds QEMU's limit of "
-                              f"{MAX_EXTRA_DATA} bytes")
-        end = pos + _ENTRY.size + extra_len + id_len + name_len
-        if end - start > MAX_SNAPSHOTS_SIZE:
-            raise FormatError(f"snapshot table is larger than QEMU's limit of {MAX_SNAPSHOTS_SIZE} "
-                              f"bytes (at {_label(i)})")
-        body = reader.get(pos + _ENTRY.size, end - pos - _ENTRY.size, _label(i))
-        extra = body[:extra_len]
-        ident = body[extra_len:extra_len + id_len].decode("utf-8", "surrogateescape")
-        name = body[extra_len + id_len:].decode("utf-8", "surrogateescape")
-        # Extra data (qcow2.txt): 64-bit VM state size, disk size, icount; unknown fields ignored.
-        vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
-        disk_size = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else h.size
-        icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
-        out.append(Snapshot(ident, name, l1_offset, l1_size, vm_state, disk_size, date_sec,
-                            date_nsec, vm_clock_nsec, icount, extra_len))
-        pos = end
-    return out
+    get = _Window(_strict_fill(image._fd, image.file_size), start).get
+    return _walk(get, start, count, h.size, _STRICT)[0]
 
 
 def check_l1(image, snap: Snapshot) -> None:
@@ -252,44 +293,9 @@ def read_snapshot_table(fd: int, header) -> tuple[list[Snapshot], int]:
 
     Returns (snapshots, table size in bytes). Raises CorruptImage.
     """
-    start, count = header.snapshots_offset, header.nb_snapshots
-    window_base, window = start, b""
-
-    def get(offset: int, n: int) -> bytes:
-        nonlocal window_base, window
-        if not (window_base <= offset and offset + n <= window_base + len(window)):
-            window_base, window = offset, pread_padded(fd, max(n, _READ_AHEAD), offset)
-        lo = offset - window_base
-        return window[lo:lo + n]
-
-    out = []
-    pos = start
-    for i in range(count):
-        pos = (pos + 7) & ~7
-        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
-         extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size))
-        if extra_len > MAX_EXTRA_DATA:
-            raise CorruptImage(f"snapshot table entry {i}: extra_data_size {extra_len} exceeds "
-                               f"QEMU's limit of {MAX_EXTRA_DATA} bytes")
-        end = pos + _ENTRY.size + extra_len + id_len + name_len
-        if end - start > MAX_SNAPSHOTS_SIZE:
-            raise CorruptImage(f"snapshot table is larger than QEMU's limit of "
-                               f"{MAX_SNAPSHOTS_SIZE} bytes (at entry {i})")
-        body = get(pos + _ENTRY.size, end - pos - _ENTRY.size)
-        extra = body[:extra_len]
-        ident = body[extra_len:extra_len + id_len].split(b"\0", 1)[0]
-        name = body[extra_len + id_len:].split(b"\0", 1)[0]
-        vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
-        disk_size = (int.from_bytes(extra[8:16], "big") if extra_len >= 16
-                     else header.size // SECTOR * SECTOR)
-        icount = int.from_bytes(extra[16:24], "big", signed=True) if extra_len >= 24 else -1
-        out.append(Snapshot(ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
-                            l1_offset, l1_size, vm_state, disk_size, date_sec, date_nsec,
-                            vm_clock_nsec, icount, extra_len))
-        pos = end
-    return out, pos - start
-
-
+    start = header.snapshots_offset
+    get = _Window(_padded_fill(fd), start).get
+    return _walk(get, start, header.nb_snapshots, header.size // SECTOR * SECTOR, _AT_OPEN)
 
 
 def check_at_open(image) -> None:
