@@ -41,6 +41,7 @@ def _check_read_size(n: int) -> None:
                          "readinto() with your own buffer, or as_file() in pieces")
 _ZERO_BYTES = memoryview(bytes(256 * 1024))
 _HOLE_BATCH = 16 * 1024 * 1024              # guest window whose holes share one backing walk
+_BATCH_ENTRIES = 8192                       # L2 entries of small tables classified in one call
 _classify_small, _SMALL_ENTRIES = _tables.classify_small, _tables.SMALL_ENTRIES
 _EXTENDED_L2 = _tables.FLAGS["extended_l2"]
 _ZERO_OFFSET = np.zeros(1, np.int64)
@@ -356,6 +357,8 @@ class Image(_Layer):
                        | (_tables.FLAGS["data_file"] if h.has_data_file else 0))
         self._l2_per_l1 = h.l2_entries * h.cluster_size            # guest bytes per L1 entry
         self._slice_entries = max(1, min(h.l2_entries, L2_SLICE_BYTES // h.l2_entry_size))
+        self._slice_bytes = self._slice_entries * h.l2_entry_size
+        self._l2_entries = h.l2_entries
         self._lock = threading.Lock()
         self._l2_cache: OrderedDict = OrderedDict()
         self._l2_cache_bytes = 0
@@ -522,7 +525,7 @@ class Image(_Layer):
             except KeyError:
                 pass
             return pair
-        nbytes = self._slice_entries * self.header.l2_entry_size
+        nbytes = self._slice_bytes
         raw = bytearray(nbytes)
         _pread_exact(self._fd, memoryview(raw), l2_offset + slice_index * nbytes,
                      f"{self.filename}: L2 table at {l2_offset:#x}", self.file_size)
@@ -554,11 +557,17 @@ class Image(_Layer):
         offsets = self._l2_offsets
         present = np.flatnonzero(offsets[i0:i1 + 1]) + i0
         pos = start
-        for l1_index in present.tolist():
+        for group in self._l1_groups(present):
+            l1_index = group[0]
             table_start = l1_index * per_l1
             if table_start > pos:
                 yield _single_run(pos, table_start, _UNALLOCATED, self.depth)
                 pos = table_start
+            if len(group) > 1:
+                group_end = min((group[-1] + 1) * per_l1, end)
+                yield self._tables_runs(group, pos, group_end)
+                pos = group_end
+                continue
             table_end = min(table_start + per_l1, end)
             l2_offset = int(offsets[l1_index])
             first = (pos - table_start) // cs
@@ -580,6 +589,42 @@ class Image(_Layer):
             pos = table_end
         if pos < end:
             yield _single_run(pos, end, _UNALLOCATED, self.depth)
+
+    def _l1_groups(self, present: np.ndarray) -> Iterator[list]:
+        """Split present L1 indexes into groups classified together: runs of consecutive
+        indexes of small L2 tables (tiny clusters: one call per table would cost more in
+        Python than the classification), single indexes otherwise."""
+        per_batch = _BATCH_ENTRIES // self._l2_entries
+        if per_batch < 2 or len(present) < 2:
+            for i in present.tolist():
+                yield [i]
+            return
+        cuts = np.flatnonzero(np.diff(present) != 1) + 1
+        for run in np.split(present, cuts):
+            run = run.tolist()
+            for a in range(0, len(run), per_batch):
+                yield run[a:a + per_batch]
+
+    def _tables_runs(self, group: list, start: int, end: int) -> Runs:
+        """Runs of [start, end) over the consecutive L1 indexes `group`, whose L2 tables (one
+        slice each) are classified as one table: their guest ranges are contiguous."""
+        cs = self.cluster_size
+        entries = self._slice_entries          # one slice is the whole table here
+        offsets = [int(self._l2_offsets[i]) for i in group]
+        # The native views hold the raw big-endian bytes (concatenating `>u8` arrays would
+        # convert them to native byte order).
+        tbl = np.concatenate([self._l2_slice_pair(o, 0)[1] for o in offsets])
+        table_start = group[0] * self._l2_per_l1
+        first = (start - table_start) // cs
+        last = (end - 1 - table_start) // cs
+        try:
+            arrays = _tables.classify_l2(tbl, first, last + 1 - first, self.cluster_bits,
+                                         self._flags, table_start + first * cs, self.data_size)
+        except _tables.L2EntryError as err:
+            t = err.index // entries
+            err.index -= t * entries
+            raise self._l2_error(err, offsets[t], 0, (group[0] + t) * self._l2_per_l1) from None
+        return self._clip(arrays, start, end)
 
     def _small_runs(self, start: int, end: int, out: list) -> None:
         """Append (a, b, kind, host, csize, layer) runs of [start, end), resolved through the
