@@ -13,7 +13,6 @@ the interpreter (~40 MiB): under 256 MiB for 4 threads.
 from __future__ import annotations
 
 import errno
-import inspect
 import mmap
 import os
 import queue
@@ -27,8 +26,8 @@ import numpy as np
 
 from . import _fill, _tables
 from .constants import ExtentKind
-from .errors import CorruptImage, OutputError, QcowError, TruncatedImage, UnsupportedFeature
-from .image import Image, _pread_exact, open as open_image
+from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
+from .image import Image, _pread_exact, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
 
 UNIT_SIZE = 8 * 1024 * 1024
@@ -478,8 +477,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     threads = threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError("threads must be at least 1")
-    with _open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
-                      snapshot=snapshot, force_share=force_share) as image:
+    with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
+                     snapshot=snapshot, force_share=force_share) as image:
         # Units are whole clusters of every layer (cluster sizes are powers of two), so no
         # compressed cluster crosses a unit.
         largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
@@ -556,19 +555,6 @@ def _check_options(format, src_format, compression, level, cluster_size, sparse_
         raise ValueError("sparse_size must be a non-negative multiple of 512")
     if max_output_size is not None and max_output_size < 0:
         raise ValueError("max_output_size must be None or a non-negative number of bytes")
-
-
-def _open_source(src, src_format, **kw):
-    """Open the source: image.open_source (format probe, raw sources) where it exists."""
-    from . import image as image_module
-    opener = getattr(image_module, "open_source", None)
-    if opener is not None:
-        return opener(src, src_format, **kw)
-    if src_format == "raw":
-        raise UnsupportedFeature("raw sources are not supported by this build")
-    if "force_share" not in inspect.signature(open_image).parameters:
-        kw.pop("force_share")
-    return open_image(src, **kw)
 
 
 def _capped(progress, out, cap):
