@@ -4,11 +4,24 @@
 Compiled because an image has one L2 entry per guest cluster (16 Mi entries for 1 TiB at 64 KiB):
 these loops run in C over zero-copy uint64 views of big-endian tables, with the GIL released.
 The facade (image.py) checks shapes and sizes once; the loops report the first bad entry by index.
+SmallReader serves reads of at most one cluster (lookup, checks and pread) in one call, because
+Python's per-call cost would be most of a 4 KiB read.
 """
+cimport numpy as cnp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItemWithError
+from cpython.ref cimport PyObject
+from cpython.weakref cimport PyWeakref_GetObject
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy, memset
+from posix.unistd cimport pread
+
+import weakref
 
 import numpy as np
 
+cnp.import_array()
 
 cdef extern from "_codecs.h" nogil:
     uint64_t qf_be64(uint64_t x)
@@ -80,7 +93,7 @@ cdef inline int64_t emit(int64_t n, uint8_t kind, int64_t guest, int64_t length,
     return n + 1
 
 
-cdef int64_t classify_loop(const uint64_t[::1] l2_be, int64_t first, int64_t count,
+cdef int64_t classify_loop(const uint64_t *l2_be, int64_t first, int64_t count,
                            int cluster_bits, int flags, int64_t guest_base, int64_t host_limit,
                            int64_t[::1] o_guest, int64_t[::1] o_len, uint8_t[::1] o_kind,
                            int64_t[::1] o_host, int64_t[::1] o_csize,
@@ -204,7 +217,7 @@ def classify_l2(l2_be, Py_ssize_t first, Py_ssize_t count, int cluster_bits, int
     cdef int64_t bad_index = -1, n
     cdef int bad_code = E_OK
     with nogil:
-        n = classify_loop(tbl, first, count, cluster_bits, flags, guest_base, host_limit,
+        n = classify_loop(&tbl[0], first, count, cluster_bits, flags, guest_base, host_limit,
                           g, ln, k, h, cs, &bad_index, &bad_code)
     if n < 0:
         raise L2EntryError(bad_index, bad_code)
@@ -362,7 +375,7 @@ def classify_small(l2_u64, Py_ssize_t first, Py_ssize_t count, int cluster_bits,
         g, ln, h, cs = (np.empty(SMALL_RUNS, np.int64) for _ in range(4))
         k = np.empty(SMALL_RUNS, np.uint8)
     try:
-        n = classify_loop(tbl, first, count, cluster_bits, flags, guest_base, host_limit,
+        n = classify_loop(&tbl[0], first, count, cluster_bits, flags, guest_base, host_limit,
                           g, ln, k, h, cs, &bad_index, &bad_code)
         if n < 0:
             raise L2EntryError(bad_index, bad_code)
@@ -370,3 +383,205 @@ def classify_small(l2_u64, Py_ssize_t first, Py_ssize_t count, int cluster_bits,
     finally:
         if shared:
             _small_busy = False
+
+
+# -- small reads in C: image.py's leanest path, for reads of at most one cluster -----------------
+# Output of classify_loop for one entry (at most 32 subcluster runs), read right after the call
+# with no Python code in between, so no other caller can interleave.
+_one = [np.empty(32, np.int64) for _ in range(4)] + [np.empty(32, np.uint8)]
+cdef int64_t[::1] _o_guest = _one[0], _o_len = _one[1], _o_host = _one[2], _o_csize = _one[3]
+cdef uint8_t[::1] _o_kind = _one[4]
+
+
+cdef class SmallReader:
+    """Reads of at most one cluster, in C: per piece of the range, one L2 lookup per layer (the
+    rules of classify_l2) and one pread, a zero fill or a slice of an inflated cluster.
+
+    One per layer of a chain. read() and readinto() return None and -1 where the general path
+    must serve the range: longer than a cluster of the top layer, an L2 entry breaks a rule
+    (the general path raises the error), or a read comes up short.
+    """
+    cdef object layer_ref        # weak reference to the Image or RawImage (which holds this
+                                 # reader): its _fd, _l2_slice_pair and _inflated
+    cdef object l2_cache         # the Image's L2 slice cache (see Image._l2_slice_pair)
+    cdef SmallReader backing
+    cdef const int64_t[::1] l2_offsets
+    cdef int fd, cluster_bits, flags
+    cdef int64_t virtual_size, data_size, per_l1, slice_entries, max_read
+    cdef bint raw
+
+    def __init__(self, layer, SmallReader backing, int fd, int64_t virtual_size,
+                 int64_t data_size, l2_offsets=None, l2_cache=None, int cluster_bits=9,
+                 int flags=0, int64_t per_l1=0, int64_t slice_entries=0):
+        self.layer_ref = weakref.ref(layer)
+        self.backing = backing
+        self.fd = fd
+        self.virtual_size = virtual_size
+        self.data_size = data_size
+        self.raw = l2_offsets is None
+        self.max_read = 1LL << cluster_bits
+        if not self.raw:
+            if not 9 <= cluster_bits <= 21 or per_l1 <= 0 or slice_entries <= 0:
+                raise ValueError("bad table geometry")
+            self.l2_offsets = l2_offsets
+            self.l2_cache = l2_cache
+            self.cluster_bits = cluster_bits
+            self.flags = flags
+            self.per_l1 = per_l1
+            self.slice_entries = slice_entries
+
+    cdef object _layer(self):
+        cdef PyObject *layer = PyWeakref_GetObject(self.layer_ref)
+        if layer == <PyObject *>None:
+            raise ValueError("I/O operation on a closed image")
+        return <object>layer
+
+    cdef int _check_open(self) except -1:
+        if self._layer()._fd < 0:
+            raise ValueError("I/O operation on a closed image")
+        return 0
+
+    cdef object _l2_slice(self, int64_t l2_offset, int64_t s_index):
+        """Image._l2_slice_pair(...)[1], looked up in C when the slice is cached."""
+        key = (l2_offset, s_index)
+        cdef PyObject *pair = PyDict_GetItemWithError(self.l2_cache, key)
+        if pair == NULL:
+            return self._layer()._l2_slice_pair(l2_offset, s_index)[1]
+        tbl = (<tuple>pair)[1]
+        try:
+            self.l2_cache.move_to_end(key)
+        except KeyError:
+            pass                        # evicted meanwhile by another thread
+        return tbl
+
+    cdef SmallReader _find(self, int64_t offset, int64_t *n, int *kind, int64_t *host,
+                           int64_t *csize):
+        """The layer serving the first bytes of [offset, offset + *n) and how (kind, host,
+        csize); *n is cut to the bytes served that way. None: a bad L2 entry."""
+        cdef SmallReader node = self
+        cdef cnp.ndarray tbl
+        cdef int64_t cs, l2_offset, l1_index, index, s_index, bad_index = -1, runs, r
+        cdef int bad_code = E_OK
+        while True:
+            if node is not self:
+                node._check_open()      # a backing layer its owner closed
+            if node.raw:
+                kind[0] = K_ZERO
+                if offset < node.data_size:
+                    kind[0] = K_DATA
+                    host[0] = offset
+                    n[0] = min(n[0], node.data_size - offset)
+                return node
+            cs = 1LL << node.cluster_bits
+            n[0] = min(n[0], cs - (offset & (cs - 1)))
+            l1_index = offset // node.per_l1
+            if l1_index >= node.l2_offsets.shape[0]:
+                return None
+            l2_offset = node.l2_offsets[l1_index]
+            kind[0] = K_UNALLOCATED
+            if l2_offset:
+                index = (offset - l1_index * node.per_l1) >> node.cluster_bits
+                s_index = index // node.slice_entries
+                tbl = node._l2_slice(l2_offset, s_index)
+                index -= s_index * node.slice_entries
+                if (cnp.PyArray_ITEMSIZE(tbl) != 8 or not cnp.PyArray_IS_C_CONTIGUOUS(tbl) or
+                        (index + 1) * (2 if node.flags & FLAG_EXTENDED_L2 else 1)
+                        > cnp.PyArray_DIM(tbl, 0)):
+                    return None
+                runs = classify_loop(<const uint64_t *>cnp.PyArray_DATA(tbl), index, 1,
+                                     node.cluster_bits, node.flags, offset & ~(cs - 1),
+                                     node.data_size, _o_guest, _o_len, _o_kind, _o_host,
+                                     _o_csize, &bad_index, &bad_code)
+                if runs < 0:
+                    return None         # a bad entry: the general path raises its error
+                r = 0
+                while r < runs and _o_guest[r] + _o_len[r] <= offset:
+                    r += 1
+                if r == runs:
+                    return None
+                n[0] = min(n[0], _o_guest[r] + _o_len[r] - offset)
+                kind[0] = _o_kind[r]
+                if kind[0] == K_DATA:
+                    host[0] = _o_host[r] + (offset - _o_guest[r])
+                elif kind[0] == K_COMPRESSED:
+                    host[0] = _o_host[r]
+                    csize[0] = _o_csize[r]
+                if kind[0] != K_UNALLOCATED:
+                    return node
+            # Unallocated here: the backing layer's bytes; zeros without one or past its end.
+            if node.backing is None or offset >= node.backing.virtual_size:
+                kind[0] = K_ZERO
+                return node
+            n[0] = min(n[0], node.backing.virtual_size - offset)
+            node = node.backing
+
+    cdef bint _fill(self, char *dst, int64_t offset, int64_t n, int kind, int64_t host,
+                    int64_t csize) except -1:
+        """Fill dst with the n bytes _find described; False if a read came up short."""
+        cdef int64_t got = 0, r, cs, within
+        cdef const uint8_t[::1] cluster
+        if kind == K_DATA:
+            with nogil:
+                while got < n:
+                    r = pread(self.fd, dst + got, <size_t>(n - got), host + got)
+                    if r < 0 and errno == EINTR:
+                        continue
+                    if r <= 0:
+                        break
+                    got += r
+            return got == n
+        if kind == K_COMPRESSED:
+            cs = 1LL << self.cluster_bits
+            within = offset & (cs - 1)
+            cluster = self._layer()._inflated(host, csize, offset - within)
+            if cluster.shape[0] < within + n:
+                return False
+            memcpy(dst, &cluster[within], <size_t>n)
+            return True
+        memset(dst, 0, <size_t>n)
+        return True
+
+    cdef bint _read(self, char *dst, int64_t offset, int64_t n) except -1:
+        """Fill dst with guest bytes [offset, offset + n), piece by piece; False: not served."""
+        cdef int64_t pos = 0, m, host = -1, csize = 0
+        cdef int kind = K_UNALLOCATED
+        cdef SmallReader node
+        while pos < n:
+            m = n - pos
+            node = self._find(offset + pos, &m, &kind, &host, &csize)
+            if node is None or not node._fill(dst + pos, offset + pos, m, kind, host, csize):
+                return False
+            pos += m
+        return True
+
+    def read(self, offset, size):
+        """bytes of [offset, offset+size) (fewer at the end of the image), or None: the general
+        path serves this read."""
+        cdef int64_t o, n
+        self._check_open()
+        try:
+            o = offset
+            n = size
+        except (OverflowError, TypeError):
+            return None
+        if o < 0 or n < 0 or n > self.max_read:
+            return None
+        n = max(0, min(n, self.virtual_size - o))       # short at the end of the image
+        out = PyBytes_FromStringAndSize(NULL, n)
+        return out if self._read(PyBytes_AS_STRING(out), o, n) else None
+
+    def readinto(self, offset, buffer):
+        """Fill `buffer` (writable bytes) from `offset`; return the count (short at the end of
+        the image), or -1: the general path serves it."""
+        cdef int64_t o, n
+        cdef uint8_t[::1] d = buffer
+        self._check_open()
+        try:
+            o = offset
+        except (OverflowError, TypeError):
+            return -1
+        n = d.shape[0]
+        if o < 0 or n > self.max_read:
+            return -1
+        n = max(0, min(n, self.virtual_size - o))       # short at the end of the image
+        return n if n == 0 or self._read(<char *>&d[0], o, n) else -1

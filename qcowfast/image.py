@@ -34,6 +34,19 @@ SMALL_READ = 4 * 1024 * 1024                # reads up to this size take the lea
 MAX_READ = 1 << 30                          # read() returns bytes up to this size at once
 
 
+def _lru_get(cache: OrderedDict, key):
+    """cache[key] marked as most recently used, or None. Takes no lock: get() and
+    move_to_end() are each atomic on an OrderedDict, and an eviction racing between them only
+    makes move_to_end() miss the key."""
+    value = cache.get(key)
+    if value is not None:
+        try:
+            cache.move_to_end(key)
+        except KeyError:
+            pass
+    return value
+
+
 def _check_read_size(n: int) -> None:
     """Refuse, before allocating, a read() larger than MAX_READ (readinto takes any buffer)."""
     if n > MAX_READ:
@@ -255,7 +268,7 @@ class RawImage(_Layer):
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
+            self._fd = self.data_fd = -1
 
     def __enter__(self) -> "RawImage":
         return self
@@ -295,6 +308,8 @@ class RawImage(_Layer):
 
     def readinto(self, offset: int, buffer) -> int:
         """Fill `buffer` from `offset`; return the count (short at the end of the image)."""
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed image")
         view = memoryview(buffer).cast("B")
         start, end = self._span(offset, len(view))
         mid = max(start, min(end, self.data_size))
@@ -480,6 +495,8 @@ class Image(_Layer):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, attr, -1)
+        # The descriptor numbers may soon belong to other files: nothing may read them.
+        self.data_fd = -1
 
     def __enter__(self) -> "Image":
         return self
@@ -515,15 +532,8 @@ class Image(_Layer):
     def _l2_slice_pair(self, l2_offset: int, slice_index: int) -> tuple:
         """(big-endian array, native uint64 view of it) for one L2 slice, from the cache."""
         key = (l2_offset, slice_index)
-        cache = self._l2_cache
-        # Lookups take no lock: get() and move_to_end() are each atomic on an OrderedDict, and
-        # an eviction racing between them only makes move_to_end() miss the key.
-        pair = cache.get(key)
+        pair = _lru_get(self._l2_cache, key)
         if pair is not None:
-            try:
-                cache.move_to_end(key)
-            except KeyError:
-                pass
             return pair
         nbytes = self._slice_bytes
         raw = bytearray(nbytes)
@@ -730,8 +740,15 @@ class Image(_Layer):
         return iter_entries(self)
 
     # -- reading -------------------------------------------------------------------------------
+    # Three paths, by size: up to one cluster, _tables.SmallReader in C; up to SMALL_READ,
+    # _small_runs tuples; beyond, _runs chunks. The last two fill through _fill_small.
+    _small = None           # this layer's _tables.SmallReader, made by _small_reader()
+
     def read(self, offset: int, size: int) -> bytes:
         """Return up to `size` guest bytes from `offset` (fewer at the end of the image)."""
+        data = (self._small or _small_reader(self)).read(offset, size)
+        if data is not None:
+            return data
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
         n = max(0, min(size, self.virtual_size - offset))
@@ -757,32 +774,28 @@ class Image(_Layer):
         if offset < 0:
             raise ValueError("offset must be non-negative")
         view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("readinto() needs a writable buffer")
+        n = (self._small or _small_reader(self)).readinto(offset, view)
+        if n >= 0:
+            return n
         start, end = self._span(offset, len(view))
         if end - start <= SMALL_READ:
             runs = []
             self._small_runs(start, end, runs)
             self._fill_small(start, view, runs)
             return end - start
+        layers = self.chain                     # layers[d - self.depth] has depth d
         for chunk in self._runs(start, end):
-            for g, n, k, h, c, d in zip(chunk.guest.tolist(), chunk.length.tolist(),
-                                        chunk.kind.tolist(), chunk.host.tolist(),
-                                        chunk.csize.tolist(), chunk.depth.tolist()):
-                dst = view[g - start:g - start + n]
-                if k == _DATA:
-                    layer = self.layer(d)
-                    _pread_exact(layer.data_fd, dst, h, f"{layer.filename}: data cluster "
-                                 f"for guest offset {g:#x}", layer.data_size)
-                elif k == _COMPRESSED:
-                    layer = self.layer(d)
-                    cluster = layer._inflated(h, c, g)
-                    within = g & (layer.cluster_size - 1)
-                    dst[:] = cluster[within:within + n]
-                else:
-                    dst[:] = bytes(n)
+            self._fill_small(start, view, [
+                (g, g + n, k, h, c, layers[d - self.depth]) for g, n, k, h, c, d in zip(
+                    chunk.guest.tolist(), chunk.length.tolist(), chunk.kind.tolist(),
+                    chunk.host.tolist(), chunk.csize.tolist(), chunk.depth.tolist())])
         return end - start
 
     def _fill_small(self, start: int, view, runs: list) -> None:
-        """Fill view (guest bytes from `start`) from the runs of `_small_runs`."""
+        """Fill view (guest bytes from `start`) from (a, b, kind, host, csize, layer) runs, as
+        `_small_runs` makes them."""
         whole = None
         for a, b, k, h, c, layer in runs:
             dst = view[a - start:b - start]
@@ -801,28 +814,13 @@ class Image(_Layer):
                     continue
                 dst[:] = memoryview(layer._inflated(h, c, g))[a - g:b - g]
             else:
-                n = b - a
-                if n <= len(_ZERO_BYTES):
-                    dst[:] = _ZERO_BYTES[:n]
-                else:
-                    dst[:] = bytes(n)
+                for z in range(0, b - a, len(_ZERO_BYTES)):
+                    n = min(b - a - z, len(_ZERO_BYTES))
+                    dst[z:z + n] = _ZERO_BYTES[:n]
         if whole:
             for layer, items in whole.items():
                 h, c, a = (np.array(x, np.int64) for x in zip(*items))
-                cores = _cores()
-                if len(h) < 2 * _SPLIT_CLUSTERS or cores < 2:
-                    layer.inflate_into(h, c, a, view, a - start)
-                    continue
-                # Many whole clusters (large reads): inflate them on all cores.
-                parts = np.array_split(np.arange(len(h)), min(cores, len(h) // _SPLIT_CLUSTERS))
-                futures = [_read_pool().submit(layer.inflate_into, h[p], c[p], a[p], view,
-                                               a[p] - start) for p in parts[1:]]
-                try:
-                    layer.inflate_into(h[parts[0]], c[parts[0]], a[parts[0]], view,
-                                       a[parts[0]] - start)
-                finally:
-                    for f in futures:
-                        f.result()
+                _inflate_whole(layer, h, c, a, view, start)
 
     def as_file(self):
         """A read-only, seekable `io.RawIOBase` over the guest contents."""
@@ -846,15 +844,14 @@ class Image(_Layer):
         clipped at the end of the file, where the sector-rounded size may overhang (QEMU reads
         zeros there); a stream starting past the end is a TruncatedImage.
         """
+        if len(coffsets) == 1:
+            return self._read_one_stream(int(coffsets[0]), int(csizes[0]))
         # Merging across gaps of at most one cluster keeps a read within 3 bytes per cluster
         # byte even when crafted descriptors are spread out (csize <= 2 clusters).
         gap = min(65536, self.cluster_size) if gap is None else gap
         limit = self.data_size
         if len(coffsets) and int(coffsets.max()) >= limit:
-            raise TruncatedImage(f"{self.filename}: compressed cluster at {int(coffsets.max()):#x} "
-                                 f"starts past the end of the file ({limit} bytes)")
-        if len(coffsets) == 1:
-            return self._read_one_stream(int(coffsets[0]), int(csizes[0]))
+            raise self._stream_past_eof(int(coffsets.max()))
         ends = np.minimum(coffsets + csizes, limit)
         order = np.argsort(coffsets, kind="stable")
         s, e = coffsets[order], ends[order]
@@ -865,11 +862,7 @@ class Image(_Layer):
         g_end = np.concatenate((breaks, [len(s)]))
         spans = [(int(s[a]), int(reach[b - 1])) for a, b in zip(g_start.tolist(), g_end.tolist())]
         total = sum(b - a for a, b in spans)
-        # A per-thread scratch buffer, reused: fresh pages per unit cost page faults and zeroing.
-        buf = getattr(self._local, "cbuf", None)
-        if buf is None or len(buf) < total:
-            buf = self._local.cbuf = np.empty(max(total, 1 << 20), np.uint8)
-        view = memoryview(buf)[:total]
+        view = self._scratch(total)
         in_off_sorted = np.empty(len(s), np.int64)
         pos = 0
         for (a, b), ga, gb in zip(spans, g_start.tolist(), g_end.tolist()):
@@ -881,13 +874,24 @@ class Image(_Layer):
         in_off[order] = in_off_sorted
         return view, in_off, ends - coffsets
 
-    def _read_one_stream(self, coffset: int, csize: int):
-        """read_compressed for one stream (small reads): one pread, no array arithmetic."""
-        n = min(coffset + csize, self.data_size) - coffset
+    def _scratch(self, n: int) -> memoryview:
+        """This thread's scratch space for compressed streams, at least n bytes (reused: fresh
+        pages per unit cost page faults and zeroing)."""
         buf = getattr(self._local, "cbuf", None)
         if buf is None or len(buf) < n:
             buf = self._local.cbuf = np.empty(max(n, 1 << 20), np.uint8)
-        view = memoryview(buf)[:n]
+        return memoryview(buf)[:n]
+
+    def _stream_past_eof(self, coffset: int) -> TruncatedImage:
+        return TruncatedImage(f"{self.filename}: compressed cluster at {coffset:#x} starts past "
+                              f"the end of the file ({self.data_size} bytes)")
+
+    def _read_one_stream(self, coffset: int, csize: int):
+        """read_compressed for one stream (small reads): one pread, no array arithmetic."""
+        if coffset >= self.data_size:
+            raise self._stream_past_eof(coffset)
+        n = min(coffset + csize, self.data_size) - coffset
+        view = self._scratch(n)
         _pread_exact(self.data_fd, view, coffset, f"{self.filename}: compressed clusters",
                      self.data_size)
         return view, _ZERO_OFFSET, np.array([n], np.int64)
@@ -895,6 +899,11 @@ class Image(_Layer):
     def inflate_into(self, coffsets, csizes, guests, out, out_off) -> None:
         """Inflate compressed clusters into `out` at `out_off`; raise DecompressionError."""
         src, in_off, in_len = self.read_compressed(coffsets, csizes)
+        self._inflate_read(src, in_off, in_len, out, out_off, coffsets, csizes, guests)
+
+    def _inflate_read(self, src, in_off, in_len, out, out_off, coffsets, csizes, guests):
+        """Inflate streams read by read_compressed (descriptors coffsets[i], csizes[i] of guest
+        clusters guests[i]: arrays or sequences) into `out`; raise the error of a bad one."""
         dec = self.decompressor()
         bad = dec.inflate_batch(src, in_off, in_len, out, out_off)
         if bad >= 0:
@@ -908,27 +917,84 @@ class Image(_Layer):
                 f"(guest offset {int(guests[bad]) & ~(self.cluster_size - 1):#x}) does not "
                 f"{self.compression_type.name.lower()}-decompress to exactly one cluster")
 
-    def _inflated(self, coffset: int, csize: int, guest: int) -> bytes:
+    def _inflated(self, coffset: int, csize: int, guest: int) -> memoryview:
+        """The inflated cluster (read-only) of one compressed descriptor, through the cache of
+        recently inflated clusters."""
         # Keyed by the whole descriptor: two L2 entries may share a host offset with different
         # lengths. Each layer of a chain has its own cache, so the layer is part of the key.
         key = (coffset, csize)
+        data = _lru_get(self._zcache, key)
+        if data is not None:
+            return data
+        out = np.empty(self.cluster_size, np.uint8)      # filled whole, or an error
+        src, in_off, in_len = self._read_one_stream(coffset, csize)
+        self._inflate_read(src, in_off, in_len, out, _ZERO_OFFSET, (coffset,), (csize,), (guest,))
+        data = memoryview(out).toreadonly()
         with self._lock:
-            data = self._zcache.get(key)
-            if data is not None:
-                self._zcache.move_to_end(key)
-                return data
-        out = bytearray(self.cluster_size)
-        one = lambda v: np.array([v], np.int64)  # noqa: E731
-        self.inflate_into(one(coffset), one(csize), one(guest), out, one(0))
-        data = bytes(out)
-        with self._lock:
-            self._zcache[key] = data
-            while len(self._zcache) > COMPRESSED_CACHE_CLUSTERS:
-                self._zcache.popitem(last=False)
+            cache = self._zcache
+            cache[key] = data
+            while len(cache) > COMPRESSED_CACHE_CLUSTERS:
+                cache.popitem(last=False)
         return data
 
 
+def _small_reader(layer: _Layer) -> _tables.SmallReader:
+    """The SmallReader of `layer` (and of its backing layers), made on first use."""
+    reader = layer.__dict__.get("_small")
+    if reader is None:
+        backing = None if layer.backing is None else _small_reader(layer.backing)
+        if isinstance(layer, Image):
+            reader = _tables.SmallReader(
+                layer, backing, layer.data_fd, layer.virtual_size, layer.data_size,
+                layer._l2_offsets, layer._l2_cache, layer.cluster_bits, layer._flags,
+                layer._l2_per_l1, layer._slice_entries)
+        else:
+            reader = _tables.SmallReader(layer, None, layer.data_fd, layer.virtual_size,
+                                         layer.data_size)
+        layer._small = reader
+    return reader
+
+
+def _inflate_whole(layer: "Image", h, c, a, view, start: int) -> None:
+    """Inflate the whole compressed clusters (descriptors h, c; guest offsets a: arrays) of
+    `layer` into `view`, which holds guest bytes from `start`; many of them on all cores, in
+    batches of at most _INFLATE_BATCH bytes (each thread reads a batch's streams at once)."""
+    cores = _cores()
+    per = max(1, _INFLATE_BATCH // layer.cluster_size)
+    if cores > 1:
+        # Several parts per core: threads that get a core late still share the work.
+        per = min(per, max(_SPLIT_CLUSTERS, len(h) // (4 * cores)))
+    count = -(-len(h) // per)
+    parts = iter(np.array_split(np.arange(len(h)), count))
+    lock = threading.Lock()
+    failed = False
+
+    def work() -> None:
+        nonlocal failed
+        while not failed:
+            with lock:
+                p = next(parts, None)
+            if p is None:
+                return
+            try:
+                layer.inflate_into(h[p], c[p], a[p], view, a[p] - start)
+            except BaseException:
+                failed = True
+                raise
+
+    helpers = [_read_pool().submit(work) for _ in range(min(cores, count) - 1)]
+    try:
+        work()
+    finally:
+        # Helpers still queued (the pool busy elsewhere) would find no part left.
+        errors = [None if f.cancel() else f.exception() for f in helpers]
+    for err in errors:
+        if err is not None:
+            raise err
+
+
 _SPLIT_CLUSTERS = 4                       # fewest clusters worth handing to another thread
+_INFLATE_BATCH = 8 * 1024 * 1024          # most inflated bytes per inflate_into call
 _POOL = None
 _POOL_LOCK = threading.Lock()
 

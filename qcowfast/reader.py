@@ -2,17 +2,75 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 
+import numpy as np
 
 READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
+_NOGIL_COPY = 64 * 1024         # copies from a window of this size and up release the GIL
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _prefetch_pool():
+    """Threads that fill read-ahead windows in the background (made on first use, and again
+    in a forked child). Not image._read_pool: a fill hands parts of its work to that pool."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="qcowfast-prefetch"))
+        return _POOL[1]
+
+
+def _copy(dst: memoryview, src: bytearray, off: int) -> None:
+    """dst[:] = src[off:off + len(dst)]; large copies release the GIL (numpy does), so that
+    a background fill is not held up while the reader copies."""
+    if len(dst) < _NOGIL_COPY:
+        dst[:] = memoryview(src)[off:off + len(dst)]
+    else:
+        np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8, len(dst), off))
+
+
+class _Window:
+    """A buffer of READAHEAD bytes holding guest bytes [start, start + length), or being
+    filled in the background (`pending`: the future of that fill)."""
+    __slots__ = ("buf", "start", "length", "pending")
+
+    def __init__(self):
+        self.buf = bytearray(READAHEAD)
+        self.start = self.length = 0
+        self.pending = None
+
+    def fill(self, image, start: int) -> None:
+        """Fill the window from `start`, here; on an error it holds nothing."""
+        self.start, self.length = start, 0
+        self.length = image.readinto(start, self.buf)
+
+    def fill_later(self, image, start: int) -> None:
+        self.start, self.length = start, 0
+        self.pending = _prefetch_pool().submit(image.readinto, start, self.buf)
+
+    def settle(self) -> BaseException | None:
+        """Wait for the background fill, if any; return its error (the window then holds
+        nothing) instead of raising it."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            err = pending.exception()
+            if err is None:
+                self.length = pending.result()
+            return err
+        return None
 
 
 class ImageFile(io.RawIOBase):
     """Read-only, seekable file object over `image`; closing it does not close the image.
 
-    Sequential reads smaller than READAHEAD are served from one READAHEAD-byte window filled
-    by a single large read (so compressed clusters inflate in big batches on all cores);
-    random reads go straight to the image.
+    Sequential reads smaller than READAHEAD are served from two READAHEAD-byte windows: while
+    the reader consumes one, the next one is filled in the background by a single large read
+    (whose compressed clusters inflate in big batches on all cores). Random reads go straight
+    to the image. At most two windows exist; closing the file waits for a fill in flight.
     """
 
     def __init__(self, image):
@@ -20,9 +78,7 @@ class ImageFile(io.RawIOBase):
         self._image = image
         self._pos = 0
         self._last_end = -1            # where the previous read ended: sequential detection
-        self._window = None            # bytearray of the read-ahead window, made on first use
-        self._win_start = 0
-        self._win_len = 0
+        self._windows: list[_Window] = []      # made on the first sequential read
 
     def readable(self) -> bool:
         return True
@@ -50,24 +106,16 @@ class ImageFile(io.RawIOBase):
         return pos
 
     def readinto(self, buffer) -> int:
-        self._checkClosed()
+        self._check_open()
         view = memoryview(buffer).cast("B")
         pos, end = self._pos, self._pos + len(view)
         sequential = pos == self._last_end
         while pos < end:
-            off = pos - self._win_start
-            if 0 <= off < self._win_len:
-                n = min(end - pos, self._win_len - off)
-                view[pos - self._pos:pos - self._pos + n] = \
-                    memoryview(self._window)[off:off + n]
-            elif sequential and end - pos < READAHEAD:
-                if self._window is None:
-                    self._window = bytearray(READAHEAD)
-                self._win_start = pos
-                self._win_len = self._image.readinto(pos, self._window)
-                if not self._win_len:
-                    break                      # end of the image
-                continue
+            win = self._window_at(pos, sequential and end - pos < READAHEAD)
+            if win is not None:
+                off = pos - win.start
+                n = min(end - pos, win.length - off)
+                _copy(view[pos - self._pos:pos - self._pos + n], win.buf, off)
             else:
                 n = self._image.readinto(pos, view[pos - self._pos:])
             if not n:
@@ -77,11 +125,58 @@ class ImageFile(io.RawIOBase):
         self._pos = self._last_end = pos
         return n
 
+    def _window_at(self, pos: int, fill: bool) -> _Window | None:
+        """The window holding `pos` (waiting for its background fill), or with `fill` one
+        filled from `pos` now; None: read straight from the image."""
+        for win in self._windows:
+            if win.pending is not None and win.start <= pos < win.start + len(win.buf):
+                err = win.settle()
+                if err is not None:
+                    raise err
+            if win.start <= pos < win.start + win.length:
+                self._prefetch_after(win)
+                return win
+        if not fill:
+            return None
+        if not self._windows:
+            self._windows = [_Window(), _Window()]
+        # Refill the window whose data lies furthest behind (never one being filled).
+        win = min(self._windows, key=lambda w: (w.pending is not None, w.start))
+        win.settle()
+        win.fill(self._image, pos)
+        if not win.length:
+            return None                         # the end of the image
+        self._prefetch_after(win)
+        return win
+
+    def _prefetch_after(self, win: _Window) -> None:
+        """Fill the other window with what follows `win`, in the background."""
+        nxt = win.start + win.length
+        if len(self._windows) < 2 or nxt >= self._image.virtual_size:
+            return
+        other = self._windows[1] if self._windows[0] is win else self._windows[0]
+        if other.start == nxt and (other.pending is not None or other.length):
+            return
+        other.settle()                          # a fill for data nobody reads now
+        other.fill_later(self._image, nxt)
+
     def readall(self) -> bytes:
-        self._checkClosed()
+        self._check_open()
         data = self._image.read(self._pos, max(0, self._image.virtual_size - self._pos))
         self._pos += len(data)
         return data
+
+    def close(self) -> None:
+        """Close the file (not the image), after any background fill has finished."""
+        for win in self._windows:
+            win.settle()
+        self._windows = []
+        super().close()
+
+    def _check_open(self) -> None:
+        self._checkClosed()
+        if self._image._fd < 0:
+            raise ValueError("I/O operation on a closed image")
 
     @property
     def name(self) -> str:

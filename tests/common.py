@@ -201,3 +201,15 @@ def qemu_img_pbkdf(*args: str | os.PathLike | int, cwd: str | os.PathLike | None
             if "accurate CPU usage" not in str(exc) or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def read_one_way(how: int, img, f, buf: bytearray, offset: int, size: int) -> bytes:
+    """Read `size` guest bytes at `offset` by Image.read (how 0), Image.readinto into `buf`
+    (1) or the file object `f` of img.as_file() (2)."""
+    if how == 0:
+        return img.read(offset, size)
+    if how == 1:
+        n = img.readinto(offset, memoryview(buf)[:size])
+        return bytes(buf[:n])
+    f.seek(offset)
+    return f.read(size)

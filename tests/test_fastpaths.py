@@ -16,7 +16,7 @@ import pytest
 
 import qcowfast
 from qcowfast import image as image_module
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_io, read_one_way, reference_raw
 
 K, M = 1024, 1024 * 1024
 
@@ -53,15 +53,7 @@ def test_small_reads_match_qemu(image):
                 offset = rng.randrange(img.virtual_size + 1)
             size = rng.choice((1, 511, 4096, rng.randint(1, 70 * K), rng.randint(1, 256 * K)))
             expect = want[offset:offset + size]
-            how = i % 3
-            if how == 0:
-                got = img.read(offset, size)
-            elif how == 1:
-                n = img.readinto(offset, memoryview(buf)[:size])
-                got = bytes(buf[:n])
-            else:
-                f.seek(offset)
-                got = f.read(size)
+            got = read_one_way(i % 3, img, f, buf, offset, size)
             assert_same_bytes(got, expect, f"read({offset:#x}, {size})", base=offset)
 
 
