@@ -358,22 +358,26 @@ class _Filler:
                 writes += [(view[a + x:a + y], base + a + x)
                            for x, y in zip(starts.tolist(), ends.tolist())]
         for i in direct.tolist():
-            layer = self.layers[int(depth[i])]
             a, b = int(da[i]), int(db[i])
-            h = int(host[i]) + (a - int(s[i]))
-            # A mapping read past the end of the file would raise SIGBUS: check the file as it
-            # is now (a read of a shrunken file would come up short the same way).
-            if h + (b - a) > os.fstat(layer.data_fd).st_size:
-                raise TruncatedImage(f"{layer.filename}: data for guest offset {a:#x} lies past "
-                                     "the end of the file (it shrank during the conversion)")
-            page = h - h % mmap.ALLOCATIONGRANULARITY
-            m = mmap.mmap(layer.data_fd, h + (b - a) - page, mmap.MAP_SHARED | _MAP_POPULATE,
-                          mmap.PROT_READ, offset=page)
+            m, mv = map_data(self.layers[int(depth[i])], int(host[i]) + (a - int(s[i])), b - a, a)
             maps.append(m)
-            mv = memoryview(m)[h - page:]
             starts, ends = _tables.nonzero_runs(mv, block, a)
             writes += [(mv[x:y], a + x) for x, y in zip(starts.tolist(), ends.tolist())]
         return ulen, writes, maps
+
+
+def map_data(layer, host: int, length: int, guest: int):
+    """(mmap, read-only memoryview) of `length` data bytes of `layer` at host offset `host`
+    (guest offset `guest`, for messages). Close the mmap after releasing the view."""
+    # A mapping read past the end of the file would raise SIGBUS: check the file as it is now
+    # (a read of a shrunken file would come up short the same way).
+    if host + length > os.fstat(layer.data_fd).st_size:
+        raise TruncatedImage(f"{layer.filename}: data for guest offset {guest:#x} lies past "
+                             "the end of the file (it shrank during the conversion)")
+    page = host - host % mmap.ALLOCATIONGRANULARITY
+    m = mmap.mmap(layer.data_fd, host + length - page, mmap.MAP_SHARED | _MAP_POPULATE,
+                  mmap.PROT_READ, offset=page)
+    return m, memoryview(m)[host - page:]
 
 
 def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer, buf=None):
