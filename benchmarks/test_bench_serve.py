@@ -7,6 +7,7 @@ connection count from the multi-conn flag both servers advertise (one per core, 
 both tools serve the same number of connections. The server's CPU seconds over the timed rounds
 are recorded too (`server_cpu_s_median`): on a shared machine they are steadier than wall time.
 The last output is checked against the SHA-256 of `qemu-img convert -O raw` of the image.
+With `--bench-wait-quiet SECONDS`, each round first waits (up to SECONDS) for idle CPUs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import corpus as corpus_mod
+from test_bench_convert import wait_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("u64k", "zlib64k", "zstd64k", "zlib4k", "zlib2m", "extl2-zlib64k", "overlay")
@@ -81,7 +83,8 @@ def shm_out(bench_out):
 
 @pytest.mark.parametrize("tool", TOOLS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_nbdcopy(benchmark, bench_corpus, shm_out, bench_rounds, variant, tool):
+def test_nbdcopy(benchmark, bench_corpus, shm_out, bench_rounds, bench_wait_quiet, variant,
+                 tool):
     if shutil.which("nbdcopy") is None or shutil.which("qemu-nbd") is None:
         pytest.fail("nbdcopy (libnbd-bin) and qemu-nbd (qemu-utils) are required")
     image = bench_corpus.path(variant)
@@ -94,6 +97,8 @@ def test_nbdcopy(benchmark, bench_corpus, shm_out, bench_rounds, variant, tool):
 
         def setup():
             dst.unlink(missing_ok=True)
+            if bench_wait_quiet:
+                wait_quiet(bench_wait_quiet)
 
         def copy():
             before = _cpu_s(proc.pid)

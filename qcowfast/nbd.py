@@ -5,11 +5,19 @@ transmission phase. Requests are parsed on the connection's thread, a buffered b
 pipelined headers at a time; reads and block-status queries are queued for the connection's
 worker threads and answered as they finish (NBD allows replies in any order: the client matches
 them by handle). Queued reads that continue each other (a sequential copy) are taken by one
-worker and filled in one pass, up to 4 MiB, and answered one reply per request. Replies are
-sent whole under one lock, so chunks of different replies never interleave. An export with
+worker and filled in one pass, up to 4 MiB; their replies (one per request) go out in one
+message, under one lock, so chunks of different replies never interleave. An export with
 `read_plan` says which bytes lie in a file: those are sent with sendfile straight from the page
 cache (no copy through Python), zeros from a shared zero buffer, the rest (inflated clusters)
 from the worker's buffer.
+
+How many of a connection's workers may fill reads at once is set by a `CoreShare` the server's
+connections share: the cores divided among the connections that have requests in flight. Letting
+every connection fill batches on every core instead costs CPU (threads evicting each other's
+buffers and decompressor tables from the caches) and fills batches long before the client takes
+them. Block-status queries go to the front of the queue and never wait for the share. While the
+queue holds a batch for every worker that may take one, the connection's thread reads no more
+requests: those the client sends meanwhile are read a burst at a time.
 
 Bounds (`Limits`): every length is checked before anything it announces is read; option data,
 option count, request length, requests and bytes in flight, and the time a started message or a
@@ -152,6 +160,7 @@ _OPTION_REPLY = struct.Struct(">QIII")       # magic, option, reply type, length
 _REQUEST = struct.Struct(">IHHQQI")          # magic, flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")        # magic, error, handle
 _CHUNK = struct.Struct(">IHHQI")             # magic, flags, type, handle, length
+_DATA_CHUNK = struct.Struct(">IHHQIQ")       # a chunk header, then the offset of its data
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -201,6 +210,30 @@ class Limits:
     idle_timeout: float | None = None         # between requests (kernel clients idle for hours)
 
 
+class CoreShare:
+    """The cores a server's connections share: each connection with requests in flight may
+    have ceil(cores / such connections) workers filling reads at once (a connection alone gets
+    every core)."""
+
+    def __init__(self, cores: int):
+        self.cores = max(1, cores)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def workers(self) -> int:
+        return -(-self.cores // max(1, self._active))
+
+    def enter(self) -> None:
+        """A connection now has requests in flight."""
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        """A connection has none left."""
+        with self._lock:
+            self._active -= 1
+
+
 class Disconnect(Exception):
     """The connection must end (peer closed, timeout, protocol violation); message says why."""
 
@@ -220,11 +253,13 @@ _GO = object()            # an option handler's "enter the transmission phase"
 class Connection:
     """One client: handshake, then requests until disconnect. Use `run()` on its own thread.
 
-    `on_negotiated()` is called when the transmission phase starts.
+    `on_negotiated()` is called when the transmission phase starts. With a `share`, at most
+    `share.workers()` of the `limits.workers` workers fill reads at once (read again before each
+    batch: it changes as other connections start and stop sending requests).
     """
 
     def __init__(self, sock: socket.socket, export: Export, limits: Limits = Limits(),
-                 on_negotiated=None):
+                 on_negotiated=None, share: CoreShare | None = None):
         self.sock = sock
         self._fileno = sock.fileno()
         self.export = export
@@ -246,6 +281,11 @@ class Connection:
         self._in_flight_bytes = 0
         self._queue: deque = deque()              # admitted requests not yet taken by a worker
         self._idle = 0                            # workers waiting for a request
+        self._busy = 0                            # workers serving a request
+        self._queued = 0                          # bytes of the reads in the queue
+        self._core_share = share
+        self._share = share.workers if share is not None else (lambda: max(1, limits.workers))
+        self._sharing = False                     # counted in the share (requests in flight)
         self._ending = False                      # no more requests: workers drain and end
         self._rbuf = bytearray()                  # bytes received ahead of the parser
         self._closed = False
@@ -323,6 +363,8 @@ class Connection:
         for worker in self._workers:
             worker.join()
         self._closed = True
+        with self._qlock:
+            self._count_in_share(False)           # requests left behind by an abort
         try:
             self.sock.close()
         except OSError:
@@ -578,6 +620,7 @@ class Connection:
                 # must be complete within io_timeout.
                 self._kick()
                 if not rbuf:
+                    self._await_backlog()
                     idle = (None if lim.idle_timeout is None
                             else time.monotonic() + lim.idle_timeout)
                     self._wait(self._rpoll, idle, "waiting for a request (idle)")
@@ -598,6 +641,16 @@ class Connection:
             handler = self._commands.get(cmd, self._cmd_unknown)
             if handler(cmd, flags, handle, offset, length, deadline) is _STOP:
                 return
+
+    def _await_backlog(self) -> None:
+        """Wait while the queue holds a whole batch for every worker that may take one (the
+        workers have their next batch anyway): the requests the client sends meanwhile are then
+        read a burst at a time, one wakeup per batch rather than one per request."""
+        if self._queued < READ_BATCH_BYTES * self._share():
+            return
+        with self._qlock:
+            while self._queued >= READ_BATCH_BYTES * self._share() and not self._closed:
+                self._flow.wait()
 
     def _check_range(self, cmd: int, offset: int, length: int, cap: int | None) -> str | None:
         size = self.export.size
@@ -671,20 +724,26 @@ class Connection:
             self._flow.wait()
         if self._closed:
             raise Disconnect("connection closed")
+        if not self._in_flight:
+            self._count_in_share(True)
         self._in_flight += 1
         self._in_flight_bytes += nbytes
 
     def _kick(self) -> None:
-        """Wake idle workers for the queued requests (one per request, at most)."""
+        """Wake idle workers for the queued requests (one per request, at most, and no more
+        than may work at once)."""
         if self._queue and self._idle:
             with self._qlock:
-                self._work.notify(min(self._idle, len(self._queue)))
+                n = min(self._idle, len(self._queue), self._share() - self._busy)
+                if n > 0:
+                    self._work.notify(n)
 
     def _submit(self, nbytes: int, fn, *args) -> None:
-        """Queue fn(*args) for a worker once the request fits in the in-flight bounds."""
+        """Queue fn(*args) (a quick query) for a worker, ahead of the queued reads, once the
+        request fits in the in-flight bounds."""
         with self._qlock:
             self._admit(nbytes)
-            self._queue.append((None, fn, args, nbytes))
+            self._queue.appendleft((None, fn, args, nbytes))
             self._work.notify()
 
     def _submit_read(self, handle: int, offset: int, length: int) -> None:
@@ -693,6 +752,7 @@ class Connection:
         with self._qlock:
             self._admit(length)
             self._queue.append((handle, offset, length, length))
+            self._queued += length
 
     def _worker(self) -> None:
         try:
@@ -705,16 +765,18 @@ class Connection:
     def _work_loop(self) -> None:
         """Take requests from the queue until the connection ends. Queued reads that continue
         each other (clients copy sequentially) are taken together: one fill for the batch,
-        one reply per request."""
+        its replies sent together. Reads wait while as many workers as the share allows are
+        busy (the worker that finishes takes the next batch: its buffer is still in cache)."""
         queue = self._queue
         while True:
             with self._qlock:
-                while not queue and not self._ending and not self._closed:
+                while not self._may_take() and not self._ending and not self._closed:
                     self._idle += 1
                     self._work.wait()
                     self._idle -= 1
                 if self._closed or not queue:
                     return
+                self._busy += 1
                 first = queue.popleft()
                 if first[0] is None:
                     batch = None
@@ -729,7 +791,10 @@ class Connection:
                         batch.append(queue.popleft())
                         end += nxt[2]
                         total += nxt[2]
-                if queue and self._idle:
+                if batch is not None:
+                    self._queued -= total
+                    self._flow.notify()            # the reader may read more requests
+                if self._idle and self._may_take():
                     self._work.notify()            # more for another worker meanwhile
             if batch is None:
                 _, fn, args, nbytes = first
@@ -739,9 +804,23 @@ class Connection:
                 count, nbytes = len(batch), total
                 self._guarded(self._do_reads, batch, total)
             with self._qlock:
+                self._busy -= 1
                 self._in_flight -= count
                 self._in_flight_bytes -= nbytes
+                if not self._in_flight:
+                    self._count_in_share(False)
                 self._flow.notify()
+
+    def _count_in_share(self, active: bool) -> None:
+        """Enter or leave the share of the cores (with `_qlock` held)."""
+        if self._core_share is not None and active != self._sharing:
+            self._sharing = active
+            (self._core_share.enter if active else self._core_share.leave)()
+
+    def _may_take(self) -> bool:
+        """Whether a worker may take the head of the queue now (with `_qlock` held)."""
+        queue = self._queue
+        return bool(queue) and (queue[0][0] is None or self._busy < self._share())
 
     def _guarded(self, fn, *args) -> None:
         try:
@@ -782,19 +861,27 @@ class Connection:
                 self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
                                                    f"{offset} failed: {type(exc).__name__}")
             return
+        self._send_parts(self._read_replies(batch, first, plan, view))
+
+    def _read_replies(self, batch: list, first: int, plan: list, view: memoryview) -> list:
+        """The parts (see _send_parts) of the replies to the reads of `batch`: each one's header,
+        then its bytes as `plan` places them: file ranges, zeros, or `view` (the filled buffer
+        of guest bytes from `first`)."""
         structured = self.structured
+        parts: list = []
         k = 0
         for handle, offset, length, _ in batch:
             if not structured:
-                parts = [memoryview(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))]
+                parts.append(memoryview(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle)))
             elif length == 0:
-                self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                                       NBD_REPLY_TYPE_NONE, handle, 0))
+                parts.append(memoryview(_CHUNK.pack(
+                    NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE,
+                    handle, 0)))
                 continue
             else:
-                parts = [memoryview(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                                                NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + length)
-                                    + _U64.pack(offset))]
+                parts.append(memoryview(_DATA_CHUNK.pack(
+                    NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+                    handle, 8 + length, offset)))
             pos, end = offset, offset + length
             while plan[k][1] <= pos and pos < end:
                 k += 1
@@ -813,7 +900,7 @@ class Connection:
                         n -= len(_ZEROS)
                 pos = stop
                 j += 1
-            self._send_parts(parts)
+        return parts
 
     def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
         try:

@@ -7,7 +7,8 @@ given, any other address only when asked explicitly.
 
 Like `qemu-nbd -r -e SHARED`: at most `shared` connections at once (the others wait in the listen
 backlog), multi-conn advertised, and without `persistent` the server ends when its last client
-that reached the transmission phase has left.
+that reached the transmission phase has left. The connections share the cores (`nbd.CoreShare`):
+each one with requests in flight may have about cores / such connections workers filling reads.
 
 Memory per connection is bounded by `Limits`: read bytes in flight (64 MiB), requests in flight,
 and per worker thread a read buffer of at most 4 MiB plus the image's inflate scratch, which
@@ -31,11 +32,11 @@ import numpy as np
 
 from . import nbd
 from .constants import ExtentKind
-from .image import _pread_exact
+from .image import _cores, _pread_exact
 
 DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
-SEND_BUFFER = 2 * 1024 * 1024          # SO_SNDBUF asked for each connection
+SEND_BUFFER = 4 * 1024 * 1024          # SO_SNDBUF asked for each connection
 STATUS_SPAN = 1 << 30                  # guest bytes one block-status reply examines, at most
 _DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
 _HOLE_ZERO = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
@@ -290,6 +291,7 @@ class NBDServer:
         self._accept_thread = None
         self._lock = threading.Condition()
         self._conns: dict = {}            # Connection -> thread
+        self._share = nbd.CoreShare(_cores())
         self._done = threading.Event()
         self._started = False
         self._stopped = False
@@ -455,14 +457,15 @@ class NBDServer:
                     continue
                 raise
             try:
-                # Room for a whole 256 KiB-1 MiB reply per send: fewer partial sends and wakeups.
+                # Room for a whole batch of replies (4 MiB): a worker goes on to fill the next
+                # batch while the client takes this one.
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
             if sock.family != _socket.AF_UNIX:
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
-            conn = nbd.Connection(sock, self.export, self.limits)
+            conn = nbd.Connection(sock, self.export, self.limits, share=self._share)
             thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                                       name=f"nbd-{conn.peer}")
             with self._lock:

@@ -943,3 +943,140 @@ def test_stop_ends_a_client_that_takes_no_sendfile_replies(chains, tmp_path):
     assert srv._image is None                 # no worker left behind: the image was closed
     assert c.closed(timeout=10)
     c.close()
+
+
+# -- how many of a connection's workers fill reads at once ---------------------------------------
+
+class _CountingExport:
+    """A 1 MiB all-data export (byte i is i % 251) whose reads wait for `gate`, take `pause`
+    seconds and count how many run at once."""
+
+    name, description, size, preferred_block_size = "", "", MIB, 4096
+
+    def __init__(self, pause=0.0):
+        self.gate = threading.Event()
+        self.gate.set()
+        self.pause = pause
+        self.lock = threading.Lock()
+        self.active = self.peak = 0
+
+    def read_into(self, offset, out):
+        import numpy as np
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            assert self.gate.wait(10)
+            time.sleep(self.pause)
+            np.frombuffer(out, np.uint8)[:] = np.arange(offset, offset + len(out)) % 251
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def allocation(self, offset, length, max_extents):
+        return [(min(length, self.size - offset), 0)]
+
+
+def _pattern(offset, length):
+    return bytes((offset + i) % 251 for i in range(length))
+
+
+@pytest.fixture
+def pair_client():
+    """connect(export, share): a Client negotiated with an nbd.Connection of 4 workers over a
+    socket pair; the connection is ended when the test ends."""
+    made = []
+
+    def connect(export, share):
+        a, b = socket.socketpair()
+        conn = nbd.Connection(a, export, nbd.Limits(workers=4, io_timeout=10), share=share)
+        thread = threading.Thread(target=conn.run, daemon=True)
+        thread.start()
+        c = Client.__new__(Client)
+        c.sock = b
+        b.settimeout(10)
+        made.append((c, thread))
+        c.greet().go()
+        return c
+
+    yield connect
+    for c, thread in made:
+        c.close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def _reads(c, reads):
+    """Pipeline `reads` ({handle: (offset, length)}); check every reply's bytes."""
+    c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ,
+                                        h, off, n) for h, (off, n) in reads.items()))
+    reads = dict(reads)
+    for _ in range(len(reads)):
+        flags, rtype, handle, payload = c.chunk()
+        off, n = reads.pop(handle)
+        assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA and flags & nbd.NBD_REPLY_FLAG_DONE
+        assert payload == struct.pack(">Q", off) + _pattern(off, n)
+
+
+@pytest.mark.parametrize("cores", [1, 3])
+def test_core_share_bounds_the_workers_filling_reads(pair_client, cores):
+    export = _CountingExport(pause=0.05)
+    c = pair_client(export, nbd.CoreShare(cores))
+    _reads(c, {h: (h * 8192, 4096) for h in range(6)})     # apart: one batch each
+    assert export.peak == 1 if cores == 1 else 2 <= export.peak <= 3
+
+
+def _until(cond, what):
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_block_status_does_not_wait_for_busy_workers(pair_client):
+    export = _CountingExport()
+    c = pair_client(export, nbd.CoreShare(1))
+    export.gate.clear()
+    try:
+        c.request(nbd.NBD_CMD_READ, 1, 0, 4096)
+        _until(lambda: export.active == 1, "the first read starts")   # it holds the share
+        c.request(nbd.NBD_CMD_READ, 2, 65536, 4096)      # waits for the share
+        c.request(nbd.NBD_CMD_BLOCK_STATUS, 3, 0, MIB)
+        flags, rtype, handle, payload = c.chunk()        # answered while both reads wait
+        assert (handle, rtype) == (3, nbd.NBD_REPLY_TYPE_BLOCK_STATUS)
+        assert payload == struct.pack(">III", c.context_id, MIB, 0)
+        assert export.active == 1
+    finally:
+        export.gate.set()
+    got = {}
+    for _ in range(2):
+        flags, rtype, handle, payload = c.chunk()
+        got[handle] = payload
+    assert got == {1: struct.pack(">Q", 0) + _pattern(0, 4096),
+                   2: struct.pack(">Q", 65536) + _pattern(65536, 4096)}
+    assert export.peak == 1
+
+
+def test_core_share_divides_the_cores_among_busy_connections(pair_client):
+    """Connections count in the share while they have requests in flight, no longer."""
+    share = nbd.CoreShare(4)
+    exports = [_CountingExport(), _CountingExport()]
+    clients = [pair_client(e, share) for e in exports]
+    assert share.workers() == 4                      # negotiated, nothing in flight
+    for e in exports:
+        e.gate.clear()
+    try:
+        clients[0].request(nbd.NBD_CMD_READ, 1, 0, 4096)
+        _until(lambda: exports[0].active == 1, "the first read starts")
+        assert share.workers() == 4                  # one busy connection gets every core
+        clients[1].request(nbd.NBD_CMD_READ, 1, 4096, 4096)
+        _until(lambda: share.workers() == 2, "two busy connections")
+        exports[0].gate.set()
+        assert clients[0].chunk()[2] == 1
+        _until(lambda: share.workers() == 4, "the first connection is idle")
+    finally:
+        for e in exports:
+            e.gate.set()
+    assert clients[1].chunk()[2] == 1
+    _until(lambda: share._active == 0, "both idle")
+    _reads(clients[0], {h: (h * 70_000, 65536) for h in range(8)})   # and they still serve
