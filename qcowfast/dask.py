@@ -68,9 +68,11 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     if resources:
         _check_resources(client, resources)
     batch = uuid.uuid4().hex[:8]
+    # Larger images first (Dask runs higher priorities first), as convert_many orders them: a
+    # big image started last would leave the other workers idle at the end.
     return [client.submit(_task, job, threads, skip_existing, overwrite,
                           key=f"{KEY_PREFIX}-{batch}-{i}", resources=resources,
-                          retries=retries, pure=False)
+                          retries=retries, pure=False, priority=fleet.guest_size(job))
             for i, job in enumerate(jobs)]
 
 
