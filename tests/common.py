@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 QEMU_IMG = "qemu-img"
@@ -190,16 +191,18 @@ def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
 
 
 def qemu_img_pbkdf(*args: str | os.PathLike | int, cwd: str | os.PathLike | None = None,
-                   attempts: int = 8) -> subprocess.CompletedProcess:
+                   attempts: int = 12) -> subprocess.CompletedProcess:
     """``qemu_img(*args)`` for a command that writes a LUKS header, retried when QEMU's PBKDF2
     benchmark fails with "Unable to get accurate CPU usage" (it times rounds on the thread's
-    CPU clock and gives up now and then on a busy machine)."""
+    CPU clock and gives up now and then on a busy machine, sometimes for seconds in a row:
+    the retries back off, about 13 s in all)."""
     for attempt in range(attempts):
         try:
             return qemu_img(*args, cwd=cwd)
         except QemuToolError as exc:
             if "accurate CPU usage" not in str(exc) or attempt == attempts - 1:
                 raise
+        time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
 
 
