@@ -995,24 +995,29 @@ def _inflate_whole(layer: "Image", h, c, a, view, start: int) -> None:
 
 _SPLIT_CLUSTERS = 4                       # fewest clusters worth handing to another thread
 _INFLATE_BATCH = 8 * 1024 * 1024          # most inflated bytes per inflate_into call
-_POOL = None
-_POOL_LOCK = threading.Lock()
+_POOLS: dict = {}                         # name -> (pid, ThreadPoolExecutor)
+_POOLS_LOCK = threading.Lock()
 
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _read_pool():
-    """Helper threads that inflate parts of large reads (created on first use, and again in a
-    forked child, which inherits the pool but not its threads)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
+def process_pool(name: str, workers: int):
+    """This process's thread pool `name` (created on first use, and again in a forked child,
+    which inherits the pool but not its threads)."""
+    with _POOLS_LOCK:
+        entry = _POOLS.get(name)
+        if entry is None or entry[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
-            _POOL = (os.getpid(), ThreadPoolExecutor(max(1, _cores() - 1),
-                                                     thread_name_prefix="qcowfast-read"))
-        return _POOL[1]
+            entry = _POOLS[name] = (os.getpid(), ThreadPoolExecutor(
+                workers, thread_name_prefix=f"qcowfast-{name}"))
+        return entry[1]
+
+
+def _read_pool():
+    """Helper threads that inflate parts of large reads."""
+    return process_pool("read", max(1, _cores() - 1))
 
 
 def _extent(g, n, k, h, d) -> Extent:

@@ -2,26 +2,18 @@
 from __future__ import annotations
 
 import io
-import os
-import threading
 
 import numpy as np
 
 READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
 _NOGIL_COPY = 64 * 1024         # copies from a window of this size and up release the GIL
-_POOL = None
-_POOL_LOCK = threading.Lock()
 
 
 def _prefetch_pool():
-    """Threads that fill read-ahead windows in the background (made on first use, and again
-    in a forked child). Not image._read_pool: a fill hands parts of its work to that pool."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-            _POOL = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="qcowfast-prefetch"))
-        return _POOL[1]
+    """Threads that fill read-ahead windows in the background. Not image._read_pool: a fill
+    hands parts of its work to that pool."""
+    from .image import process_pool
+    return process_pool("prefetch", 4)
 
 
 def _copy(dst: memoryview, src: bytearray, off: int) -> None:
