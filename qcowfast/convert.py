@@ -19,16 +19,20 @@ import queue
 import threading
 import time
 from collections import deque
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from . import _fill, _tables
+from . import _fill, _plain
+from ._lazy import LazyModule
 from .constants import ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
+
+# numpy and the table kernels load on first use: the _plain path never needs them.
+np = LazyModule("numpy", __name__, "np")
+_tables = LazyModule("qcowfast._tables", __name__, "_tables")
 
 UNIT_SIZE = 8 * 1024 * 1024
 _DIRECT_MIN = 256 * 1024                    # DATA runs this long are written from a mapping
@@ -509,6 +513,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             else:
                 written = _convert_stream(image, stream, name, unit, threads, progress)
         else:
+            if not (format == "raw" and sparse_size and not existing and not direct):
+                _load_kernels()
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
                             direct=direct) as out:
                 try:
@@ -581,6 +587,7 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
     """Fill FileOutput `out`; return the bytes written."""
     vsize = image.virtual_size
     if fmt == "qcow2":
+        _load_kernels()
         if out.in_place:
             raise OutputError(f"cannot write qcow2 output in place onto {out.name} (a block "
                               "device or existing=True); write it to a file")
@@ -600,12 +607,118 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
                           f"bytes exceeds max_output_size ({max_output_size} bytes)")
     out.prepare(vsize, allocate=not sparse_size)
+    if sparse_size and not (out.in_place or out.direct):
+        chain = _plain_chain(image, unit, sparse_size)
+        if chain is None:
+            _load_kernels()
+        else:
+            written = _execute_plain(image, chain, out, unit, threads, sparse_size,
+                                     _capped(progress, out, max_output_size))
+            if written is not None:
+                return written
+            # A unit the plain path does not serve: start again on the general path (which
+            # raises what is wrong, if anything) from an empty output.
+            _load_kernels()
+            os.ftruncate(out.fd, 0)
+            out.prepare(vsize, allocate=False)
+    else:
+        _load_kernels()
     if out.in_place or out.direct:
         return _execute_ordered(image, out, unit, threads, sparse_size, progress,
                                 zero_holes=out.in_place and not target_is_zero,
                                 max_output_size=max_output_size)
     return _execute_file(image, out.fd, unit, threads, sparse_size,
                          _capped(progress, out, max_output_size))
+
+
+def _load_kernels() -> None:
+    """Import numpy and the table kernels now, in the calling (main) thread, before the output
+    exists: a signal arriving during a lazy import later would break the import itself
+    instead of unwinding the conversion."""
+    np.int64, _tables.FLAGS                     # noqa: B018 (the look-ups import them)
+
+
+def _plain_chain(image, unit: int, block: int):
+    """A _plain.Chain over `image`'s layers when its data can be copied without numpy (see
+    Chain.check: no compressed cluster where the guest reads, no rule broken, data in host
+    order), else None. The check reads the L2 tables once, before any data."""
+    if unit % block:
+        return None
+    specs = []
+    for layer in image.chain:
+        if isinstance(layer, Image):
+            specs.append((layer._fd, layer.data_fd, False, layer.cluster_bits, layer._flags,
+                          layer.virtual_size, layer.data_size, layer._l2_per_l1,
+                          layer._l2_off))
+        else:                                           # RawImage
+            specs.append((layer.data_fd, layer.data_fd, True, 9, 0, layer.virtual_size,
+                          layer.data_size, 0, None))
+    chain = _plain.Chain(specs)
+    return chain if chain.check() else None
+
+
+def _execute_plain(image, chain, out, unit, threads, block, progress) -> int | None:
+    """Fill the sized sparse output file `out` from an uncompressed chain with _plain's C
+    kernels (no numpy): units of data filled on `threads` workers, their non-zero blocks
+    written by one writer at a time. Return the bytes written, or None when a unit needs the
+    general path (nothing is published; the caller starts again)."""
+    vsize = image.virtual_size
+    write_lock = threading.Lock()
+    local = threading.local()
+    total = [0]
+
+    def work(start: int) -> bool:
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = (bytearray(unit), array("q", bytes(16 * (unit // block + 2))))
+        buf, spans = bufs
+        n = chain.fill(start, min(unit, vsize - start), buf, block, spans)
+        if n == _plain.FALLBACK:
+            return False
+        if n:
+            # One writer at a time: concurrent pwrite()s to one file contend on its inode lock.
+            with write_lock:
+                total[0] += _plain.write_spans(out.fd, buf, start, spans, n)
+        return True
+
+    def units():
+        pos = 0
+        while pos < vsize:
+            first = chain.next_data(pos, vsize)
+            if first == _plain.FALLBACK:
+                yield None
+                return
+            if first >= vsize:
+                return
+            start = first - first % unit
+            yield start
+            pos = start + unit
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
+        inflight: deque = deque()
+        try:
+            for start in units():
+                if start is None:
+                    return None
+                inflight.append((start, pool.submit(work, start)))
+                while len(inflight) >= 2 * threads:
+                    s, fut = inflight.popleft()
+                    if not fut.result():
+                        return None
+                    if progress:
+                        progress(min(s + unit, vsize), vsize)
+            while inflight:
+                s, fut = inflight.popleft()
+                if not fut.result():
+                    return None
+                if progress:
+                    progress(min(s + unit, vsize), vsize)
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+    if progress:
+        progress(vsize, vsize)
+    return total[0]
 
 
 def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_holes,
