@@ -18,8 +18,8 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from array import array
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -587,7 +587,6 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
     """Fill FileOutput `out`; return the bytes written."""
     vsize = image.virtual_size
     if fmt == "qcow2":
-        _load_kernels()
         if out.in_place:
             raise OutputError(f"cannot write qcow2 output in place onto {out.name} (a block "
                               "device or existing=True); write it to a file")
@@ -612,10 +611,11 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         if chain is None:
             _load_kernels()
         else:
-            written = _execute_plain(image, chain, out, unit, threads, sparse_size,
-                                     _capped(progress, out, max_output_size))
-            if written is not None:
-                return written
+            try:
+                return _execute_plain(image, chain, out, unit, threads, sparse_size,
+                                      _capped(progress, out, max_output_size))
+            except _HandOver:
+                pass
             # A unit the plain path does not serve: start again on the general path (which
             # raises what is wrong, if anything) from an empty output.
             _load_kernels()
@@ -657,65 +657,50 @@ def _plain_chain(image, unit: int, block: int):
     return chain if chain.check() else None
 
 
-def _execute_plain(image, chain, out, unit, threads, block, progress) -> int | None:
+class _HandOver(Exception):
+    """A unit the plain path does not serve: the general path must do the conversion."""
+
+
+def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
     """Fill the sized sparse output file `out` from an uncompressed chain with _plain's C
-    kernels (no numpy): units of data filled on `threads` workers, their non-zero blocks
-    written by one writer at a time. Return the bytes written, or None when a unit needs the
-    general path (nothing is published; the caller starts again)."""
+    kernels (no numpy): units holding data filled on `threads` workers, their non-zero blocks
+    written by one writer at a time. Return the bytes written; raise _HandOver when a unit
+    needs the general path (nothing is published; the caller starts again)."""
     vsize = image.virtual_size
     write_lock = threading.Lock()
     local = threading.local()
     total = [0]
 
-    def work(start: int) -> bool:
-        bufs = getattr(local, "bufs", None)
-        if bufs is None:
-            bufs = local.bufs = (bytearray(unit), array("q", bytes(16 * (unit // block + 2))))
-        buf, spans = bufs
-        n = chain.fill(start, min(unit, vsize - start), buf, block, spans)
-        if n == _plain.FALLBACK:
-            return False
-        if n:
-            # One writer at a time: concurrent pwrite()s to one file contend on its inode lock.
-            with write_lock:
-                total[0] += _plain.write_spans(out.fd, buf, start, spans, n)
-        return True
-
-    def units():
+    def plan():
         pos = 0
         while pos < vsize:
             first = chain.next_data(pos, vsize)
             if first == _plain.FALLBACK:
-                yield None
-                return
+                raise _HandOver
             if first >= vsize:
                 return
-            start = first - first % unit
-            yield start
-            pos = start + unit
+            yield first // unit, None
+            pos = (first // unit + 1) * unit
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
-        inflight: deque = deque()
-        try:
-            for start in units():
-                if start is None:
-                    return None
-                inflight.append((start, pool.submit(work, start)))
-                while len(inflight) >= 2 * threads:
-                    s, fut = inflight.popleft()
-                    if not fut.result():
-                        return None
-                    if progress:
-                        progress(min(s + unit, vsize), vsize)
-            while inflight:
-                s, fut = inflight.popleft()
-                if not fut.result():
-                    return None
-                if progress:
-                    progress(min(s + unit, vsize), vsize)
-        finally:
-            for _, fut in inflight:
-                fut.cancel()
+    def work(ui, _runs) -> None:
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = (bytearray(unit), array("q", bytes(16 * (unit // block + 2))))
+        buf, spans = bufs
+        start = ui * unit
+        n = chain.fill(start, min(unit, vsize - start), buf, block, spans)
+        if n == _plain.FALLBACK:
+            raise _HandOver
+        if n:
+            # One writer at a time: concurrent pwrite()s to one file contend on its inode lock.
+            with write_lock:
+                total[0] += _plain.write_spans(out.fd, buf, start, spans, n)
+
+    def done(ui, _result) -> None:
+        if progress:
+            progress(min((ui + 1) * unit, vsize), vsize)
+
+    _run_units(image, unit, threads, work, done, plan=plan())
     if progress:
         progress(vsize, vsize)
     return total[0]
@@ -801,13 +786,14 @@ def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=Fal
         progress(vsize, vsize)
 
 
-def _run_units(image, unit, threads, work, done, max_inflight=None):
-    """Run work(ui, runs) on a pool over the planned units; call done(ui, result) in order."""
+def _run_units(image, unit, threads, work, done, max_inflight=None, *, plan=None):
+    """Run work(ui, runs) on a pool over the planned units (`plan`, default _plan's); call
+    done(ui, result) in order."""
     max_inflight = max_inflight or 2 * threads
     with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
         inflight = deque()
         try:
-            for ui, runs in _plan(image, unit):
+            for ui, runs in _plan(image, unit) if plan is None else plan:
                 inflight.append((ui, pool.submit(work, ui, runs)))
                 while len(inflight) >= max_inflight:
                     u, fut = inflight.popleft()

@@ -654,7 +654,8 @@ class Image(_Layer):
         per_l1 = self._l2_per_l1
         bits = self.cluster_bits
         slice_entries = self._slice_entries
-        max_count = _tables.SMALL_ENTRIES // 32 if self._flags & _EXTENDED_L2 else _tables.SMALL_ENTRIES
+        small = _tables.SMALL_ENTRIES
+        max_count = small // 32 if self._flags & _EXTENDED_L2 else small
         pos = start
         while pos < end:
             l1_index = pos // per_l1
@@ -674,7 +675,7 @@ class Image(_Layer):
             tbl = self._l2_slice_pair(l2_offset, s_index)[1]
             try:
                 runs = _tables.classify_small(tbl, s_first, count, bits, self._flags,
-                                       table_start + (first << bits), self.data_size)
+                                              table_start + (first << bits), self.data_size)
             except _tables.L2EntryError as err:
                 raise self._l2_error(err, l2_offset, s_index, table_start) from None
             for g, n, k, h, c in runs:

@@ -54,7 +54,11 @@ def plain_spy(monkeypatch):
     real = convert_module._execute_plain
 
     def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
+        try:
+            result = real(*args, **kwargs)
+        except convert_module._HandOver:
+            calls.append(None)
+            raise
         calls.append(result)
         return result
     monkeypatch.setattr(convert_module, "_execute_plain", spy)
