@@ -7,7 +7,8 @@ DIRECTIVES = {"language_level": "3", "boundscheck": False, "wraparound": False,
               "cdivision": True, "initializedcheck": False}
 
 # One compiled module per kernel subject; add a name here to build a new .pyx.
-KERNELS = ("qcowfast._tables", "qcowfast._inflate", "qcowfast._deflate", "qcowfast._fill")
+KERNELS = ("qcowfast._tables", "qcowfast._inflate", "qcowfast._deflate", "qcowfast._fill",
+           "qcowfast._plain")
 
 extensions = [
     Extension(name, [f"qcowfast/{name.split('.')[-1]}.pyx"],

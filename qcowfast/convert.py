@@ -22,13 +22,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from . import _fill, _tables
+from . import _fill, _plain
+from ._lazy import LazyModule
 from .constants import ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
+
+# numpy and the table kernels load on first use: the _plain path never needs them.
+np = LazyModule("numpy", __name__, "np")
+_tables = LazyModule("qcowfast._tables", __name__, "_tables")
 
 UNIT_SIZE = 8 * 1024 * 1024
 _DIRECT_MIN = 256 * 1024                    # DATA runs this long are written from a mapping
@@ -509,6 +512,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             else:
                 written = _convert_stream(image, stream, name, unit, threads, progress)
         else:
+            if not (format == "raw" and sparse_size and not existing and not direct):
+                _load_kernels()
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
                             direct=direct) as out:
                 try:
@@ -600,12 +605,100 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
                           f"bytes exceeds max_output_size ({max_output_size} bytes)")
     out.prepare(vsize, allocate=not sparse_size)
+    if sparse_size and not (out.in_place or out.direct):
+        chain = _plain_chain(image, unit, sparse_size)
+        if chain is None:
+            _load_kernels()
+        else:
+            try:
+                return _execute_plain(image, chain, out, unit, threads, sparse_size,
+                                      _capped(progress, out, max_output_size))
+            except _HandOver:
+                pass
+            # A unit the plain path does not serve: start again on the general path (which
+            # raises what is wrong, if anything) from an empty output.
+            _load_kernels()
+            os.ftruncate(out.fd, 0)
+            out.prepare(vsize, allocate=False)
+    else:
+        _load_kernels()
     if out.in_place or out.direct:
         return _execute_ordered(image, out, unit, threads, sparse_size, progress,
                                 zero_holes=out.in_place and not target_is_zero,
                                 max_output_size=max_output_size)
     return _execute_file(image, out.fd, unit, threads, sparse_size,
                          _capped(progress, out, max_output_size))
+
+
+def _load_kernels() -> None:
+    """Import numpy and the table kernels now, in the calling (main) thread, before the output
+    exists: a signal arriving during a lazy import later would break the import itself
+    instead of unwinding the conversion."""
+    np.int64, _tables.FLAGS                     # noqa: B018 (the look-ups import them)
+
+
+def _plain_chain(image, unit: int, block: int):
+    """A _plain.Chain over `image`'s layers when its data can be copied without numpy (see
+    Chain.check: no compressed cluster where the guest reads, no rule broken, data in host
+    order), else None. The check reads the L2 tables once, before any data."""
+    if unit % block:
+        return None
+    specs = []
+    for layer in image.chain:
+        if isinstance(layer, Image):
+            specs.append((layer._fd, layer.data_fd, False, layer.cluster_bits, layer._flags,
+                          layer.virtual_size, layer.data_size, layer._l2_per_l1,
+                          layer._l2_off))
+        else:                                           # RawImage
+            specs.append((layer.data_fd, layer.data_fd, True, 9, 0, layer.virtual_size,
+                          layer.data_size, 0, None))
+    chain = _plain.Chain(specs)
+    return chain if chain.check() else None
+
+
+class _HandOver(Exception):
+    """A unit the plain path does not serve: the general path must do the conversion."""
+
+
+def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
+    """Fill the sized sparse output file `out` from an uncompressed chain with _plain's C
+    kernels (no numpy): units holding data filled on `threads` workers, their non-zero blocks
+    written by one writer at a time. Return the bytes written; raise _HandOver when a unit
+    needs the general path (nothing is published; the caller starts again)."""
+    vsize = image.virtual_size
+    local = threading.local()
+    total = [0]
+
+    def plan():
+        pos = 0
+        while pos < vsize:
+            first = chain.next_data(pos, vsize)
+            if first == _plain.FALLBACK:
+                raise _HandOver
+            if first >= vsize:
+                return
+            yield first // unit, None
+            pos = (first // unit + 1) * unit
+
+    def work(ui, _runs) -> None:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(unit)
+        start = ui * unit
+        n = chain.copy(start, min(unit, vsize - start), buf, block, out.fd)
+        if n == _plain.FALLBACK:
+            raise _HandOver
+        return n
+
+    def done(ui, n) -> None:
+        total[0] += n
+        if progress:
+            progress(min((ui + 1) * unit, vsize), vsize)
+
+    _run_units(image, unit, threads, work, done, plan=plan())
+    if progress:
+        progress(vsize, vsize)
+    return total[0]
 
 
 def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_holes,
@@ -688,13 +781,14 @@ def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=Fal
         progress(vsize, vsize)
 
 
-def _run_units(image, unit, threads, work, done, max_inflight=None):
-    """Run work(ui, runs) on a pool over the planned units; call done(ui, result) in order."""
+def _run_units(image, unit, threads, work, done, max_inflight=None, *, plan=None):
+    """Run work(ui, runs) on a pool over the planned units (`plan`, default _plan's); call
+    done(ui, result) in order."""
     max_inflight = max_inflight or 2 * threads
     with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
         inflight = deque()
         try:
-            for ui, runs in _plan(image, unit):
+            for ui, runs in _plan(image, unit) if plan is None else plan:
                 inflight.append((ui, pool.submit(work, ui, runs)))
                 while len(inflight) >= max_inflight:
                     u, fut = inflight.popleft()

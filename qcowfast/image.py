@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
 from collections import OrderedDict
+from functools import cached_property
 from typing import Iterator, NamedTuple
 
-import numpy as np
-
-from . import _inflate, _tables
+from . import _inflate, _plain
+from ._lazy import LazyModule
 from .constants import (
     L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED,
     CompressionType, ExtentKind,
@@ -55,10 +56,12 @@ def _check_read_size(n: int) -> None:
 _ZERO_BYTES = memoryview(bytes(256 * 1024))
 _HOLE_BATCH = 16 * 1024 * 1024              # guest window whose holes share one backing walk
 _BATCH_ENTRIES = 8192                       # L2 entries of small tables classified in one call
-_classify_small, _SMALL_ENTRIES = _tables.classify_small, _tables.SMALL_ENTRIES
-_EXTENDED_L2 = _tables.FLAGS["extended_l2"]
-_ZERO_OFFSET = np.zeros(1, np.int64)
-_ZERO_OFFSET.flags.writeable = False
+# numpy and the kernels built on it load on first use (see _lazy): opening an image and
+# converting a plain one (convert's _plain path) never need them.
+np = LazyModule("numpy", __name__, "np")
+_tables = LazyModule("qcowfast._tables", __name__, "_tables")
+_EXTENDED_L2 = _plain.FLAGS["extended_l2"]
+_ZERO_OFFSET = array("q", [0])      # one stream, read into the start of its buffer (never written)
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
 
@@ -367,9 +370,9 @@ class Image(_Layer):
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits
         self.compression_type = CompressionType(h.compression_type)
-        self._flags = ((_tables.FLAGS["v3"] if h.version >= 3 else 0)
-                       | (_tables.FLAGS["extended_l2"] if h.extended_l2 else 0)
-                       | (_tables.FLAGS["data_file"] if h.has_data_file else 0))
+        self._flags = ((_plain.FLAGS["v3"] if h.version >= 3 else 0)
+                       | (_plain.FLAGS["extended_l2"] if h.extended_l2 else 0)
+                       | (_plain.FLAGS["data_file"] if h.has_data_file else 0))
         self._l2_per_l1 = h.l2_entries * h.cluster_size            # guest bytes per L1 entry
         self._slice_entries = max(1, min(h.l2_entries, L2_SLICE_BYTES // h.l2_entry_size))
         self._slice_bytes = self._slice_entries * h.l2_entry_size
@@ -395,14 +398,13 @@ class Image(_Layer):
             # L1 table the clusters are unallocated (zero-padded L1 below).
             l1_offset, what = snap.l1_table_offset, f"L1 table of snapshot {snap.id!r}"
             l1_read = min(l1_used, snap.l1_size)
-        self._l1_be = self._read_table(l1_offset, l1_read, what)
-        if l1_read < l1_used:
-            padded = np.zeros(l1_used, ">u8")
-            padded[:l1_read] = self._l1_be
-            self._l1_be = padded
-        bad = _tables.l1_check(self._l1_be, h.cluster_bits, self.file_size)
+        # The L1 table's big-endian bytes (zero-padded past a snapshot's table) and its L2
+        # table offsets, without numpy (_l1_be and _l2_offsets are numpy views made on demand).
+        self._l1_raw = self._read_table(l1_offset, l1_read, what) + bytes(8 * (l1_used - l1_read))
+        self._l2_off = array("q", bytes(8 * l1_used))
+        bad = _plain.l1_scan(self._l1_raw, h.cluster_bits, self.file_size, self._l2_off)
         if bad >= 0:
-            entry = int(self._l1_be[bad])
+            entry = int.from_bytes(self._l1_raw[8 * bad:8 * bad + 8], "big")
             l2 = entry & L1E_OFFSET_MASK
             where = f"{self.filename}: L1 entry {bad} ({entry:#018x})"
             if entry & ~(L1E_OFFSET_MASK | QCOW_OFLAG_COPIED):
@@ -412,27 +414,33 @@ class Image(_Layer):
                                    f"cluster size")
             raise TruncatedImage(f"{where}: L2 table at {l2:#x} lies past the end of the file "
                                  f"({self.file_size} bytes)")
-        self._l2_offsets = _tables.l1_offsets(self._l1_be)
-        used = self._l2_offsets[self._l2_offsets != 0]
-        if len(np.unique(used)) != len(used):
+        used = list(filter(None, self._l2_off))
+        if len(set(used)) != len(used):
             # QEMU never shares an L2 table within one L1 table; a crafted repeat would make
             # work grow with the declared size instead of the file.
-            values, first, counts = np.unique(self._l2_offsets, return_index=True,
-                                              return_counts=True)
-            dup = next(v for v, c in zip(values.tolist(), counts.tolist()) if v and c > 1)
-            where = np.flatnonzero(self._l2_offsets == dup)[:2].tolist()
+            seen_at: dict = {}
+            dup = min(v for i, v in enumerate(used) if seen_at.setdefault(v, i) != i)
+            where = [i for i, v in enumerate(self._l2_off) if v == dup][:2]
             raise CorruptImage(f"{self.filename}: L1 entries {where[0]} and {where[1]} both "
                                f"point to the L2 table at {dup:#x}")
 
         self._open_data_file(data_file, backing_dirs)
         self._open_backing(backing, backing_dirs, cache_size, max_depth, seen)
 
-    def _read_table(self, offset: int, entries: int, what: str) -> np.ndarray:
+    def _read_table(self, offset: int, entries: int, what: str) -> bytes:
         raw = bytearray(entries * 8)
         if entries:
             _pread_exact(self._fd, memoryview(raw), offset, f"{self.filename}: {what}",
                          self.file_size)
-        return np.frombuffer(raw, ">u8")
+        return bytes(raw)
+
+    @cached_property
+    def _l1_be(self) -> np.ndarray:
+        return np.frombuffer(self._l1_raw, ">u8")
+
+    @cached_property
+    def _l2_offsets(self) -> np.ndarray:
+        return np.frombuffer(self._l2_off, np.int64)
 
     def _open_data_file(self, data_file, allowed):
         h = self.header
@@ -646,7 +654,8 @@ class Image(_Layer):
         per_l1 = self._l2_per_l1
         bits = self.cluster_bits
         slice_entries = self._slice_entries
-        max_count = _SMALL_ENTRIES // 32 if self._flags & _EXTENDED_L2 else _SMALL_ENTRIES
+        small = _tables.SMALL_ENTRIES
+        max_count = small // 32 if self._flags & _EXTENDED_L2 else small
         pos = start
         while pos < end:
             l1_index = pos // per_l1
@@ -665,8 +674,8 @@ class Image(_Layer):
             stop = min(stop, table_start + ((first + count) << bits))
             tbl = self._l2_slice_pair(l2_offset, s_index)[1]
             try:
-                runs = _classify_small(tbl, s_first, count, bits, self._flags,
-                                       table_start + (first << bits), self.data_size)
+                runs = _tables.classify_small(tbl, s_first, count, bits, self._flags,
+                                              table_start + (first << bits), self.data_size)
             except _tables.L2EntryError as err:
                 raise self._l2_error(err, l2_offset, s_index, table_start) from None
             for g, n, k, h, c in runs:

@@ -23,8 +23,6 @@ import struct
 import sys
 import tempfile
 
-import numpy as np
-
 from .errors import OutputError, QcowError
 
 TMP_SUFFIX = ".qcowfast-tmp"
@@ -46,8 +44,9 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def aligned_empty(size: int, align: int = 4096) -> np.ndarray:
+def aligned_empty(size: int, align: int = 4096):
     """An uninitialised uint8 buffer whose address is a multiple of `align` (for O_DIRECT)."""
+    import numpy as np
     raw = np.empty(size + align, np.uint8)
     skip = -raw.ctypes.data % align
     return raw[skip:skip + size]

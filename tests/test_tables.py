@@ -1,9 +1,11 @@
 """The table kernels against a plain transcription of docs/interop/qcow2.txt, on drawn entries."""
+from array import array
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qcowfast import _tables
+from qcowfast import _plain, _tables
 from qcowfast.constants import ExtentKind
 
 V3, EXTL2, DATAFILE = (_tables.FLAGS[k] for k in ("v3", "extended_l2", "data_file"))
@@ -170,13 +172,17 @@ def test_compressed_descriptor_bit_split_at_both_cluster_size_ends():
         assert c.tolist() == [(sectors + 1) * 512 - offset % 512]
 
 
-def test_l1_check_and_offsets():
-    good = np.array([0, (1 << 63) | 0x30000, 0x40000], ">u8")
-    assert _tables.l1_check(good, 16, 0x50000) == -1
-    assert _tables.l1_offsets(good).tolist() == [0, 0x30000, 0x40000]
-    assert _tables.l1_check(np.array([0, 0x30200], ">u8"), 16, 1 << 30) == 1          # unaligned
-    assert _tables.l1_check(np.array([0x30000 | 1], ">u8"), 16, 1 << 30) == 0         # reserved
-    assert _tables.l1_check(np.array([0, 0, 0x40000], ">u8"), 16, 0x48000) == 2       # past EOF
+def _l1_scan(entries, cluster_bits, host_limit):
+    out = array("q", bytes(8 * len(entries)))
+    bad = _plain.l1_scan(np.array(entries, ">u8").tobytes(), cluster_bits, host_limit, out)
+    return bad, out.tolist()
+
+
+def test_l1_scan():
+    assert _l1_scan([0, (1 << 63) | 0x30000, 0x40000], 16, 0x50000) == (-1, [0, 0x30000, 0x40000])
+    assert _l1_scan([0, 0x30200], 16, 1 << 30)[0] == 1          # unaligned
+    assert _l1_scan([0x30000 | 1], 16, 1 << 30)[0] == 0         # reserved
+    assert _l1_scan([0, 0, 0x40000], 16, 0x48000)[0] == 2       # past EOF
 
 
 @settings(max_examples=300, deadline=None)

@@ -67,8 +67,9 @@ cd "$work"
 
 # The tests must import the sanitized copy, not the editable install.
 "$python" - "$work" <<'PY'
-import sys, qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill
-for mod in (qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill):
+import sys, qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill, qcowfast._plain
+for mod in (qcowfast, qcowfast._tables, qcowfast._inflate, qcowfast._deflate, qcowfast._fill,
+            qcowfast._plain):
     assert mod.__file__.startswith(sys.argv[1]), f"imported {mod.__file__}, not the ASan build"
 PY
 
@@ -78,7 +79,7 @@ status=0
 echo "asan.sh: running the corruption matrix, the mutation test, the kernel tests and the C read path"
 "$python" -m pytest tests/test_corrupt.py tests/test_mutation.py tests/test_inflate.py \
     tests/test_tables.py tests/test_fastpaths.py tests/test_amplification.py tests/test_write.py \
-    tests/test_reads_fast.py tests/test_small_tables.py \
+    tests/test_reads_fast.py tests/test_small_tables.py tests/test_plain.py \
     -q -p no:cacheprovider "$@" || status=$?
 
 echo "asan.sh: replaying the fuzz seeds"

@@ -1,0 +1,572 @@
+# cython: language_level=3
+"""Uncompressed chains copied without numpy: convert's path for plain images.
+
+Importing numpy costs a process 0.05-0.2 s, more than copying a small image takes; this module
+does not use it. It checks L1 tables at open, and fills units of guest space through the whole
+chain with one pread per data run, classifying L2 entries with the same code as the table
+kernels (_classify.pxi). Anything it does not serve -- a compressed cluster, an entry breaking a
+rule, a short read -- makes fill() return FALLBACK: convert then redoes the job on its general
+path, which raises the usual error.
+"""
+from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
+from libc.errno cimport EINTR, EIO, errno
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy, memset
+from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, mmap, munmap
+from posix.stat cimport fstat, struct_stat
+from posix.unistd cimport _SC_PAGESIZE, pread, pwrite, sysconf
+
+include "_classify.pxi"
+
+FALLBACK = -1
+
+cdef enum:
+    TABLE_CHUNK = 4096      # L2 entries classified per call
+    DIRECT_MIN = 262144     # data pieces this long are written from a mapping of their file
+
+cdef enum:
+    R_OK = 0
+    R_FALLBACK = 1
+    R_NOMEM = 2
+    R_ORDER = 3             # check(): data out of host order (needs the overlap check)
+
+cdef enum:
+    CHECK_PIECES = 1048576  # pieces the overlap check holds at most (28 MiB)
+
+
+def l1_scan(const uint8_t[::1] l1_be, int cluster_bits, int64_t host_limit,
+            int64_t[::1] offsets):
+    """Mask the L1 table `l1_be` (big-endian bytes) into `offsets` (0: no L2 table); return
+    the index of the first bad entry (reserved bits, unaligned, past `host_limit`), or -1."""
+    cdef int64_t n = l1_be.shape[0] // 8, i, cluster_size = 1LL << cluster_bits
+    cdef uint64_t e, off
+    if offsets.shape[0] < n or not 9 <= cluster_bits <= 21:
+        raise ValueError("bad L1 geometry")
+    cdef const uint64_t *tbl = <const uint64_t *>&l1_be[0] if n else NULL
+    cdef int64_t bad = -1
+    with nogil:
+        for i in range(n):
+            e = qf_be64(tbl[i])
+            off = e & L2E_OFFSET_MASK
+            if (e & L1E_RESERVED) or (off & <uint64_t>(cluster_size - 1)) \
+                    or (off and <int64_t>off + cluster_size > host_limit):
+                bad = i
+                break
+            offsets[i] = <int64_t>off
+    return bad
+
+
+cdef struct Layer:
+    int table_fd            # where the L2 tables are
+    int data_fd             # where the data clusters are (an external data file, or table_fd)
+    int raw                 # a raw layer: data_fd's bytes up to data_size, zeros past them
+    int cluster_bits
+    int flags               # _classify.pxi FLAG_*
+    int64_t vsize
+    int64_t data_size       # classify's past-EOF rule; a raw layer's data end
+    int64_t per_l1          # guest bytes per L1 entry
+    int64_t n_l1
+    const int64_t *l2_offsets
+
+
+cdef struct Pieces:
+    # DATA pieces of a guest range, in guest order: (guest, length, fd, host)
+    int64_t *guest
+    int64_t *length
+    int64_t *host
+    int *fd
+    int64_t n, cap
+    int first_only          # stop at the first piece (next_data)
+    int64_t *high           # check(): per layer, the end of the last host range seen (no
+                            # pieces are stored)
+    int64_t limit           # when > 0, more pieces than this give R_FALLBACK
+
+
+cdef int add_piece(Pieces *p, int64_t guest, int64_t length, int fd, int64_t host,
+                   int depth) noexcept nogil:
+    cdef int64_t cap
+    cdef void *a
+    cdef void *b
+    cdef void *c
+    cdef void *d
+    if p.high != NULL:
+        if host < p.high[depth]:
+            return R_ORDER
+        p.high[depth] = host + length
+        return R_OK
+    if p.n and p.fd[p.n - 1] == fd and p.guest[p.n - 1] + p.length[p.n - 1] == guest \
+            and p.host[p.n - 1] + p.length[p.n - 1] == host:
+        p.length[p.n - 1] += length
+        return R_OK
+    if p.limit and p.n >= p.limit:
+        return R_FALLBACK
+    if p.n == p.cap:
+        cap = p.cap * 2 if p.cap else 64
+        a = malloc(cap * 8)
+        b = malloc(cap * 8)
+        c = malloc(cap * 8)
+        d = malloc(cap * sizeof(int))
+        if a == NULL or b == NULL or c == NULL or d == NULL:
+            free(a); free(b); free(c); free(d)
+            return R_NOMEM
+        if p.n:
+            memcpy(a, p.guest, p.n * 8)
+            memcpy(b, p.length, p.n * 8)
+            memcpy(c, p.host, p.n * 8)
+            memcpy(d, p.fd, p.n * sizeof(int))
+        free(p.guest); free(p.length); free(p.host); free(p.fd)
+        p.guest = <int64_t *>a
+        p.length = <int64_t *>b
+        p.host = <int64_t *>c
+        p.fd = <int *>d
+        p.cap = cap
+    p.guest[p.n] = guest
+    p.length[p.n] = length
+    p.host[p.n] = host
+    p.fd[p.n] = fd
+    p.n += 1
+    return R_OK
+
+
+cdef void free_pieces(Pieces *p) noexcept nogil:
+    free(p.guest); free(p.length); free(p.host); free(p.fd)
+    p.guest = p.length = p.host = NULL
+    p.fd = NULL
+    p.n = p.cap = 0
+
+
+cdef struct HostRange:
+    int64_t fd
+    int64_t start
+    int64_t end
+
+
+cdef int by_host(const void *x, const void *y) noexcept nogil:
+    cdef const HostRange *a = <const HostRange *>x
+    cdef const HostRange *b = <const HostRange *>y
+    if a.fd != b.fd:
+        return -1 if a.fd < b.fd else 1
+    if a.start != b.start:
+        return -1 if a.start < b.start else 1
+    return 0
+
+
+cdef int overlapping(Pieces *p) noexcept nogil:
+    """1 when two pieces read the same bytes of one file (or memory runs out), else 0."""
+    cdef int64_t i
+    cdef int found = 0
+    if p.n < 2:
+        return 0
+    cdef HostRange *r = <HostRange *>malloc(p.n * sizeof(HostRange))
+    if r == NULL:
+        return 1
+    for i in range(p.n):
+        r[i].fd = p.fd[i]
+        r[i].start = p.host[i]
+        r[i].end = p.host[i] + p.length[i]
+    qsort(r, p.n, sizeof(HostRange), by_host)
+    for i in range(1, p.n):
+        if r[i].fd == r[i - 1].fd and r[i].start < r[i - 1].end:
+            found = 1
+            break
+    free(r)
+    return found
+
+
+cdef int read_full(int fd, char *dst, int64_t n, int64_t offset) noexcept nogil:
+    """R_OK when all n bytes were read, else R_FALLBACK (short read or error)."""
+    cdef int64_t got = 0, r
+    while got < n:
+        r = pread(fd, dst + got, <size_t>(n - got), offset + got)
+        if r < 0 and errno == EINTR:
+            continue
+        if r <= 0:
+            return R_FALLBACK
+        got += r
+    return R_OK
+
+
+cdef int resolve(Layer *layers, int nl, int d, int64_t start, int64_t n,
+                 Pieces *out) noexcept nogil:
+    """Append the DATA pieces of guest range [start, start + n) of layer d (through its
+    backing layers) to `out`; everything else reads as zeros."""
+    cdef Layer *L = &layers[d]
+    cdef int64_t pos = start, end = start + n, cend, l1, m
+    cdef int rc
+    if L.raw:
+        m = min(n, L.data_size - start)
+        if m > 0:
+            return add_piece(out, start, m, L.data_fd, start, d)
+        return R_OK
+    while pos < end:
+        if out.first_only and out.n:
+            return R_OK
+        l1 = pos // L.per_l1
+        if l1 >= L.n_l1:
+            return R_FALLBACK
+        # At most TABLE_CHUNK entries at a time bounds the scratch memory.
+        cend = min(end, (l1 + 1) * L.per_l1, pos + ((<int64_t>TABLE_CHUNK) << L.cluster_bits))
+        if L.l2_offsets[l1] == 0:
+            rc = from_backing(layers, nl, d, pos, cend - pos, out)
+        else:
+            rc = resolve_table(layers, nl, d, l1, pos, cend - pos, out)
+        if rc != R_OK:
+            return rc
+        pos = cend
+    return R_OK
+
+
+cdef int from_backing(Layer *layers, int nl, int d, int64_t pos, int64_t n,
+                      Pieces *out) noexcept nogil:
+    """Unallocated in layer d: the backing layer's bytes below its size, zeros past it."""
+    cdef int64_t m
+    if d + 1 >= nl:
+        return R_OK
+    m = min(n, layers[d + 1].vsize - pos)
+    if m > 0:
+        return resolve(layers, nl, d + 1, pos, m, out)
+    return R_OK
+
+
+cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, int64_t n,
+                       Pieces *out) noexcept nogil:
+    """resolve() within the range of one allocated L2 table of layer d."""
+    cdef Layer *L = &layers[d]
+    cdef int64_t cs = 1LL << L.cluster_bits
+    cdef int64_t width = 2 if L.flags & FLAG_EXTENDED_L2 else 1
+    cdef int64_t base = l1 * L.per_l1
+    cdef int64_t first = (pos - base) >> L.cluster_bits
+    cdef int64_t count = ((pos + n - 1 - base) >> L.cluster_bits) - first + 1
+    cdef int64_t cap = count * (32 if width == 2 else 1)
+    cdef int64_t runs, r, a, b, g, bad_index = -1
+    cdef int bad_code = E_OK, rc = R_OK, kind
+    cdef uint64_t *tbl = <uint64_t *>malloc(count * 8 * width)
+    cdef int64_t *o = <int64_t *>malloc(cap * 4 * 8)
+    cdef uint8_t *k = <uint8_t *>malloc(cap)
+    if tbl == NULL or o == NULL or k == NULL:
+        rc = R_NOMEM
+    elif read_full(L.table_fd, <char *>tbl, count * 8 * width,
+                   L.l2_offsets[l1] + first * 8 * width) != R_OK:
+        rc = R_FALLBACK
+    else:
+        runs = classify_loop(tbl, 0, count, L.cluster_bits, L.flags, base + first * cs,
+                             L.data_size, o, o + cap, k, o + 2 * cap, o + 3 * cap,
+                             &bad_index, &bad_code)
+        if runs < 0:
+            rc = R_FALLBACK
+        r = 0
+        while rc == R_OK and r < runs and not (out.first_only and out.n):
+            g = o[r]
+            a = max(g, pos)
+            b = min(g + o[cap + r], pos + n)
+            kind = k[r]
+            if a < b:
+                if kind == K_DATA:
+                    rc = add_piece(out, a, b - a, L.data_fd, o[2 * cap + r] + (a - g), d)
+                elif kind == K_UNALLOCATED:
+                    rc = from_backing(layers, nl, d, a, b - a, out)
+                elif kind == K_COMPRESSED:
+                    rc = R_FALLBACK
+            r += 1
+    free(tbl)
+    free(o)
+    free(k)
+    return rc
+
+
+cdef class Chain:
+    """The layers of an uncompressed chain, top first, for fill() and next_data().
+
+    layers: sequence of (table_fd, data_fd, raw, cluster_bits, flags, virtual_size, data_size,
+    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None); the caller keeps the files open.
+    """
+    cdef Layer *layers
+    cdef int nl
+    cdef list keep
+    cdef PyThread_type_lock wlock   # one writer at a time (copy)
+
+    def __cinit__(self, layers):
+        cdef const int64_t[::1] offs
+        cdef Layer *L
+        cdef Py_ssize_t i
+        self.keep = []
+        self.wlock = PyThread_allocate_lock()
+        if self.wlock == NULL:
+            raise MemoryError()
+        self.nl = len(layers)
+        if not 1 <= self.nl <= 4096:
+            raise ValueError("bad chain length")
+        self.layers = <Layer *>malloc(self.nl * sizeof(Layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        memset(self.layers, 0, self.nl * sizeof(Layer))
+        for i, spec in enumerate(layers):
+            table_fd, data_fd, raw, bits, flags, vsize, data_size, per_l1, l2 = spec
+            L = &self.layers[i]
+            L.table_fd, L.data_fd, L.raw = table_fd, data_fd, bool(raw)
+            L.vsize, L.data_size = vsize, data_size
+            if vsize < 0 or data_size < 0:
+                raise ValueError("bad layer size")
+            if not raw:
+                if not 9 <= bits <= 21 or per_l1 <= 0:
+                    raise ValueError("bad table geometry")
+                offs = l2
+                self.keep.append(offs)
+                L.cluster_bits, L.flags, L.per_l1 = bits, flags, per_l1
+                L.n_l1 = offs.shape[0]
+                L.l2_offsets = &offs[0] if L.n_l1 else NULL
+
+    def __dealloc__(self):
+        free(self.layers)
+        if self.wlock != NULL:
+            PyThread_free_lock(self.wlock)
+
+    def check(self):
+        """True when the plain path can copy the whole image: every cluster the guest reads is
+        unallocated, zero or data by the rules, and no two guest ranges read the same host
+        bytes of one file (the general path refuses such shared clusters with its message)."""
+        cdef Pieces p
+        cdef int rc
+        memset(&p, 0, sizeof(Pieces))
+        p.high = <int64_t *>malloc(self.nl * sizeof(int64_t))
+        if p.high == NULL:
+            raise MemoryError()
+        memset(p.high, 0, self.nl * sizeof(int64_t))
+        with nogil:
+            # Data in increasing host order along the guest (images QEMU writes in order)
+            # cannot overlap; otherwise list the pieces and look for overlaps.
+            rc = resolve(self.layers, self.nl, 0, 0, self.layers[0].vsize, &p)
+            free(p.high)
+            p.high = NULL
+            if rc == R_ORDER:
+                p.limit = CHECK_PIECES
+                rc = resolve(self.layers, self.nl, 0, 0, self.layers[0].vsize, &p)
+                if rc == R_OK and overlapping(&p):
+                    rc = R_FALLBACK
+            free_pieces(&p)
+        if rc == R_NOMEM:
+            raise MemoryError()
+        return rc == R_OK
+
+    def next_data(self, int64_t pos, int64_t end):
+        """The guest offset of the first data byte in [pos, end), end when there is none, or
+        FALLBACK."""
+        cdef Pieces p
+        cdef int rc = R_OK
+        cdef int64_t step, top = self.layers[0].per_l1 if not self.layers[0].raw else end - pos
+        memset(&p, 0, sizeof(Pieces))
+        p.first_only = 1
+        with nogil:
+            while pos < end:
+                step = min(end - pos, max(top, 1))
+                rc = resolve(self.layers, self.nl, 0, pos, step, &p)
+                if rc != R_OK or p.n:
+                    break
+                pos += step
+            if rc == R_OK and p.n:
+                pos = p.guest[0]
+            free_pieces(&p)
+        if rc == R_NOMEM:
+            raise MemoryError()
+        return FALLBACK if rc != R_OK else min(pos, end)
+
+    def copy(self, int64_t start, int64_t n, uint8_t[::1] buf, int64_t block, int out_fd):
+        """Write guest bytes [start, start + n) to `out_fd` at the same offsets, leaving out the
+        blocks of `block` bytes (aligned to guest offsets; the last may be short) that are all
+        zeros; return the bytes written, or FALLBACK (nothing written). Long data pieces are
+        scanned and written straight from a read-only mapping of the page cache; buf (n bytes)
+        holds the rest. Writes from concurrent calls take turns. Raises OSError."""
+        cdef Pieces p
+        cdef Spans o
+        cdef int rc = R_OK, err = 0
+        cdef int64_t total = 0
+        if n < 0 or n > buf.shape[0] or block <= 0 or start < 0:
+            raise ValueError("bad copy range")
+        if n == 0:
+            return 0
+        memset(&p, 0, sizeof(Pieces))
+        memset(&o, 0, sizeof(Spans))
+        with nogil:
+            rc = resolve(self.layers, self.nl, 0, start, n, &p)
+            if rc == R_OK and p.n:
+                rc = copy_pieces(&p, start, n, <char *>&buf[0], block, &o, self.wlock, out_fd,
+                                 &total, &err)
+            free_pieces(&p)
+            free(o.s)
+        if rc == R_NOMEM:
+            raise MemoryError()
+        if err:
+            import os
+            raise OSError(err, os.strerror(err))
+        return FALLBACK if rc != R_OK else total
+
+
+cdef struct Span:
+    const uint8_t *data
+    int64_t length
+    int64_t offset
+
+
+cdef struct Spans:
+    Span *s
+    int64_t n, cap
+
+
+cdef int add_span(Spans *o, const uint8_t *data, int64_t length, int64_t offset) noexcept nogil:
+    cdef Span *grown
+    cdef Span *last
+    cdef int64_t cap
+    if o.n:
+        last = &o.s[o.n - 1]
+        if last.data + last.length == data and last.offset + last.length == offset:
+            last.length += length
+            return R_OK
+    if o.n == o.cap:
+        cap = o.cap * 2 if o.cap else 64
+        grown = <Span *>realloc(o.s, cap * sizeof(Span))
+        if grown == NULL:
+            return R_NOMEM
+        o.s = grown
+        o.cap = cap
+    o.s[o.n].data = data
+    o.s[o.n].length = length
+    o.s[o.n].offset = offset
+    o.n += 1
+    return R_OK
+
+
+cdef int scan_spans(Spans *o, const uint8_t *data, int64_t length, int64_t origin,
+                    int64_t block) noexcept nogil:
+    """Append the runs of data[:length] (data[0] is guest offset `origin`) made of blocks that
+    are not all zeros; blocks are aligned to guest offsets."""
+    cdef int64_t pos = 0, end, run = -1
+    cdef int rc
+    while pos < length:
+        end = min(pos + block - (origin + pos) % block, length)
+        if _block_nonzero(data, pos, end):
+            if run < 0:
+                run = pos
+        elif run >= 0:
+            rc = add_span(o, data + run, pos - run, origin + run)
+            if rc != R_OK:
+                return rc
+            run = -1
+        pos = end
+    if run >= 0:
+        return add_span(o, data + run, length - run, origin + run)
+    return R_OK
+
+
+cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *size,
+                   const uint8_t **data) noexcept nogil:
+    """Map `length` bytes of `fd` at `host` read-only; R_FALLBACK when they lie past the end of
+    the file as it is now (touching them would raise SIGBUS) or mmap fails."""
+    cdef struct_stat st
+    cdef int64_t page = host - host % sysconf(_SC_PAGESIZE)
+    if fstat(fd, &st) != 0 or host + length > st.st_size:
+        return R_FALLBACK
+    addr[0] = mmap(NULL, <size_t>(host + length - page), PROT_READ, MAP_SHARED | MAP_POPULATE,
+                   fd, page)
+    if addr[0] == MAP_FAILED:
+        addr[0] = NULL
+        return R_FALLBACK
+    size[0] = <size_t>(host + length - page)
+    data[0] = <const uint8_t *>addr[0] + (host - page)
+    return R_OK
+
+
+cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t block, Spans *o,
+                     PyThread_type_lock wlock, int out_fd, int64_t *total,
+                     int *err) noexcept nogil:
+    """Copy's work once the data pieces of [start, start + n) are known (p.n > 0)."""
+    cdef int64_t i, g, e, a, b, lo, hi, prev, seg, r, off, left
+    cdef const uint8_t *src
+    cdef int rc = R_OK
+    # Per piece: the block-aligned middle [a, b) written from a mapping, or a = b = -1.
+    cdef int64_t *mid = <int64_t *>malloc(p.n * 16)
+    cdef void **maps = <void **>malloc(p.n * sizeof(void *))
+    cdef size_t *sizes = <size_t *>malloc(p.n * sizeof(size_t))
+    cdef int64_t nmaps = 0
+    if mid == NULL or maps == NULL or sizes == NULL:
+        free(mid); free(maps); free(sizes)
+        return R_NOMEM
+    for i in range(p.n):
+        g = p.guest[i] - start
+        e = g + p.length[i]
+        a = g + (block - (start + g) % block) % block
+        b = e if e == n else e - (start + e) % block
+        if b - a >= DIRECT_MIN:
+            mid[2 * i] = a
+            mid[2 * i + 1] = b
+        else:
+            mid[2 * i] = mid[2 * i + 1] = -1
+    # The buffer: blocks from the first piece's to the last's, less the mapped middles.
+    lo = max(p.guest[0] - start - (p.guest[0] % block), 0)
+    prev = lo
+    for i in range(p.n):
+        g = p.guest[i] - start
+        e = g + p.length[i]
+        if g > prev:
+            memset(dst + prev, 0, g - prev)
+        a = b = e
+        if mid[2 * i] >= 0:
+            a = mid[2 * i]
+            b = mid[2 * i + 1]
+        if read_full(p.fd[i], dst + g, a - g, p.host[i]) != R_OK \
+                or read_full(p.fd[i], dst + b, e - b, p.host[i] + b - g) != R_OK:
+            rc = R_FALLBACK
+            break
+        prev = e
+    if rc == R_OK:
+        hi = min(prev + (block - (start + prev) % block) % block, n)
+        if hi > prev:
+            memset(dst + prev, 0, hi - prev)
+        seg = lo
+        for i in range(p.n):
+            if mid[2 * i] < 0:
+                continue
+            a = mid[2 * i]
+            b = mid[2 * i + 1]
+            g = p.guest[i] - start
+            rc = scan_spans(o, <const uint8_t *>dst + seg, a - seg, start + seg, block)
+            if rc == R_OK:
+                rc = map_range(p.fd[i], p.host[i] + a - g, b - a, &maps[nmaps], &sizes[nmaps],
+                               &src)
+            if rc != R_OK:
+                break
+            nmaps += 1
+            rc = scan_spans(o, src, b - a, start + a, block)
+            if rc != R_OK:
+                break
+            seg = b
+        if rc == R_OK:
+            rc = scan_spans(o, <const uint8_t *>dst + seg, hi - seg, start + seg, block)
+    if rc == R_OK and o.n:
+        PyThread_acquire_lock(wlock, WAIT_LOCK)
+        for i in range(o.n):
+            src = o.s[i].data
+            left = o.s[i].length
+            off = o.s[i].offset
+            while left:
+                r = pwrite(out_fd, src, <size_t>left, off)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    err[0] = errno
+                    break
+                if r == 0:
+                    err[0] = EIO            # no progress
+                    break
+                src += r
+                off += r
+                left -= r
+                total[0] += r
+            if err[0]:
+                break
+        PyThread_release_lock(wlock)
+    for i in range(nmaps):
+        munmap(maps[i], sizes[i])
+    free(mid); free(maps); free(sizes)
+    return rc

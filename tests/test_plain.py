@@ -1,0 +1,293 @@
+"""convert's numpy-free path for uncompressed chains (_plain.pyx) against the general path
+and qemu-img: the same bytes, the same holes, the same errors; and no numpy in the process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from array import array
+
+import pytest
+
+import qcowfast
+from qcowfast import _plain
+import qcowfast.convert  # noqa: E402  (the module, not the function of that name)
+convert_module = sys.modules["qcowfast.convert"]
+from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+
+K, M = 1024, 1024 * 1024
+
+
+def _holes(path) -> list[tuple[int, int]]:
+    """The data extents of a file (SEEK_DATA / SEEK_HOLE)."""
+    out, pos = [], 0
+    with open(path, "rb") as f:
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end))
+            pos = end
+    return out
+
+
+def _in_host_order(path) -> bool:
+    """qemu-img map's view: each layer's data extents lie in increasing host order."""
+    from common import qemu_map
+    high: dict = {}
+    for e in sorted(qemu_map(path), key=lambda e: e["start"]):
+        if e.get("data") and not e.get("zero") and "offset" in e:
+            key = (e["depth"], e.get("filename"))
+            if e["offset"] < high.get(key, 0):
+                return False
+            high[key] = e["offset"] + e["length"]
+    return True
+
+
+@pytest.fixture
+def plain_spy(monkeypatch):
+    """Records what each conversion's plain path returned (None: it handed over)."""
+    calls = []
+    real = convert_module._execute_plain
+
+    def spy(*args, **kwargs):
+        try:
+            result = real(*args, **kwargs)
+        except convert_module._HandOver:
+            calls.append(None)
+            raise
+        calls.append(result)
+        return result
+    monkeypatch.setattr(convert_module, "_execute_plain", spy)
+    return calls
+
+
+def _general(monkeypatch):
+    monkeypatch.setattr(convert_module, "_plain_chain", lambda *a: None)
+
+
+@pytest.mark.parametrize("sparse_size", [4096, 64 * K])
+def test_every_image_matches_the_general_path(image, tmp_path, monkeypatch, plain_spy,
+                                              sparse_size):
+    fast, slow = tmp_path / "fast.raw", tmp_path / "slow.raw"
+    got = qcowfast.convert(str(image.path), str(fast), sparse_size=sparse_size, threads=2,
+                           unit_size=M)
+    served = bool(plain_spy) and plain_spy[-1] is not None
+    if "compressed" not in image.tags:
+        assert served, "an uncompressed image qemu wrote takes the plain path"
+    with monkeypatch.context() as m:
+        _general(m)
+        want = qcowfast.convert(str(image.path), str(slow), sparse_size=sparse_size,
+                                threads=2, unit_size=M)
+    assert_same_bytes(fast.read_bytes(), slow.read_bytes(), image.id)
+    assert fast.read_bytes() == reference_raw(image.path)
+    assert got.bytes_written == want.bytes_written
+    assert _holes(fast) == _holes(slow)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_compressed_cluster_later_uses_the_general_path(tmp_path, plain_spy, threads):
+    """Plain data first, a compressed cluster later: the check before any data refuses."""
+    img = tmp_path / "mixed.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(40 * M))
+    qemu_io(img, "write -P 0x11 0 3M", "write -c -P 0x22 30M 64k", "write -P 0x33 36M 1M")
+    out = tmp_path / "out.raw"
+    result = qcowfast.convert(str(img), str(out), threads=threads, unit_size=M)
+    assert plain_spy == []
+    assert_same_bytes(out.read_bytes(), reference_raw(img), "mixed")
+    assert result.bytes_written == 3 * M + 64 * K + M
+
+
+def test_data_out_of_host_order_takes_the_plain_path(tmp_path, plain_spy):
+    """Clusters written back to front lie in decreasing host order: the check lists the data
+    pieces and finds no two sharing host bytes, so the plain path converts it."""
+    img = tmp_path / "rev.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(8 * M))
+    qemu_io(img, "write -P 0x11 4M 1M", "write -P 0x22 1M 1M", "write -P 0x33 7M 4k")
+    assert not _in_host_order(img)
+    out = tmp_path / "out.raw"
+    result = qcowfast.convert(str(img), str(out), unit_size=M)
+    assert plain_spy == [result.bytes_written] and result.bytes_written == 2 * M + 4 * K
+    assert_same_bytes(out.read_bytes(), reference_raw(img), "reversed")
+
+
+def test_shared_cluster_is_left_to_the_general_path(tmp_path, plain_spy):
+    """Two guest clusters reading one host cluster (out of host order, so found by the
+    overlap check): the plain path declines and the general path raises its error."""
+    img = tmp_path / "dup.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(M))
+    qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 128k 64k")
+    with qcowfast.open(str(img)) as im:
+        l2 = int(im._l2_off[0])
+    with open(img, "r+b") as f:
+        f.seek(l2)
+        entry = f.read(8)
+        f.seek(l2 + 8 * 5)
+        f.write(entry)
+    assert _plain_chain_of(img) is None
+    with pytest.raises(qcowfast.CorruptImage, match="share the data cluster"):
+        qcowfast.convert(str(img), str(tmp_path / "out.raw"))
+    assert plain_spy == []
+    assert sorted(os.listdir(tmp_path)) == ["dup.qcow2"]
+
+
+def _plain_chain_of(path):
+    with qcowfast.open(str(path)) as im:
+        return convert_module._plain_chain(im, M, 4096)
+
+
+def test_bad_entry_later_raises_the_general_error(tmp_path, plain_spy):
+    """An L2 entry past the end of the file, after good data: the general path's error, and
+    no output left behind."""
+    img = tmp_path / "bad.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(16 * M))
+    qemu_io(img, "write -P 0x11 0 1M", "write -P 0x22 12M 64k")
+    with qcowfast.open(str(img)) as im:
+        l2 = int(im._l2_off[0])
+    entry_at = l2 + (12 * M // (64 * K)) * 8
+    with open(img, "r+b") as f:
+        f.seek(entry_at)
+        f.write((0x8000000000000000 | (1 << 40)).to_bytes(8, "big"))
+    out = tmp_path / "out.raw"
+    with pytest.raises(qcowfast.QcowError, match="past the end of the file"):
+        qcowfast.convert(str(img), str(out), unit_size=M, threads=2)
+    assert plain_spy == []
+    assert sorted(os.listdir(tmp_path)) == ["bad.qcow2"]
+
+
+class _FailingChain:
+    """A Chain whose copy hands over at one unit (as a read that comes up short would)."""
+
+    def __init__(self, chain, fail_at):
+        self.chain, self.fail_at = chain, fail_at
+
+    def next_data(self, pos, end):
+        return self.chain.next_data(pos, end)
+
+    def copy(self, start, n, buf, block, fd):
+        if start == self.fail_at:
+            return _plain.FALLBACK
+        return self.chain.copy(start, n, buf, block, fd)
+
+
+@pytest.mark.parametrize("fail_at", [0, 5 * M])
+def test_hand_over_mid_run_restarts_cleanly(tmp_path, monkeypatch, plain_spy, fail_at):
+    """A unit the plain path cannot serve after others were written: the output is emptied
+    and the general path writes it all; the bytes and holes are qemu-img's."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(12 * M))
+    qemu_io(img, "write -P 0x11 0 2M", "write -P 0x22 5M 64k", "write -P 0x33 9M 1M")
+    real = convert_module._plain_chain
+    monkeypatch.setattr(convert_module, "_plain_chain",
+                        lambda *a: _FailingChain(real(*a), fail_at))
+    out = tmp_path / "out.raw"
+    result = qcowfast.convert(str(img), str(out), unit_size=M, threads=2)
+    assert plain_spy == [None]
+    assert_same_bytes(out.read_bytes(), reference_raw(img), "handed over")
+    assert result.bytes_written == 2 * M + 64 * K + M
+    assert sum(b - a for a, b in _holes(out)) == 2 * M + 64 * K + M
+
+
+def _numpy_after(code: str) -> bool:
+    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                          "print('numpy' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    return run.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_plain_conversion_never_imports_numpy(images, tmp_path):
+    plain = images.get(images.ids("backing", exclude=("compressed",))[0]).path
+    compressed = images.get(images.ids("compressed")[0]).path
+    code = "import qcowfast; qcowfast.convert({!r}, {!r})"
+    assert not _numpy_after(code.format(str(plain), str(tmp_path / "a.raw")))
+    # The check can fail: a compressed image needs the general path, which uses numpy.
+    assert _numpy_after(code.format(str(compressed), str(tmp_path / "b.raw")))
+    cli = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcowfast", "convert",
+                          "-O", "raw", str(plain), str(tmp_path / "c.raw")],
+                         capture_output=True, text=True, check=True)
+    assert " numpy" not in cli.stderr
+    assert (tmp_path / "c.raw").read_bytes() == reference_raw(plain)
+
+
+def test_kernel_checks_its_arguments(tmp_path):
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(b"\1" * 8192)
+    fd = os.open(raw, os.O_RDONLY)
+    out = os.open(tmp_path / "o.raw", os.O_RDWR | os.O_CREAT)
+    try:
+        chain = _plain.Chain([(fd, fd, True, 9, 0, 8192, 8192, 0, None)])
+        buf = bytearray(4096)
+        with pytest.raises(ValueError):
+            chain.copy(0, 8192, buf, 4096, out)            # longer than the buffer
+        with pytest.raises(ValueError):
+            chain.copy(0, 4096, buf, 0, out)               # no block size
+        with pytest.raises(ValueError):
+            chain.copy(-4096, 4096, buf, 4096, out)        # before the start
+        assert chain.copy(4096, 4096, buf, 4096, out) == 4096
+        assert os.pread(out, 8192, 0) == bytes(4096) + b"\1" * 4096
+        with pytest.raises(OSError):
+            chain.copy(0, 4096, buf, 4096, fd)             # not open for writing
+        assert chain.next_data(0, 8192) == 0
+        with pytest.raises(ValueError):
+            _plain.Chain([(fd, fd, False, 30, 0, 8192, 8192, 1, array("q"))])
+        with pytest.raises(ValueError):
+            _plain.l1_scan(bytes(16), 16, 1 << 20, array("q", [0]))   # output too short
+    finally:
+        os.close(fd)
+        os.close(out)
+
+
+def _raw_backed(tmp_path, size):
+    """A qcow2 overlay with nothing of its own over a raw file of `size` bytes, and its
+    _plain.Chain (the caller closes the image)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(range(256)) * (size // 256))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    im = qcowfast.open(str(top))
+    layers = im.chain
+    specs = [(layers[0]._fd, layers[0].data_fd, False, layers[0].cluster_bits,
+              layers[0]._flags, layers[0].virtual_size, layers[0].data_size,
+              layers[0]._l2_per_l1, layers[0]._l2_off),
+             (layers[1].data_fd, layers[1].data_fd, True, 9, 0, layers[1].virtual_size,
+              layers[1].data_size, 0, None)]
+    return base, im, _plain.Chain(specs)
+
+
+@pytest.mark.parametrize("size", [4 * M, 192 * K])
+def test_file_shrinking_hands_over(tmp_path, size):
+    """A raw backing file that shrinks below what its size said: a long piece is not mapped
+    (touching it would raise SIGBUS), a short one's read comes up short; either way copy
+    hands over and writes nothing."""
+    base, im, chain = _raw_backed(tmp_path, size)
+    with im:
+        out = os.open(tmp_path / "o.raw", os.O_RDWR | os.O_CREAT)
+        try:
+            assert chain.copy(0, size, bytearray(size), 4096, out) == size
+            assert os.pread(out, size, 0) == base.read_bytes()
+            os.ftruncate(out, 0)
+            os.truncate(base, 64 * K)
+            assert chain.copy(0, size, bytearray(size), 4096, out) == _plain.FALLBACK
+            assert os.fstat(out).st_size == 0
+        finally:
+            os.close(out)
+
+
+def test_mapped_and_buffered_pieces_keep_their_holes(tmp_path):
+    """Zero blocks inside a long (mapped) piece, at its unaligned ends and in the short pieces
+    around it are left out, and nothing else: the written extents are the non-zero blocks."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", img, str(4 * M))
+    qemu_io(img, "write -P 0x11 6k 1M", "write -z 100k 8k", "write -P 0x22 2M 8k",
+            "write -P 0x33 2100k 3k")
+    out = tmp_path / "out.raw"
+    result = qcowfast.convert(str(img), str(out), unit_size=4 * M, threads=1)
+    data = reference_raw(img)
+    assert out.read_bytes() == data
+    blocks = [i for i in range(0, len(data), 4096) if any(data[i:i + 4096])]
+    assert result.bytes_written == 4096 * len(blocks)
+    written = [(a // 4096, b // 4096) for a, b in _holes(out)]
+    assert sorted(sum((list(range(a, b)) for a, b in written), [])) == [i // 4096 for i in blocks]
