@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import _fill, _plain
@@ -785,21 +784,91 @@ def _run_units(image, unit, threads, work, done, max_inflight=None, *, plan=None
     """Run work(ui, runs) on a pool over the planned units (`plan`, default _plan's); call
     done(ui, result) in order."""
     max_inflight = max_inflight or 2 * threads
-    with ThreadPoolExecutor(threads, thread_name_prefix="qcowfast") as pool:
+    with _Pool(threads) as pool:
         inflight = deque()
         try:
             for ui, runs in _plan(image, unit) if plan is None else plan:
                 inflight.append((ui, pool.submit(work, ui, runs)))
                 while len(inflight) >= max_inflight:
-                    u, fut = inflight.popleft()
-                    done(u, fut.result())
+                    u, task = inflight.popleft()
+                    done(u, task.result())
             while inflight:
-                u, fut = inflight.popleft()
-                done(u, fut.result())
+                u, task = inflight.popleft()
+                done(u, task.result())
         except BaseException:
-            for _, fut in inflight:
-                fut.cancel()
+            for _, task in inflight:
+                task.cancelled = True
             raise
+
+
+class _Task:
+    __slots__ = ("fn", "args", "finished", "value", "error", "cancelled")
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.finished = threading.Event()
+        self.value = self.error = None
+        self.cancelled = False
+
+    def result(self):
+        """The call's return value (waiting for it), or raise what it raised."""
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Pool:
+    """Up to `threads` worker threads running submitted calls in order; leaving the `with`
+    block waits for the calls running (concurrent.futures would do, but its import, through
+    logging, costs every process 7 ms)."""
+
+    def __init__(self, threads: int):
+        self.max = threads
+        self.queue = queue.SimpleQueue()
+        self.created = 0
+        self.running = 0
+        self.idle = threading.Condition()
+
+    def submit(self, fn, *args) -> _Task:
+        task = _Task(fn, args)
+        self.queue.put(task)
+        if self.created < self.max:
+            # Counted before start(): a signal interrupting start() must not leave a thread
+            # that __exit__ sends no stop to.
+            self.created += 1
+            threading.Thread(target=self._worker, name=f"qcowfast_{self.created}",
+                             daemon=True).start()
+        return task
+
+    def _worker(self) -> None:
+        with self.idle:
+            self.running += 1
+        try:
+            while (task := self.queue.get()) is not None:
+                try:
+                    if not task.cancelled:
+                        task.value = task.fn(*task.args)
+                except BaseException as exc:      # noqa: BLE001 - handed to result()
+                    task.error = exc
+                finally:
+                    task.args = None
+                    task.finished.set()
+        finally:
+            with self.idle:
+                self.running -= 1
+                self.idle.notify_all()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Every task still queued is finished or cancelled by now: a thread starting late
+        # only meets those and its stop.
+        for _ in range(self.created):
+            self.queue.put(None)
+        with self.idle:
+            self.idle.wait_for(lambda: self.running == 0)
 
 
 def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:

@@ -19,10 +19,10 @@ from . import fleet
 KEY_PREFIX = "qcowfast-convert"
 
 
-def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool):
+def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots=None):
     """Run in a worker: the job's result or its non-transient exception, as a value."""
     if threads is None:
-        threads = _threads_for_this_worker()
+        threads = _threads_for_this_worker(host_slots or {})
     try:
         return fleet.run_job(job, threads=threads, skip_existing=skip_existing,
                              overwrite=overwrite)
@@ -32,15 +32,27 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool):
         return exc
 
 
-def _threads_for_this_worker() -> int:
-    """Cores per task slot on this host: conversions on one host share its cores."""
+def _threads_for_this_worker(host_slots: dict) -> int:
+    """Cores per task slot on this host: conversions on one host share its cores, whichever
+    worker process runs them (`host_slots`: task slots of all workers, by host)."""
     from distributed import get_worker
+    from distributed.comm import get_address_host
     cores = len(os.sched_getaffinity(0))
     try:
-        slots = get_worker().state.nthreads
+        worker = get_worker()
+        slots = host_slots.get(get_address_host(worker.address), worker.state.nthreads)
     except (ValueError, AttributeError):
         slots = 1
     return max(1, cores // max(1, slots))
+
+
+def _host_slots(client) -> dict:
+    """Task slots of the cluster's workers, summed by host."""
+    slots: dict = {}
+    for addr, info in client.scheduler_info().get("workers", {}).items():
+        host = info.get("host") or addr
+        slots[host] = slots.get(host, 0) + int(info.get("nthreads", 1))
+    return slots
 
 
 def _check_resources(client, resources: dict) -> None:
@@ -67,10 +79,11 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     client = client or get_client()
     if resources:
         _check_resources(client, resources)
+    host_slots = _host_slots(client) if threads is None else None
     batch = uuid.uuid4().hex[:8]
     # Larger images first (Dask runs higher priorities first), as convert_many orders them: a
     # big image started last would leave the other workers idle at the end.
-    return [client.submit(_task, job, threads, skip_existing, overwrite,
+    return [client.submit(_task, job, threads, skip_existing, overwrite, host_slots,
                           key=f"{KEY_PREFIX}-{batch}-{i}", resources=resources,
                           retries=retries, pure=False, priority=fleet.guest_size(job))
             for i, job in enumerate(jobs)]
@@ -88,8 +101,9 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     client : distributed.Client, optional
         The cluster to use (default: the current client, `distributed.get_client()`).
     threads : int, optional
-        Threads per conversion (default: the worker host's cores divided by the worker's task
-        slots, so one conversion per slot keeps the host's cores busy).
+        Threads per conversion (default: the worker host's cores divided by the task slots of
+        all the workers on that host, so one conversion per slot keeps its cores busy without
+        oversubscribing them).
     resources : dict, optional
         Worker resources each task needs, e.g. ``{"disk": 1}``; checked against the scheduler
         first (ValueError when no worker declares them).

@@ -186,7 +186,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         Jobs converted side by side (default: one per core, capped by the file-descriptor
         limit). Each job holds one image chain open, so this also caps open images.
     threads : int, optional
-        Worker threads per job (default: all cores; jobs side by side share them).
+        Worker threads per job (default: the cores divided among the jobs that run side by
+        side, at least one: more threads than cores only add switching).
     on_error : "continue" or "stop"
         "stop" starts no new job after the first failure; jobs not started get a
         `concurrent.futures.CancelledError` as their result.
@@ -217,7 +218,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     if workers < 1:
         raise ValueError("workers must be at least 1")
     if threads is None:
-        threads = len(os.sched_getaffinity(0))
+        threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
     sizes = [guest_size(j) for j in jobs]
     batch = _Progress(progress, sum(sizes))
     results: list[Any] = [None] * len(jobs)

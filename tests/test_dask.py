@@ -126,3 +126,15 @@ def test_task_sorts_exceptions_by_kind(monkeypatch, tmp_path):
     monkeypatch.setattr(fleet, "run_job", raiser(OSError(errno.ESTALE, "stale handle")))
     with pytest.raises(OSError):
         qdask._task(job, 1, False, False)
+
+
+def test_default_threads_share_the_hosts_cores_among_all_its_workers(client, images, tmp_path):
+    """Two worker processes of one slot each on this host: each conversion gets half the cores
+    (a worker alone would count only its own slot and oversubscribe them)."""
+    jobs = [(images.get(i).path, tmp_path / f"{i}.raw") for i in IMAGES]
+    results = qdask.convert_many(jobs, client)
+    cores = len(os.sched_getaffinity(0))
+    assert {r.threads for r in results} == {max(1, cores // 2)}
+    assert {r.threads for r in qdask.convert_many([(images.get(IMAGES[0]).path,
+                                                    tmp_path / "t.raw")], client, threads=3)} \
+        == {3}

@@ -87,6 +87,16 @@ def test_mixed_batch_results_in_job_order(images, tmp_path):
     assert dones[-1] == total >= sum(results[i].virtual_size for i in ok)
 
 
+def test_default_threads_divide_the_cores_among_the_jobs_side_by_side(images, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    jobs = [(images.get(GOOD[k]).path, tmp_path / f"{k}.raw") for k in range(3)]
+    side_by_side = convert_many(jobs, workers=2)
+    assert {r.threads for r in side_by_side} == {max(1, cores // 2)}
+    alone = convert_many(jobs[:1], workers=2, overwrite=True)      # one job: every core
+    assert alone[0].threads == cores
+    assert {r.threads for r in convert_many(jobs, workers=2, threads=3, overwrite=True)} == {3}
+
+
 def test_stop_on_error_cancels_the_rest(images, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
