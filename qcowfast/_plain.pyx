@@ -1,12 +1,12 @@
 # cython: language_level=3
-"""Uncompressed chains copied without numpy: convert's path for plain images.
+"""Uncompressed chains read without numpy: the raw and QCOW2 writers' path for plain images.
 
 Importing numpy costs a process 0.05-0.2 s, more than copying a small image takes; this module
-does not use it. It checks L1 tables at open, and fills units of guest space through the whole
-chain with one pread per data run, classifying L2 entries with the same code as the table
-kernels (_classify.pxi). Anything it does not serve -- a compressed cluster, an entry breaking a
-rule, a short read -- makes fill() return FALLBACK: convert then redoes the job on its general
-path, which raises the usual error.
+does not use it. It checks L1 tables at open, and reads units of guest space through the whole
+chain with one pread per data run (or writes them from a mapping), classifying L2 entries with
+the same code as the table kernels (_classify.pxi). Anything it does not serve -- a compressed
+cluster, an entry breaking a rule, a short read -- makes read() and copy() return FALLBACK:
+convert then redoes the job on its general path, which raises the usual error.
 """
 from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
@@ -277,7 +277,8 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
 
 
 cdef class Chain:
-    """The layers of an uncompressed chain, top first, for fill() and next_data().
+    """The layers of an uncompressed chain, top first, for check(), next_data(), read() and
+    copy().
 
     layers: sequence of (table_fd, data_fd, raw, cluster_bits, flags, virtual_size, data_size,
     guest_bytes_per_l1_entry, l2_offsets int64 buffer or None); the caller keeps the files open.
@@ -350,6 +351,25 @@ cdef class Chain:
             raise MemoryError()
         return rc == R_OK
 
+    def one_piece(self, int64_t start, int64_t n):
+        """(fd, host offset) when guest bytes [start, start + n) are one run of data in one
+        file, else None (holes, several runs, or FALLBACK)."""
+        cdef Pieces p
+        cdef int rc
+        cdef object found = None
+        if n <= 0 or start < 0:
+            raise ValueError("bad range")
+        memset(&p, 0, sizeof(Pieces))
+        p.limit = 2
+        with nogil:
+            rc = resolve(self.layers, self.nl, 0, start, n, &p)
+        if rc == R_OK and p.n == 1 and p.guest[0] == start and p.length[0] == n:
+            found = (p.fd[0], p.host[0])
+        free_pieces(&p)
+        if rc == R_NOMEM:
+            raise MemoryError()
+        return found
+
     def next_data(self, int64_t pos, int64_t end):
         """The guest offset of the first data byte in [pos, end), end when there is none, or
         FALLBACK."""
@@ -371,6 +391,36 @@ cdef class Chain:
         if rc == R_NOMEM:
             raise MemoryError()
         return FALLBACK if rc != R_OK else min(pos, end)
+
+    def read(self, int64_t start, int64_t n, uint8_t[::1] buf):
+        """Fill buf[:n] with guest bytes [start, start + n), zeros where no layer has data;
+        return n, or FALLBACK (buf's contents undefined)."""
+        cdef Pieces p
+        cdef int rc = R_OK
+        cdef int64_t i, g, prev = 0
+        cdef char *dst
+        if n < 0 or n > buf.shape[0] or start < 0:
+            raise ValueError("bad read range")
+        if n == 0:
+            return 0
+        dst = <char *>&buf[0]
+        memset(&p, 0, sizeof(Pieces))
+        with nogil:
+            rc = resolve(self.layers, self.nl, 0, start, n, &p)
+            i = 0
+            while rc == R_OK and i < p.n:
+                g = p.guest[i] - start
+                if g > prev:
+                    memset(dst + prev, 0, g - prev)
+                rc = read_full(p.fd[i], dst + g, p.length[i], p.host[i])
+                prev = g + p.length[i]
+                i += 1
+            if rc == R_OK and prev < n:
+                memset(dst + prev, 0, n - prev)
+            free_pieces(&p)
+        if rc == R_NOMEM:
+            raise MemoryError()
+        return FALLBACK if rc != R_OK else n
 
     def copy(self, int64_t start, int64_t n, uint8_t[::1] buf, int64_t block, int out_fd):
         """Write guest bytes [start, start + n) to `out_fd` at the same offsets, leaving out the

@@ -511,8 +511,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             else:
                 written = _convert_stream(image, stream, name, unit, threads, progress)
         else:
-            if not (format == "raw" and sparse_size and not existing and not direct):
-                _load_kernels()
+            if format == "raw" and not (sparse_size and not existing and not direct):
+                _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
                             direct=direct) as out:
                 try:
@@ -668,17 +668,6 @@ def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
     local = threading.local()
     total = [0]
 
-    def plan():
-        pos = 0
-        while pos < vsize:
-            first = chain.next_data(pos, vsize)
-            if first == _plain.FALLBACK:
-                raise _HandOver
-            if first >= vsize:
-                return
-            yield first // unit, None
-            pos = (first // unit + 1) * unit
-
     def work(ui, _runs) -> None:
         buf = getattr(local, "buf", None)
         if buf is None:
@@ -694,10 +683,24 @@ def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
         if progress:
             progress(min((ui + 1) * unit, vsize), vsize)
 
-    _run_units(image, unit, threads, work, done, plan=plan())
+    _run_units(image, unit, threads, work, done, plan=_plain_plan(chain, vsize, unit))
     if progress:
         progress(vsize, vsize)
     return total[0]
+
+
+def _plain_plan(chain, vsize: int, unit: int):
+    """Yield (unit_index, None) for every unit of `chain` holding data (_run_units' plan);
+    raise _HandOver where the chain needs the general path."""
+    pos = 0
+    while pos < vsize:
+        first = chain.next_data(pos, vsize)
+        if first == _plain.FALLBACK:
+            raise _HandOver
+        if first >= vsize:
+            return
+        yield first // unit, None
+        pos = (first // unit + 1) * unit
 
 
 def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_holes,

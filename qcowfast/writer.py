@@ -5,23 +5,28 @@ Layout (the same bytes for any thread count): the header cluster, then the clust
 order as QEMU allocates them: plain clusters appended at the end of the file, compressed streams
 packed at byte granularity into the open cluster (qcow2_alloc_bytes: a stream that does not fit
 runs over into the next cluster only when that one directly follows). Each L2 table is appended
-once its guest range is done, each refcount block once its host range is, then the L1 table,
-the last refcount blocks and the refcount table. Memory is bounded: at most MAX_INFLIGHT
-batches of two WRITE_UNIT buffers, one L2 table, a refcount window of about one block, the L1
-and refcount tables (at most 32 MiB and 8 MiB: QEMU's limits).
+once its guest range is done (at the latest before the data of a later table's range), each
+refcount block once its host range is, then the L1 table, the last refcount blocks and the
+refcount table. Memory is bounded: at most MAX_INFLIGHT batches of two WRITE_UNIT buffers, one
+L2 table, a refcount window of about one block, the L1 and refcount tables (at most 32 MiB and
+8 MiB: QEMU's limits).
+
+Uncompressed chains and raw files are read by _plain's C kernels and the tables are built with
+`array`, so such a source never imports numpy (0.1 s of a process's start-up).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 from array import array
 
-import numpy as np
-
 from . import _deflate
-from .convert import _Filler, _run_units, _write_all
+from .convert import (_Filler, _HandOver, _load_kernels, _plain_chain, _plain_plan, _run_units,
+                      _write_all, np)
 from .errors import OutputError
 
 COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
@@ -39,6 +44,7 @@ FEATURE_NAMES = ((0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external
                  (0, 3, b"compression type"), (0, 4, b"extended L2 entries"),
                  (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"))
 INCOMPAT_COMPRESSION = 1 << 3
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _resolve_level(compression, level):
@@ -70,6 +76,17 @@ def _header(vsize, cluster_bits, ctype, l1_size, l1_offset, rt_offset, rt_cluste
     return hdr + bytes(8)                   # end of header extensions
 
 
+def _zeros(typecode: str, n: int) -> array:
+    return array(typecode, bytes(n * array(typecode).itemsize))
+
+
+def _big_endian(values: array) -> array:
+    """`values` with its items in big-endian byte order (in place)."""
+    if sys.byteorder == "little":
+        values.byteswap()
+    return values
+
+
 class _Layout:
     """The single writer: appends clusters, L2 tables and refcount blocks at the file's end."""
 
@@ -83,54 +100,59 @@ class _Layout:
             raise OutputError(f"virtual size {vsize} needs an L1 table over QEMU's limit of "
                               f"{QCOW_MAX_L1_SIZE} bytes at cluster size {cluster_size}; use a "
                               "larger cluster size")
-        self.l1 = np.zeros(self.l1_size, np.uint64)
+        self.l1 = _zeros("Q", self.l1_size)
         self.cur_t = -1
-        self.cur = np.zeros(self.l2_entries, np.uint64)
+        self.cur = _zeros("Q", self.l2_entries)
         self.block = cluster_size * 8 >> REFCOUNT_ORDER     # host clusters per refcount block
-        self.rc = np.zeros(self.block, np.uint16)
+        self.rc = _zeros("H", self.block)
         self.rc_base = 0                    # host cluster index of rc[0]
         self.reftable = array("Q")          # host offsets of the refcount blocks written
         self.rc[0] = 1                      # the header cluster
         # [end of file, open cluster of compressed streams (-1: none), bytes in it, carry dirty]
-        self.state = np.array([cluster_size, -1, 0, 0], np.int64)
-        self.carry = np.zeros(cluster_size, np.uint8)    # the open cluster, once written
+        self.state = array("q", [cluster_size, -1, 0, 0])
+        self.carry = bytearray(cluster_size)    # the open cluster, once written
 
     @property
     def pos(self) -> int:
-        return int(self.state[0])
+        return self.state[0]
 
     def need(self, clusters_end):
         """Make the refcount window reach host cluster `clusters_end` (exclusive)."""
         want = clusters_end - self.rc_base
         if want > len(self.rc):
-            grow = max(want - len(self.rc), self.block)
-            self.rc = np.concatenate((self.rc, np.zeros(grow, np.uint16)))
+            self.rc.frombytes(bytes(2 * max(want - len(self.rc), self.block)))
 
-    def append_clusters(self, data: np.ndarray) -> int:
+    def append_clusters(self, data) -> int:
         """Write whole clusters at the next cluster boundary, refcount 1 each; return offset."""
         cs = self.cs
         off = self.pos
-        n = len(data) // cs
+        view = memoryview(data).cast("B")
+        n = len(view) // cs
         self.need(off // cs + n)
-        self.rc[off // cs - self.rc_base:off // cs - self.rc_base + n] += 1
-        _write_all(self.fd, memoryview(data).cast("B"), off)
-        self.state[0] = off + len(data)
+        rc = self.rc
+        for k in range(off // cs - self.rc_base, off // cs - self.rc_base + n):
+            rc[k] += 1
+        _write_all(self.fd, view, off)
+        self.state[0] = off + len(view)
         return off
 
     def append_batch(self, src, offsets, out, sizes, staging, entries, runs):
-        """Allocate and write one batch of clusters (see _deflate.pack)."""
+        """Allocate and write one batch of clusters (see _deflate.pack); runs is a flat int64
+        array with room for three items per cluster."""
         cs, n = self.cs, len(sizes)
-        start, carried = self.pos, int(self.state[1])
+        start, carried = self.pos, self.state[1]
         self.need(start // cs + n + 1)
+        rows = memoryview(runs).cast("B").cast("q", (len(runs) // 3, 3))
         end, nruns = _deflate.pack(src, offsets, out, offsets, sizes, self.bits, self.state,
-                                   staging, self.carry, self.rc, self.rc_base, entries, runs)
+                                   staging, self.carry, self.rc, self.rc_base, entries, rows)
         if self.state[3]:
             _write_all(self.fd, memoryview(self.carry), carried * cs)
             self.state[3] = 0
         # Stored clusters go from the source buffer, the rest from staging: one pwritev.
         pieces, at = [], start
         st, sv = memoryview(staging), memoryview(src)
-        for host, off, length in runs[:nruns].tolist():
+        for k in range(0, 3 * nruns, 3):
+            host, off, length = runs[k:k + 3]
             if host > at:
                 pieces.append(st[at - start:host - start])
             pieces.append(sv[off:off + length])
@@ -138,12 +160,21 @@ class _Layout:
         if end > at:
             pieces.append(st[at - start:end - start])
         _writev_all(self.fd, pieces, start)
-        opened = int(self.state[1]) * cs
+        opened = self.state[1] * cs
         if opened >= start:
             self.carry[:] = staging[opened - start:opened - start + cs]
 
+    def reach(self, g0):
+        """Write the open L2 table now if guest cluster g0 lies past its range: the layout
+        must not depend on whether the units between held data."""
+        if self.cur_t >= 0 and g0 // self.l2_entries != self.cur_t:
+            done = []
+            self._close_table(done)
+            self._write_tables(done)
+
     def add_entries(self, g0, entries):
-        """Place L2 entries for guest clusters g0.. and write the L2 tables completed."""
+        """Place L2 entries (an array("Q")) for guest clusters g0.. and write the L2 tables
+        completed."""
         e, i, n = self.l2_entries, 0, len(entries)
         done = []
         while i < n:
@@ -159,17 +190,20 @@ class _Layout:
         self._write_tables(done)
 
     def _close_table(self, done):
-        if self.cur_t >= 0 and self.cur.any():
-            done.append((self.cur_t, self.cur.copy()))
-        self.cur[:] = 0
+        if self.cur_t >= 0 and self.cur.count(0) != len(self.cur):
+            done.append((self.cur_t, self.cur))
+            self.cur = _zeros("Q", self.l2_entries)
+        elif self.cur_t >= 0:
+            self.cur[:] = _zeros("Q", self.l2_entries)
         self.cur_t = -1
 
     def _write_tables(self, done):
         if not done:
             return
-        # (np.concatenate returns native byte order: swap after it)
-        tables = np.concatenate([tbl for _, tbl in done]).astype(">u8")
-        off = self.append_clusters(tables.view(np.uint8))
+        tables = array("Q")
+        for _, tbl in done:
+            tables.extend(tbl)
+        off = self.append_clusters(_big_endian(tables))
         for k, (t, _) in enumerate(done):
             self.l1[t] = (off + k * self.cs) | QCOW_OFLAG_COPIED
         self.flush_blocks()
@@ -179,12 +213,12 @@ class _Layout:
         while self.rc_base + self.block <= self.pos // self.cs:
             if self.rc_base <= self.state[1] < self.rc_base + self.block:
                 self.state[1] = -1          # close the open cluster: its refcount is final
-            blk = self.rc[:self.block].astype(">u2")
+            blk = _big_endian(self.rc[:self.block])
             self.need(self.rc_base + self.block + 1)
-            self.rc = self.rc[self.block:].copy()
+            del self.rc[:self.block]
             self.rc_base += self.block
             # Its own cluster lies past the range it covers, in the window's new first block.
-            self.reftable.append(self.append_clusters(blk.view(np.uint8)))
+            self.reftable.append(self.append_clusters(blk))
 
     def finish(self, vsize, ctype) -> int:
         """Write the last L2 table, L1, the last refcount blocks, the refcount table, the header."""
@@ -194,9 +228,9 @@ class _Layout:
         cs = self.cs
         l1_offset = 0
         if self.l1_size:
-            l1 = np.zeros(-(-self.l1_size * 8 // cs) * cs // 8, ">u8")
-            l1[:self.l1_size] = self.l1
-            l1_offset = self.append_clusters(l1.view(np.uint8))
+            l1 = array("Q", self.l1)
+            l1.frombytes(bytes(-(-self.l1_size * 8 // cs) * cs - self.l1_size * 8))
+            l1_offset = self.append_clusters(_big_endian(l1))
         self.flush_blocks()
         # The last refcount blocks and the refcount table must cover themselves
         # (qcow2-refcount.c, qcow2_refcount_area): iterate to the fixed point.
@@ -212,20 +246,40 @@ class _Layout:
             raise OutputError("the image needs a refcount table over QEMU's limit of "
                               f"{QCOW_MAX_REFTABLE_SIZE} bytes; use a larger cluster size")
         self.need(end + blocks + rt_clusters)
-        self.rc[end - self.rc_base:end + blocks + rt_clusters - self.rc_base] += 1
-        area = np.zeros(blocks * self.block, ">u2")
-        live = self.rc[:blocks * self.block]
-        area[:len(live)] = live
+        for k in range(end - self.rc_base, end + blocks + rt_clusters - self.rc_base):
+            self.rc[k] += 1
+        area = self.rc[:blocks * self.block]
+        area.frombytes(bytes(2 * (blocks * self.block - len(area))))
         self.reftable.extend((end + k) * cs for k in range(blocks))
-        reftable = np.zeros(rt_clusters * cs // 8, ">u8")
-        reftable[:len(self.reftable)] = np.frombuffer(self.reftable, np.uint64)
+        reftable = array("Q", self.reftable)
+        reftable.frombytes(bytes(rt_clusters * cs - 8 * len(reftable)))
         rt_offset = (end + blocks) * cs
-        _write_all(self.fd, memoryview(area.view(np.uint8)), end * cs)
-        _write_all(self.fd, memoryview(reftable.view(np.uint8)), rt_offset)
+        _write_all(self.fd, memoryview(_big_endian(area)).cast("B"), end * cs)
+        _write_all(self.fd, memoryview(_big_endian(reftable)).cast("B"), rt_offset)
         self.state[0] = rt_offset + rt_clusters * cs
         hdr = _header(vsize, self.bits, ctype, self.l1_size, l1_offset, rt_offset, rt_clusters)
         _write_all(self.fd, hdr, 0)
         return self.pos
+
+
+def _map_piece(chain, start: int, length: int):
+    """(read-only view, mmap) of guest bytes [start, start + length) when they are one run of
+    data in one file that holds them all, else None: clusters are then scanned and written
+    straight from the page cache, without a copy into a buffer first."""
+    found = chain.one_piece(start, length)
+    if found is None:
+        return None
+    fd, host = found
+    page = host - host % mmap.ALLOCATIONGRANULARITY
+    # A file shorter than the range would raise SIGBUS when touched past its end.
+    if os.fstat(fd).st_size < host + length:
+        return None
+    try:
+        mapping = mmap.mmap(fd, host + length - page, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                            prot=mmap.PROT_READ, offset=page)
+    except (OSError, ValueError):
+        return None
+    return memoryview(mapping)[host - page:], mapping
 
 
 def _writev_all(fd, pieces, offset):
@@ -278,20 +332,49 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
     threads = threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError("threads must be at least 1")
+    _deflate.Compressor(ctype, cluster_size, level)  # fail early on a missing library or level
+    chain = _plain_chain(source, WRITE_UNIT, 512)
+    if chain is not None:
+        try:
+            return _write(source, fd, chain, ctype, level, cluster_size, threads, progress)
+        except _HandOver:
+            # A unit the plain path does not serve (the source changed under it): start again
+            # on the general path, which raises what is wrong, if anything.
+            os.ftruncate(fd, 0)
+    return _write(source, fd, None, ctype, level, cluster_size, threads, progress)
+
+
+def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
+    """write_qcow2 reading through _plain `chain`, or through the general filler when None."""
     vsize = -(-source.virtual_size // 512) * 512     # qcow2_co_create_opts() rounds up
-    cs = cluster_size
     layout = _Layout(fd, cs, vsize)
     unit = WRITE_UNIT                       # a multiple of every cluster size (<= 2 MiB)
-    filler = _Filler(source, unit)
     ncl = unit // cs
-    offsets = np.arange(ncl, dtype=np.int64) * cs
+    offsets = memoryview(array("q", range(0, unit, cs)))
     local = threading.local()
     spare: queue.SimpleQueue = queue.SimpleQueue()
     inflight = min(2 * threads + 2, MAX_INFLIGHT)
-    staging = np.empty(unit + cs, np.uint8)
-    entries = np.empty(ncl, np.uint64)
-    stored_runs = np.empty((ncl, 3), np.int64)
-    _deflate.Compressor(ctype, cs, level)       # fail early on a missing library or bad level
+    staging = bytearray(unit + cs)
+    entries = _zeros("Q", ncl)
+    stored_runs = _zeros("q", 3 * ncl)
+    if chain is None:
+        _load_kernels()
+        filler = _Filler(source, unit)
+
+        def fill(ui, runs, buf):
+            return filler.fill(ui, runs, np.frombuffer(buf, np.uint8)), buf, None
+        plan = None
+    else:
+        def fill(ui, runs, buf):
+            start = ui * unit
+            ulen = min(unit, source.virtual_size - start)
+            mapped = _map_piece(chain, start, ulen) if ulen % cs == 0 else None
+            if mapped is not None:
+                return (ulen, *mapped)
+            if chain.read(start, ulen, buf) < 0:
+                raise _HandOver
+            return ulen, buf, None
+        plan = _plain_plan(chain, source.virtual_size, unit)
 
     def work(ui, runs):
         comp = getattr(local, "comp", None)
@@ -300,28 +383,33 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
         try:
             bufs = spare.get_nowait()
         except queue.Empty:
-            bufs = (np.empty(unit, np.uint8), np.empty(unit if ctype >= 0 else cs, np.uint8),
-                    np.empty(ncl, np.int64))
-        src, out, sizes = bufs
-        ulen = filler.fill(ui, runs, src)
+            bufs = (bytearray(unit), bytearray(unit if ctype >= 0 else cs), _zeros("q", ncl))
+        buf, out, sizes = bufs
+        ulen, src, mapping = fill(ui, runs, buf)
         n = -(-ulen // cs)
-        src[ulen:n * cs] = 0                # the last cluster is zero-padded (QEMU does)
-        comp.compress_batch(src, offsets[:n], out, offsets[:n], sizes[:n])
-        return bufs, n, ulen
+        if n * cs > ulen:
+            src[ulen:n * cs] = bytes(n * cs - ulen)   # QEMU zero-pads the last cluster too
+        comp.compress_batch(src, offsets[:n], out, offsets[:n], memoryview(sizes)[:n])
+        return bufs, n, ulen, src, mapping
 
     def done(ui, result):
-        bufs, n, ulen = result
-        src, out, sizes = bufs
-        layout.append_batch(src, offsets[:n], out, sizes[:n], staging, entries[:n],
-                            stored_runs)
+        bufs, n, ulen, src, mapping = result
+        _, out, sizes = bufs
+        g0 = ui * unit // cs
+        layout.reach(g0)
+        layout.append_batch(src, offsets[:n], out, memoryview(sizes)[:n], staging,
+                            memoryview(entries)[:n], stored_runs)
+        if mapping is not None:
+            src.release()
+            mapping.close()
         spare.put(bufs)
         layout.flush_blocks()
-        layout.add_entries(ui * unit // cs, entries[:n])
+        layout.add_entries(g0, entries[:n])
         if progress:
             progress(ui * unit + ulen, source.virtual_size)
 
     # Never more workers than batches in flight (each holds a Compressor and two buffers).
-    _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight)
+    _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight, plan=plan)
     size = layout.finish(vsize, ctype)
     os.ftruncate(fd, size)
     if progress:
