@@ -15,10 +15,14 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import queue
 import threading
 import time
 from collections import deque
+
+try:                                        # queue's own import costs a start-up 1 ms (heapq)
+    from _queue import SimpleQueue
+except ImportError:                         # pragma: no cover - other Pythons
+    from queue import SimpleQueue
 from dataclasses import dataclass
 
 from . import _fill, _plain
@@ -755,7 +759,7 @@ def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=Fal
     vsize = image.virtual_size
     filler = _Filler(image, unit)
     inflight = threads + 1
-    pool: queue.SimpleQueue = queue.SimpleQueue()
+    pool: SimpleQueue = SimpleQueue()
     for _ in range(inflight):
         pool.put(None)
     pos = [0]
@@ -828,7 +832,7 @@ class _Pool:
 
     def __init__(self, threads: int):
         self.max = threads
-        self.queue = queue.SimpleQueue()
+        self.queue = SimpleQueue()
         self.created = 0
         self.running = 0
         self.idle = threading.Condition()
