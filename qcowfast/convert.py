@@ -26,6 +26,7 @@ except ImportError:                         # pragma: no cover - other Pythons
 from dataclasses import dataclass
 
 from . import _fill, _plain
+from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
@@ -240,6 +241,7 @@ class _Filler:
         self.unit = unit
         self.vsize = image.virtual_size
         self.local = threading.local()
+        self.borrowed = Borrowed(unit)
         layers, node = {}, image
         while node is not None:
             layers[node.depth] = node
@@ -249,10 +251,16 @@ class _Filler:
         self.sizes = np.array([getattr(x, "data_size", 0) for x in self.layers], np.int64)
 
     def buffer(self) -> np.ndarray:
+        """This thread's unit buffer (contents undefined); close() returns them all."""
         buf = getattr(self.local, "buf", None)
         if buf is None:
-            buf = self.local.buf = np.empty(self.unit, np.uint8)
+            buf = self.local.buf = np.frombuffer(self.borrowed.get(), np.uint8)
         return buf
+
+    def close(self) -> None:
+        """Give the buffers back (the conversion is over: no worker uses them)."""
+        self.local = threading.local()
+        self.borrowed.give_all()
 
     def fill(self, ui: int, runs, buf: np.ndarray, *, copy_fd: int = -1, copy_lock=None,
              zero_gaps: bool = True) -> int:
@@ -488,7 +496,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     if threads < 1:
         raise ValueError("threads must be at least 1")
     with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
-                     snapshot=snapshot, force_share=force_share) as image:
+                     snapshot=snapshot, force_share=force_share) as image, \
+            _ScratchReturned(image):
         # Units are whole clusters of every layer (cluster sizes are powers of two), so no
         # compressed cluster crosses a unit.
         largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
@@ -536,6 +545,22 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     written = int(written)
     return ConvertResult(vsize, written, max(vsize - written, 0), time.perf_counter() - t0,
                          threads)
+
+
+class _ScratchReturned:
+    """Gives the image's scratch buffers back to the pool (buffers.py) when the conversion is
+    over: its threads are done by then, nothing reads them any more."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        release = getattr(self.image, "_release_scratch", None)
+        if release is not None:
+            release()
 
 
 def _stream_name(dst, stream) -> str:
@@ -669,15 +694,12 @@ def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
     written by one writer at a time. Return the bytes written; raise _HandOver when a unit
     needs the general path (nothing is published; the caller starts again)."""
     vsize = image.virtual_size
-    local = threading.local()
+    bufs = Borrowed(unit)
     total = [0]
 
     def work(ui, _runs) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(unit)
         start = ui * unit
-        n = chain.copy(start, min(unit, vsize - start), buf, block, out.fd)
+        n = chain.copy(start, min(unit, vsize - start), bufs.get(), block, out.fd)
         if n == _plain.FALLBACK:
             raise _HandOver
         return n
@@ -687,7 +709,10 @@ def _execute_plain(image, chain, out, unit, threads, block, progress) -> int:
         if progress:
             progress(min((ui + 1) * unit, vsize), vsize)
 
-    _run_units(image, unit, threads, work, done, plan=_plain_plan(chain, vsize, unit))
+    try:
+        _run_units(image, unit, threads, work, done, plan=_plain_plan(chain, vsize, unit))
+    finally:
+        bufs.give_all()
     if progress:
         progress(vsize, vsize)
     return total[0]
@@ -919,7 +944,10 @@ def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
         if progress:
             progress(ui * unit + ulen, vsize)
 
-    _run_units(image, unit, threads, work, done)
+    try:
+        _run_units(image, unit, threads, work, done)
+    finally:
+        filler.close()
     if progress:
         progress(vsize, vsize)
     return total[0] if sparse_size else vsize

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from functools import cached_property
 from typing import Iterator, NamedTuple
 
-from . import _inflate, _plain
+from . import _inflate, _plain, buffers
 from ._lazy import LazyModule
 from .constants import (
     L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED,
@@ -348,6 +348,7 @@ class Image(_Layer):
         self.force_share = force_share
         self._data_fd = -1
         self._fd = -1
+        self._scratch_taken: list = []      # pooled buffers behind _scratch (_release_scratch)
         try:
             # `path` may be an OpenedFile from paths.resolve_reference: that checked
             # descriptor is the one read (never the name opened again).
@@ -505,6 +506,7 @@ class Image(_Layer):
                 setattr(self, attr, -1)
         # The descriptor numbers may soon belong to other files: nothing may read them.
         self.data_fd = -1
+        self._scratch_taken = []            # (no longer pooled: a read may still hold one)
 
     def __enter__(self) -> "Image":
         return self
@@ -883,12 +885,25 @@ class Image(_Layer):
         in_off[order] = in_off_sorted
         return view, in_off, ends - coffsets
 
+    def _release_scratch(self) -> None:
+        """Give this image's scratch buffers back to the pool (buffers.py), for the next
+        conversion. Only when no thread reads this image or its chain any more."""
+        for layer in self.chain:
+            taken = getattr(layer, "_scratch_taken", None)
+            if taken:
+                layer._scratch_taken = []
+                layer._local = threading.local()
+                for buf in taken:
+                    buffers.give(buf)
+
     def _scratch(self, n: int) -> memoryview:
         """This thread's scratch space for compressed streams, at least n bytes (reused: fresh
         pages per unit cost page faults and zeroing)."""
         buf = getattr(self._local, "cbuf", None)
         if buf is None or len(buf) < n:
-            buf = self._local.cbuf = np.empty(max(n, 1 << 20), np.uint8)
+            # Powers of two: the next image's conversion finds the same sizes in the pool.
+            buf = self._local.cbuf = buffers.take(max(1 << 20, 1 << (n - 1).bit_length()))
+            self._scratch_taken.append(buf)
         return memoryview(buf)[:n]
 
     def _stream_past_eof(self, coffset: int) -> TruncatedImage:

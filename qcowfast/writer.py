@@ -24,7 +24,7 @@ import threading
 from array import array
 from collections import deque
 
-from . import _deflate
+from . import _deflate, buffers
 from .convert import (_Filler, _HandOver, _load_kernels, _plain_chain, _plain_plan, _run_units,
                       _write_all, np)
 from .errors import OutputError
@@ -367,7 +367,8 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
     retired: deque = deque()           # mappings written out: the workers unmap them (munmap
                                        # costs the writer's thread 40 ms per GiB)
     inflight = min(2 * threads + 2, MAX_INFLIGHT)
-    staging = bytearray(unit + cs)
+    staging = buffers.take(unit + cs)
+    taken = [staging]                       # given back at the end (buffers.py)
     entries = _zeros("Q", ncl)
     stored_runs = _zeros("q", 3 * ncl)
     if chain is None:
@@ -397,7 +398,9 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         try:
             bufs = spare.pop()
         except IndexError:
-            bufs = (bytearray(unit), bytearray(unit if ctype >= 0 else cs), _zeros("q", ncl))
+            bufs = (buffers.take(unit), buffers.take(unit if ctype >= 0 else cs),
+                    _zeros("q", ncl))
+            taken.extend(bufs[:2])
         buf, out, sizes = bufs
         ulen, src, mapping = fill(ui, runs, buf)
         n = -(-ulen // cs)
@@ -426,6 +429,8 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight, plan=plan)
     finally:
         _unmap(retired)
+        for buf in taken:
+            buffers.give(buf)
     size = layout.finish(vsize, ctype)
     os.ftruncate(fd, size)
     if progress:
