@@ -82,6 +82,21 @@ class CompressionError(QcowError):
     """The compression library failed on a cluster."""
 
 
+class SourceVanished(Exception):
+    """compress_batch's input was a file mapping whose file shrank under it (SIGBUS caught):
+    the batch is void and the Compressor unusable."""
+
+
+cdef extern from "_sigbus.h" nogil:
+    ctypedef int (*qf_guarded_fn)(void *arg) noexcept nogil
+    int qf_bus_install() noexcept
+    int qf_bus_call(qf_guarded_fn fn, void *arg, const void *lo, size_t length,
+                    int *faulted) noexcept
+
+if qf_bus_install() != 0:
+    raise OSError("cannot install the SIGBUS handler")
+
+
 include "_dl.pxi"
 
 
@@ -153,6 +168,40 @@ cdef int64_t _zstd_one(void *cctx, const uint8_t *src, uint8_t *dst, int64_t cs)
     return <int64_t>ret
 
 
+cdef struct Batch:
+    # compress_batch's loop, run under the SIGBUS guard (_sigbus.h)
+    const uint8_t *src
+    uint8_t *dst
+    const int64_t *in_off
+    const int64_t *out_off
+    int64_t *out_len
+    Py_ssize_t n, j
+    int64_t cs, r
+    int kind
+    qfc_zng_stream *zstrm
+    void *cctx
+
+
+cdef int _batch_loop(void *arg) noexcept nogil:
+    cdef Batch *b = <Batch *>arg
+    cdef int64_t r
+    while b.j < b.n:
+        if _is_zero(b.src + b.in_off[b.j], b.cs):
+            r = C_ZERO
+        elif b.kind == ZLIB:
+            r = _zlib_one(b.zstrm, b.src + b.in_off[b.j], b.dst + b.out_off[b.j], b.cs)
+        elif b.kind == ZSTD:
+            r = _zstd_one(b.cctx, b.src + b.in_off[b.j], b.dst + b.out_off[b.j], b.cs)
+        else:
+            r = C_STORED
+        b.r = r
+        if r < C_STORED:
+            break
+        b.out_len[b.j] = r
+        b.j += 1
+    return 0
+
+
 cdef class Compressor:
     """A reusable encoder for one compression type, level and cluster size; one thread at a time.
 
@@ -163,13 +212,14 @@ cdef class Compressor:
     cdef readonly int compression_type
     cdef readonly int level
     cdef readonly int64_t cluster_size
-    cdef bint ready, busy
+    cdef bint ready, busy, broken
 
     def __cinit__(self, int compression_type, int64_t cluster_size, int level):
         memset(&self.zstrm, 0, sizeof(self.zstrm))
         self.cctx = NULL
         self.ready = False
         self.busy = False
+        self.broken = False
         if not 512 <= cluster_size <= (1 << 21) or cluster_size & (cluster_size - 1):
             raise ValueError("cluster size must be a power of two from 512 to 2 MiB")
         self.compression_type = compression_type
@@ -226,25 +276,30 @@ cdef class Compressor:
                 raise ValueError(f"batch entry {j} lies outside the output")
         if self.busy:
             raise RuntimeError("Compressor used by two threads at once")
+        if self.broken:
+            raise RuntimeError("Compressor cut short by a vanished source; make a new one")
+        cdef Batch b
+        cdef int faulted = 0
+        b.src = &s[0]
+        b.dst = &d[0] if kind != NONE else NULL
+        b.in_off = &in_off[0]
+        b.out_off = &out_off[0]
+        b.out_len = &out_len[0]
+        b.n, b.j, b.cs, b.r, b.kind = n, 0, cs, 0, kind
+        b.zstrm = &self.zstrm
+        b.cctx = self.cctx
         self.busy = True
-        j = 0
         try:
             with nogil:
-                while j < n:
-                    if _is_zero(&s[0] + in_off[j], cs):
-                        r = C_ZERO
-                    elif kind == ZLIB:
-                        r = _zlib_one(&self.zstrm, &s[0] + in_off[j], &d[0] + out_off[j], cs)
-                    elif kind == ZSTD:
-                        r = _zstd_one(self.cctx, &s[0] + in_off[j], &d[0] + out_off[j], cs)
-                    else:
-                        r = C_STORED
-                    if r < C_STORED:
-                        break
-                    out_len[j] = r
-                    j += 1
+                qf_bus_call(_batch_loop, &b, &s[0], <size_t>slen, &faulted)
         finally:
             self.busy = False
+        if faulted:
+            # The library's state may be mid-stream: this Compressor is done.
+            self.broken = True
+            raise SourceVanished(f"the input mapping lost its pages at cluster {b.j} of a "
+                                 "batch (the file shrank)")
+        j, r = b.j, b.r
         if r < C_STORED:
             raise CompressionError(f"{'zlib' if kind == ZLIB else 'zstd'} failed to compress "
                                    f"cluster {j} of a batch")

@@ -10,7 +10,7 @@ convert then redoes the job on its general path, which raises the usual error.
 """
 from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
-from libc.errno cimport EINTR, EIO, errno
+from libc.errno cimport EFAULT, EINTR, EIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
@@ -19,6 +19,15 @@ from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport _SC_PAGESIZE, pread, pwrite, sysconf
 
 include "_classify.pxi"
+
+cdef extern from "_sigbus.h" nogil:
+    ctypedef int (*qf_guarded_fn)(void *arg) noexcept nogil
+    int qf_bus_install() noexcept
+    int qf_bus_call(qf_guarded_fn fn, void *arg, const void *lo, size_t length,
+                    int *faulted) noexcept
+
+if qf_bus_install() != 0:
+    raise OSError("cannot install the SIGBUS handler")
 
 FALLBACK = -1
 
@@ -509,6 +518,54 @@ cdef int scan_spans(Spans *o, const uint8_t *data, int64_t length, int64_t origi
     return R_OK
 
 
+cdef struct Scan:
+    # scan_spans' arguments and result, for the SIGBUS guard (_sigbus.h)
+    Spans *o
+    const uint8_t *data
+    int64_t length, origin, block
+    int rc
+
+
+cdef int _scan_cb(void *arg) noexcept nogil:
+    cdef Scan *a = <Scan *>arg
+    a.rc = scan_spans(a.o, a.data, a.length, a.origin, a.block)
+    return 0
+
+
+cdef int scan_mapped(Spans *o, const uint8_t *data, int64_t length, int64_t origin,
+                     int64_t block) noexcept nogil:
+    """scan_spans over a file mapping: R_FALLBACK when its file shrank under it (SIGBUS). A
+    fault can only come from reading a block, between add_span calls: `o` stays whole."""
+    cdef Scan a
+    cdef int faulted = 0
+    a.o, a.data, a.length, a.origin, a.block, a.rc = o, data, length, origin, block, R_OK
+    qf_bus_call(_scan_cb, &a, data, <size_t>length, &faulted)
+    return R_FALLBACK if faulted else a.rc
+
+
+def nonzero_spans(const uint8_t[::1] data, int64_t origin, int64_t block):
+    """[(offset, length), ...]: the runs of `data` (data[0] at guest offset `origin`) made of
+    `block`-byte blocks, aligned to guest offsets, that are not all zeros; FALLBACK when `data`
+    is a file mapping whose file shrank under it."""
+    cdef Spans o
+    cdef int rc = R_OK
+    cdef int64_t i
+    if block <= 0 or origin < 0:
+        raise ValueError("bad block size or origin")
+    memset(&o, 0, sizeof(Spans))
+    if data.shape[0]:
+        with nogil:
+            rc = scan_mapped(&o, &data[0], data.shape[0], origin, block)
+    try:
+        if rc == R_NOMEM:
+            raise MemoryError()
+        if rc != R_OK:
+            return FALLBACK
+        return [(o.s[i].offset, o.s[i].length) for i in range(o.n)]
+    finally:
+        free(o.s)
+
+
 cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *size,
                    const uint8_t **data) noexcept nogil:
     """Map `length` bytes of `fd` at `host` read-only; R_FALLBACK when they lie past the end of
@@ -587,7 +644,7 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
             if rc != R_OK:
                 break
             nmaps += 1
-            rc = scan_spans(o, src, b - a, start + a, block)
+            rc = scan_mapped(o, src, b - a, start + a, block)
             if rc != R_OK:
                 break
             seg = b
@@ -604,7 +661,10 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
                 if r < 0:
                     if errno == EINTR:
                         continue
-                    err[0] = errno
+                    if errno == EFAULT:
+                        rc = R_FALLBACK     # a mapped file shrank under us: hand over
+                    else:
+                        err[0] = errno
                     break
                 if r == 0:
                     err[0] = EIO            # no progress
@@ -613,7 +673,7 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
                 off += r
                 left -= r
                 total[0] += r
-            if err[0]:
+            if err[0] or rc != R_OK:
                 break
         PyThread_release_lock(wlock)
     for i in range(nmaps):

@@ -16,6 +16,7 @@ Uncompressed chains and raw files are read by _plain's C kernels and the tables 
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -406,7 +407,11 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         n = -(-ulen // cs)
         if n * cs > ulen:
             src[ulen:n * cs] = bytes(n * cs - ulen)   # QEMU zero-pads the last cluster too
-        comp.compress_batch(src, offsets[:n], out, offsets[:n], memoryview(sizes)[:n])
+        try:
+            comp.compress_batch(src, offsets[:n], out, offsets[:n], memoryview(sizes)[:n])
+        except _deflate.SourceVanished:
+            local.comp = None                   # (cut short: unusable)
+            raise _HandOver from None
         return bufs, n, ulen, src, mapping
 
     def done(ui, result):
@@ -414,8 +419,13 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         _, out, sizes = bufs
         g0 = ui * unit // cs
         layout.reach(g0)
-        layout.append_batch(src, offsets[:n], out, memoryview(sizes)[:n], staging,
-                            memoryview(entries)[:n], stored_runs)
+        try:
+            layout.append_batch(src, offsets[:n], out, memoryview(sizes)[:n], staging,
+                                memoryview(entries)[:n], stored_runs)
+        except OSError as exc:
+            if mapping is not None and exc.errno == errno.EFAULT:
+                raise _HandOver from None       # the mapped file shrank under the write
+            raise
         if mapping is not None:
             retired.append((src, mapping))
         spare.append(bufs)

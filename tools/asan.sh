@@ -79,7 +79,7 @@ status=0
 echo "asan.sh: running the corruption matrix, the mutation test, the kernel tests and the C read path"
 "$python" -m pytest tests/test_corrupt.py tests/test_mutation.py tests/test_inflate.py \
     tests/test_tables.py tests/test_fastpaths.py tests/test_amplification.py tests/test_write.py \
-    tests/test_reads_fast.py tests/test_small_tables.py tests/test_plain.py \
+    tests/test_reads_fast.py tests/test_small_tables.py tests/test_plain.py tests/test_sigbus.py \
     -q -p no:cacheprovider "$@" || status=$?
 
 echo "asan.sh: replaying the fuzz seeds"
