@@ -87,14 +87,7 @@ class SourceVanished(Exception):
     the batch is void and the Compressor unusable."""
 
 
-cdef extern from "_sigbus.h" nogil:
-    ctypedef int (*qf_guarded_fn)(void *arg) noexcept nogil
-    int qf_bus_install() noexcept
-    int qf_bus_call(qf_guarded_fn fn, void *arg, const void *lo, size_t length,
-                    int *faulted) noexcept
-
-if qf_bus_install() != 0:
-    raise OSError("cannot install the SIGBUS handler")
+include "_sigbus.pxi"
 
 
 include "_dl.pxi"

@@ -216,3 +216,11 @@ def read_one_way(how: int, img, f, buf: bytearray, offset: int, size: int) -> by
         return bytes(buf[:n])
     f.seek(offset)
     return f.read(size)
+
+
+def numpy_imported_after(code: str) -> bool:
+    """Whether a fresh interpreter running `code` ends with numpy imported."""
+    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                          "print('numpy' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    return run.stdout.strip().splitlines()[-1] == "True"

@@ -13,7 +13,7 @@ import qcowfast
 from qcowfast import _plain
 import qcowfast.convert  # noqa: E402  (the module, not the function of that name)
 convert_module = sys.modules["qcowfast.convert"]
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import assert_same_bytes, numpy_imported_after, qemu_img, qemu_io, reference_raw
 
 K, M = 1024, 1024 * 1024
 
@@ -191,20 +191,13 @@ def test_hand_over_mid_run_restarts_cleanly(tmp_path, monkeypatch, plain_spy, fa
     assert sum(b - a for a, b in _holes(out)) == 2 * M + 64 * K + M
 
 
-def _numpy_after(code: str) -> bool:
-    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
-                          "print('numpy' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
-    return run.stdout.strip().splitlines()[-1] == "True"
-
-
 def test_plain_conversion_never_imports_numpy(images, tmp_path):
     plain = images.get(images.ids("backing", exclude=("compressed",))[0]).path
     compressed = images.get(images.ids("compressed")[0]).path
     code = "import qcowfast; qcowfast.convert({!r}, {!r})"
-    assert not _numpy_after(code.format(str(plain), str(tmp_path / "a.raw")))
+    assert not numpy_imported_after(code.format(str(plain), str(tmp_path / "a.raw")))
     # The check can fail: a compressed image needs the general path, which uses numpy.
-    assert _numpy_after(code.format(str(compressed), str(tmp_path / "b.raw")))
+    assert numpy_imported_after(code.format(str(compressed), str(tmp_path / "b.raw")))
     cli = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcowfast", "convert",
                           "-O", "raw", str(plain), str(tmp_path / "c.raw")],
                          capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ import qcowfast
 from qcowfast import _plain, image as image_mod, writer
 from qcowfast.errors import QcowError
 
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import assert_same_bytes, numpy_imported_after, qemu_img, qemu_io, reference_raw
 
 K, M = 1024, 1024 * 1024
 
@@ -168,13 +168,6 @@ def test_source_shrinking_is_an_error_not_a_crash(tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-def _numpy_after(code: str) -> bool:
-    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
-                          "print('numpy' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
-    return run.stdout.strip().splitlines()[-1] == "True"
-
-
 def test_plain_sources_never_import_numpy(images, tmp_path):
     raw = tmp_path / "a.raw"
     raw.write_bytes(b"\1" * M + bytes(M) + b"\2" * 3000)
@@ -183,10 +176,10 @@ def test_plain_sources_never_import_numpy(images, tmp_path):
     code = "import qcowfast; qcowfast.convert({!r}, {!r}, format='qcow2', compression={!r})"
     for src, comp in ((raw, None), (raw, "zlib"), (plain, None), (plain, "zstd")):
         out = tmp_path / f"{src.stem}-{comp}.qcow2"
-        assert not _numpy_after(code.format(str(src), str(out), comp)), (src, comp)
+        assert not numpy_imported_after(code.format(str(src), str(out), comp)), (src, comp)
         qemu_img("compare", src, out)
     # A compressed source needs the general path's tables, which use numpy.
-    assert _numpy_after(code.format(str(compressed), str(tmp_path / "c.qcow2"), None))
+    assert numpy_imported_after(code.format(str(compressed), str(tmp_path / "c.qcow2"), None))
     cli = subprocess.run([sys.executable, "-X", "importtime", "-m", "qcowfast", "convert", "-f",
                           "raw", "-O", "qcow2", str(raw), str(tmp_path / "cli.qcow2")],
                          capture_output=True, text=True, check=True)
