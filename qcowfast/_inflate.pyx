@@ -7,8 +7,11 @@ The C libraries are reached through symbols exported by the deflate (libdeflate)
 backports.zstd extension modules (their wheels ship no headers), resolved once with dlsym().
 libdeflate inflates whole clusters fastest; zlib-ng gives QEMU's exact rule for every other case.
 """
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memset
+from posix.unistd cimport pread
 
 cdef extern from "_codecs.h" nogil:
     ctypedef struct qf_zng_stream:
@@ -190,6 +193,8 @@ cdef class Decompressor:
     cdef readonly int64_t cluster_size
     cdef readonly bint input_exhausted
     cdef bint ready, busy
+    cdef uint8_t *scratch           # inflate_one's stream
+    cdef int64_t scratch_cap
 
     def __cinit__(self, int compression_type, int64_t cluster_size):
         memset(&self.zstrm, 0, sizeof(self.zstrm))
@@ -197,6 +202,8 @@ cdef class Decompressor:
         self.ld = NULL
         self.ready = False
         self.busy = False
+        self.scratch = NULL
+        self.scratch_cap = 0
         if not 512 <= cluster_size <= (1 << 21):
             raise ValueError("cluster size out of range")
         self.compression_type = compression_type
@@ -224,6 +231,60 @@ cdef class Decompressor:
             ld_free(self.ld)
         if self.dctx != NULL:
             zstd_freeDCtx(self.dctx)
+        free(self.scratch)
+
+    def inflate_one(self, int fd, int64_t offset, int64_t length, dst):
+        """Read one stream (`length` bytes at `offset` of file `fd`) and inflate it into
+        dst[:cluster_size], in one call without the GIL: what a small read of a compressed
+        cluster needs. Returns 0 when it inflated; -1 when the stream is invalid
+        (`input_exhausted` tells whether it ran out of input); -2 when the file ended before
+        `length` bytes. Raises OSError when the read fails, AllocationFailed without memory."""
+        cdef uint8_t[::1] d = memoryview(dst).cast("B")
+        cdef int64_t cs = self.cluster_size, got = 0, r
+        cdef int rc = 0, err = 0, short = 0
+        cdef void *grown
+        if length <= 0 or length > 0x7FFFFFFF or offset < 0 or d.shape[0] < cs:
+            raise ValueError("bad stream or output buffer")
+        if self.busy:
+            raise RuntimeError("Decompressor used by two threads at once")
+        if length > self.scratch_cap:
+            grown = realloc(self.scratch, <size_t>length)
+            if grown == NULL:
+                raise AllocationFailed(f"allocation failed: {length} bytes for a stream")
+            self.scratch = <uint8_t *>grown
+            self.scratch_cap = length
+        self.busy = True
+        self.input_exhausted = False
+        try:
+            with nogil:
+                while got < length:
+                    r = pread(fd, self.scratch + got, <size_t>(length - got), offset + got)
+                    if r < 0:
+                        if errno == EINTR:
+                            continue
+                        err = errno
+                        break
+                    if r == 0:
+                        short = 1
+                        break
+                    got += r
+                if err == 0 and not short:
+                    if self.compression_type == ZLIB:
+                        rc = _zlib_one(&self.zstrm, self.ld, self.scratch, length, &d[0], cs)
+                    else:
+                        rc = _zstd_one(self.dctx, self.scratch, length, &d[0], cs)
+        finally:
+            self.busy = False
+        if err:
+            import os
+            raise OSError(err, os.strerror(err))
+        if short:
+            return -2
+        self.input_exhausted = rc == INPUT_EXHAUSTED
+        if rc == ALLOCATION_FAILED:
+            raise AllocationFailed("allocation failed while decompressing a cluster (out of "
+                                   "memory)")
+        return -1 if rc else 0
 
     def inflate_batch(self, src, const int64_t[::1] in_off, const int64_t[::1] in_len,
                       dst, const int64_t[::1] out_off):

@@ -931,15 +931,20 @@ class Image(_Layer):
         dec = self.decompressor()
         bad = dec.inflate_batch(src, in_off, in_len, out, out_off)
         if bad >= 0:
-            # A stream that ran out of input where the end of the file clipped it was cut short.
-            if dec.input_exhausted and in_len[bad] < csizes[bad]:
-                raise TruncatedImage(
-                    f"{self.filename}: compressed cluster at host offset "
-                    f"{int(coffsets[bad]):#x} is cut short by the end of the file")
-            raise DecompressionError(
-                f"{self.filename}: compressed cluster at host offset {int(coffsets[bad]):#x} "
-                f"(guest offset {int(guests[bad]) & ~(self.cluster_size - 1):#x}) does not "
-                f"{self.compression_type.name.lower()}-decompress to exactly one cluster")
+            raise self._bad_stream(dec, int(coffsets[bad]), int(csizes[bad]), int(in_len[bad]),
+                                   int(guests[bad]))
+
+    def _bad_stream(self, dec, coffset: int, csize: int, read: int, guest: int) -> QcowError:
+        """The error for a stream `dec` could not inflate (`read` of its `csize` bytes were
+        there to read)."""
+        # A stream that ran out of input where the end of the file clipped it was cut short.
+        if dec.input_exhausted and read < csize:
+            return TruncatedImage(f"{self.filename}: compressed cluster at host offset "
+                                  f"{coffset:#x} is cut short by the end of the file")
+        return DecompressionError(
+            f"{self.filename}: compressed cluster at host offset {coffset:#x} "
+            f"(guest offset {guest & ~(self.cluster_size - 1):#x}) does not "
+            f"{self.compression_type.name.lower()}-decompress to exactly one cluster")
 
     def _inflated(self, coffset: int, csize: int, guest: int) -> memoryview:
         """The inflated cluster (read-only) of one compressed descriptor, through the cache of
@@ -951,8 +956,17 @@ class Image(_Layer):
         if data is not None:
             return data
         out = np.empty(self.cluster_size, np.uint8)      # filled whole, or an error
-        src, in_off, in_len = self._read_one_stream(coffset, csize)
-        self._inflate_read(src, in_off, in_len, out, _ZERO_OFFSET, (coffset,), (csize,), (guest,))
+        if coffset >= self.data_size:
+            raise self._stream_past_eof(coffset)
+        n = min(coffset + csize, self.data_size) - coffset
+        dec = self.decompressor()
+        rc = dec.inflate_one(self.data_fd, coffset, n, out)     # one C call: pread, inflate
+        if rc == -2:
+            raise TruncatedImage(f"{self.filename}: compressed clusters: {n} bytes at "
+                                 f"{coffset:#x} run past the end of the file ({self.data_size} "
+                                 "bytes)")
+        if rc:
+            raise self._bad_stream(dec, coffset, csize, n, guest)
         data = memoryview(out).toreadonly()
         with self._lock:
             cache = self._zcache

@@ -179,3 +179,34 @@ def test_zstd_window_over_qemu_limit_is_refused():
     assert dec.inflate_batch(frame, np.array([0]), np.array([len(frame)]), out,
                              np.array([0])) == 0
     assert not dec.input_exhausted
+
+
+@pytest.mark.parametrize("ctype", [ZLIB, ZSTD])
+def test_inflate_one_reads_and_inflates_in_one_call(tmp_path, ctype):
+    """The small-read path: pread of one stream, then inflate, as inflate_batch would; a file
+    ending first, a stream cut short and a failing read each have their own answer."""
+    import os
+    cs = 65536
+    data = cluster_data(random.Random(ctype), cs)
+    stream = deflate_raw(data) if ctype == ZLIB else zstd.compress(data)
+    path = tmp_path / "f"
+    path.write_bytes(b"\xee" * 1000 + stream + bytes(300))      # sector padding after it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dec = Decompressor(ctype, cs)
+        out = np.empty(cs, np.uint8)
+        assert dec.inflate_one(fd, 1000, len(stream) + 300, out) == 0
+        assert out.tobytes() == data
+        assert dec.inflate_one(fd, 1000, len(stream) // 2, out) == -1     # cut short
+        assert dec.input_exhausted
+        assert dec.inflate_one(fd, 1000, len(stream) + 400, out) == -2    # past the file's end
+        assert dec.inflate_one(fd, 1000, len(stream), out) == 0           # and usable again
+        assert out.tobytes() == data
+        with pytest.raises(ValueError):
+            dec.inflate_one(fd, 1000, 0, out)
+        with pytest.raises(ValueError):
+            dec.inflate_one(fd, 1000, len(stream), np.empty(cs - 1, np.uint8))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        dec.inflate_one(fd, 1000, len(stream), out)                        # closed descriptor
