@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import qcowfast
 from qcowfast import buffers
 
