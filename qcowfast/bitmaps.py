@@ -8,15 +8,11 @@ bitmaps of is refused here with the same reason.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ._record import record
 from .errors import CorruptImage, FormatError, TruncatedImage
 from .header import MAX_BITMAP_DIRECTORY_BYTES, MAX_BITMAPS, Header
 from .preads import pread_padded
-
-if TYPE_CHECKING:
-    import numpy as np
 
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
@@ -35,7 +31,7 @@ _SCAN_BYTES = 8 * 1024 * 1024
 _DIR_ENTRY = struct.Struct(">QIIBBHI")   # table offset, table size, flags, type, gran, name, extra
 
 
-@dataclass(frozen=True)
+@record
 class Bitmap:
     """One bitmap directory entry."""
     name: str
@@ -148,6 +144,7 @@ def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitma
     return out
 
 
+# numpy is imported per function: opening an image reads the directory without it.
 def read_bitmap_table(fd: int, bitmap: Bitmap) -> "np.ndarray":
     """The bitmap table of `bitmap` as native uint64 entries (past the end of file: zeros)."""
     import numpy as np

@@ -23,9 +23,9 @@ try:                                        # queue's own import costs a start-u
     from _queue import SimpleQueue
 except ImportError:                         # pragma: no cover - other Pythons
     from queue import SimpleQueue
-from dataclasses import dataclass
 
 from . import _fill, _plain
+from ._record import record
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import ExtentKind
@@ -48,7 +48,7 @@ _ZEROS = bytes(1 << 20)
 _GAP_SLICE = 1 << 30                        # in-place holes are zeroed (and reported) per GiB
 
 
-@dataclass(frozen=True)
+@record
 class ConvertResult:
     """What a conversion did: sizes in bytes, wall time in seconds."""
     virtual_size: int

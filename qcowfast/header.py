@@ -5,11 +5,10 @@ QEMU's qcow2_do_open() and add file-size bounds QEMU leaves to later reads.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
-from dataclasses import dataclass, field
 
+from ._record import field, record
 from .constants import (
     MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
     MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear, CompressionType,
@@ -26,7 +25,7 @@ MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@record
 class Extension:
     """One header extension as found in the file: its type, where its data starts, its length."""
     type: int
@@ -34,14 +33,14 @@ class Extension:
     length: int
 
 
-@dataclass(frozen=True)
+@record
 class BitmapsExtension:
     nb_bitmaps: int
     directory_size: int
     directory_offset: int
 
 
-@dataclass(frozen=True)
+@record
 class Header:
     """Every field of a QCOW2 header plus what its extensions say (frozen; sizes in bytes)."""
     version: int
@@ -106,9 +105,6 @@ class Header:
     @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
-
-    def replace(self, **changes) -> "Header":
-        return dataclasses.replace(self, **changes)
 
 
 def _check_table(name: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:

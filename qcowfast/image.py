@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import threading
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
+from collections.abc import Iterator
 from functools import cached_property
-from typing import Iterator, NamedTuple
 
 from . import _inflate, _plain, buffers
 from ._lazy import LazyModule
@@ -65,27 +65,16 @@ _ZERO_OFFSET = array("q", [0])      # one stream, read into the start of its buf
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
 
-class Extent(NamedTuple):
-    """A run of guest bytes served the same way; see ExtentKind."""
-    guest_offset: int
-    length: int
-    kind: ExtentKind
-    host_offset: int | None
-    depth: int
+# collections.namedtuple rather than typing.NamedTuple: importing typing costs every command 5 ms.
+Extent = namedtuple("Extent", "guest_offset length kind host_offset depth")
+Extent.__doc__ = "A run of guest bytes served the same way; see ExtentKind."
 
+Runs = namedtuple("Runs", "guest length kind host csize depth")
+Runs.__doc__ = """A chunk of runs as parallel numpy arrays (int64, kind uint8), sorted by guest offset.
 
-class Runs(NamedTuple):
-    """A chunk of runs as parallel numpy arrays (int64 unless noted), sorted by guest offset.
-
-    host is -1 where no host cluster is kept; csize is the compressed stream length of
-    COMPRESSED runs; depth says which layer of the chain serves each run.
-    """
-    guest: np.ndarray
-    length: np.ndarray
-    kind: np.ndarray     # uint8 ExtentKind
-    host: np.ndarray
-    csize: np.ndarray
-    depth: np.ndarray
+host is -1 where no host cluster is kept; csize is the compressed stream length of
+COMPRESSED runs; depth says which layer of the chain serves each run.
+"""
 
 
 def _single_run(start: int, end: int, kind: int, depth: int) -> Runs:

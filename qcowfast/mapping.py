@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from io import TextIOBase
 
 from .constants import ExtentKind
 from .errors import QcowError
@@ -137,7 +138,7 @@ def _json_line(e: dict) -> str:
     return s + "}"
 
 
-def _batched(lines: Iterable[str], stream: TextIO, sep: str, prefix: str = "") -> None:
+def _batched(lines: Iterable[str], stream: TextIOBase, sep: str, prefix: str = "") -> None:
     """Write `prefix`, then `lines` joined by `sep`, _BATCH lines per write call.
 
     The prefix goes out with the first batch, so an image that fails early prints nothing.
@@ -153,13 +154,13 @@ def _batched(lines: Iterable[str], stream: TextIO, sep: str, prefix: str = "") -
         stream.write((prefix if first else sep) + sep.join(batch))
 
 
-def write_json(image, stream: TextIO) -> None:
+def write_json(image, stream: TextIOBase) -> None:
     """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry."""
     _batched(map(_json_line, iter_entries(image)), stream, ",\n", prefix="[")
     stream.write("]\n")
 
 
-def write_human(image, stream: TextIO) -> None:
+def write_human(image, stream: TextIOBase) -> None:
     """Write qemu-img's human map (data ranges, host offset, file) to the text `stream`.
 
     As qemu-img.c dump_map_entry() does, rows are written as they come; a data range without

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
+from ._record import record
 from .constants import MAX_L1_BYTES, MAX_SNAPSHOTS
 from .errors import CorruptImage, FormatError, SnapshotNotFound, TruncatedImage
 from .preads import pread_padded
@@ -30,7 +30,7 @@ _READ_AHEAD = 64 * 1024
 SECTOR = 512
 
 
-@dataclass(frozen=True)
+@record
 class Snapshot:
     """One entry of the snapshot table (sizes in bytes).
 
@@ -99,7 +99,7 @@ def _c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-@dataclass(frozen=True)
+@record
 class _Policy:
     """What a walk of the table raises and how it decodes, per caller."""
     error: type[Exception]      # raised when an entry breaks one of QEMU's limits

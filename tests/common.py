@@ -218,9 +218,16 @@ def read_one_way(how: int, img, f, buf: bytearray, offset: int, size: int) -> by
     return f.read(size)
 
 
+def modules_imported_after(code: str, names) -> set:
+    """Which of the module `names` a fresh interpreter running `code` ends with imported."""
+    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                          f"print('imported:', *(m for m in {list(names)!r} if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    last = run.stdout.splitlines()[-1].split()
+    assert last[0] == "imported:", run.stdout
+    return set(last[1:])
+
+
 def numpy_imported_after(code: str) -> bool:
     """Whether a fresh interpreter running `code` ends with numpy imported."""
-    run = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
-                          "print('numpy' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
-    return run.stdout.strip().splitlines()[-1] == "True"
+    return "numpy" in modules_imported_after(code, ["numpy"])

@@ -81,12 +81,13 @@ import os, resource, sys
 import qcowfast
 src, out = sys.argv[1], sys.argv[2]
 faults = []
-for fmt in ("raw", "raw", "qcow2", "qcow2"):
+for fmt in ["raw"] * 4 + ["qcow2"] * 4:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     qcowfast.convert(src, out, format=fmt, threads=2, overwrite=True)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     os.unlink(out)
-print(*faults)
+# Per format: the first conversion's faults, and the fewest of the three repeats'.
+print(faults[0], min(faults[1:4]), faults[4], min(faults[5:8]))
 """
 
 
@@ -105,7 +106,8 @@ def test_buffers_are_not_faulted_in_again_for_each_image(tmp_path):
                          env=env, capture_output=True, text=True, check=True)
     first_raw, raw_again, first_qcow2, qcow2_again = map(int, run.stdout.split())
     assert first_raw > 2048 and first_qcow2 > 2048     # the buffers were faulted in once...
-    # ...and not again: a repeat may take one more buffer than the first run did (how many
-    # batches the writer has in flight at once depends on timing), never all of them again.
+    # ...and not again. A repeat may take one more buffer than the runs before it did (how
+    # many threads get a unit depends on timing), but with at most one buffer per thread, one
+    # of three repeats takes none.
     assert raw_again < first_raw / 3, run.stdout
     assert qcow2_again < first_qcow2 / 3, run.stdout
