@@ -933,6 +933,25 @@ def test_light_imports(code):
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
 
 
+def test_command_exit_skips_teardown_only_when_nothing_is_left():
+    """run() (the installed command and `python -m qcowfast`) passes main()'s status on and,
+    with no other thread alive, exits without the interpreter's tear-down (atexit handlers do
+    not run); a thread still running takes the ordinary exit, which waits for it."""
+    base = ("import atexit, sys, threading, time\nimport qcowfast.cli as c\n"
+            "atexit.register(print, 'teardown', flush=True)\n"
+            "print('partial line', end='')\n")
+    quick = subprocess.run([sys.executable, "-c", base + "c.main = lambda: 3\nc.run()"],
+                           capture_output=True, text=True)
+    assert quick.returncode == 3, quick.stderr
+    assert quick.stdout == "partial line", quick.stdout     # flushed; no tear-down ran
+    waits = subprocess.run([sys.executable, "-c", base + (
+        "def late():\n    time.sleep(0.2)\n    print(' late', end='', flush=True)\n"
+        "c.main = lambda: (threading.Thread(target=late).start(), 0)[1]\nc.run()")],
+        capture_output=True, text=True)
+    assert waits.returncode == 0, waits.stderr
+    assert waits.stdout == "partial line lateteardown\n", waits.stdout
+
+
 def test_compression_level_trades_size_for_speed(tmp_path):
     """--compression-level reaches the writer: another level writes other streams that
     qemu-img reads as the same guest data, the default is level 6; without -c it is refused."""
