@@ -24,7 +24,7 @@ try:                                        # queue's own import costs a start-u
 except ImportError:                         # pragma: no cover - other Pythons
     from queue import SimpleQueue
 
-from . import _fill, _plain
+from . import _plain
 from ._record import record
 from .buffers import Borrowed
 from ._lazy import LazyModule
@@ -36,6 +36,7 @@ from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, strea
 # numpy and the table kernels load on first use: the _plain path never needs them.
 np = LazyModule("numpy", __name__, "np")
 _tables = LazyModule("qcowfast._tables", __name__, "_tables")
+_fill = LazyModule("qcowfast._fill", __name__, "_fill")
 
 UNIT_SIZE = 8 * 1024 * 1024
 _DIRECT_MIN = 256 * 1024                    # DATA runs this long are written from a mapping

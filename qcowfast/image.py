@@ -13,7 +13,7 @@ from collections import OrderedDict, namedtuple
 from collections.abc import Iterator
 from functools import cached_property
 
-from . import _inflate, _plain, buffers
+from . import _plain, buffers
 from ._lazy import LazyModule
 from .constants import (
     L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED,
@@ -56,10 +56,11 @@ def _check_read_size(n: int) -> None:
 _ZERO_BYTES = memoryview(bytes(256 * 1024))
 _HOLE_BATCH = 16 * 1024 * 1024              # guest window whose holes share one backing walk
 _BATCH_ENTRIES = 8192                       # L2 entries of small tables classified in one call
-# numpy and the kernels built on it load on first use (see _lazy): opening an image and
-# converting a plain one (convert's _plain path) never need them.
+# numpy, the kernels built on it and the inflate kernel load on first use (see _lazy):
+# opening an image and converting a plain one (convert's _plain path) never need them.
 np = LazyModule("numpy", __name__, "np")
 _tables = LazyModule("qcowfast._tables", __name__, "_tables")
+_inflate = LazyModule("qcowfast._inflate", __name__, "_inflate")
 _EXTENDED_L2 = _plain.FLAGS["extended_l2"]
 _ZERO_OFFSET = array("q", [0])      # one stream, read into the start of its buffer (never written)
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)

@@ -13,7 +13,9 @@ from qcowfast.header import Header
 
 from common import modules_imported_after, qemu_img
 
-_NOT_LOADED = ["dataclasses", "inspect", "typing", "numpy"]
+# ...nor the kernels that only compressed sources and the numpy path need.
+_NOT_LOADED = ["dataclasses", "inspect", "typing", "numpy", "qcowfast._inflate", "qcowfast._fill",
+               "qcowfast._tables"]
 
 
 def _pair():
@@ -97,7 +99,7 @@ def test_public_records_keep_their_dataclass_api(tmp_path):
         result.seconds = 0
 
 
-def test_plain_commands_import_neither_dataclasses_nor_typing(tmp_path):
+def test_plain_commands_import_only_what_they_need(tmp_path):
     img = tmp_path / "a.qcow2"
     qemu_img("create", "-f", "qcow2", img, "1M")
     for argv in (["convert", "-O", "raw", str(img), str(tmp_path / "a.raw")],
