@@ -117,4 +117,5 @@ def record(cls):
     cls.__dataclass_fields__ = _DataclassFields()
     if "replace" not in cls.__dict__:
         cls.replace = replace
+    cls.__replace__ = replace               # copy.replace() (Python 3.13)
     return cls

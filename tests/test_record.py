@@ -67,7 +67,7 @@ def test_record_is_frozen_and_dataclass_compatible():
     assert dataclasses.is_dataclass(p) and dataclasses.is_dataclass(rec)
     assert ([(f.name, f.type, f.default, f.repr) for f in dataclasses.fields(p)]
             == [(f.name, f.type, f.default, f.repr) for f in dataclasses.fields(dc)])
-    assert dataclasses.replace(p, y=7) == rec(1, 7) == p.replace(y=7)
+    assert dataclasses.replace(p, y=7) == rec(1, 7) == p.replace(y=7) == p.__replace__(y=7)
     assert p == rec(1, 2)                                       # replace left p alone
     for clone in (copy.copy(p), copy.deepcopy(p)):
         assert clone == p and clone is not p
