@@ -54,7 +54,7 @@ def _frozen(self, name, value=None):
 def record(cls):
     """Make `cls` a frozen record of its annotated fields (see the module docstring)."""
     fields = {}
-    for name in cls.__dict__.get("__annotations__", {}):
+    for name in getattr(cls, "__annotations__", {}):    # this class's own (Python >= 3.10)
         spec = cls.__dict__.get(name, _MISSING)
         if not isinstance(spec, _Field):
             spec = _Field(spec, _MISSING, True)
