@@ -104,7 +104,7 @@ def record(cls):
 
     def replace(self, **changes):
         """A copy with the given fields changed."""
-        return type(self)(**{**{n: self.__dict__[n] for n in names}, **changes})
+        return type(self)(**dict(zip(names, values(self)), **changes))
 
     cls._record_fields = fields
     cls.__init__ = init
@@ -117,5 +117,5 @@ def record(cls):
     cls.__dataclass_fields__ = _DataclassFields()
     if "replace" not in cls.__dict__:
         cls.replace = replace
-    cls.__replace__ = replace               # copy.replace() (Python 3.13)
+    cls.__replace__ = cls.__dict__["replace"]       # copy.replace() (Python 3.13)
     return cls
