@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from functools import partial
 
 from . import fleet
 
@@ -46,18 +47,17 @@ def _threads_for_this_worker(host_slots: dict) -> int:
     return max(1, cores // max(1, slots))
 
 
-def _host_slots(client) -> dict:
-    """Task slots of the cluster's workers, summed by host."""
+def _host_slots(workers: dict) -> dict:
+    """Task slots of the cluster's workers (`scheduler_info()["workers"]`), summed by host."""
     slots: dict = {}
-    for addr, info in client.scheduler_info().get("workers", {}).items():
+    for addr, info in workers.items():
         host = info.get("host") or addr
         slots[host] = slots.get(host, 0) + int(info.get("nthreads", 1))
     return slots
 
 
-def _check_resources(client, resources: dict) -> None:
+def _check_resources(workers: dict, resources: dict) -> None:
     """Fail fast when no worker declares `resources`: such tasks would wait forever."""
-    workers = client.scheduler_info().get("workers", {})
     for name, amount in resources.items():
         best = max((w.get("resources", {}).get(name, 0) for w in workers.values()), default=0)
         if best < amount:
@@ -73,20 +73,28 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     Each future's result is what `qcowfast.convert_many` gives for that job. Task keys start
     with ``qcowfast-convert`` so the dashboard groups them.
     """
+    import dask
     from distributed import get_client
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
     client = client or get_client()
+    workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}
     if resources:
-        _check_resources(client, resources)
-    host_slots = _host_slots(client) if threads is None else None
+        _check_resources(workers, resources)
+    host_slots = _host_slots(workers) if threads is None else None
     batch = uuid.uuid4().hex[:8]
-    # Larger images first (Dask runs higher priorities first), as convert_many orders them: a
-    # big image started last would leave the other workers idle at the end.
-    return [client.submit(_task, job, threads, skip_existing, overwrite, host_slots,
-                          key=f"{KEY_PREFIX}-{batch}-{i}", resources=resources,
-                          retries=retries, pure=False, priority=fleet.guest_size(job))
-            for i, job in enumerate(jobs)]
+    tasks = []
+    for i, job in enumerate(jobs):
+        # Larger images first (Dask runs higher priorities first), as convert_many orders them:
+        # a big image started last would leave the other workers idle at the end. All tasks go
+        # in one graph: submitted one by one, the first ones would start before the scheduler
+        # knows the larger ones exist. The call is bound in a partial, which Dask does not
+        # traverse (it would rebuild the Job dataclass in a task of its own).
+        with dask.annotate(priority=fleet.guest_size(job)):
+            tasks.append(dask.delayed(partial(_task, job, threads, skip_existing, overwrite,
+                                              host_slots), pure=False)(
+                dask_key_name=f"{KEY_PREFIX}-{batch}-{i}"))
+    return client.compute(tasks, optimize_graph=False, resources=resources, retries=retries)
 
 
 def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
@@ -116,15 +124,28 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
         For each job: a `ConvertResult`, a `fleet.Skipped`, or the exception it ended with
         (including a transient error that outlived its retries).
     """
+    from distributed import get_client, wait
+    client = client or get_client()
     futures = submit_many(jobs, client, threads=threads, skip_existing=skip_existing,
                           overwrite=overwrite, resources=resources, retries=retries)
-    results = []
-    for fut in futures:
-        try:
-            results.append(fut.result())
-        except Exception as exc:      # noqa: BLE001 - a transient error past its retries
-            results.append(exc)
-    return results
+    wait(futures)
+    # One gather for all the finished tasks (one request per worker, not one per job).
+    # Statuses are read once: a lost worker can send a finished task back to pending meanwhile.
+    finished = [fut.status == "finished" for fut in futures]
+    try:
+        values = iter(client.gather([f for f, ok in zip(futures, finished) if ok]))
+    except Exception:                 # noqa: BLE001 - such a task is read on its own below
+        finished = [False] * len(futures)
+    return [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
+
+
+def _outcome(future):
+    """The task's result, or the exception it ended with (a transient error past its retries,
+    a cancellation)."""
+    try:
+        return future.result()
+    except Exception as exc:          # noqa: BLE001 - returned in the job's slot
+        return exc
 
 
 __all__ = ["convert_many", "submit_many"]

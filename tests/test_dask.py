@@ -138,3 +138,27 @@ def test_default_threads_share_the_hosts_cores_among_all_its_workers(client, ima
     assert {r.threads for r in qdask.convert_many([(images.get(IMAGES[0]).path,
                                                     tmp_path / "t.raw")], client, threads=3)} \
         == {3}
+
+
+def test_larger_images_start_first(client, tmp_path):
+    """All tasks reach the scheduler in one graph, so its priorities hold from the first task:
+    submitted one by one, the first jobs in the list would start before the larger ones were
+    even known. The largest jobs here come last in the list."""
+    mib = 1024 * 1024
+    jobs = []
+    for i in range(6):
+        src = tmp_path / f"src{i}.raw"
+        with open(src, "wb") as f:
+            f.truncate((i + 1) * mib)
+            f.write(bytes([i + 1]) * 4096)
+        jobs.append({"src": src, "dst": tmp_path / f"out{i}.raw", "src_format": "raw"})
+    with distributed.get_task_stream(client) as stream:
+        results = qdask.convert_many(jobs, client)
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    started = sorted((s["start"], int(str(rec["key"]).rsplit("-", 1)[1]))
+                     for rec in stream.data for s in rec["startstops"]
+                     if s["action"] == "compute")
+    assert len(started) == len(jobs)
+    assert {i for _, i in started[:2]} == {4, 5}, started
+    for i, job in enumerate(jobs):
+        assert Path(job["dst"]).read_bytes() == Path(job["src"]).read_bytes()
