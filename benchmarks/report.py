@@ -162,6 +162,45 @@ def reads_table(data: dict) -> str:
     return "\n".join(out)
 
 
+FLEET_ROWS = (("qemu-img-loop", "(a) shell loop of `qemu-img convert`"),
+              ("qcowfast-process-loop", "(b) shell loop of `qcowfast convert` processes"),
+              ("convert_many", "(c) `qcowfast.convert_many`"),
+              ("dask", "(d) `qcowfast.dask.convert_many`, 2-worker LocalCluster (after start)"),
+              ("python-loop", "(e) in-process loop of `qcowfast.convert`"))
+
+
+def fleet_table(data: dict) -> str:
+    """The dozen small images five ways (medians), and the paired rounds of (c), (d), (e)."""
+    times, paired = {}, None
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if info.get("kind") == "fleet-paired":
+            paired = info
+        elif (bench.get("group") or "").startswith("fleet") and "approach" in info:
+            times[info["approach"]] = bench["stats"]["median"]
+    if not times:
+        return ""
+    base = times.get("qemu-img-loop")
+    out = ["| approach | s | vs qemu-img loop |", "|---|--:|--:|"]
+    for key, label in FLEET_ROWS:
+        if key in times:
+            ratio = f"{base / times[key]:.2f}×" if base else "—"
+            out.append(f"| {label} | {times[key]:.3f} | {ratio} |")
+    c, d, e = (times.get(k) for k in ("convert_many", "dask", "python-loop"))
+    if c and d and e:
+        out.append("")
+        out.append(f"(d) / (c) = {d / c:.2f} (target ≤ 1.15); (e) / (c) = {e / c:.2f} "
+                   "(target ≥ 1.3).")
+    if paired:
+        m = paired["medians"]
+        out.append(f"Paired rounds ({paired['rounds']}, each running (c), (e), (d) in turn): "
+                   f"(c) {m['convert_many']:.3f} s, (d) {m['dask']:.3f} s, "
+                   f"(e) {m['python-loop']:.3f} s; median of the per-round ratios "
+                   f"(d) / (c) = {paired['dask_over_convert_many']:.2f}, "
+                   f"(e) / (c) = {paired['python_loop_over_convert_many']:.2f}.")
+    return "\n".join(out)
+
+
 def cpu_table(data: dict) -> str:
     """Return a table of median CPU seconds (user + system, all threads) per conversion."""
     rows, _ = collect(data)
@@ -205,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if reads:
         print()
         print(reads)
+    fleet = fleet_table(data)
+    if fleet:
+        print()
+        print(fleet)
     if args.cpu:
         print()
         print(cpu_table(data))

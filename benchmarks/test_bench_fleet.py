@@ -6,14 +6,20 @@
 in-process loop calling ``qcowfast.convert`` one job after another. Outputs go to tmpfs
 (/dev/shm) when it has room, so the benchmark measures the converters, not ext4's write-back.
 Every approach's outputs are checked against qemu-img's SHA-256 after its last round.
+
+`test_fleet_paired` runs (c), (e) and (d) in turn within each round, so that the ratios between
+them are paired: this machine's speed drifts by tens of percent between one test and the next.
+No Dask cluster is running while (c) or (e) is timed: an idle one takes about a tenth of a core.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,12 +88,18 @@ def fleet_out() -> Path:
     shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def dask_client():
+def _start_cluster():
     import distributed
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        host="127.0.0.1", dashboard_address=None)
-    client = distributed.Client(cluster)
+    return cluster, distributed.Client(cluster)
+
+
+@pytest.fixture
+def dask_client():
+    """A 2-worker LocalCluster for one test only: an idle cluster's event loops take about a
+    tenth of a core, which must not slow the approaches timed after it."""
+    cluster, client = _start_cluster()
     yield client
     client.close()
     cluster.close()
@@ -142,3 +154,53 @@ def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approa
                        warmup_rounds=warmup)
     for (src, digest), (_, dst) in zip(fleet_images, jobs):
         assert _sha256(Path(dst)) == digest, f"{approach}: {dst} differs from qemu-img's output"
+
+
+PAIRED = ("convert_many", "python-loop", "dask")
+
+
+def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
+    """(c), (e) and (d) in turn, round after round: paired ratios on a drifting machine.
+
+    Each round times (c) and (e) with no cluster running, then starts a 2-worker LocalCluster,
+    warms its workers with one untimed batch (imports, kernels, buffers), times (d) and closes
+    the cluster. The timed unit is the whole round; each approach's times are in extra_info.
+    """
+    import qcowfast
+    from qcowfast import dask as qdask
+    jobs = _jobs(fleet_images, fleet_out)
+    times: dict[str, list[float]] = {name: [] for name in PAIRED}
+
+    def timed(name, run):
+        _clear(fleet_out)
+        start = time.perf_counter()
+        results = run()
+        times[name].append(time.perf_counter() - start)
+        assert all(isinstance(r, qcowfast.ConvertResult) for r in results), (name, results)
+
+    def one_round():
+        timed("convert_many", lambda: qcowfast.convert_many(jobs))
+        timed("python-loop", lambda: [qcowfast.convert(s, d) for s, d in jobs])
+        cluster, client = _start_cluster()
+        try:
+            _clear(fleet_out)
+            qdask.convert_many(jobs, client)
+            timed("dask", lambda: qdask.convert_many(jobs, client))
+        finally:
+            client.close()
+            cluster.close()
+
+    rounds, _ = bench_rounds
+    benchmark.group = "fleet: 12 images, paired rounds"
+    benchmark.pedantic(one_round, rounds=2 * rounds, warmup_rounds=1)
+    for name in PAIRED:
+        del times[name][0]                       # the warm-up round
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    ratios = [d / c for c, d in zip(times["convert_many"], times["dask"])]
+    speedups = [e / c for c, e in zip(times["convert_many"], times["python-loop"])]
+    benchmark.extra_info.update(
+        kind="fleet-paired", rounds=len(ratios), medians=medians,
+        dask_over_convert_many=statistics.median(ratios),
+        python_loop_over_convert_many=statistics.median(speedups))
+    for (src, digest), (_, dst) in zip(fleet_images, jobs):
+        assert _sha256(Path(dst)) == digest, f"{dst} differs from qemu-img's output"
