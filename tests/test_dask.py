@@ -17,6 +17,7 @@ import qcowfast
 from common import assert_same_bytes, reference_raw
 
 import distributed
+from distributed.diagnostics.plugin import SchedulerPlugin
 from qcowfast import dask as qdask
 from qcowfast import fleet
 
@@ -140,10 +141,25 @@ def test_default_threads_share_the_hosts_cores_among_all_its_workers(client, ima
         == {3}
 
 
-def test_larger_images_start_first(client, tmp_path):
-    """All tasks reach the scheduler in one graph, so its priorities hold from the first task:
-    submitted one by one, the first jobs in the list would start before the larger ones were
-    even known. The largest jobs here come last in the list."""
+class _GraphLog(SchedulerPlugin):
+    """Records, in the scheduler, each graph that arrives: {key: priority} per update_graph."""
+    name = "qcowfast-test-graph-log"
+
+    def __init__(self):
+        self.graphs = []
+
+    def update_graph(self, scheduler, *, priority, **kwargs):
+        self.graphs.append({str(k): p for k, p in priority.items()})
+
+
+def _graphs_seen(dask_scheduler=None):
+    return dask_scheduler.plugins[_GraphLog.name].graphs
+
+
+def test_all_jobs_reach_the_scheduler_in_one_graph_largest_first(client, tmp_path):
+    """Submitted one by one, the first jobs in the list would start before the scheduler knew
+    the larger ones existed (task streams showed jobs 0 and 1 starting first). The largest
+    jobs here come last in the list."""
     mib = 1024 * 1024
     jobs = []
     for i in range(6):
@@ -152,13 +168,16 @@ def test_larger_images_start_first(client, tmp_path):
             f.truncate((i + 1) * mib)
             f.write(bytes([i + 1]) * 4096)
         jobs.append({"src": src, "dst": tmp_path / f"out{i}.raw", "src_format": "raw"})
-    with distributed.get_task_stream(client) as stream:
+    client.register_plugin(_GraphLog())
+    try:
         results = qdask.convert_many(jobs, client)
+        graphs = [g for g in client.run_on_scheduler(_graphs_seen)
+                  if any(k.startswith(qdask.KEY_PREFIX) for k in g)]
+    finally:
+        client.unregister_scheduler_plugin(_GraphLog.name)
     assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
-    started = sorted((s["start"], int(str(rec["key"]).rsplit("-", 1)[1]))
-                     for rec in stream.data for s in rec["startstops"]
-                     if s["action"] == "compute")
-    assert len(started) == len(jobs)
-    assert {i for _, i in started[:2]} == {4, 5}, started
-    for i, job in enumerate(jobs):
+    assert len(graphs) == 1, graphs
+    by_priority = sorted(graphs[0], key=graphs[0].get)     # Dask runs the lowest tuple first
+    assert [int(k.rsplit("-", 1)[1]) for k in by_priority] == [5, 4, 3, 2, 1, 0], graphs
+    for job in jobs:
         assert Path(job["dst"]).read_bytes() == Path(job["src"]).read_bytes()
