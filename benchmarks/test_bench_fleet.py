@@ -114,6 +114,25 @@ def _clear(out: Path) -> None:
         p.unlink()
 
 
+def _in_process(approach: str, jobs, client=None):
+    """A call running (c), (d) or (e) over `jobs` and checking that every job converted."""
+    import qcowfast
+    from qcowfast import dask as qdask
+    convert_all = {"convert_many": lambda: qcowfast.convert_many(jobs),
+                   "dask": lambda: qdask.convert_many(jobs, client),
+                   "python-loop": lambda: [qcowfast.convert(s, d) for s, d in jobs]}[approach]
+
+    def run():
+        results = convert_all()
+        assert all(isinstance(r, qcowfast.ConvertResult) for r in results), (approach, results)
+    return run
+
+
+def _check_outputs(images, jobs, label: str) -> None:
+    for (_, digest), (_, dst) in zip(images, jobs):
+        assert _sha256(Path(dst)) == digest, f"{label}: {dst} differs from qemu-img's output"
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approach):
     jobs = _jobs(fleet_images, fleet_out)
@@ -125,26 +144,9 @@ def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approa
         script = "\n".join(f"'{sys.executable}' -m qcowfast convert -q '{s}' '{d}' || exit 1"
                            for s, d in jobs)
         run = lambda: subprocess.run(["sh", "-c", script], check=True, env=env)  # noqa: E731
-    elif approach == "convert_many":
-        import qcowfast
-
-        def run():
-            results = qcowfast.convert_many(jobs)
-            assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
-    elif approach == "dask":
-        import qcowfast
-        from qcowfast import dask as qdask
-        client = request.getfixturevalue("dask_client")
-
-        def run():
-            results = qdask.convert_many(jobs, client)
-            assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
     else:
-        import qcowfast
-
-        def run():
-            for s, d in jobs:
-                qcowfast.convert(s, d)
+        client = request.getfixturevalue("dask_client") if approach == "dask" else None
+        run = _in_process(approach, jobs, client)
 
     rounds, warmup = bench_rounds
     benchmark.group = "fleet: 12 images, 432 MiB virtual"
@@ -152,8 +154,7 @@ def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approa
                                 virtual_bytes=sum(SIZES_MIB) * MiB, output_dir=str(fleet_out))
     benchmark.pedantic(run, setup=lambda: _clear(fleet_out), rounds=rounds,
                        warmup_rounds=warmup)
-    for (src, digest), (_, dst) in zip(fleet_images, jobs):
-        assert _sha256(Path(dst)) == digest, f"{approach}: {dst} differs from qemu-img's output"
+    _check_outputs(fleet_images, jobs, approach)
 
 
 PAIRED = ("convert_many", "python-loop", "dask")
@@ -166,26 +167,24 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
     warms its workers with one untimed batch (imports, kernels, buffers), times (d) and closes
     the cluster. The timed unit is the whole round; each approach's times are in extra_info.
     """
-    import qcowfast
-    from qcowfast import dask as qdask
     jobs = _jobs(fleet_images, fleet_out)
     times: dict[str, list[float]] = {name: [] for name in PAIRED}
 
-    def timed(name, run):
+    def timed(name, client=None):
+        run = _in_process(name, jobs, client)
         _clear(fleet_out)
         start = time.perf_counter()
-        results = run()
+        run()
         times[name].append(time.perf_counter() - start)
-        assert all(isinstance(r, qcowfast.ConvertResult) for r in results), (name, results)
 
     def one_round():
-        timed("convert_many", lambda: qcowfast.convert_many(jobs))
-        timed("python-loop", lambda: [qcowfast.convert(s, d) for s, d in jobs])
+        timed("convert_many")
+        timed("python-loop")
         cluster, client = _start_cluster()
         try:
             _clear(fleet_out)
-            qdask.convert_many(jobs, client)
-            timed("dask", lambda: qdask.convert_many(jobs, client))
+            _in_process("dask", jobs, client)()          # warm the fresh workers, untimed
+            timed("dask", client)
         finally:
             client.close()
             cluster.close()
@@ -202,5 +201,4 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
         kind="fleet-paired", rounds=len(ratios), medians=medians,
         dask_over_convert_many=statistics.median(ratios),
         python_loop_over_convert_many=statistics.median(speedups))
-    for (src, digest), (_, dst) in zip(fleet_images, jobs):
-        assert _sha256(Path(dst)) == digest, f"{dst} differs from qemu-img's output"
+    _check_outputs(fleet_images, jobs, "paired rounds")
