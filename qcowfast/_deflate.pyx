@@ -171,6 +171,7 @@ cdef struct Batch:
     Py_ssize_t n, j
     int64_t cs, r
     int kind
+    bint keep_zero
     qfc_zng_stream *zstrm
     void *cctx
 
@@ -179,7 +180,7 @@ cdef int _batch_loop(void *arg) noexcept nogil:
     cdef Batch *b = <Batch *>arg
     cdef int64_t r
     while b.j < b.n:
-        if _is_zero(b.src + b.in_off[b.j], b.cs):
+        if not b.keep_zero and _is_zero(b.src + b.in_off[b.j], b.cs):
             r = C_ZERO
         elif b.kind == ZLIB:
             r = _zlib_one(b.zstrm, b.src + b.in_off[b.j], b.dst + b.out_off[b.j], b.cs)
@@ -246,11 +247,12 @@ cdef class Compressor:
             zstd_freeCCtx(self.cctx)
 
     def compress_batch(self, src, const int64_t[::1] in_off, dst, const int64_t[::1] out_off,
-                       int64_t[::1] out_len):
+                       int64_t[::1] out_len, bint keep_zero=False):
         """Compress cluster j from src[in_off[j]:+cluster_size] into dst[out_off[j]:].
 
-        Sets out_len[j] to ZERO_CLUSTER (all zero: nothing to store), STORED (does not shrink
-        below cluster_size bytes: store it plain) or the stream length (< cluster_size).
+        Sets out_len[j] to ZERO_CLUSTER (all zero: nothing to store; never with keep_zero),
+        STORED (does not shrink below cluster_size bytes: store it plain) or the stream length
+        (< cluster_size).
         Raises CompressionError if the library fails.
         """
         cdef const uint8_t[::1] s = memoryview(src).cast("B")
@@ -279,6 +281,7 @@ cdef class Compressor:
         b.out_off = &out_off[0]
         b.out_len = &out_len[0]
         b.n, b.j, b.cs, b.r, b.kind = n, 0, cs, 0, kind
+        b.keep_zero = keep_zero
         b.zstrm = &self.zstrm
         b.cctx = self.cctx
         self.busy = True

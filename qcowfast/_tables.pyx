@@ -117,6 +117,87 @@ def nonzero_runs(buf, Py_ssize_t granularity, int64_t origin=0):
     return starts[:n], ends[:n]
 
 
+def sector_mask(buf):
+    """uint8 array with one item per 512-byte sector of `buf`: 1 where it holds a non-zero byte
+    (a partial last sector counts as a sector)."""
+    cdef const uint8_t[::1] b = memoryview(buf).cast("B")
+    cdef Py_ssize_t size = b.shape[0], n = (size + 511) // 512, i
+    out = np.empty(n, np.uint8)
+    cdef uint8_t[::1] m = out
+    if n:
+        with nogil:
+            for i in range(n):
+                m[i] = _block_nonzero(&b[0], i * 512, min(size, (i + 1) * 512)) != 0
+    return out
+
+
+cdef Py_ssize_t _same_run(const uint8_t *m, Py_ssize_t pos, Py_ssize_t n, int64_t sector,
+                          Py_ssize_t align, bint *data) noexcept nogil:
+    # qemu-img.c is_allocated_sectors(): the run of sectors from m[pos] (n left) in the same
+    # state, its end aligned: a data run grows to the next `align` boundary, a zero run
+    # followed by data shrinks to the previous one (or turns into data when that leaves
+    # nothing).
+    cdef bint zero = m[pos] == 0
+    cdef Py_ssize_t i = 1, tail
+    while i < n and (m[pos + i] == 0) == zero:
+        i += 1
+    if i < n:
+        tail = (sector + i) & (align - 1)
+        if tail:
+            if zero and i <= tail:
+                zero = False
+            if not zero:
+                i = min(i + align - tail, n)
+            else:
+                i -= tail
+    data[0] = not zero
+    return i
+
+
+def sparse_writes(mask, int64_t sector0, Py_ssize_t min_sectors, Py_ssize_t align):
+    """Sector runs qemu-img convert writes of one data chunk (QEMU 7.2 qemu-img.c
+    convert_co_write with is_allocated_sectors_min): `mask` is the chunk's sector_mask, its
+    first sector guest sector `sector0`; `min_sectors` is -S in sectors (> 0), `align` the
+    write alignment in sectors (a power of two). Returns (starts, ends) int64 arrays of sector
+    indexes into `mask`: data, with zero runs shorter than `min_sectors` between data; a zero
+    run that starts the chunk or reaches its end is never written."""
+    cdef const uint8_t[::1] m = mask
+    cdef Py_ssize_t n = m.shape[0]
+    if min_sectors < 1 or align < 1 or align & (align - 1) or sector0 < 0:
+        raise ValueError("min_sectors must be positive, align a power of two")
+    starts = np.empty(n // 2 + 1, np.int64)
+    ends = np.empty(n // 2 + 1, np.int64)
+    cdef int64_t[::1] s = starts, e = ends
+    cdef Py_ssize_t pos = 0, k = 0, used, checked, step, rest, low
+    cdef bint data
+    if n == 0:
+        return starts[:0], ends[:0]
+    with nogil:
+        while pos < n:
+            rest = n - pos
+            low = min(min_sectors, rest)
+            step = _same_run(&m[0], pos, rest, sector0 + pos, align, &data)
+            if data:
+                used = checked = step
+                while checked < rest:
+                    step = _same_run(&m[0], pos + checked, rest - checked,
+                                     sector0 + pos + checked, align, &data)
+                    checked += step
+                    if data:
+                        used = checked
+                    elif step >= low:
+                        break
+                if k and e[k - 1] == pos:
+                    e[k - 1] = pos + used
+                else:
+                    s[k] = pos
+                    e[k] = pos + used
+                    k += 1
+                step = used
+            pos += step
+    return starts[:k], ends[:k]
+
+
 
 # -- small lookups: image.py's lean path for small reads ------------------------------------------
 # One shared set of output buffers, used with the GIL held; `_small_busy` hands a second caller

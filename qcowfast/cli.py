@@ -280,6 +280,7 @@ def convert_arguments(args) -> tuple[str, str, dict]:
                        "output or name an output file")
     kw = dict(format=fmt, src_format=args.src_format,
               compression=opts.get("compression_type", "zlib") if args.compress else None,
+              compression_type=opts.get("compression_type"),
               level=args.compression_level,
               cluster_size=opts.get("cluster_size", 65536),
               threads=args.threads or args.coroutines, sparse_size=args.sparse_size,

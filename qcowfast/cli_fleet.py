@@ -103,18 +103,19 @@ def _common_options(args) -> dict:
     options = {}
     if args.output_format != "raw":
         options["format"] = args.output_format
-    if args.compress:
-        options["compression"] = "zlib"
     for item in filter(None, (args.options or "").split(",")):
         key, _, value = item.partition("=")
         if key == "compression_type" and value in ("zlib", "zstd"):
-            options["compression"] = value
+            options["compression_type"] = value     # recorded in the header, as qemu-img does
         elif key == "cluster_size" and value:
             options["cluster_size"] = parse_size(value)
         else:
             raise ValueError(f"-o {item!r}: unknown or invalid option (known: "
                              "compression_type=zlib|zstd, cluster_size=SIZE)")
-    if "compression" in options and args.output_format != "qcow2":
+    if args.compress:
+        options["compression"] = options.get("compression_type", "zlib")
+    if ("compression" in options or "compression_type" in options) and \
+            args.output_format != "qcow2":
         raise ValueError("-c and compression_type need -O qcow2")
     if args.sparse_size is not None:
         options["sparse_size"] = parse_size(args.sparse_size)

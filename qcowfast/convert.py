@@ -428,7 +428,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
             max_output_size: int | None = None, unit_size: int = UNIT_SIZE,
             target_is_zero: bool = False, existing: bool = False, force_share: bool = False,
-            direct: bool = False) -> ConvertResult:
+            direct: bool = False, compression_type: str | None = None) -> ConvertResult:
     """Convert image `src` (QCOW2 with its backing chain, or raw) to a raw or QCOW2 image.
 
     Parameters
@@ -447,6 +447,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         Source format; None probes it (foreign formats are refused by name).
     compression : {None, "zlib", "zstd"}
         Compress QCOW2 output clusters (qcow2 only).
+    compression_type : {None, "zlib", "zstd"}
+        The compression type a QCOW2 output's header records (default: `compression`, else
+        zlib): qemu-img's -o compression_type, which applies without -c too.
     level : int, optional
         Compression level (default: the library's, as QEMU).
     cluster_size : int
@@ -454,7 +457,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     threads : int, optional
         Worker threads (default: all cores).
     sparse_size : int
-        Zero runs of this many bytes (aligned) are left as holes; 0 writes a fully allocated file.
+        Zero runs of this many bytes (aligned) are left as holes; 0 writes a fully allocated file
+        (qemu-img -S). QCOW2 output stores the clusters qemu-img would allocate.
     progress : callable(done_bytes, total_bytes), optional
         Called from the calling thread as guest space is finished.
     overwrite : bool
@@ -492,10 +496,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     """
     t0 = time.perf_counter()
     _check_options(format, src_format, compression, level, cluster_size, sparse_size,
-                   max_output_size)
+                   max_output_size, threads, compression_type)
     threads = threads or len(os.sched_getaffinity(0))
-    if threads < 1:
-        raise ValueError("threads must be at least 1")
     with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
                      snapshot=snapshot, force_share=force_share) as image, \
             _ScratchReturned(image):
@@ -534,7 +536,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                                             progress, compression=compression, level=level,
                                             cluster_size=cluster_size,
                                             max_output_size=max_output_size,
-                                            target_is_zero=target_is_zero)
+                                            target_is_zero=target_is_zero,
+                                            compression_type=compression_type)
                     out.commit(fsync, drop_cache=direct and format != "raw")
                 except BaseException as exc:
                     if (isinstance(exc, OSError) and not isinstance(exc, QcowError)
@@ -573,8 +576,12 @@ def _stream_name(dst, stream) -> str:
     return name if isinstance(name, str) else "the output stream"
 
 
+# Compression levels the libraries accept: zlib 1..9, zstd ZSTD_minCLevel()..ZSTD_maxCLevel().
+_LEVELS = {"zlib": (1, 9), "zstd": (-(1 << 17), 22)}
+
+
 def _check_options(format, src_format, compression, level, cluster_size, sparse_size,
-                   max_output_size) -> None:
+                   max_output_size, threads=None, compression_type=None) -> None:
     if format not in ("raw", "qcow2"):
         raise ValueError(f"format must be 'raw' or 'qcow2', not {format!r}")
     if src_format not in (None, "raw", "qcow2"):
@@ -583,14 +590,32 @@ def _check_options(format, src_format, compression, level, cluster_size, sparse_
         raise ValueError(f"compression must be None, 'zlib' or 'zstd', not {compression!r}")
     if compression is not None and format != "qcow2":
         raise ValueError("compression needs format='qcow2' (raw output is never compressed)")
+    if compression_type not in (None, "zlib", "zstd"):
+        raise ValueError(f"compression_type must be None, 'zlib' or 'zstd', not "
+                         f"{compression_type!r}")
+    if compression_type is not None and format != "qcow2":
+        raise ValueError("compression_type needs format='qcow2'")
+    if compression and compression_type and compression != compression_type:
+        raise ValueError(f"compression {compression!r} and compression_type "
+                         f"{compression_type!r} differ")
     if level is not None and compression is None:
         raise ValueError("level needs compression")
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool)
+                              or not _LEVELS[compression][0] <= level <= _LEVELS[compression][1]):
+        low, high = _LEVELS[compression]
+        raise ValueError(f"{compression} level must be an integer from {low} to {high}, "
+                         f"not {level!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ValueError(f"threads must be None or an integer of at least 1, not {threads!r}")
     if (not isinstance(cluster_size, int) or not 512 <= cluster_size <= 2 << 20
             or cluster_size & (cluster_size - 1)):
         raise ValueError(f"cluster_size must be a power of two from 512 to 2 MiB, "
                          f"not {cluster_size!r}")
-    if sparse_size < 0 or sparse_size % 512:
-        raise ValueError("sparse_size must be a non-negative multiple of 512")
+    if (not isinstance(sparse_size, int) or isinstance(sparse_size, bool) or sparse_size < 0
+            or sparse_size % 512):
+        raise ValueError(f"sparse_size must be a non-negative multiple of 512, not "
+                         f"{sparse_size!r}")
     if max_output_size is not None and max_output_size < 0:
         raise ValueError("max_output_size must be None or a non-negative number of bytes")
 
@@ -611,7 +636,7 @@ def _capped(progress, out, cap):
 
 
 def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, compression, level,
-                  cluster_size, max_output_size, target_is_zero) -> int:
+                  cluster_size, max_output_size, target_is_zero, compression_type=None) -> int:
     """Fill FileOutput `out`; return the bytes written."""
     vsize = image.virtual_size
     if fmt == "qcow2":
@@ -625,7 +650,8 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
             out.set_direct(False)
         size = write_qcow2(image, out.fd, compression=compression, level=level,
                            cluster_size=cluster_size, threads=threads,
-                           progress=_capped(progress, out, max_output_size))
+                           progress=_capped(progress, out, max_output_size),
+                           sparse_size=sparse_size, compression_type=compression_type)
         if max_output_size is not None and size > max_output_size:
             raise OutputError(f"{out.name}: output of {size} bytes exceeds max_output_size "
                               f"({max_output_size} bytes); nothing was written to {out.name}")

@@ -26,8 +26,8 @@ from array import array
 from collections import deque
 
 from . import _deflate, buffers
-from .convert import (_Filler, _HandOver, _load_kernels, _plain_chain, _plain_plan, _run_units,
-                      _write_all, np)
+from .convert import (_Filler, _HandOver, _load_kernels, _plain_chain, _plain_plan, _plan,
+                      _run_units, _write_all, np)
 from .errors import OutputError
 
 COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
@@ -311,7 +311,7 @@ def _writev_all(fd, pieces, offset):
 
 
 def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536, threads=None,
-                progress=None) -> int:
+                progress=None, sparse_size=4096, compression_type=None) -> int:
     """Write `source` as a QCOW2 v3 image into the empty regular file `fd`.
 
     Parameters
@@ -322,7 +322,7 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
         An open, empty, writable regular file.
     compression : None, "zlib" or "zstd"
         Store every cluster that shrinks compressed, as QEMU does; None writes a plain sparse
-        image. All-zero clusters are never stored.
+        image.
     level : int, optional
         zlib 1..9 (default 6; 1 is written as 2: zlib-ng's level 1 uses an 8 KiB window, QEMU
         needs 4 KiB) or a zstd level (default 3).
@@ -332,6 +332,13 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
         Compression threads (default: all cores). The output is the same for any count.
     progress : callable(done_bytes, total_bytes), optional
         Called from the calling thread as guest space is finished.
+    sparse_size : int
+        qemu-img's -S: all-zero clusters are not stored, except that 0 stores every cluster
+        and, in plain images with clusters smaller than sparse_size, zero clusters are stored
+        where qemu-img would write them (zero runs shorter than sparse_size between data).
+    compression_type : None, "zlib" or "zstd"
+        The compression type the header records (default: `compression`, else zlib), as
+        qemu-img's -o compression_type without -c.
 
     Returns
     -------
@@ -341,22 +348,68 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
     if not 512 <= cluster_size <= 1 << 21 or cluster_size & (cluster_size - 1):
         raise ValueError("cluster_size must be a power of two from 512 to 2 MiB")
     ctype, level = _resolve_level(compression, level)
+    header_type = compression_type or compression or "zlib"
+    if header_type not in COMPRESSION_TYPES:
+        raise ValueError(f"unknown compression type {header_type!r} (zlib or zstd)")
+    if compression is not None and header_type != compression:
+        raise ValueError(f"compression {compression!r} and compression_type {header_type!r} "
+                         "differ")
+    if sparse_size < 0 or sparse_size % 512:
+        raise ValueError("sparse_size must be a non-negative multiple of 512")
     threads = threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError("threads must be at least 1")
     _deflate.Compressor(ctype, cluster_size, level)  # fail early on a missing library or level
+    zeros = _ZeroRule(sparse_size, ctype, cluster_size)
     chain = _plain_chain(source, WRITE_UNIT, 512)
     if chain is not None:
         try:
-            return _write(source, fd, chain, ctype, level, cluster_size, threads, progress)
+            return _write(source, fd, chain, ctype, level, cluster_size, threads, progress,
+                          zeros, COMPRESSION_TYPES[header_type])
         except _HandOver:
             # A unit the plain path does not serve (the source changed under it): start again
             # on the general path, which raises what is wrong, if anything.
             os.ftruncate(fd, 0)
-    return _write(source, fd, None, ctype, level, cluster_size, threads, progress)
+    return _write(source, fd, None, ctype, level, cluster_size, threads, progress, zeros,
+                  COMPRESSION_TYPES[header_type])
 
 
-def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
+class _ZeroRule:
+    """Which all-zero clusters are stored, as qemu-img convert -S decides (see sparse.py)."""
+
+    def __init__(self, sparse_size: int, ctype: int, cluster_size: int):
+        self.keep_all = sparse_size == 0            # -S 0: every cluster (compressed too)
+        self.sparse_size = sparse_size
+        # Compressed output is written cluster by cluster, so qemu-img skips exactly the zero
+        # clusters; so it does in plain output when a cluster holds at least -S bytes.
+        self.plan_needed = ctype < 0 and 0 < sparse_size and cluster_size < sparse_size
+
+    def plan(self, source, cluster_size: int, unit: int):
+        if not self.plan_needed:
+            return None
+        from .sparse import SparsePlan
+        return SparsePlan(source, self.sparse_size, cluster_size, unit)
+
+
+def _every_unit(source, unit: int, plan):
+    """`plan` (or _plan's, when None) with the units holding no data too (as empty runs)."""
+    nunits = -(-source.virtual_size // unit)
+    if plan is None:
+        empty = tuple(np.zeros(0, np.int64) for _ in range(6))
+        plan = _plan(source, unit)
+    else:
+        empty = None
+    nxt = 0
+    for ui, runs in plan:
+        for u in range(nxt, ui):
+            yield u, empty
+        yield ui, runs
+        nxt = ui + 1
+    for u in range(nxt, nunits):
+        yield u, empty
+
+
+def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header_type) -> int:
     """write_qcow2 reading through _plain `chain`, or through the general filler when None."""
     vsize = -(-source.virtual_size // 512) * 512     # qcow2_co_create_opts() rounds up
     layout = _Layout(fd, cs, vsize)
@@ -408,15 +461,32 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         if n * cs > ulen:
             src[ulen:n * cs] = bytes(n * cs - ulen)   # QEMU zero-pads the last cluster too
         try:
-            comp.compress_batch(src, offsets[:n], out, offsets[:n], memoryview(sizes)[:n])
+            comp.compress_batch(src, offsets[:n], out, offsets[:n], memoryview(sizes)[:n],
+                                zeros.keep_all)
         except _deflate.SourceVanished:
             local.comp = None                   # (cut short: unusable)
             raise _HandOver from None
-        return bufs, n, ulen, src, mapping
+        mask = None if sparse_plan is None else _tables.sector_mask(memoryview(src)[:ulen])
+        return bufs, n, ulen, src, mapping, mask
 
     def done(ui, result):
-        bufs, n, ulen, src, mapping = result
+        if sparse_plan is None:
+            append(ui, result)
+            return
+        # Which zero clusters qemu-img writes can depend on the next unit's first sectors:
+        # each unit is appended once the next one is known.
+        sparse_plan.add(ui, result[-1])
+        if pending:
+            append(*pending.pop())
+        pending.append((ui, result))
+
+    def append(ui, result):
+        bufs, n, ulen, src, mapping, _ = result
         _, out, sizes = bufs
+        if sparse_plan is not None:
+            for j in np.flatnonzero(sparse_plan.forced(ui)[:n]).tolist():
+                if sizes[j] == _deflate.ZERO_CLUSTER:
+                    sizes[j] = _deflate.STORED
         g0 = ui * unit // cs
         layout.reach(g0)
         try:
@@ -434,14 +504,23 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress) -> int:
         if progress:
             progress(ui * unit + ulen, source.virtual_size)
 
+    sparse_plan = zeros.plan(source, cs, unit)
+    if sparse_plan is not None:
+        from . import _tables
+    pending: list = []
     # Never more workers than batches in flight (each holds a Compressor and two buffers).
     try:
+        if zeros.keep_all:
+            plan = _every_unit(source, unit, plan)
         _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight, plan=plan)
+        if pending:
+            sparse_plan.finish()
+            append(*pending.pop())
     finally:
         _unmap(retired)
         for buf in taken:
             buffers.give(buf)
-    size = layout.finish(vsize, ctype)
+    size = layout.finish(vsize, header_type)
     os.ftruncate(fd, size)
     if progress:
         progress(source.virtual_size, source.virtual_size)

@@ -1,0 +1,216 @@
+"""qemu-img convert's sparse detection (`-S`) for QCOW2 output, as QEMU 7.2 applies it.
+
+qemu-img decides what to write request by request (qemu-img.c): it walks the source's block
+status (bdrv_block_status_above) and cuts data extents into requests of at most 2 MiB
+(convert_iteration_sectors); in a data request, zero runs of at least -S bytes are skipped and
+shorter ones between data are written, aligned to pow2floor(-S) (convert_co_write,
+is_allocated_sectors_min); zero and unallocated extents are never written to a new image.
+With clusters of at least -S bytes that is exactly "store the clusters that are not all
+zeros", the writer's own rule; with smaller clusters the zero clusters qemu-img writes depend
+on those request boundaries, so they are reproduced here: each layer's block status (runs of one
+subcluster type, host-contiguous where allocated, cut at the end of an L2 table, compressed
+clusters one by one; SEEK_DATA/SEEK_HOLE for raw files), the chain below unallocated runs, the
+source-alignment tail rule and the request caps.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import _tables
+from .convert import np
+from .image import RawImage
+
+SECTOR = 512
+MAX_REQUEST = ((1 << 31) - 1) // SECTOR     # BDRV_REQUEST_MAX_SECTORS
+BUF_SECTORS = (2 << 20) // SECTOR           # IO_BUF_SIZE: qcow2 targets never raise it
+_UNALLOCATED, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
+
+
+def _length(layer) -> int:
+    """The layer's length as QEMU's block layer sees it (whole sectors)."""
+    if isinstance(layer, RawImage):
+        return layer.virtual_size               # the partial last sector rounded up
+    return layer.virtual_size // SECTOR * SECTOR
+
+
+def _file_status(fd: int, size: int, off: int, nbytes: int) -> tuple[int, int]:
+    """file-posix raw_co_block_status: data and holes of the file, a hole past its end."""
+    if off >= size:
+        return _ZERO, nbytes
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return _DATA, nbytes                    # no hole information: all data
+    try:
+        data = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:            # a hole up to the end of the file
+            return _ZERO, nbytes
+        return _DATA, nbytes                    # SEEK_DATA unsupported: all data
+    if data > off:
+        return _ZERO, min(data - off, nbytes)
+    hole = os.lseek(fd, off, os.SEEK_HOLE)
+    return _DATA, min(hole - off, nbytes)
+
+
+def _qcow2_status(layer, off: int, nbytes: int) -> tuple[int, int]:
+    """qcow2_get_host_offset: (kind, bytes) of one run of this layer from `off`."""
+    per_table = layer._l2_per_l1
+    end = min(off + nbytes, (off // per_table + 1) * per_table)
+    runs = layer._own_runs(off, end)
+    first = next(runs, None)
+    if first is None:
+        return _UNALLOCATED, end - off
+    guest, length, kind, host = (first.guest.tolist(), first.length.tolist(),
+                                 first.kind.tolist(), first.host.tolist())
+    k0, h0 = kind[0], host[0]
+    if k0 == _DATA and _preallocated(layer):
+        # BDRV_BLOCK_RECURSE: the data file's holes inside data clusters read as zero.
+        count = _same_type(layer, first, runs, end, off)
+        kind2, count2 = _file_status(layer.data_fd, layer.data_size, h0, count)
+        return (_ZERO if kind2 == _ZERO else _DATA), min(count, count2)
+    return k0, _same_type(layer, first, runs, end, off)
+
+
+def _same_type(layer, first, runs, end: int, off: int) -> int:
+    """Bytes from `off` of the run of `first`'s first type (count_contiguous_subclusters)."""
+    guest, length, kind, host = (first.guest.tolist(), first.length.tolist(),
+                                 first.kind.tolist(), first.host.tolist())
+    k0, h0 = kind[0], host[0]
+    if k0 == _COMPRESSED:                       # compressed clusters one by one
+        cs = layer.cluster_size
+        return min(end, off - off % cs + cs) - off
+    pos = guest[0] + length[0]
+    want = h0 + length[0] if h0 >= 0 else -1    # allocated runs must be host-contiguous
+    chunk, i = first, 1
+    while pos < end:
+        if i == len(guest):
+            chunk = next(runs, None)
+            if chunk is None:
+                break
+            guest, length, kind, host = (chunk.guest.tolist(), chunk.length.tolist(),
+                                         chunk.kind.tolist(), chunk.host.tolist())
+            i = 0
+        if kind[i] != k0 or (host[i] >= 0) != (h0 >= 0) or (h0 >= 0 and host[i] != want):
+            break
+        pos += length[i]
+        if h0 >= 0:
+            want = host[i] + length[i]
+        i += 1
+    return min(pos, end) - off
+
+
+def _preallocated(layer) -> bool:
+    known = getattr(layer, "_metadata_preallocated", None)
+    if known is None:
+        from .mapping import metadata_preallocated
+        known = layer._metadata_preallocated = metadata_preallocated(layer)
+    return known
+
+
+def block_status(image, off: int, nbytes: int) -> tuple[bool, int]:
+    """bdrv_block_status_above(image, NULL, off, nbytes) as qemu-img convert reads it:
+    (reads as zero, bytes) of the run from `off`."""
+    layer = image
+    while True:
+        nbytes = min(nbytes, _length(layer) - off)
+        if isinstance(layer, RawImage):
+            kind, count = _file_status(layer.data_fd, layer.data_size, off, nbytes)
+        else:
+            kind, count = _qcow2_status(layer, off, nbytes)
+        if kind != _UNALLOCATED:
+            return kind == _ZERO, count
+        backing = layer.backing
+        if backing is None or off >= _length(backing):
+            return True, count                  # bdrv_co_do_block_status adds ZERO
+        layer, nbytes = backing, count
+
+
+def requests(image):
+    """Yield qemu-img convert's requests over `image`: (first sector, sectors, is data)."""
+    total = -(-image.virtual_size // SECTOR)
+    align = 1 if isinstance(image, RawImage) else image.cluster_size // SECTOR
+    sector = next_status = 0
+    data = False
+    while sector < total:
+        n = min(total - sector, MAX_REQUEST)
+        if next_status <= sector:
+            zero, count = block_status(image, sector * SECTOR, n * SECTOR)
+            count = -(-count // SECTOR)
+            # Keep the next status query aligned to the source's clusters.
+            tail = (sector + count) % align
+            if count > tail:
+                count -= tail
+            data, next_status = not zero, sector + count
+        n = min(n, next_status - sector)
+        if data:
+            n = min(n, BUF_SECTORS)
+        yield sector, n, data
+        sector += n
+
+
+class SparsePlan:
+    """The zero clusters qemu-img writes into a new plain QCOW2 image of `cluster_size` with
+    `-S sparse_size` (0 < sparse_size, cluster_size < sparse_size), decided unit by unit in
+    guest order: feed each unit's sector_mask with `add`; a unit's answer (`forced`) is final
+    once the next unit was added, or `finish` was called."""
+
+    def __init__(self, image, sparse_size: int, cluster_size: int, unit: int):
+        self.min = sparse_size // SECTOR
+        self.align = 1 << (self.min.bit_length() - 1)
+        self.cs = cluster_size
+        self.unit_sectors = unit // SECTOR
+        self.total = -(-image.virtual_size // SECTOR)
+        self.requests = requests(image)
+        self.waiting = None                     # a data request not wholly added yet
+        self.masks: dict = {}
+        self.force: dict = {}
+
+    def add(self, ui: int, mask) -> None:
+        """Unit `ui`'s sector_mask (units come in order)."""
+        self.masks[ui] = mask
+        ncl = -(-len(mask) * SECTOR // self.cs)
+        self.force[ui] = np.zeros(ncl, bool)
+        self._advance(min((ui + 1) * self.unit_sectors, self.total))
+
+    def finish(self) -> None:
+        self._advance(self.total)
+
+    def forced(self, ui: int):
+        """Bool per cluster of unit `ui`: qemu-img writes it (zeros included)."""
+        self.masks.pop(ui, None)
+        return self.force.pop(ui)
+
+    def _advance(self, end: int) -> None:
+        while True:
+            req = self.waiting or next(self.requests, None)
+            if req is None:
+                return
+            sector, n, data = req
+            if data and sector + n > end:
+                self.waiting = req
+                return
+            self.waiting = None
+            if data:
+                self._apply(sector, n)
+
+    def _apply(self, sector: int, n: int) -> None:
+        us = self.unit_sectors
+        parts = []
+        for u in range(sector // us, (sector + n - 1) // us + 1):
+            a = max(sector, u * us) - u * us
+            parts.append(self.masks[u][a:min(sector + n, (u + 1) * us) - u * us])
+        mask = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        starts, ends = _tables.sparse_writes(mask, sector, self.min, self.align)
+        if not len(starts):
+            return
+        per_cluster = self.cs // SECTOR
+        c0 = (starts + sector) // per_cluster
+        c1 = -(-(ends + sector) // per_cluster)
+        ucl = us // per_cluster
+        for a, b in zip(c0.tolist(), c1.tolist()):
+            while a < b:
+                u = a // ucl
+                stop = min(b, (u + 1) * ucl)
+                self.force[u][a - u * ucl:stop - u * ucl] = True
+                a = stop

@@ -1,0 +1,223 @@
+"""QCOW2 output allocates exactly the clusters qemu-img convert allocates, for every -S: the
+default with clusters smaller than 4 KiB, -S 0 (plain and compressed), larger -S values, over
+raw sources with holes and qcow2 chains (compressed, zero, unallocated, extended L2,
+preallocated metadata, raw and qcow2 backing files). Also -o compression_type without -c."""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+
+import pytest
+
+import qcowfast
+
+from common import qemu_img, qemu_info, qemu_io, qemu_map, run_cli
+
+K, M = 1024, 1024 * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_PUNCH_HOLE_KEEP_SIZE = 3
+
+
+def _allocated(path, cluster_size: int) -> set:
+    """Guest clusters `qemu-img map` reports as data (compressed or not)."""
+    found = set()
+    for e in qemu_map(path):
+        if e["data"]:
+            found.update(range(e["start"] // cluster_size,
+                               -(-(e["start"] + e["length"]) // cluster_size)))
+    return found
+
+
+def _random_raw(rng: random.Random, path, size: int) -> None:
+    """Runs of random data and zeros at sector granularity, then a few punched holes."""
+    buf = bytearray(size)
+    pos = 0
+    while pos < size:
+        n = rng.choice([1, 2, 3, 7, 8, 9, 16, 40, 128, 300, 2000, 5000]) * 512
+        if rng.random() < 0.45:
+            buf[pos:pos + n] = rng.randbytes(len(buf[pos:pos + n]))
+        pos += n
+    path.write_bytes(buf)
+    if rng.random() < 0.5:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for _ in range(5):
+                off = rng.randrange(size) // 4096 * 4096
+                length = rng.choice([4096, 64 * K, M])
+                _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE_KEEP_SIZE, ctypes.c_long(off),
+                                ctypes.c_long(length))
+        finally:
+            os.close(fd)
+
+
+def _random_qcow2(rng: random.Random, path, size: int) -> None:
+    cs = rng.choice([512, 4 * K, 64 * K])
+    opts = f"cluster_size={cs}"
+    if cs == 64 * K and rng.random() < 0.3:
+        opts += ",extended_l2=on"
+    backing = []
+    pick = rng.random()
+    if pick < 0.15:
+        opts += ",preallocation=metadata"
+    elif pick < 0.4:
+        if rng.random() < 0.5:
+            base = path.with_suffix(".base.raw")
+            _random_raw(rng, base, rng.choice([size, size // 2 // 512 * 512]))
+            backing = ["-b", base, "-F", "raw"]
+        else:
+            base = path.with_suffix(".base.qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={rng.choice([512, 64 * K])}",
+                     base, rng.choice([size, size // 2 // 512 * 512]))
+            qemu_io(base, f"write -P 7 0 {size // 4 // 512 * 512}",
+                    f"write -P 9 {size // 8 // 512 * 512} 299520")
+            backing = ["-b", base, "-F", "qcow2"]
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, *backing, path, size)
+    commands = []
+    for _ in range(rng.randint(1, 12)):
+        off = rng.randrange(size) // 512 * 512
+        length = min(rng.choice([512, 1536, 4 * K, 64 * K, 299520]), size - off)
+        verb = rng.random()
+        commands.append(f"write -P {rng.randrange(256)} {off} {length}" if verb < 0.6 else
+                        f"write -z {off} {length}" if verb < 0.8 else f"discard {off} {length}")
+    qemu_io(path, *commands)
+    if rng.random() < 0.3:
+        packed = path.with_suffix(".c.qcow2")
+        qemu_img("convert", "-c", "-O", "qcow2", path, packed)
+        os.replace(packed, path)
+
+
+CASES = [(seed, kind) for seed in range(12) for kind in ("raw", "qcow2")]
+
+
+@pytest.mark.parametrize("seed,kind", CASES)
+def test_clusters_allocated_as_qemu_img_allocates(tmp_path, seed, kind):
+    rng = random.Random(1000 * seed + (kind == "qcow2"))
+    size = rng.choice([M, 3 * M, 5 * M]) + rng.choice([0, 512, 4096])
+    src = tmp_path / f"src.{kind}"
+    (_random_raw if kind == "raw" else _random_qcow2)(rng, src, size)
+    cs = rng.choice([512, 1 * K, 2 * K, 4 * K, 64 * K])
+    sparse = rng.choice([0, 512, 1536, 4 * K, 8 * K, 64 * K, 128 * K, M])
+    compress = ["-c"] if rng.random() < 0.2 else []
+    args = ["-f", kind, "-O", "qcow2", *compress, "-o", f"cluster_size={cs}", "-S", sparse, src]
+    qemu_img("convert", *args, tmp_path / "qemu.qcow2")
+    proc = run_cli("convert", "-q", *args, tmp_path / "ours.qcow2")
+    assert proc.returncode == 0, proc.stderr
+    what = f"{kind} source, cluster_size={cs}, -S {sparse} {' '.join(compress)}"
+    want = _allocated(tmp_path / "qemu.qcow2", cs)
+    got = _allocated(tmp_path / "ours.qcow2", cs)
+    assert got == want, (f"{what}: clusters only qemu-img stores {sorted(want - got)[:8]}, "
+                         f"only qcowfast stores {sorted(got - want)[:8]}")
+    qemu_img("check", tmp_path / "ours.qcow2")
+    qemu_img("compare", "-f", kind, "-F", "qcow2", src, tmp_path / "ours.qcow2")
+
+
+def _mixed_raw(path) -> None:
+    """4 MiB + 1 sector: data, short and long zero runs, a hole, data across the unit edge."""
+    rng = random.Random(7)
+    buf = bytearray(4 * M + 512)
+    for off, n in ((0, 3 * 512), (2 * K, 512), (9 * K, 4 * K), (M, 64 * K),
+                   (4 * M - 3 * K, 3 * K + 512)):
+        buf[off:off + n] = rng.randbytes(n)
+    path.write_bytes(buf)
+
+
+@pytest.mark.parametrize("cs", [512, 2 * K, 64 * K])
+@pytest.mark.parametrize("compress", [False, True])
+def test_sparse_size_zero_allocates_every_cluster(tmp_path, cs, compress):
+    src = tmp_path / "src.raw"
+    _mixed_raw(src)
+    comp = ["-c"] if compress else []
+    dst = tmp_path / "out.qcow2"
+    proc = run_cli("convert", "-q", "-f", "raw", "-O", "qcow2", *comp, "-o",
+                   f"cluster_size={cs}", "-S", "0", src, dst)
+    assert proc.returncode == 0, proc.stderr
+    vsize = os.path.getsize(src)
+    assert _allocated(dst, cs) == set(range(-(-vsize // cs)))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", *comp, "-o", f"cluster_size={cs}",
+             "-S", "0", src, tmp_path / "qemu.qcow2")
+    assert _allocated(tmp_path / "qemu.qcow2", cs) == _allocated(dst, cs)
+    qemu_img("check", dst)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst)
+
+
+def test_default_sparse_size_with_small_clusters_keeps_short_zero_runs(tmp_path):
+    # 512-byte clusters under the default -S 4k (writes aligned to 4 KiB): data in sectors
+    # 0-2, 4 and 18-25. Sectors 0-7 and 16-31 are written (zeros up to the 4 KiB boundaries
+    # included); the zero run 8-15 and the one from 32 on are not.
+    src = tmp_path / "src.raw"
+    _mixed_raw(src)
+    dst = tmp_path / "out.qcow2"
+    qcowfast.convert(src, dst, format="qcow2", src_format="raw", cluster_size=512)
+    got = _allocated(dst, 512)
+    assert {c for c in got if c < 2048} == set(range(8)) | set(range(16, 32))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src,
+             tmp_path / "qemu.qcow2")
+    assert got == _allocated(tmp_path / "qemu.qcow2", 512)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_output_bytes_do_not_depend_on_threads_with_a_sparse_plan(tmp_path, threads):
+    src = tmp_path / "src.raw"
+    _mixed_raw(src)
+    outs = []
+    for t in (threads, 2):
+        dst = tmp_path / f"out{t}.qcow2"
+        qcowfast.convert(src, dst, format="qcow2", src_format="raw", cluster_size=1024,
+                         sparse_size=64 * K, threads=t, overwrite=True)
+        outs.append(dst.read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_compression_type_without_c_is_recorded_in_the_header(tmp_path, compress):
+    src = tmp_path / "src.raw"
+    _mixed_raw(src)
+    comp = ["-c"] if compress else []
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "qemu.qcow2"
+    proc = run_cli("convert", "-q", "-f", "raw", "-O", "qcow2", *comp, "-o",
+                   "compression_type=zstd", src, ours)
+    assert proc.returncode == 0, proc.stderr
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", *comp, "-o", "compression_type=zstd", src,
+             ref)
+    assert qemu_info(ours)["format-specific"]["data"]["compression-type"] == "zstd"
+    compressed = [e for e in qemu_map(ours) if e["data"] and "offset" not in e]
+    assert bool(compressed) == compress      # -o compression_type alone compresses nothing
+    assert _allocated(ours, 64 * K) == _allocated(ref, 64 * K)
+    qemu_img("check", ours)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", src, ours)
+
+
+def test_convert_many_compression_type_without_c_does_not_compress(tmp_path):
+    src = tmp_path / "src.raw"
+    _mixed_raw(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_cli("convert-many", "-O", "qcow2", "-o", "compression_type=zstd",
+                   "--target-dir", out, src)
+    assert proc.returncode == 0, proc.stderr
+    (dst,) = out.iterdir()
+    assert qemu_info(dst)["format-specific"]["data"]["compression-type"] == "zstd"
+    assert all("offset" in e for e in qemu_map(dst) if e["data"])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(compression="zlib", compression_type="zstd"), "differ"),
+    (dict(compression_type="lz4"), "compression_type"),
+    (dict(format="raw", compression_type="zstd"), "needs format='qcow2'"),
+    (dict(compression="zlib", level=5.5), "level"),
+    (dict(compression="zlib", level=True), "level"),
+    (dict(compression="zstd", level=23), "level"),
+    (dict(compression="zstd", level=2 ** 40), "level"),
+    (dict(threads=0), "threads"),
+    (dict(threads=1.5), "threads"),
+    (dict(sparse_size=4096.0), "sparse_size"),
+])
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, kw, message):
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"x" * 4096)
+    dst = tmp_path / "out.img"
+    kw.setdefault("format", "qcow2")
+    with pytest.raises(ValueError, match=message):
+        qcowfast.convert(src, dst, **kw)
+    assert not dst.exists() and os.listdir(tmp_path) == ["src.raw"]
