@@ -313,15 +313,19 @@ def cmd_convert(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from .image import open as open_image
+    from .image import Image, open_source
     from .mapping import write_human, write_json
-    with open_image(args.image, backing_dirs=args.allow_backing_dir) as image:
+    with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
+                     force_share=args.force_share) as image:
         if args.lookup is not None:
+            if not isinstance(image, Image):
+                raise ValueError(f"--lookup: {args.image} is not a QCOW2 image")
             from .lookup import describe
             sys.stdout.write(describe(image, args.lookup))
             return 0
         # Streamed entry by entry: memory does not grow with the number of extents.
-        (write_json if args.output == "json" else write_human)(image, sys.stdout)
+        (write_json if args.output == "json" else write_human)(
+            image, sys.stdout, args.start_offset, args.max_length)
     return 0
 
 
@@ -512,6 +516,13 @@ def _add_map_parser(sub) -> None:
     p.add_argument("--lookup", type=parse_size, metavar="OFFSET", default=None,
                    help="describe the L1/L2 entries, cluster type and host offset serving one "
                         "guest offset")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+                   help="format of IMG (default: probe like qemu-img)")
+    p.add_argument("-s", "--start-offset", type=parse_size, metavar="OFFSET", default=0,
+                   help="map from this guest offset")
+    p.add_argument("-l", "--max-length", type=parse_size, metavar="LENGTH", default=None,
+                   help="map at most this many bytes")
+    _add_force_share_option(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_map)
 

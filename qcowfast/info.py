@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import time
 
@@ -276,7 +277,22 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
 # -- rendering ---------------------------------------------------------------------------------
 def format_json(result) -> str:
     """Render `info()`'s result as qemu-img does (indented JSON, one trailing newline)."""
-    return json.dumps(result, indent=4) + "\n"
+    return qemu_json(result) + "\n"
+
+
+# QEMU's qobject_to_json_pretty(): \u escapes in upper case, and an empty list or dict opens
+# and closes on lines of their own. (A string value always ends in a quote, so neither
+# pattern can match inside one.)
+_LOWER_ESCAPE = re.compile(r'(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})')
+_EMPTY = re.compile(r'^( *)("(?:[^"\\]|\\.)*": )?(\[\]|\{\})(,?)$', re.M)
+
+
+def qemu_json(value) -> str:
+    """`value` as QEMU prints JSON (qobject_to_json_pretty, 4-space indents)."""
+    text = json.dumps(value, indent=4)
+    text = _LOWER_ESCAPE.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
+    return _EMPTY.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{m.group(3)[0]}\n"
+                                f"{m.group(1)}{m.group(3)[1]}{m.group(4)}", text)
 
 
 def size_to_str(value: int) -> str:
@@ -331,7 +347,9 @@ def _human_one(d: dict) -> list[str]:
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
             clock = _clock(s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"])
             icount = str(s["icount"]) if "icount" in s else ""
-            lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+            # printf's %-16s pads bytes, not characters
+            name = s["name"] + " " * (16 - len(s["name"].encode("utf-8", "replace")))
+            lines.append(f"{s['id']:<9} {name} {size_to_str(s['vm-state-size']):>8}"
                          f"{date:>20}{clock:>13}{icount:>11}")
     if "format-specific" in d:
         lines.append("Format specific information:")

@@ -40,9 +40,9 @@ def _raw_pieces(fd: int, start: int, length: int):
 
 
 def metadata_preallocated(layer) -> bool:
-    """QEMU qcow2_detect_metadata_preallocation(): more clusters have a refcount than the file
-    really allocates (st_blocks), by over a ninth. QEMU then reports holes of the host file
-    inside data clusters as zero."""
+    """QEMU qcow2_detect_metadata_preallocation(): at least max(a ninth more, two more)
+    clusters have a refcount than the file really allocates (st_blocks). QEMU then reports
+    holes of the host file inside data clusters as zero."""
     import numpy as np
 
     from .refcounts import StoredRefcounts
@@ -61,7 +61,7 @@ def metadata_preallocated(layer) -> bool:
         if blk is None:
             return False                  # QEMU: the refcount read fails, no detection
         count += int(np.count_nonzero(blk[:min(per_block, end_cluster - t * per_block)]))
-        if count > threshold:
+        if count >= threshold:
             return True
     return False
 
@@ -124,6 +124,25 @@ def iter_entries(image) -> Iterator[dict]:
         yield dict(start=0, length=0, depth=0, present=False, zero=False, data=False)
 
 
+def clip_entries(entries: Iterable[dict], start: int, end: int) -> Iterator[dict]:
+    """The part of map `entries` in [start, end), as qemu-img map --start-offset and
+    --max-length print it (an empty range prints one empty entry at `start`)."""
+    found = False
+    for e in entries:
+        a, b = max(e["start"], start), min(e["start"] + e["length"], end)
+        if a >= b:
+            if e["start"] >= end:
+                break
+            continue
+        found = True
+        clipped = dict(e, start=a, length=b - a)
+        if "offset" in e:
+            clipped["offset"] = e["offset"] + (a - e["start"])
+        yield clipped
+    if not found:
+        yield dict(start=start, length=0, depth=0, present=False, zero=False, data=False)
+
+
 def map_entries(image) -> list[dict]:
     """Return the list `qemu-img map --output=json` prints for `image`."""
     return list(iter_entries(image))
@@ -154,14 +173,24 @@ def _batched(lines: Iterable[str], stream: TextIOBase, sep: str, prefix: str = "
         stream.write((prefix if first else sep) + sep.join(batch))
 
 
-def write_json(image, stream: TextIOBase) -> None:
-    """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry."""
-    _batched(map(_json_line, iter_entries(image)), stream, ",\n", prefix="[")
+def _range_entries(image, start: int, length: int | None) -> Iterator[dict]:
+    if not start and length is None:
+        return iter_entries(image)
+    end = image.virtual_size if length is None else min(start + length, image.virtual_size)
+    return clip_entries(iter_entries(image), start, end)
+
+
+def write_json(image, stream: TextIOBase, start: int = 0, length: int | None = None) -> None:
+    """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry
+    (of guest bytes [start, start + length) only, as --start-offset and --max-length)."""
+    _batched(map(_json_line, _range_entries(image, start, length)), stream, ",\n",
+             prefix="[")
     stream.write("]\n")
 
 
-def write_human(image, stream: TextIOBase) -> None:
-    """Write qemu-img's human map (data ranges, host offset, file) to the text `stream`.
+def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = None) -> None:
+    """Write qemu-img's human map (data ranges, host offset, file) to the text `stream`
+    (of guest bytes [start, start + length) only, as --start-offset and --max-length).
 
     As qemu-img.c dump_map_entry() does, rows are written as they come; a data range without
     a host offset (a compressed cluster) stops the map after the rows before it.
@@ -175,7 +204,7 @@ def write_human(image, stream: TextIOBase) -> None:
     failed = []
 
     def rows():
-        for e in iter_entries(image):
+        for e in _range_entries(image, start, length):
             if e["data"] and "offset" not in e:
                 failed.append(e)
                 return

@@ -330,3 +330,18 @@ def test_bad_input(workdir):
     help_text = cli("info", "--help").stdout
     for option in ("--output", "--backing-chain", "--allow-backing-dir", "-f"):
         assert option in help_text
+
+
+def test_json_escapes_and_empty_lists_printed_as_qemu_prints_them(workdir):
+    # QEMU writes \u escapes in upper case and an empty list over two lines; the human
+    # snapshot table pads names by bytes (printf %-16s).
+    path = workdir / "names.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+    qemu_img("bitmap", "--add", "--disable", path, "off")
+    for name in ("snap ü", "t\x1fq\"\\u00ab", "emoji \U0001F600"):
+        qemu_img("snapshot", "-c", name, path)
+    for args in (["--output=json"], ["--output=json", "--backing-chain"], []):
+        want = qemu_img("info", *args, path).stdout
+        got = cli("info", *args, path)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want, args

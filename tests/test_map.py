@@ -123,3 +123,63 @@ def test_empty_image_map(tmp_path):
         assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout) == (0, want.stdout)
     with qcowfast.open(path) as img:
         assert list(img.iter_map()) == img.map() == qemu_map(path)
+
+
+def _ranged_image(tmp_path):
+    path = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 1 0 70k", "write -c -P 3 1M 64k", "write -z 2M 64k",
+            "write -P 5 3M 100k")
+    raw = tmp_path / "m.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", path, raw)
+    return path, raw
+
+
+RANGES = [[], ["--start-offset=4096"], ["-s", "65536", "-l", "100000"],
+          ["--start-offset=0x300000", "--max-length=8k"], ["--start-offset=8M"], ["-l", "0"],
+          ["-s", "3200000"]]
+
+
+@pytest.mark.parametrize("args", RANGES, ids=lambda a: " ".join(a) or "whole")
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_map_ranges_formats_and_force_share_as_qemu_img(tmp_path, args, output):
+    # qemu-img's map options: --start-offset/-s, --max-length/-l, -f (raw files map too), -U.
+    path, raw = _ranged_image(tmp_path)
+    for image, fmt in ((path, "qcow2"), (raw, "raw")):
+        for extra in ([], ["-f", fmt, "-U"]):
+            cmd = [f"--output={output}", *extra, *args]
+            want = qemu_map_proc(image.name, *cmd, cwd=tmp_path)
+            got = run_cli("map", *cmd, image.name, cwd=tmp_path)
+            assert (got.returncode, got.stdout) == (want.returncode, want.stdout), cmd
+
+
+def test_map_dash_u_reads_a_locked_image(tmp_path):
+    path, _ = _ranged_image(tmp_path)
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 20000", str(path)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):                   # until qemu-io holds its lock
+            if run_cli("map", path).returncode:
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        refused = run_cli("map", path)
+        assert refused.returncode == 1 and "-U" in refused.stderr
+        shared = run_cli("map", "-U", "--output=json", path)
+        assert shared.returncode == 0, shared.stderr
+        assert shared.stdout == qemu_map_proc(path, "-U", "--output=json").stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_metadata_preallocation_threshold_is_reached_when_equal(tmp_path):
+    # qcow2_detect_metadata_preallocation() returns count >= threshold: on ext4 this image
+    # has exactly as many clusters with a refcount as the threshold.
+    path = tmp_path / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on", path, "4M")
+    qemu_io(path, "write -P 1 0 4k")
+    with qcowfast.open(path) as img:
+        assert img.map() == qemu_map(path)
+    for output in ("json", "human"):
+        got = run_cli("map", f"--output={output}", path)
+        assert got.stdout == qemu_map_proc(path, f"--output={output}").stdout
