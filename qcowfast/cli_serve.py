@@ -119,7 +119,14 @@ def cmd_serve(args) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.start()
+        try:
+            server.start()
+        except OSError as exc:
+            if exc.filename is not None:
+                raise                             # names its file: printed by cli.main
+            # Listening failed: the message names the socket path or address:port.
+            print(f"qcowfast: serve: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"qcowfast: serving {args.image} on {server.uri}", file=sys.stderr, flush=True)
         while not stop.is_set() and not server.wait(0.2):
             pass

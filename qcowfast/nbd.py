@@ -186,7 +186,9 @@ class Export(Protocol):
     #     """Say where the bytes of [offset, offset + len(out)) come from: ascending
     #     (start, end, fd, file_offset) runs covering it; fd >= 0: bytes of file fd from
     #     file_offset (sent with sendfile), fd == -1: bytes filled into `out` (at start -
-    #     offset), fd == -2: zeros. The file ranges must lie within their files."""
+    #     offset), fd == -2: zeros. The file ranges must lie within their files (checked
+    #     again against the files' sizes before replying: a read needing bytes a file no
+    #     longer holds gets EIO)."""
 
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """Return (length, NBD_STATE_* flags) extents covering [offset, offset + length) from
@@ -431,8 +433,8 @@ class Connection:
     def _send_parts(self, parts: list) -> None:
         """Send `parts` in order as one message, under the send lock: byte buffers (memoryviews
         of unsigned bytes, non-empty) with sendmsg, `(fd, offset, count)` file ranges with
-        sendfile (zero copy from the page cache). A file that ends early ends the connection:
-        its reply header is already on the wire."""
+        sendfile (zero copy from the page cache). A file cut short after _do_reads checked its
+        size ends the connection: its reply header is already on the wire."""
         timeout = self.limits.io_timeout
         sock = self.sock
         with self._send_lock:
@@ -450,6 +452,9 @@ class Connection:
                         self._wait(self._wpoll, deadline, "sending a reply")
                         continue
                     if sent <= 0:
+                        # The file was cut after _do_reads checked its size: the reply's
+                        # header (simple: error 0; structured: a data chunk of this length)
+                        # is on the wire, and NBD has no way to take it back or cut it short.
                         raise Disconnect("the image file ended while sending a reply")
                     parts[i] = (fd, offset + sent, count - sent) if sent < count else None
                     if sent == count:
@@ -861,6 +866,26 @@ class Connection:
                 self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
                                                    f"{offset} failed: {type(exc).__name__}")
             return
+        missing = _missing_file_bytes(plan) if self._plan is not None else None
+        if missing:
+            # A file cut short since it was opened: the reads that need bytes it no longer
+            # holds fail (EIO) before any header of theirs is sent; the others are served.
+            keep = []
+            for req in batch:
+                handle, offset, length, _ = req
+                hit = next((m for m in missing if m[0] < offset + length and offset < m[1]),
+                           None)
+                if hit is None:
+                    keep.append(req)
+                    continue
+                log.warning("%s: read of %d bytes at %d failed: the image file ends at %d",
+                            self.peer, length, offset, hit[3])
+                self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
+                                                   f"{offset} failed: the image file ends at "
+                                                   f"{hit[3]}")
+            batch = keep
+            if not batch:
+                return
         self._send_parts(self._read_replies(batch, first, plan, view))
 
     def _read_replies(self, batch: list, first: int, plan: list, view: memoryview) -> list:
@@ -873,6 +898,8 @@ class Connection:
         for handle, offset, length, _ in batch:
             if not structured:
                 parts.append(memoryview(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle)))
+                if length == 0:
+                    continue                      # the header alone (as qemu-nbd replies)
             elif length == 0:
                 parts.append(memoryview(_CHUNK.pack(
                     NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE,
@@ -883,7 +910,7 @@ class Connection:
                     NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
                     handle, 8 + length, offset)))
             pos, end = offset, offset + length
-            while plan[k][1] <= pos and pos < end:
+            while plan[k][1] <= pos:
                 k += 1
             j = k
             while pos < end:
@@ -916,6 +943,21 @@ class Connection:
         payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
         self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
                                NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+
+
+def _missing_file_bytes(plan: list) -> list[tuple[int, int, int, int]]:
+    """The guest ranges of a read plan whose file bytes their file no longer holds (an image
+    file cut short while served), checked against the files' sizes now: (start, end, fd,
+    file size) runs, none when every file run lies within its file. One fstat per file."""
+    ends: dict = {}                               # fd -> end of the furthest run
+    for a, b, fd, host in plan:
+        if fd >= 0 and host + (b - a) > ends.get(fd, -1):
+            ends[fd] = host + (b - a)
+    sizes = {fd: os.fstat(fd).st_size for fd in ends}
+    if all(ends[fd] <= sizes[fd] for fd in ends):
+        return []
+    return [(a + max(0, sizes[fd] - host), b, fd, sizes[fd]) for a, b, fd, host in plan
+            if fd >= 0 and host + (b - a) > sizes[fd]]
 
 
 _SPARE_BUFFERS: list = []

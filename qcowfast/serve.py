@@ -261,6 +261,10 @@ class NBDServer:
             raise ValueError("shared must be at least 1")
         if port is not None and not 0 <= int(port) <= 65535:
             raise ValueError(f"invalid TCP port {port}")
+        if not isinstance(export_name, str):
+            raise TypeError(f"export_name must be a str, not {type(export_name).__name__}")
+        if not isinstance(bind, str):
+            raise TypeError(f"bind must be a str, not {type(bind).__name__}")
         if len(export_name.encode()) > nbd.NBD_MAX_STRING:
             raise ValueError("export name longer than 4096 bytes")
         # Workers per connection: enough to keep every core inflating with the GIL released.
@@ -299,7 +303,10 @@ class NBDServer:
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> "NBDServer":
-        """Open the image, listen, and start accepting clients; return self."""
+        """Open the image, listen, and start accepting clients; return self.
+
+        Raises QcowError if the image cannot be opened, OSError (its message naming the
+        socket path or address:port) if the address cannot be listened on."""
         if self._started:
             raise RuntimeError("server already started")
         self._started = True
@@ -321,11 +328,16 @@ class NBDServer:
     def _listen(self) -> _socket.socket:
         if self._tcp:
             family = _socket.AF_INET6 if ":" in self._bind else _socket.AF_INET
+            host = f"[{self._bind}]" if family == _socket.AF_INET6 else self._bind
+            where = f"{host}:{self._port}"
             sock = _socket.socket(family, _socket.SOCK_STREAM)
             try:
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
                 sock.bind((self._bind, self._port))
                 sock.listen(max(16, self.shared))
+            except OSError as exc:
+                sock.close()
+                raise _listen_error(exc, where) from exc
             except BaseException:
                 sock.close()
                 raise
@@ -341,6 +353,9 @@ class NBDServer:
         try:
             sock.bind(self._socket_path)
             sock.listen(max(16, self.shared))
+        except OSError as exc:
+            sock.close()
+            raise _listen_error(exc, self._socket_path) from exc
         except BaseException:
             sock.close()
             raise
@@ -494,6 +509,15 @@ class NBDServer:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+
+
+def _listen_error(exc: OSError, where: str) -> OSError:
+    """`exc` (from bind or listen) as an OSError of the same errno naming the address."""
+    reason = exc.strerror or str(exc)
+    if exc.errno is None or isinstance(exc, _socket.gaierror):
+        # Raised without an errno ("AF_UNIX path too long") or with a resolver's code.
+        return OSError(f"cannot listen on {where}: {reason}")
+    return OSError(exc.errno, f"cannot listen on {where}: {reason}")   # FileNotFoundError...
 
 
 def _clear_stale_socket(path: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_io, qemu_map, reference_raw
 from qcowfast import nbd
 from qcowfast.serve import NBDServer
 
@@ -450,6 +450,99 @@ def test_refused_and_invalid_requests_keep_the_connection(client, want, structur
     assert c.closed()
 
 
+class QemuNbd:
+    """qemu-nbd -r -t serving an image on a Unix socket (the reference server); stop() ends it."""
+
+    def __init__(self, path, sock):
+        self.sock = sock
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock),
+                                      str(path)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("qemu-nbd did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# Zero-length requests whose answers qemu-nbd -r sets (command, offset, structured only).
+_ZERO_LENGTH = [(nbd.NBD_CMD_READ, 0, False), (nbd.NBD_CMD_READ, CLUSTER + 5, False),
+                (nbd.NBD_CMD_READ, SIZE, False), (nbd.NBD_CMD_READ, SIZE + 1, False),
+                (nbd.NBD_CMD_FLUSH, 0, False), (nbd.NBD_CMD_BLOCK_STATUS, 0, True),
+                (nbd.NBD_CMD_BLOCK_STATUS, SIZE, True)]
+
+
+def _zero_length_errors(address, structured) -> list:
+    c = Client(address).greet()
+    try:
+        c.go(structured=structured, meta=structured)
+        errors = []
+        for handle, (cmd, offset, needs_structured) in enumerate(_ZERO_LENGTH, 40):
+            if needs_structured and not structured:
+                continue
+            c.request(cmd, handle, offset, 0)
+            errors.append((cmd, offset, c.error_of(handle, read=cmd == nbd.NBD_CMD_READ)))
+        return errors
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_zero_length_requests_answer_as_qemu_nbd(proto_image, server, tmp_path, want,
+                                                  structured):
+    """Zero-length reads (alone, and pipelined between reads they continue, so one batch
+    holds them) get a bare success reply, block status EINVAL, as from qemu-nbd -r; write-type
+    commands EPERM as at any length. The connection serves on."""
+    reference = QemuNbd(proto_image, tmp_path / "qemu-nbd.sock")
+    try:
+        expected = _zero_length_errors(str(reference.sock), structured)
+    finally:
+        reference.stop()
+    assert _zero_length_errors(server.address, structured) == expected
+    c = Client(server.address).greet()
+    try:
+        c.go(structured=structured, meta=structured)
+        for cmd in (nbd.NBD_CMD_TRIM, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_CACHE):
+            c.request(cmd, 60, 0, 0)
+            assert c.error_of(60) == nbd.NBD_EPERM
+        reads = {1: (0, 4096), 2: (4096, 0), 3: (4096, 4096), 4: (8192, 0), 5: (SIZE, 0),
+                 6: (8192, 100)}
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                            nbd.NBD_CMD_READ, h, off, n)
+                                for h, (off, n) in reads.items()))
+        for _ in range(len(reads)):
+            if structured:
+                flags, rtype, handle, payload = c.chunk()
+                off, n = reads.pop(handle)
+                assert flags & nbd.NBD_REPLY_FLAG_DONE
+                if n == 0:
+                    assert (rtype, payload) == (nbd.NBD_REPLY_TYPE_NONE, b"")
+                    continue
+                assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
+                assert struct.unpack_from(">Q", payload)[0] == off
+                data = payload[8:]
+            else:
+                error, handle, _ = c.simple_reply()
+                assert error == 0
+                off, n = reads.pop(handle)
+                data = c.recv(n)
+            assert_same_bytes(data, want[off:off + n], "read pipelined with empty reads", off)
+        error, data = c.read(CLUSTER - 7, 77)
+        assert error == 0 and data == want[CLUSTER - 7:CLUSTER + 70]
+    finally:
+        c.close()
+
+
 def test_write_over_the_cap_is_refused_and_closes(client, server, want):
     c = client()
     c.go()
@@ -840,18 +933,10 @@ def test_read_plan_sends_data_from_the_image_files(chains, kind):
     assert files > 0
 
 
-def _read_reply_or_close(c, offset, length):
-    """Issue a read; return its error, or None when the server closes the connection."""
-    try:
-        return c.read(offset, length)[0]
-    except (EOFError, ConnectionResetError):
-        return None
-
-
 def test_data_past_the_end_of_the_file(chains, tmp_path):
-    """A data cluster the file does not hold: an EIO reply when the file was already short at
-    open; when the file shrinks while served, the reply (its header sent) ends the connection.
-    qemu-img reads such a cluster as zeros; the server never sends those zeros as data."""
+    """A data cluster the file does not hold, whether the file was already short at open or
+    was cut while served: an EIO reply, and the connection serves on. qemu-img reads such a
+    cluster as zeros; the server never sends those zeros as data."""
     import shutil
     reference = reference_raw(chains["plain"])
     last = slice(3 * MIB - 65536, 3 * MIB)
@@ -871,20 +956,63 @@ def test_data_past_the_end_of_the_file(chains, tmp_path):
             for structured in (True, False):
                 c = Client(srv.address).greet()
                 c.go(structured=structured, meta=False)
-                error = _read_reply_or_close(c, last.start, 65536)
-                if when == "before":
-                    assert error == nbd.NBD_EIO
-                else:
-                    assert error is None or error == nbd.NBD_EIO
-                    if error is None:
-                        assert c.closed()
-                        c.close()
-                        c = Client(srv.address).greet()
-                        c.go(structured=structured, meta=False)
+                error, _ = c.read(last.start, 65536)
+                assert error == nbd.NBD_EIO, (when, structured)
                 error, data = c.read(300 * 1024, 700 * 1024)   # intact data still served
                 assert error == 0
                 assert_same_bytes(data, reference[300 * 1024:1000 * 1024], "after EIO", 300 * 1024)
                 c.close()
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_file_cut_while_served_fails_only_the_reads_it_cut(chains, tmp_path, structured):
+    """Pipelined reads that continue each other (filled as one batch) across the point where
+    the file was cut while served: those needing bytes past the new end get EIO, the others
+    (before the cut, or zeros after it) their bytes, on the same connection."""
+    import shutil
+    want = reference_raw(chains["plain"])
+    path = tmp_path / "cut.qcow2"
+    shutil.copyfile(chains["plain"], path)
+    (ext,) = [e for e in qemu_map(path) if e["start"] == 3008 * 1024 and e["data"]]
+    assert ext["length"] == 64 * 1024
+    with NBDServer(path, socket=tmp_path / "s.sock", persistent=True, limits=LIMITS) as srv:
+        os.truncate(path, ext["offset"] + 16 * 1024)         # 16k of the 64k cluster stay
+        c = Client(srv.address).greet()
+        c.go(structured=structured, meta=False)
+        g = 3008 * 1024
+        reads = {1: (2000 * 1024 + 10, g - 2000 * 1024 - 10),   # data, zeros before it
+                 2: (g, 16 * 1024),              # the part of the cluster the file still holds
+                 3: (g + 16 * 1024, 1),          # the first byte it lost
+                 4: (g + 16 * 1024 + 1, 1000),
+                 5: (g + 17 * 1024, 0)}          # empty: needs no bytes
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                            nbd.NBD_CMD_READ, h, off, n)
+                                for h, (off, n) in reads.items()))
+        got = {}
+        for _ in range(len(reads)):
+            if structured:
+                flags, rtype, handle, payload = c.chunk()
+                assert flags & nbd.NBD_REPLY_FLAG_DONE
+                if rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                    got[handle] = struct.unpack_from(">I", payload)[0]
+                    continue
+                off, n = reads[handle]
+                assert rtype == (nbd.NBD_REPLY_TYPE_OFFSET_DATA if n else
+                                 nbd.NBD_REPLY_TYPE_NONE)
+                data = payload[8:]
+            else:
+                error, handle, _ = c.simple_reply()
+                got[handle] = error
+                if error:
+                    continue
+                off, n = reads[handle]
+                data = c.recv(n)
+            got[handle] = 0
+            assert_same_bytes(data, want[off:off + n], "read beside the cut", off)
+        assert got == {1: 0, 2: 0, 3: nbd.NBD_EIO, 4: nbd.NBD_EIO, 5: 0}
+        error, data = c.read(0, 100 * 1024)
+        assert error == 0 and data == want[:100 * 1024]
+        c.close()
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])

@@ -8,6 +8,7 @@ wait has a timeout, and only Unix sockets in tmp_path or 127.0.0.1 are used.
 from __future__ import annotations
 
 import json
+import re
 import os
 import select
 import signal
@@ -312,6 +313,31 @@ def test_cli_refuses_socket_with_port(images, tmp_path):
     assert proc.returncode == 1 and "--socket" in proc.stderr
 
 
+def _serve_fails(*args) -> str:
+    proc = subprocess.run([sys.executable, "-m", "qcowfast", "serve", *map(str, args)],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr.rstrip("\n")
+
+
+def test_cli_names_the_address_it_cannot_listen_on(images, tmp_path):
+    image = images.get("c64k-v3").path
+    sock = tmp_path / "missing" / "x.sock"
+    assert _serve_fails(image, "-k", sock) == (
+        f"qcowfast: serve: cannot listen on {sock}: No such file or directory")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _serve_fails(image, "-p", port) == (
+            f"qcowfast: serve: cannot listen on 127.0.0.1:{port}: Address already in use")
+    # TEST-NET-1 (RFC 5737) is no local address: bind fails, nothing is sent anywhere.
+    assert _serve_fails(image, "-b", "192.0.2.1", "-p", 0) == (
+        "qcowfast: serve: cannot listen on 192.0.2.1:0: Cannot assign requested address")
+
+
 # -- the Python API -------------------------------------------------------------------------
 
 def test_api_default_socket_and_non_persistent_exit(images):
@@ -392,3 +418,12 @@ def test_existing_file_at_socket_path_is_not_replaced(images, tmp_path):
         NBDServer(images.get("c64k-v3").path, socket=path).start()
     assert path.read_bytes() == b"keep"
     assert os.path.exists(path)
+
+
+def test_api_errors_name_the_socket_and_the_argument(images, tmp_path):
+    image = images.get("c64k-v3").path
+    sock = tmp_path / "missing" / "x.sock"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"cannot listen on {sock}: ")):
+        NBDServer(image, socket=sock).start()
+    with pytest.raises(TypeError, match="export_name must be a str"):
+        NBDServer(image, export_name=5)
