@@ -660,6 +660,10 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
                           f"bytes exceeds max_output_size ({max_output_size} bytes)")
     out.prepare(vsize, allocate=not sparse_size)
+    if sparse_size and not (out.in_place or out.direct) and not block_rule_exact(sparse_size):
+        _load_kernels()
+        from .sparse import write_raw
+        return write_raw(image, out.fd, sparse_size, _capped(progress, out, max_output_size))
     if sparse_size and not (out.in_place or out.direct):
         chain = _plain_chain(image, unit, sparse_size)
         if chain is None:
@@ -683,6 +687,13 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
                                 max_output_size=max_output_size)
     return _execute_file(image, out.fd, unit, threads, sparse_size,
                          _capped(progress, out, max_output_size))
+
+
+def block_rule_exact(sparse_size: int) -> bool:
+    """Whether raw output's rule (write every -S block, aligned to absolute offsets, that is
+    not all zeros) allocates the same 4 KiB file system blocks as qemu-img's requests
+    (sparse.py): for a power of two up to 4 KiB, a block never spans two file system blocks."""
+    return 0 < sparse_size <= 4096 and not sparse_size & (sparse_size - 1)
 
 
 def _load_kernels() -> None:

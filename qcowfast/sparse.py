@@ -1,4 +1,4 @@
-"""qemu-img convert's sparse detection (`-S`) for QCOW2 output, as QEMU 7.2 applies it.
+"""qemu-img convert's sparse detection (`-S`), as QEMU 7.2 applies it.
 
 qemu-img decides what to write request by request (qemu-img.c): it walks the source's block
 status (bdrv_block_status_above) and cuts data extents into requests of at most 2 MiB
@@ -214,3 +214,29 @@ class SparsePlan:
                 stop = min(b, (u + 1) * ucl)
                 self.force[u][a - u * ucl:stop - u * ucl] = True
                 a = stop
+
+
+def write_raw(image, fd: int, sparse_size: int, progress=None) -> int:
+    """Write `image`'s guest bytes into the sized, empty file `fd` as qemu-img convert -O raw
+    -S `sparse_size` writes them, request by request (one thread); return the bytes written.
+    """
+    from .convert import _write_all
+    low = sparse_size // SECTOR
+    align = 1 << (low.bit_length() - 1)
+    vsize = image.virtual_size
+    view = memoryview(bytearray(BUF_SECTORS * SECTOR))
+    written = 0
+    for sector, n, data in requests(image):
+        off = sector * SECTOR
+        if data:
+            length = min(n * SECTOR, vsize - off)
+            chunk = view[:length]
+            image.readinto(off, chunk)
+            starts, ends = _tables.sparse_writes(_tables.sector_mask(chunk), sector, low, align)
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                lo, hi = a * SECTOR, min(b * SECTOR, length)
+                _write_all(fd, chunk[lo:hi], off + lo)
+                written += hi - lo
+        if progress:
+            progress(min(off + n * SECTOR, vsize), vsize)
+    return written

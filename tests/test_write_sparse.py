@@ -1,7 +1,8 @@
-"""QCOW2 output allocates exactly the clusters qemu-img convert allocates, for every -S: the
-default with clusters smaller than 4 KiB, -S 0 (plain and compressed), larger -S values, over
-raw sources with holes and qcow2 chains (compressed, zero, unallocated, extended L2,
-preallocated metadata, raw and qcow2 backing files). Also -o compression_type without -c."""
+"""Outputs allocate what qemu-img convert allocates, for every -S: QCOW2 clusters (the default
+with clusters smaller than 4 KiB, -S 0 plain and compressed, larger -S values) and raw file
+blocks (-S values that are not powers of two up to 4 KiB), over raw sources with holes and
+qcow2 chains (compressed, zero, unallocated, extended L2, preallocated metadata, raw and qcow2
+backing files). Also -o compression_type without -c."""
 from __future__ import annotations
 
 import ctypes
@@ -110,6 +111,42 @@ def test_clusters_allocated_as_qemu_img_allocates(tmp_path, seed, kind):
                          f"only qcowfast stores {sorted(got - want)[:8]}")
     qemu_img("check", tmp_path / "ours.qcow2")
     qemu_img("compare", "-f", kind, "-F", "qcow2", src, tmp_path / "ours.qcow2")
+
+
+def _file_blocks(path) -> set:
+    """4 KiB blocks of the file holding data (SEEK_DATA), without block 0: qemu-img allocates
+    the first block of every raw file it creates (allocate_first_block)."""
+    found = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            found.update(range(data // 4096, -(-pos // 4096)))
+    finally:
+        os.close(fd)
+    return found - {0}
+
+
+@pytest.mark.parametrize("seed,kind", [(s, k) for s in range(6) for k in ("raw", "qcow2")])
+def test_raw_output_blocks_allocated_as_qemu_img_allocates(tmp_path, seed, kind):
+    rng = random.Random(5000 + 2 * seed + (kind == "qcow2"))
+    size = rng.choice([M, 3 * M]) + rng.choice([0, 512, 4096])
+    src = tmp_path / f"src.{kind}"
+    (_random_raw if kind == "raw" else _random_qcow2)(rng, src, size)
+    sparse = rng.choice([1536, 2560, 3072, 8 * K, 64 * K, 128 * K, M])
+    args = ["-f", kind, "-O", "raw", "-S", sparse, src]
+    qemu_img("convert", *args, tmp_path / "qemu.raw")
+    proc = run_cli("convert", "-q", *args, tmp_path / "ours.raw")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes()
+    want, got = _file_blocks(tmp_path / "qemu.raw"), _file_blocks(tmp_path / "ours.raw")
+    assert got == want, (f"{kind} source, -S {sparse}: blocks only qemu-img allocates "
+                         f"{sorted(want - got)[:8]}, only qcowfast {sorted(got - want)[:8]}")
 
 
 def _mixed_raw(path) -> None:
