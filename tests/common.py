@@ -231,3 +231,22 @@ def modules_imported_after(code: str, names) -> set:
 def numpy_imported_after(code: str) -> bool:
     """Whether a fresh interpreter running `code` ends with numpy imported."""
     return "numpy" in modules_imported_after(code, ["numpy"])
+
+
+def data_blocks(path: str | os.PathLike) -> set:
+    """4 KiB blocks of the file holding data (SEEK_DATA), without block 0: qemu-img allocates
+    the first block of every raw file it creates (file-posix allocate_first_block)."""
+    found = set()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            found.update(range(data // 4096, -(-pos // 4096)))
+    finally:
+        os.close(fd)
+    return found - {0}

@@ -13,7 +13,7 @@ import pytest
 
 import qcowfast
 
-from common import qemu_img, qemu_info, qemu_io, qemu_map, run_cli
+from common import data_blocks, qemu_img, qemu_info, qemu_io, qemu_map, run_cli
 
 K, M = 1024, 1024 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -113,25 +113,6 @@ def test_clusters_allocated_as_qemu_img_allocates(tmp_path, seed, kind):
     qemu_img("compare", "-f", kind, "-F", "qcow2", src, tmp_path / "ours.qcow2")
 
 
-def _file_blocks(path) -> set:
-    """4 KiB blocks of the file holding data (SEEK_DATA), without block 0: qemu-img allocates
-    the first block of every raw file it creates (allocate_first_block)."""
-    found = set()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, data, os.SEEK_HOLE)
-            found.update(range(data // 4096, -(-pos // 4096)))
-    finally:
-        os.close(fd)
-    return found - {0}
-
-
 @pytest.mark.parametrize("seed,kind", [(s, k) for s in range(6) for k in ("raw", "qcow2")])
 def test_raw_output_blocks_allocated_as_qemu_img_allocates(tmp_path, seed, kind):
     rng = random.Random(5000 + 2 * seed + (kind == "qcow2"))
@@ -144,7 +125,7 @@ def test_raw_output_blocks_allocated_as_qemu_img_allocates(tmp_path, seed, kind)
     proc = run_cli("convert", "-q", *args, tmp_path / "ours.raw")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes()
-    want, got = _file_blocks(tmp_path / "qemu.raw"), _file_blocks(tmp_path / "ours.raw")
+    want, got = data_blocks(tmp_path / "qemu.raw"), data_blocks(tmp_path / "ours.raw")
     assert got == want, (f"{kind} source, -S {sparse}: blocks only qemu-img allocates "
                          f"{sorted(want - got)[:8]}, only qcowfast {sorted(got - want)[:8]}")
 
