@@ -19,7 +19,6 @@ compared in one vector pass. An allocation failure is reported as a QcowError.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,7 @@ from .constants import (
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
+from .paths import open_file
 from .refcounts import (
     MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
 )
@@ -756,17 +756,25 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
     ------
     NotChecked
         The file is not a QCOW2 image (qemu-img: "This image format does not support checks").
+    ImageNotFound
+        The image does not exist (a QcowError and a FileNotFoundError); ImageOpenError when it
+        cannot be opened for another reason. Both start "Could not open 'PATH': ".
     QcowError
         The image cannot be checked at all (qemu-img exits 1): its header is invalid or its
         chain cannot be opened (the message starts with "Could not open 'PATH': "), its
         bitmaps cannot be read, or memory ran out.
     """
     name = os.fspath(path)
-    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        # Opened as info and compare open their images (paths.open_file): a missing file is
+        # ImageNotFound, any other failure to open ImageOpenError (both QcowErrors and
+        # OSErrors); directories, FIFOs, sockets and devices are refused before any read.
+        opened = open_file(name, "image", block_devices=False)
+    except QcowError as exc:
+        raise _reworded(exc, f"Could not open {name!r}: {exc}") from exc
+    fd = opened.detach()
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{name} is not a regular file")
         if os.pread(fd, 4, 0) != QCOW_MAGIC:
             raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
         try:
@@ -787,11 +795,14 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
 
 
 def _reworded(exc: QcowError, message: str) -> QcowError:
-    """The same kind of exception with another message."""
+    """The same kind of exception with another message (and the errno of an OSError)."""
     try:
-        return type(exc)(message)
+        new = type(exc)(message)
     except TypeError:
         return QcowError(message)
+    if isinstance(exc, OSError):
+        new.errno = exc.errno
+    return new
 
 
 __all__ = ["check", "CheckResult", "Overlap", "NotChecked"]

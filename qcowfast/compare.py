@@ -6,6 +6,10 @@ be zero only needs the other side read and tested for zeros; only ranges with da
 sides are read and compared byte for byte. Semantics follow QEMU 7.2 qemu-img.c img_compare():
 differences are reported at the start of the first differing 512-byte sector, and when the
 images differ in size the larger one's extra tail must read as zeros (unless strict).
+
+Strict mode (-s) also compares QEMU's block status word at every step of img_compare's loop,
+so it walks each image in the runs bdrv_block_status_above() would return (see `_status_runs`),
+including the BDRV_BLOCK_EOF flag of a run that reaches the end of the image.
 """
 from __future__ import annotations
 
@@ -17,26 +21,134 @@ import numpy as np
 
 from .constants import ExtentKind
 from .image import Image, RawImage, open_source
-from .mapping import _raw_pieces
+from .mapping import _raw_pieces, metadata_preallocated
 
 SECTOR = 512
 CHUNK = 4 * 1024 * 1024          # bytes read per side and step
+IO_BUF_SIZE = 2 * 1024 * 1024    # qemu-img.c: bytes img_compare reads per side and step
+INT_MAX = 2 ** 31 - 1            # qcow2_co_block_status(): bytes = MIN(INT_MAX, count)
+
+# QEMU include/block/block-common.h: the block status flags strict mode compares.
+BDRV_BLOCK_DATA = 0x01
+BDRV_BLOCK_ZERO = 0x02
+BDRV_BLOCK_OFFSET_VALID = 0x04
+BDRV_BLOCK_ALLOCATED = 0x10
+BDRV_BLOCK_EOF = 0x20
+
+_UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
 
 class _Piece(NamedTuple):
-    """A run of guest bytes of one image: zero when metadata says it reads as zeros.
-
-    `status` approximates QEMU's block status flags for strict mode:
-    (allocated, data, zero, has_host_offset).
-    """
+    """A run of guest bytes of one image: zero when metadata says it reads as zeros."""
     start: int
     end: int
     zero: bool
-    status: tuple
+
+
+class _Status(NamedTuple):
+    """One run of bdrv_block_status_above() over an image: [start, end) answers `flags`.
+
+    Runs are QEMU's: a query at any offset inside the run returns the run's end as its
+    `pnum` (before the INT_MAX cap of qcow2). `eof_at` is `end` when the layer that answered
+    sets BDRV_BLOCK_EOF on reaching its own, shorter length (an unallocated bottom layer), else
+    -1; reaching the image's own length is checked by the caller.
+    """
+    start: int
+    end: int
+    flags: int
+    eof_at: int
+
+
+def _qcow2_runs(layer: Image, start: int, end: int) -> Iterator[tuple]:
+    """Yield (start, end, kind, host) runs of qcow2 `layer` alone over [start, end), cut as
+    qcow2_get_host_offset() cuts them: never across the end of an L2 table, one compressed
+    cluster at a time, same subcluster type only, and allocated clusters (normal, zero-alloc,
+    unallocated-alloc) only while host-contiguous (count_contiguous_subclusters()).
+    """
+    per_table = layer._l2_per_l1          # guest bytes one L2 table maps
+    cs = layer.cluster_size
+    pend = None
+    for chunk in layer._own_runs(start, end):
+        for g, n, k, h in zip(chunk.guest.tolist(), chunk.length.tolist(), chunk.kind.tolist(),
+                              chunk.host.tolist()):
+            e = g + n
+            while g < e:
+                table = g // per_table
+                stop = min(e, (table + 1) * per_table)
+                if k == _COMPRESSED:
+                    stop = min(stop, (g // cs + 1) * cs)
+                if (pend is not None and pend[1] == g and pend[2] == k and k != _COMPRESSED
+                        and pend[0] // per_table == table and (pend[3] < 0) == (h < 0)
+                        and (h < 0 or pend[3] + (g - pend[0]) == h)):
+                    pend[1] = stop
+                else:
+                    if pend is not None:
+                        yield tuple(pend)
+                    pend = [g, stop, k, h]
+                if h >= 0 and k != _COMPRESSED:
+                    h += stop - g
+                g = stop
+    if pend is not None:
+        yield tuple(pend)
+
+
+def _layer_flags(kind: int, host: int) -> int:
+    """qcow2_co_block_status(): the flags of one subcluster type (no encryption)."""
+    if kind == _DATA:
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID
+    if kind == _COMPRESSED:
+        return BDRV_BLOCK_DATA
+    flags = BDRV_BLOCK_OFFSET_VALID if host >= 0 else 0       # zero-alloc, unallocated-alloc
+    return flags | BDRV_BLOCK_ZERO if kind == _ZERO else flags
+
+
+def _status_runs(layer, start: int, end: int, prealloc: dict) -> Iterator[_Status]:
+    """Yield the runs of bdrv_block_status_above() over [start, end) of `layer` and its chain.
+
+    block/io.c bdrv_co_common_block_status_above(): the top layer answers where it allocates
+    (data or zero); elsewhere the backing layer is asked for the same range, and past the end
+    of a shorter backing layer the range reads as ZERO | ALLOCATED. A layer without backing
+    answers its unallocated ranges as ZERO (not allocated), keeping its own EOF flag.
+    A raw layer answers file-posix's SEEK_DATA/SEEK_HOLE runs, the hole after the last data
+    running to the end (partial last sector included). `prealloc` caches, per layer, QEMU's
+    detection of metadata preallocation, under which data clusters also report the holes of
+    the host file as zero.
+    """
+    if isinstance(layer, RawImage):
+        for s, n, is_data in _raw_pieces(layer.data_fd, start, end - start):
+            flags = BDRV_BLOCK_DATA if is_data else BDRV_BLOCK_ZERO
+            yield _Status(s, s + n, flags | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_ALLOCATED, -1)
+        return
+    backing = layer.backing
+    for a, b, kind, host in _qcow2_runs(layer, start, end):
+        flags = _layer_flags(kind, host)
+        if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
+            flags |= BDRV_BLOCK_ALLOCATED
+            if kind == _DATA:
+                if layer.depth not in prealloc:
+                    prealloc[layer.depth] = metadata_preallocated(layer)
+                if prealloc[layer.depth]:
+                    # bdrv_co_block_status() asks the data file (BDRV_BLOCK_RECURSE), then
+                    # drops the RECURSE flag from its answer (as the qemu-img 7.2 in use does).
+                    delta = host - a
+                    for s, n, is_data in _raw_pieces(layer.data_fd, host, b - a):
+                        yield _Status(s - delta, s - delta + n,
+                                      flags if is_data else flags | BDRV_BLOCK_ZERO, -1)
+                    continue
+            yield _Status(a, b, flags, -1)
+        elif backing is None:
+            yield _Status(a, b, flags | BDRV_BLOCK_ZERO, b if b == layer.virtual_size else -1)
+        else:
+            mid = min(b, backing.virtual_size)
+            if a < mid:
+                yield from _status_runs(backing, a, mid, prealloc)
+            if max(a, mid) < b:
+                yield _Status(max(a, mid), b, BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED, -1)
 
 
 class _RawSource:
     """A raw image file; its size rounded up to whole sectors, as QEMU sees it."""
+    max_pnum = None                 # file-posix answers runs of any length
 
     def __init__(self, raw: RawImage):
         self.name, self.raw, self.fd = raw.filename, raw, raw.data_fd
@@ -46,9 +158,12 @@ class _RawSource:
         stop = min(end, self.file_size)
         if start < stop:
             for s, n, is_data in _raw_pieces(self.fd, start, stop - start):
-                yield _Piece(s, s + n, not is_data, (True, is_data, not is_data, True))
+                yield _Piece(s, s + n, not is_data)
         if max(start, stop) < end:                 # the partial last sector reads as zeros
-            yield _Piece(max(start, stop), end, True, (True, False, True, True))
+            yield _Piece(max(start, stop), end, True)
+
+    def status_runs(self, end: int) -> Iterator[_Status]:
+        return _status_runs(self.raw, 0, end, {})
 
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf)
@@ -66,6 +181,7 @@ class _RawSource:
 
 class _QcowSource:
     """A QCOW2 image with its backing chain."""
+    max_pnum = INT_MAX
 
     def __init__(self, image: Image):
         self.name = image.filename
@@ -79,13 +195,12 @@ class _QcowSource:
             if e.kind == ExtentKind.DATA and isinstance(image.layer(e.depth), RawImage):
                 fd = image.layer(e.depth).data_fd
                 for s, n, is_data in _raw_pieces(fd, g0, e.length):
-                    yield _Piece(s, s + n, not is_data, (True, is_data, not is_data, True))
-            elif e.kind in (ExtentKind.DATA, ExtentKind.COMPRESSED):
-                yield _Piece(g0, g1, False, (True, True, False, e.kind == ExtentKind.DATA))
-            elif e.kind == ExtentKind.ZERO:
-                yield _Piece(g0, g1, True, (True, False, True, e.host_offset is not None))
+                    yield _Piece(s, s + n, not is_data)
             else:
-                yield _Piece(g0, g1, True, (False, False, True, False))
+                yield _Piece(g0, g1, e.kind not in (ExtentKind.DATA, ExtentKind.COMPRESSED))
+
+    def status_runs(self, end: int) -> Iterator[_Status]:
+        return _status_runs(self.image, 0, end, {})
 
     def readinto(self, offset: int, buf) -> None:
         self.image.readinto(offset, buf)
@@ -133,6 +248,11 @@ def _diff_at(a, b, n: int) -> int | None:
     return int(np.argmax(x != y))
 
 
+def _answer_end(run: _Status, pos: int, max_pnum: int | None) -> int:
+    """End of the range a block status query at `pos` inside `run` answers."""
+    return run.end if max_pnum is None else min(run.end, pos + max_pnum)
+
+
 class _Comparer:
     def __init__(self, a, b, progress):
         self.a, self.b = a, b
@@ -145,15 +265,13 @@ class _Comparer:
         if self.progress is not None:
             self.progress(pos, self.total)
 
-    def common(self, end: int, strict: bool):
+    def common(self, end: int):
         """Compare [0, end); return (kind, offset) of the first difference or None."""
         ia, ib = self.a.pieces(0, end), self.b.pieces(0, end)
         pa, pb = next(ia, None), next(ib, None)
         pos = 0
         while pos < end:
             stop = min(pa.end, pb.end)
-            if strict and pa.status != pb.status:
-                return "status", pos
             if not (pa.zero and pb.zero):
                 found = self.content(pos, stop, pa.zero, pb.zero)
                 if found is not None:
@@ -164,6 +282,44 @@ class _Comparer:
                 pa = next(ia, None)
             if pb.end == stop:
                 pb = next(ib, None)
+        return None
+
+    def strict(self, end: int):
+        """Compare [0, end) of two images of size `end` as img_compare's strict loop does.
+
+        Returns ("status" or "content", offset) of the first difference, or None.
+
+        Each step queries both images at `pos`: the status word is the run's flags, plus
+        BDRV_BLOCK_EOF when the answered range reaches the image's end (block/io.c
+        bdrv_co_common_block_status_above()); a qcow2 answer is at most INT_MAX bytes long.
+        The step advances by the shorter answer, IO_BUF_SIZE at most when data is compared.
+        """
+        if end == 0:
+            return None
+        ia, ib = self.a.status_runs(end), self.b.status_runs(end)
+        ra, rb = next(ia), next(ib)
+        pos = 0
+        while pos < end:
+            while ra.end <= pos:
+                ra = next(ia)
+            while rb.end <= pos:
+                rb = next(ib)
+            stop_a = _answer_end(ra, pos, self.a.max_pnum)
+            stop_b = _answer_end(rb, pos, self.b.max_pnum)
+            flags_a = ra.flags | (BDRV_BLOCK_EOF if stop_a in (end, ra.eof_at) else 0)
+            flags_b = rb.flags | (BDRV_BLOCK_EOF if stop_b in (end, rb.eof_at) else 0)
+            if flags_a != flags_b:
+                return "status", pos
+            stop = min(stop_a, stop_b)
+            # Equal flags: zero on both sides (skipped), or allocated on both (read and
+            # compared); an unallocated range always reads as ZERO.
+            if not flags_a & BDRV_BLOCK_ZERO and flags_a & BDRV_BLOCK_ALLOCATED:
+                stop = min(stop, pos + IO_BUF_SIZE)
+                found = self.content(pos, stop, False, False)
+                if found is not None:
+                    return "content", found
+            pos = stop
+            self.report(pos)
         return None
 
     def content(self, start: int, end: int, zero_a: bool, zero_b: bool) -> int | None:
@@ -208,9 +364,8 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
     fmt_a, fmt_b : "qcow2", "raw" or None
         Formats (qemu-img's -f and -F); None probes the QCOW2 magic.
     strict : bool
-        Also fail on a size difference and on a difference of allocation status (qemu-img -s;
-        the status compared is an approximation of QEMU's block status flags: allocated, data,
-        zero, host offset known).
+        Also fail on a size difference and on a difference of block status (qemu-img -s: the
+        word bdrv_block_status_above() returns at each step of its loop, EOF flag included).
     progress : callable(done, total), optional
         Called with guest bytes compared so far.
     backing_dirs : iterable of paths
@@ -249,7 +404,7 @@ def _compare(a, b, strict: bool, progress) -> CompareResult:
         return CompareResult(False, None, True, ["Strict mode: Image size mismatch!"])
     cmp = _Comparer(a, b, progress)
     common = min(a.size, b.size)
-    found = cmp.common(common, strict)
+    found = cmp.strict(common) if strict else cmp.common(common)
     if found is not None:
         kind, offset = found
         text = (f"Strict mode: Offset {offset} block status mismatch!" if kind == "status"

@@ -12,6 +12,7 @@ table problems. A seeded mutation sweep compares many more damaged images with q
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -696,3 +697,24 @@ def test_chain_that_cannot_be_opened_exits_1(tmp_path):
             assert qemu.stderr.startswith(f"qemu-img: {want}"), (case, qemu.stderr[-300:])
         with pytest.raises(qcowfast.QcowError, match="Could not open"):
             qcowfast.check(path)
+
+
+def test_image_that_cannot_be_opened(tmp_path):
+    """The API raises what info and compare raise (ImageNotFound, ImageOpenError: QcowErrors
+    and OSErrors); the command exits as qemu-img check does."""
+    missing = tmp_path / "nope.qcow2"
+    with pytest.raises(qcowfast.ImageNotFound, match="Could not open") as info:
+        qcowfast.check(missing)
+    assert isinstance(info.value, FileNotFoundError) and info.value.errno == errno.ENOENT
+    with pytest.raises(qcowfast.ImageNotFound):
+        qcowfast.info(missing)
+    loop = tmp_path / "loop.qcow2"
+    os.symlink(loop.name, loop)                    # ELOOP: not missing, cannot be opened
+    with pytest.raises(qcowfast.ImageOpenError) as info:
+        qcowfast.check(loop)
+    assert not isinstance(info.value, FileNotFoundError) and info.value.errno == errno.ELOOP
+    for path in (missing, loop, tmp_path):
+        ours, qemu = cli("check", path), qemu_check(path)
+        assert ours.returncode == qemu.returncode == 1, (path, ours.stderr, qemu.stderr)
+        assert ours.stderr.startswith(f"qcowfast: Could not open '{path}': ")
+        assert len(ours.stderr.splitlines()) == 1 and ours.stdout == ""

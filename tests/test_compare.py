@@ -10,6 +10,7 @@ know to be zero are never read.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -219,3 +220,142 @@ def test_zero_ranges_are_not_read(tmp_path, monkeypatch):
     assert (result.identical, result.offset) == (False, 700 * G)
     ours, qemu = both(a, b)
     assert ours == qemu == (1, f"Content mismatch at offset {700 * G}!\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Strict mode: the block status word of every step, EOF flag included
+
+
+def test_strict_eof_flag_of_a_run_reaching_the_end(tmp_path):
+    """QEMU sets BDRV_BLOCK_EOF on a status run that reaches the image's end: an image
+    unallocated to its end differs at offset 0 from one whose first run stops earlier."""
+    e1, e2 = tmp_path / "e1.qcow2", tmp_path / "e2.qcow2"
+    for p in (e1, e2):
+        qemu_img("create", "-q", "-f", "qcow2", p, "1M")
+    qemu_io(e2, "write -z 512k 64k")
+    ours, qemu = both("-s", e1, e2)
+    assert ours == qemu == (1, "Strict mode: Offset 0 block status mismatch!\n")
+
+
+def test_strict_raw_data_run_ends_at_the_unaligned_end_of_file(tmp_path):
+    one, a512 = tmp_path / "one.raw", tmp_path / "A512.raw"
+    one.write_bytes(b"A")
+    a512.write_bytes(b"A")
+    os.truncate(a512, 512)
+    ours, qemu = both("-s", one, a512)
+    assert ours == qemu == (1, "Strict mode: Offset 0 block status mismatch!\n")
+    raw, qcow = tmp_path / "r511.raw", tmp_path / "r511.qcow2"
+    raw.write_bytes(random.Random(511).randbytes(511))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, qcow)
+    ours, qemu = both("-s", raw, qcow)
+    assert ours == qemu == (1, "Strict mode: Offset 0 block status mismatch!\n")
+
+
+def test_strict_runs_are_cut_as_qemu_cuts_them(tmp_path):
+    """Status runs end at the end of an L2 table, after one compressed cluster, and after
+    INT_MAX bytes of a qcow2 image: the EOF flag shows where."""
+    def create(name, size, *opts):
+        p = tmp_path / name
+        qemu_img("create", "-q", "-f", "qcow2", *opts, p, size)
+        return p
+    # One L2 table of 512-byte clusters maps 32 KiB.
+    ours, qemu = both("-s", create("a.qcow2", "64k", "-o", "cluster_size=512"),
+                      create("b.qcow2", "64k"))
+    assert ours == qemu == (1, "Strict mode: Offset 0 block status mismatch!\n")
+    ours, qemu = both("-s", create("c.qcow2", "32k", "-o", "cluster_size=512"),
+                      create("d.qcow2", "32k"))
+    assert ours == qemu == (0, "Images are identical.\n")
+    # Compressed clusters are answered one by one.
+    raw = tmp_path / "c.raw"
+    raw.write_bytes(b"\x11" * (128 * K))
+    c64, c128 = tmp_path / "c64.qcow2", tmp_path / "c128.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, c64)
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=128k", raw, c128)
+    ours, qemu = both("-s", c64, c128)
+    assert ours == qemu == (1, "Strict mode: Offset 0 block status mismatch!\n")
+    # 3 GiB unallocated: one run with 2 MiB clusters, capped at INT_MAX bytes per answer.
+    ours, qemu = both("-s", create("e.qcow2", "3G", "-o", "cluster_size=2M"),
+                      create("f.qcow2", "3G"))
+    assert ours == qemu == (1, f"Strict mode: Offset {3 * G // 2} block status mismatch!\n")
+
+
+def _random_ops(rng: random.Random, size: int, qcow2: bool) -> list[str]:
+    ops = []
+    for _ in range(rng.randrange(6)):
+        off = rng.randrange(size) // 512 * 512 if rng.random() < 0.8 else rng.randrange(size)
+        n = rng.randint(1, min(size - off, rng.choice([512, 4 * K, 40 * K, size])))
+        verb = rng.choice(["data", "data", "zero", "zero-unmap", "discard"])
+        if verb == "data":
+            ops.append(f"write -P {rng.choice([0, 0x33, 0x5a])} {off} {n}")
+        elif verb == "discard" and qcow2:
+            ops.append(f"discard {off // 512 * 512} {max(512, n // 512 * 512)}"
+                       if off // 512 * 512 + 512 <= size else "")
+        else:
+            start, end = off // 512 * 512, min(size, -(-(off + n) // 512) * 512)
+            ops.append(f"write -z {'-u ' if verb == 'zero-unmap' else ''}{start} {end - start}")
+    return [op for op in ops if op]
+
+
+def _random_image(rng: random.Random, d, name: str, size: int, ops=None):
+    """A raw or qcow2 image of `size` guest bytes (raw: maybe an odd file size rounding up
+    to it); qcow2 maybe over a shorter backing file. Returns (path, format, ops applied)."""
+    path = d / name
+    if rng.random() < 0.3:
+        ops = _random_ops(rng, size, False) if ops is None else ops
+        path.write_bytes(b"")
+        os.truncate(path, size)
+        if ops:
+            qemu_io(path, *ops, fmt="raw")
+        if rng.random() < 0.4:
+            os.truncate(path, size - rng.randint(1, 511))
+        return path, "raw", ops
+    cluster = rng.choice([512, 512, 1024, 4 * K, 64 * K, 64 * K])
+    opts = f"cluster_size={cluster}"
+    if cluster >= 16 * K and rng.random() < 0.3:
+        opts += ",extended_l2=on"
+    args = ["create", "-q", "-f", "qcow2", "-o", opts]
+    if rng.random() < 0.35:
+        bsize = rng.randint(1, size // 512) * 512
+        bpath, bfmt, _ = _random_image(rng, d, name + ".base", bsize)
+        args += ["-b", bpath.name, "-F", bfmt]
+    qemu_img(*args, path, size, cwd=d)
+    ops = _random_ops(rng, size, True) if ops is None else ops
+    if ops:
+        qemu_io(path, *ops)
+    return path, "qcow2", ops
+
+
+def _random_pair(seed: int, d):
+    rng = random.Random(seed)
+    size = rng.randint(1, 200) * 512
+    a, fa, ops = _random_image(rng, d, f"{seed}a", size)
+    how = rng.random()
+    if how < 0.4:                                  # the same writes, maybe one more
+        more = _random_ops(rng, size, True)[:1] if rng.random() < 0.7 else []
+        b, fb, _ = _random_image(rng, d, f"{seed}b", size, ops + more)
+    elif how < 0.6:                                # a conversion of a
+        b, fb = d / f"{seed}b", rng.choice(["raw", "qcow2"])
+        extra = ["-c"] if fb == "qcow2" and rng.random() < 0.5 else []
+        cluster = rng.choice(["512", "4k", "64k"])
+        qemu_img("convert", "-f", fa, "-O", fb, *extra,
+                 *(["-o", f"cluster_size={cluster}"] if fb == "qcow2" else []), a, b)
+    else:
+        b, fb, _ = _random_image(rng, d, f"{seed}b", size)
+    return a, fa, b, fb
+
+
+def test_strict_random_pairs_agree_with_qemu(tmp_path):
+    """Many small pairs: raw (odd sizes, holes) and qcow2 (512 B to 64 KiB clusters, extended
+    L2, zero, unallocated, discarded and compressed clusters, shorter backing files)."""
+    seeds = range(120)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pairs = list(pool.map(lambda s: _random_pair(s, tmp_path), seeds))
+    mismatches = []
+    for seed, (a, fa, b, fb) in zip(seeds, pairs):
+        qemu = subprocess.run([QEMU_IMG, "compare", "-s", "-f", fa, "-F", fb, a, b],
+                              capture_output=True, text=True, check=False)
+        result = qcowfast.compare(a, b, fmt_a=fa, fmt_b=fb, strict=True)
+        ours = (result.exit_code, "".join(m + "\n" for m in result.messages))
+        if ours != (qemu.returncode, qemu.stdout):
+            mismatches.append((seed, fa, fb, ours, (qemu.returncode, qemu.stdout)))
+    assert not mismatches, mismatches
