@@ -11,7 +11,8 @@ import threading
 from array import array
 from collections import OrderedDict, namedtuple
 from collections.abc import Iterator
-from functools import cached_property
+from functools import cached_property, wraps
+from operator import index as _index
 
 from . import _plain, buffers
 from ._lazy import LazyModule
@@ -46,6 +47,53 @@ def _lru_get(cache: OrderedDict, key):
         except KeyError:
             pass
     return value
+
+
+class _Reads(list):
+    """One entry per read in flight on a group of layers (an image and its backing chain; a
+    layer given as `backing=` joins its group), and `closing`: the layers closed meanwhile,
+    whose descriptors close when the last read leaves (see _Layer.close)."""
+    __slots__ = ("closing",)
+
+    def __init__(self):
+        super().__init__()
+        self.closing = []
+
+
+_CLOSE_LOCK = threading.Lock()
+
+
+def _release(reads: _Reads) -> None:
+    """Close the descriptors of the closed layers of `reads`' group, unless a read is in
+    flight (the last one out calls this again)."""
+    with _CLOSE_LOCK:
+        # Each layer of `closing` was marked closed before it was added (under this lock),
+        # so a read registered after this check sees it closed and never uses its descriptors.
+        closing = reads.closing
+        if reads or not closing:
+            return
+        reads.closing = []
+    for layer in closing:
+        layer._close_fds()
+
+
+def _closed_error() -> ValueError:
+    return ValueError("I/O operation on a closed image")
+
+
+def _reading(method):
+    """`method` run as a read in flight (see _Layer.close): ValueError on a closed image."""
+    @wraps(method)
+    def guarded(self, *args, **kwargs):
+        self._enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._leave()
+    return guarded
+
+
+_END = object()
 
 
 def _check_read_size(n: int) -> None:
@@ -114,11 +162,76 @@ def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
 
 
 class _Layer:
-    """What every layer of a chain offers the chain: reads of its own runs and host bytes."""
+    """What every layer of a chain offers the chain: reads of its own runs and host bytes,
+    and the life cycle of its descriptors."""
     filename: str
     virtual_size: int
     depth: int
     backing: "_Layer | None"
+    _reads: _Reads
+    _closed = False
+
+    def close(self) -> None:
+        """Close the layer. Its descriptors close once no read of its group is in flight: a
+        read running meanwhile finishes or raises ValueError, and never reads a descriptor
+        number that a later open() reuses."""
+        with _CLOSE_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            self._reads.closing.append(self)
+        _release(self._reads)
+
+    def _close_fds(self) -> None:
+        raise NotImplementedError
+
+    def _enter(self) -> None:
+        """Register a read in flight (undo with _leave); ValueError if the chain is closed."""
+        self._reads.append(None)
+        if self._closed or self.backing is not None and self._chain_closed():
+            self._leave()
+            raise _closed_error()
+
+    def _leave(self) -> None:
+        reads = self._reads
+        reads.pop()
+        if reads.closing and not reads:
+            _release(reads)
+
+    def _chain_closed(self) -> bool:
+        return any(layer._closed for layer in self.chain)
+
+    def _check_open(self) -> None:
+        if self._closed or self.backing is not None and self._chain_closed():
+            raise _closed_error()
+
+    def _each_step(self, it: Iterator) -> Iterator:
+        """Iterate `it`, each step a read in flight (no descriptor is held between steps)."""
+        while True:
+            self._enter()
+            try:
+                item = next(it, _END)
+            finally:
+                self._leave()
+            if item is _END:
+                return
+            yield item
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _span(self, start: int, length: int | None) -> tuple[int, int]:
+        start = _index(start)
+        if length is not None:
+            length = _index(length)
+        if start < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be non-negative")
+        end = self.virtual_size if length is None else min(start + length, self.virtual_size)
+        return min(start, self.virtual_size), end
 
     def _own_runs(self, start: int, end: int) -> Iterator[Runs]:
         raise NotImplementedError
@@ -234,6 +347,7 @@ class RawImage(_Layer):
         self.depth = depth
         self.backing = None
         self._fd = -1
+        self._reads = _Reads()
         opened = _open_checked(path, "image" if depth == 0 else "raw backing file", force_share)
         self.filename = opened.path
         self.ident = opened.ident
@@ -258,16 +372,10 @@ class RawImage(_Layer):
         if max(start, mid) < end:
             out.append((max(start, mid), end, _ZERO, -1, 0, self))
 
-    def close(self) -> None:
+    def _close_fds(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = self.data_fd = -1
-
-    def __enter__(self) -> "RawImage":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<qcowfast.RawImage {self.filename!r} size={self.virtual_size}>"
@@ -276,34 +384,32 @@ class RawImage(_Layer):
     def chain(self) -> list:
         return [self]
 
-    def _span(self, start: int, length: int | None) -> tuple[int, int]:
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError("offset and length must be non-negative")
-        end = self.virtual_size if length is None else min(start + length, self.virtual_size)
-        return min(start, self.virtual_size), end
-
     def extents(self, start: int = 0, length: int | None = None) -> Iterator[Extent]:
         """DATA over the file's bytes, then ZERO over the partial last sector's padding."""
+        self._check_open()
         start, end = self._span(start, length)
-        for chunk in self._own_runs(start, end):
-            yield _extent(int(chunk.guest[0]), int(chunk.length[0]), int(chunk.kind[0]),
-                          int(chunk.host[0]), self.depth)
+        return (_extent(int(chunk.guest[0]), int(chunk.length[0]), int(chunk.kind[0]),
+                        int(chunk.host[0]), self.depth)
+                for chunk in self._each_step(self._own_runs(start, end)))
 
+    @_reading
     def read(self, offset: int, size: int) -> bytes:
         """Return up to `size` bytes from `offset` (fewer at the end of the image)."""
+        offset, size = _index(offset), _index(size)
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
         n = max(0, min(size, self.virtual_size - offset))
         _check_read_size(n)
         buf = bytearray(n)
-        self.readinto(offset, buf)
+        self._readinto(offset, memoryview(buf))
         return bytes(buf)
 
+    @_reading
     def readinto(self, offset: int, buffer) -> int:
         """Fill `buffer` from `offset`; return the count (short at the end of the image)."""
-        if self._fd < 0:
-            raise ValueError("I/O operation on a closed image")
-        view = memoryview(buffer).cast("B")
+        return self._readinto(offset, memoryview(buffer).cast("B"))
+
+    def _readinto(self, offset: int, view: memoryview) -> int:
         start, end = self._span(offset, len(view))
         mid = max(start, min(end, self.data_size))
         if start < mid:
@@ -312,6 +418,7 @@ class RawImage(_Layer):
         view[mid - start:end - start] = bytes(end - mid)
         return end - start
 
+    @_reading
     def map(self) -> list[dict]:
         """The allocation map, as `qemu-img map --output=json` prints it for a raw file."""
         from .mapping import map_entries
@@ -320,6 +427,7 @@ class RawImage(_Layer):
     def as_file(self):
         """A read-only, seekable `io.RawIOBase` over the contents."""
         from .reader import ImageFile
+        self._check_open()
         return ImageFile(self)
 
 
@@ -338,6 +446,7 @@ class Image(_Layer):
         self.force_share = force_share
         self._data_fd = -1
         self._fd = -1
+        self._reads = _Reads()
         self._scratch_taken: list = []      # pooled buffers behind _scratch (_release_scratch)
         try:
             # `path` may be an OpenedFile from paths.resolve_reference: that checked
@@ -458,6 +567,7 @@ class Image(_Layer):
             return
         if isinstance(backing, _Layer):
             self.backing = backing
+            self._reads = backing._reads        # its descriptors stay open while we read
             return
         if self.depth + 1 > max_depth:
             raise BackingChainError(f"backing chain of {self.filename} is deeper than {max_depth}")
@@ -481,14 +591,18 @@ class Image(_Layer):
             else:
                 raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} "
                                          "(qcowfast reads qcow2 and raw backing files)")
+            self._reads = self.backing._reads
         finally:
             opened.close()                  # a no-op once a layer took the descriptor
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Close this image and its backing chain."""
+        """Close this image and the backing chain it opened (see _Layer.close)."""
         if self.backing is not None and self.backing.depth > self.depth:
             self.backing.close()
+        super().close()
+
+    def _close_fds(self) -> None:
         for attr in ("_data_fd", "_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
@@ -498,18 +612,13 @@ class Image(_Layer):
         self.data_fd = -1
         self._scratch_taken = []            # (no longer pooled: a read may still hold one)
 
-    def __enter__(self) -> "Image":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (f"<qcowfast.Image {self.filename!r} v{self.header.version} "
                 f"size={self.virtual_size} cluster={self.cluster_size}"
                 f"{' backing=' + repr(self.backing.filename) if self.backing else ''}>")
 
     @property
+    @_reading
     def snapshots(self) -> list:
         """The internal snapshots (`qcowfast.snapshots.Snapshot`), in table order."""
         from .snapshots import read_snapshots
@@ -703,9 +812,13 @@ class Image(_Layer):
     # -- public queries ------------------------------------------------------------------------
     def extents(self, start: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Yield coalesced `Extent`s covering [start, start+length) across the backing chain."""
+        self._check_open()
         start, end = self._span(start, length)
+        return self._extents(start, end)
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
         pending = None
-        for chunk in self._runs(start, end):
+        for chunk in self._each_step(self._runs(start, end)):
             for g, n, k, h, d in zip(chunk.guest.tolist(), chunk.length.tolist(),
                                      chunk.kind.tolist(), chunk.host.tolist(),
                                      chunk.depth.tolist()):
@@ -715,17 +828,13 @@ class Image(_Layer):
                             and ((ph < 0 and h < 0) or (ph >= 0 and h == ph + pn))):
                         pending = (pg, pn + n, pk, ph, pd)
                         continue
+                    self._check_open()      # closed between two steps of the iteration
                     yield _extent(*pending)
                 pending = (g, n, k, h, d)
         if pending is not None:
             yield _extent(*pending)
 
-    def _span(self, start: int, length: int | None) -> tuple[int, int]:
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError("offset and length must be non-negative")
-        end = self.virtual_size if length is None else min(start + length, self.virtual_size)
-        return min(start, self.virtual_size), end
-
+    @_reading
     def map(self) -> list[dict]:
         """The image's allocation map, as `qemu-img map --output=json` prints it (a list).
 
@@ -738,7 +847,8 @@ class Image(_Layer):
     def iter_map(self) -> Iterator[dict]:
         """Yield the entries of `map` one at a time (qemu-img's coalescing), in bounded memory."""
         from .mapping import iter_entries
-        return iter_entries(self)
+        self._check_open()
+        return self._each_step(iter_entries(self))
 
     # -- reading -------------------------------------------------------------------------------
     # Three paths, by size: up to one cluster, _tables.SmallReader in C; up to SMALL_READ,
@@ -747,9 +857,20 @@ class Image(_Layer):
 
     def read(self, offset: int, size: int) -> bytes:
         """Return up to `size` guest bytes from `offset` (fewer at the end of the image)."""
-        data = (self._small or _small_reader(self)).read(offset, size)
-        if data is not None:
-            return data
+        offset, size = _index(offset), _index(size)
+        reads = self._reads             # _enter and _leave, inlined: the hot path
+        reads.append(None)
+        try:
+            if self._closed or self.backing is not None and self._chain_closed():
+                raise _closed_error()
+            data = (self._small or _small_reader(self)).read(offset, size)
+            return self._read(offset, size) if data is None else data
+        finally:
+            reads.pop()
+            if reads.closing and not reads:
+                _release(reads)
+
+    def _read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise ValueError("offset and size must be non-negative")
         n = max(0, min(size, self.virtual_size - offset))
@@ -767,19 +888,30 @@ class Image(_Layer):
             self._fill_small(offset, memoryview(buf), runs)
             return bytes(buf)
         buf = bytearray(n)
-        self.readinto(offset, buf)
+        self._readinto(offset, memoryview(buf))
         return bytes(buf)
 
     def readinto(self, offset: int, buffer) -> int:
         """Fill `buffer` with guest bytes from `offset`; return the count (short at the end)."""
+        offset = _index(offset)
         if offset < 0:
             raise ValueError("offset must be non-negative")
         view = memoryview(buffer).cast("B")
         if view.readonly:
             raise TypeError("readinto() needs a writable buffer")
-        n = (self._small or _small_reader(self)).readinto(offset, view)
-        if n >= 0:
-            return n
+        reads = self._reads             # as in read()
+        reads.append(None)
+        try:
+            if self._closed or self.backing is not None and self._chain_closed():
+                raise _closed_error()
+            n = (self._small or _small_reader(self)).readinto(offset, view)
+            return self._readinto(offset, view) if n < 0 else n
+        finally:
+            reads.pop()
+            if reads.closing and not reads:
+                _release(reads)
+
+    def _readinto(self, offset: int, view: memoryview) -> int:
         start, end = self._span(offset, len(view))
         if end - start <= SMALL_READ:
             runs = []
@@ -826,6 +958,7 @@ class Image(_Layer):
     def as_file(self):
         """A read-only, seekable `io.RawIOBase` over the guest contents."""
         from .reader import ImageFile
+        self._check_open()
         return ImageFile(self)
 
     # -- compressed clusters -------------------------------------------------------------------
@@ -837,6 +970,7 @@ class Image(_Layer):
             self._local.dec = dec
         return dec
 
+    @_reading
     def read_compressed(self, coffsets: np.ndarray, csizes: np.ndarray, gap: int | None = None):
         """Read the compressed streams [coffsets[i], +csizes[i]) with few large reads.
 
@@ -910,6 +1044,7 @@ class Image(_Layer):
                      self.data_size)
         return view, _ZERO_OFFSET, np.array([n], np.int64)
 
+    @_reading
     def inflate_into(self, coffsets, csizes, guests, out, out_off) -> None:
         """Inflate compressed clusters into `out` at `out_off`; raise DecompressionError."""
         src, in_off, in_len = self.read_compressed(coffsets, csizes)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import threading
+from operator import index
 
 import numpy as np
 
@@ -63,6 +65,9 @@ class ImageFile(io.RawIOBase):
     the reader consumes one, the next one is filled in the background by a single large read
     (whose compressed clusters inflate in big batches on all cores). Random reads go straight
     to the image. At most two windows exist; closing the file waits for a fill in flight.
+
+    Threads may share the file as they may share an io.FileIO: the position is theirs to
+    coordinate, but each read returns the bytes at some position it held.
     """
 
     def __init__(self, image):
@@ -71,6 +76,7 @@ class ImageFile(io.RawIOBase):
         self._pos = 0
         self._last_end = -1            # where the previous read ended: sequential detection
         self._windows: list[_Window] = []      # made on the first sequential read
+        self._lock = threading.Lock()           # held while the windows are used
 
     def readable(self) -> bool:
         return True
@@ -84,6 +90,7 @@ class ImageFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._checkClosed()
+        offset, whence = index(offset), index(whence)
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -100,22 +107,32 @@ class ImageFile(io.RawIOBase):
     def readinto(self, buffer) -> int:
         self._check_open()
         view = memoryview(buffer).cast("B")
-        pos, end = self._pos, self._pos + len(view)
-        sequential = pos == self._last_end
+        start = self._pos               # read once: another thread may seek meanwhile
+        if self._windows or start == self._last_end:
+            with self._lock:
+                n = self._read_windows(start, view)
+        else:
+            n = self._image.readinto(start, view)
+        self._pos = self._last_end = start + n
+        return n
+
+    def _read_windows(self, start: int, view: memoryview) -> int:
+        """readinto from `start`, through the windows (under self._lock)."""
+        self._checkClosed()                     # closed meanwhile: its windows are gone
+        pos, end = start, start + len(view)
+        sequential = start == self._last_end
         while pos < end:
             win = self._window_at(pos, sequential and end - pos < READAHEAD)
             if win is not None:
                 off = pos - win.start
                 n = min(end - pos, win.length - off)
-                _copy(view[pos - self._pos:pos - self._pos + n], win.buf, off)
+                _copy(view[pos - start:pos - start + n], win.buf, off)
             else:
-                n = self._image.readinto(pos, view[pos - self._pos:])
+                n = self._image.readinto(pos, view[pos - start:])
             if not n:
                 break
             pos += n
-        n = pos - self._pos
-        self._pos = self._last_end = pos
-        return n
+        return pos - start
 
     def _window_at(self, pos: int, fill: bool) -> _Window | None:
         """The window holding `pos` (waiting for its background fill), or with `fill` one
@@ -154,20 +171,22 @@ class ImageFile(io.RawIOBase):
 
     def readall(self) -> bytes:
         self._check_open()
-        data = self._image.read(self._pos, max(0, self._image.virtual_size - self._pos))
-        self._pos += len(data)
+        pos = self._pos
+        data = self._image.read(pos, max(0, self._image.virtual_size - pos))
+        self._pos = pos + len(data)
         return data
 
     def close(self) -> None:
         """Close the file (not the image), after any background fill has finished."""
-        for win in self._windows:
-            win.settle()
-        self._windows = []
+        with self._lock:
+            for win in self._windows:
+                win.settle()
+            self._windows = []
         super().close()
 
     def _check_open(self) -> None:
         self._checkClosed()
-        if self._image._fd < 0:
+        if self._image._closed:
             raise ValueError("I/O operation on a closed image")
 
     @property

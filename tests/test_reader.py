@@ -438,3 +438,80 @@ def test_as_file_read_ahead_window(image, monkeypatch):
                 assert_same_bytes(f.read(n), want[at:at + n], f"read at {at:#x}", base=at)
         f.seek(len(want) - 10)
         assert f.read(100) == want[-10:] and f.read(100) == b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and the closed state
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib", "c4k-chain3-short-base"))
+def test_offsets_must_be_integers(image):
+    """Offsets, sizes and whence go through operator.index, as io.FileIO's do: a float is a
+    TypeError (it was truncated, or seek(1.5) was kept and failed later); integer types work."""
+    import numpy as np
+    want = reference_raw(image.path)
+    with _open(image) as img:
+        f = img.as_file()
+        for call in (lambda: img.read(0.5, 4), lambda: img.read(0, 4.0),
+                     lambda: img.readinto(1.5, bytearray(4)), lambda: list(img.extents(0.5)),
+                     lambda: list(img.extents(0, 4096.0)), lambda: f.seek(1.5),
+                     lambda: f.seek(float("nan")), lambda: f.seek(float("inf")),
+                     lambda: f.seek(0, 1.0), lambda: f.read(1.5)):
+            with pytest.raises(TypeError):
+                call()
+        assert f.tell() == 0
+        assert img.read(np.int64(3), np.uint16(5)) == want[3:8]
+        assert f.seek(np.int64(7)) == 7 and f.read(3) == want[7:10]
+        assert f.seek(True, io.SEEK_CUR) == 11
+    raw = qcowfast.image.open_source(image.path, "raw")
+    with raw:
+        with pytest.raises(TypeError):
+            raw.read(0.5, 4)
+        with pytest.raises(TypeError):
+            list(raw.extents(0, 1.5))
+
+
+def _closed_calls(img) -> dict:
+    calls = dict(read=lambda: img.read(0, 4096), read_large=lambda: img.read(0, 1 << 20),
+                 readinto=lambda: img.readinto(0, bytearray(4096)), map=img.map,
+                 extents=lambda: list(img.extents()), as_file=img.as_file,
+                 enter=lambda: img.__enter__())
+    if isinstance(img, qcowfast.Image):
+        calls.update(iter_map=lambda: list(img.iter_map()), snapshots=lambda: img.snapshots)
+    return calls
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib", "c4k-chain3-short-base"))
+def test_closed_image_refuses_everything(image):
+    """After close(), every public method of Image and RawImage (including map, iter_map and
+    extents, which read tables or were served from cached ones) raises the ValueError of a
+    closed file; close() again is a no-op."""
+    for img in (_open(image), qcowfast.image.open_source(image.path, "raw")):
+        img.map()                               # tables cached, SmallReader made
+        f = img.as_file()
+        it = img.extents()
+        next(it)
+        img.close()
+        img.close()
+        for name, call in {**_closed_calls(img), "file": lambda: f.read(10),
+                           "extents_started": lambda: next(it)}.items():
+            with pytest.raises(ValueError, match="closed image"):
+                call()
+                pytest.fail(f"{type(img).__name__}.{name} on a closed image")
+
+
+@pytest.mark.images(ids=("c4k-chain3-short-base",))
+def test_closed_backing_layer_refuses_reads(image):
+    """A read through the chain of an image whose backing layer was closed raises the
+    ValueError of a closed image (it never preads a descriptor number reused since)."""
+    with _open(image) as img:
+        img.read(0, 4096)
+        img.backing.close()
+        others = [os.open(image.path, os.O_RDONLY) for _ in range(3)]
+        try:
+            for call in _closed_calls(img).values():
+                with pytest.raises(ValueError, match="closed image"):
+                    call()
+        finally:
+            for fd in others:
+                os.close(fd)
