@@ -199,7 +199,10 @@ class SparsePlan:
         parts = []
         for u in range(sector // us, (sector + n - 1) // us + 1):
             a = max(sector, u * us) - u * us
-            parts.append(self.masks[u][a:min(sector + n, (u + 1) * us) - u * us])
+            b = min(sector + n, (u + 1) * us) - u * us
+            # A unit the writer skipped held no data: it reads as zeros.
+            mask = self.masks.get(u)
+            parts.append(mask[a:b] if mask is not None else np.zeros(b - a, np.uint8))
         mask = parts[0] if len(parts) == 1 else np.concatenate(parts)
         starts, ends = _tables.sparse_writes(mask, sector, self.min, self.align)
         if not len(starts):
@@ -212,7 +215,8 @@ class SparsePlan:
             while a < b:
                 u = a // ucl
                 stop = min(b, (u + 1) * ucl)
-                self.force[u][a - u * ucl:stop - u * ucl] = True
+                if u in self.force:
+                    self.force[u][a - u * ucl:stop - u * ucl] = True
                 a = stop
 
 
