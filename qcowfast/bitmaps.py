@@ -132,7 +132,7 @@ def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitma
                                "support")
         name_start = pos + _DIR_ENTRY.size + extra_size
         raw_name = data[name_start:name_start + name_size]
-        name = raw_name.decode("utf-8", "replace")
+        name = raw_name.decode("utf-8", "surrogateescape")     # bytes kept, as QEMU prints them
         problem = _entry_problem(e, header)
         if problem:
             raise CorruptImage(f"bitmap {name!r} is invalid: {problem}")

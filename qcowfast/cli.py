@@ -715,6 +715,10 @@ def main(argv=None) -> int:
         return 0
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args, extras = parser.parse_known_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Names stored in images need not be UTF-8: print their bytes as qemu-img does.
+        if getattr(stream, "encoding", "").lower().replace("-", "") == "utf8":
+            stream.reconfigure(errors="surrogateescape")
     if extras:
         sub = parser.commands[args.command]
         if args.command == "convert" and not any(e.startswith("-") and e != "-" for e in extras):

@@ -290,10 +290,9 @@ def _check_compression(compression_type: int, incompatible: int) -> None:
 
 
 def _decode_name(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError(f"{what} is not valid UTF-8") from None
+    """A file name stored in the header: bytes that are not UTF-8 are kept as surrogate escapes
+    (os functions encode them back; qemu-img takes any bytes)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:

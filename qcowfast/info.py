@@ -289,10 +289,56 @@ _EMPTY = re.compile(r'^( *)("(?:[^"\\]|\\.)*": )?(\[\]|\{\})(,?)$', re.M)
 
 def qemu_json(value) -> str:
     """`value` as QEMU prints JSON (qobject_to_json_pretty, 4-space indents)."""
-    text = json.dumps(value, indent=4)
+    text = json.dumps(_qemu_strings(value), indent=4)
     text = _LOWER_ESCAPE.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
     return _EMPTY.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{m.group(3)[0]}\n"
                                 f"{m.group(1)}{m.group(3)[1]}{m.group(4)}", text)
+
+
+def _qemu_strings(value):
+    """`value` with every string read as QEMU's JSON writer reads bytes (to_json with
+    mod_utf8_codepoint): an invalid or overlong sequence, a surrogate or a noncharacter becomes
+    one U+FFFD. Undecodable bytes of names arrive here as surrogate escapes."""
+    if isinstance(value, dict):
+        return {k: _qemu_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_qemu_strings(v) for v in value]
+    if not isinstance(value, str) or value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:                  # a surrogate no decoder made: QEMU's bytes too
+        raw = value.encode("utf-8", "surrogatepass")
+    out, i, n = [], 0, len(raw)
+    while i < n:
+        byte = raw[i]
+        i += 1
+        if byte < 0x80:
+            out.append(chr(byte))
+            continue
+        if byte >= 0xFE or not byte & 0x40:     # impossible byte, stray continuation byte
+            out.append("\ufffd")
+            continue
+        length, mask = 0, 0x80
+        while byte & mask:
+            length, mask = length + 1, mask >> 1
+        cp, good = byte & (mask - 1), True
+        for _ in range(1, length):
+            nxt = raw[i] if i < n else 0
+            if nxt & 0xC0 != 0x80:
+                good = False                    # missing continuation byte: not consumed
+                break
+            i += 1
+            cp = cp << 6 | nxt & 0x3F
+        if good and (cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF
+                     or cp & 0xFFFE == 0xFFFE
+                     or (cp < _MIN_CODEPOINT[length - 2] and not (cp == 0 and length == 2))):
+            good = False
+        out.append(chr(cp) if good else "\ufffd")
+    return "".join(out)
+
+
+_MIN_CODEPOINT = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)   # shortest form per length
 
 
 def size_to_str(value: int) -> str:
@@ -348,7 +394,7 @@ def _human_one(d: dict) -> list[str]:
             clock = _clock(s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"])
             icount = str(s["icount"]) if "icount" in s else ""
             # printf's %-16s pads bytes, not characters
-            name = s["name"] + " " * (16 - len(s["name"].encode("utf-8", "replace")))
+            name = s["name"] + " " * (16 - len(s["name"].encode("utf-8", "surrogateescape")))
             lines.append(f"{s['id']:<9} {name} {size_to_str(s['vm-state-size']):>8}"
                          f"{date:>20}{clock:>13}{icount:>11}")
     if "format-specific" in d:

@@ -95,8 +95,9 @@ def _label(index: int) -> str:
 
 
 def _c_string(raw: bytes) -> str:
-    """An id or name as QEMU prints it: up to its first NUL byte."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    """An id or name as QEMU prints it: up to its first NUL byte (undecodable bytes kept as
+    surrogate escapes: printed as they are, JSON as QEMU writes them, see info.qemu_json)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 @record

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -345,3 +347,36 @@ def test_json_escapes_and_empty_lists_printed_as_qemu_prints_them(workdir):
         got = cli("info", *args, path)
         assert got.returncode == 0, got.stderr
         assert got.stdout == want, args
+
+
+def test_names_that_are_not_utf8_printed_as_qemu_prints_them(workdir):
+    # Names are bytes: qemu-img prints them as they are, and in JSON writes one U+FFFD per
+    # bad sequence (an overlong \xc0\xaf is one), surrogate or noncharacter. A backing file
+    # whose name is not UTF-8 is described, mapped and converted.
+    d = workdir / "bytes"
+    d.mkdir()
+    path = d / "u.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+    for name in (b"ov\xc0\xaf", b"b\xff", b"x\xef\xbf\xbe\xed\xa0\x80y"):
+        qemu_img("snapshot", "-c", os.fsdecode(name), path)
+    qemu_img("bitmap", "--add", path, os.fsdecode(b"bm\xfe"))
+    base = d / os.fsdecode(b"b\xff.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io(base, "write -P 3 0 64k")
+    top = d / os.fsdecode(b"t\xfe.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    for image, args in ((path, []), (path, ["--output=json"]), (top, []),
+                        (top, ["--output=json", "--backing-chain"])):
+        want = subprocess.run(["qemu-img", "info", *args, image.name], cwd=d,
+                              capture_output=True, check=True).stdout
+        got = subprocess.run([sys.executable, "-m", "qcowfast", "info", *args, image.name],
+                             cwd=d, capture_output=True)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want, args
+    want_map = subprocess.run(["qemu-img", "map", top.name], cwd=d, capture_output=True,
+                              check=True).stdout
+    got_map = subprocess.run([sys.executable, "-m", "qcowfast", "map", top.name], cwd=d,
+                             capture_output=True)
+    assert got_map.stdout == want_map
+    qcowfast.convert(top, d / "out.raw")
+    assert (d / "out.raw").read_bytes() == b"\x03" * 65536 + bytes(M - 65536)
