@@ -22,7 +22,7 @@ from .constants import (
 from .errors import BackingChainError, FormatError, UnsupportedFeature
 from .header import Header, read_header, require_refcount_table
 from .locks import check_not_locked
-from .paths import OpenedFile, has_protocol, open_file, resolve_reference
+from .paths import OpenedFile, full_backing_filename, has_protocol, open_file, resolve_reference
 from .probe import detect_format
 from .preads import pread_padded
 from .snapshots import Snapshot, read_snapshot_table
@@ -120,17 +120,6 @@ def _encrypt_info(fd: int, h: Header, file_size: int) -> dict:
     out.update({"format": "luks", "cipher-mode": mode, "slots": slots,
                 "payload-offset": payload_sector * _LUKS_SECTOR, "master-key-iters": mk_iters})
     return out
-
-
-def full_backing_filename(image_name: str, backing: str) -> str:
-    """The backing file path qemu-img reports: `backing` joined to `image_name`'s directory.
-
-    QEMU bdrv_get_full_backing_filename(): absolute names and protocol names stay as they
-    are; a relative name replaces the last component of the image's name as given.
-    """
-    if os.path.isabs(backing) or has_protocol(backing):
-        return backing
-    return image_name[:image_name.rfind("/") + 1] + backing
 
 
 def _snapshot_json(s: Snapshot) -> dict:

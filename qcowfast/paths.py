@@ -140,6 +140,18 @@ def _real_path(opened: OpenedFile) -> str | None:
     return real if (st.st_dev, st.st_ino) == opened.ident else None
 
 
+def full_backing_filename(image_name: str, backing: str) -> str:
+    """The backing file path qemu-img reports: `backing` joined to `image_name`'s directory.
+
+    QEMU bdrv_get_full_backing_filename(): absolute names and protocol names stay as they
+    are; a relative name replaces the last component of the image's name as given (".//top"
+    keeps ".//").
+    """
+    if os.path.isabs(backing) or has_protocol(backing):
+        return backing
+    return image_name[:image_name.rfind("/") + 1] + backing
+
+
 def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> OpenedFile:
     """Open file `name` referenced by image `image_path` under the path policy, or raise.
 
@@ -167,7 +179,7 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
         raise UnsafePathError(f"{what} {name!r} named in {image_path} uses a protocol or json: "
                               f"prefix, which qcowfast never follows; {hint}")
     image_dir = os.path.dirname(image_path)
-    path = os.path.join(image_dir, name)
+    path = full_backing_filename(image_path, name)
     trusted = [os.path.realpath(image_dir or os.curdir)]
     trusted += [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
 
@@ -203,4 +215,5 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     return opened
 
 
-__all__ = ["OpenedFile", "open_file", "resolve_reference", "has_protocol"]
+__all__ = ["OpenedFile", "full_backing_filename", "open_file", "resolve_reference",
+           "has_protocol"]

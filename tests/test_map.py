@@ -183,3 +183,18 @@ def test_metadata_preallocation_threshold_is_reached_when_equal(tmp_path):
     for output in ("json", "human"):
         got = run_cli("map", f"--output={output}", path)
         assert got.stdout == qemu_map_proc(path, f"--output={output}").stdout
+
+
+def test_backing_names_keep_the_image_name_as_given(tmp_path):
+    # QEMU joins a relative backing name to the image name as typed: ".//top" gives ".//base".
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 1 0 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             tmp_path / "top.qcow2")
+    for name in (".//top.qcow2", "./top.qcow2", f"{tmp_path}//top.qcow2"):
+        for cmd in (["map"], ["map", "--output=json"],
+                    ["info", "--backing-chain", "--output=json"]):
+            want = subprocess.run([QEMU_IMG, *cmd, name], cwd=tmp_path, capture_output=True,
+                                  text=True, check=True).stdout
+            got = run_cli(*cmd, name, cwd=tmp_path)
+            assert (got.returncode, got.stdout) == (0, want), (cmd, name)
