@@ -312,9 +312,17 @@ def cmd_convert(args) -> int:
     return 0
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
 def cmd_map(args) -> int:
     from .image import Image, open_source
     from .mapping import write_human, write_json
+    for value, what in ((args.start_offset, "start offset"), (args.max_length, "max length")):
+        if value is not None and value > _INT64_MAX:
+            print(f"qcowfast: Invalid {what} specified. Must be between 0 and {_INT64_MAX}.",
+                  file=sys.stderr)
+            return 1
     with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
                      force_share=args.force_share) as image:
         if args.lookup is not None:

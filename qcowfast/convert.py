@@ -941,10 +941,29 @@ class _Pool:
             self.idle.wait_for(lambda: self.running == 0)
 
 
+def _every_unit(source, unit: int, plan):
+    """`plan` (or _plan's, when None) with the units holding no data too (as empty runs)."""
+    nunits = -(-source.virtual_size // unit)
+    if plan is None:
+        empty = tuple(np.zeros(0, np.int64) for _ in range(6))
+        plan = _plan(source, unit)
+    else:
+        empty = None
+    nxt = 0
+    for ui, runs in plan:
+        for u in range(nxt, ui):
+            yield u, empty
+        yield ui, runs
+        nxt = ui + 1
+    for u in range(nxt, nunits):
+        yield u, empty
+
+
 def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
     """Fill the sized output file `fd` with the image's guest bytes, unit by unit on `threads`
     workers; return the bytes written (holes of `sparse_size` left alone; with sparse_size 0
-    the file is assumed preallocated and zero)."""
+    every byte is written, zeros too, as qemu-img -S 0 writes them: space only preallocated
+    would read as holes to SEEK_DATA)."""
     vsize = image.virtual_size
     filler = _Filler(image, unit)
     total = [0]
@@ -957,11 +976,15 @@ def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
         if sparse_size:
             ulen, writes, maps = filler.fill_sparse(ui, runs, buf, sparse_size)
         else:
-            comp = runs[2] == _COMPRESSED
+            # DATA runs go by copy_file_range; everything else (inflated clusters, zeros) from
+            # buf: the ranges between DATA runs.
+            data = runs[2] == _DATA
             ulen = filler.fill(ui, runs, buf, copy_fd=fd, copy_lock=write_lock)
             view = memoryview(buf)
+            starts = np.concatenate(([base], runs[1][data]))
+            ends = np.concatenate((runs[0][data], [base + ulen]))
             writes = [(view[a - base:b - base], a)
-                      for a, b in zip(runs[0][comp].tolist(), runs[1][comp].tolist())]
+                      for a, b in zip(starts.tolist(), ends.tolist()) if a < b]
         try:
             n = 0
             # One writer at a time: concurrent pwrite()s to one file contend on its inode lock
@@ -983,7 +1006,8 @@ def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
             progress(ui * unit + ulen, vsize)
 
     try:
-        _run_units(image, unit, threads, work, done)
+        _run_units(image, unit, threads, work, done,
+                   plan=None if sparse_size else _every_unit(image, unit, None))
     finally:
         filler.close()
     if progress:

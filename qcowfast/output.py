@@ -26,7 +26,7 @@ from .errors import OutputError, QcowError
 TMP_SUFFIX = ".qcowfast-tmp"
 # Errors that can only come from the output side; others are left to the reader's handling.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _BLKZEROOUT = 0x127F                   # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_CHUNK = 1 << 20
 _libc = None
@@ -366,8 +366,9 @@ class FileOutput:
     def zero_range(self, start: int, end: int, keep_allocated: bool) -> None:
         """Make [start, end) of an in-place target read as zeros.
 
-        Files: FALLOC_FL_PUNCH_HOLE (or ZERO_RANGE when `keep_allocated`), as qemu-img's
-        write-zeroes does; block devices: BLKZEROOUT; else written zeros.
+        Files: FALLOC_FL_PUNCH_HOLE, as qemu-img's write-zeroes does, or written zeros when
+        `keep_allocated` (qemu-img -S 0 writes them: a zeroed range only preallocated reads
+        as a hole to SEEK_DATA); block devices: BLKZEROOUT; else written zeros.
         """
         if end <= start:
             return
@@ -376,10 +377,9 @@ class FileOutput:
                 if start % 512 == 0 and end % 512 == 0:
                     fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("=QQ", start, end - start))
                     return
-            else:
-                mode = _FALLOC_FL_ZERO_RANGE if keep_allocated else (
-                    _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
-                _fallocate(self.fd, mode, start, end - start)
+            elif not keep_allocated:
+                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start,
+                           end - start)
                 return
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS):

@@ -224,7 +224,9 @@ def write_raw(image, fd: int, sparse_size: int, progress=None) -> int:
     """Write `image`'s guest bytes into the sized, empty file `fd` as qemu-img convert -O raw
     -S `sparse_size` writes them, request by request (one thread); return the bytes written.
     """
-    from .convert import _write_all
+    from .convert import _plan, _write_all
+    for _ in _plan(image, 8 << 20):
+        pass                    # refuses host clusters two guest clusters share, as every path
     low = sparse_size // SECTOR
     align = 1 << (low.bit_length() - 1)
     vsize = image.virtual_size

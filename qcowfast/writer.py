@@ -26,8 +26,8 @@ from array import array
 from collections import deque
 
 from . import _deflate, buffers
-from .convert import (_Filler, _HandOver, _load_kernels, _plain_chain, _plain_plan, _plan,
-                      _run_units, _write_all, np)
+from .convert import (_every_unit, _Filler, _HandOver, _load_kernels, _plain_chain,
+                      _plain_plan, _run_units, _write_all, np)
 from .errors import OutputError
 
 COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
@@ -389,24 +389,6 @@ class _ZeroRule:
             return None
         from .sparse import SparsePlan
         return SparsePlan(source, self.sparse_size, cluster_size, unit)
-
-
-def _every_unit(source, unit: int, plan):
-    """`plan` (or _plan's, when None) with the units holding no data too (as empty runs)."""
-    nunits = -(-source.virtual_size // unit)
-    if plan is None:
-        empty = tuple(np.zeros(0, np.int64) for _ in range(6))
-        plan = _plan(source, unit)
-    else:
-        empty = None
-    nxt = 0
-    for ui, runs in plan:
-        for u in range(nxt, ui):
-            yield u, empty
-        yield ui, runs
-        nxt = ui + 1
-    for u in range(nxt, nunits):
-        yield u, empty
 
 
 def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header_type) -> int:

@@ -8,6 +8,7 @@ packed compressed streams) is not.
 """
 from __future__ import annotations
 
+import os
 import random
 import struct
 import subprocess
@@ -43,15 +44,23 @@ def _qemu_check_code(path) -> int:
     return subprocess.run([QEMU_IMG, "check", "-q", str(path)], capture_output=True).returncode
 
 
-def test_shared_data_cluster_refused(tmp_path):
+# Every conversion path: the plain and general raw paths, qemu-img's requests (-S 1536 raw,
+# -S 64k with 512-byte qcow2 clusters), -S 0, qcow2 output.
+PATHS = [dict(), dict(sparse_size=1536), dict(sparse_size=0),
+         dict(format="qcow2"), dict(format="qcow2", cluster_size=512, sparse_size=64 * K),
+         dict(format="qcow2", sparse_size=0, compression="zlib")]
+
+
+@pytest.mark.parametrize("kw", PATHS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_shared_data_cluster_refused(tmp_path, kw):
     img = tmp_path / "dup.qcow2"
     qemu_img("create", "-f", "qcow2", img, str(M))
     qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 128k 64k")
     _copy_entries(img, 0, [5])
     assert _qemu_check_code(img) == 2
     with pytest.raises(CorruptImage, match=r"0x0 and 0x50000.*data cluster"):
-        qcowfast.convert(str(img), str(tmp_path / "out.raw"))
-    assert not (tmp_path / "out.raw").exists()
+        qcowfast.convert(str(img), str(tmp_path / "out.img"), **kw)
+    assert sorted(os.listdir(tmp_path)) == ["dup.qcow2"]
 
 
 def test_amplified_table_refused_early(tmp_path):

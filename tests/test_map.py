@@ -198,3 +198,13 @@ def test_backing_names_keep_the_image_name_as_given(tmp_path):
                                   text=True, check=True).stdout
             got = run_cli(*cmd, name, cwd=tmp_path)
             assert (got.returncode, got.stdout) == (0, want), (cmd, name)
+
+
+@pytest.mark.parametrize("args", [["-s", "8E"], ["-l", "9E"], ["--start-offset=9223372036854775808"]])
+def test_map_offsets_past_int64_refused_as_qemu_img(tmp_path, args):
+    path, _ = _ranged_image(tmp_path)
+    want = qemu_map_proc(path, *args)
+    got = run_cli("map", *args, path)
+    assert got.returncode == want.returncode == 1
+    assert got.stdout == want.stdout == ""
+    assert got.stderr.replace("qcowfast", "qemu-img") == want.stderr

@@ -239,3 +239,27 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, kw, messag
     with pytest.raises(ValueError, match=message):
         qcowfast.convert(src, dst, **kw)
     assert not dst.exists() and os.listdir(tmp_path) == ["src.raw"]
+
+
+@pytest.mark.parametrize("how", ["new", "existing", "direct"])
+def test_raw_sparse_size_zero_writes_every_byte(tmp_path, how):
+    # qemu-img -S 0 writes the zeros: preallocated but unwritten space would read as holes to
+    # SEEK_DATA (cp --sparse, backups, qemu-img map) on ext4.
+    src = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "4M")
+    qemu_io(src, "write -P 1 0 64k", "write -c -P 2 1M 64k")
+    dst = tmp_path / "out.raw"
+    extra = {"new": [], "existing": ["-n"], "direct": ["-t", "none"]}[how]
+    if how == "existing":
+        dst.write_bytes(b"")
+        os.truncate(dst, 4 * M)
+    proc = run_cli("convert", "-q", "-O", "raw", "-S", "0", *extra, src, dst)
+    if how == "direct" and proc.returncode and "O_DIRECT" in proc.stderr:
+        pytest.skip("this file system refuses O_DIRECT")      # tmpfs; CI's /tmp is ext4
+    assert proc.returncode == 0, proc.stderr
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 4 * M
+    finally:
+        os.close(fd)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", src, dst)
