@@ -233,20 +233,22 @@ def numpy_imported_after(code: str) -> bool:
     return "numpy" in modules_imported_after(code, ["numpy"])
 
 
-def data_blocks(path: str | os.PathLike) -> set:
-    """4 KiB blocks of the file holding data (SEEK_DATA), without block 0: qemu-img allocates
-    the first block of every raw file it creates (file-posix allocate_first_block)."""
-    found = set()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
+def data_extents(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """The (start, end) data extents of a file (SEEK_DATA / SEEK_HOLE)."""
+    out, pos = [], 0
+    with open(path, "rb") as f:
+        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
         while pos < size:
             try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
+                start = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError:
                 break
-            pos = os.lseek(fd, data, os.SEEK_HOLE)
-            found.update(range(data // 4096, -(-pos // 4096)))
-    finally:
-        os.close(fd)
-    return found - {0}
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    return out
+
+
+def data_blocks(path: str | os.PathLike) -> set:
+    """4 KiB blocks of the file holding data, without block 0: qemu-img allocates the first
+    block of every raw file it creates (file-posix allocate_first_block)."""
+    return {b for a, e in data_extents(path) for b in range(a // 4096, -(-e // 4096))} - {0}

@@ -497,6 +497,31 @@ def _zero_length_errors(address, structured) -> list:
         c.close()
 
 
+def _pipelined_reads(c, reads: dict, structured: bool, want: bytes, what: str) -> None:
+    """Send READs {handle: (offset, length)} in one go and check every reply (any order):
+    success, the guest bytes, and a bare reply (structured: NONE chunk) for length 0."""
+    c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0, nbd.NBD_CMD_READ,
+                                        h, off, n) for h, (off, n) in reads.items()))
+    for _ in range(len(reads)):
+        if structured:
+            flags, rtype, handle, payload = c.chunk()
+            off, n = reads.pop(handle)
+            assert flags & nbd.NBD_REPLY_FLAG_DONE
+            if n == 0:
+                assert (rtype, payload) == (nbd.NBD_REPLY_TYPE_NONE, b"")
+                continue
+            assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
+            assert struct.unpack_from(">Q", payload)[0] == off
+            data = payload[8:]
+        else:
+            error, handle, _ = c.simple_reply()
+            assert error == 0
+            off, n = reads.pop(handle)
+            data = c.recv(n)
+        assert_same_bytes(data, want[off:off + n], what, off)
+    assert not reads
+
+
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
 def test_zero_length_requests_answer_as_qemu_nbd(proto_image, server, tmp_path, want,
                                                   structured):
@@ -517,26 +542,7 @@ def test_zero_length_requests_answer_as_qemu_nbd(proto_image, server, tmp_path, 
             assert c.error_of(60) == nbd.NBD_EPERM
         reads = {1: (0, 4096), 2: (4096, 0), 3: (4096, 4096), 4: (8192, 0), 5: (SIZE, 0),
                  6: (8192, 100)}
-        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
-                                            nbd.NBD_CMD_READ, h, off, n)
-                                for h, (off, n) in reads.items()))
-        for _ in range(len(reads)):
-            if structured:
-                flags, rtype, handle, payload = c.chunk()
-                off, n = reads.pop(handle)
-                assert flags & nbd.NBD_REPLY_FLAG_DONE
-                if n == 0:
-                    assert (rtype, payload) == (nbd.NBD_REPLY_TYPE_NONE, b"")
-                    continue
-                assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
-                assert struct.unpack_from(">Q", payload)[0] == off
-                data = payload[8:]
-            else:
-                error, handle, _ = c.simple_reply()
-                assert error == 0
-                off, n = reads.pop(handle)
-                data = c.recv(n)
-            assert_same_bytes(data, want[off:off + n], "read pipelined with empty reads", off)
+        _pipelined_reads(c, reads, structured, want, "read pipelined with empty reads")
         error, data = c.read(CLUSTER - 7, 77)
         assert error == 0 and data == want[CLUSTER - 7:CLUSTER + 70]
     finally:
@@ -879,27 +885,7 @@ def test_file_backed_reads_match_qemu_img(chains, tmp_path, kind, structured):
         c.go(structured=structured, meta=False)
         for first in range(0, len(reads), 40):
             part = dict(enumerate(reads[first:first + 40], first))
-            c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
-                                                nbd.NBD_CMD_READ, h, off, size)
-                                    for h, (off, size) in part.items()))
-            for _ in range(len(part)):
-                if structured:
-                    flags, rtype, handle, payload = c.chunk()
-                    off, size = part.pop(handle)
-                    assert flags & nbd.NBD_REPLY_FLAG_DONE
-                    if size == 0:
-                        assert rtype == nbd.NBD_REPLY_TYPE_NONE
-                        continue
-                    assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA
-                    assert struct.unpack_from(">Q", payload)[0] == off
-                    data = payload[8:]
-                else:
-                    error, handle, _ = c.simple_reply()
-                    assert error == 0
-                    off, size = part.pop(handle)
-                    data = c.recv(size)
-                assert_same_bytes(data, want[off:off + size], f"{kind} read", off)
-            assert not part
+            _pipelined_reads(c, part, structured, want, f"{kind} read")
         c.close()
 
 

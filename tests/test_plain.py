@@ -13,25 +13,10 @@ import qcowfast
 from qcowfast import _plain
 import qcowfast.convert  # noqa: E402  (the module, not the function of that name)
 convert_module = sys.modules["qcowfast.convert"]
-from common import assert_same_bytes, numpy_imported_after, qemu_img, qemu_io, reference_raw
+from common import (assert_same_bytes, data_extents, numpy_imported_after, qemu_img, qemu_io,
+                    reference_raw)
 
 K, M = 1024, 1024 * 1024
-
-
-def _holes(path) -> list[tuple[int, int]]:
-    """The data extents of a file (SEEK_DATA / SEEK_HOLE)."""
-    out, pos = [], 0
-    with open(path, "rb") as f:
-        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            pos = end
-    return out
 
 
 def _in_host_order(path) -> bool:
@@ -85,7 +70,7 @@ def test_every_image_matches_the_general_path(image, tmp_path, monkeypatch, plai
     assert_same_bytes(fast.read_bytes(), slow.read_bytes(), image.id)
     assert fast.read_bytes() == reference_raw(image.path)
     assert got.bytes_written == want.bytes_written
-    assert _holes(fast) == _holes(slow)
+    assert data_extents(fast) == data_extents(slow)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -188,7 +173,7 @@ def test_hand_over_mid_run_restarts_cleanly(tmp_path, monkeypatch, plain_spy, fa
     assert plain_spy == [None]
     assert_same_bytes(out.read_bytes(), reference_raw(img), "handed over")
     assert result.bytes_written == 2 * M + 64 * K + M
-    assert sum(b - a for a, b in _holes(out)) == 2 * M + 64 * K + M
+    assert sum(b - a for a, b in data_extents(out)) == 2 * M + 64 * K + M
 
 
 def test_plain_conversion_never_imports_numpy(images, tmp_path):
@@ -269,7 +254,7 @@ def test_file_shrinking_hands_over(tmp_path, size):
             os.close(out)
 
 
-def test_mapped_and_buffered_pieces_keep_their_holes(tmp_path):
+def test_mapped_and_buffered_pieces_keep_theirdata_extents(tmp_path):
     """Zero blocks inside a long (mapped) piece, at its unaligned ends and in the short pieces
     around it are left out, and nothing else: the written extents are the non-zero blocks."""
     img = tmp_path / "img.qcow2"
@@ -282,5 +267,5 @@ def test_mapped_and_buffered_pieces_keep_their_holes(tmp_path):
     assert out.read_bytes() == data
     blocks = [i for i in range(0, len(data), 4096) if any(data[i:i + 4096])]
     assert result.bytes_written == 4096 * len(blocks)
-    written = [(a // 4096, b // 4096) for a, b in _holes(out)]
+    written = [(a // 4096, b // 4096) for a, b in data_extents(out)]
     assert sorted(sum((list(range(a, b)) for a, b in written), [])) == [i // 4096 for i in blocks]
