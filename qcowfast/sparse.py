@@ -7,123 +7,27 @@ shorter ones between data are written, aligned to pow2floor(-S) (convert_co_writ
 is_allocated_sectors_min); zero and unallocated extents are never written to a new image.
 With clusters of at least -S bytes that is exactly "store the clusters that are not all
 zeros", the writer's own rule; with smaller clusters the zero clusters qemu-img writes depend
-on those request boundaries, so they are reproduced here: each layer's block status (runs of one
-subcluster type, host-contiguous where allocated, cut at the end of an L2 table, compressed
-clusters one by one; SEEK_DATA/SEEK_HOLE for raw files), the chain below unallocated runs, the
-source-alignment tail rule and the request caps.
+on those request boundaries, so they are reproduced here from the source's block status
+(blockstatus.py, shared with compare -s), with the source-alignment tail rule and the request
+caps.
 """
 from __future__ import annotations
 
-import errno
-import os
-import stat
-
 from . import _tables
+from .blockstatus import BDRV_BLOCK_ZERO, status_runs
 from .convert import np
 from .image import RawImage
 
 SECTOR = 512
 MAX_REQUEST = ((1 << 31) - 1) // SECTOR     # BDRV_REQUEST_MAX_SECTORS
 BUF_SECTORS = (2 << 20) // SECTOR           # IO_BUF_SIZE: qcow2 targets never raise it
-_UNALLOCATED, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
 
 
-def _length(layer) -> int:
-    """The layer's length as QEMU's block layer sees it (whole sectors)."""
-    if isinstance(layer, RawImage):
-        return layer.virtual_size               # the partial last sector rounded up
-    return layer.virtual_size // SECTOR * SECTOR
-
-
-def _file_status(fd: int, size: int, off: int, nbytes: int) -> tuple[int, int]:
-    """file-posix raw_co_block_status: data and holes of the file, a hole past its end."""
-    if off >= size:
-        return _ZERO, nbytes
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        return _DATA, nbytes                    # no hole information: all data
-    try:
-        data = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:            # a hole up to the end of the file
-            return _ZERO, nbytes
-        return _DATA, nbytes                    # SEEK_DATA unsupported: all data
-    if data > off:
-        return _ZERO, min(data - off, nbytes)
-    hole = os.lseek(fd, off, os.SEEK_HOLE)
-    return _DATA, min(hole - off, nbytes)
-
-
-def _qcow2_status(layer, off: int, nbytes: int) -> tuple[int, int]:
-    """qcow2_get_host_offset: (kind, bytes) of one run of this layer from `off`."""
-    per_table = layer._l2_per_l1
-    end = min(off + nbytes, (off // per_table + 1) * per_table)
-    runs = layer._own_runs(off, end)
-    first = next(runs, None)
-    if first is None:
-        return _UNALLOCATED, end - off
-    guest, length, kind, host = (first.guest.tolist(), first.length.tolist(),
-                                 first.kind.tolist(), first.host.tolist())
-    k0, h0 = kind[0], host[0]
-    if k0 == _DATA and _preallocated(layer):
-        # BDRV_BLOCK_RECURSE: the data file's holes inside data clusters read as zero.
-        count = _same_type(layer, first, runs, end, off)
-        kind2, count2 = _file_status(layer.data_fd, layer.data_size, h0, count)
-        return (_ZERO if kind2 == _ZERO else _DATA), min(count, count2)
-    return k0, _same_type(layer, first, runs, end, off)
-
-
-def _same_type(layer, first, runs, end: int, off: int) -> int:
-    """Bytes from `off` of the run of `first`'s first type (count_contiguous_subclusters)."""
-    guest, length, kind, host = (first.guest.tolist(), first.length.tolist(),
-                                 first.kind.tolist(), first.host.tolist())
-    k0, h0 = kind[0], host[0]
-    if k0 == _COMPRESSED:                       # compressed clusters one by one
-        cs = layer.cluster_size
-        return min(end, off - off % cs + cs) - off
-    pos = guest[0] + length[0]
-    want = h0 + length[0] if h0 >= 0 else -1    # allocated runs must be host-contiguous
-    chunk, i = first, 1
-    while pos < end:
-        if i == len(guest):
-            chunk = next(runs, None)
-            if chunk is None:
-                break
-            guest, length, kind, host = (chunk.guest.tolist(), chunk.length.tolist(),
-                                         chunk.kind.tolist(), chunk.host.tolist())
-            i = 0
-        if kind[i] != k0 or (host[i] >= 0) != (h0 >= 0) or (h0 >= 0 and host[i] != want):
-            break
-        pos += length[i]
-        if h0 >= 0:
-            want = host[i] + length[i]
-        i += 1
-    return min(pos, end) - off
-
-
-def _preallocated(layer) -> bool:
-    known = getattr(layer, "_metadata_preallocated", None)
-    if known is None:
-        from .mapping import metadata_preallocated
-        known = layer._metadata_preallocated = metadata_preallocated(layer)
-    return known
-
-
-def block_status(image, off: int, nbytes: int) -> tuple[bool, int]:
+def block_status(image, off: int, nbytes: int, prealloc: dict) -> tuple[bool, int]:
     """bdrv_block_status_above(image, NULL, off, nbytes) as qemu-img convert reads it:
-    (reads as zero, bytes) of the run from `off`."""
-    layer = image
-    while True:
-        nbytes = min(nbytes, _length(layer) - off)
-        if isinstance(layer, RawImage):
-            kind, count = _file_status(layer.data_fd, layer.data_size, off, nbytes)
-        else:
-            kind, count = _qcow2_status(layer, off, nbytes)
-        if kind != _UNALLOCATED:
-            return kind == _ZERO, count
-        backing = layer.backing
-        if backing is None or off >= _length(backing):
-            return True, count                  # bdrv_co_do_block_status adds ZERO
-        layer, nbytes = backing, count
+    (reads as zero, bytes) of the run from `off` (`prealloc`: blockstatus.status_runs' cache)."""
+    run = next(status_runs(image, off, off + nbytes, prealloc))
+    return bool(run.flags & BDRV_BLOCK_ZERO), run.end - off
 
 
 def requests(image):
@@ -132,10 +36,11 @@ def requests(image):
     align = 1 if isinstance(image, RawImage) else image.cluster_size // SECTOR
     sector = next_status = 0
     data = False
+    prealloc: dict = {}
     while sector < total:
         n = min(total - sector, MAX_REQUEST)
         if next_status <= sector:
-            zero, count = block_status(image, sector * SECTOR, n * SECTOR)
+            zero, count = block_status(image, sector * SECTOR, n * SECTOR, prealloc)
             count = -(-count // SECTOR)
             # Keep the next status query aligned to the source's clusters.
             tail = (sector + count) % align
