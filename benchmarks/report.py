@@ -201,6 +201,52 @@ def fleet_table(data: dict) -> str:
     return "\n".join(out)
 
 
+WRITE_TARGETS = {"zlib": "≥ 3×, ≥ 1.5×, ≤ 1.03", "zstd": "≥ 1.5× both, ≤ 1.03", "none": "≥ 1×"}
+
+
+def write_table(data: dict) -> str:
+    """Raw -> qcow2 (test_bench_write.py): medians per compression and tool, and the paired
+    rounds of the uncompressed case."""
+    rows: dict = {}
+    paired = None
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if info.get("kind") == "write-paired":
+            paired = info
+        elif str(info.get("variant", "")).startswith("raw->qcow2-"):
+            comp = info["variant"].rsplit("-", 1)[1]
+            rows.setdefault(comp, {})[info["tool"]] = (bench["stats"]["median"],
+                                                       info.get("size_ratio"))
+    if not rows and not paired:
+        return ""
+    out = ["| compression | qemu-img s | qemu-img -m 2 -W s | qcowfast s | vs qemu-img "
+           "| vs -m 2 -W | size vs qemu-img | target |", "|---|--:|--:|--:|--:|--:|--:|---|",
+           ] if rows else []
+    for comp in [c for c in ("zlib", "zstd", "none") if c in rows]:
+        tools = rows[comp]
+        q, m = (tools.get(t, (None, None))[0] for t in ("qemu-img", "qemu-img-m2W"))
+        for tool in ("qcowfast", "qcowfast-fast"):
+            if tool not in tools:
+                continue
+            s, size = tools[tool]
+            first = tool == "qcowfast"
+            out.append(" | ".join([
+                f"| {comp}" + ("" if first else ", faster level"),
+                f"{q:.2f}" if first and q else "", f"{m:.2f}" if first and m else "",
+                f"{s:.2f}", f"{q / s:.2f}×" if q else "—", f"{m / s:.2f}×" if m else "—",
+                f"{size:.3f}" if size else "—", WRITE_TARGETS[comp] if first else ""]) + " |")
+    if paired:
+        m = paired["medians"]
+        out += [""] if out else []
+        out.append(f"Uncompressed, paired rounds ({paired['rounds']}, the three tools in turn, "
+                   f"order rotating): qemu-img {m['qemu-img']:.3f} s, -m 2 -W "
+                   f"{m['qemu-img-m2W']:.3f} s, qcowfast {m['qcowfast']:.3f} s; median of the "
+                   f"per-round ratios {paired['qemu_img_over_qcowfast']:.2f}× qemu-img and "
+                   f"{paired['m2w_over_qcowfast']:.2f}× -m 2 -W; qcowfast ahead of qemu-img in "
+                   f"{paired['rounds_qcowfast_ahead']} of {paired['rounds']} rounds.")
+    return "\n".join(out)
+
+
 def cpu_table(data: dict) -> str:
     """Return a table of median CPU seconds (user + system, all threads) per conversion."""
     rows, _ = collect(data)
@@ -244,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     if reads:
         print()
         print(reads)
+    write = write_table(data)
+    if write:
+        print()
+        print(write)
     fleet = fleet_table(data)
     if fleet:
         print()

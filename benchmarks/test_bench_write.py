@@ -101,3 +101,53 @@ def test_write_qcow2(benchmark, bench_corpus, bench_rounds, bench_wait_quiet, co
     finally:
         with contextlib.suppress(FileNotFoundError):
             dst.unlink()
+
+
+PAIRED_TOOLS = ("qcowfast", "qemu-img", "qemu-img-m2W")
+
+
+def test_write_paired(benchmark, bench_corpus, bench_rounds, bench_wait_quiet):
+    """Uncompressed raw -> qcow2 by the three tools in turn, round after round: paired ratios.
+
+    The tools are within a few percent of each other while this machine's speed drifts by more
+    between one test and the next, so a ratio of medians taken minutes apart can land on either
+    side of 1. Each round runs every tool once (the order rotates, so none is always first
+    after the previous output was removed); the ratios are taken within each round.
+    """
+    src = bench_corpus.path(corpus_mod.RAW_NAME)
+    dst = {t: SHM / f"qcowfast-bench-{os.getpid()}-paired-{t}.qcow2" for t in PAIRED_TOOLS}
+    times: dict[str, list[float]] = {t: [] for t in PAIRED_TOOLS}
+    rss = SHM / f"qcowfast-bench-{os.getpid()}.rss"
+    turn = [0]
+
+    def one_round(stderr):
+        k = turn[0] % len(PAIRED_TOOLS)
+        turn[0] += 1
+        for tool in PAIRED_TOOLS[k:] + PAIRED_TOOLS[:k]:
+            dst[tool].unlink(missing_ok=True)
+            if bench_wait_quiet:
+                wait_quiet(bench_wait_quiet)
+            times[tool].append(run_child(_argv(tool, None, src, dst[tool]), stderr, rss).wall_s)
+
+    rounds, _ = bench_rounds
+    benchmark.group = "raw->qcow2 uncompressed, paired rounds"
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            benchmark.pedantic(one_round, args=(stderr,), rounds=2 * rounds, warmup_rounds=1)
+        for tool in PAIRED_TOOLS:
+            del times[tool][0]                   # the warm-up round
+        per_round = {ref: [r / f for r, f in zip(times[ref], times["qcowfast"])]
+                     for ref in ("qemu-img", "qemu-img-m2W")}
+        benchmark.extra_info.update(
+            kind="write-paired", rounds=len(times["qcowfast"]),
+            medians={t: round(statistics.median(ts), 4) for t, ts in times.items()},
+            qemu_img_over_qcowfast=round(statistics.median(per_round["qemu-img"]), 4),
+            m2w_over_qcowfast=round(statistics.median(per_round["qemu-img-m2W"]), 4),
+            rounds_qcowfast_ahead=sum(r > 1 for r in per_round["qemu-img"]))
+        proc = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src),
+                               str(dst["qcowfast"])], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        rss.unlink(missing_ok=True)
+        for path in dst.values():
+            path.unlink(missing_ok=True)
