@@ -33,6 +33,7 @@ from .constants import (
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
+from .locks import check_not_locked
 from .paths import open_file
 from .refcounts import (
     MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
@@ -744,7 +745,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
     backing_dirs : iterable of paths
         Extra directories trusted to hold backing and data files the image names.
     force_share : bool
-        Open the backing chain even when a running QEMU holds it open for writing (-U).
+        Check the image (and open its backing chain) even when a running QEMU holds it open
+        for writing (-U); otherwise that raises ImageLocked, as qemu-img refuses.
 
     Returns
     -------
@@ -778,6 +780,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
         if os.pread(fd, 4, 0) != QCOW_MAGIC:
             raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
         try:
+            if not force_share:             # qemu-img check takes QEMU's locks as info does
+                check_not_locked(fd, name)
             header = read_header(fd, st.st_size, tables_in_file=False)
             _open_chain(name, (st.st_dev, st.st_ino), header, tuple(backing_dirs), force_share)
         except QcowError as exc:

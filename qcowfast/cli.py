@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import signal
+import stat
 import sys
 import time
 
@@ -163,6 +164,65 @@ class ProgressBar:
             self.stream.flush()
 
 
+class QemuProgress:
+    """qemu-img's progress report (util/qemu-progress.c), as scripts parse it.
+
+    With -p: "    (P/100%)\r" (P with two decimals) at 0, whenever P has grown by more than
+    `min_skip` points since the last report, and at 100; a newline at the end. Without -p
+    nothing, except that SIGUSR1 prints the current "    (P/100%)\n" on stderr, as qemu-img
+    does (where it would otherwise end the process). Use as a context manager around the job,
+    passing the object as its progress callback.
+    """
+
+    def __init__(self, stream, enabled: bool, min_skip: float):
+        import threading
+        self.stream = stream if enabled else None
+        self.min_skip = min_skip
+        self.current = 0.0
+        self.last = 0.0
+        self.lock = threading.Lock()
+        self.old_usr1 = None
+
+    def _report(self, current: float) -> None:
+        self.current = current
+        if self.stream is not None and (current > self.last + self.min_skip
+                                        or current in (0.0, 100.0)):
+            self.last = current
+            self.stream.write(f"    ({current:3.2f}/100%)\r")
+            self.stream.flush()
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            self._report(min(100.0, 100.0 * done / total) if total > 0 else 100.0)
+
+    def _on_usr1(self, signum, frame) -> None:
+        sys.stderr.write(f"    ({self.current:3.2f}/100%)\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "QemuProgress":
+        try:
+            self.old_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+        except (ValueError, AttributeError):     # not the main thread, or no SIGUSR1
+            self.old_usr1 = None
+        with self.lock:
+            self._report(0.0)
+        return self
+
+    def complete(self) -> None:
+        """Report 100% (qemu-img convert's last report, whatever the last callback said)."""
+        with self.lock:
+            self._report(100.0)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.old_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self.old_usr1)
+        if self.stream is not None:
+            with self.lock:
+                self.stream.write("\n")
+                self.stream.flush()
+            self.stream = None
+
+
 def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help=f"output format (default human); json prints what `qemu-img {tool} "
@@ -176,6 +236,10 @@ def _add_force_share_option(p: argparse.ArgumentParser) -> None:
 
 def _check_format(args) -> int:
     """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
+    if args.repair is not None:
+        print(f"qcowfast: check -r {args.repair}: qcowfast does not repair images (it never "
+              "writes to them); repair with qemu-img check -r", file=sys.stderr)
+        return 1
     if args.format == "raw":
         print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
@@ -193,7 +257,16 @@ def _check_format(args) -> int:
     return cmd_check(args)
 
 
+def _add_source_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-T", dest="src_cache", type=cache_mode, default="writeback",
+                   metavar="CACHE", help="source cache mode (accepted; qcowfast reads through "
+                                         "the page cache)")
+
+
 def _add_open_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--object", metavar="OBJECTDEF", action="append", default=[],
+                   help="a QEMU object definition (accepted and ignored: qcowfast reads no "
+                        "encrypted images and uses no other QEMU objects)")
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
                    help="also follow backing and external data files named inside the image "
                         "when they lie in DIR (by default only files in the image's own "
@@ -214,29 +287,73 @@ class _Unsupported(argparse.Action):
 # qemu-img convert options that qcowfast refuses by name (each needs a feature it lacks).
 _UNSUPPORTED = {"-B": ("output backing files", 1), "-F": ("output backing files", 1),
                 "--image-opts": ("option strings instead of file names", 0),
-                "--object": ("QEMU objects", 1), "-r": ("rate limits", 1),
+                "-r": ("rate limits", 1),
                 "-C": ("copy offloading as a requirement", 0), "--salvage": ("salvaging", 0),
                 "--bitmaps": ("copying bitmaps", 0), "--skip-broken-bitmaps": ("bitmaps", 0)}
 _OUTPUT_OPTIONS = ("compression_type", "cluster_size")
+# qemu-img -o keys qcowfast accepts only with the value it writes anyway: (values, what it is).
+_FIXED_OPTIONS = {
+    "qcow2": {"compat": (("1.1", "v3"), "QCOW2 version (qcowfast writes v3: compat=1.1)"),
+              "lazy_refcounts": (("off", "no", "false"), "lazy refcounts (off)"),
+              "refcount_bits": (("16",), "refcount width in bits (16)"),
+              "extended_l2": (("off", "no", "false"), "extended L2 entries (off)"),
+              "preallocation": (("off",), "preallocation mode (off)")},
+    "raw": {"preallocation": (("off",), "preallocation mode (off)")},
+}
+_OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default 64k)",
+                "compression_type": "<str> - compression with -c: zlib (default) or zstd"}
+
+
+def _print_output_options(fmt: str) -> None:
+    """qemu-img's `-o help`: the options qcowfast takes for this output format."""
+    lines = [f"  {key}={_OPTION_HELP[key]}" for key in _OUTPUT_OPTIONS if fmt == "qcow2"]
+    lines += [f"  {key}={'|'.join(values)} - {what}"
+              for key, (values, what) in _FIXED_OPTIONS.get(fmt, {}).items()]
+    print("Supported options:", *lines, sep="\n")
+
+
+def _options_help(argv: list[str]) -> bool:
+    """`qcowfast convert ... -o help ...`: print the options of -O's format and return True.
+    As in qemu-img, the file names may be left out (and are not used)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-O", default="raw")
+    p.add_argument("-o", action="append", default=[])
+    known, _ = p.parse_known_args(argv)
+    fmt = "raw" if known.O == "host_device" else known.O
+    if fmt not in OUTPUT_FORMATS or not any(
+            re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
+        return False
+    _print_output_options(fmt)
+    return True
 
 
 def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
     """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict."""
     opts = {}
+    given = False
+    fixed = _FIXED_OPTIONS.get(fmt, {})
     for text in texts:
         for item in re.split(r"(?<!,),(?!,)", text):
             key, sep, value = item.replace(",,", ",").partition("=")
             if not key:
                 continue
+            given = True
+            if key in fixed:
+                values, what = fixed[key]
+                if value.lower() not in values:
+                    raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
+                                   f"({what})")
+                continue
             if key not in _OUTPUT_OPTIONS:
+                known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed]
                 raise CliError(f"-o {key}: unknown option (qcowfast knows "
-                               f"{', '.join(_OUTPUT_OPTIONS)}, for -O qcow2)")
+                               f"{', '.join(known)} for -O {fmt})")
             if fmt != "qcow2":
                 raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
             if not sep:
                 raise CliError(f"-o {key}: give a value ({key}=...)")
             opts[key] = value
-    if opts and existing:
+    if given and existing:
         raise CliError("-o has no effect when skipping image creation (-n)")
     if opts.get("compression_type", "zlib") not in ("zlib", "zstd"):
         raise CliError(f"-o compression_type={opts['compression_type']}: one of zlib, zstd")
@@ -263,6 +380,17 @@ def convert_arguments(args) -> tuple[str, str, dict]:
         raise CliError("multiple source images are not supported (qemu-img would concatenate "
                        "them); convert one image at a time")
     fmt = args.output_format
+    if fmt == "host_device":
+        # QEMU's raw protocol driver for devices: the same bytes as raw, into an existing
+        # device (qemu-img refuses anything else).
+        try:
+            st = os.stat(args.dst)
+        except OSError as exc:
+            raise CliError(f"-O host_device: {args.dst}: {exc.strerror}") from None
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise CliError(f"-O host_device: {args.dst} is not a block or character device "
+                           "(use -O raw for a file)")
+        fmt = "raw"
     if fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
     if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
@@ -296,13 +424,11 @@ def convert_arguments(args) -> tuple[str, str, dict]:
 def cmd_convert(args) -> int:
     src, dst, kw = convert_arguments(args)
     from .convert import convert
-    show = args.progress and (args.force_progress or sys.stderr.isatty())
-    bar = ProgressBar(sys.stderr, "converting") if show else None
-    try:
-        result = convert(src, dst, progress=bar, **kw)
-    finally:
-        if bar is not None:
-            bar.finish()
+    # qemu-img prints progress on stdout; here stdout may carry the image itself.
+    with _progress(args, sys.stderr if dst == "-" else sys.stdout, 1.0) as progress:
+        result = convert(src, dst, progress=progress, **kw)
+        if result.virtual_size == 0 or progress.last < 100.0:
+            progress.complete()
     if not args.quiet:
         rate = result.virtual_size / result.seconds if result.seconds > 0 else 0.0
         print(f"qcowfast: converted {src} -> {dst}: {human_size(result.virtual_size)} "
@@ -337,16 +463,16 @@ def cmd_map(args) -> int:
     return 0
 
 
-def _progress_bar(args, label: str):
-    show = args.progress and (args.force_progress or sys.stderr.isatty())
-    return ProgressBar(sys.stderr, label) if show else None
+def _progress(args, stream, min_skip: float) -> QemuProgress:
+    return QemuProgress(stream, args.progress or args.force_progress, min_skip)
 
 
-def _add_progress_options(p: argparse.ArgumentParser) -> None:
+def _add_progress_options(p: argparse.ArgumentParser, where: str = "standard output") -> None:
     p.add_argument("-p", "--progress", action="store_true",
-                   help="show a progress bar on stderr (when it is a terminal)")
+                   help=f"report progress on {where} as qemu-img does: '    (P/100%%)' lines "
+                        "ended by a carriage return (SIGUSR1 prints one on stderr at any time)")
     p.add_argument("--force-progress", action="store_true",
-                   help="with -p, show progress even when stderr is not a terminal")
+                   help=argparse.SUPPRESS)     # the same as -p (kept for old scripts)
 
 
 def cmd_info(args) -> int:
@@ -360,11 +486,12 @@ def cmd_info(args) -> int:
 
 def cmd_check(args) -> int:
     from .check import NotChecked, check
-    bar = _progress_bar(args, "checking")
+    # Progress on stderr: stdout carries the report (JSON with --output=json).
     try:
-        result = check(args.image, progress=bar,
-                       backing_dirs=args.allow_backing_dir,
-                       force_share=args.force_share)
+        with _progress(args, sys.stderr, 1.0) as progress:
+            result = check(args.image, progress=progress,
+                           backing_dirs=args.allow_backing_dir,
+                           force_share=args.force_share)
     except NotChecked as exc:
         print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
               file=sys.stderr)
@@ -376,9 +503,6 @@ def cmd_check(args) -> int:
         print(f"qcowfast: {text}" if text.startswith("Could not open ") else
               f"qcowfast: check failed: {text}", file=sys.stderr)
         return 1
-    finally:
-        if bar is not None:
-            bar.finish()
     for line in result.messages:
         print(line, file=sys.stderr)
     if not args.quiet:
@@ -395,25 +519,30 @@ def cmd_check(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare
-    bar = _progress_bar(args, "comparing")
-    try:
-        kw = {"force_share": True} if args.force_share else {}
-        result = compare(args.image1, args.image2, fmt_a=args.format_a, fmt_b=args.format_b,
-                         strict=args.strict, progress=bar, backing_dirs=args.allow_backing_dir,
-                         **kw)
-    except QcowError as exc:
-        print(f"qcowfast: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        name = f"{exc.filename}: " if exc.filename else ""
-        print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.finish()
-    if not args.quiet:
-        for line in result.messages:
-            print(line)
+    for option, fmt in (("-f", args.format_a), ("-F", args.format_b)):
+        if fmt is not None and fmt not in SOURCE_FORMATS:
+            # Exit 2 (could not compare), as qemu-img for a format it cannot open: 1 would say
+            # the images differ.
+            print(f"qcowfast: {option} {fmt}: qcowfast reads {' and '.join(SOURCE_FORMATS)} "
+                  "images", file=sys.stderr)
+            return 2
+    kw = {"force_share": True} if args.force_share else {}
+    # qemu-img ends its progress report after the verdict line (a newline follows it).
+    with _progress(args, sys.stdout, 2.0) as progress:
+        try:
+            result = compare(args.image1, args.image2, fmt_a=args.format_a,
+                             fmt_b=args.format_b, strict=args.strict, progress=progress,
+                             backing_dirs=args.allow_backing_dir, **kw)
+        except QcowError as exc:
+            print(f"qcowfast: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            name = f"{exc.filename}: " if exc.filename else ""
+            print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            for line in result.messages:
+                print(line)
     return result.exit_code
 
 
@@ -451,7 +580,9 @@ def _add_convert_parser(sub) -> None:
                         "(default 3); lower is faster and larger (a qcowfast option)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="qcow2 output options key=val[,key=val]: compression_type=zlib|zstd, "
-                        "cluster_size=SIZE (512 to 2M, default 64k)")
+                        "cluster_size=SIZE (512 to 2M, default 64k); help lists them, with "
+                        "the qemu-img keys accepted at the value qcowfast writes (compat=1.1, "
+                        "preallocation=off, ...)")
     p.add_argument("-n", dest="existing", action="store_true",
                    help="write into the existing DST in place (do not create it)")
     p.add_argument("--target-is-zero", action="store_true",
@@ -463,9 +594,7 @@ def _add_convert_parser(sub) -> None:
                    help="output cache mode: none/off (O_DIRECT), directsync (O_DIRECT and "
                         "flush), writethrough (flush before publishing, like --fsync), "
                         "writeback (default), unsafe")
-    p.add_argument("-T", dest="src_cache", type=cache_mode, default="writeback",
-                   metavar="CACHE", help="source cache mode (accepted; qcowfast reads through "
-                                         "the page cache)")
+    _add_source_cache_option(p)
     p.add_argument("-m", dest="coroutines", type=coroutine_count, default=None, metavar="N",
                    help="parallel requests as in qemu-img (1 to 16): N worker threads")
     p.add_argument("--threads", type=thread_count, default=None, metavar="N",
@@ -478,10 +607,7 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", default=None,
                    help="convert an internal snapshot: snapshot.id=ID, snapshot.name=NAME, or "
                         "ID_OR_NAME")
-    p.add_argument("-p", "--progress", action="store_true",
-                   help="show a progress bar on stderr (when it is a terminal)")
-    p.add_argument("--force-progress", action="store_true",
-                   help="with -p, show progress even when stderr is not a terminal")
+    _add_progress_options(p, "standard output (standard error when DST is -)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     clobber = p.add_mutually_exclusive_group()
     clobber.add_argument("--no-clobber", action="store_true",
@@ -570,7 +696,10 @@ def _add_check_parser(sub) -> None:
     p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe); raw images cannot be checked")
     _add_force_share_option(p)
-    _add_progress_options(p)
+    _add_source_cache_option(p)
+    p.add_argument("-r", dest="repair", metavar="leaks|all", default=None,
+                   help=argparse.SUPPRESS)     # refused by name: qcowfast never writes images
+    _add_progress_options(p, "standard error")
     _add_open_options(p)
     p.set_defaults(func=_check_format)
 
@@ -586,10 +715,10 @@ def _add_compare_parser(sub) -> None:
                                    "image could not be read.")
     p.add_argument("image1", metavar="IMG1")
     p.add_argument("image2", metavar="IMG2")
-    p.add_argument("-f", dest="format_a", choices=("qcow2", "raw"), default=None,
-                   help="format of IMG1 (default: probe)")
-    p.add_argument("-F", dest="format_b", choices=("qcow2", "raw"), default=None,
-                   help="format of IMG2 (default: probe)")
+    p.add_argument("-f", dest="format_a", default=None, metavar="FMT",
+                   help="format of IMG1: qcow2 or raw (default: probe)")
+    p.add_argument("-F", dest="format_b", default=None, metavar="FMT",
+                   help="format of IMG2: qcow2 or raw (default: probe)")
     p.add_argument("-s", "--strict", action="store_true",
                    help="strict mode: images of different sizes differ, and so do ranges "
                         "allocated differently (zero, data, unallocated) even when their "
@@ -597,6 +726,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; use the exit "
                                                              "status")
     _add_force_share_option(p)
+    _add_source_cache_option(p)
     _add_progress_options(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_compare)
@@ -720,6 +850,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
     if argv == ["--version"]:                   # scripts call this often: skip the parser
         print(f"qcowfast {__version__}")
+        return 0
+    if argv[:1] == ["convert"] and _options_help(argv[1:]):
         return 0
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args, extras = parser.parse_known_args(argv)

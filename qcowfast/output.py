@@ -57,6 +57,21 @@ def _mkstemp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no unused temporary name", directory)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for a moment
+    under every other thread's file creation)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)                  # kernels before 4.7: the old way
+    os.umask(mask)
+    return mask
+
+
 def aligned_empty(size: int, align: int = 4096):
     """An uninitialised uint8 buffer whose address is a multiple of `align` (for O_DIRECT)."""
     import numpy as np
@@ -419,9 +434,8 @@ class FileOutput:
     def _copy_metadata(self) -> None:
         old = self.old
         if old is None:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(self.fd, 0o666 & ~mask)
+            # A new file gets QEMU's mode (file-posix creates images 0644) under the umask.
+            os.fchmod(self.fd, 0o644 & ~_umask())
             return
         try:
             new = os.fstat(self.fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,11 +184,27 @@ def assert_same_bytes(got: bytes, want: bytes, what: str, base: int = 0) -> None
     )
 
 
-def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    """Run ``python -m qcowfast ARGS`` (paths and ints become strings); text output, no raise."""
+def run_cli(*args, cwd=None, timeout=120, text=True) -> subprocess.CompletedProcess:
+    """Run ``python -m qcowfast ARGS`` (paths and ints become strings); text output (bytes with
+    text=False: text mode turns the carriage returns of progress reports into newlines), no
+    raise."""
     return subprocess.run([sys.executable, "-m", "qcowfast", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, check=False,
+                          capture_output=True, text=text, timeout=timeout, check=False,
                           stdin=subprocess.DEVNULL)
+
+
+QEMU_PROGRESS = re.compile(rb"(    \((\d+\.\d\d)/100%\)\r)+\n")
+
+
+def progress_values(report: bytes, complete: bool = True) -> list[float]:
+    """The percentages of a whole qemu-img progress report ('    (P/100%)\r'..., '\n'),
+    asserting it is one, rising from 0 (to 100 when `complete`: qemu-img compare's float sums
+    may stop short of it)."""
+    assert QEMU_PROGRESS.fullmatch(report), report[:200]
+    values = [float(v) for v in re.findall(rb"\((\d+\.\d\d)/100%\)", report)]
+    assert values[0] == 0.0 and values == sorted(values), values
+    assert values[-1] == 100.0 or not complete, values
+    return values
 
 
 def qemu_img_pbkdf(*args: str | os.PathLike | int, cwd: str | os.PathLike | None = None,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import qcowfast
-from common import QEMU_IMG, qemu_img, qemu_io, run_cli as cli
+from common import QEMU_IMG, progress_values, qemu_img, qemu_io, run_cli as cli
 from conftest import IMAGE_IDS, mixed_content
 
 K = 1024
@@ -564,8 +564,18 @@ def test_cli_edges(damaged, tmp_path):
     assert cli("check", "--no-such-option", raw).returncode == 1   # never 2 (= corruptions)
     proc = cli("check", "-q", damaged["leaked"][0])
     assert proc.returncode == 3 and proc.stdout == ""
-    proc = cli("check", "-p", "--force-progress", damaged["prealloc-32g"][0])
-    assert proc.returncode == 0 and "checking [" in proc.stderr and "100.0%" in proc.stderr
+    proc = cli("check", "-p", damaged["prealloc-32g"][0], text=False)
+    assert proc.returncode == 0
+    progress_values(proc.stderr)                 # on stderr: stdout is the report (or JSON)
+    assert proc.stdout.decode() == cli("check", damaged["prealloc-32g"][0]).stdout
+    proc = cli("check", "-T", "none", "--object", "secret,id=s0,data=x",
+               damaged["leaked"][0])
+    assert proc.returncode == 3 == qemu_check(damaged["leaked"][0]).returncode
+    for repair in ("leaks", "all"):                 # qcowfast never writes: -r is refused
+        proc = cli("check", "-r", repair, damaged["leaked"][0])
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        assert f"-r {repair}" in proc.stderr and "does not repair" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
     header_only = tmp_path / "header.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", header_only, M)
     header_only.write_bytes(header_only.read_bytes()[:60])

@@ -15,6 +15,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import assert_same_bytes, qemu_img, qemu_io, qemu_map, reference_raw, run_cli
+from common import (assert_same_bytes, progress_values, qemu_img, qemu_io, qemu_map,
+                    reference_raw, run_cli)
 
 K = 1024
 M = 1024 * 1024
@@ -135,52 +137,66 @@ def test_convert_all_options(images, tmp_path):
     assert_same_bytes(dst.read_bytes(), reference_raw(image.path), "all options")
 
 
-def test_progress_forced(images, tmp_path):
-    image = images.get("c2m-chain3-mixed-clusters")
-    proc = run("convert", "-p", "--force-progress", image.path, tmp_path / "out.raw")
-    err = err_text(proc)
-    assert proc.returncode == 0, err
-    assert "%" in err and "100.0%" in err, err
-    assert "\r" in err                                  # a bar redrawn in place
-    assert err.splitlines()[-1].startswith("qcowfast: converted"), err   # summary after the bar
-    assert (tmp_path / "out.raw").read_bytes() == reference_raw(image.path)
-
-
-def test_progress_needs_a_terminal(images, tmp_path):
+def test_progress_like_qemu_img(images, tmp_path):
+    """-p prints qemu-img's report on stdout, pipe or not: '    (P/100%)\r' from 0 to 100 in
+    steps over 1 point, then a newline; the summary line stays on stderr."""
     image = images.get("c2m-chain3-mixed-clusters")
     proc = run("convert", "-p", image.path, tmp_path / "out.raw")
     err = err_text(proc)
     assert proc.returncode == 0, err
-    assert "%" not in err and "\r" not in err, err     # stderr is a pipe, not a tty
-    assert len(err.splitlines()) == 1
+    values = progress_values(proc.stdout)
+    assert all(b - a > 1.0 for a, b in zip(values[:-1], values[1:]) if b < 100), values
+    assert len(err.splitlines()) == 1 and err.startswith("qcowfast: converted"), err
+    assert (tmp_path / "out.raw").read_bytes() == reference_raw(image.path)
+    ref = subprocess.run(["qemu-img", "convert", "-p", "-O", "raw", image.path,
+                          tmp_path / "ref.raw"], capture_output=True, check=True)
+    progress_values(ref.stdout)                           # the same shape from qemu-img
+    # --force-progress (old scripts) is -p; -q drops the summary, not the progress.
+    proc = run("convert", "-q", "--force-progress", image.path, tmp_path / "out.raw")
+    assert proc.returncode == 0 and proc.stderr == b"", err_text(proc)
+    progress_values(proc.stdout)
 
 
-def test_progress_on_a_terminal(images, tmp_path):
+def test_no_progress_without_p(images, tmp_path):
     image = images.get("c2m-chain3-mixed-clusters")
-    master, slave = pty.openpty()
-    received = bytearray()
+    proc = run("convert", image.path, tmp_path / "out.raw")
+    err = err_text(proc)
+    assert proc.returncode == 0, err
+    assert proc.stdout == b"" and "%" not in err and len(err.splitlines()) == 1, err
 
-    def drain():
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:                              # EIO once the child closed the pty
-                return
-            if not chunk:
-                return
-            received.extend(chunk)
 
-    reader = threading.Thread(target=drain)
-    reader.start()
+def test_progress_on_sigusr1(tmp_path):
+    """Without -p, SIGUSR1 prints the progress on stderr (as qemu-img) instead of ending the
+    process: sent while the conversion waits on a full pipe."""
+    src = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "8M")
+    qemu_io(src, "write -P 0x5a 0 8M")
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "convert", "-q", src, "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        proc = run("convert", "-p", image.path, tmp_path / "out.raw", stderr=slave)
+        first = proc.stdout.read(4096)        # running: its handlers are in place by now
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, err
     finally:
-        os.close(slave)
-        reader.join(timeout=30)
-        os.close(master)
-    text = received.decode(errors="replace")
-    assert proc.returncode == 0, text
-    assert "100.0%" in text, text
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert first + rest == b"\x5a" * (8 * M)
+    assert re.fullmatch(rb"    \(\d+\.\d\d/100%\)\n", err), err
+
+
+def test_stream_to_pipe_with_progress(images):
+    """With DST -, stdout carries the image: the progress report goes to stderr."""
+    image = images.get("c64k-v3-zstd")
+    proc = run("convert", "-p", "--threads", "2", image.path, "-")
+    assert proc.returncode == 0, err_text(proc)
+    assert_same_bytes(proc.stdout, reference_raw(image.path), "convert -p IMG -")
+    report, _, summary = proc.stderr.rpartition(b"\n")[0].rpartition(b"\n")
+    progress_values(report + b"\n")
+    assert summary.startswith(b"qcowfast: converted"), proc.stderr
 
 
 @pytest.mark.parametrize("size, granularity", [("0", 0), ("4k", 4096), ("64k", 65536),
@@ -246,14 +262,6 @@ def test_stream_to_pipe(images):
     assert_same_bytes(proc.stdout, reference_raw(image.path), "convert IMG - (stdout)")
     lines = err_text(proc).splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcowfast: converted"), lines
-
-
-def test_stream_to_pipe_with_progress(images):
-    image = images.get("c64k-v3-zstd")
-    proc = run("convert", "-p", "--force-progress", "--threads", "2", image.path, "-")
-    assert proc.returncode == 0, err_text(proc)
-    assert_same_bytes(proc.stdout, reference_raw(image.path), "convert -p IMG -")
-    assert "100.0%" in err_text(proc)
 
 
 def test_max_stream_size(images):
@@ -498,7 +506,7 @@ def test_map_lookup_size_suffix(images):
 
 @pytest.mark.parametrize("command, options", [
     ("convert", ["-f", "-O", "-c", "-o", "-n", "--target-is-zero", "-U", "-t", "-T", "-m",
-                 "--threads", "-W", "-S", "-l", "-p", "--force-progress", "-q", "--no-clobber",
+                 "--threads", "-W", "-S", "-l", "-p", "-q", "--no-clobber",
                  "--overwrite", "--fsync", "--max-stream-size", "--allow-backing-dir", "SRC",
                  "DST"]),
     ("map", ["--output", "--lookup", "--allow-backing-dir", "IMG"]),
@@ -561,11 +569,15 @@ PARITY = [
     ["-t", "writethrough", "-S", "0x1000"], ["-t", "none", "-S", "1.5k"],
     ["-t", "directsync", "-m", "1", "-S", "0"], ["-t", "writeback", "-S", "16M"],
     ["-l", "snapshot.name=snap1"], ["-l", "snapshot.id=1"], ["-l", "snap1"],
-    ["-f", "raw", "-O", "qcow2"],
+    ["-f", "raw", "-O", "qcow2"], ["--object", "secret,id=s0,data=x", "-T", "none"],
+    ["-O", "qcow2", "-o", "compat=1.1,lazy_refcounts=off,refcount_bits=16,preallocation=off",
+     "-o", "extended_l2=off,cluster_size=64k"], ["-O", "raw", "-o", "preallocation=off"],
     # refused by both
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
     ["-o", "compression_type=zstd"], ["--target-is-zero"], ["-f", "vmdk"],
+    ["-O", "qcow2", "-o", "compat=1.1,bogus=1"], ["-n", "-O", "qcow2", "-o", "compat=1.1"],
+    ["-O", "qcow2", "-o", "refcount_bits=17"],
 ]
 
 
@@ -607,10 +619,14 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
 
 @pytest.mark.parametrize("options, named", [
     (["-B", "base.qcow2", "-O", "qcow2"], "-B"), (["-F", "qcow2"], "-F"),
-    (["--image-opts"], "--image-opts"), (["--object", "secret,id=s0,data=x"], "--object"),
+    (["--image-opts"], "--image-opts"),
     (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
     (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
     (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
+    (["-o", "preallocation=falloc", "-O", "raw"], "preallocation"),
+    (["-o", "compat=0.10", "-O", "qcow2"], "compat"),
+    (["-o", "lazy_refcounts=on", "-O", "qcow2"], "lazy_refcounts"),
+    (["-o", "extended_l2=on", "-O", "qcow2"], "extended_l2"),
     (["-o", "cluster_size=3k", "-O", "qcow2"], "cluster_size"),
     (["-o", "cluster_size=4M", "-O", "qcow2"], "cluster_size"),
     (["-o", "compression_type=lzma", "-O", "qcow2"], "compression_type"),
@@ -623,6 +639,27 @@ def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
                            contains=named)
     assert line.startswith("qcowfast: convert: "), line
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["-O", "qcow2", "-o", "help"], ["-o", "?"],
+                                  ["-O", "qcow2", "-o", "help", "SRC", "DST"]])
+def test_convert_options_help(small_qcow2, tmp_path, argv):
+    """`-o help` lists the options (with or without file names) and exits 0, as qemu-img."""
+    argv = [small_qcow2 if a == "SRC" else tmp_path / "out" if a == "DST" else a for a in argv]
+    proc = run("convert", *argv)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0 and out.startswith("Supported options:\n"), err_text(proc)
+    assert "preallocation=off" in out
+    assert ("cluster_size=" in out) == ("qcow2" in argv)
+    assert os.listdir(tmp_path) == []
+    assert subprocess.run(["qemu-img", "convert", *map(str, argv)],
+                          capture_output=True).returncode == 0
+
+
+def test_convert_without_file_names_is_a_usage_error(small_qcow2):
+    for argv in ([], [small_qcow2], ["-o", "cluster_size=4k", small_qcow2]):
+        proc = run("convert", *argv)
+        assert proc.returncode == 1 and err_text(proc).startswith("usage: qcowfast convert")
 
 
 def test_convert_refuses_by_name_in_a_process(small_qcow2, tmp_path):
@@ -816,9 +853,10 @@ def _run_on_pty(argv, *, columns: int, stream: str):
 
 @pytest.mark.parametrize("columns", [40, 80, 200])
 def test_progress_fits_the_terminal(images, tmp_path, columns):
+    """convert-many's bar (qcowfast's own command: convert -p prints qemu-img's report)."""
     image = images.get("c2m-chain3-mixed-clusters")
-    proc, text = _run_on_pty(["convert", "-p", "-q", image.path, tmp_path / "out.raw"],
-                             columns=columns, stream="stderr")
+    proc, text = _run_on_pty(["convert-many", "-p", "-q", "--target-dir", tmp_path,
+                              image.path], columns=columns, stream="stderr")
     assert proc.returncode == 0, text
     drawn = text.decode().replace("\r\n", "\n").split("\n")[0].split("\r")
     frames = [f for f in drawn if f]

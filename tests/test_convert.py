@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -216,7 +217,20 @@ def test_convert_pathlike_and_permissions(images, tmp_path):
     dst = tmp_path / "out.raw"
     qcowfast.convert(image.path, dst)                  # os.PathLike for both
     assert_same_bytes(dst.read_bytes(), reference_raw(image.path), "PathLike conversion")
-    assert dst.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert dst.stat().st_mode & 0o777 == 0o644 & ~mask         # QEMU's 0644, under the umask
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o002, 0o077])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_new_output_mode_is_qemu_imgs(images, tmp_path, umask, fmt):
+    """A new output gets the mode qemu-img gives it (0644 under the umask), never 0666."""
+    image = images.get("c4k-v3")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for argv in ([sys.executable, "-m", "qcowfast", "convert", "-q", "-O", fmt, image.path,
+                  ours], ["qemu-img", "convert", "-O", fmt, image.path, theirs]):
+        subprocess.run(argv, check=True, preexec_fn=lambda: os.umask(umask))
+    assert stat.S_IMODE(ours.stat().st_mode) == stat.S_IMODE(theirs.stat().st_mode) \
+        == 0o644 & ~umask
 
 
 def test_convert_relative_dst_default_threads(images, tmp_path, monkeypatch):

@@ -121,6 +121,17 @@ def test_top_image_held_for_writing(chain, hold, tmp_path):
     proc = run_cli("info", top)
     assert proc.returncode == 1 and "-U" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert run_cli("info", "-U", top).returncode == 0
+    # check too: a script gating on `qemu-img check` must not pass an image in use.
+    with pytest.raises(ImageLocked) as exc:
+        qcowfast.check(top)
+    _assert_locked_error(exc.value, top)
+    assert qcowfast.check(top, force_share=True).exit_code == 0
+    for argv in ([], ["-q"], ["--output=json"]):
+        ours = run_cli("check", *argv, top)
+        theirs = subprocess.run(["qemu-img", "check", *argv, top], capture_output=True)
+        assert ours.returncode == 1 == theirs.returncode and ours.stdout == "", ours
+        assert "-U" in ours.stderr and len(ours.stderr.splitlines()) == 1, ours.stderr
+    assert run_cli("check", "-U", top).returncode == 0
 
 
 def test_backing_file_held_for_writing(chain, hold, tmp_path):

@@ -327,6 +327,28 @@ def test_block_device_written_in_place(src, tmp_path, loop_device):
     assert data[VSIZE:] == tail
 
 
+def test_host_device_output_format(src, tmp_path, loop_device):
+    """`-O host_device` (ironic/bifrost: `-t directsync -O host_device IMG /dev/sdX`) writes
+    the raw bytes into the device, as qemu-img does; a file is refused, as qemu-img refuses."""
+    ours, theirs = loop_device(VSIZE + M), loop_device(VSIZE + M)
+    argv = ["-f", "qcow2", "-t", "directsync", "-O", "host_device", src]
+    proc = subprocess.run(_cli("convert", *argv, ours), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    subprocess.run(["qemu-img", "convert", *map(str, argv), theirs], check=True)
+    assert_same_bytes(_device_bytes(ours), _device_bytes(theirs), "-O host_device")
+    assert_same_bytes(_device_bytes(ours)[:VSIZE], reference_raw(src), "-O host_device")
+    for dst in (tmp_path / "file.raw", tmp_path / "missing.raw"):
+        if dst.name == "file.raw":
+            dst.write_bytes(b"\xff" * M)
+        proc = subprocess.run(_cli("convert", "-O", "host_device", src, dst),
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "host_device" in proc.stderr and "Traceback" not in proc.stderr
+        assert subprocess.run(["qemu-img", "convert", "-O", "host_device", src, dst],
+                              capture_output=True).returncode == 1
+    assert (tmp_path / "file.raw").read_bytes() == b"\xff" * M and not dst.exists()
+
+
 def test_block_device_too_small_or_holding_the_source_refused(src, tmp_path, loop_device):
     small = loop_device(2 * M)
     with pytest.raises(OutputError, match="smaller"):
