@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -74,7 +76,10 @@ def read_jobs(args) -> list[dict]:
         return jobs
     if args.sources:
         raise ValueError("SRC arguments go with --target-dir, not with --jobs")
-    stream = sys.stdin if args.jobs == "-" else open(args.jobs, encoding="utf-8")
+    # A BOM is skipped; names that are not UTF-8 keep their bytes (surrogate escapes).
+    stream = (io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape")
+              if args.jobs == "-" else
+              open(args.jobs, encoding="utf-8-sig", errors="surrogateescape"))
     jobs = []
     with stream:
         for number, line in enumerate(stream, 1):
@@ -88,6 +93,9 @@ def read_jobs(args) -> list[dict]:
                     raise ValueError(f"{args.jobs}:{number}: invalid JSON: {exc.msg}") from None
                 if not isinstance(job, dict) or "src" not in job or "dst" not in job:
                     raise ValueError(f"{args.jobs}:{number}: a job needs \"src\" and \"dst\"")
+                if not (isinstance(job["src"], str) and isinstance(job["dst"], str)):
+                    raise ValueError(f"{args.jobs}:{number}: \"src\" and \"dst\" must be "
+                                     "strings")
             else:
                 words = text.split()
                 if len(words) != 2:
@@ -99,7 +107,14 @@ def read_jobs(args) -> list[dict]:
 
 
 def _common_options(args) -> dict:
-    from .cli import parse_size
+    from .cli import parse_size as parse_arg
+
+    def parse_size(text: str) -> int:
+        try:
+            return parse_arg(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+
     options = {}
     if args.output_format != "raw":
         options["format"] = args.output_format
@@ -146,9 +161,24 @@ def cmd_convert_many(args) -> int:
         print(f"qcowfast convert-many: {exc}", file=sys.stderr)
         return 1
     jobs = [{**common, **job} for job in jobs]
+    if args.report:
+        try:
+            _check_report_path(args.report, jobs)
+        except ValueError as exc:
+            print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+            return 1
     show = args.progress and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr, "converting") if show else None
     lock = threading.Lock()
+    stderr_gone = []                        # a closed stderr ends the lines, not the batch
+
+    def say(line: str) -> None:
+        if stderr_gone:
+            return
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            stderr_gone.append(True)
 
     def on_result(i, job, result):
         if args.quiet:
@@ -162,9 +192,7 @@ def cmd_convert_many(args) -> int:
         else:
             line = f"FAILED  {job.src} -> {job.dst}: {fields['error']}"
         with lock:
-            if bar is not None:
-                sys.stderr.write("\r\x1b[K")
-            print(line, file=sys.stderr, flush=True)
+            say(("\r\x1b[K" if bar is not None else "") + line)
 
     t0 = time.perf_counter()
     try:
@@ -188,14 +216,43 @@ def cmd_convert_many(args) -> int:
         report = {"jobs": entries, "succeeded": len(entries) - failed, "failed": failed,
                   "seconds": round(seconds, 6)}
         try:
-            with open(args.report, "w", encoding="utf-8") as out:
-                json.dump(report, out, indent=2)
-                out.write("\n")
+            _write_report(args.report, report)
         except OSError as exc:
-            print(f"qcowfast convert-many: cannot write report {args.report}: {exc.strerror}",
-                  file=sys.stderr)
+            say(f"qcowfast convert-many: cannot write report {args.report}: {exc.strerror}")
             return 1
     if not args.quiet:
-        print(f"qcowfast: {len(entries) - failed} of {len(entries)} jobs succeeded in "
-              f"{seconds:.2f} s", file=sys.stderr)
+        say(f"qcowfast: {len(entries) - failed} of {len(entries)} jobs succeeded in "
+            f"{seconds:.2f} s")
     return 1 if failed else 0
+
+
+def _check_report_path(path: str, jobs: list[dict]) -> None:
+    """Before any job runs: the report can be written where asked, and is no job's file."""
+    real = os.path.realpath(path)
+    for job in jobs:
+        for role in ("src", "dst"):
+            if os.path.realpath(job[role]) == real:
+                raise ValueError(f"--report {path}: also the {role} of job {job['src']} -> "
+                                 f"{job['dst']}")
+    if os.path.isdir(path):
+        raise ValueError(f"--report {path}: is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--report {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"--report {path}: directory {directory} is not writable")
+
+
+def _write_report(path: str, report: dict) -> None:
+    """Write the JSON report whole or not at all (a temporary file renamed over `path`)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.report-tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as out:
+            json.dump(report, out, indent=2)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -33,6 +33,11 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
         return exc
 
 
+def _refused(exc: ValueError) -> ValueError:
+    """The task of a job that must not run (fleet.conflicts): its reason, as its result."""
+    return exc
+
+
 def _threads_for_this_worker(host_slots: dict) -> int:
     """Cores per task slot on this host: conversions on one host share its cores, whichever
     worker process runs them (`host_slots`: task slots of all workers, by host)."""
@@ -77,6 +82,7 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     from distributed import get_client
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
+    refused = fleet.conflicts(jobs)
     client = client or get_client()
     workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}
     if resources:
@@ -90,9 +96,10 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
         # in one graph: submitted one by one, the first ones would start before the scheduler
         # knows the larger ones exist. The call is bound in a partial, which Dask does not
         # traverse (it would rebuild the Job dataclass in a task of its own).
+        call = (partial(_refused, refused[i]) if i in refused else
+                partial(_task, job, threads, skip_existing, overwrite, host_slots))
         with dask.annotate(priority=fleet.guest_size(job)):
-            tasks.append(dask.delayed(partial(_task, job, threads, skip_existing, overwrite,
-                                              host_slots), pure=False)(
+            tasks.append(dask.delayed(call, pure=False)(
                 dask_key_name=f"{KEY_PREFIX}-{batch}-{i}"))
     return client.compute(tasks, optimize_graph=False, resources=resources, retries=retries)
 
@@ -105,7 +112,8 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     Parameters
     ----------
     jobs : iterable
-        As for `qcowfast.convert_many`; paths must be visible to every worker.
+        As for `qcowfast.convert_many` (conflicting jobs get a ValueError result there too);
+        paths must be visible to every worker.
     client : distributed.Client, optional
         The cluster to use (default: the current client, `distributed.get_client()`).
     threads : int, optional

@@ -15,13 +15,13 @@ import os
 import resource
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
 from .errors import QcowError
 
-TEMP_SUFFIX = ".qcowfast-tmp"      # convert's temporary outputs: .<name>.<random>.qcowfast-tmp
+from .output import LOCKED_AT_BIRTH, TMP_SUFFIX as TEMP_SUFFIX   # .<name>.<random><suffix>
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
 MAX_WORKERS = 64
 FRESH_SECONDS = 2.0
@@ -51,12 +51,44 @@ def as_job(spec) -> Job:
             src, dst = options.pop("src"), options.pop("dst")
         except KeyError as exc:
             raise ValueError(f"job {spec!r} has no {exc.args[0]!r}") from None
-        return Job(os.fspath(src), os.fspath(dst), options)
+    else:
+        try:
+            src, dst = spec
+        except (TypeError, ValueError):
+            raise ValueError(f"job {spec!r} is neither a (src, dst) pair nor a dict") from None
+        options = {}
     try:
-        src, dst = spec
-    except (TypeError, ValueError):
-        raise ValueError(f"job {spec!r} is neither a (src, dst) pair nor a dict") from None
-    return Job(os.fspath(src), os.fspath(dst))
+        return Job(os.fspath(src), os.fspath(dst), options)
+    except TypeError:
+        raise ValueError(f"job {spec!r}: src and dst must be paths (str or os.PathLike)") \
+            from None
+
+
+def _same_file_key(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
+    """Jobs that must not run, by index: a destination an earlier job also writes (only one
+    output could survive), or a source another job writes (what it reads would depend on the
+    order the jobs happen to run in)."""
+    writers: dict[str, int] = {}
+    refused: dict[int, ValueError] = {}
+    for i, job in enumerate(jobs):
+        key = _same_file_key(job.dst)
+        if key in writers:
+            first = writers[key]
+            refused[i] = ValueError(f"{job.dst}: also the destination of job {first} "
+                                    f"({jobs[first].src}); each output needs its own job")
+        else:
+            writers[key] = i
+    for i, job in enumerate(jobs):
+        writer = writers.get(_same_file_key(job.src))
+        if writer is not None and writer != i and i not in refused:
+            refused[i] = ValueError(f"{job.src}: the destination of job {writer} of this batch; "
+                                    "convert it in a later batch (the order jobs run in is "
+                                    "not fixed)")
+    return refused
 
 
 def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:
@@ -76,21 +108,25 @@ def sweep_stale_temps(dst: str) -> list[str]:
     A conversion holds an exclusive flock on its temporary file while it writes, so a file that
     can be locked is no one's: it was left by a process that died.
     """
-    candidates = set()
+    candidates = {}
     for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
+        prefix = f".{os.path.basename(name)}."
         pattern = os.path.join(glob.escape(os.path.dirname(name)),
-                               f".{glob.escape(os.path.basename(name))}.*{TEMP_SUFFIX}")
-        candidates.update(glob.glob(pattern))
+                               f"{glob.escape(prefix)}*{TEMP_SUFFIX}")
+        for path in glob.glob(pattern):
+            candidates[path] = os.path.basename(path)[len(prefix):].startswith(LOCKED_AT_BIRTH)
     removed = []
-    for path in sorted(candidates):
+    for path, born_locked in sorted(candidates.items()):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # A conversion creates its file, then locks it: leave files younger than that gap.
-            if time.time() - os.fstat(fd).st_mtime >= FRESH_SECONDS:
+            # A file that got its name already locked (output.py: O_TMPFILE, flock, link) is
+            # no one's as soon as it can be locked. Others were named first and locked after:
+            # leave those younger than that gap.
+            if born_locked or time.time() - os.fstat(fd).st_mtime >= FRESH_SECONDS:
                 os.unlink(path)
                 removed.append(path)
         except OSError:
@@ -162,9 +198,10 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
     """Run one job; return its ConvertResult or Skipped, raise what convert raised."""
     from .convert import convert
     sweep_stale_temps(job.dst)
-    if skip_existing and os.path.isfile(job.dst):
+    if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
         # convert publishes only complete outputs (rename on success), so an existing regular
-        # file at dst is a finished earlier run.
+        # file at dst is a finished earlier run. Not so for in-place jobs (existing=True): a
+        # killed one leaves a partial output, so they always run.
         return Skipped(job.dst, "destination exists")
     options = {"overwrite": overwrite, **job.options}
     if threads is not None:
@@ -191,6 +228,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     on_error : "continue" or "stop"
         "stop" starts no new job after the first failure; jobs not started get a
         `concurrent.futures.CancelledError` as their result.
+        Jobs that would write the same destination (after the first), or read another job's
+        destination, are not run: their result is a ValueError saying why.
     progress : callable(done_bytes, total_bytes), optional
         One progress stream for the whole batch (guest bytes of all jobs).
     skip_existing : bool
@@ -201,6 +240,12 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         Replace existing destinations (a job's own "overwrite" option wins).
     on_result : callable(index, job, result), optional
         Called as each job ends (from a worker thread), e.g. to print a summary line.
+
+    An exception in the calling thread while the batch runs (KeyboardInterrupt, a signal
+    handler's, or one raised by `on_result`) stops it: no job starts any more, running jobs
+    stop at their next unit of work and remove their temporary outputs, and the exception
+    propagates once they have (or after CANCEL_WAIT_SECONDS). One raised by `progress` ends
+    the job that called it.
 
     Returns
     -------
@@ -214,6 +259,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         raise ValueError("on_error must be 'continue' or 'stop'")
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
+    refused = conflicts(jobs)
     workers = workers or default_workers(threads)
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -222,33 +268,66 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     sizes = [guest_size(j) for j in jobs]
     batch = _Progress(progress, sum(sizes))
     results: list[Any] = [None] * len(jobs)
-    stop = threading.Event()
+    first_failure: list[str] = []           # the source of the job that stopped the batch
+    cancel = threading.Event()              # the caller is unwinding: abort every job
+
+    def job_progress(i: int):
+        report = batch.for_job(i)
+
+        def check_in(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise Cancelled("the batch was interrupted")
+            if report is not None:
+                report(done, total)
+        return check_in
 
     def one(i: int):
         job = jobs[i]
-        if stop.is_set():
-            result = CancelledError(f"not started: an earlier job failed ({job.src})")
+        if cancel.is_set():
+            result = CancelledError("not started: the batch was interrupted")
+        elif first_failure:
+            result = CancelledError(f"not started: an earlier job failed ({first_failure[0]})")
+        elif i in refused:
+            result = refused[i]
         else:
             try:
                 result = run_job(job, threads=threads, skip_existing=skip_existing,
-                                 overwrite=overwrite, progress=batch.for_job(i))
-            except (QcowError, OSError, ValueError, MemoryError) as exc:
+                                 overwrite=overwrite, progress=job_progress(i))
+            except Exception as exc:        # noqa: BLE001 - the job's result, as in futures
                 result = exc
-                if on_error == "stop":
-                    stop.set()
+        if isinstance(result, Exception) and not isinstance(result, CancelledError) \
+                and on_error == "stop" and not first_failure:
+            first_failure.append(job.src)
         results[i] = result
         batch.job_ended(i, sizes[i])
         if on_result is not None:
             on_result(i, job, result)
 
-    with ThreadPoolExecutor(min(workers, max(1, len(jobs))),
-                            thread_name_prefix="qcowfast-job") as pool:
-        # Largest first: a big image started last would leave the other slots idle at the end.
-        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
-        futures = [pool.submit(one, i) for i in order]
+    pool = ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="qcowfast-job")
+    # Largest first: a big image started last would leave the other slots idle at the end.
+    order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+    futures = [pool.submit(one, i) for i in order]
+    try:
         for fut in futures:
             fut.result()
+    except BaseException:
+        # Ctrl-C, a signal turned into an exception, or a raising callback: start nothing
+        # more, make the running conversions stop at their next unit (each removes its
+        # temporary output), and wait a bounded time for them before passing it on.
+        cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        # (A future cancelled from the queue never counts as done for wait(): leave those out.)
+        wait([f for f in futures if not f.cancelled()], timeout=CANCEL_WAIT_SECONDS)
+        raise
+    pool.shutdown()
     return results
+
+
+class Cancelled(QcowError):
+    """A job stopped because the batch was interrupted (its output was removed)."""
+
+
+CANCEL_WAIT_SECONDS = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:

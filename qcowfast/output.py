@@ -24,6 +24,8 @@ import sys
 from .errors import OutputError, QcowError
 
 TMP_SUFFIX = ".qcowfast-tmp"
+LOCKED_AT_BIRTH = "l"       # starts the random part of a temporary name that was locked before
+                            # it had a name ("l" is no hex digit)
 # Errors that can only come from the output side; others are left to the reader's handling.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -55,6 +57,47 @@ def _mkstemp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
             continue
         return fd, path
     raise FileExistsError(errno.EEXIST, "no unused temporary name", directory)
+
+
+def _locked_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """(fd, path) of a new file in `directory`, mode 0600, holding an exclusive flock.
+
+    Where the file system has O_TMPFILE, the file is locked before it gets its name (linked in
+    from /proc/self/fd), so a sweeper that can lock a temporary file knows it is an orphan;
+    those names start their random part with LOCKED_AT_BIRTH. Elsewhere (NFS, FUSE) the file
+    is created, then locked: the sweeper leaves such files alone while they are young.
+    """
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (OSError, AttributeError):
+        fd = -1
+    if fd >= 0:
+        dir_fd = -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            for _ in range(100):
+                name = f"{prefix}{LOCKED_AT_BIRTH}{os.urandom(6).hex()}{suffix}"
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW): os.link only uses linkat when given a dir_fd.
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
+                    return fd, os.path.join(directory, name)
+                except FileExistsError:
+                    continue
+        except OSError:
+            pass                            # no /proc, or links refused: the plain way
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+        os.close(fd)
+    fd, path = _mkstemp(directory, prefix, suffix)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, path
 
 
 def _umask() -> int:
@@ -282,15 +325,14 @@ class FileOutput:
 
     def _open_temp(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
+        # The flock is held until the file is published or removed: a temporary file nobody
+        # holds was left by a killed run (fleet.sweep_stale_temps removes those).
         try:
-            self.fd, self.tmp = _mkstemp(directory, f".{os.path.basename(self.path)}.",
-                                         TMP_SUFFIX)
+            self.fd, self.tmp = _locked_temp(directory, f".{os.path.basename(self.path)}.",
+                                             TMP_SUFFIX)
         except OSError as exc:
             raise OutputError(f"cannot create a temporary file beside {self.name} in "
                               f"{directory}: {exc.strerror}") from None
-        # Held until the file is published or removed: a temporary file nobody holds was left
-        # by a killed run (fleet.sweep_stale_temps removes those).
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def _open_in_place(self) -> None:
         flags = os.O_WRONLY | os.O_CLOEXEC

@@ -181,3 +181,18 @@ def test_all_jobs_reach_the_scheduler_in_one_graph_largest_first(client, tmp_pat
     assert [int(k.rsplit("-", 1)[1]) for k in by_priority] == [5, 4, 3, 2, 1, 0], graphs
     for job in jobs:
         assert Path(job["dst"]).read_bytes() == Path(job["src"]).read_bytes()
+
+
+def test_conflicting_jobs_are_refused_as_values(client, images, tmp_path):
+    """The same rule as convert_many: a second writer of one output, and a job reading another
+    job's output, get a ValueError in their slot; the others run."""
+    a, b = images.get(IMAGES[0]).path, images.get(IMAGES[1]).path
+    out = tmp_path / "out.raw"
+    results = qdask.convert_many([(a, out), (b, out), (out, tmp_path / "next.raw"),
+                                  (b, tmp_path / "b.raw")], client)
+    assert isinstance(results[0], qcowfast.ConvertResult)
+    assert isinstance(results[1], ValueError) and "destination of job 0" in str(results[1])
+    assert isinstance(results[2], ValueError) and "destination of job 0" in str(results[2])
+    assert isinstance(results[3], qcowfast.ConvertResult)
+    assert_same_bytes(out.read_bytes(), reference_raw(a), "the first writer's output")
+    assert not (tmp_path / "next.raw").exists()

@@ -10,15 +10,20 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
 
 import qcowfast
-from common import assert_same_bytes, reference_raw, run_cli
+from common import assert_same_bytes, qemu_img, qemu_io, reference_raw, run_cli
 from qcowfast.fleet import Skipped, convert_many, sweep_stale_temps
+from qcowfast.output import LOCKED_AT_BIRTH
 
 GOOD = ("c64k-v3-zlib", "c4k-chain3-short-base", "c64k-v3-zstd", "c512-v3-zlib")
 TMP_SUFFIX = ".qcowfast-tmp"
@@ -225,3 +230,177 @@ def test_cli_usage_errors(tmp_path):
     bad.write_text("only-one-word\n")
     r = run_cli("convert-many", "--jobs", bad)
     assert r.returncode == 1 and ":1:" in r.stderr
+
+
+def _image_with_data(path: Path, size_mib: int, data_mib: int) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", path, f"{size_mib}M")
+    qemu_io(path, f"write -P 0x6b 0 {data_mib}M")
+    return path
+
+
+def test_conflicting_jobs_are_refused_and_the_rest_run(images, tmp_path):
+    """Two jobs writing one output (only one could survive) and a job reading another job's
+    output (what it reads would depend on the order): refused as values, the rest run."""
+    a, b = images.get(GOOD[0]).path, images.get(GOOD[2]).path
+    out = tmp_path / "out.raw"
+    jobs = [(a, out), (b, tmp_path / "." / "out.raw"), (out, tmp_path / "final.raw"),
+            (b, tmp_path / "b.raw")]
+    results = convert_many(jobs, workers=2)
+    assert isinstance(results[0], qcowfast.ConvertResult)
+    assert isinstance(results[1], ValueError) and "also the destination of job 0" in \
+        str(results[1])
+    assert isinstance(results[2], ValueError) and "destination of job 0" in str(results[2])
+    assert isinstance(results[3], qcowfast.ConvertResult)
+    assert_same_bytes(out.read_bytes(), reference_raw(a), "the first writer's output")
+    assert not (tmp_path / "final.raw").exists()
+
+
+def test_any_exception_is_the_jobs_result(images, tmp_path):
+    """A wrong option type fails that job (as a value), never the batch; a job whose src or
+    dst is no path is refused before anything runs."""
+    good = images.get(GOOD[0]).path
+    results = convert_many([{"src": good, "dst": tmp_path / "x.raw", "backing_dirs": 5},
+                            {"src": good, "dst": tmp_path / "y.raw", "max_output_size": "1"},
+                            (good, tmp_path / "z.raw")], on_error="continue")
+    assert isinstance(results[0], TypeError) and isinstance(results[1], TypeError), results
+    assert isinstance(results[2], qcowfast.ConvertResult)
+    assert not (tmp_path / "x.raw").exists() and not (tmp_path / "y.raw").exists()
+    for spec in ({"src": 5, "dst": "x.raw"}, {"src": None, "dst": "x.raw"}, (good, {"a": 1})):
+        with pytest.raises(ValueError, match="must be paths"):
+            convert_many([spec])
+    _no_litter(tmp_path)
+
+
+def test_stop_names_the_job_that_failed(images, tmp_path):
+    bad = _corrupt_copy(images, tmp_path)       # the largest: it runs first with one slot
+    small = images.get("c64k-v3-tiny").path
+    results = convert_many([(small, tmp_path / "s.raw"), (bad, tmp_path / "b.raw")],
+                           workers=1, on_error="stop")
+    assert isinstance(results[0], CancelledError) and str(bad) in str(results[0])
+
+
+def test_killed_run_leaves_nothing_for_the_next(tmp_path):
+    """A run SIGKILLed mid-conversion leaves a temporary file; the next run (at once, not 2 s
+    later) removes it: the file was locked before it had a name, so lockable means orphan."""
+    src = _image_with_data(tmp_path / "big.qcow2", 256, 256)
+    dst = tmp_path / "out.raw"
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "convert", "-q", src, dst])
+    try:
+        deadline = time.monotonic() + 60
+        while not (temps := [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]):
+            assert proc.poll() is None and time.monotonic() < deadline, "no temporary file"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    if dst.exists():
+        pytest.skip("the conversion finished before it was killed")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]
+    assert temps[0].name.startswith(f".out.raw.{LOCKED_AT_BIRTH}")
+    results = convert_many([(src, dst)], skip_existing=True)
+    assert isinstance(results[0], qcowfast.ConvertResult)
+    assert_same_bytes(dst.read_bytes(), b"\x6b" * (256 << 20), "after a killed run")
+    _no_litter(tmp_path)
+
+
+def test_skip_existing_never_skips_in_place_jobs(images, tmp_path):
+    """An in-place output (existing=True) may be a killed run's partial one: it runs again."""
+    src = images.get(GOOD[0]).path
+    ref = reference_raw(src)
+    dst = tmp_path / "inplace.raw"
+    dst.write_bytes(b"\xee" * len(ref))                 # as a killed run left it
+    result, = convert_many([{"src": src, "dst": dst, "existing": True}], skip_existing=True)
+    assert isinstance(result, qcowfast.ConvertResult)
+    assert_same_bytes(dst.read_bytes(), ref, "in-place job under skip_existing")
+
+
+def test_raising_callback_stops_the_batch(tmp_path):
+    """on_result raising in the middle: nothing starts any more, running jobs stop and remove
+    their temporary files, and the exception reaches the caller."""
+    src = _image_with_data(tmp_path / "img.qcow2", 64, 64)
+    jobs = [(src, tmp_path / f"o{i}.raw") for i in range(40)]
+
+    def on_result(i, job, result):
+        raise RuntimeError("callback broke")
+
+    with pytest.raises(RuntimeError, match="callback broke"):
+        convert_many(jobs, workers=2, on_result=on_result)
+    assert len(list(tmp_path.glob("o*.raw"))) < len(jobs)
+    _no_litter(tmp_path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_signal_stops_the_batch(tmp_path, signum):
+    """SIGTERM/SIGINT: no new job starts, the running ones remove their temporary files, and
+    the process ends by the signal (it used to run every queued job first)."""
+    src = _image_with_data(tmp_path / "img.qcow2", 64, 64)
+    jobs = tmp_path / "jobs"
+    jobs.write_text("".join(f"{src} {tmp_path}/o{i}.raw\n" for i in range(60)))
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "convert-many", "-q",
+                             "--jobs", jobs, "--report", tmp_path / "report.json"],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("o*.raw")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signum, err
+    assert b"Traceback" not in err
+    assert len(list(tmp_path.glob("o*.raw"))) < 60
+    assert not (tmp_path / "report.json").exists()
+    _no_litter(tmp_path)
+
+
+def test_cli_report_checked_before_any_job(images, tmp_path):
+    src = images.get(GOOD[0]).path
+    jobs = tmp_path / "jobs"
+    jobs.write_text(f"{src} {tmp_path}/out.raw\n")
+    for report, words in ((tmp_path / "out.raw", "also the dst"), (src, "also the src"),
+                          (tmp_path / "nodir" / "r.json", "does not exist"),
+                          (tmp_path, "is a directory")):
+        r = run_cli("convert-many", "--jobs", jobs, "--report", report)
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+        assert not (tmp_path / "out.raw").exists()
+    assert_same_bytes(Path(src).read_bytes(), Path(images.get(GOOD[0]).path).read_bytes(),
+                      "source untouched")
+
+
+def test_cli_closed_stderr_keeps_exit_code_and_report(images, tmp_path):
+    """`convert-many ... 2>&1 | head -c 10`: the lines stop, the batch, its report and its exit
+    status (1: a job failed) do not."""
+    good = images.get(GOOD[0]).path
+    jobs = tmp_path / "jobs"
+    jobs.write_text(f"{good} {tmp_path}/a.raw\n{tmp_path}/missing.qcow2 {tmp_path}/b.raw\n"
+                    + "".join(f"{good} {tmp_path}/c{i}.raw\n" for i in range(30)))
+    report = tmp_path / "report.json"
+    shell = (f"'{sys.executable}' -m qcowfast convert-many --workers 1 --jobs '{jobs}' "
+             f"--report '{report}' 2>&1 >/dev/null | head -c 10 >/dev/null; "
+             "echo ${PIPESTATUS[0]}")
+    status = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert status.stdout.strip() == "1", status
+    data = json.loads(report.read_text())
+    assert data["failed"] == 1 and data["succeeded"] == 31
+
+
+def test_cli_jobs_file_details(images, tmp_path):
+    """A UTF-8 BOM is skipped; a bad -S is one line, not a traceback; JSON src must be a
+    string."""
+    src = images.get(GOOD[0]).path
+    jobs = tmp_path / "jobs"
+    jobs.write_bytes(b"\xef\xbb\xbf" + f"{src} {tmp_path}/bom.raw\n".encode())
+    r = run_cli("convert-many", "-q", "--jobs", jobs)
+    assert r.returncode == 0, r.stderr
+    assert_same_bytes((tmp_path / "bom.raw").read_bytes(), reference_raw(src), "BOM jobs file")
+    for argv in (["-S", "abc"], ["-o", "cluster_size=abc", "-O", "qcow2"]):
+        r = run_cli("convert-many", *argv, "--jobs", jobs)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "abc" in r.stderr
+    jobs.write_text(json.dumps({"src": 5, "dst": "x.raw"}) + "\n")
+    r = run_cli("convert-many", "--jobs", jobs)
+    assert r.returncode == 1 and ":1:" in r.stderr and "Traceback" not in r.stderr
