@@ -84,9 +84,18 @@ def _entry_problem(e: tuple, header: Header) -> str | None:
     phys = table_size * cs
     if phys > BME_MAX_PHYS_SIZE:
         return f"its bitmap data would take {phys} bytes (limit {BME_MAX_PHYS_SIZE})"
-    if not flags & BME_FLAG_IN_USE and header.size // 512 * 512 > (phys * 8) << gran:
-        return "its bitmap table is too small for the virtual size"
+    if not flags & BME_FLAG_IN_USE and table_size != table_clusters(header, gran):
+        # load_bitmap_data(): the table must be exactly as long as the serialized bitmap
+        # (one bit per granule, in 64-bit words) needs; QEMU fails the open with EINVAL.
+        return (f"its bitmap table has {table_size} entries where the virtual size needs "
+                f"{table_clusters(header, gran)}")
     return None
+
+
+def table_clusters(header: Header, granularity_bits: int) -> int:
+    """Clusters of a bitmap's serialized data (hbitmap_serialization_size())."""
+    bits = -(-(header.size // 512 * 512) // (1 << granularity_bits))
+    return -(-(-(-bits // 64) * 8) // header.cluster_size)
 
 
 def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitmap]:
@@ -131,8 +140,9 @@ def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitma
             raise CorruptImage("bitmap directory entry has extra data, which QEMU does not "
                                "support")
         name_start = pos + _DIR_ENTRY.size + extra_size
-        raw_name = data[name_start:name_start + name_size]
-        name = raw_name.decode("utf-8", "surrogateescape")     # bytes kept, as QEMU prints them
+        # g_strndup(): the name ends at a NUL byte; other bytes kept, as QEMU prints them.
+        raw_name = data[name_start:name_start + name_size].split(b"\0", 1)[0]
+        name = raw_name.decode("utf-8", "surrogateescape")
         problem = _entry_problem(e, header)
         if problem:
             raise CorruptImage(f"bitmap {name!r} is invalid: {problem}")
@@ -172,7 +182,15 @@ def check_bitmaps_at_open(fd: int, header: Header, file_size: int) -> None:
     the file is read at most once, however many tables overlap.
     Raises FormatError, TruncatedImage or CorruptImage.
     """
-    loaded = [bm for bm in read_bitmap_directory(fd, header, file_size) if not bm.in_use]
+    bitmaps = read_bitmap_directory(fd, header, file_size)
+    seen = set()
+    for bm in bitmaps:
+        # Each bitmap becomes a BdrvDirtyBitmap of its name; a name already taken is an error,
+        # except for a bitmap in use, which QEMU then skips (qcow2_load_dirty_bitmaps()).
+        if bm.name in seen and not bm.in_use:
+            raise CorruptImage(f"Bitmap already exists: {bm.name}")
+        seen.add(bm.name)
+    loaded = [bm for bm in bitmaps if not bm.in_use]
     spans = sorted((bm.table_offset, min(bm.table_offset + bm.table_size * 8, file_size))
                    for bm in loaded if bm.table_offset < file_size)
     if not spans:

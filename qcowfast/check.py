@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bitmaps import (
-    BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, read_bitmap_directory,
+    BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, check_bitmaps_at_open,
+    read_bitmap_directory,
 )
 from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
@@ -732,7 +733,8 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
         opened.close()
 
 
-def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckResult:
+def check(path, *, progress=None, backing_dirs=(), force_share=False,
+          probe: bool = True) -> CheckResult:
     """Check a QCOW2 image's metadata read-only, as `qemu-img check` does (without repairs).
 
     Parameters
@@ -747,6 +749,10 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
     force_share : bool
         Check the image (and open its backing chain) even when a running QEMU holds it open
         for writing (-U); otherwise that raises ImageLocked, as qemu-img refuses.
+    probe : bool
+        Decide the format as qemu-img's probe does (True, as without -f): a file with the
+        QCOW2 magic but version 0 or 1 is not QCOW2 (NotChecked). False (-f qcow2): it is a
+        broken QCOW2 image (QcowError).
 
     Returns
     -------
@@ -773,19 +779,29 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False) -> CheckRe
         # OSErrors); directories, FIFOs, sockets and devices are refused before any read.
         opened = open_file(name, "image", block_devices=False)
     except QcowError as exc:
-        raise _reworded(exc, f"Could not open {name!r}: {exc}") from exc
+        raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
     fd = opened.detach()
     try:
         st = os.fstat(fd)
-        if os.pread(fd, 4, 0) != QCOW_MAGIC:
+        head = os.pread(fd, 8, 0)
+        if head[:4] != QCOW_MAGIC:
             raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
+        # The probe reads 2 KiB, zeros past the end of the file: a 4-byte file is version 0.
+        version = int.from_bytes(head[4:8].ljust(4, b"\0"), "big")
+        if probe and version < 2:
+            # qcow2_probe() wants version >= 2: qemu-img takes such a file as raw (or as QCOW
+            # version 1), formats it cannot check either.
+            raise NotChecked(f"{name} is not a QCOW2 image (QCOW2 magic, but version "
+                             f"{version}); only QCOW2 images can be checked")
         try:
             if not force_share:             # qemu-img check takes QEMU's locks as info does
                 check_not_locked(fd, name)
             header = read_header(fd, st.st_size, tables_in_file=False)
+            if header.bitmaps is not None:      # loaded at open, as qemu-img check opens
+                check_bitmaps_at_open(fd, header, st.st_size)
             _open_chain(name, (st.st_dev, st.st_ino), header, tuple(backing_dirs), force_share)
         except QcowError as exc:
-            raise _reworded(exc, f"Could not open {name!r}: {exc}") from exc
+            raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
         result = CheckResult(filename=name)
         result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
         try:

@@ -245,11 +245,15 @@ def _check_format(args) -> int:
         return 63
     if args.format == "qcow2":
         from .constants import QCOW_MAGIC
-        fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            magic = os.pread(fd, 4, 0)
-        finally:
-            os.close(fd)
+            fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                magic = os.pread(fd, 4, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
+            return 1
         if magic != QCOW_MAGIC:
             print(f"qcowfast: Could not open '{args.image}': Image is not in qcow2 format",
                   file=sys.stderr)
@@ -374,6 +378,7 @@ def convert_arguments(args) -> tuple[str, str, dict]:
 
     Raises CliError for command lines qcowfast refuses.
     """
+    from .snapshots import choose_snapshot_option
     for option in getattr(args, "unsupported", []):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
     if args.extra:
@@ -416,7 +421,8 @@ def convert_arguments(args) -> tuple[str, str, dict]:
               target_is_zero=args.target_is_zero, force_share=args.force_share,
               direct=args.cache in ("none", "off", "directsync"),
               fsync=args.fsync or args.cache in ("writethrough", "directsync"),
-              backing_dirs=args.allow_backing_dir, snapshot=args.snapshot,
+              backing_dirs=args.allow_backing_dir,
+              snapshot=choose_snapshot_option(args.snapshot),
               max_stream_size=args.max_stream_size or None)
     return args.src, args.dst, kw
 
@@ -491,7 +497,7 @@ def cmd_check(args) -> int:
         with _progress(args, sys.stderr, 1.0) as progress:
             result = check(args.image, progress=progress,
                            backing_dirs=args.allow_backing_dir,
-                           force_share=args.force_share)
+                           force_share=args.force_share, probe=args.format is None)
     except NotChecked as exc:
         print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
               file=sys.stderr)
@@ -507,8 +513,8 @@ def cmd_check(args) -> int:
         print(line, file=sys.stderr)
     if not args.quiet:
         if args.output == "json":
-            import json
-            sys.stdout.write(json.dumps(result.to_json(), indent=4) + "\n")
+            from .info import qemu_json
+            sys.stdout.write(qemu_json(result.to_json()) + "\n")
         else:
             sys.stdout.write(result.format_human())
     if result.check_errors:
@@ -604,9 +610,10 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("-S", dest="sparse_size", type=sparse_size, default=4096, metavar="SIZE",
                    help="zero runs of SIZE bytes are left as holes: a multiple of 512 up to 16M "
                         "(default 4k; 0 writes a fully allocated file)")
-    p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", default=None,
+    p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", action="append", default=[],
                    help="convert an internal snapshot: snapshot.id=ID, snapshot.name=NAME, or "
-                        "ID_OR_NAME")
+                        "ID_OR_NAME (given more than once: the last snapshot.* one, else the "
+                        "last, as qemu-img)")
     _add_progress_options(p, "standard output (standard error when DST is -)")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     clobber = p.add_mutually_exclusive_group()

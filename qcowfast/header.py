@@ -158,8 +158,11 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
             raise TruncatedImage(f"file is {len(data)} bytes, shorter than a version 3 header")
         incompatible, compatible, autoclear, refcount_order, header_length = \
             _V3.unpack_from(data, V2_HEADER_LENGTH)
-        if header_length < V3_HEADER_LENGTH or header_length % 8:
-            raise FormatError(f"header_length {header_length} must be a multiple of 8 and >= 104")
+        # qcow2.txt asks for a multiple of 8; QEMU checks only the minimum (and then reads the
+        # extensions from wherever header_length points, as _parse_extensions does).
+        if header_length < V3_HEADER_LENGTH:
+            raise FormatError(f"header_length {header_length} is below 104 (qcow2 header too "
+                              "short)")
         if header_length > cluster_size:
             raise FormatError(f"header_length {header_length} exceeds the cluster size {cluster_size}")
         if header_length > len(data):

@@ -122,14 +122,24 @@ def _encrypt_info(fd: int, h: Header, file_size: int) -> dict:
     return out
 
 
+def _pstrcpy(text: str, size: int) -> str:
+    """`text` as QEMU's pstrcpy() into a char[size] leaves it: at most size - 1 bytes (a
+    character cut in two stays cut: JSON then shows U+FFFD, as QEMU's)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw[:size - 1].decode("utf-8", "surrogateescape") if len(raw) >= size else text
+
+
 def _snapshot_json(s: Snapshot) -> dict:
     out = {}
     if s.icount != -1:
         out["icount"] = s.icount
-    out.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000, "name": s.name,
-                "date-sec": s.date_sec, "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000, "id": s.id,
-                "vm-state-size": s.vm_state_size})
+    vm_state = s.vm_state_size - (1 << 64) if s.vm_state_size >= 1 << 63 else s.vm_state_size
+    # QEMUSnapshotInfo's id_str[128] and name[256] (qcow2_snapshot_list()); QAPI's
+    # vm-state-size is an int64.
+    out.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                "name": _pstrcpy(s.name, 256), "date-sec": s.date_sec,
+                "date-nsec": s.date_nsec, "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                "id": _pstrcpy(s.id, 128), "vm-state-size": vm_state})
     return out
 
 
@@ -140,6 +150,8 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     require_refcount_table(h)      # qemu-img info opens without BDRV_O_CHECK
     encrypt = _encrypt_info(fd, h, st.st_size) if h.crypt_method else None
     snapshots = read_snapshot_table(fd, h)[0] if h.nb_snapshots else []
+    if h.has_data_file:
+        snapshots = []      # qcow2_snapshot_list(): none with an external data file (ENOTSUP)
     out: dict = {}
     if h.backing_file and h.backing_format:
         out["backing-filename-format"] = h.backing_format
@@ -382,10 +394,11 @@ def _human_one(d: dict) -> list[str]:
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
             clock = _clock(s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"])
             icount = str(s["icount"]) if "icount" in s else ""
-            # printf's %-16s pads bytes, not characters
-            name = s["name"] + " " * (16 - len(s["name"].encode("utf-8", "surrogateescape")))
-            lines.append(f"{s['id']:<9} {name} {size_to_str(s['vm-state-size']):>8}"
-                         f"{date:>20}{clock:>13}{icount:>11}")
+            # printf's %-9s and %-16s pad bytes, not characters; the size is unsigned there
+            ident, name = (t + " " * (width - len(t.encode("utf-8", "surrogateescape")))
+                           for t, width in ((s["id"], 9), (s["name"], 16)))
+            size = size_to_str(s["vm-state-size"] % (1 << 64))
+            lines.append(f"{ident} {name} {size:>8}{date:>20}{clock:>13}{icount:>11}")
     if "format-specific" in d:
         lines.append("Format specific information:")
         _dump_value(lines, d["format-specific"]["data"], 4)

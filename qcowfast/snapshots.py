@@ -181,6 +181,20 @@ def read_snapshots(image) -> list[Snapshot]:
     return _walk(get, start, count, h.size, _STRICT)[0]
 
 
+def _c_text(text: str) -> str:
+    return text.split("\0", 1)[0]
+
+
+def _l1_einval(image, snap: Snapshot) -> bool:
+    """True when QEMU's qcow2_snapshot_load_tmp() fails this snapshot with EINVAL (its L1 table
+    offset is not cluster aligned); a table too large is EFBIG, which QEMU does not retry."""
+    entries = snap.l1_size
+    if entries * 8 > MAX_L1_BYTES:
+        return False
+    return bool(snap.l1_table_offset % image.header.cluster_size
+                or snap.l1_table_offset + entries * 8 >= 1 << 63)
+
+
 def check_l1(image, snap: Snapshot) -> None:
     """Check the L1 table of the snapshot about to be read (QEMU qcow2_snapshot_load_tmp()).
 
@@ -194,7 +208,7 @@ def check_l1(image, snap: Snapshot) -> None:
     if entries * 8 > MAX_L1_BYTES:
         raise FormatError(f"{label}: L1 table too large ({entries} entries, limit "
                           f"{MAX_L1_BYTES // 8})")
-    if offset % h.cluster_size or offset + entries * 8 >= 1 << 63:
+    if _l1_einval(image, snap):
         raise FormatError(f"{label}: L1 table offset {offset:#x} is not aligned to the cluster "
                           f"size {h.cluster_size}")
     if entries and offset + entries * 8 > image.file_size:
@@ -224,12 +238,23 @@ def parse_snapshot_option(text) -> dict:
         return {"id_or_name": text}
     out: dict = {}
     for item in _split_opts(text):
+        if not item:
+            continue                        # "snapshot.id=1," (QEMU skips empty items)
         key, sep, value = item.partition("=")
-        if key not in ("snapshot.id", "snapshot.name") or not sep:
+        if key not in ("snapshot.id", "snapshot.name"):
             raise ValueError(f"invalid snapshot option {item!r} (expected snapshot.id=ID or "
                              "snapshot.name=NAME)")
-        out[key[len("snapshot."):]] = value
+        # A key alone is QEMU's (deprecated) short-form boolean: "on".
+        out[key[len("snapshot."):]] = value if sep else "on"
     return out
+
+
+def choose_snapshot_option(texts: list[str]) -> str | None:
+    """The one of several `qemu-img convert -l` options that counts: the last
+    ``snapshot.*`` one if any, else the last (img_convert keeps the two kinds apart and
+    prefers the first)."""
+    options = [t for t in texts if t.startswith("snapshot.")] or texts
+    return options[-1] if options else None
 
 
 def _split_opts(text: str) -> list[str]:
@@ -275,9 +300,12 @@ def find_snapshot(image, key) -> Snapshot:
     else:
         tries = [select]
         shown = " and ".join(f"{k} {v!r}" for k, v in select.items())
-    for want in tries:
+    for number, want in enumerate(tries):
         for snap in snaps:
-            if all(getattr(snap, k) == v for k, v in want.items()):
+            # strcmp(): an id or name ends at its first NUL byte, as in QEMU's lookup.
+            if all(_c_text(getattr(snap, k)) == _c_text(v) for k, v in want.items()):
+                if number == 0 and len(tries) > 1 and _l1_einval(image, snap):
+                    break       # bdrv_snapshot_load_tmp_by_id_or_name(): -EINVAL, by name
                 return snap
     listing = ", ".join(f"id {s.id!r} name {s.name!r}" for s in snaps) or "none"
     raise SnapshotNotFound(f"{image.filename}: no snapshot with {shown} "
@@ -314,4 +342,5 @@ def check_at_open(image) -> None:
 
 
 __all__ = ["Snapshot", "SnapshotNotFound", "read_snapshots", "read_snapshot_table",
-           "find_snapshot", "parse_snapshot_option", "check_l1", "check_at_open"]
+           "find_snapshot", "parse_snapshot_option", "choose_snapshot_option", "check_l1",
+           "check_at_open"]

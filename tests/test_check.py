@@ -579,8 +579,10 @@ def test_cli_edges(damaged, tmp_path):
     header_only = tmp_path / "header.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", header_only, M)
     header_only.write_bytes(header_only.read_bytes()[:60])
-    proc = cli("check", header_only)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    for fmt in ([], ["-f", "qcow2"]):            # a version 3 header cut short: qcow2, broken
+        proc = cli("check", *fmt, header_only)
+        assert proc.returncode == 1 == qemu_check(header_only, *fmt).returncode
+        assert "Traceback" not in proc.stderr
     text = cli("check", "--help").stdout
     for option in ("--output", "-q", "-p", "exit", "63"):
         assert option in text
@@ -728,3 +730,83 @@ def test_image_that_cannot_be_opened(tmp_path):
         assert ours.returncode == qemu.returncode == 1, (path, ours.stderr, qemu.stderr)
         assert ours.stderr.startswith(f"qcowfast: Could not open '{path}': ")
         assert len(ours.stderr.splitlines()) == 1 and ours.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Found by red-teaming against qemu-img 7.2: probing, names, header length, bitmap names
+
+
+def _both_check(path, *args, cwd=None):
+    ours = cli("check", *args, path, cwd=cwd, text=False)
+    theirs = subprocess.run([QEMU_IMG, "check", *args, path], cwd=cwd, capture_output=True)
+    return ours, theirs
+
+
+def test_magic_without_a_qcow2_header_is_probed_like_qemu(tmp_path):
+    """The QCOW2 magic with version 0 or 1 (a 4-byte file reads as version 0: the probe pads
+    with zeros): qemu-img probes raw or qcow (v1), which it cannot check (63); with -f qcow2
+    both fail to open (1)."""
+    (tmp_path / "v0.img").write_bytes(b"QFI\xfb" + bytes(200))
+    (tmp_path / "short.img").write_bytes(b"QFI\xfb")
+    qemu_img("create", "-q", "-f", "qcow", tmp_path / "v1.qcow", "16M")
+    for name in ("v0.img", "short.img", "v1.qcow"):
+        ours, theirs = _both_check(tmp_path / name)
+        assert ours.returncode == theirs.returncode == 63, (name, ours.stderr)
+        ours, theirs = _both_check(tmp_path / name, "-f", "qcow2")
+        assert ours.returncode == theirs.returncode == 1, (name, ours.stderr)
+        assert ours.stderr.startswith(b"qcowfast: Could not open '"), ours.stderr
+    for missing in ("missing.qcow2", "."):
+        ours, theirs = _both_check(tmp_path / missing, "-f", "qcow2")
+        assert ours.returncode == theirs.returncode == 1
+        assert ours.stderr.startswith(f"qcowfast: Could not open '{tmp_path / missing}'"
+                                      .encode()), ours.stderr
+
+
+def test_json_escapes_names_like_qemu(tmp_path):
+    """Upper-case \\u escapes, and U+FFFD for a byte that is not UTF-8."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "é.qcow2", "1M")
+    shutil.copyfile(tmp_path / "é.qcow2", os.fsdecode(bytes(tmp_path) + b"/\xff.qcow2"))
+    for name in ("é.qcow2", os.fsdecode(b"\xff.qcow2")):
+        ours, theirs = _both_check(name, "--output=json", cwd=tmp_path)
+        assert ours.returncode == theirs.returncode == 0
+        assert ours.stdout == theirs.stdout, (ours.stdout, theirs.stdout)
+
+
+@pytest.mark.parametrize("length", [105, 106, 113])
+def test_header_length_not_a_multiple_of_8(tmp_path, length):
+    """qcow2.txt asks for a multiple of 8, QEMU does not check it: 105 and 106 check clean,
+    113 puts the extension walk on garbage (both tools fail to open it)."""
+    img = tmp_path / "hl.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    with open(img, "r+b") as f:
+        f.seek(100)
+        f.write(struct.pack(">I", length))
+    ours, theirs = _both_check(img)
+    assert ours.returncode == theirs.returncode, ours.stderr
+    assert ours.returncode == (1 if length == 113 else 0)
+    if ours.returncode == 0:
+        assert ours.stdout == theirs.stdout
+
+
+@pytest.mark.parametrize("in_use", [False, True])
+def test_two_bitmaps_of_one_name(tmp_path, in_use):
+    """qemu-img refuses to open an image with two bitmaps of one name, unless the second is in
+    use (qcow2_load_dirty_bitmaps() then skips it)."""
+    img = tmp_path / "bd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    qemu_img("bitmap", "--add", img, "b1")
+    qemu_img("bitmap", "--add", img, "b2")
+    data = img.read_bytes()
+    at = data.rfind(b"b2")
+    with open(img, "r+b") as f:
+        f.seek(at)
+        f.write(b"b1")
+        if in_use:
+            f.seek(at - 24 + 12)                 # the entry's flags: in use, auto
+            f.write(struct.pack(">I", 3))
+    ours, theirs = _both_check(img)
+    assert ours.returncode == theirs.returncode == (0 if in_use else 1), ours.stderr
+    if not in_use:
+        assert b"Bitmap already exists: b1" in ours.stderr
+        assert cli("info", img).returncode == 1 == subprocess.run(
+            [QEMU_IMG, "info", img], capture_output=True).returncode

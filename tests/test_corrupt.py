@@ -320,7 +320,10 @@ _simple("cluster-bits-huge", "v3", FormatError, r"cluster_bits 4294967295 out of
 _simple("header-length-huge", "v3", FormatError, r"header_length 4294967288 exceeds",
         header_length=0xFFFFFFF8)
 _simple("header-length-short", "v3", FormatError, r"header_length 96 ", header_length=96)
-_simple("header-length-unaligned", "v3", FormatError, r"header_length 113 ", header_length=113)
+# Not a multiple of 8 (as qcow2.txt asks): QEMU reads the extensions from there all the same,
+# and at 113 they are garbage (test_formats.test_header_lengths reads 105 and 116).
+_simple("header-length-unaligned", "v3", FormatError, r"header extension 0x03f85700 at 0x71",
+        header_length=113)
 
 
 @case("extension-length-huge", "v3", FormatError,

@@ -727,7 +727,7 @@ def _shift_extensions(src: Path, dst: Path, header_length: int) -> None:
     dst.write_bytes(data)
 
 
-@pytest.mark.parametrize("header_length", [104, 112, 120, 256])
+@pytest.mark.parametrize("header_length", [104, 105, 112, 116, 120, 256])
 def test_header_lengths(header_length, workdir):
     d = _mkdir(workdir, f"header-length-{header_length}")
     (d / "src.raw").write_bytes(content(header_length, M + 512))

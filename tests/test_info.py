@@ -380,3 +380,52 @@ def test_names_that_are_not_utf8_printed_as_qemu_prints_them(workdir):
     assert got_map.stdout == want_map
     qcowfast.convert(top, d / "out.raw")
     assert (d / "out.raw").read_bytes() == b"\x03" * 65536 + bytes(M - 65536)
+
+
+def _bitmap_entries(path, count: int) -> list[int]:
+    """File offsets of the first `count` bitmap directory entries (qcow2.txt "Bitmap
+    directory": 24 fixed bytes, extra data, the name, padded to 8)."""
+    data = Path(path).read_bytes()
+    pos = _bitmap_directory_offset(path)
+    out = []
+    for _ in range(count):
+        out.append(pos)
+        name_size, extra_size = struct.unpack_from(">HI", data, pos + 18)
+        pos += (24 + extra_size + name_size + 7) // 8 * 8
+    return out
+
+
+@pytest.mark.parametrize("case", ["duplicate-name", "nul-in-name", "table-too-long",
+                                  "table-too-long-in-use"])
+def test_bitmap_directory_oddities_like_qemu(workdir, case):
+    """What qemu-img refuses at open (two bitmaps of one name; a table longer than the bitmap
+    needs, unless the bitmap is in use) and how it shows a name with a NUL byte."""
+    d = workdir / f"bm-{case}"
+    d.mkdir()
+    img = d / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, 16 * M)
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_img("bitmap", "--add", img, "b1")
+    second = _bitmap_entries(img, 2)[1]
+    with open(img, "r+b") as f:
+        if case == "duplicate-name":
+            f.seek(second + 24)
+            f.write(b"b0")
+        elif case == "nul-in-name":
+            f.seek(second + 24 + 1)
+            f.write(b"\0")
+        else:
+            f.seek(second + 8)
+            f.write(struct.pack(">I", 2))                 # table size: 2 clusters, not 1
+            if case.endswith("in-use"):
+                f.seek(second + 12)
+                f.write(struct.pack(">I", 1 | 2))         # in use, auto
+    theirs = subprocess.run(["qemu-img", "info", "--output=json", img], capture_output=True)
+    ours = cli("info", "--output=json", img)
+    assert ours.returncode == theirs.returncode, (ours.stderr, theirs.stderr)
+    if theirs.returncode == 0:
+        assert json.loads(ours.stdout) == json.loads(theirs.stdout)
+    else:
+        assert len(ours.stderr.splitlines()) == 1 and "Traceback" not in ours.stderr
+    map_status = subprocess.run(["qemu-img", "map", img], capture_output=True).returncode
+    assert cli("map", img).returncode == map_status

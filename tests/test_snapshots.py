@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -465,3 +467,77 @@ def test_snapshot_l1_shapes_qemu_reads(case, mutate, value, snap_image, workdir)
     mutate(top, value)
     want = snapshot_raw(top, name="second")
     assert_same_bytes(read_whole(top, snapshot="second"), want, case)
+
+
+# --------------------------------------------------------------------------------------------
+# -l spellings and table oddities qemu-img reads (found by red-teaming against qemu-img 7.2)
+
+
+def _convert_both(image: Path, *options: str) -> tuple[int, bytes | None, int, bytes | None]:
+    """(qemu-img's status, its raw output, qcowfast's status, its raw output)."""
+    outs = []
+    for tool in (["qemu-img", "convert"], [sys.executable, "-m", "qcowfast", "convert", "-q"]):
+        dst = image.parent / "spelling.raw"
+        dst.unlink(missing_ok=True)
+        proc = subprocess.run([*tool, *options, "-O", "raw", image.name, dst.name],
+                              cwd=image.parent, capture_output=True)
+        outs += [proc.returncode, dst.read_bytes() if proc.returncode == 0 else None]
+        dst.unlink(missing_ok=True)
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("options", [
+    ["-l", "snapshot.id=1,"], ["-l", "snapshot.name=second,"],
+    ["-l", "snapshot.id=1", "-l", "second"], ["-l", "second", "-l", "snapshot.id=1"],
+    ["-l", "snapshot.id=1", "-l", "snapshot.id=2"], ["-l", "first", "-l", "second"],
+    ["-l", "snapshot.id=2,snapshot.name"], ["-l", "snapshot.name"],
+])
+def test_snapshot_option_spellings_match_qemu(snap_image, options):
+    """A trailing comma, several -l (the last snapshot.* one counts, else the last), and the
+    short-form boolean (snapshot.name alone is "on")."""
+    status_q, out_q, status_f, out_f = _convert_both(snap_image, *options)
+    assert status_q == status_f, (status_q, status_f)
+    assert out_q == out_f
+
+
+def _nul_and_long_table(top: Path):
+    entries = _entries_of(top)
+    (f1, x1, _, _), (f2, x2, _, _), (f4, x4, _, _), (f5, x5, _, n5) = entries
+    return [(f1, x1, b"7\0x", b"ab\0cd"),        # id "7", name "ab" as C strings
+            (f2, x2, b"7", b"second"),
+            (f4, x4, b"9" * 130, "é".encode() * 150),     # longer than id_str[128], name[256]
+            (f5, struct.pack(">QQQ", 1 << 63, SIZE2, 0), b"\xc3\xa9", n5)]
+
+
+def test_ids_and_names_are_c_strings_and_info_truncates_like_qemu(snap_image, workdir):
+    """Lookup compares up to the first NUL (strcmp); info shows ids and names as QEMU's
+    fixed-size buffers hold them, the VM state size as an int64 in JSON, and pads the ID
+    column by bytes."""
+    top = copy_image(snap_image, workdir / "c-strings")
+    _rewrite_table(top, _nul_and_long_table(top))
+    for options in (["-l", "7"], ["-l", "ab"], ["-l", "snapshot.name=ab"],
+                    ["-l", "snapshot.id=7,snapshot.name=second"], ["-l", "9" * 130]):
+        status_q, out_q, status_f, out_f = _convert_both(top, *options)
+        assert status_q == status_f == 0 and out_q == out_f, options
+    assert _convert_both(top, "-l", "7")[1] == snapshot_raw(snap_image, id="1")
+    for output in ("json", "human"):
+        ours = subprocess.run([sys.executable, "-m", "qcowfast", "info", f"--output={output}",
+                               top.name], cwd=top.parent, capture_output=True)
+        theirs = subprocess.run(["qemu-img", "info", f"--output={output}", top.name],
+                                cwd=top.parent, capture_output=True)
+        assert ours.returncode == theirs.returncode == 0
+        assert ours.stdout == theirs.stdout, output
+
+
+def test_unaligned_l1_of_the_id_falls_back_to_the_name(snap_image, workdir):
+    """`-l 1` where snapshot id 1's L1 table is unaligned (EINVAL) and another snapshot is
+    named "1": qemu-img retries by name (bdrv_snapshot_load_tmp_by_id_or_name)."""
+    top = copy_image(snap_image, workdir / "fallback")
+    entries = _entries_of(top)
+    fields, extra, ident, _ = entries[0]
+    entries[0] = ((fields[0] + 8, *fields[1:]), extra, ident, b"a")
+    _rewrite_table(top, entries)
+    status_q, out_q, status_f, out_f = _convert_both(top, "-l", "1")
+    assert status_q == status_f == 0 and out_q == out_f
+    assert out_f == snapshot_raw(snap_image, id="4")        # the snapshot named "1"
+    assert _convert_both(top, "-l", "snapshot.id=1")[::2] == (1, 1)
