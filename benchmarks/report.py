@@ -178,10 +178,10 @@ def fleet_table(data: dict) -> str:
             paired = info
         elif (bench.get("group") or "").startswith("fleet") and "approach" in info:
             times[info["approach"]] = bench["stats"]["median"]
-    if not times:
+    if not times and not paired:
         return ""
     base = times.get("qemu-img-loop")
-    out = ["| approach | s | vs qemu-img loop |", "|---|--:|--:|"]
+    out = ["| approach | s | vs qemu-img loop |", "|---|--:|--:|"] if times else []
     for key, label in FLEET_ROWS:
         if key in times:
             ratio = f"{base / times[key]:.2f}×" if base else "—"
