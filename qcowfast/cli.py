@@ -168,44 +168,62 @@ class QemuProgress:
     """qemu-img's progress report (util/qemu-progress.c), as scripts parse it.
 
     With -p: "    (P/100%)\r" (P with two decimals) at 0, whenever P has grown by more than
-    `min_skip` points since the last report, and at 100; a newline at the end. Without -p
-    nothing, except that SIGUSR1 prints the current "    (P/100%)\n" on stderr, as qemu-img
-    does (where it would otherwise end the process). Use as a context manager around the job,
-    passing the object as its progress callback.
+    `min_skip` points since the last report, and at 100; a newline at the end. The first
+    report comes with the first progress (qemu-img prints 0 once the images are open: an
+    image that cannot be opened leaves the newline alone). Without -p nothing, except that
+    after SIGUSR1 the next report is "    (P/100%)\n" on stderr, as in qemu-img. Like qemu-img's
+    printf, a report that cannot be written is dropped: it never changes the job's outcome.
+    Use as a context manager around the job, passing the object as its progress callback.
     """
 
     def __init__(self, stream, enabled: bool, min_skip: float):
         import threading
         self.stream = stream if enabled else None
+        self.enabled = enabled
         self.min_skip = min_skip
         self.current = 0.0
-        self.last = 0.0
+        self.last = -1.0                    # nothing reported yet
+        self.usr1 = False                   # SIGUSR1 asked for a report
         self.lock = threading.Lock()
-        self.old_usr1 = None
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):       # a closed pipe, a full disk, a closed stream
+            self.stream = None
 
     def _report(self, current: float) -> None:
         self.current = current
-        if self.stream is not None and (current > self.last + self.min_skip
-                                        or current in (0.0, 100.0)):
+        if self.usr1:
+            # Asked for by SIGUSR1; printed here, by the job, as qemu-img prints it from its
+            # next progress call: a signal handler that writes could block on a full pipe and
+            # be re-entered by the next signal.
+            self.usr1 = False
+            _write_quietly(sys.stderr, f"    ({current:3.2f}/100%)\n")
+        if self.stream is None:
+            return
+        if self.last < 0:
+            self.last = 0.0
+            self._write("    (0.00/100%)\r")
+        if self.stream is not None and current > 0 and (current > self.last + self.min_skip
+                                                        or current == 100.0):
             self.last = current
-            self.stream.write(f"    ({current:3.2f}/100%)\r")
-            self.stream.flush()
+            self._write(f"    ({current:3.2f}/100%)\r")
 
     def __call__(self, done: int, total: int) -> None:
         with self.lock:
             self._report(min(100.0, 100.0 * done / total) if total > 0 else 100.0)
 
-    def _on_usr1(self, signum, frame) -> None:
-        sys.stderr.write(f"    ({self.current:3.2f}/100%)\n")
-        sys.stderr.flush()
+    def on_usr1(self) -> None:
+        """SIGUSR1: the progress on stderr at the next report (not with -p, where qemu-img
+        blocks the signal)."""
+        if not self.enabled:
+            self.usr1 = True
 
     def __enter__(self) -> "QemuProgress":
-        try:
-            self.old_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
-        except (ValueError, AttributeError):     # not the main thread, or no SIGUSR1
-            self.old_usr1 = None
-        with self.lock:
-            self._report(0.0)
+        global _progress_now
+        _progress_now = self
         return self
 
     def complete(self) -> None:
@@ -214,13 +232,33 @@ class QemuProgress:
             self._report(100.0)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.old_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self.old_usr1)
+        global _progress_now
+        _progress_now = None
         if self.stream is not None:
             with self.lock:
-                self.stream.write("\n")
-                self.stream.flush()
+                self._write("\n")
             self.stream = None
+
+
+_progress_now: QemuProgress | None = None     # the job SIGUSR1 reports on
+
+
+def _on_usr1(signum, frame) -> None:
+    """SIGUSR1 for the whole run (qemu-img never ends on it): report the job's progress, if a
+    job reports any."""
+    progress = _progress_now
+    if progress is not None:
+        progress.on_usr1()
+
+
+def _write_quietly(stream, text: str) -> None:
+    """Write to a stream that may be gone (closed pipe, full disk): a status line must never
+    change a command's outcome."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:
@@ -261,8 +299,9 @@ def _check_format(args) -> int:
     return cmd_check(args)
 
 
-def _add_source_cache_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-T", dest="src_cache", type=cache_mode, default="writeback",
+def _add_source_cache_option(p: argparse.ArgumentParser, checked: bool = True) -> None:
+    p.add_argument("-T", dest="src_cache", type=cache_mode if checked else str,
+                   default="writeback",
                    metavar="CACHE", help="source cache mode (accepted; qcowfast reads through "
                                          "the page cache)")
 
@@ -298,9 +337,9 @@ _OUTPUT_OPTIONS = ("compression_type", "cluster_size")
 # qemu-img -o keys qcowfast accepts only with the value it writes anyway: (values, what it is).
 _FIXED_OPTIONS = {
     "qcow2": {"compat": (("1.1", "v3"), "QCOW2 version (qcowfast writes v3: compat=1.1)"),
-              "lazy_refcounts": (("off", "no", "false"), "lazy refcounts (off)"),
+              "lazy_refcounts": (("off", "no", "false", "n"), "lazy refcounts (off)"),
               "refcount_bits": (("16",), "refcount width in bits (16)"),
-              "extended_l2": (("off", "no", "false"), "extended L2 entries (off)"),
+              "extended_l2": (("off", "no", "false", "n"), "extended L2 entries (off)"),
               "preallocation": (("off",), "preallocation mode (off)")},
     "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
@@ -344,7 +383,7 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
             given = True
             if key in fixed:
                 values, what = fixed[key]
-                if value.lower() not in values:
+                if value not in values:     # case matters, as in QEMU's option parser
                     raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
                                    f"({what})")
                 continue
@@ -408,6 +447,8 @@ def convert_arguments(args) -> tuple[str, str, dict]:
         raise CliError("--compression-level needs -c")
     if args.target_is_zero and not args.existing:
         raise CliError("--target-is-zero requires use of -n flag")
+    if args.dst == "-" and "stdout" in _CLOSED_STREAMS:
+        raise CliError("standard output is closed: nowhere to write the image")
     if args.dst == "-" and sys.stdout.isatty():
         raise CliError("refusing to write a binary image to a terminal; redirect standard "
                        "output or name an output file")
@@ -470,7 +511,9 @@ def cmd_map(args) -> int:
 
 
 def _progress(args, stream, min_skip: float) -> QemuProgress:
-    return QemuProgress(stream, args.progress or args.force_progress, min_skip)
+    # -q wins over -p, as in qemu-img.
+    enabled = (args.progress or args.force_progress) and not getattr(args, "quiet", False)
+    return QemuProgress(stream, enabled, min_skip)
 
 
 def _add_progress_options(p: argparse.ArgumentParser, where: str = "standard output") -> None:
@@ -509,22 +552,29 @@ def cmd_check(args) -> int:
         print(f"qcowfast: {text}" if text.startswith("Could not open ") else
               f"qcowfast: check failed: {text}", file=sys.stderr)
         return 1
+    # The exit status is the verdict: a reader that went away (`| head`, `| true`) must not
+    # change it, as it does not change qemu-img's.
     for line in result.messages:
-        print(line, file=sys.stderr)
+        _write_quietly(sys.stderr, line + "\n")
     if not args.quiet:
         if args.output == "json":
             from .info import qemu_json
-            sys.stdout.write(qemu_json(result.to_json()) + "\n")
+            _write_quietly(sys.stdout, qemu_json(result.to_json()) + "\n")
         else:
-            sys.stdout.write(result.format_human())
+            _write_quietly(sys.stdout, result.format_human())
     if result.check_errors:
-        print("qcowfast: check failed: internal errors occurred during the check",
-              file=sys.stderr)
+        _write_quietly(sys.stderr, "qcowfast: check failed: internal errors occurred during "
+                                   "the check\n")
     return result.exit_code
 
 
 def cmd_compare(args) -> int:
     from .compare import compare
+    try:
+        cache_mode(args.src_cache)
+    except argparse.ArgumentTypeError as exc:
+        print(f"qcowfast: -T: {exc}", file=sys.stderr)     # qemu-img: 2, not 1 ("differ")
+        return 2
     for option, fmt in (("-f", args.format_a), ("-F", args.format_b)):
         if fmt is not None and fmt not in SOURCE_FORMATS:
             # Exit 2 (could not compare), as qemu-img for a format it cannot open: 1 would say
@@ -546,9 +596,8 @@ def cmd_compare(args) -> int:
             name = f"{exc.filename}: " if exc.filename else ""
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
             return 2
-        if not args.quiet:
-            for line in result.messages:
-                print(line)
+        if not args.quiet:                  # (the status is the verdict, as in check)
+            _write_quietly(sys.stdout, "".join(line + "\n" for line in result.messages))
     return result.exit_code
 
 
@@ -733,7 +782,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; use the exit "
                                                              "status")
     _add_force_share_option(p)
-    _add_source_cache_option(p)
+    _add_source_cache_option(p, checked=False)      # checked in cmd_compare (exit 2)
     _add_progress_options(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_compare)
@@ -791,7 +840,12 @@ def _on_signal(signum, frame):
 
 
 def _install_signal_handlers() -> dict:
-    """Route SIGINT/SIGTERM/SIGHUP to Interrupted; returns the handlers replaced."""
+    """Route SIGINT/SIGTERM/SIGHUP to Interrupted, SIGUSR1 to the progress report (for the
+    rest of the run); returns the handlers replaced."""
+    try:
+        signal.signal(signal.SIGUSR1, _on_usr1)
+    except (ValueError, AttributeError):        # not the main thread, or no SIGUSR1
+        pass
     old = {}
     for name in _SIGNALS:
         num = getattr(signal, name, None)
@@ -814,6 +868,19 @@ def _die_by(signum: int) -> int:
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return 128 + signum                         # only reached if the signal did not end us
+
+
+_CLOSED_STREAMS: set = set()                  # "stdout"/"stderr" closed when we started
+
+
+def _replace_closed_streams() -> None:
+    """A standard stream closed by the caller (`>&-`, `2>&-`) becomes /dev/null: a status
+    line must not land in the other stream (print(file=None) writes to stdout), and nothing
+    may fail on it. An image is never streamed to a closed stdout (convert_arguments)."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            _CLOSED_STREAMS.add(name)
+            setattr(sys, name, open(os.devnull, "w"))
 
 
 def _broken_pipe(exc: BaseException | None) -> bool:
@@ -842,6 +909,12 @@ def run() -> None:
     """
     status = main()
     try:
+        # The interpreter's tear-down puts SIGUSR1 back to its default (ending the process):
+        # a report asked for now would turn a finished run into a killed one.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except (ValueError, AttributeError):
+        pass
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
     except Exception:                            # noqa: BLE001 - reported by the ordinary exit
@@ -860,6 +933,7 @@ def main(argv=None) -> int:
         return 0
     if argv[:1] == ["convert"] and _options_help(argv[1:]):
         return 0
+    _replace_closed_streams()
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args, extras = parser.parse_known_args(argv)
     for stream in (sys.stdout, sys.stderr):
@@ -877,7 +951,12 @@ def main(argv=None) -> int:
     old_handlers = _install_signal_handlers()
     try:
         status = args.func(args)
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            _quiet_stdout()                     # the status stands (compare's verdict...)
         return status
     except KeyboardInterrupt as exc:
         return _die_by(getattr(exc, "signum", signal.SIGINT))

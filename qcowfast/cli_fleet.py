@@ -163,7 +163,7 @@ def cmd_convert_many(args) -> int:
     jobs = [{**common, **job} for job in jobs]
     if args.report:
         try:
-            _check_report_path(args.report, jobs)
+            _check_report_path(args.report, jobs, args.jobs)
         except ValueError as exc:
             print(f"qcowfast convert-many: {exc}", file=sys.stderr)
             return 1
@@ -226,9 +226,12 @@ def cmd_convert_many(args) -> int:
     return 1 if failed else 0
 
 
-def _check_report_path(path: str, jobs: list[dict]) -> None:
-    """Before any job runs: the report can be written where asked, and is no job's file."""
+def _check_report_path(path: str, jobs: list[dict], jobs_file: str | None) -> None:
+    """Before any job runs: the report can be written where asked, and is neither a job's
+    file nor the job file."""
     real = os.path.realpath(path)
+    if jobs_file not in (None, "-") and os.path.realpath(jobs_file) == real:
+        raise ValueError(f"--report {path}: also the job file")
     for job in jobs:
         for role in ("src", "dst"):
             if os.path.realpath(job[role]) == real:

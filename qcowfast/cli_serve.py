@@ -8,22 +8,46 @@ import argparse
 import sys
 
 
-def _snapshot_name(text: str) -> str:
-    # qemu-nbd -l accepts snapshot.name=NAME, snapshot.id=ID or a bare id-or-name.
-    for prefix in ("snapshot.name=", "snapshot.id="):
-        if text.startswith(prefix):
-            return text[len(prefix):]
-    return text
-
-
-def _positive(text: str) -> int:
+def _shared(text: str) -> int:
+    # qemu-nbd -e: any integer qemu_strtoi() reads (0x.. included), 0 for no limit.
     try:
-        value = int(text)
+        value = int(text, 0)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r} (a positive integer)")
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid shared device number {text!r} (a count, "
+                                         "0 for no limit)")
     return value
+
+
+class _Ignored(argparse.Action):
+    """A qemu-nbd option with no effect on a read-only export served from the page cache."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pass
+
+
+class _Refused(argparse.Action):
+    """A qemu-nbd option that needs a feature qcowfast serve lacks: refused by name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.refused = [*getattr(namespace, "refused", []), option_string]
+
+
+# qemu-nbd options accepted and ignored: (option strings, nargs).
+_IGNORED = ((("-n", "--nocache"), 0), (("--cache",), 1), (("--aio",), 1), (("--discard",), 1),
+            (("--detect-zeroes",), 1), (("-T", "--trace"), 1), (("--object",), 1),
+            (("-s", "--snapshot"), 0))
+# qemu-nbd options refused by name: (option strings, nargs, what is missing).
+_REFUSED = ((("-A", "--allocation-depth"), 0, "the qemu:allocation-depth context"),
+            (("-B", "--bitmap"), 1, "dirty bitmap export"),
+            (("--image-opts",), 0, "option strings instead of file names"),
+            (("-o", "--offset"), 1, "export offsets"),
+            (("-c", "--connect"), 1, "kernel NBD devices (use nbd-client with the URI)"),
+            (("-d", "--disconnect"), 0, "kernel NBD devices"),
+            (("-L", "--list"), 0, "the client side"),
+            (("--tls-creds",), 1, "TLS"), (("--tls-authz",), 1, "TLS"),
+            (("--tls-hostname",), 1, "TLS"))
 
 
 def _seconds(text: str) -> float | None:
@@ -65,16 +89,20 @@ def add_parser(sub) -> None:
                    help="listen on TCP port N (default 10809 when --bind is given; 0 picks one)")
     p.add_argument("-x", "--export-name", default="", metavar="NAME",
                    help="export name (default: the empty default export)")
-    p.add_argument("-l", "--snapshot", type=_snapshot_name, default=None, metavar="SNAPSHOT",
-                   help="serve internal snapshot SNAPSHOT (id or name; snapshot.name=NAME and "
-                        "snapshot.id=ID are accepted) instead of the current state")
+    p.add_argument("-D", "--description", default="", metavar="TEXT",
+                   help="export description clients may ask for (default: none)")
+    p.add_argument("-l", "--load-snapshot", dest="snapshot", default=None, metavar="SNAPSHOT",
+                   help="serve internal snapshot SNAPSHOT instead of the current state: "
+                        "snapshot.id=ID, snapshot.name=NAME (both may be given) or ID_OR_NAME, "
+                        "as qemu-nbd -l")
     p.add_argument("-f", "--format", choices=("qcow2", "raw"), default=None,
                    help="image format (default: probe)")
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
                    help="also follow backing and external data files named inside the image "
                         "when they lie in DIR")
-    p.add_argument("-e", "--shared", type=_positive, default=8, metavar="N",
-                   help="serve up to N connections at once (default 8)")
+    p.add_argument("-e", "--shared", type=_shared, default=8, metavar="N",
+                   help="serve up to N connections at once (default 8; 0 for no limit; "
+                        "multi-conn is advertised unless N is 1)")
     p.add_argument("-t", "--persistent", action="store_true",
                    help="keep serving after the last client disconnects")
     p.add_argument("-U", "--force-share", action="store_true",
@@ -88,36 +116,55 @@ def add_parser(sub) -> None:
                    help="drop clients idle for SECONDS between requests (default: no limit)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log connections and protocol errors on stderr")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--fork", action="store_true",
+                   help="run in the background once the server listens (the command then "
+                        "exits 0; an error before that is printed and exits 1)")
+    p.add_argument("--pid-file", metavar="PATH",
+                   help="write the server's process id to PATH once it listens (removed when "
+                        "it stops)")
+    for options, nargs in _IGNORED:
+        p.add_argument(*options, action=_Ignored, nargs=nargs, help=argparse.SUPPRESS)
+    for options, nargs, _ in _REFUSED:
+        p.add_argument(*options, action=_Refused, nargs=nargs, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve, refused=[])
 
 
 def cmd_serve(args) -> int:
     import logging
+    import os
     import signal
     import threading
 
     from .serve import DEFAULT_PORT, NBDServer
 
-    if args.socket is not None and (args.bind is not None or args.port is not None):
-        print("qcowfast: --socket cannot be combined with --bind/--port", file=sys.stderr)
+    for option in args.refused:
+        what = next(w for o, _, w in _REFUSED if option in o)
+        print(f"qcowfast: serve {option}: not supported ({what})", file=sys.stderr)
         return 1
-    port = args.port
-    if port is None and args.bind is not None:
+    port, bind = args.port, args.bind
+    if args.socket is not None:
+        port = bind = None                        # qemu-nbd: -k wins over -b/-p
+    elif port is None and bind is not None:
         port = DEFAULT_PORT
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="qcowfast: %(message)s", stream=sys.stderr)
-    server = NBDServer(args.image, socket=args.socket, bind=args.bind or "127.0.0.1",
-                       port=port, export_name=args.export_name, snapshot=args.snapshot,
-                       backing_dirs=args.allow_backing_dir, shared=args.shared,
-                       persistent=args.persistent, force_share=args.force_share,
-                       format=args.format, handshake_timeout=args.handshake_timeout,
+    ready_w = _fork() if args.fork else -1
+    server = NBDServer(args.image, socket=args.socket, bind=bind or "127.0.0.1",
+                       port=port, export_name=args.export_name, description=args.description,
+                       snapshot=args.snapshot, backing_dirs=args.allow_backing_dir,
+                       shared=args.shared, persistent=args.persistent,
+                       force_share=args.force_share, format=args.format,
+                       handshake_timeout=args.handshake_timeout,
                        idle_timeout=args.idle_timeout)
     stop = threading.Event()
 
     def on_signal(signum, frame):
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP too: qemu-nbd ends cleanly (status 0) on each of them.
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    pid_written = False
     try:
         try:
             server.start()
@@ -127,11 +174,65 @@ def cmd_serve(args) -> int:
             # Listening failed: the message names the socket path or address:port.
             print(f"qcowfast: serve: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        if args.pid_file:
+            _write_pid_file(args.pid_file)
+            pid_written = True
         print(f"qcowfast: serving {args.image} on {server.uri}", file=sys.stderr, flush=True)
+        if ready_w >= 0:
+            _detach(ready_w)
         while not stop.is_set() and not server.wait(0.2):
             pass
     finally:
         server.stop()
+        if pid_written:
+            _remove_pid_file(args.pid_file)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _fork() -> int:
+    """qemu-nbd --fork: the parent waits until the child listens, then exits 0 (or with the
+    child's status if it failed first). Returns, in the child, the pipe end to signal on."""
+    import os
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        ready = os.read(read_end, 1)
+        os.close(read_end)
+        if ready:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) or 1)
+    os.close(read_end)
+    os.setsid()
+    return write_end
+
+
+def _detach(ready_w: int) -> None:
+    """In the forked server, once it listens: tell the parent, leave the terminal's streams."""
+    import os
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _write_pid_file(path: str) -> None:
+    import os
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove_pid_file(path: str) -> None:
+    import os
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return                            # someone else's by now
+        os.unlink(path)
+    except OSError:
+        pass

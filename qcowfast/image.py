@@ -25,7 +25,7 @@ from .errors import (
     TruncatedImage, UnsupportedFeature,
 )
 from .header import Header, read_header
-from .locks import check_not_locked
+from .locks import check_not_locked, hold_read_locks
 from .paths import OpenedFile, open_file, resolve_reference
 from .probe import detect_format
 
@@ -143,6 +143,7 @@ def _open_checked(source, what: str, force_share: bool, owner: str | None = None
     if not force_share:
         try:
             check_not_locked(opened.fd, opened.path)
+            hold_read_locks(opened.fd, opened.path)
         except BaseException:
             opened.close()
             raise

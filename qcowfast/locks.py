@@ -5,7 +5,10 @@ file it opens: one byte at RAW_LOCK_PERM_BASE (100) + i for each permission bit 
 and one at RAW_LOCK_SHARED_BASE (200) + i for each bit it does not share with others.
 qemu-img without -U opens read-only without sharing BLK_PERM_WRITE, so raw_check_lock_bytes()
 refuses the file when another open file description holds byte 100 + 1 (BLK_PERM_WRITE is bit 1):
-"Failed to get shared 'write' lock". qcowfast makes the same test; it takes no lock itself.
+"Failed to get shared 'write' lock". qcowfast makes the same test, and while it reads a file
+it holds the locks such a reader holds (`hold_read_locks`): byte 100 (CONSISTENT_READ, bit 0)
+and byte 200 + 1 (WRITE not shared), so that a QEMU starting meanwhile cannot open the file
+for writing ("Failed to get 'write' lock") and tear what is being read.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ import struct
 from .errors import ImageLocked
 
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)      # Linux
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)      # Linux
 RAW_LOCK_PERM_BASE = 100
+RAW_LOCK_SHARED_BASE = 200
+BLK_PERM_CONSISTENT_READ_BIT = 0
 BLK_PERM_WRITE_BIT = 1
 # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
 _FLOCK = struct.Struct("@hhqqi")
@@ -47,3 +53,23 @@ def check_not_locked(fd: int, name: str) -> None:
         raise ImageLocked(f'{name}: failed to get shared "write" lock: another process (a '
                           f"running QEMU?) has the image open for writing and a copy could be "
                           f"torn; pass -U (force_share=True) to read it anyway")
+
+
+def hold_read_locks(fd: int, name: str) -> None:
+    """Take QEMU's shared locks of a reader that does not share writing on `fd` (held until
+    the file description is closed). Raises ImageLocked when a writer holds the file (its lock
+    byte conflicts); does nothing where the file system offers no OFD locks."""
+    for byte in (RAW_LOCK_PERM_BASE + BLK_PERM_CONSISTENT_READ_BIT,
+                 RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE_BIT):
+        request = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0).ljust(_FLOCK_SIZE, b"\0")
+        try:
+            fcntl.fcntl(fd, F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ImageLocked(f'{name}: failed to get shared "write" lock: another process '
+                                  "holds the image for writing; pass -U (force_share=True) to "
+                                  "read it anyway") from None
+            if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+                             errno.EBADF):
+                return
+            raise

@@ -177,6 +177,8 @@ class Export(Protocol):
     description: str
     size: int                    # bytes
     preferred_block_size: int    # power of two >= 512 (NBD_INFO_BLOCK_SIZE)
+    multi_conn: bool             # advertise NBD_FLAG_CAN_MULTI_CONN (False: one client at
+                                 # a time, as qemu-nbd -e 1: a multi-conn client would wait)
 
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill `out` with the bytes at [offset, offset + len(out)) (within size)."""
@@ -517,7 +519,9 @@ class Connection:
         self._send(_OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rtype, len(data)), data)
 
     def transmission_flags(self) -> int:
-        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY
+        if getattr(self.export, "multi_conn", True):
+            flags |= NBD_FLAG_CAN_MULTI_CONN
         if self.structured:
             flags |= NBD_FLAG_SEND_DF
         return flags

@@ -468,10 +468,17 @@ class FileOutput:
             self.fd = -1
             return
         self._copy_metadata()
-        os.close(self.fd)
-        self.fd = -1
-        self._publish()
-        self.tmp = None
+        # The flock must outlive the publication (a sweep takes a lockable temporary file for
+        # a dead run's), while close() must come first (it reports NFS's deferred write
+        # errors): a duplicate descriptor keeps the lock over the rename.
+        lock_fd = os.dup(self.fd)
+        try:
+            os.close(self.fd)
+            self.fd = -1
+            self._publish()
+            self.tmp = None
+        finally:
+            os.close(lock_fd)
 
     def _copy_metadata(self) -> None:
         old = self.old

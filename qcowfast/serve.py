@@ -32,7 +32,8 @@ import numpy as np
 
 from . import nbd
 from .constants import ExtentKind
-from .image import _cores, _pread_exact
+from .image import RawImage, _cores, _pread_exact
+from .mapping import _raw_pieces
 
 DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
@@ -51,10 +52,11 @@ class ImageExport:
     DATA runs are `pread`, compressed clusters inflated, zero runs cleared.
     """
 
-    def __init__(self, image, name: str = "", description: str = ""):
+    def __init__(self, image, name: str = "", description: str = "", multi_conn: bool = True):
         self.image = image
         self.name = name
         self.description = description
+        self.multi_conn = multi_conn
         self.size = image.virtual_size
         cluster = getattr(image, "cluster_size", 4096)
         self.preferred_block_size = min(max(512, cluster), 2 * 1024 * 1024)
@@ -69,6 +71,7 @@ class ImageExport:
         for node in layers:
             self._fds[node.depth] = node.data_fd
             self._sizes[node.depth] = node.data_size
+        self._raw_depths = {node.depth for node in layers if isinstance(node, RawImage)}
 
     def read_plan(self, offset: int, out) -> list:
         """Where the guest bytes at `offset` (len(out) of them) come from, for the NBD server:
@@ -184,7 +187,7 @@ class ImageExport:
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """base:allocation extents from `offset`: data and compressed clusters are allocated
         (flags 0), everything else reads as zeros and is a hole (HOLE|ZERO), as qemu-nbd
-        reports a qcow2 chain. At most STATUS_SPAN bytes are examined per call (the protocol
+        reports a qcow2 chain; so are the holes of a raw file (or raw backing file). At most STATUS_SPAN bytes are examined per call (the protocol
         lets a reply cover less than asked; clients ask again from where it ends)."""
         end = min(offset + length, self.size, offset + STATUS_SPAN)
         out: list[tuple[int, int]] = []
@@ -192,9 +195,12 @@ class ImageExport:
         for chunk in self.image._runs(offset, end):
             k = chunk.kind
             flags = np.where((k == _DATA) | (k == _COMPRESSED), 0, _HOLE_ZERO)
+            starts = chunk.guest
+            if self._raw_depths:
+                starts, flags = self._raw_holes(chunk, flags)
             prev = np.concatenate(([cur_flag], flags[:-1]))
             for i in np.flatnonzero(flags != prev).tolist():
-                s = int(chunk.guest[i])
+                s = int(starts[i])
                 if cur_flag >= 0 and s > cur_start:
                     out.append((s - cur_start, cur_flag))
                     if len(out) >= max_extents:
@@ -202,6 +208,28 @@ class ImageExport:
                 cur_start, cur_flag = s, int(flags[i])
         out.append((end - cur_start, max(cur_flag, 0)))
         return out
+
+    def _raw_holes(self, chunk, flags):
+        """(starts, flags) with the data runs of raw layers split at their files' holes
+        (SEEK_DATA/SEEK_HOLE), which qemu-nbd reports as HOLE|ZERO (file-posix block
+        status)."""
+        raw = np.isin(chunk.depth, list(self._raw_depths)) & (chunk.kind == _DATA)
+        if not raw.any():
+            return chunk.guest, flags
+        starts: list[int] = []
+        out: list[int] = []
+        for i, (g, n, h, d, f) in enumerate(zip(chunk.guest.tolist(), chunk.length.tolist(),
+                                                chunk.host.tolist(), chunk.depth.tolist(),
+                                                flags.tolist())):
+            if not raw[i]:
+                starts.append(g)
+                out.append(f)
+                continue
+            fd = self.image.layer(d).data_fd
+            for s, _, is_data in _raw_pieces(fd, h, n):
+                starts.append(g + s - h)
+                out.append(0 if is_data else _HOLE_ZERO)
+        return np.array(starts, np.int64), np.array(out, np.int64)
 
 
 def _open_image(path, fmt, backing_dirs, snapshot, force_share):
@@ -227,12 +255,15 @@ class NBDServer:
         Listen on TCP at `bind`:`port` (qemu-nbd's port is 10809; 0 picks a free port).
     export_name : str
         The export's name ("" is the default export clients get without naming one).
+    description : str
+        The export's description (qemu-nbd -D), sent to clients that ask; none by default.
     snapshot : str, optional
         Serve this internal snapshot (id or name) instead of the current state.
     backing_dirs : iterable of paths
         Directories trusted to hold backing and data files, as for `qcowfast.open`.
     shared : int
-        Connections served at once (qemu-nbd -e); further clients wait in the backlog.
+        Connections served at once (qemu-nbd -e; 0: no limit); further clients wait in the
+        backlog. Multi-conn is advertised unless it is 1.
     persistent : bool
         Keep serving after the last client leaves (qemu-nbd -t). Without it, the server
         ends when its last client that reached the transmission phase disconnects.
@@ -249,7 +280,7 @@ class NBDServer:
     """
 
     def __init__(self, path, *, socket=None, bind: str = "127.0.0.1", port=None,
-                 export_name: str = "",
+                 export_name: str = "", description: str = "",
                  snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
                  force_share: bool = False, format: str | None = None,
                  limits: nbd.Limits | None = None,
@@ -257,8 +288,8 @@ class NBDServer:
                  max_request: int | None = None, workers: int | None = None):
         if socket is not None and port is not None:
             raise ValueError("give either a Unix socket or a TCP port, not both")
-        if shared < 1:
-            raise ValueError("shared must be at least 1")
+        if shared < 0:
+            raise ValueError("shared must be 0 (no limit) or more")
         if port is not None and not 0 <= int(port) <= 65535:
             raise ValueError(f"invalid TCP port {port}")
         if not isinstance(export_name, str):
@@ -280,7 +311,8 @@ class NBDServer:
         self.export_name = export_name
         self.snapshot = snapshot
         self.backing_dirs = tuple(backing_dirs)
-        self.shared = int(shared)
+        self.shared = int(shared)           # 0: no limit, as qemu-nbd -e 0
+        self.description = description
         self.persistent = persistent
         self.force_share = force_share
         self.format = format
@@ -313,8 +345,8 @@ class NBDServer:
         try:
             self._image = _open_image(self.path, self.format, self.backing_dirs,
                                       self.snapshot, self.force_share)
-            self.export = ImageExport(self._image, self.export_name,
-                                      f"qcowfast: {os.path.basename(self.path)}")
+            self.export = ImageExport(self._image, self.export_name, self.description,
+                                      multi_conn=self.shared != 1)
             self._listener = self._listen()
             self._wake_r, self._wake_w = os.pipe()
         except BaseException:
@@ -334,7 +366,7 @@ class NBDServer:
             try:
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
                 sock.bind((self._bind, self._port))
-                sock.listen(max(16, self.shared))
+                sock.listen(max(16, min(self.shared or 128, 128)))
             except OSError as exc:
                 sock.close()
                 raise _listen_error(exc, where) from exc
@@ -352,7 +384,7 @@ class NBDServer:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.bind(self._socket_path)
-            sock.listen(max(16, self.shared))
+            sock.listen(max(16, min(self.shared or 128, 128)))
         except OSError as exc:
             sock.close()
             raise _listen_error(exc, self._socket_path) from exc
@@ -453,7 +485,7 @@ class NBDServer:
         lsock.setblocking(False)
         while True:
             with self._lock:
-                while not self._stopped and len(self._conns) >= self.shared:
+                while not self._stopped and self.shared and len(self._conns) >= self.shared:
                     self._lock.wait()
                 if self._stopped:
                     return
@@ -542,6 +574,7 @@ def _clear_stale_socket(path: str) -> None:
 
 
 def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name: str = "",
+          description: str = "",
           snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
           force_share: bool = False, format: str | None = None,
           handshake_timeout: float | None = None, idle_timeout: float | None = None,
@@ -554,7 +587,7 @@ def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name:
     OSError if the address cannot be bound.
     """
     server = NBDServer(path, socket=socket, bind=bind, port=port, export_name=export_name,
-                       snapshot=snapshot, backing_dirs=backing_dirs, shared=shared,
+                       description=description, snapshot=snapshot, backing_dirs=backing_dirs, shared=shared,
                        persistent=persistent, force_share=force_share, format=format,
                        handshake_timeout=handshake_timeout, idle_timeout=idle_timeout)
     server.start()

@@ -151,10 +151,12 @@ def test_progress_like_qemu_img(images, tmp_path):
     ref = subprocess.run(["qemu-img", "convert", "-p", "-O", "raw", image.path,
                           tmp_path / "ref.raw"], capture_output=True, check=True)
     progress_values(ref.stdout)                           # the same shape from qemu-img
-    # --force-progress (old scripts) is -p; -q drops the summary, not the progress.
-    proc = run("convert", "-q", "--force-progress", image.path, tmp_path / "out.raw")
-    assert proc.returncode == 0 and proc.stderr == b"", err_text(proc)
+    # --force-progress (old scripts) is -p; -q silences both, as qemu-img -q -p.
+    proc = run("convert", "--force-progress", image.path, tmp_path / "out.raw")
+    assert proc.returncode == 0, err_text(proc)
     progress_values(proc.stdout)
+    proc = run("convert", "-q", "--force-progress", image.path, tmp_path / "out.raw")
+    assert proc.returncode == 0 and proc.stderr == b"" and proc.stdout == b""
 
 
 def test_no_progress_without_p(images, tmp_path):
@@ -1011,3 +1013,133 @@ def test_compression_level_trades_size_for_speed(tmp_path):
     r = run_cli("convert", "-q", "-f", "raw", "-O", "qcow2", "--compression-level", "2", raw,
                 tmp_path / "x.qcow2")
     assert r.returncode == 1 and "--compression-level needs -c" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# progress reports and signals never change the outcome (found by red-teaming)
+
+
+def _shell(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def differing(tmp_path_factory):
+    """(image, its raw bytes as a file, a raw file differing in one byte, a corrupt copy)."""
+    d = tmp_path_factory.mktemp("outcome")
+    img = d / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    qemu_io(img, "write -P 0x3c 0 8M", "write -P 0x4d 32M 1M")
+    same = d / "same.raw"
+    qemu_img("convert", "-O", "raw", img, same)
+    diff = d / "diff.raw"
+    data = bytearray(same.read_bytes())
+    data[60_000_000] ^= 1
+    diff.write_bytes(bytes(data))
+    bad = d / "bad.qcow2"
+    bad.write_bytes(img.read_bytes())
+    with qcowfast.open(bad) as image:
+        l2 = int(image._l2_offsets[0])
+    with open(bad, "r+b") as f:                     # an unaligned data cluster: corruption
+        f.seek(l2)
+        entry, = struct.unpack(">Q", f.read(8))
+        f.seek(l2)
+        f.write(struct.pack(">Q", entry | 0x200))
+    return img, same, diff, bad
+
+
+def test_unwritable_progress_or_verdict_keeps_the_status(differing, tmp_path):
+    """A progress report or verdict nobody reads (a closed pipe, a full disk) is dropped, as
+    qemu-img drops it: the job still completes and the status is still the verdict."""
+    img, same, diff, bad = differing
+    py = f"'{sys.executable}' -m qcowfast"
+    out = tmp_path / "o.raw"
+    for script, status in [
+            (f"{py} convert -q -p {img} {out} >/dev/full", 0),
+            (f"{py} convert -q -p {img} {out} | (sleep 0.2; head -c1 >/dev/null)", 0),
+            (f"{py} compare -p {img} {same} >/dev/full", 0),
+            (f"{py} compare -p {img} {diff} | (sleep 0.2; head -c1 >/dev/null)", 1),
+            (f"{py} compare {img} {diff} | true", 1),
+            (f"{py} check {bad} 2>&1 | true", 2)]:
+        out.unlink(missing_ok=True)
+        proc = _shell(script + "; echo ${PIPESTATUS[0]} >&2")
+        assert proc.stderr.split()[-1] == str(status).encode(), (script, proc.stderr)
+        if "convert" in script:
+            assert out.read_bytes() == same.read_bytes()
+    qemu = _shell(f"qemu-img compare {img} {diff} | true; echo ${{PIPESTATUS[0]}} >&2")
+    assert qemu.stderr.split()[-1] == b"1"
+
+
+def test_quiet_wins_over_progress_and_open_errors_print_only_the_newline(differing, tmp_path):
+    img, same, _, _ = differing
+    for tool in (["qemu-img"], [sys.executable, "-m", "qcowfast"]):
+        for argv in (["convert", "-q", "-p", img, tmp_path / "q.raw"],
+                     ["compare", "-p", "-q", img, same]):
+            proc = subprocess.run([*tool, *map(str, argv)], capture_output=True, timeout=120)
+            assert proc.returncode == 0 and proc.stdout == b"", (tool, argv, proc.stdout)
+        proc = subprocess.run([*tool, "compare", "-p", str(img), str(tmp_path / "missing")],
+                              capture_output=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == b"\n", (tool, proc.stdout)
+
+
+@pytest.mark.parametrize("argv", [["convert", "IMG", "OUT"], ["compare", "IMG", "IMG"],
+                                  ["check", "IMG"], ["map", "IMG"], ["info", "IMG"]])
+def test_sigusr1_never_ends_a_command(differing, tmp_path, argv):
+    """SIGUSR1, sent every half millisecond for the whole run: qemu-img reports progress or
+    ignores it, and never ends on it; neither does qcowfast (it used to, once a job was done,
+    in map and info at any time, and when the report could not be written)."""
+    img = differing[0]
+    argv = [str(img) if a == "IMG" else str(tmp_path / "o.raw") if a == "OUT" else a
+            for a in argv]
+    want = subprocess.run([sys.executable, "-m", "qcowfast", *argv], capture_output=True,
+                          timeout=120)
+    for _ in range(3):
+        err = open(tmp_path / "err", "wb")           # a file: a pipe nobody reads would fill
+        proc = subprocess.Popen([sys.executable, "-m", "qcowfast", *argv],
+                                stdout=subprocess.PIPE, stderr=err)
+        reader = threading.Thread(target=lambda: setattr(proc, "out", proc.stdout.read()))
+        reader.start()
+        time.sleep(0.15)                             # past the interpreter's start-up
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                break
+            time.sleep(0.0005)
+        assert proc.wait(60) == want.returncode == 0
+        reader.join(60)
+        err.close()
+        if argv[0] != "convert":
+            assert proc.out == want.stdout
+        assert all(line.startswith(b"    (") or line.startswith(b"qcowfast: converted")
+                   for line in (tmp_path / "err").read_bytes().splitlines())
+
+
+def test_closed_standard_streams(differing, tmp_path):
+    """`>&-` and `2>&-`: no traceback, no status line mixed into an image on stdout, and no
+    image streamed to a closed stdout."""
+    img, same, _, _ = differing
+    py = f"'{sys.executable}' -m qcowfast"
+    proc = _shell(f"{py} convert {img} {tmp_path / 'a.raw'} >&-; echo $? >&2")
+    assert proc.stderr.split()[-1] == b"0" and b"Traceback" not in proc.stderr
+    assert (tmp_path / "a.raw").read_bytes() == same.read_bytes()
+    proc = _shell(f"{py} convert {img} - 2>&- > {tmp_path / 's.raw'}; echo $? >&2")
+    assert proc.stderr.split()[-1] == b"0"
+    assert (tmp_path / "s.raw").read_bytes() == same.read_bytes()
+    proc = _shell(f"{py} compare {img} {same} >&-; echo $? >&2")
+    assert proc.stderr.split()[-1] == b"0"
+    proc = _shell(f"{py} convert {img} - >&-; echo $? >&2")
+    assert proc.stderr.split()[-1] == b"1" and b"standard output is closed" in proc.stderr
+
+
+def test_compare_bad_cache_mode_and_case_of_fixed_options(differing, tmp_path):
+    img, same, _, _ = differing
+    for tool in (["qemu-img"], [sys.executable, "-m", "qcowfast"]):
+        proc = subprocess.run([*tool, "compare", "-T", "bogus", str(img), str(same)],
+                              capture_output=True, timeout=120)
+        assert proc.returncode == 2, tool
+        proc = subprocess.run([*tool, "convert", "-O", "qcow2", "-o", "extended_l2=OFF",
+                               str(img), str(tmp_path / "x.qcow2")], capture_output=True,
+                              timeout=120)
+        assert proc.returncode == 1, tool

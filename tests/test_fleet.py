@@ -404,3 +404,38 @@ def test_cli_jobs_file_details(images, tmp_path):
     jobs.write_text(json.dumps({"src": 5, "dst": "x.raw"}) + "\n")
     r = run_cli("convert-many", "--jobs", jobs)
     assert r.returncode == 1 and ":1:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_never_takes_a_temporary_file_being_published(images, tmp_path):
+    """A sweep running beside conversions to the same destination never removes a live
+    temporary file, not even between the end of the writing and the rename (the lock used to
+    be released first)."""
+    src = images.get("c64k-v3-tiny").path
+    dst = tmp_path / "out.raw"
+    sweeper = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom qcowfast.fleet import sweep_stale_temps"
+         "\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n"
+         "    sweep_stale_temps(sys.argv[1])", str(dst)])
+    failures = []
+    try:
+        for i in range(1500):
+            try:
+                qcowfast.convert(src, dst, threads=1, overwrite=True)
+            except qcowfast.QcowError as exc:
+                failures.append(str(exc))
+            if sweeper.poll() is not None:
+                break
+    finally:
+        sweeper.kill()
+        sweeper.wait()
+    assert not failures, failures[:3]
+    assert dst.read_bytes() == reference_raw(src)
+
+
+def test_cli_report_may_not_be_the_job_file(images, tmp_path):
+    jobs = tmp_path / "jobs"
+    text = f"{images.get(GOOD[0]).path} {tmp_path}/o.raw\n"
+    jobs.write_text(text)
+    r = run_cli("convert-many", "--jobs", jobs, "--report", jobs)
+    assert r.returncode == 1 and "job file" in r.stderr
+    assert jobs.read_text() == text and not (tmp_path / "o.raw").exists()

@@ -115,10 +115,10 @@ def cli_server():
 class QemuNbd:
     """qemu-nbd -r -t serving an image on a Unix socket: the reference server."""
 
-    def __init__(self, path, sock: Path):
+    def __init__(self, path, sock: Path, *options: str, fmt: str = "qcow2"):
         self.sock = sock
-        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock),
-                                      str(path)], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", fmt, *options, "-k",
+                                      str(sock), str(path)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -306,11 +306,14 @@ def test_cli_reports_an_unopenable_image_in_one_line(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
-def test_cli_refuses_socket_with_port(images, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qcowfast", "serve",
-                           str(images.get("c64k-v3").path), "-k", str(tmp_path / "s"),
-                           "-p", "10809"], capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 1 and "--socket" in proc.stderr
+def test_cli_socket_wins_over_bind_and_port(images, cli_server, tmp_path):
+    """qemu-nbd -k with -b/-p serves on the socket and ignores the TCP address."""
+    image = images.get("c64k-v3")
+    sock = tmp_path / "s"
+    server = cli_server(image.path, "-k", sock, "-b", "127.0.0.1", "-p", "0")
+    assert server.uri == unix_uri(sock)
+    assert int(run("nbdinfo", "--size", server.uri).stdout) == qemu_info(image.path)[
+        "virtual-size"]
 
 
 def _serve_fails(*args) -> str:
@@ -427,3 +430,157 @@ def test_api_errors_name_the_socket_and_the_argument(images, tmp_path):
         NBDServer(image, socket=sock).start()
     with pytest.raises(TypeError, match="export_name must be a str"):
         NBDServer(image, export_name=5)
+
+
+# -- qemu-nbd's command line (found by red-teaming against qemu-nbd 7.2) ----------------------
+
+@pytest.fixture(scope="module")
+def snap_names(tmp_path_factory) -> Path:
+    """Snapshot id 1 named "2", id 2 named "x": selectors that mean different snapshots."""
+    d = tmp_path_factory.mktemp("nbd-snapshots")
+    img = d / "sn.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    for pattern, name in ((0xa1, "2"), (0xa2, "x")):
+        qemu_io(img, f"write -P {pattern} 0 64k")
+        qemu_img("snapshot", "-c", name, img)
+    qemu_io(img, "write -P 0xa3 0 64k")
+    return img
+
+
+@pytest.mark.parametrize("selector", ["snapshot.name=2", "snapshot.id=2", "2", "x",
+                                      "snapshot.id=1,snapshot.name=2", "snapshot.id=x"])
+def test_cli_load_snapshot_selects_as_qemu_nbd(snap_names, tmp_path, selector):
+    """-l takes qemu-img's snapshot syntax (it used to drop the snapshot.* prefix and look the
+    rest up as an id or a name: snapshot.name=2 served snapshot id 2)."""
+    outs = []
+    for tool in ("qemu-nbd", "qcowfast"):
+        sock = tmp_path / f"{tool}.sock"
+        if tool == "qemu-nbd":
+            argv = ["qemu-nbd", "-r", "-t", "-k", sock, "-l", selector, snap_names]
+        else:
+            argv = [sys.executable, "-m", "qcowfast", "serve", "-t", "-k", sock, "-l",
+                    selector, snap_names]
+        proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is not None:
+                outs.append(("failed", proc.returncode))
+                continue
+            out = tmp_path / f"{tool}.raw"
+            run("nbdcopy", unix_uri(sock), out)
+            outs.append(("served", out.read_bytes()))
+        finally:
+            _terminate(proc)
+    assert outs[0] == outs[1], (selector, [o[0] for o in outs])
+
+
+def test_cli_one_connection_advertises_no_multi_conn(images, cli_server, tmp_path):
+    """-e 1: no multi-conn (nbdcopy would open a second connection and wait for ever);
+    -e 0 is no limit, as in qemu-nbd."""
+    image = images.get("c64k-v3-zlib")
+    want = reference_raw(image.path)
+    server = cli_server(image.path, "-e", "1", "-k", tmp_path / "one.sock")
+    info = json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]
+    assert info["can_multi_conn"] is False
+    server = cli_server(image.path, "-e", "1", "-k", tmp_path / "one-copy.sock")
+    run("nbdcopy", server.uri, tmp_path / "one.raw")
+    assert_same_bytes((tmp_path / "one.raw").read_bytes(), want, "nbdcopy, -e 1")
+    server = cli_server(image.path, "-t", "-e", "0", "-k", tmp_path / "any.sock")
+    holders = [subprocess.Popen(["qemu-io", "-r", "-f", "raw", server.uri], text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL) for _ in range(10)]
+    try:
+        for h in holders:                 # ten clients connected at once, all served
+            h.stdin.write("read 0 512\n")
+            h.stdin.flush()
+            assert "read 512/512" in h.stdout.readline()
+    finally:
+        for h in holders:
+            h.stdin.close()
+            h.wait(TIMEOUT)
+            h.stdout.close()
+
+
+def test_cli_fork_pid_file_description_and_ignored_options(images, tmp_path):
+    """--fork returns once the server listens; --pid-file names it and goes with it; -D is the
+    description; options without meaning for a read-only export are accepted; SIGHUP ends
+    the server cleanly (status 0), as qemu-nbd."""
+    image = images.get("c64k-v3")
+    sock, pid_file = tmp_path / "f.sock", tmp_path / "pid"
+    run(sys.executable, "-m", "qcowfast", "serve", "-r", "-t", "--fork", "--pid-file",
+        pid_file, "-k", sock, "-D", "my disk", "-e", "0x2", "--cache=none", "--aio=threads",
+        "-n", "--detect-zeroes=on", "--discard=unmap", "-s", "--object", "secret,id=a,data=b",
+        image.path)
+    pid = int(pid_file.read_text())
+    try:
+        info = json.loads(run("nbdinfo", "--json", unix_uri(sock)).stdout)["exports"][0]
+        assert info["description"] == "my disk" and info["can_multi_conn"] is True
+    finally:
+        os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while (pid_file.exists() or sock.exists()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pid_file.exists() and not sock.exists()
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "serve", "-t", "-k",
+                             tmp_path / "h.sock", image.path], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "h.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("option", [["-A"], ["-B", "b0"], ["--image-opts"], ["-o", "512"],
+                                    ["-c", "/dev/nbd0"], ["--tls-creds", "tls0"]])
+def test_cli_refuses_what_it_lacks_by_name(images, tmp_path, option):
+    message = _serve_fails(*option, "-k", tmp_path / "s", images.get("c64k-v3").path)
+    assert option[0] in message and "not supported" in message
+
+
+def test_image_is_locked_while_served(images, served, tmp_path):
+    """As qemu-nbd: while the image is served, a QEMU cannot open it (or its backing file)
+    for writing and change what clients read; readers still can."""
+    image = images.get("c4k-chain3-short-base")
+    top = tmp_path / "chain"
+    top.mkdir()
+    for f in Path(image.path).parent.iterdir():
+        if f.suffix == ".qcow2":
+            (top / f.name).write_bytes(f.read_bytes())
+    path = top / Path(image.path).name
+    server = served(path)
+    for target in [path, *[p for p in top.iterdir() if p != path]]:
+        proc = subprocess.run(["qemu-io", "-c", "write -P 0x77 0 4k", target],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode != 0 and '"write" lock' in proc.stderr, (target, proc)
+    run("qemu-io", "-r", "-c", "read 0 4k", path)
+    server.stop()
+    run("qemu-io", "-c", "write -P 0x77 0 4k", path)
+
+
+@pytest.mark.parametrize("case", ["raw", "raw-backing"])
+def test_raw_holes_are_holes_as_in_qemu_nbd(tmp_path, served, case):
+    raw = tmp_path / "raw.img"
+    with open(raw, "wb") as f:
+        f.truncate(10 * 1024 * 1024)
+        f.seek(5 * 1024 * 1024)
+        f.write(b"hello")
+    path, fmt = raw, "raw"
+    if case == "raw-backing":
+        path, fmt = tmp_path / "over.qcow2", "qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", raw.name, "-F", "raw", path, cwd=tmp_path)
+        qemu_io(path, "write -P 1 1M 64k")
+    reference = QemuNbd(path, tmp_path / "qemu-nbd.sock", fmt=fmt)
+    try:
+        want = nbd_map(unix_uri(reference.sock))
+    finally:
+        reference.stop()
+    assert nbd_map(served(path).uri) == want
+    assert {kind for _, _, kind in want} == {0, 3}
