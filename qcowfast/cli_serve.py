@@ -131,7 +131,6 @@ def add_parser(sub) -> None:
 
 def cmd_serve(args) -> int:
     import logging
-    import os
     import signal
     import threading
 

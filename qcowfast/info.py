@@ -22,7 +22,7 @@ from .constants import (
 from .errors import BackingChainError, FormatError, UnsupportedFeature
 from .header import Header, read_header, require_refcount_table
 from .locks import check_not_locked
-from .paths import OpenedFile, full_backing_filename, has_protocol, open_file, resolve_reference
+from .paths import OpenedFile, full_backing_filename, open_file, resolve_reference
 from .probe import detect_format
 from .preads import pread_padded
 from .snapshots import Snapshot, read_snapshot_table

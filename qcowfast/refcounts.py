@@ -8,7 +8,6 @@ get_refcount_ro0..ro2() read them.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import numpy as np
