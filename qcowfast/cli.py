@@ -187,11 +187,8 @@ class QemuProgress:
         self.lock = threading.Lock()
 
     def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):       # a closed pipe, a full disk, a closed stream
-            self.stream = None
+        if not _write_quietly(self.stream, text):
+            self.stream = None              # a closed pipe, a full disk: no more reports
 
     def _report(self, current: float) -> None:
         self.current = current
@@ -251,14 +248,15 @@ def _on_usr1(signum, frame) -> None:
         progress.on_usr1()
 
 
-def _write_quietly(stream, text: str) -> None:
+def _write_quietly(stream, text: str) -> bool:
     """Write to a stream that may be gone (closed pipe, full disk): a status line must never
-    change a command's outcome."""
+    change a command's outcome. Returns whether the text was written."""
     try:
         stream.write(text)
         stream.flush()
     except (OSError, ValueError, AttributeError):
-        pass
+        return False
+    return True
 
 
 def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:

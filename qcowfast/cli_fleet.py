@@ -152,7 +152,7 @@ def describe(result) -> tuple[str, dict]:
 
 
 def cmd_convert_many(args) -> int:
-    from .cli import ProgressBar, human_size
+    from .cli import ProgressBar, _write_quietly, human_size
     from .fleet import convert_many
     try:
         jobs = read_jobs(args)
@@ -170,15 +170,9 @@ def cmd_convert_many(args) -> int:
     show = args.progress and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr, "converting") if show else None
     lock = threading.Lock()
-    stderr_gone = []                        # a closed stderr ends the lines, not the batch
 
-    def say(line: str) -> None:
-        if stderr_gone:
-            return
-        try:
-            print(line, file=sys.stderr, flush=True)
-        except OSError:
-            stderr_gone.append(True)
+    def say(line: str) -> None:             # a closed stderr ends the lines, not the batch
+        _write_quietly(sys.stderr, line + "\n")
 
     def on_result(i, job, result):
         if args.quiet:

@@ -64,10 +64,6 @@ def as_job(spec) -> Job:
             from None
 
 
-def _same_file_key(path: str) -> str:
-    return os.path.realpath(path)
-
-
 def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
     """Jobs that must not run, by index: a destination an earlier job also writes (only one
     output could survive), or a source another job writes (what it reads would depend on the
@@ -75,7 +71,7 @@ def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
     writers: dict[str, int] = {}
     refused: dict[int, ValueError] = {}
     for i, job in enumerate(jobs):
-        key = _same_file_key(job.dst)
+        key = os.path.realpath(job.dst)
         if key in writers:
             first = writers[key]
             refused[i] = ValueError(f"{job.dst}: also the destination of job {first} "
@@ -83,7 +79,7 @@ def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
         else:
             writers[key] = i
     for i, job in enumerate(jobs):
-        writer = writers.get(_same_file_key(job.src))
+        writer = writers.get(os.path.realpath(job.src))
         if writer is not None and writer != i and i not in refused:
             refused[i] = ValueError(f"{job.src}: the destination of job {writer} of this batch; "
                                     "convert it in a later batch (the order jobs run in is "
