@@ -1,4 +1,4 @@
 """`python -m qcowfast` runs the command line."""
-from .cli import run
+from ._entry import run
 
 run()

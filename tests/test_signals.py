@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,55 @@ def test_qemu_img_is_killed_by_the_signal(allocated_image, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_AT_START = ("import os, signal, time, {module}\n"
+             "print({{signal.SIG_DFL: 'default', signal.SIG_IGN: 'ignored'}}"
+             ".get(signal.getsignal(signal.SIGINT)), flush=True)\n"
+             "os.kill(os.getpid(), signal.SIGINT)\n"
+             "time.sleep(30)\n")
+
+
+def test_ctrl_c_during_start_up_ends_quietly():
+    """Ctrl-C before the command line has installed its handlers (while modules import) ends
+    the process by SIGINT, as it ends qemu-img, with no traceback: the entry point restores
+    the default action first thing."""
+    proc = subprocess.run([sys.executable, "-c", _AT_START.format(module="qcowfast._entry")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "default\n", proc
+    assert proc.returncode == -signal.SIGINT and proc.stderr == "", proc
+
+
+def test_ctrl_c_ignored_by_the_caller_stays_ignored():
+    """An inherited SIG_IGN (nohup, a background job of a script) is left alone."""
+    proc = subprocess.run([sys.executable, "-c", _AT_START.format(module="qcowfast._entry")
+                           .replace("time.sleep(30)", "print('alive')")],
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0 and proc.stdout == "ignored\nalive\n", proc
+
+
+_CTRL_C_WHILE_CLI_IMPORTS = """
+import os, runpy, signal, sys
+class CtrlC:
+    def find_spec(self, name, path, target=None):
+        if name == "qcowfast.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["qcowfast", "--version"]
+{run}
+"""
+
+
+@pytest.mark.parametrize("run", [
+    "runpy.run_module('qcowfast', run_name='__main__', alter_sys=True)",
+    f"runpy.run_path({str(Path(sys.executable).with_name('qcowfast'))!r}, run_name='__main__')",
+], ids=["python -m qcowfast", "console script"])
+def test_ctrl_c_while_the_command_line_imports(run):
+    """Both ways of starting the command line (the installed script's target is what
+    pyproject.toml names) take the quiet start: Ctrl-C while the command-line module is
+    being imported ends the process by SIGINT without a traceback."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_CLI_IMPORTS.format(run=run)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGINT and proc.stderr == "", proc
