@@ -103,9 +103,9 @@ def status_runs(layer, start: int, end: int, prealloc: dict) -> Iterator[Status]
         if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
             flags |= BDRV_BLOCK_ALLOCATED
             if kind == _DATA:
-                if layer.depth not in prealloc:
-                    prealloc[layer.depth] = metadata_preallocated(layer)
-                if prealloc[layer.depth]:
+                if id(layer) not in prealloc:
+                    prealloc[id(layer)] = metadata_preallocated(layer)
+                if prealloc[id(layer)]:
                     # bdrv_co_block_status() asks the data file (BDRV_BLOCK_RECURSE), then
                     # drops the RECURSE flag from its answer (as the qemu-img 7.2 in use does).
                     delta = host - a

@@ -121,11 +121,9 @@ class _Claims:
     def __init__(self, image):
         self.image = image
         self.layers = {}
-        node = image
-        while node is not None:
+        for depth, node in image.by_depth():
             if hasattr(node, "_l2_offsets"):
-                self.layers[node.depth] = node
-            node = node.backing
+                self.layers[depth] = node
         self.levels = {}                 # (depth, kind) -> list of (starts, ends) arrays
         self.pending = {}                # (depth, kind) -> (batches above all levels, high mark)
         self.last = {}                   # depth -> (coffset, cluster start) of the last stream
@@ -243,10 +241,7 @@ class _Filler:
         self.vsize = image.virtual_size
         self.local = threading.local()
         self.borrowed = Borrowed(unit)
-        layers, node = {}, image
-        while node is not None:
-            layers[node.depth] = node
-            node = node.backing
+        layers = dict(image.by_depth())
         self.layers = [layers.get(d) for d in range(max(layers) + 1)]
         self.fds = np.array([getattr(x, "data_fd", -1) for x in self.layers], np.int64)
         self.sizes = np.array([getattr(x, "data_size", 0) for x in self.layers], np.int64)

@@ -17,7 +17,7 @@ from operator import index as _index
 from . import _plain, buffers
 from ._lazy import LazyModule
 from .constants import (
-    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED,
+    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED, RAW_FORMATS,
     CompressionType, ExtentKind,
 )
 from .errors import (
@@ -272,7 +272,7 @@ class _Layer:
         g1 = g0 + int(chunk.length[h])
         mid = min(g1, backing.virtual_size)
         if g0 < mid:
-            yield from backing._runs(g0, mid)
+            yield from self._from_backing(backing, g0, mid)
         if max(g0, mid) < g1:
             # Past the end of a shorter backing file: zeros, unallocated at this layer
             # (QEMU bdrv_co_block_status() reports them as zero at the upper layer).
@@ -280,6 +280,13 @@ class _Layer:
             if chunk.host[h] >= 0:
                 tail.host[0] = chunk.host[h] + (max(g0, mid) - g0)
             yield tail
+
+    def _from_backing(self, backing: "_Layer", start: int, end: int) -> Iterator[Runs]:
+        """`backing`'s runs of [start, end), their depths counted from this layer: a layer
+        given as `backing=` was opened on its own (depth 0) and may be shared by other chains."""
+        shift = self.depth + 1 - backing.depth
+        for chunk in backing._runs(start, end):
+            yield chunk._replace(depth=chunk.depth + shift) if shift else chunk
 
     def _holes_batch(self, sub: Runs, backing: "_Layer") -> Runs:
         """Resolve every UNALLOCATED run of `sub` through `backing` with one backing walk."""
@@ -293,7 +300,7 @@ class _Layer:
         inside = hs < hc
         if inside.any():
             lo, hi = int(hs[inside][0]), int(hc[inside][-1])
-            got = list(backing._runs(lo, hi))
+            got = list(self._from_backing(backing, lo, hi))
             b = Runs(*(np.concatenate(col) for col in zip(*got))) if len(got) > 1 else got[0]
             b_end = b.guest + b.length
             # Cut at every hole and backing-run boundary; keep the pieces inside a hole.
@@ -329,10 +336,13 @@ class _Layer:
             out.append((max(a, mid), b, _UNALLOCATED, -1, 0, self))
 
     def layer(self, depth: int) -> "_Layer":
-        node = self
-        while node.depth != depth:
-            node = node.backing
-        return node
+        """The layer of this chain at `depth` (an Extent's or Runs' depth)."""
+        return self.chain[depth - self.depth]
+
+    def by_depth(self) -> list:
+        """(depth, layer) for every layer of the chain, top first: the depths Extents and
+        Runs name (a shared `backing=` layer's own `depth` attribute may differ)."""
+        return list(enumerate(self.chain, self.depth))
 
 
 class RawImage(_Layer):
@@ -444,6 +454,7 @@ class Image(_Layer):
         self.filename = os.fspath(path)
         self.depth = _depth
         self.backing = None
+        self._owns_backing = False
         self.force_share = force_share
         self._data_fd = -1
         self._fd = -1
@@ -567,7 +578,8 @@ class Image(_Layer):
         if backing is False or (backing is None and not h.backing_file):
             return
         if isinstance(backing, _Layer):
-            self.backing = backing
+            backing._check_open()
+            self.backing = backing              # shared: the caller closes it
             self._reads = backing._reads        # its descriptors stay open while we read
             return
         if self.depth + 1 > max_depth:
@@ -583,7 +595,7 @@ class Image(_Layer):
             fmt = h.backing_format if backing is None else None
             if fmt is None:
                 fmt = detect_format(opened.fd, opened.path)
-            if fmt == "raw":
+            if fmt in RAW_FORMATS:
                 self.backing = RawImage(opened, self.depth + 1, force_share=self.force_share)
             elif fmt == "qcow2":
                 self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
@@ -592,6 +604,7 @@ class Image(_Layer):
             else:
                 raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} "
                                          "(qcowfast reads qcow2 and raw backing files)")
+            self._owns_backing = True
             self._reads = self.backing._reads
         finally:
             opened.close()                  # a no-op once a layer took the descriptor
@@ -599,7 +612,7 @@ class Image(_Layer):
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Close this image and the backing chain it opened (see _Layer.close)."""
-        if self.backing is not None and self.backing.depth > self.depth:
+        if self._owns_backing:
             self.backing.close()
         super().close()
 

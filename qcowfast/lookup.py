@@ -11,13 +11,13 @@ def describe(image, offset: int) -> str:
     lines = []
     ext = next(image.extents(offset, 1))
     layer = image.layer(ext.depth)
-    for node in image.chain:
+    for depth, node in image.by_depth():
         if isinstance(node, RawImage):
-            lines.append(f"depth {node.depth}: {node.filename} (raw): offset {offset:#x} is data "
+            lines.append(f"depth {depth}: {node.filename} (raw): offset {offset:#x} is data "
                          f"at host offset {offset:#x}" if offset < node.virtual_size else
-                         f"depth {node.depth}: {node.filename} (raw): past its end")
+                         f"depth {depth}: {node.filename} (raw): past its end")
             break
-        lines.extend(_entry_lines(node, offset))
+        lines.extend(_entry_lines(node, depth, offset))
         if node is layer:
             break
     host = "none" if ext.host_offset is None else f"{ext.host_offset + offset - ext.guest_offset:#x}"
@@ -28,14 +28,14 @@ def describe(image, offset: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _entry_lines(node: Image, offset: int):
+def _entry_lines(node: Image, depth: int, offset: int):
     h = node.header
     if offset >= node.virtual_size:
-        return [f"depth {node.depth}: {node.filename}: past its virtual size"]
+        return [f"depth {depth}: {node.filename}: past its virtual size"]
     l1_index = offset // node._l2_per_l1
     l2_offset = int(node._l2_offsets[l1_index])
     l1_entry = int(node._l1_be[l1_index])
-    out = [f"depth {node.depth}: {node.filename}: L1[{l1_index}] = {l1_entry:#018x}"]
+    out = [f"depth {depth}: {node.filename}: L1[{l1_index}] = {l1_entry:#018x}"]
     if not l2_offset:
         out.append("  no L2 table: unallocated")
         return out

@@ -61,17 +61,13 @@ class ImageExport:
         cluster = getattr(image, "cluster_size", 4096)
         self.preferred_block_size = min(max(512, cluster), 2 * 1024 * 1024)
         # Each layer's data file and its size, by depth in the chain (for read_plan).
-        layers = []
-        node = image
-        while node is not None:
-            layers.append(node)
-            node = node.backing
+        layers = image.by_depth()
         self._fds = np.full(len(layers), -1, np.int64)
         self._sizes = np.zeros(len(layers), np.int64)
-        for node in layers:
-            self._fds[node.depth] = node.data_fd
-            self._sizes[node.depth] = node.data_size
-        self._raw_depths = {node.depth for node in layers if isinstance(node, RawImage)}
+        for depth, node in layers:
+            self._fds[depth] = node.data_fd
+            self._sizes[depth] = node.data_size
+        self._raw_depths = {depth for depth, node in layers if isinstance(node, RawImage)}
 
     def read_plan(self, offset: int, out) -> list:
         """Where the guest bytes at `offset` (len(out) of them) come from, for the NBD server:

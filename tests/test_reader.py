@@ -397,6 +397,26 @@ def test_backing_chain(image):
 
 
 
+@pytest.mark.images(ids=("c4k-chain3-short-base", "c64k-raw-backing"))
+def test_backing_given_as_an_opened_image(image):
+    """backing=<an opened Image> reads, maps and converts like the chain named in the file:
+    the shared layer was opened on its own (its own depth 0), yet its runs are counted from
+    the top (depth 1, 2, ...), and closing the top leaves it open for its owner."""
+    fmt = image.chain[1].fmt
+    with _open(image) as want, qcowfast.image.open_source(image.chain[1].path, fmt) as base:
+        top = qcowfast.open(image.path, backing=base)
+        assert [x.filename for x in top.chain] == [x.filename for x in want.chain]
+        assert_same_bytes(top.read(0, top.virtual_size), reference_raw(image.path),
+                          f"{image.id} through a shared backing image")
+        assert top.as_file().read() == want.read(0, want.virtual_size)
+        assert list(top.extents()) == list(want.extents())
+        assert top.map() == want.map() == qemu_map(image.path)
+        assert top.layer(1) is base and top.by_depth()[1] == (1, base)
+        top.close()
+        assert base.read(0, 512) == want.backing.read(0, 512)      # still open
+
+
+
 def test_oversized_read_refused_before_allocating(tmp_path):
     """read() of more than MAX_READ bytes is a ValueError raised before any buffer exists
     (a 1 TiB read must not end in MemoryError); readinto() with the caller's buffer works."""
