@@ -29,7 +29,7 @@ from .bitmaps import (
 )
 from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
-    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS,
 )
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
@@ -721,7 +721,7 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
         if opened.ident == ident:
             raise BackingChainError(f"backing chain loops: {name} -> {opened.path}")
         fmt = header.backing_format or detect_format(opened.fd, opened.path)
-        if fmt == "raw":
+        if fmt in RAW_FORMATS:
             layer = RawImage(opened, 1, force_share=force_share)
         elif fmt == "qcow2":
             layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share, _depth=1,

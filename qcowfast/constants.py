@@ -11,6 +11,10 @@ MAX_L1_BYTES = 32 * 1024 * 1024          # QEMU's QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024     # QEMU's QCOW_MAX_REFTABLE_SIZE
 MAX_SNAPSHOTS = 65536                    # QEMU's QCOW_MAX_SNAPSHOTS
 MAX_BACKING_NAME = 1023
+BACKING_FORMAT_SIZE = 16                 # QEMU's BlockDriverState.backing_format[16]
+# Backing formats read as raw bytes: QEMU's raw format driver and its `file` protocol driver
+# (qemu-img create -F file names the latter).
+RAW_FORMATS = ("raw", "file")
 MAX_CHAIN_DEPTH = 64
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00

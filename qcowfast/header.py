@@ -10,9 +10,9 @@ import struct
 
 from ._record import field, record
 from .constants import (
-    MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
-    MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear, CompressionType,
-    CryptMethod, ExtensionType, IMPLEMENTED_INCOMPATIBLE, INCOMPATIBLE_NAMES, Incompatible,
+    BACKING_FORMAT_SIZE, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+    MAX_SNAPSHOTS, MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear,
+    CompressionType, CryptMethod, ExtensionType, IMPLEMENTED_INCOMPATIBLE, INCOMPATIBLE_NAMES, Incompatible,
 )
 from .errors import EncryptedImage, FormatError, QcowError, TruncatedImage, UnsupportedFeature
 
@@ -207,7 +207,9 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
         end = backing_file_offset + backing_file_size
         if end > len(data):
             raise TruncatedImage("backing file name runs past the end of the file")
-        fields["backing_file"] = _decode_name(data[backing_file_offset:end], "backing file name")
+        # A C string to QEMU (qcow2_do_open() pstrcpy()s it): the name ends at a NUL byte.
+        fields["backing_file"] = _decode_name(data[backing_file_offset:end].split(b"\0", 1)[0],
+                                              "backing file name")
 
     if size >= 1 << 63:
         raise FormatError(f"virtual size {size} too large")
@@ -338,10 +340,15 @@ def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:
         seen.add(ext_type)
         payload = data[offset:offset + length]
         found.append(Extension(ext_type, offset, length))
+        # Both are C strings to QEMU (a NUL ends them); an empty format means "probe".
         if ext_type == ExtensionType.BACKING_FORMAT:
-            out["backing_format"] = _decode_name(payload, "backing format").rstrip("\0")
+            if length >= BACKING_FORMAT_SIZE:       # qcow2_read_extensions(): char[16]
+                raise FormatError(f"ext_backing_format: len={length} too large "
+                                  f"(>={BACKING_FORMAT_SIZE})")
+            out["backing_format"] = _decode_name(payload.split(b"\0", 1)[0],
+                                                 "backing format") or None
         elif ext_type == ExtensionType.DATA_FILE:
-            out["data_file"] = _decode_name(payload, "external data file name").rstrip("\0")
+            out["data_file"] = _decode_name(payload.split(b"\0", 1)[0], "external data file name")
         elif ext_type == ExtensionType.FEATURE_TABLE:
             names = {}
             for i in range(length // 48):

@@ -17,7 +17,7 @@ import time
 
 from .bitmaps import check_bitmaps_at_open, read_bitmap_directory
 from .constants import (
-    MAX_CHAIN_DEPTH, Compatible, CompressionType, CryptMethod,
+    MAX_CHAIN_DEPTH, RAW_FORMATS, Compatible, CompressionType, CryptMethod,
 )
 from .errors import BackingChainError, FormatError, UnsupportedFeature
 from .header import Header, read_header, require_refcount_table
@@ -209,9 +209,9 @@ def _layer_info(path: str, fmt: str | None, force_share: bool = False
             if not force_share:
                 check_not_locked(fd, path)
             out = _qcow2_info(fd, path, st)
-        elif fmt == "raw":
+        elif fmt in RAW_FORMATS:
             out = {"virtual-size": -(-opened.size // SECTOR) * SECTOR, "filename": path,
-                   "format": "raw", "actual-size": st.st_blocks * 512, "dirty-flag": False}
+                   "format": fmt, "actual-size": st.st_blocks * 512, "dirty-flag": False}
         else:
             raise UnsupportedFeature(f"{path}: format {fmt!r} (qcowfast reads qcow2 and raw)")
         return out, (st.st_dev, st.st_ino)

@@ -225,12 +225,21 @@ def test_non_regular_files_refused(tmp_path):
         assert "not a regular file" in proc.stdout
 
 
-def test_nul_in_name_refused(tmp_path):
+@pytest.mark.parametrize("stored, followed", [
+    (b"base.qcow2\0../../etc/passwd", "base.qcow2"), (b"\0base.qcow2", None)],
+    ids=["name-then-nul", "nul-first"])
+def test_name_ends_at_a_nul_byte(tmp_path, stored, followed):
+    """QEMU reads the stored name as a C string (qcow2_do_open() pstrcpy()s it): it ends at
+    the first NUL byte, and an empty name means no backing file. The path policy applies to
+    the name QEMU follows."""
     make_base(tmp_path / "base.qcow2")
     top = make_top(tmp_path / "top.qcow2", "base.qcow2")
-    Qcow(top).set_backing_name(b"base.qcow2\0../../etc/passwd")
-    with pytest.raises(UnsafePathError, match="NUL byte"):
-        qcowfast.open(top)
+    Qcow(top).set_backing_name(stored)
+    with qcowfast.open(top) as img:
+        assert (img.backing and os.path.basename(img.backing.filename)) == (followed or None)
+    assert_matches_qemu(top)
+    want = json.loads(qemu_img("info", "--output=json", "--backing-chain", top).stdout)
+    assert qcowfast.info(top, backing_chain=True) == want
 
 
 def test_empty_name_means_no_backing(tmp_path):
@@ -329,6 +338,53 @@ def test_backing_format_probed_without_extension(tmp_path):
     with qcowfast.open(top) as img:
         assert isinstance(img.backing, qcowfast.Image)
     assert_matches_qemu(top)
+
+
+def _set_backing_format(path: Path, payload: bytes) -> None:
+    """Store `payload` verbatim as the backing-format extension's data (any length); the
+    backing name moves to 4 KiB to make room."""
+    q = Qcow(path)
+    name = q.get(q["backing_file_offset"], q["backing_file_size"])
+    q.put(4096, name)
+    q["backing_file_offset"] = 4096
+    off, length = q.extension(EXT_BACKING_FORMAT)
+    after = off + 8 + (length + 7) // 8 * 8
+    end = max(o + 8 + (n + 7) // 8 * 8 for _, o, n in q.extensions()) + 8   # with END
+    rest = q.get(after, end - after)
+    new = struct.pack(">II", EXT_BACKING_FORMAT, len(payload)) + payload
+    new += bytes(-len(new) % 8) + rest
+    assert off + len(new) <= q["backing_file_offset"], "no room before the backing name"
+    q.put(off, new)
+
+
+@pytest.mark.parametrize("payload, layer", [
+    (b"", "qcow2"), (b"\0\0\0", "qcow2"), (b"qcow2\0x", "qcow2"), (b"file", "raw")],
+    ids=["empty", "nuls", "nul-inside", "file-protocol"])
+def test_backing_format_as_qemu_reads_it(tmp_path, payload, layer):
+    """The backing format is a C string: empty (or NULs) means probe, a NUL ends it. `file`
+    (qemu-img create -F file) is QEMU's protocol driver: the file's bytes, as raw."""
+    make_base(tmp_path / "base.qcow2")
+    top = make_top(tmp_path / "top.qcow2", "base.qcow2")
+    _set_backing_format(top, payload)
+    with qcowfast.open(top) as img:
+        assert isinstance(img.backing, qcowfast.Image if layer == "qcow2" else
+                          qcowfast.image.RawImage)
+    assert_matches_qemu(top)
+    want = json.loads(qemu_img("info", "--output=json", "--backing-chain", top).stdout)
+    assert qcowfast.info(top, backing_chain=True) == want
+    assert qcowfast.check(top).exit_code == 0
+
+
+def test_backing_format_of_16_bytes_refused(tmp_path):
+    """QEMU keeps the format in char[16] and refuses an extension of 16 bytes or more."""
+    make_base(tmp_path / "base.qcow2")
+    top = make_top(tmp_path / "top.qcow2", "base.qcow2")
+    _set_backing_format(top, b"qcow2".ljust(16, b"\0"))
+    want = subprocess.run(["qemu-img", "info", top], capture_output=True, text=True)
+    assert want.returncode == 1 and "len=16 too large (>=16)" in want.stderr
+    for call in (qcowfast.open, qcowfast.info):
+        with pytest.raises(qcowfast.FormatError, match=r"len=16 too large \(>=16\)"):
+            call(top)
 
 
 # --------------------------------------------------------------------------------------------
