@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .errors import QcowError
 
@@ -66,8 +66,8 @@ def as_job(spec) -> Job:
 
 def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
     """Jobs that must not run, by index: a destination an earlier job also writes (only one
-    output could survive), or a source another job writes (what it reads would depend on the
-    order the jobs happen to run in)."""
+    output could survive), or a source another job writes, or a file of its chain (what it
+    reads would depend on the order the jobs happen to run in)."""
     writers: dict[str, int] = {}
     refused: dict[int, ValueError] = {}
     for i, job in enumerate(jobs):
@@ -79,12 +79,56 @@ def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
         else:
             writers[key] = i
     for i, job in enumerate(jobs):
-        writer = writers.get(os.path.realpath(job.src))
-        if writer is not None and writer != i and i not in refused:
-            refused[i] = ValueError(f"{job.src}: the destination of job {writer} of this batch; "
-                                    "convert it in a later batch (the order jobs run in is "
-                                    "not fixed)")
+        if i in refused:
+            continue
+        for what, name in chain_files(job):
+            writer = writers.get(os.path.realpath(name))
+            if writer is not None and writer != i:
+                refused[i] = ValueError(f"{name}: {what} is the destination of job {writer} "
+                                        "of this batch; convert it in a later batch (the order "
+                                        "jobs run in is not fixed)")
+                break
     return refused
+
+
+def chain_files(job: Job) -> Iterator[tuple[str, str]]:
+    """("the source" / "a backing file of X" / "the data file of X", name) for the files job's
+    conversion reads, as their headers name them (QEMU's resolution of relative names). Only
+    headers are read; the walk stops where a file is missing or unreadable (the job will say
+    why) and after MAX_CHAIN_DEPTH layers. The job's own data_file= replaces the stored name."""
+    from .constants import MAX_CHAIN_DEPTH
+    from .header import read_header
+    from .paths import full_backing_filename, has_protocol
+    yield "the source", job.src
+    name, fmt, seen = job.src, job.options.get("src_format"), set()
+    for depth in range(MAX_CHAIN_DEPTH + 1):
+        if fmt not in (None, "qcow2"):
+            return
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            header = read_header(fd, os.lseek(fd, 0, os.SEEK_END), tables_in_file=False,
+                                 allow_encrypted=True)
+        except (OSError, QcowError):
+            return
+        finally:
+            os.close(fd)
+        data_file = job.options.get("data_file") if depth == 0 else None
+        if data_file is not None:
+            yield f"the data file of {name}", os.fspath(data_file)
+        elif header.data_file and not has_protocol(header.data_file):
+            yield f"the data file of {name}", full_backing_filename(name, header.data_file)
+        if not header.backing_file or has_protocol(header.backing_file):
+            return
+        owner, name = name, full_backing_filename(name, header.backing_file)
+        fmt = header.backing_format
+        yield f"a backing file of {owner}", name
 
 
 def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:
@@ -225,7 +269,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         "stop" starts no new job after the first failure; jobs not started get a
         `concurrent.futures.CancelledError` as their result.
         Jobs that would write the same destination (after the first), or read another job's
-        destination, are not run: their result is a ValueError saying why.
+        destination (source, backing file or data file), are not run: their result is a
+        ValueError saying why.
     progress : callable(done_bytes, total_bytes), optional
         One progress stream for the whole batch (guest bytes of all jobs).
     skip_existing : bool

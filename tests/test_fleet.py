@@ -255,6 +255,46 @@ def test_conflicting_jobs_are_refused_and_the_rest_run(images, tmp_path):
     assert not (tmp_path / "final.raw").exists()
 
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_job_writing_a_file_of_another_jobs_chain_is_refused(tmp_path, workers):
+    """A job whose source's backing file (at any depth, named relatively) or external data
+    file is another job's destination is refused, whatever order the jobs would run in: it
+    would read the old file or the new one depending on timing."""
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    _image_with_data(chain / "base.qcow2", 4, 1)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             chain / "mid.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+             chain / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", chain / "ext.qcow2",
+             "4M")
+    qemu_io(chain / "ext.qcow2", "write -P 0x3c 0 1M")
+    other = _image_with_data(tmp_path / "other.qcow2", 4, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [(chain / "top.qcow2", out / "top.raw"), (chain / "ext.qcow2", out / "ext.raw"),
+            {"src": other, "dst": chain / "base.qcow2", "format": "qcow2"},
+            {"src": other, "dst": chain / "ext.raw"}]
+    results = convert_many(jobs, workers=workers, overwrite=True)
+    assert isinstance(results[0], ValueError), results
+    assert "a backing file of" in str(results[0]) and "destination of job 2" in str(results[0])
+    assert isinstance(results[1], ValueError) and "the data file of" in str(results[1]) \
+        and "destination of job 3" in str(results[1]), results
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results[2:]), results
+    assert not (out / "top.raw").exists() and not (out / "ext.raw").exists()
+    # The same batch on the command line: refused jobs fail the run.
+    (chain / "base.qcow2").unlink()
+    _image_with_data(chain / "base.qcow2", 4, 1)
+    jobs_file = tmp_path / "jobs"
+    jobs_file.write_text(f"{other} {chain / 'base.qcow2'}\n{chain / 'top.qcow2'} "
+                         f"{out / 'top.raw'}\n")
+    r = run_cli("convert-many", "--jobs", jobs_file, "--workers", str(workers))
+    assert r.returncode == 1 and "a backing file of" in r.stderr, r.stderr
+    assert not (out / "top.raw").exists()
+
+
 def test_any_exception_is_the_jobs_result(images, tmp_path):
     """A wrong option type fails that job (as a value), never the batch; a job whose src or
     dst is no path is refused before anything runs."""
