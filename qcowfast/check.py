@@ -35,7 +35,7 @@ from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
 from .locks import check_not_locked
-from .paths import open_file
+from .paths import directories, open_file
 from .refcounts import (
     MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
 )
@@ -772,7 +772,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         chain cannot be opened (the message starts with "Could not open 'PATH': "), its
         bitmaps cannot be read, or memory ran out.
     """
-    name = os.fspath(path)
+    name = os.fsdecode(os.fspath(path))
     try:
         # Opened as info and compare open their images (paths.open_file): a missing file is
         # ImageNotFound, any other failure to open ImageOpenError (both QcowErrors and
@@ -799,7 +799,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             header = read_header(fd, st.st_size, tables_in_file=False)
             if header.bitmaps is not None:      # loaded at open, as qemu-img check opens
                 check_bitmaps_at_open(fd, header, st.st_size)
-            _open_chain(name, (st.st_dev, st.st_ino), header, tuple(backing_dirs), force_share)
+            _open_chain(name, (st.st_dev, st.st_ino), header, directories(backing_dirs),
+                        force_share)
         except QcowError as exc:
             raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
         result = CheckResult(filename=name)
@@ -821,7 +822,7 @@ def _reworded(exc: QcowError, message: str) -> QcowError:
     except TypeError:
         return QcowError(message)
     if isinstance(exc, OSError):
-        new.errno = exc.errno
+        new.errno, new.strerror, new.filename = exc.errno, exc.strerror, exc.filename
     return new
 
 

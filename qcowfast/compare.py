@@ -24,6 +24,7 @@ from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO,
 from .constants import ExtentKind
 from .image import Image, RawImage, open_source
 from .mapping import _raw_pieces
+from .paths import directories
 
 SECTOR = 512
 CHUNK = 4 * 1024 * 1024          # bytes read per side and step
@@ -276,8 +277,8 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
     QcowError, OSError
         An image cannot be opened or read (qemu-img exits with 2).
     """
-    a, b = os.fspath(a), os.fspath(b)
-    dirs = tuple(os.fspath(d) for d in backing_dirs)
+    a, b = os.fsdecode(os.fspath(a)), os.fsdecode(os.fspath(b))
+    dirs = directories(backing_dirs)
     src_a = _open_source(a, fmt_a, dirs, force_share)
     try:
         src_b = _open_source(b, fmt_b, dirs, force_share)

@@ -46,7 +46,22 @@ class SnapshotNotFound(QcowError, LookupError):
 
 
 class ImageOpenError(QcowError, OSError):
-    """An image, backing or data file cannot be opened (the message names the path given)."""
+    """An image, backing or data file cannot be opened (the message names the path given).
+
+    Like any OSError it carries `errno`, `strerror` and `filename` (also through pickling, for
+    results sent between processes); str() is the message alone.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):
+        return type(self), (str(self), self.errno, self.strerror, self.filename)
 
 
 class ImageNotFound(ImageOpenError, FileNotFoundError):

@@ -58,7 +58,7 @@ def as_job(spec) -> Job:
             raise ValueError(f"job {spec!r} is neither a (src, dst) pair nor a dict") from None
         options = {}
     try:
-        return Job(os.fspath(src), os.fspath(dst), options)
+        return Job(os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dst)), options)
     except TypeError:
         raise ValueError(f"job {spec!r}: src and dst must be paths (str or os.PathLike)") \
             from None

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .header import Header, read_header
 from .locks import check_not_locked, hold_read_locks
-from .paths import OpenedFile, open_file, resolve_reference
+from .paths import OpenedFile, directories, open_file, resolve_reference
 from .probe import detect_format
 
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024      # L2 slice cache budget per image (QEMU's maximum)
@@ -467,7 +467,7 @@ class Image(_Layer):
             self.ident = opened.ident
             self.file_size = opened.size
             self._fd = opened.detach()
-            self._open(backing, tuple(os.fspath(d) for d in backing_dirs), data_file,
+            self._open(backing, directories(backing_dirs), data_file,
                        snapshot, cache_size, max_depth, _seen)
         except BaseException:
             self.close()

@@ -22,7 +22,9 @@ from .constants import (
 from .errors import BackingChainError, FormatError, UnsupportedFeature
 from .header import Header, read_header, require_refcount_table
 from .locks import check_not_locked
-from .paths import OpenedFile, full_backing_filename, open_file, resolve_reference
+from .paths import (
+    OpenedFile, directories, full_backing_filename, open_file, resolve_reference,
+)
 from .probe import detect_format
 from .preads import pread_padded
 from .snapshots import Snapshot, read_snapshot_table
@@ -250,12 +252,12 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         The image (or, with `backing_chain`, a file of its chain) cannot be described; OSError
         when a file cannot be opened at all.
     """
-    name = os.fspath(path)
+    name = os.fsdecode(os.fspath(path))
     top, ident = _layer_info(name, fmt, force_share)
     if not backing_chain:
         return top
     chain, seen = [top], {ident}
-    allowed = tuple(os.fspath(d) for d in backing_dirs)
+    allowed = directories(backing_dirs)
     current = top
     while "backing-filename" in current:
         if len(chain) > max_depth:

@@ -85,7 +85,7 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     ImageNotFound (MissingBackingFile when `owner` is given: a file of a chain), any other
     failure to open ImageOpenError; both are also OSErrors with the original errno.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))        # bytes names too (undecodable bytes escaped)
     name = f"{what} {path}" + (f" of {owner}" if owner else "")
     try:
         # stat first: a character device or socket is refused without being opened at all.
@@ -97,9 +97,8 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     except OSError as exc:
         missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
         cls = (MissingBackingFile if owner else ImageNotFound) if missing else ImageOpenError
-        err = cls(f"{name} cannot be opened: {exc.strerror}")
-        err.errno = exc.errno
-        raise err from None
+        raise cls(f"{name} cannot be opened: {exc.strerror}", exc.errno, exc.strerror,
+                  path) from None
     st = os.fstat(fd)
     mode = st.st_mode
     if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
@@ -152,6 +151,18 @@ def full_backing_filename(image_name: str, backing: str) -> str:
     return image_name[:image_name.rfind("/") + 1] + backing
 
 
+def directories(dirs) -> tuple[str, ...]:
+    """`backing_dirs` as a tuple of str: an iterable of paths, or one path (str, bytes or
+    os.PathLike: one directory, never the characters of its name)."""
+    if isinstance(dirs, (str, bytes, os.PathLike)):
+        dirs = (dirs,)
+    try:
+        return tuple(os.fsdecode(os.fspath(d)) for d in dirs)
+    except TypeError:
+        raise TypeError(f"backing_dirs must be a path or an iterable of paths, not "
+                        f"{dirs!r}") from None
+
+
 def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> OpenedFile:
     """Open file `name` referenced by image `image_path` under the path policy, or raise.
 
@@ -168,7 +179,7 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     missing name that would lie outside); MissingBackingFile when the file does not exist;
     ImageOpenError when it exists but cannot be opened.
     """
-    image_path = os.fspath(image_path)
+    image_path = os.fsdecode(os.fspath(image_path))
     hint = ("pass backing_dirs=[DIR] (command line: --allow-backing-dir DIR) or name the file "
             "explicitly" + (" with backing=PATH" if what == "backing file" else " with data_file=PATH"))
     if not name:
@@ -181,7 +192,7 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     image_dir = os.path.dirname(image_path)
     path = full_backing_filename(image_path, name)
     trusted = [os.path.realpath(image_dir or os.curdir)]
-    trusted += [os.path.realpath(os.fspath(d)) for d in allowed_dirs]
+    trusted += [os.path.realpath(d) for d in directories(allowed_dirs)]
 
     def check_inside(real: str) -> None:
         if not any(_inside(real, d) for d in trusted):
@@ -215,5 +226,5 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     return opened
 
 
-__all__ = ["OpenedFile", "full_backing_filename", "open_file", "resolve_reference",
-           "has_protocol"]
+__all__ = ["OpenedFile", "directories", "full_backing_filename", "open_file",
+           "resolve_reference", "has_protocol"]

@@ -34,6 +34,7 @@ from . import nbd
 from .constants import ExtentKind
 from .image import RawImage, _cores, _pread_exact
 from .mapping import _raw_pieces
+from .paths import directories
 
 DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
@@ -230,7 +231,7 @@ class ImageExport:
 
 def _open_image(path, fmt, backing_dirs, snapshot, force_share):
     from .image import open_source
-    return open_source(path, fmt, backing_dirs=tuple(backing_dirs), snapshot=snapshot,
+    return open_source(path, fmt, backing_dirs=directories(backing_dirs), snapshot=snapshot,
                        force_share=force_share)
 
 
@@ -306,7 +307,7 @@ class NBDServer:
         self.path = os.fspath(path)
         self.export_name = export_name
         self.snapshot = snapshot
-        self.backing_dirs = tuple(backing_dirs)
+        self.backing_dirs = directories(backing_dirs)
         self.shared = int(shared)           # 0: no limit, as qemu-nbd -e 0
         self.description = description
         self.persistent = persistent

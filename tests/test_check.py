@@ -711,6 +711,26 @@ def test_chain_that_cannot_be_opened_exits_1(tmp_path):
             qcowfast.check(path)
 
 
+
+def test_open_errors_are_whole_oserrors(tmp_path):
+    """ImageNotFound / ImageOpenError carry errno, strerror and filename like any OSError,
+    also after pickling (results sent between processes, e.g. from Dask workers); str() is
+    qcowfast's message."""
+    import pickle
+    missing = tmp_path / "nope.qcow2"
+    loop = tmp_path / "loop.qcow2"
+    os.symlink(loop.name, loop)
+    for path, cls, code in ((missing, qcowfast.ImageNotFound, errno.ENOENT),
+                            (loop, qcowfast.ImageOpenError, errno.ELOOP)):
+        with pytest.raises(cls) as info:
+            qcowfast.open(path)
+        for exc in (info.value, pickle.loads(pickle.dumps(info.value))):
+            assert type(exc) is cls
+            assert (exc.errno, exc.strerror, exc.filename) == (code, os.strerror(code),
+                                                               str(path)), exc
+            assert str(exc) == f"image {path} cannot be opened: {os.strerror(code)}"
+
+
 def test_image_that_cannot_be_opened(tmp_path):
     """The API raises what info and compare raise (ImageNotFound, ImageOpenError: QcowErrors
     and OSErrors); the command exits as qemu-img check does."""

@@ -139,6 +139,41 @@ def test_dotdot_escape_refused_and_allowed(tmp_path):
     assert_refused(top, "../outside/base.qcow2", backing_dirs=[tmp_path / "other"])
 
 
+
+@pytest.mark.parametrize("single", ["/nonexistent", b"/nonexistent", Path("/nonexistent")],
+                         ids=["str", "bytes", "Path"])
+def test_backing_dirs_given_as_one_path(tmp_path, single):
+    """backing_dirs given as one path is that one directory: never its characters (a str is
+    iterable, and "/" would have trusted the whole file system), in every entry point."""
+    make_base(tmp_path / "outside" / "base.qcow2")
+    top = make_top(tmp_path / "img" / "top.qcow2", "../outside/base.qcow2")
+    assert_refused(top, "../outside/base.qcow2", backing_dirs=single)
+    for call in (lambda: qcowfast.info(top, backing_chain=True, backing_dirs=single),
+                 lambda: qcowfast.check(top, backing_dirs=single),
+                 lambda: qcowfast.convert(top, tmp_path / "o.raw", backing_dirs=single)):
+        with pytest.raises(UnsafePathError):
+            call()
+    allowed = tmp_path / "outside"
+    assert_matches_qemu(top, backing_dirs=os.fsencode(allowed) if isinstance(single, bytes)
+                        else type(single)(allowed))
+    with pytest.raises(TypeError, match="backing_dirs must be a path or an iterable"):
+        qcowfast.open(top, backing_dirs=5)
+
+
+def test_bytes_paths(tmp_path):
+    """A bytes path opens an image and its backing chain as the str path does; names in
+    results are str."""
+    make_base(tmp_path / "base.qcow2")
+    top = make_top(tmp_path / "top.qcow2", "base.qcow2")
+    path = os.fsencode(top)
+    assert_same_bytes(read_all(path), qemu_raw(top), "a bytes path")
+    got = qcowfast.info(path, backing_chain=True)
+    assert json.dumps(got) and got == qcowfast.info(top, backing_chain=True)
+    assert qcowfast.check(path).exit_code == 0
+    with qcowfast.open(path) as img:
+        assert img.filename == str(top) and isinstance(img.backing.filename, str)
+
+
 def test_absolute_name_inside_directory_followed(tmp_path):
     """The rule is where the file is, not how it is spelled (`qemu-img create -b /abs/...`)."""
     base = make_base(tmp_path / "base.qcow2")
