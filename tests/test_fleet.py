@@ -268,9 +268,9 @@ def test_job_writing_a_file_of_another_jobs_chain_is_refused(tmp_path, workers):
              chain / "mid.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
              chain / "top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", chain / "ext.qcow2",
-             "4M")
-    qemu_io(chain / "ext.qcow2", "write -P 0x3c 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", "ext.qcow2", "4M",
+             cwd=chain)
+    qemu_io("ext.qcow2", "write -P 0x3c 0 1M", cwd=chain)   # qemu-io: names from the cwd
     other = _image_with_data(tmp_path / "other.qcow2", 4, 2)
     out = tmp_path / "out"
     out.mkdir()
