@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings as _warnings
 from array import array
 from collections import OrderedDict, namedtuple
 from collections.abc import Iterator
@@ -185,6 +186,30 @@ class _Layer:
 
     def _close_fds(self) -> None:
         raise NotImplementedError
+
+    def __del__(self):
+        # As io.FileIO: an image dropped while open closes (releasing its descriptors and
+        # QEMU's locks) and says so as a ResourceWarning (shown with -X dev or -W default).
+        if self._closed or getattr(self, "_reads", None) is None:
+            return
+        try:
+            _warnings.warn(f"unclosed image {getattr(self, 'filename', '?')!r}",
+                           ResourceWarning, stacklevel=2, source=self)
+            self.close()
+        except Exception:                       # noqa: BLE001 - interpreter shutting down
+            pass
+
+    def __reduce_ex__(self, protocol):
+        # Its descriptors mean nothing in another process, and a copy sharing them would
+        # read another file once either closed (FileIO refuses as well).
+        raise TypeError(f"cannot pickle or copy an open {type(self).__name__}; open the "
+                        "image again by name")
+
+    def as_file(self):
+        """A read-only, seekable `io.RawIOBase` over the guest contents."""
+        from .reader import ImageFile
+        self._check_open()
+        return ImageFile(self)
 
     def _enter(self) -> None:
         """Register a read in flight (undo with _leave); ValueError if the chain is closed."""
@@ -434,12 +459,6 @@ class RawImage(_Layer):
         """The allocation map, as `qemu-img map --output=json` prints it for a raw file."""
         from .mapping import map_entries
         return map_entries(self)
-
-    def as_file(self):
-        """A read-only, seekable `io.RawIOBase` over the contents."""
-        from .reader import ImageFile
-        self._check_open()
-        return ImageFile(self)
 
 
 class Image(_Layer):
@@ -968,12 +987,6 @@ class Image(_Layer):
             for layer, items in whole.items():
                 h, c, a = (np.array(x, np.int64) for x in zip(*items))
                 _inflate_whole(layer, h, c, a, view, start)
-
-    def as_file(self):
-        """A read-only, seekable `io.RawIOBase` over the guest contents."""
-        from .reader import ImageFile
-        self._check_open()
-        return ImageFile(self)
 
     # -- compressed clusters -------------------------------------------------------------------
     def decompressor(self):

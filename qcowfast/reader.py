@@ -7,7 +7,10 @@ from operator import index
 
 import numpy as np
 
+from .image import MAX_READ
+
 READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
+LINE_CHUNK = 64 * 1024          # readline() reads this much at a time
 _NOGIL_COPY = 64 * 1024         # copies from a window of this size and up release the GIL
 
 
@@ -70,6 +73,8 @@ class ImageFile(io.RawIOBase):
     coordinate, but each read returns the bytes at some position it held.
     """
 
+    mode = "rb"
+
     def __init__(self, image):
         super().__init__()
         self._image = image
@@ -79,10 +84,49 @@ class ImageFile(io.RawIOBase):
         self._lock = threading.Lock()           # held while the windows are used
 
     def readable(self) -> bool:
+        self._checkClosed()
         return True
 
     def seekable(self) -> bool:
+        self._checkClosed()
         return True
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return False
+
+    def write(self, b) -> int:
+        self._checkClosed()
+        raise io.UnsupportedOperation("write: the image file is read-only")
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes from the position (all that is left for None or a negative
+        size); b"" at the end. The buffer is never larger than what is left to read."""
+        size = -1 if size is None else index(size)
+        if size < 0:
+            return self.readall()
+        self._check_open()
+        buf = bytearray(min(size, max(0, self._image.virtual_size - self._pos)))
+        n = self.readinto(buf) if buf else 0
+        del buf[n:]
+        return bytes(buf)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Bytes up to and including the next b"\n" (at most `size`), read in pieces of
+        LINE_CHUNK bytes rather than one byte at a time (io.RawIOBase's way)."""
+        size = -1 if size is None else index(size)
+        line = bytearray()
+        while size < 0 or len(line) < size:
+            chunk = self.read(LINE_CHUNK if size < 0 else min(LINE_CHUNK, size - len(line)))
+            end = chunk.find(b"\n") + 1
+            if end:
+                line += chunk[:end]
+                self._pos = self._last_end = self._pos - (len(chunk) - end)   # give back
+                break
+            line += chunk
+            if not chunk:
+                break
+        return bytes(line)
 
     def tell(self) -> int:
         self._checkClosed()
@@ -172,7 +216,11 @@ class ImageFile(io.RawIOBase):
     def readall(self) -> bytes:
         self._check_open()
         pos = self._pos
-        data = self._image.read(pos, max(0, self._image.virtual_size - pos))
+        left = max(0, self._image.virtual_size - pos)
+        if left > MAX_READ:
+            raise ValueError(f"read() of all {left} bytes left is over the {MAX_READ}-byte "
+                             "limit; read(n) in pieces or readinto() your own buffer")
+        data = self._image.read(pos, left)
         self._pos = pos + len(data)
         return data
 

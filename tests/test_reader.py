@@ -535,3 +535,111 @@ def test_closed_backing_layer_refuses_reads(image):
         finally:
             for fd in others:
                 os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# io conventions and life cycle
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib", "c4k-chain3-short-base"))
+def test_as_file_follows_io_conventions(image):
+    """The file object behaves as io.FileIO does where a reader would notice: read(None) is
+    read(-1), a read never allocates more than what is left, write is UnsupportedOperation
+    (an OSError), and a closed file refuses readable()/seekable()/writable()."""
+    want = reference_raw(image.path)
+    with _open(image) as img:
+        f = img.as_file()
+        assert f.mode == "rb" and f.name == img.filename
+        assert f.read(None) == want
+        f.seek(len(want) - 10)
+        assert f.read(1 << 45) == want[-10:]         # clipped: no 32 TiB buffer
+        f.seek(1 << 50)
+        assert f.read(1 << 45) == b"" and f.read() == b""
+        for call in (lambda: f.write(b"x"), lambda: f.writelines([b"x"]),
+                     lambda: f.truncate(0), f.fileno):
+            with pytest.raises(io.UnsupportedOperation):
+                call()
+        f.close()
+        for call in (f.readable, f.seekable, f.writable, f.read, f.tell, f.readline):
+            with pytest.raises(ValueError, match="closed"):
+                call()
+
+
+def test_as_file_lines(tmp_path):
+    """readline()/iteration/readlines() give io.BytesIO's lines (long lines, a last line
+    with no newline, readline(size)); a read after readline() continues where the line
+    ended."""
+    import random
+    rng = random.Random(7)
+    lines = [b"x" * n + b"\n" for n in (0, 1, 70_000, 3)]
+    lines += [bytes(rng.choice(b"ab \t") for _ in range(rng.randrange(200))) + b"\n"
+              for _ in range(300)]
+    data = b"".join(lines) + b"tail without newline"
+    raw = tmp_path / "text.raw"
+    raw.write_bytes(data + bytes(-len(data) % 512))  # the image reads whole sectors
+    path = tmp_path / "text.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-c", raw, path)
+    want = io.BytesIO(raw.read_bytes())
+    with qcowfast.open(path) as img:
+        f = img.as_file()
+        assert list(f) == want.readlines()
+        f.seek(0)
+        want.seek(0)
+        for size in (5, -1, 1, 100_000, None, 0, 2):
+            assert f.readline(size) == want.readline(size), size
+            assert f.tell() == want.tell()
+        assert f.read(1000) == want.read(1000)
+        f.seek(0)
+        assert f.readlines() == raw.read_bytes().splitlines(keepends=True)
+
+
+def test_readall_over_the_limit_says_how_to_read(tmp_path):
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "2G")
+    with qcowfast.open(path) as img:
+        f = img.as_file()
+        with pytest.raises(ValueError, match=r"read\(n\) in pieces"):
+            f.read()
+        f.seek(-4096, io.SEEK_END)
+        assert f.read() == bytes(4096)
+
+
+def _fds_on(path) -> int:
+    real = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == real
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.images(ids=("c4k-chain3-short-base",))
+def test_unclosed_image_closes_when_dropped(image):
+    """An image dropped without close() closes its whole chain (descriptors and QEMU's locks)
+    with a ResourceWarning, as io.FileIO does."""
+    import gc
+    layers = [layer.path for layer in image.chain]
+    before = [_fds_on(p) for p in layers]
+    img = qcowfast.open(image.path)
+    assert [_fds_on(p) for p in layers] != before
+    with pytest.warns(ResourceWarning, match="unclosed image"):
+        del img
+        gc.collect()
+    assert [_fds_on(p) for p in layers] == before
+
+
+@pytest.mark.images(ids=("c64k-v3-zlib",))
+def test_open_image_cannot_be_copied_or_pickled(image):
+    """A copy would share descriptors that mean nothing elsewhere (and another file's once
+    either copy closed)."""
+    import copy
+    import pickle
+    with _open(image) as img:
+        for call in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot pickle or copy"):
+                call(img)
+        with qcowfast.image.open_source(image.path, "raw") as raw:
+            with pytest.raises(TypeError):
+                copy.copy(raw)
