@@ -26,6 +26,7 @@ except ImportError:                         # pragma: no cover - other Pythons
 
 from . import _plain
 from ._record import record
+from .arguments import integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import ExtentKind
@@ -490,8 +491,17 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         For anything about the source.
     """
     t0 = time.perf_counter()
-    _check_options(format, src_format, compression, level, cluster_size, sparse_size,
-                   max_output_size, threads, compression_type)
+    level, threads, cluster_size, sparse_size, max_output_size, max_stream_size, unit_size = \
+        _check_options(format, src_format, compression, level, cluster_size, sparse_size,
+                       max_output_size, threads, compression_type, max_stream_size, unit_size)
+    if target_is_zero and not existing:
+        raise ValueError("target_is_zero needs existing=True (qemu-img: --target-is-zero "
+                         "requires -n)")
+    if isinstance(dst, (str, bytes, os.PathLike)) and stream_target(dst) is None:
+        name = os.fsdecode(os.fspath(dst))
+        if not name or name.endswith("/"):
+            raise OutputError(f"{name!r} names no file" if not name else
+                              f"{name} names a directory, not a file")
     threads = threads or len(os.sched_getaffinity(0))
     with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
                      snapshot=snapshot, force_share=force_share) as image, \
@@ -525,7 +535,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             if format == "raw" and not (sparse_size and not existing and not direct):
                 _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
-                            direct=direct) as out:
+                            direct=direct, format=format) as out:
                 try:
                     written = _convert_path(image, out, format, unit, threads, sparse_size,
                                             progress, compression=compression, level=level,
@@ -576,7 +586,10 @@ _LEVELS = {"zlib": (1, 9), "zstd": (-(1 << 17), 22)}
 
 
 def _check_options(format, src_format, compression, level, cluster_size, sparse_size,
-                   max_output_size, threads=None, compression_type=None) -> None:
+                   max_output_size, threads=None, compression_type=None,
+                   max_stream_size=None, unit_size=UNIT_SIZE) -> tuple:
+    """Refuse invalid options (ValueError); return the integer ones as ints: level, threads,
+    cluster_size, sparse_size, max_output_size, max_stream_size, unit_size."""
     if format not in ("raw", "qcow2"):
         raise ValueError(f"format must be 'raw' or 'qcow2', not {format!r}")
     if src_format not in (None, "raw", "qcow2"):
@@ -595,24 +608,28 @@ def _check_options(format, src_format, compression, level, cluster_size, sparse_
                          f"{compression_type!r} differ")
     if level is not None and compression is None:
         raise ValueError("level needs compression")
-    if level is not None and (not isinstance(level, int) or isinstance(level, bool)
-                              or not _LEVELS[compression][0] <= level <= _LEVELS[compression][1]):
+    if level is not None:
         low, high = _LEVELS[compression]
-        raise ValueError(f"{compression} level must be an integer from {low} to {high}, "
-                         f"not {level!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or threads < 1):
-        raise ValueError(f"threads must be None or an integer of at least 1, not {threads!r}")
-    if (not isinstance(cluster_size, int) or not 512 <= cluster_size <= 2 << 20
-            or cluster_size & (cluster_size - 1)):
+        level = integer(level, f"{compression} level", low, high,
+                         what=f"an integer from {low} to {high}")
+    threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
+    cluster_size = integer(cluster_size, "cluster_size", 512, 2 << 20,
+                            what="a power of two from 512 to 2 MiB")
+    if cluster_size & (cluster_size - 1):
         raise ValueError(f"cluster_size must be a power of two from 512 to 2 MiB, "
                          f"not {cluster_size!r}")
-    if (not isinstance(sparse_size, int) or isinstance(sparse_size, bool) or sparse_size < 0
-            or sparse_size % 512):
+    sparse_size = integer(sparse_size, "sparse_size", 0,
+                           what="a non-negative multiple of 512")
+    if sparse_size % 512:
         raise ValueError(f"sparse_size must be a non-negative multiple of 512, not "
                          f"{sparse_size!r}")
-    if max_output_size is not None and max_output_size < 0:
-        raise ValueError("max_output_size must be None or a non-negative number of bytes")
+    max_output_size = integer(max_output_size, "max_output_size", 0, none=True,
+                               what="a non-negative number of bytes")
+    max_stream_size = integer(max_stream_size, "max_stream_size", 0, none=True,
+                               what="a non-negative number of bytes")
+    unit_size = integer(unit_size, "unit_size", 1, what="a positive number of bytes")
+    return level, threads, cluster_size, sparse_size, max_output_size, max_stream_size, \
+        unit_size
 
 
 def _capped(progress, out, cap):

@@ -19,6 +19,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+from .arguments import integer
 from .errors import QcowError
 
 from .output import LOCKED_AT_BIRTH, TMP_SUFFIX as TEMP_SUFFIX   # .<name>.<random><suffix>
@@ -301,9 +302,9 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
     refused = conflicts(jobs)
+    workers = integer(workers, "workers", 1, none=True, what="None or an integer of at least 1")
+    threads = integer(threads, "threads", 1, none=True, what="None or an integer of at least 1")
     workers = workers or default_workers(threads)
-    if workers < 1:
-        raise ValueError("workers must be at least 1")
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
     sizes = [guest_size(j) for j in jobs]

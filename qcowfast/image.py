@@ -17,6 +17,7 @@ from operator import index as _index
 
 from . import _plain, buffers
 from ._lazy import LazyModule
+from .arguments import integer
 from .constants import (
     L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED, RAW_FORMATS,
     CompressionType, ExtentKind,
@@ -511,7 +512,8 @@ class Image(_Layer):
         self._lock = threading.Lock()
         self._l2_cache: OrderedDict = OrderedDict()
         self._l2_cache_bytes = 0
-        self._cache_size = max(int(cache_size), 2 * self._slice_entries * h.l2_entry_size)
+        cache_size = integer(cache_size, "cache_size", 0, what="a number of bytes")
+        self._cache_size = max(cache_size, 2 * self._slice_entries * h.l2_entry_size)
         self._zcache: OrderedDict = OrderedDict()
         self._local = threading.local()
 

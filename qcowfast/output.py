@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import stat
 import struct
 import sys
 
 from .errors import OutputError, QcowError
+from .locks import check_writable, hold_write_locks
 
 TMP_SUFFIX = ".qcowfast-tmp"
 LOCKED_AT_BIRTH = "l"       # starts the random part of a temporary name that was locked before
@@ -197,7 +199,18 @@ def stream_target(dst):
 
 
 def check_stream(out, image, name: str) -> None:
-    """Refuse a stream that is a terminal or a file of the source chain (`convert src - 1<>src`)."""
+    """Refuse a stream that is a terminal or a file of the source chain (`convert src - 1<>src`),
+    a text stream, or one not open for writing."""
+    if isinstance(out, io.TextIOBase):
+        raise OutputError(f"{name} is a text stream; image data needs a binary one (open it "
+                          "with 'wb')")
+    writable = getattr(out, "writable", None)
+    try:
+        refused = writable is not None and not writable()
+    except ValueError:                          # closed
+        refused = True
+    if refused:
+        raise OutputError(f"{name} is not open for writing")
     try:
         fd = out.fileno()
     except (AttributeError, OSError, ValueError):
@@ -217,6 +230,19 @@ def free_bytes(directory: str) -> int | None:
     return (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
 
 
+def _check_not_in_use(path: str, name: str, shares_writing: bool) -> None:
+    """OutputError when a QEMU uses the file at `path` (locks.check_writable): replacing it
+    would leave that QEMU writing into, or reading, a file no longer there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return                                  # (unreadable: QEMU could not hold it either)
+    try:
+        check_writable(fd, name, shares_writing)
+    finally:
+        os.close(fd)
+
+
 class FileOutput:
     """A path destination being written (see the module docstring for the rules).
 
@@ -232,6 +258,9 @@ class FileOutput:
         Write into the existing target in place (qemu-img -n).
     direct : bool
         Open the output with O_DIRECT (OutputError where the filesystem refuses it).
+    format : "raw" or "qcow2"
+        The output's format: as in qemu-img, a raw output shares writing with other
+        processes, a qcow2 one does not (locks.check_writable).
 
     Attributes
     ----------
@@ -244,12 +273,13 @@ class FileOutput:
     """
 
     def __init__(self, dst, image, *, overwrite: bool = False, existing: bool = False,
-                 direct: bool = False):
+                 direct: bool = False, format: str = "raw"):
         self.name = os.fspath(dst)
         if isinstance(self.name, bytes):
             self.name = os.fsdecode(self.name)
         self.overwrite = overwrite
         self.direct = direct
+        self.shares_writing = format == "raw"
         self.fd = -1
         self.tmp = None
         self.old = None                     # stat of a regular file being replaced
@@ -306,6 +336,7 @@ class FileOutput:
         if os.geteuid() != 0 and st.st_uid != os.geteuid():
             raise OutputError(f"{name} belongs to uid {st.st_uid}: replacing it would change "
                               "its owner; write it in place with existing=True (-n)")
+        _check_not_in_use(self.path, name, self.shares_writing)
         self.old = st
 
     # -- opening ------------------------------------------------------------------------------
@@ -335,7 +366,8 @@ class FileOutput:
                               f"{directory}: {exc.strerror}") from None
 
     def _open_in_place(self) -> None:
-        flags = os.O_WRONLY | os.O_CLOEXEC
+        # Read access too, as qemu-img opens its target: QEMU's locks are shared (read) locks.
+        flags = os.O_RDWR | os.O_CLOEXEC
         if self.block:
             flags |= os.O_EXCL            # refused while mounted or held by another exclusive user
         try:
@@ -344,6 +376,7 @@ class FileOutput:
             why = ("it is in use (mounted, or held by another program)"
                    if exc.errno == errno.EBUSY else exc.strerror)
             raise OutputError(f"cannot open {self.name} for writing: {why}") from None
+        hold_write_locks(self.fd, self.name, self.shares_writing)
 
     def set_direct(self, on: bool) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)

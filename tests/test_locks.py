@@ -8,6 +8,7 @@ source) with ImageLocked naming -U / force_share=True, and read them with force_
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -184,3 +185,58 @@ def test_read_only_holder_does_not_block(chain, hold):
     qemu_img("info", top)
     with qcowfast.open(top) as img:
         assert img.read(64 * 1024, 4) == b"\x22" * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Destinations in use: qemu-img convert takes its output's "write" lock
+
+
+@pytest.mark.parametrize("holder_fmt, read_only", [("qcow2", False), ("qcow2", True),
+                                                   ("raw", False), ("raw", True)],
+                         ids=["qcow2-writer", "qcow2-reader", "raw-writer", "raw-reader"])
+def test_destination_in_use(tmp_path, hold, holder_fmt, read_only):
+    """Replacing (or writing in place) a file a QEMU holds fails exactly where qemu-img
+    convert fails ('Failed to get "write" lock'): a QEMU reader without -U or a qcow2 writer
+    refuses to share writing; a raw writer shares it, and a raw output shares it too. What
+    was there is left untouched."""
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "64K")
+    qemu_io(src, "write -P 0x5a 0 4k")
+    for args in (["-O", "qcow2"], ["-O", "raw"], ["-n", "-O", "raw"]):
+        # One held file per tool: qemu-img removes a qcow2 target it failed to create.
+        held = {}
+        for tool in ("qemu-img", "qcowfast"):
+            held[tool] = tmp_path / f"busy-{tool}-{'-'.join(args)}"
+            qemu_img("create", "-q", "-f", holder_fmt, held[tool], "1M")
+            hold(held[tool], holder_fmt, read_only=read_only)
+        want = subprocess.run(["qemu-img", "convert", *args, src, held["qemu-img"]],
+                              capture_output=True, text=True)
+        busy = held["qcowfast"]
+        before = busy.read_bytes()
+        try:
+            qcowfast.convert(src, busy, format=args[-1], existing="-n" in args,
+                             overwrite=True)
+            got = 0
+        except qcowfast.OutputError as exc:
+            got = 1
+            lock = re.search(r'failed to get (shared )?"write" lock', str(exc), re.I)
+            assert lock, exc
+            assert lock.group(0).capitalize() in want.stderr, (str(exc), want.stderr)
+            assert busy.read_bytes() == before, args
+        assert got == want.returncode, (args, want.stderr)
+
+
+def test_in_place_output_holds_the_write_lock(tmp_path):
+    """While qcowfast writes a target in place, a QEMU that does not share writing (a qcow2
+    reader without -U) cannot open it, as while qemu-img writes it; afterwards it can."""
+    from qcowfast.output import FileOutput
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "64K")
+    dst = tmp_path / "dst.qcow2"                 # still a qcow2 image until data is written
+    qemu_img("create", "-q", "-f", "qcow2", dst, "1M")
+    with qcowfast.open(src) as image, FileOutput(dst, image, existing=True) as out:
+        proc = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 512", dst],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and 'Failed to get shared "write" lock' in proc.stderr
+        out.commit()
+    qemu_io(dst, "read 0 512")                           # released

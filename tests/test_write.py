@@ -365,6 +365,56 @@ def test_bad_arguments(tmp_path):
             write(src, tmp_path / "x.qcow2", **kw)
 
 
+
+def test_integer_options_take_any_integer_and_refuse_the_rest(tmp_path):
+    """Integer options accept numpy integers (anything with __index__) and refuse bool,
+    float, str and out-of-range values with a ValueError naming the option, before any
+    output exists; so do convert_many's workers/threads and open()'s cache_size."""
+    import numpy as np
+    src = _raw(tmp_path, "a.raw", b"a" * 4096 + bytes(4096))
+    out = tmp_path / "x.qcow2"
+    res = qcowfast.convert(src, out, format="qcow2", compression="zlib", level=np.int64(6),
+                           threads=np.int32(2), cluster_size=np.uint32(4096),
+                           sparse_size=np.int64(4096), max_output_size=np.int64(1 << 20))
+    assert res.threads == 2 and qcowfast.info(out)["cluster-size"] == 4096
+    for name, value in (("threads", 0), ("threads", "2"), ("threads", True), ("level", 2.0),
+                        ("cluster_size", "4096"), ("sparse_size", -512),
+                        ("max_output_size", "10"), ("max_stream_size", -1),
+                        ("unit_size", 0)):
+        kw = {"compression": "zlib"} if name == "level" else {}
+        with pytest.raises(ValueError, match=name):
+            qcowfast.convert(src, tmp_path / "y.qcow2", format="qcow2", **{name: value}, **kw)
+    for kw in ({"workers": "2"}, {"workers": 0}, {"threads": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            qcowfast.convert_many([(src, tmp_path / "z.raw")], **kw)
+    for value in ("x", -1, 1.5):
+        with pytest.raises(ValueError, match="cache_size"):
+            qcowfast.open(out, cache_size=value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.raw", "x.qcow2"]
+
+
+def test_destination_refused_before_any_work(tmp_path):
+    """An empty name, a name ending in '/', target_is_zero without existing, and streams
+    that cannot take image data are refused up front (OutputError / ValueError)."""
+    import io
+    src = _raw(tmp_path, "a.raw", b"a" * 4096)
+    for dst, what in (("", "names no file"), (str(tmp_path / "d") + "/", "names a directory")):
+        with pytest.raises(qcowfast.OutputError, match=what):
+            qcowfast.convert(src, dst)
+    with pytest.raises(ValueError, match="target_is_zero needs existing"):
+        qcowfast.convert(src, tmp_path / "t.raw", target_is_zero=True)
+    with open(tmp_path / "text.out", "w") as text:
+        with pytest.raises(qcowfast.OutputError, match="text stream"):
+            qcowfast.convert(src, text)
+    (tmp_path / "ro.out").write_bytes(b"")
+    with open(tmp_path / "ro.out", "rb") as ro:
+        with pytest.raises(qcowfast.OutputError, match="not open for writing"):
+            qcowfast.convert(src, ro)
+    assert (tmp_path / "ro.out").read_bytes() == b"" and not (tmp_path / "t.raw").exists()
+    buf = io.BytesIO()
+    qcowfast.convert(src, buf)
+    assert buf.getvalue() == b"a" * 4096
+
 def _corrupt_copy(images, tmp_path, how):
     img = images.copy("c64k-v3-zlib", tmp_path / "src")
     data = bytearray(img.path.read_bytes())
