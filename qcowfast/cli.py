@@ -341,6 +341,14 @@ _FIXED_OPTIONS = {
               "preallocation": (("off",), "preallocation mode (off)")},
     "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
+# qemu-img create keys qcowfast knows but does not write (refused by name, with what they do).
+_UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",
+                               "backing_fmt": "output backing files (-B, -F)",
+                               "data_file": "external data files", "data_file_raw":
+                               "external data files", "encryption": "encryption",
+                               "encrypt": "encryption", "size": "sizes (the source's is used)",
+                               "nocow": "file attributes", "extent_size_hint":
+                               "file attributes"}
 _OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default 64k)",
                 "compression_type": "<str> - compression with -c: zlib (default) or zstd"}
 
@@ -368,32 +376,47 @@ def _options_help(argv: list[str]) -> bool:
     return True
 
 
+def _valid_option_list(text: str) -> bool:
+    """qemu-img's is_valid_option_list(): each -o can be joined to the others with ',': not
+    empty, no leading ',', no odd number of trailing ',' (',,' is an escaped comma)."""
+    return bool(text) and not text.startswith(",") and \
+        (len(text) - len(text.rstrip(","))) % 2 == 0
+
+
 def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
-    """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict."""
-    opts = {}
-    given = False
-    fixed = _FIXED_OPTIONS.get(fmt, {})
+    """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict; of a
+    key given more than once, the last value counts, as in QEMU's option parser."""
+    items: dict = {}
     for text in texts:
+        if not _valid_option_list(text):
+            raise CliError(f"Invalid option list: {text}")
         for item in re.split(r"(?<!,),(?!,)", text):
             key, sep, value = item.replace(",,", ",").partition("=")
-            if not key:
-                continue
-            given = True
-            if key in fixed:
-                values, what = fixed[key]
-                if value not in values:     # case matters, as in QEMU's option parser
-                    raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
-                                   f"({what})")
-                continue
-            if key not in _OUTPUT_OPTIONS:
-                known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed]
-                raise CliError(f"-o {key}: unknown option (qcowfast knows "
-                               f"{', '.join(known)} for -O {fmt})")
-            if fmt != "qcow2":
-                raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
-            if not sep:
-                raise CliError(f"-o {key}: give a value ({key}=...)")
-            opts[key] = value
+            if key:
+                items.pop(key, None)
+                items[key] = (sep, value)
+    opts = {}
+    given = bool(items)
+    fixed = _FIXED_OPTIONS.get(fmt, {})
+    for key, (sep, value) in items.items():
+        unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
+        if unsupported and key not in fixed:
+            raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
+        if key in fixed:
+            values, what = fixed[key]
+            if value not in values:     # case matters, as in QEMU's option parser
+                raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
+                               f"({what})")
+            continue
+        if key not in _OUTPUT_OPTIONS:
+            known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed]
+            raise CliError(f"-o {key}: unknown option (qcowfast knows "
+                           f"{', '.join(known)} for -O {fmt})")
+        if fmt != "qcow2":
+            raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
+        if not sep:
+            raise CliError(f"-o {key}: give a value ({key}=...)")
+        opts[key] = value
     if given and existing:
         raise CliError("-o has no effect when skipping image creation (-n)")
     if opts.get("compression_type", "zlib") not in ("zlib", "zstd"):

@@ -654,7 +654,7 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
     if fmt == "qcow2":
         if out.in_place:
             raise OutputError(f"cannot write qcow2 output in place onto {out.name} (a block "
-                              "device or existing=True); write it to a file")
+                              "device, or -n / existing=True); write it to a file")
         from .writer import write_qcow2
         if out.direct:
             # The writer's buffers are not aligned: write through the page cache, then flush

@@ -574,12 +574,21 @@ PARITY = [
     ["-f", "raw", "-O", "qcow2"], ["--object", "secret,id=s0,data=x", "-T", "none"],
     ["-O", "qcow2", "-o", "compat=1.1,lazy_refcounts=off,refcount_bits=16,preallocation=off",
      "-o", "extended_l2=off,cluster_size=64k"], ["-O", "raw", "-o", "preallocation=off"],
+    # a key given twice: the last value counts (the first alone would be refused)
+    ["-O", "qcow2", "-o", "lazy_refcounts=on,lazy_refcounts=off", "-o", "compat=0.10",
+     "-o", "compat=1.1", "-o", "cluster_size=4k,cluster_size=8k"],
     # refused by both
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
     ["-o", "compression_type=zstd"], ["--target-is-zero"], ["-f", "vmdk"],
     ["-O", "qcow2", "-o", "compat=1.1,bogus=1"], ["-n", "-O", "qcow2", "-o", "compat=1.1"],
     ["-O", "qcow2", "-o", "refcount_bits=17"],
+    # option lists qemu-img cannot join (is_valid_option_list): empty, a leading comma, an
+    # odd number of trailing commas; an even number escapes a comma into the value
+    ["-O", "qcow2", "-o", ""], ["-O", "qcow2", "-o", ","], ["-O", "raw", "-o", ""],
+    ["-O", "qcow2", "-o", "cluster_size=4k,"], ["-O", "qcow2", "-o", ",cluster_size=4k"],
+    ["-O", "qcow2", "-o", "cluster_size=4k,,"],
+    ["-O", "qcow2", "-o", "cluster_size=4k", "-o", "lazy_refcounts=off,,,"],
 ]
 
 
@@ -635,6 +644,10 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-o", "cluster_size=64k", "-O", "raw"], "cluster_size"),
     (["-c", "-O", "raw"], "-c"),
     (["-n", "-o", "cluster_size=64k", "-O", "qcow2"], "-o"),
+    (["-o", "backing_file=base.qcow2", "-O", "qcow2"], "backing_file"),
+    (["-o", "data_file=d.raw", "-O", "qcow2"], "data_file"),
+    (["-o", "encrypt.format=luks", "-O", "qcow2"], "encrypt.format"),
+    (["-o", ",cluster_size=4k", "-O", "qcow2"], "Invalid option list"),
 ])
 def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
     line = assert_one_line(*cli(capsys, "convert", *options, small_qcow2, tmp_path / "out"),
