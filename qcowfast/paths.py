@@ -180,15 +180,17 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     ImageOpenError when it exists but cannot be opened.
     """
     image_path = os.fsdecode(os.fspath(image_path))
-    hint = ("pass backing_dirs=[DIR] (command line: --allow-backing-dir DIR) or name the file "
-            "explicitly" + (" with backing=PATH" if what == "backing file" else " with data_file=PATH"))
+    explicit = "backing=PATH" if what == "backing file" else "data_file=PATH"
+    hint = (f"pass backing_dirs=[DIR] (command line: --allow-backing-dir DIR) or name the file "
+            f"explicitly with {explicit}")
+    never = f"no directory allows it; name the file explicitly with {explicit} (Python API)"
     if not name:
         raise UnsafePathError(f"{what} name in {image_path} is empty")
     if "\0" in name:
         raise UnsafePathError(f"{what} name {name!r} in {image_path} contains a NUL byte")
     if has_protocol(name):
         raise UnsafePathError(f"{what} {name!r} named in {image_path} uses a protocol or json: "
-                              f"prefix, which qcowfast never follows; {hint}")
+                              f"prefix, which qcowfast never follows; {never}")
     image_dir = os.path.dirname(image_path)
     path = full_backing_filename(image_path, name)
     trusted = [os.path.realpath(image_dir or os.curdir)]
@@ -205,7 +207,7 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
         opened = open_file(path, what, owner=image_path, block_devices=False)
     except FormatError as exc:
         raise UnsafePathError(f"{what} {name!r} named in {image_path} is not a regular file "
-                              f"({exc}); qcowfast only follows regular files; {hint}") from None
+                              f"({exc}); qcowfast only follows regular files; {never}") from None
     except MissingBackingFile:
         try:
             real = os.path.realpath(path)
