@@ -159,8 +159,11 @@ def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
     while got < want:
         n = os.preadv(fd, [buf[got:]], offset + got)
         if n <= 0:
+            now = os.fstat(fd).st_size
+            size = (f"{file_size} bytes" if now == file_size else
+                    f"{now} bytes now, {file_size} when opened: cut while being read")
             raise TruncatedImage(f"{what}: {want} bytes at {offset:#x} run past the end of the "
-                                 f"file ({file_size} bytes)")
+                                 f"file ({size})")
         got += n
 
 

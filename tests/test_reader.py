@@ -18,7 +18,7 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import assert_same_bytes, qemu_img, qemu_map, reference_raw
+from common import assert_same_bytes, qemu_img, qemu_io, qemu_map, reference_raw
 
 # Kinds whose bytes come from somewhere other than a zero rule.
 _BYTES_KINDS = (ExtentKind.DATA, ExtentKind.COMPRESSED)
@@ -643,3 +643,18 @@ def test_open_image_cannot_be_copied_or_pickled(image):
         with qcowfast.image.open_source(image.path, "raw") as raw:
             with pytest.raises(TypeError):
                 copy.copy(raw)
+
+
+def test_file_cut_while_open_says_so(tmp_path):
+    """A file truncated after it was opened: the TruncatedImage gives both sizes, not the
+    stale one alone (which contradicted the offsets it named)."""
+    path = tmp_path / "cut.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 0x11 0 4M")
+    with qcowfast.open(path) as img:
+        size = path.stat().st_size
+        os.truncate(path, 1 << 20)
+        with pytest.raises(qcowfast.TruncatedImage,
+                           match=rf"\(1048576 bytes now, {size} when opened: cut while being "
+                                 r"read\)"):
+            img.read(0, img.virtual_size)
