@@ -204,7 +204,7 @@ class QemuProgress:
             self.last = 0.0
             self._write("    (0.00/100%)\r")
         if self.stream is not None and current > 0 and (current > self.last + self.min_skip
-                                                        or current == 100.0):
+                                                        or current == 100.0 > self.last):
             self.last = current
             self._write(f"    ({current:3.2f}/100%)\r")
 
@@ -605,11 +605,15 @@ def cmd_compare(args) -> int:
             return 2
     kw = {"force_share": True} if args.force_share else {}
     # qemu-img ends its progress report after the verdict line (a newline follows it).
+    def say(line: str) -> None:                 # (the status is the verdict, as in check)
+        if not args.quiet:
+            _write_quietly(sys.stdout, line + "\n")
+
     with _progress(args, sys.stdout, 2.0) as progress:
         try:
             result = compare(args.image1, args.image2, fmt_a=args.format_a,
                              fmt_b=args.format_b, strict=args.strict, progress=progress,
-                             backing_dirs=args.allow_backing_dir, **kw)
+                             backing_dirs=args.allow_backing_dir, on_message=say, **kw)
         except QcowError as exc:
             print(f"qcowfast: {exc}", file=sys.stderr)
             return 2
@@ -617,8 +621,6 @@ def cmd_compare(args) -> int:
             name = f"{exc.filename}: " if exc.filename else ""
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
             return 2
-        if not args.quiet:                  # (the status is the verdict, as in check)
-            _write_quietly(sys.stdout, "".join(line + "\n" for line in result.messages))
     return result.exit_code
 
 

@@ -27,7 +27,6 @@ from .mapping import _raw_pieces
 from .paths import directories
 
 SECTOR = 512
-CHUNK = 4 * 1024 * 1024          # bytes read per side and step
 IO_BUF_SIZE = 2 * 1024 * 1024    # qemu-img.c: bytes img_compare reads per side and step
 INT_MAX = 2 ** 31 - 1            # qcow2_co_block_status(): bytes = MIN(INT_MAX, count)
 
@@ -151,8 +150,8 @@ class _Comparer:
         self.a, self.b = a, b
         self.progress = progress
         self.total = max(a.size, b.size)
-        self.buf_a = bytearray(CHUNK)
-        self.buf_b = bytearray(CHUNK)
+        self.buf_a = bytearray(IO_BUF_SIZE)
+        self.buf_b = bytearray(IO_BUF_SIZE)
 
     def report(self, pos: int) -> None:
         if self.progress is not None:
@@ -216,9 +215,10 @@ class _Comparer:
         return None
 
     def content(self, start: int, end: int, zero_a: bool, zero_b: bool) -> int | None:
-        """First differing offset in [start, end) where at least one side may hold data."""
-        for pos in range(start, end, CHUNK):
-            n = min(CHUNK, end - pos)
+        """First differing offset in [start, end) where at least one side may hold data.
+        Steps of IO_BUF_SIZE, each reported as done, as img_compare's loop reports them."""
+        for pos in range(start, end, IO_BUF_SIZE):
+            n = min(IO_BUF_SIZE, end - pos)
             if zero_a or zero_b:
                 src, buf = (self.b, self.buf_b) if zero_a else (self.a, self.buf_a)
                 src.readinto(pos, memoryview(buf)[:n])
@@ -232,6 +232,7 @@ class _Comparer:
                 # reads start where block status runs start (sector aligned, or the end of a
                 # raw file whose size is not).
                 return pos + at // SECTOR * SECTOR
+            self.report(pos + n)
         return None
 
     def tail(self, src, start: int, end: int) -> int | None:
@@ -247,7 +248,8 @@ class _Comparer:
 
 
 def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False,
-            progress=None, backing_dirs=(), force_share: bool = False) -> CompareResult:
+            progress=None, backing_dirs=(), force_share: bool = False,
+            on_message=None) -> CompareResult:
     """Compare the guest contents of images `a` and `b` like `qemu-img compare`.
 
     Parameters
@@ -265,6 +267,9 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
         Extra directories trusted to hold backing files (see `qcowfast.open`).
     force_share : bool
         Read images a running QEMU holds open for writing (qemu-img -U).
+    on_message : callable(str), optional
+        Called with each of the result's messages as soon as it is known, between progress
+        calls, in the order qemu-img prints them.
 
     Returns
     -------
@@ -286,33 +291,41 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
         src_a.close()
         raise
     try:
-        return _compare(src_a, src_b, strict, progress)
+        return _compare(src_a, src_b, strict, progress, on_message)
     finally:
         src_a.close()
         src_b.close()
 
 
-def _compare(a, b, strict: bool, progress) -> CompareResult:
-    if strict and a.size != b.size:
-        return CompareResult(False, None, True, ["Strict mode: Image size mismatch!"])
+def _compare(a, b, strict: bool, progress, on_message) -> CompareResult:
+    messages: list[str] = []
+
+    def say(text: str) -> None:
+        messages.append(text)
+        if on_message is not None:
+            on_message(text)
+
     cmp = _Comparer(a, b, progress)
+    cmp.report(0)                               # (qemu-img reports 0% once both are open)
+    if strict and a.size != b.size:
+        say("Strict mode: Image size mismatch!")
+        return CompareResult(False, None, True, messages)
     common = min(a.size, b.size)
     found = cmp.strict(common) if strict else cmp.common(common)
     if found is not None:
         kind, offset = found
-        text = (f"Strict mode: Offset {offset} block status mismatch!" if kind == "status"
-                else f"Content mismatch at offset {offset}!")
-        return CompareResult(False, offset, a.size != b.size, [text])
-    messages = []
+        say(f"Strict mode: Offset {offset} block status mismatch!" if kind == "status"
+            else f"Content mismatch at offset {offset}!")
+        return CompareResult(False, offset, a.size != b.size, messages)
     if a.size != b.size:
-        messages.append("Warning: Image size mismatch!")
+        say("Warning: Image size mismatch!")
         bigger = a if a.size > b.size else b
         offset = cmp.tail(bigger, common, bigger.size)
         if offset is not None:
-            messages.append(f"Content mismatch at offset {offset}!")
+            say(f"Content mismatch at offset {offset}!")
             return CompareResult(False, offset, True, messages)
-    messages.append("Images are identical.")
     cmp.report(cmp.total)
+    say("Images are identical.")
     return CompareResult(True, None, a.size != b.size, messages)
 
 

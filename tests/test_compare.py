@@ -374,3 +374,39 @@ def test_strict_random_pairs_agree_with_qemu(tmp_path):
         if ours != (qemu.returncode, qemu.stdout):
             mismatches.append((seed, fa, fb, ours, (qemu.returncode, qemu.stdout)))
     assert not mismatches, mismatches
+
+
+@pytest.fixture(scope="module")
+def progress_pairs(tmp_path_factory):
+    """Raw and qcow2 files whose comparisons end early, late, on a size difference, or not."""
+    d = tmp_path_factory.mktemp("progress")
+    rng = random.Random(11)
+    a = d / "a.raw"
+    a.write_bytes(rng.randbytes(8 << 20))
+    b = d / "b.raw"
+    data = bytearray(a.read_bytes())
+    data[5_000_000] ^= 0xFF                       # a difference in the third 2 MiB step
+    b.write_bytes(bytes(data))
+    c = d / "c.raw"
+    c.write_bytes(rng.randbytes(1 << 20))
+    big = d / "big.raw"
+    big.write_bytes(c.read_bytes() + bytes(1 << 20))
+    bigd = d / "bigd.raw"
+    bigd.write_bytes(c.read_bytes() + bytes(500_000) + b"Z" + bytes((1 << 20) - 500_001))
+    for raw in (a, c):
+        qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, raw.with_suffix(".qcow2"))
+    return d
+
+
+@pytest.mark.parametrize("args", [
+    ["a.raw", "b.raw"], ["-s", "a.qcow2", "a.raw"], ["-s", "c.raw", "big.raw"],
+    ["c.raw", "c.qcow2"], ["c.raw", "big.raw"], ["c.raw", "bigd.raw"], ["b.raw", "a.qcow2"],
+    ["-s", "a.raw", "a.qcow2"]])
+def test_progress_report_is_qemu_imgs(progress_pairs, args):
+    """compare -p writes qemu-img's stdout byte for byte: 0% once both images are open, a
+    report per 2 MiB step compared, each message where qemu-img prints it (the size warning
+    between the common part and the tail), 100% once."""
+    want = subprocess.run(["qemu-img", "compare", "-p", *args], capture_output=True,
+                          cwd=progress_pairs)
+    got = cli("compare", "-p", *args, cwd=progress_pairs, text=False)
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout), (got, want)
