@@ -248,6 +248,16 @@ def _on_usr1(signum, frame) -> None:
         progress.on_usr1()
 
 
+def error_text(exc: BaseException) -> str:
+    """The line for a failed command: a file that cannot be opened starts as qemu-img's does
+    ("Could not open 'NAME': ..."), which scripts look for."""
+    from .errors import ImageOpenError
+    text = str(exc)
+    if isinstance(exc, ImageOpenError) and exc.filename and not text.startswith("Could not"):
+        return f"Could not open '{exc.filename}': {text}"
+    return text
+
+
 def _write_quietly(stream, text: str) -> bool:
     """Write to a stream that may be gone (closed pipe, full disk): a status line must never
     change a command's outcome. Returns whether the text was written."""
@@ -615,7 +625,7 @@ def cmd_compare(args) -> int:
                              fmt_b=args.format_b, strict=args.strict, progress=progress,
                              backing_dirs=args.allow_backing_dir, on_message=say, **kw)
         except QcowError as exc:
-            print(f"qcowfast: {exc}", file=sys.stderr)
+            print(f"qcowfast: {error_text(exc)}", file=sys.stderr)
             return 2
         except OSError as exc:
             name = f"{exc.filename}: " if exc.filename else ""
@@ -990,7 +1000,7 @@ def main(argv=None) -> int:
             return 0
         if isinstance(exc, (QcowError, CliError, ValueError)):
             prefix = "qcowfast: convert: " if isinstance(exc, CliError) else "qcowfast: "
-            print(f"{prefix}{exc}", file=sys.stderr)
+            print(f"{prefix}{error_text(exc)}", file=sys.stderr)
             return 1
         if isinstance(exc, OSError):
             name = f"{exc.filename}: " if exc.filename else ""
