@@ -1171,3 +1171,18 @@ def test_compare_bad_cache_mode_and_case_of_fixed_options(differing, tmp_path):
                                str(img), str(tmp_path / "x.qcow2")], capture_output=True,
                               timeout=120)
         assert proc.returncode == 1, tool
+
+
+@pytest.mark.parametrize("argv", [["info", "MISSING"], ["map", "MISSING"],
+                                  ["convert", "MISSING", "OUT"], ["compare", "MISSING", "MISSING"],
+                                  ["check", "MISSING"]])
+def test_missing_image_line_starts_as_qemu_imgs(tmp_path, argv):
+    """Scripts look for qemu-img's "Could not open 'NAME': "; the exit status is qemu-img's."""
+    missing = "nonexistent.qcow2"
+    argv = [missing if a == "MISSING" else "out.raw" if a == "OUT" else a for a in argv]
+    want = subprocess.run(["qemu-img", *argv], capture_output=True, text=True, cwd=tmp_path)
+    got = run(*argv, cwd=tmp_path)
+    assert got.returncode == want.returncode, (got.stderr, want.stderr)
+    assert want.stderr.startswith(f"qemu-img: Could not open '{missing}': "), want.stderr
+    assert err_text(got).startswith(f"qcowfast: Could not open '{missing}': "), got.stderr
+    assert len(err_text(got).splitlines()) == 1 and not os.listdir(tmp_path)
