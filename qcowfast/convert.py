@@ -535,7 +535,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             if format == "raw" and not (sparse_size and not existing and not direct):
                 _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
-                            direct=direct, format=format) as out:
+                            direct=direct) as out:
                 try:
                     written = _convert_path(image, out, format, unit, threads, sparse_size,
                                             progress, compression=compression, level=level,

@@ -51,33 +51,38 @@ def write_locked(fd: int) -> bool:
     return _held(fd, RAW_LOCK_PERM_BASE + BLK_PERM_WRITE_BIT)
 
 
-_WRITE_PERM = RAW_LOCK_PERM_BASE + BLK_PERM_WRITE_BIT            # "I write"
-_WRITE_UNSHARED = RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE_BIT      # "nobody else may write"
+BLK_PERM_RESIZE_BIT = 3
+# What qemu-img convert's output conflicts with, in the order QEMU tests it, with its words.
+# In place (-n), it only writes: another process must not refuse to share writing. Creating
+# the file, it also resizes, and qcowfast replaces the file (a rename): it must not be in use
+# for writing or resizing either (qemu-img tolerates a raw writer that shares writing, and
+# writes into the file beside it; qcowfast's new file would take none of that writer's data).
+_IN_PLACE = ((RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE_BIT, '"write" lock'),)
+_REPLACE = ((RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE_BIT, '"write" lock'),
+            (RAW_LOCK_SHARED_BASE + BLK_PERM_RESIZE_BIT, '"resize" lock'),
+            (RAW_LOCK_PERM_BASE + BLK_PERM_WRITE_BIT, 'shared "write" lock'),
+            (RAW_LOCK_PERM_BASE + BLK_PERM_RESIZE_BIT, 'shared "resize" lock'))
 
 
-def check_writable(fd: int, name: str, shares_writing: bool = False) -> None:
-    """Raise OutputError where qemu-img convert, writing `fd`'s file, fails with 'Failed to
-    get "write" lock': another process refuses to share writing (byte 201: any QEMU reader
-    without -U, most writers) or, unless the output `shares_writing` (qemu-img's raw output
-    does, its qcow2 output does not), another process writes it (byte 101). Replacing or
-    overwriting an image a running QEMU uses would lose its writes or tear what it reads."""
-    if _held(fd, _WRITE_UNSHARED):
-        lock = '"write" lock'                   # (qemu-img's words for each conflict)
-    elif not shares_writing and _held(fd, _WRITE_PERM):
-        lock = 'shared "write" lock'
-    else:
-        return
-    raise OutputError(f"{name}: failed to get {lock}: another process (a running QEMU?) is "
-                      "using the image; it was not written")
+def check_destination(fd: int, name: str, in_place: bool) -> None:
+    """Raise OutputError when another process (a running QEMU?) uses `fd`'s file in a way
+    that forbids writing it in place (`in_place`) or replacing it: QEMU's lock bytes, tested
+    as qemu-img convert tests its output ('Failed to get "write" lock'). Writing an image a
+    QEMU uses would tear what it reads; replacing it would lose its writes."""
+    for byte, lock in _IN_PLACE if in_place else _REPLACE:
+        if _held(fd, byte):
+            raise OutputError(f"{name}: failed to get {lock}: another process (a running "
+                              "QEMU?) is using the image; it was not written")
 
 
-def hold_write_locks(fd: int, name: str, shares_writing: bool = False) -> None:
-    """Take the locks of a QEMU writer on `fd` (held until the file description is closed),
-    so that no QEMU opens the file in a conflicting way while it is written in place, then
-    check_writable(): taken first, as QEMU's raw_handle_perm_lock() does, so that of two
-    starting at once one sees the other."""
-    _take(fd, (_WRITE_PERM,) if shares_writing else (_WRITE_PERM, _WRITE_UNSHARED))
-    check_writable(fd, name, shares_writing)    # (a conflict when taking shows up here too)
+def hold_destination(fd: int, name: str, in_place: bool) -> None:
+    """Take a QEMU writer's locks on `fd` (kept until the file description is closed), so
+    that no QEMU starts using the file while it is written in place or until it is replaced,
+    then check_destination(): taken first, as QEMU's raw_handle_perm_lock() does, so that of
+    two starting at once one sees the other. `fd` must be open for reading."""
+    _take(fd, [RAW_LOCK_PERM_BASE + BLK_PERM_WRITE_BIT] if in_place else
+          [byte for byte, _ in _REPLACE])
+    check_destination(fd, name, in_place)
 
 
 def _take(fd: int, byte_list) -> bool:

@@ -23,7 +23,7 @@ import struct
 import sys
 
 from .errors import OutputError, QcowError
-from .locks import check_writable, hold_write_locks
+from .locks import hold_destination
 
 TMP_SUFFIX = ".qcowfast-tmp"
 LOCKED_AT_BIRTH = "l"       # starts the random part of a temporary name that was locked before
@@ -230,19 +230,6 @@ def free_bytes(directory: str) -> int | None:
     return (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
 
 
-def _check_not_in_use(path: str, name: str, shares_writing: bool) -> None:
-    """OutputError when a QEMU uses the file at `path` (locks.check_writable): replacing it
-    would leave that QEMU writing into, or reading, a file no longer there."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return                                  # (unreadable: QEMU could not hold it either)
-    try:
-        check_writable(fd, name, shares_writing)
-    finally:
-        os.close(fd)
-
-
 class FileOutput:
     """A path destination being written (see the module docstring for the rules).
 
@@ -258,9 +245,6 @@ class FileOutput:
         Write into the existing target in place (qemu-img -n).
     direct : bool
         Open the output with O_DIRECT (OutputError where the filesystem refuses it).
-    format : "raw" or "qcow2"
-        The output's format: as in qemu-img, a raw output shares writing with other
-        processes, a qcow2 one does not (locks.check_writable).
 
     Attributes
     ----------
@@ -273,16 +257,16 @@ class FileOutput:
     """
 
     def __init__(self, dst, image, *, overwrite: bool = False, existing: bool = False,
-                 direct: bool = False, format: str = "raw"):
+                 direct: bool = False):
         self.name = os.fspath(dst)
         if isinstance(self.name, bytes):
             self.name = os.fsdecode(self.name)
         self.overwrite = overwrite
         self.direct = direct
-        self.shares_writing = format == "raw"
         self.fd = -1
         self.tmp = None
         self.old = None                     # stat of a regular file being replaced
+        self._guard = -1                    # that file, locked as QEMU's writers lock it
         self.block = False
         self.in_place = False
         self.path = self.name               # what is renamed over / opened
@@ -336,8 +320,31 @@ class FileOutput:
         if os.geteuid() != 0 and st.st_uid != os.geteuid():
             raise OutputError(f"{name} belongs to uid {st.st_uid}: replacing it would change "
                               "its owner; write it in place with existing=True (-n)")
-        _check_not_in_use(self.path, name, self.shares_writing)
+        self._guard_old(st)
         self.old = st
+
+    def _guard_old(self, st) -> None:
+        """Lock the file about to be replaced as a QEMU writer would, until it is replaced (or
+        the conversion ends): a QEMU using it is refused now (it would go on writing into a
+        file no longer there), and one starting meanwhile cannot open it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return                          # (unreadable: QEMU could not use it either)
+        try:
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+                raise OutputError(f"{self.name} changed while it was being checked; not "
+                                  "replaced")
+            hold_destination(fd, self.name, in_place=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._guard = fd
+
+    def _release_guard(self) -> None:
+        if self._guard >= 0:
+            os.close(self._guard)
+            self._guard = -1
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -376,7 +383,7 @@ class FileOutput:
             why = ("it is in use (mounted, or held by another program)"
                    if exc.errno == errno.EBUSY else exc.strerror)
             raise OutputError(f"cannot open {self.name} for writing: {why}") from None
-        hold_write_locks(self.fd, self.name, self.shares_writing)
+        hold_destination(self.fd, self.name, in_place=True)
 
     def set_direct(self, on: bool) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -570,6 +577,7 @@ class FileOutput:
             raise OutputError(f"cannot publish {self.name}: {exc.strerror}") from None
 
     def _cleanup(self) -> None:
+        self._release_guard()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -191,24 +191,53 @@ def test_read_only_holder_does_not_block(chain, hold):
 # Destinations in use: qemu-img convert takes its output's "write" lock
 
 
-@pytest.mark.parametrize("holder_fmt, read_only", [("qcow2", False), ("qcow2", True),
-                                                   ("raw", False), ("raw", True)],
-                         ids=["qcow2-writer", "qcow2-reader", "raw-writer", "raw-reader"])
-def test_destination_in_use(tmp_path, hold, holder_fmt, read_only):
-    """Replacing (or writing in place) a file a QEMU holds fails exactly where qemu-img
-    convert fails ('Failed to get "write" lock'): a QEMU reader without -U or a qcow2 writer
-    refuses to share writing; a raw writer shares it, and a raw output shares it too. What
-    was there is left untouched."""
+class NbdHolder:
+    """`qemu-nbd [-r] -f FMT -k SOCKET PATH`: a server holding the image open."""
+
+    def __init__(self, path: Path, fmt: str, read_only: bool):
+        self.sock = path.with_name(path.name + ".sock")
+        self.proc = subprocess.Popen(["qemu-nbd", *(["-r"] if read_only else []), "-f", fmt,
+                                      "-k", str(self.sock), str(path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not self.sock.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        self.proc.stderr.close()
+
+
+HOLDERS = {"qemu-io qcow2": ("qemu-io", "qcow2", False),
+           "qemu-io -r qcow2": ("qemu-io", "qcow2", True),
+           "qemu-io raw": ("qemu-io", "raw", False), "qemu-io -r raw": ("qemu-io", "raw", True),
+           "qemu-nbd raw": ("qemu-nbd", "raw", False),
+           "qemu-nbd -r raw": ("qemu-nbd", "raw", True)}
+
+
+@pytest.mark.parametrize("holder", list(HOLDERS))
+def test_destination_in_use(tmp_path, hold, holder):
+    """Replacing (or writing in place) a file another process holds fails where qemu-img
+    convert fails, with its words ('Failed to get "write" lock', '"resize" lock'), and what
+    was there is left untouched. One difference, on purpose: a raw writer that shares writing
+    (qemu-io -f raw) lets qemu-img write into the file beside it, but a replaced file would
+    take none of that writer's data, so qcowfast refuses to replace it."""
+    tool, fmt, read_only = HOLDERS[holder]
     src = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", src, "64K")
     qemu_io(src, "write -P 0x5a 0 4k")
+    holders = []
     for args in (["-O", "qcow2"], ["-O", "raw"], ["-n", "-O", "raw"]):
         # One held file per tool: qemu-img removes a qcow2 target it failed to create.
         held = {}
-        for tool in ("qemu-img", "qcowfast"):
-            held[tool] = tmp_path / f"busy-{tool}-{'-'.join(args)}"
-            qemu_img("create", "-q", "-f", holder_fmt, held[tool], "1M")
-            hold(held[tool], holder_fmt, read_only=read_only)
+        for who in ("qemu-img", "qcowfast"):
+            held[who] = tmp_path / f"busy-{who}-{'-'.join(args)}"
+            qemu_img("create", "-q", "-f", fmt, held[who], "1M")
+            holders.append(hold(held[who], fmt, read_only=read_only) if tool == "qemu-io"
+                           else NbdHolder(held[who], fmt, read_only))
         want = subprocess.run(["qemu-img", "convert", *args, src, held["qemu-img"]],
                               capture_output=True, text=True)
         busy = held["qcowfast"]
@@ -219,11 +248,19 @@ def test_destination_in_use(tmp_path, hold, holder_fmt, read_only):
             got = 0
         except qcowfast.OutputError as exc:
             got = 1
-            lock = re.search(r'failed to get (shared )?"write" lock', str(exc), re.I)
+            lock = re.search(r'failed to get ((shared )?"(write|resize)" lock)', str(exc))
             assert lock, exc
-            assert lock.group(0).capitalize() in want.stderr, (str(exc), want.stderr)
             assert busy.read_bytes() == before, args
-        assert got == want.returncode, (args, want.stderr)
+        on_purpose = holder == "qemu-io raw" and args == ["-O", "raw"]
+        if on_purpose:
+            assert (got, want.returncode) == (1, 0) and lock.group(1) == 'shared "write" lock'
+        else:
+            assert got == want.returncode, (args, want.stderr)
+            if got:
+                assert f"Failed to get {lock.group(1)}" in want.stderr, (str(exc), want.stderr)
+    for h in holders:
+        if isinstance(h, NbdHolder):
+            h.close()
 
 
 def test_in_place_output_holds_the_write_lock(tmp_path):
@@ -240,3 +277,25 @@ def test_in_place_output_holds_the_write_lock(tmp_path):
         assert proc.returncode == 1 and 'Failed to get shared "write" lock' in proc.stderr
         out.commit()
     qemu_io(dst, "read 0 512")                           # released
+
+
+def test_file_being_replaced_is_held_until_replaced(tmp_path):
+    """From the check to the rename, the file being replaced carries a QEMU writer's locks: a
+    QEMU starting on it meanwhile is refused (it would write into a file about to vanish);
+    once replaced, the new file is free."""
+    from qcowfast.output import FileOutput
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "64K")
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(bytes(64 * 1024))
+    with qcowfast.open(src) as image, FileOutput(dst, image, overwrite=True) as out:
+        proc = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 4k", dst],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and 'Failed to get "write" lock' in proc.stderr, proc
+        proc = subprocess.run(["qemu-nbd", "-r", "-f", "raw", "-k", tmp_path / "s", dst],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and 'Failed to get shared "resize" lock' in proc.stderr
+        out.prepare(image.virtual_size, False)
+        out.commit()
+    qemu_io(dst, "write -P 0xab 0 4k", fmt="raw")
+    assert dst.read_bytes()[:4096] == b"\xab" * 4096
