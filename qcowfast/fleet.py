@@ -93,43 +93,52 @@ def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
 
 
 def chain_files(job: Job) -> Iterator[tuple[str, str]]:
-    """("the source" / "a backing file of X" / "the data file of X", name) for the files job's
-    conversion reads, as their headers name them (QEMU's resolution of relative names). Only
-    headers are read; the walk stops where a file is missing or unreadable (the job will say
-    why) and after MAX_CHAIN_DEPTH layers. The job's own data_file= replaces the stored name."""
+    """("the source" / "a backing file of X" / "the data file of X", name) for the files the
+    job's conversion reads, as their headers name them (QEMU's resolution of relative names).
+
+    Names are compared, not opened, except the files the job would open itself anyway, under
+    the same rules (paths.open_file and resolve_reference: regular files only, inside the
+    image's directory or the job's backing_dirs); their headers alone are read. The walk stops
+    where a file is missing or refused (the job will say why), or after MAX_CHAIN_DEPTH
+    layers. The job's data_file= replaces the stored name."""
     from .constants import MAX_CHAIN_DEPTH
     from .header import read_header
-    from .paths import full_backing_filename, has_protocol
+    from .paths import directories, full_backing_filename, has_protocol, open_file, \
+        resolve_reference
     yield "the source", job.src
-    name, fmt, seen = job.src, job.options.get("src_format"), set()
+    if job.options.get("src_format") not in (None, "qcow2"):
+        return
+    try:
+        allowed = directories(job.options.get("backing_dirs", ()))
+        opened = open_file(job.src, "image")
+    except (OSError, QcowError, TypeError):
+        return
+    name, seen = job.src, set()
     for depth in range(MAX_CHAIN_DEPTH + 1):
-        if fmt not in (None, "qcow2"):
-            return
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) in seen:
-                return
-            seen.add((st.st_dev, st.st_ino))
-            header = read_header(fd, os.lseek(fd, 0, os.SEEK_END), tables_in_file=False,
-                                 allow_encrypted=True)
+            with opened:
+                if opened.ident in seen:
+                    return
+                seen.add(opened.ident)
+                header = read_header(opened.fd, opened.size, tables_in_file=False,
+                                     allow_encrypted=True)
         except (OSError, QcowError):
             return
-        finally:
-            os.close(fd)
         data_file = job.options.get("data_file") if depth == 0 else None
         if data_file is not None:
-            yield f"the data file of {name}", os.fspath(data_file)
+            yield f"the data file of {name}", os.fsdecode(os.fspath(data_file))
         elif header.data_file and not has_protocol(header.data_file):
             yield f"the data file of {name}", full_backing_filename(name, header.data_file)
         if not header.backing_file or has_protocol(header.backing_file):
             return
         owner, name = name, full_backing_filename(name, header.backing_file)
-        fmt = header.backing_format
         yield f"a backing file of {owner}", name
+        if header.backing_format not in (None, "qcow2"):
+            return
+        try:
+            opened = resolve_reference(owner, header.backing_file, "backing file", allowed)
+        except (OSError, QcowError):
+            return
 
 
 def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:

@@ -295,6 +295,40 @@ def test_job_writing_a_file_of_another_jobs_chain_is_refused(tmp_path, workers):
     assert not (out / "top.raw").exists()
 
 
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_conflict_check_opens_no_file_the_job_would_not(tmp_path, where):
+    """The conflict walk over the jobs' chains follows the path policy the jobs follow: a
+    backing file that is a FIFO (inside the image's directory) or lies outside it is never
+    opened; a writer blocked opening the FIFO stays blocked."""
+    import threading
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    fifo = (img_dir if where == "inside" else tmp_path) / "fifo"
+    os.mkfifo(fifo)
+    top = img_dir / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b",
+             "fifo" if where == "inside" else str(fifo), "-F", "qcow2", top, "16M")
+    opened = threading.Event()
+
+    def writer():
+        fd = os.open(fifo, os.O_WRONLY)          # returns once someone opens it for reading
+        opened.set()
+        os.close(fd)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        results = convert_many([(top, tmp_path / "o.raw")])
+        assert isinstance(results[0], qcowfast.QcowError), results
+        assert not opened.is_set()
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        t.join(10)
+        os.close(fd)
+    assert opened.is_set()                       # (the writer was really waiting)
+
+
 def test_any_exception_is_the_jobs_result(images, tmp_path):
     """A wrong option type fails that job (as a value), never the batch; a job whose src or
     dst is no path is refused before anything runs."""
