@@ -311,8 +311,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
     refused = conflicts(jobs)
-    workers = integer(workers, "workers", 1, none=True, what="None or an integer of at least 1")
-    threads = integer(threads, "threads", 1, none=True, what="None or an integer of at least 1")
+    workers = integer(workers, "workers", 1, none=True, what="an integer of at least 1")
+    threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
     workers = workers or default_workers(threads)
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))

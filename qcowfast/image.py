@@ -52,14 +52,37 @@ def _lru_get(cache: OrderedDict, key):
 
 
 class _Reads(list):
-    """One entry per read in flight on a group of layers (an image and its backing chain; a
-    layer given as `backing=` joins its group), and `closing`: the layers closed meanwhile,
-    whose descriptors close when the last read leaves (see _Layer.close)."""
+    """One entry per read in flight on a group of layers (an image and the backing chain it
+    opened; see _LinkedReads for a shared `backing=`), and `closing`: the layers closed
+    meanwhile, whose descriptors close when the last read leaves (see _Layer.close)."""
     __slots__ = ("closing",)
 
     def __init__(self):
         super().__init__()
         self.closing = []
+
+
+class _LinkedReads(_Reads):
+    """The group of an image given a shared layer as `backing=`: each of its reads is also a
+    read of the backing's group (whose descriptors it may use), while the image's own closed
+    layers wait only for its own reads (not for every image sharing that backing)."""
+    __slots__ = ("parent",)
+
+    def __init__(self, parent: _Reads):
+        super().__init__()
+        self.parent = parent
+
+    def append(self, item) -> None:
+        self.parent.append(item)
+        super().append(item)
+
+    def pop(self, *args):
+        item = super().pop(*args)
+        parent = self.parent
+        parent.pop()
+        if parent.closing and not parent:
+            _release(parent)
+        return item
 
 
 _CLOSE_LOCK = threading.Lock()
@@ -516,6 +539,7 @@ class Image(_Layer):
         self._l2_cache: OrderedDict = OrderedDict()
         self._l2_cache_bytes = 0
         cache_size = integer(cache_size, "cache_size", 0, what="a number of bytes")
+        max_depth = integer(max_depth, "max_depth", 0, what="a non-negative integer")
         self._cache_size = max(cache_size, 2 * self._slice_entries * h.l2_entry_size)
         self._zcache: OrderedDict = OrderedDict()
         self._local = threading.local()
@@ -603,8 +627,11 @@ class Image(_Layer):
             return
         if isinstance(backing, _Layer):
             backing._check_open()
+            if self.depth + len(backing.chain) > max_depth:
+                raise BackingChainError(f"backing chain of {self.filename} is deeper than "
+                                        f"{max_depth} (with the chain of the backing= image)")
             self.backing = backing              # shared: the caller closes it
-            self._reads = backing._reads        # its descriptors stay open while we read
+            self._reads = _LinkedReads(backing._reads)  # its descriptors open while we read
             return
         if self.depth + 1 > max_depth:
             raise BackingChainError(f"backing chain of {self.filename} is deeper than {max_depth}")

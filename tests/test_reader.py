@@ -658,3 +658,24 @@ def test_file_cut_while_open_says_so(tmp_path):
                            match=rf"\(1048576 bytes now, {size} when opened: cut while being "
                                  r"read\)"):
             img.read(0, img.virtual_size)
+
+
+@pytest.mark.images(ids=("c4k-chain3-short-base",))
+def test_backing_image_counts_toward_max_depth(image):
+    """A chain built with backing=<opened image> is bounded by max_depth like one named in
+    files (a loop of 300 opens used to end in RecursionError on read); max_depth itself must
+    be a non-negative integer."""
+    layers = [qcowfast.open(image.chain[1].path)]       # mid, with base: a chain of 2
+    try:
+        with pytest.raises(qcowfast.BackingChainError, match="deeper than 1"):
+            qcowfast.open(image.path, backing=layers[0], max_depth=1)
+        with pytest.raises(qcowfast.BackingChainError, match="deeper than 1"):
+            qcowfast.open(image.path, max_depth=1)          # the same chain, named in files
+        with qcowfast.open(image.path, backing=layers[0], max_depth=2) as top:
+            assert len(top.chain) == 3 and top.read(0, 4096) == reference_raw(image.path)[:4096]
+        for bad in ("3", True, 3.5, -1):
+            with pytest.raises(ValueError, match="max_depth"):
+                qcowfast.open(image.path, max_depth=bad)
+    finally:
+        for layer in layers:
+            layer.close()

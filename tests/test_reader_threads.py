@@ -247,3 +247,44 @@ def test_closing_the_file_object_while_threads_read(images, monkeypatch):
         with pytest.raises(ValueError):
             f.read(1)
     assert not errors, errors
+
+
+def test_closing_one_of_two_images_sharing_a_backing_layer(images):
+    """Two images given one opened backing image: closing one closes its descriptors (and
+    releases its locks) at once, while threads keep reading the other; the shared layer
+    stays open for its owner, and the other image reads on."""
+    chain = images["chain"]
+    base = qcowfast.open(chain.parent / "base.qcow2")
+    one = qcowfast.open(chain, backing=base)
+    two = qcowfast.open(chain, backing=base)
+    want = one.read(0, 4 << 20)
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                if two.read(0, 4 << 20) != want:
+                    errors.append("wrong bytes")
+            except Exception as exc:             # noqa: BLE001 - collected, asserted below
+                errors.append(repr(exc))
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.05)
+        fd = one._fd
+        one.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)                         # closed now, with the other image busy
+        time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+    assert two.read(0, 4 << 20) == want
+    two.close()
+    with qcowfast.open(chain.parent / "base.qcow2") as again:
+        assert base.read(0, 1 << 20) == again.read(0, 1 << 20)     # still open, still right
+    base.close()
