@@ -21,7 +21,8 @@ from .errors import QcowError
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
              "e": 1 << 60}
-_SIZE = re.compile(r"\s*(?:0x([0-9a-f]+)|(\d+)(?:\.(\d+))?)\s*([bkmgtpe]?)\s*", re.IGNORECASE)
+# qemu_strtosz(): leading blanks and '+' allowed, nothing after the suffix (not even blanks).
+_SIZE = re.compile(r"\s*\+?(?:0x([0-9a-f]+)|([0-9]+)(?:\.([0-9]*))?)([bkmgtpe]?)", re.IGNORECASE)
 # qemu-img convert -S: MAX_BUF_SECTORS (32768) sectors of 512 bytes.
 MAX_SPARSE_SIZE = 16 << 20
 MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COROUTINES
@@ -348,17 +349,22 @@ _FIXED_OPTIONS = {
               "lazy_refcounts": (("off", "no", "false", "n"), "lazy refcounts (off)"),
               "refcount_bits": (("16",), "refcount width in bits (16)"),
               "extended_l2": (("off", "no", "false", "n"), "extended L2 entries (off)"),
-              "preallocation": (("off",), "preallocation mode (off)")},
-    "raw": {"preallocation": (("off",), "preallocation mode (off)")},
+              "preallocation": (("off",), "preallocation mode (off)"),
+              "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)"),
+              "nocow": (("off", "no", "false", "n"), "no copy-on-write file attribute (off)")},
+    "raw": {"preallocation": (("off",), "preallocation mode (off)"),
+            "nocow": (("off", "no", "false", "n"), "no copy-on-write file attribute (off)")},
 }
+# Boolean -o keys: QEMU checks every value given (a later one does not excuse a bad one).
+_BOOLEANS = ("on", "yes", "true", "y", "off", "no", "false", "n")
+_BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow")
+_SIZE_OPTIONS = ("cluster_size", "size")
 # qemu-img create keys qcowfast knows but does not write (refused by name, with what they do).
 _UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",
                                "backing_fmt": "output backing files (-B, -F)",
-                               "data_file": "external data files", "data_file_raw":
-                               "external data files", "encryption": "encryption",
-                               "encrypt": "encryption", "size": "sizes (the source's is used)",
-                               "nocow": "file attributes", "extent_size_hint":
-                               "file attributes"}
+                               "data_file": "external data files",
+                               "encryption": "encryption", "encrypt": "encryption",
+                               "extent_size_hint": "file attributes"}
 _OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default 64k)",
                 "compression_type": "<str> - compression with -c: zlib (default) or zstd"}
 
@@ -402,13 +408,23 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
             raise CliError(f"Invalid option list: {text}")
         for item in re.split(r"(?<!,),(?!,)", text):
             key, sep, value = item.replace(",,", ",").partition("=")
-            if key:
-                items.pop(key, None)
-                items[key] = (sep, value)
+            if not key:
+                raise CliError(f"Invalid parameter '{key}'")
+            if key in _SIZE_OPTIONS and sep:
+                try:
+                    parse_size(value)
+                except argparse.ArgumentTypeError as exc:
+                    raise CliError(f"-o {key}: {exc}") from None
+            if key in _BOOLEAN_OPTIONS and sep and value not in _BOOLEANS:
+                raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
+            items.pop(key, None)
+            items[key] = (sep, value)
     opts = {}
     given = bool(items)
     fixed = _FIXED_OPTIONS.get(fmt, {})
     for key, (sep, value) in items.items():
+        if key == "size":
+            continue                            # (qemu-img convert sets the source's size)
         unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
         if unsupported and key not in fixed:
             raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")

@@ -577,6 +577,10 @@ PARITY = [
     # a key given twice: the last value counts (the first alone would be refused)
     ["-O", "qcow2", "-o", "lazy_refcounts=on,lazy_refcounts=off", "-o", "compat=0.10",
      "-o", "compat=1.1", "-o", "cluster_size=4k,cluster_size=8k"],
+    # qemu_strtosz's grammar (leading blanks and '+', '1.k'); keys qcowfast writes as asked
+    ["-O", "qcow2", "-o", "cluster_size=+4096,size=16M,nocow=off,data_file_raw=off"],
+    ["-O", "qcow2", "-o", "cluster_size= 1.k"], ["-O", "raw", "-o", "nocow=off,size=1M"],
+    ["-S", "+4k"],
     # refused by both
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
@@ -589,6 +593,11 @@ PARITY = [
     ["-O", "qcow2", "-o", "cluster_size=4k,"], ["-O", "qcow2", "-o", ",cluster_size=4k"],
     ["-O", "qcow2", "-o", "cluster_size=4k,,"],
     ["-O", "qcow2", "-o", "cluster_size=4k", "-o", "lazy_refcounts=off,,,"],
+    # every value is checked, even one a later value replaces; no key, no trailing blank
+    ["-O", "qcow2", "-o", "lazy_refcounts=bogus,lazy_refcounts=off"],
+    ["-O", "qcow2", "-o", "cluster_size=bogus", "-o", "cluster_size=4096"],
+    ["-O", "qcow2", "-o", "=4096"], ["-O", "qcow2", "-o", "cluster_size=4096 "],
+    ["-O", "qcow2", "-o", "size=bogus"], ["-S", "4k "],
 ]
 
 
