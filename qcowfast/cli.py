@@ -79,10 +79,8 @@ def thread_count(text: str) -> int:
 
 def coroutine_count(text: str) -> int:
     """-m: qemu-img's number of parallel requests (1 to 16); qcowfast uses that many threads."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    from .cli_getopt import c_integer
+    value = c_integer(text) or 0
     if not 1 <= value <= MAX_COROUTINES:
         raise argparse.ArgumentTypeError(
             f"Invalid number of coroutines. Allowed number of coroutines is between 1 and "
@@ -315,7 +313,19 @@ def _add_source_cache_option(p: argparse.ArgumentParser, checked: bool = True) -
                                          "the page cache)")
 
 
+class _RefusedNow(argparse.Action):
+    """--image-opts outside convert: refused by name at once, with the subcommand's status for
+    a command line it cannot run (compare: 2, "could not compare", never 1, "differ")."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"qcowfast: {option_string}: not supported by qcowfast (option strings instead "
+              "of file names)", file=sys.stderr)
+        parser.exit(2 if parser.prog.endswith(" compare") else 1)
+
+
 def _add_open_options(p: argparse.ArgumentParser) -> None:
+    if "--image-opts" not in p._option_string_actions:
+        p.add_argument("--image-opts", nargs=0, action=_RefusedNow, help=argparse.SUPPRESS)
     p.add_argument("--object", metavar="OBJECTDEF", action="append", default=[],
                    help="a QEMU object definition (accepted and ignored: qcowfast reads no "
                         "encrypted images and uses no other QEMU objects)")
@@ -655,6 +665,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)    # (subcommands' parsers too)
+        kwargs.setdefault("allow_abbrev", False)    # prefixes: qemu-img's only (cli_getopt)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -976,14 +987,20 @@ def run() -> None:
 
 def main(argv=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    from .cli_getopt import QEMU_LONG, getopt_argv, global_options
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
-    if argv == ["--version"]:                   # scripts call this often: skip the parser
+    argv, version = global_options(argv)
+    if version or argv == ["--version"]:        # scripts call this often: skip the parser
         print(f"qcowfast {__version__}")
         return 0
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
+    if argv and argv[0] in parser.commands:
+        # Read as qemu-img's getopt_long reads it (see cli_getopt).
+        argv = [argv[0], *getopt_argv(argv[1:], parser.commands[argv[0]],
+                                      QEMU_LONG.get(argv[0], ()))]
     if argv[:1] == ["convert"] and _options_help(argv[1:]):
         return 0
     _replace_closed_streams()
-    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args, extras = parser.parse_known_args(argv)
     for stream in (sys.stdout, sys.stderr):
         # Names stored in images need not be UTF-8: print their bytes as qemu-img does.

@@ -9,12 +9,10 @@ import sys
 
 
 def _shared(text: str) -> int:
-    # qemu-nbd -e: any integer qemu_strtoi() reads (0x.. included), 0 for no limit.
-    try:
-        value = int(text, 0)
-    except ValueError:
-        value = -1
-    if value < 0:
+    # qemu-nbd -e: any integer qemu_strtoi() reads (0x.., 010 octal), 0 for no limit.
+    from .cli_getopt import c_integer
+    value = c_integer(text)
+    if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"invalid shared device number {text!r} (a count, "
                                          "0 for no limit)")
     return value
@@ -114,6 +112,9 @@ def add_parser(sub) -> None:
                         "(default 10; 0 for no limit)")
     p.add_argument("--idle-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="drop clients idle for SECONDS between requests (default: no limit)")
+    p.add_argument("-V", "--version", action="version",
+                   version=f"qcowfast {__import__('qcowfast').__version__}",
+                   help="print the version and exit (as qemu-nbd -V)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log connections and protocol errors on stderr")
     p.add_argument("--fork", action="store_true",

@@ -1195,3 +1195,51 @@ def test_missing_image_line_starts_as_qemu_imgs(tmp_path, argv):
     assert want.stderr.startswith(f"qemu-img: Could not open '{missing}': "), want.stderr
     assert err_text(got).startswith(f"qcowfast: Could not open '{missing}': "), got.stderr
     assert len(err_text(got).splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+GETOPT = [
+    # -X=VALUE keeps its "=" (an unknown format or a bad number, as in qemu-img)
+    ["convert", "-O=raw", "IMG", "OUT"], ["convert", "-f=raw", "IMG", "OUT"],
+    ["convert", "-S=4k", "IMG", "OUT"], ["convert", "-m=2", "IMG", "OUT"],
+    ["compare", "-f=raw", "IMG", "IMG"], ["compare", "-F=qcow2", "IMG", "IMG"],
+    ["check", "-f=qcow2", "IMG"], ["map", "-f=raw", "IMG"], ["map", "-s=1M", "IMG"],
+    ["info", "-f=qcow2", "IMG"],
+    # qemu-img's long options by unique prefix; ambiguous or qcowfast-only prefixes refused
+    ["convert", "--force", "-O", "raw", "IMG", "OUT"], ["check", "--force", "IMG"],
+    ["compare", "--fo", "IMG", "IMG"], ["convert", "--o", "secret,id=s0,data=x", "IMG", "OUT"],
+    ["convert", "-n", "--target-i", "-O", "raw", "IMG", "EXISTING"],
+    ["info", "--out=json", "--backing-ch", "IMG"], ["map", "--out", "json", "--st", "64k", "IMG"],
+    ["convert", "--ov", "IMG", "OUT"], ["compare", "--st", "IMG", "IMG"],
+    # combined flags, attached values, values starting with "-", options before the command
+    ["convert", "-pqOraw", "-m2", "IMG", "OUT"], ["convert", "-co", "help", "-O", "qcow2"],
+    ["convert", "-l", "-snap", "IMG", "OUT"], ["-V"], ["--vers"], ["-T", "foo", "info", "IMG"],
+    ["--", "info", "IMG"], ["convert", "-m", "0x2", "IMG", "OUT"], ["convert", "-m", "1_6", "IMG", "OUT"],
+]
+
+
+@pytest.mark.parametrize("argv", GETOPT, ids=[" ".join(a) for a in GETOPT])
+def test_command_line_read_as_getopt_reads_it(small_qcow2, tmp_path, argv):
+    """Scripts written for qemu-img's getopt_long: qcowfast takes and refuses the same
+    spellings (exit status), and a refused command line writes nothing."""
+    existing = tmp_path / "existing.raw"
+    existing.write_bytes(b"\x77" * M)
+    names = {"IMG": str(small_qcow2), "EXISTING": str(existing)}
+    want = subprocess.run(["qemu-img", *[names.get(a, tmp_path / "q.out" if a == "OUT" else a)
+                                        for a in argv]], capture_output=True, text=True)
+    got = run(*[names.get(a, tmp_path / "o.out" if a == "OUT" else a) for a in argv])
+    assert got.returncode == want.returncode, (err_text(got), want.stderr)
+    if got.returncode:
+        assert not (tmp_path / "o.out").exists()
+    assert existing.read_bytes() == b"\x77" * M or "--target-i" not in argv
+
+
+@pytest.mark.parametrize("argv, status", [(["info", "IMG"], 1), (["map", "IMG"], 1),
+                                          (["check", "IMG"], 1), (["compare", "IMG", "IMG"], 2)])
+def test_image_opts_refused_by_name(small_qcow2, argv, status):
+    """--image-opts (option strings for file names) is refused by name, never taken for an
+    unknown option; compare says 2 ("could not compare"), never 1 ("the images differ")."""
+    argv = [str(small_qcow2) if a == "IMG" else a for a in argv]
+    proc = run(argv[0], "--image-opts", *argv[1:])
+    assert proc.returncode == status
+    assert err_text(proc) == "qcowfast: --image-opts: not supported by qcowfast (option " \
+                             "strings instead of file names)\n"

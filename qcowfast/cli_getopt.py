@@ -1,0 +1,150 @@
+"""A command line read as GNU getopt_long reads it (qemu-img's and qemu-nbd's parser), rewritten
+into the spelling argparse reads the same way.
+
+Where the two differ, scripts written for qemu-img would be misread:
+- a short option's value is the rest of its word, `=` included (`-f=raw` names format
+  "=raw", an error, where argparse drops the `=`), or else the next word, even one starting
+  with `-` (`-l -snap`);
+- a long option may be abbreviated to a unique prefix of *qemu-img's* long options for that
+  subcommand (`--force` is --force-share), never of qcowfast's own extras, and an ambiguous
+  prefix is an error;
+- flags combine (`-pq`), and `--` ends the options.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+# qemu-img 7.2's long options per subcommand, and qemu-nbd's (for abbreviations).
+QEMU_LONG = {
+    "convert": ("help", "object", "image-opts", "force-share", "target-image-opts", "salvage",
+                "target-is-zero", "bitmaps", "skip-broken-bitmaps"),
+    "info": ("help", "object", "image-opts", "force-share", "format", "output",
+             "backing-chain"),
+    "map": ("help", "object", "image-opts", "force-share", "format", "output", "start-offset",
+            "max-length"),
+    "check": ("help", "object", "image-opts", "force-share", "format", "output", "repair"),
+    "compare": ("help", "object", "image-opts", "force-share"),
+    "serve": ("help", "version", "verbose", "object", "image-opts", "tls-creds", "tls-authz",
+              "tls-hostname", "trace", "fork", "pid-file", "read-only", "export-name",
+              "description", "persistent", "shared", "port", "bind", "socket", "offset",
+              "load-snapshot", "snapshot", "format", "cache", "aio", "discard", "detect-zeroes",
+              "allocation-depth", "bitmap", "connect", "disconnect", "list", "nocache"),
+}
+# qemu-img's options before the subcommand: -h/--help, -V/--version, -T/--trace ARG.
+_GLOBAL_LONG = ("help", "version", "trace")
+
+_FLAG, _VALUE, _OPTIONAL = 0, 1, 2
+
+
+def _kinds(parser: argparse.ArgumentParser) -> tuple[dict, dict]:
+    """({short char: kind}, {long name: kind}) of the parser's options."""
+    shorts, longs = {}, {}
+    for action in parser._actions:
+        kind = _FLAG if action.nargs == 0 else _OPTIONAL if action.nargs == "?" else _VALUE
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                longs[opt[2:]] = kind
+            elif len(opt) == 2:
+                shorts[opt[1]] = kind
+    return shorts, longs
+
+
+def _long(name: str, ours: dict, qemu: tuple) -> str | None:
+    """The long option `name` stands for: itself, or the one qemu's option it uniquely
+    abbreviates; None when unknown or ambiguous (argparse then reports it)."""
+    if name in ours:
+        return name
+    matches = [full for full in qemu if full.startswith(name)] if name else []
+    return matches[0] if len(matches) == 1 and matches[0] in ours else None
+
+
+def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) -> list[str]:
+    """`argv` (a subcommand's words) as getopt_long reads it, spelled for `parser`."""
+    shorts, longs = _kinds(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word == "--":
+            out += argv[i - 1:]
+            break
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            full = _long(name, longs, qemu_long)
+            if full is None:
+                out.append(word)
+                continue
+            if longs[full] == _VALUE and not eq and i < len(argv):
+                eq, value = "=", argv[i]
+                i += 1
+            out.append(f"--{full}{eq}{value}")
+            continue
+        if word.startswith("-") and len(word) > 1:
+            for j in range(1, len(word)):
+                char = word[j]
+                kind = shorts.get(char, _FLAG)
+                if kind == _FLAG:
+                    out.append("-" + char)
+                    continue
+                # "-X=VALUE": argparse splits at the first "=", so VALUE arrives whole.
+                if j + 1 < len(word):
+                    out.append(f"-{char}={word[j + 1:]}")
+                elif kind == _VALUE and i < len(argv):
+                    out.append(f"-{char}={argv[i]}")
+                    i += 1
+                else:                           # no value: argparse says what is missing
+                    out.append(f"-{char}")
+                break
+            continue
+        out.append(word)
+    return out
+
+
+_C_INTEGER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def c_integer(text: str) -> int | None:
+    """`text` as C's strtol(text, &end, 0) reads a whole word (qemu_strtoi/qemu_strtol):
+    leading blanks and a sign, 0x hex, 0 octal, nothing after; None otherwise."""
+    m = _C_INTEGER.fullmatch(text)
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    base = 16 if digits[:2].lower() == "0x" else 8 if len(digits) > 1 and digits[0] == "0" \
+        else 10
+    value = int(digits[2:] if base == 16 else digits, base)
+    return -value if sign == "-" else value
+
+
+def global_options(argv: list[str]) -> tuple[list[str], bool]:
+    """Drop qemu-img's options before the subcommand (-T/--trace ARG, `--`); return the rest
+    (a prefix of --help spelled out) and whether -V/--version (or a prefix) asked for the
+    version."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        word = argv[i]
+        if word == "--":
+            return argv[i + 1:], False
+        if word == "-V":
+            return argv[i + 1:], True
+        if word.startswith("--"):
+            name, eq, _ = word[2:].partition("=")
+            full = [n for n in _GLOBAL_LONG if n.startswith(name)] if name else []
+            if len(full) != 1:
+                break
+            if full[0] == "version":
+                return argv[i + 1:], True
+            if full[0] == "trace":
+                i += 1 if eq else 2
+                continue
+            return ["--help", *argv[i + 1:]], False
+        if word.startswith("-T"):
+            i += 1 if len(word) > 2 else 2
+            continue
+        break
+    return argv[i:], False
+
+
+__all__ = ["QEMU_LONG", "c_integer", "getopt_argv", "global_options"]
