@@ -1,4 +1,4 @@
-"""Checks of the integer options of the public API: one rule, one wording."""
+"""Checks of the integer and yes/no options of the public API: one rule, one wording."""
 from __future__ import annotations
 
 from operator import index
@@ -22,4 +22,12 @@ def integer(value, name: str, low: int | None = None, high: int | None = None,
     return number
 
 
-__all__ = ["integer"]
+def boolean(value, name: str) -> bool:
+    """`value` as a bool: True or False (numpy's too); ValueError naming the option otherwise
+    (the string "false" is true to Python: a yes/no option given one is a mistake)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, not {value!r}")
+
+
+__all__ = ["boolean", "integer"]

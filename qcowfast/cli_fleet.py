@@ -145,8 +145,10 @@ def describe(result) -> tuple[str, dict]:
     if isinstance(result, Skipped):
         return "skipped", {"reason": result.reason}
     if isinstance(result, BaseException):
-        return "failed", {"error": str(result) or type(result).__name__,
-                          "error_type": type(result).__name__}
+        # Notes say what a failure left behind (an in-place target written in part).
+        text = "; ".join([str(result) or type(result).__name__,
+                          *getattr(result, "__notes__", ())])
+        return "failed", {"error": text, "error_type": type(result).__name__}
     return "ok", {"virtual_size": result.virtual_size, "bytes_written": result.bytes_written,
                   "seconds": round(result.seconds, 6)}
 

@@ -26,7 +26,7 @@ except ImportError:                         # pragma: no cover - other Pythons
 
 from . import _plain
 from ._record import record
-from .arguments import integer
+from .arguments import boolean, integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import ExtentKind
@@ -494,6 +494,10 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     level, threads, cluster_size, sparse_size, max_output_size, max_stream_size, unit_size = \
         _check_options(format, src_format, compression, level, cluster_size, sparse_size,
                        max_output_size, threads, compression_type, max_stream_size, unit_size)
+    overwrite, fsync, target_is_zero, existing, force_share, direct = (
+        boolean(value, name) for value, name in (
+            (overwrite, "overwrite"), (fsync, "fsync"), (target_is_zero, "target_is_zero"),
+            (existing, "existing"), (force_share, "force_share"), (direct, "direct")))
     if target_is_zero and not existing:
         raise ValueError("target_is_zero needs existing=True (qemu-img: --target-is-zero "
                          "requires -n)")

@@ -80,8 +80,10 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     """
     import dask
     from distributed import get_client
+    from .arguments import integer
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
+    threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
     refused = fleet.conflicts(jobs)
     client = client or get_client()
     workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}

@@ -15,11 +15,11 @@ import os
 import resource
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from .arguments import integer
+from .arguments import boolean, integer
 from .errors import QcowError
 
 from .output import LOCKED_AT_BIRTH, TMP_SUFFIX as TEMP_SUFFIX   # .<name>.<random><suffix>
@@ -65,30 +65,55 @@ def as_job(spec) -> Job:
             from None
 
 
-def conflicts(jobs: list[Job]) -> dict[int, ValueError]:
+def _file_keys(name: str) -> list:
+    """How a path is known: its real path, and the (device, inode) of an existing file (a hard
+    link has another name). Raises ValueError/OSError for a name no file can have."""
+    keys: list = [os.path.realpath(name)]
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        return keys
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.EACCES, errno.ELOOP, errno.ENAMETOOLONG):
+            raise
+        return keys
+    keys.append((st.st_dev, st.st_ino))
+    return keys
+
+
+def conflicts(jobs: list[Job]) -> dict[int, Exception]:
     """Jobs that must not run, by index: a destination an earlier job also writes (only one
     output could survive), or a source another job writes, or a file of its chain (what it
-    reads would depend on the order the jobs happen to run in)."""
-    writers: dict[str, int] = {}
-    refused: dict[int, ValueError] = {}
+    reads would depend on the order the jobs happen to run in); a job whose paths no file
+    can have gets that error. Paths are compared resolved and, for existing files, by
+    identity (hard links)."""
+    writers: dict = {}
+    refused: dict[int, Exception] = {}
     for i, job in enumerate(jobs):
-        key = os.path.realpath(job.dst)
-        if key in writers:
-            first = writers[key]
+        try:
+            keys = _file_keys(job.dst)
+        except (OSError, ValueError, UnicodeError) as exc:
+            refused[i] = exc
+            continue
+        first = next((writers[k] for k in keys if k in writers), None)
+        if first is not None:
             refused[i] = ValueError(f"{job.dst}: also the destination of job {first} "
                                     f"({jobs[first].src}); each output needs its own job")
-        else:
-            writers[key] = i
+            continue
+        writers.update((k, i) for k in keys)
     for i, job in enumerate(jobs):
         if i in refused:
             continue
-        for what, name in chain_files(job):
-            writer = writers.get(os.path.realpath(name))
-            if writer is not None and writer != i:
-                refused[i] = ValueError(f"{name}: {what} is the destination of job {writer} "
-                                        "of this batch; convert it in a later batch (the order "
-                                        "jobs run in is not fixed)")
-                break
+        try:
+            for what, name in chain_files(job):
+                writer = next((writers[k] for k in _file_keys(name) if k in writers), None)
+                if writer is not None and writer != i:
+                    refused[i] = ValueError(
+                        f"{name}: {what} is the destination of job {writer} of this batch; "
+                        "convert it in a later batch (the order jobs run in is not fixed)")
+                    break
+        except (OSError, ValueError, UnicodeError) as exc:
+            refused[i] = exc                    # a path no file can have: the job's error
     return refused
 
 
@@ -101,6 +126,7 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
     image's directory or the job's backing_dirs); their headers alone are read. The walk stops
     where a file is missing or refused (the job will say why), or after MAX_CHAIN_DEPTH
     layers. The job's data_file= replaces the stored name."""
+    from functools import partial
     from .constants import MAX_CHAIN_DEPTH
     from .header import read_header
     from .paths import directories, full_backing_filename, has_protocol, open_file, \
@@ -108,37 +134,36 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
     yield "the source", job.src
     if job.options.get("src_format") not in (None, "qcow2"):
         return
-    try:
-        allowed = directories(job.options.get("backing_dirs", ()))
-        opened = open_file(job.src, "image")
-    except (OSError, QcowError, TypeError):
-        return
     name, seen = job.src, set()
+    opener = partial(open_file, job.src, "image")
     for depth in range(MAX_CHAIN_DEPTH + 1):
         try:
-            with opened:
+            allowed = directories(job.options.get("backing_dirs", ()))
+            with opener() as opened:            # closed before anything is yielded
                 if opened.ident in seen:
                     return
                 seen.add(opened.ident)
                 header = read_header(opened.fd, opened.size, tables_in_file=False,
                                      allow_encrypted=True)
-        except (OSError, QcowError):
-            return
+        except (OSError, QcowError, TypeError, ValueError):
+            return                              # (the job will say why)
         data_file = job.options.get("data_file") if depth == 0 else None
         if data_file is not None:
+            if not isinstance(data_file, (str, bytes, os.PathLike)):
+                return
             yield f"the data file of {name}", os.fsdecode(os.fspath(data_file))
         elif header.data_file and not has_protocol(header.data_file):
             yield f"the data file of {name}", full_backing_filename(name, header.data_file)
-        if not header.backing_file or has_protocol(header.backing_file):
+        if not header.backing_file or has_protocol(header.backing_file) or \
+                header.backing_format not in (None, "qcow2"):
+            if header.backing_file and not has_protocol(header.backing_file):
+                yield f"a backing file of {name}", full_backing_filename(name,
+                                                                         header.backing_file)
             return
         owner, name = name, full_backing_filename(name, header.backing_file)
         yield f"a backing file of {owner}", name
-        if header.backing_format not in (None, "qcow2"):
-            return
-        try:
-            opened = resolve_reference(owner, header.backing_file, "backing file", allowed)
-        except (OSError, QcowError):
-            return
+        opener = partial(resolve_reference, owner, header.backing_file, "backing file",
+                         allowed)
 
 
 def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:
@@ -186,23 +211,35 @@ def sweep_stale_temps(dst: str) -> list[str]:
     return removed
 
 
-def default_workers(threads: int | None) -> int:
-    """Job slots: one per core, within the file-descriptor limit."""
-    cores = len(os.sched_getaffinity(0))
+def max_workers() -> int:
+    """Job slots the file-descriptor limit allows (MAX_WORKERS at most)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     by_fds = max(1, (soft - 32) // FDS_PER_JOB) if soft != resource.RLIM_INFINITY else MAX_WORKERS
-    return max(1, min(cores, by_fds, MAX_WORKERS))
+    return min(by_fds, MAX_WORKERS)
+
+
+def default_workers(threads: int | None) -> int:
+    """Job slots: one per core, within the file-descriptor limit."""
+    return max(1, min(len(os.sched_getaffinity(0)), max_workers()))
 
 
 class _Progress:
-    """Folds per-job progress calls into one (done_bytes, total_bytes) stream for the batch."""
+    """Folds per-job progress calls into one (done_bytes, total_bytes) stream for the batch:
+    calls never overlap, and `done` never decreases."""
 
     def __init__(self, callback: Callable[[int, int], None] | None, total: int):
         self.callback = callback
         self.total = total
         self.done = {}
         self.finished = 0
+        self.reported = 0
         self.lock = threading.Lock()
+
+    def _report(self) -> None:
+        """Call back with the batch's progress (under self.lock)."""
+        now = min(max(self.reported, self.finished + sum(self.done.values())), self.total)
+        self.reported = now
+        self.callback(now, self.total)
 
     def for_job(self, index: int):
         if self.callback is None:
@@ -211,36 +248,36 @@ class _Progress:
         def report(done: int, total: int) -> None:
             with self.lock:
                 self.done[index] = done
-                now = self.finished + sum(self.done.values())
-            self.callback(min(now, self.total), self.total)
+                self._report()
         return report
 
     def job_ended(self, index: int, size: int) -> None:
         with self.lock:
             self.done.pop(index, None)
             self.finished += size
-            now = self.finished + sum(self.done.values())
-        if self.callback is not None:
-            self.callback(min(now, self.total), self.total)
+            if self.callback is not None:
+                self._report()
 
 
 def guest_size(job: Job) -> int:
-    """The job's virtual size from its header alone (0 when it cannot be read: the job fails)."""
+    """The job's virtual size as convert will see it, from its header alone; -1 when the
+    source cannot be opened or read (the job will fail: run it first)."""
     from .header import read_header
+    from .paths import open_file
     try:
-        fd = os.open(job.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
+        opened = open_file(job.src, "image")    # stat first: FIFOs and devices stay closed
+    except (OSError, QcowError, ValueError):
+        return -1
+    with opened:
         try:
-            return read_header(fd, size).size
+            if job.options.get("src_format") != "raw":
+                size = read_header(opened.fd, opened.size).size
+                return size - size % 512        # as Image.virtual_size
         except QcowError:
-            return size
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
+            pass
+        except OSError:
+            return -1
+        return -(-opened.size // 512) * 512     # a raw image: whole sectors
 
 
 def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
@@ -295,8 +332,9 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     An exception in the calling thread while the batch runs (KeyboardInterrupt, a signal
     handler's, or one raised by `on_result`) stops it: no job starts any more, running jobs
     stop at their next unit of work and remove their temporary outputs, and the exception
-    propagates once they have (or after CANCEL_WAIT_SECONDS). One raised by `progress` ends
-    the job that called it.
+    propagates once they have (or after CANCEL_WAIT_SECONDS). One raised by `progress` while
+    a job converts ends that job (its result); one raised by the report of a job's end stops
+    the batch as `on_result`'s does.
 
     Returns
     -------
@@ -311,13 +349,16 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
     refused = conflicts(jobs)
+    skip_existing = boolean(skip_existing, "skip_existing")
+    overwrite = boolean(overwrite, "overwrite")
     workers = integer(workers, "workers", 1, none=True, what="an integer of at least 1")
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
-    workers = workers or default_workers(threads)
+    # Each slot holds a chain open: more than the descriptor limit allows would fail jobs.
+    workers = min(workers, max_workers()) if workers else default_workers(threads)
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
-    sizes = [guest_size(j) for j in jobs]
-    batch = _Progress(progress, sum(sizes))
+    sizes = [guest_size(j) for j in jobs]       # -1: cannot be read (the job will fail)
+    batch = _Progress(progress, sum(max(0, s) for s in sizes))
     results: list[Any] = [None] * len(jobs)
     first_failure: list[str] = []           # the source of the job that stopped the batch
     cancel = threading.Event()              # the caller is unwinding: abort every job
@@ -337,7 +378,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         if cancel.is_set():
             result = CancelledError("not started: the batch was interrupted")
         elif first_failure:
-            result = CancelledError(f"not started: an earlier job failed ({first_failure[0]})")
+            result = CancelledError(f"not started: another job failed ({first_failure[0]})")
         elif i in refused:
             result = refused[i]
         else:
@@ -350,17 +391,28 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
                 and on_error == "stop" and not first_failure:
             first_failure.append(job.src)
         results[i] = result
-        batch.job_ended(i, sizes[i])
-        if on_result is not None:
-            on_result(i, job, result)
+        try:
+            batch.job_ended(i, max(0, sizes[i]))
+            if on_result is not None:
+                on_result(i, job, result)
+        except BaseException:
+            cancel.set()                        # start nothing more (the caller unwinds)
+            raise
 
     pool = ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="qcowfast-job")
-    # Largest first: a big image started last would leave the other slots idle at the end.
-    order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+    # Jobs that cannot be read first (they fail at once: on_error="stop" stops early), then the
+    # largest: a big image started last would leave the other slots idle at the end.
+    order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
     futures = [pool.submit(one, i) for i in order]
     try:
-        for fut in futures:
-            fut.result()
+        pending = futures
+        while pending:
+            # Wake at each job's end (the first exception, whichever job raised it) and a few
+            # times a second: a signal the kernel gave a worker thread is handled only when
+            # this thread runs Python again.
+            done, pending = wait(pending, timeout=SIGNAL_LATENCY, return_when=FIRST_COMPLETED)
+            for fut in done:
+                fut.result()
     except BaseException:
         # Ctrl-C, a signal turned into an exception, or a raising callback: start nothing
         # more, make the running conversions stop at their next unit (each removes its
@@ -379,12 +431,13 @@ class Cancelled(QcowError):
 
 
 CANCEL_WAIT_SECONDS = 10.0
+SIGNAL_LATENCY = 0.2                # seconds the batch may take to notice a signal
 
 
 def is_transient(exc: BaseException) -> bool:
-    """An I/O error worth retrying (a flaky shared filesystem), not a property of the job."""
-    return (isinstance(exc, OSError) and not isinstance(exc, QcowError)
-            and exc.errno in TRANSIENT_ERRNOS)
+    """An I/O error worth retrying (a flaky shared filesystem), not a property of the job:
+    an OSError with a transient errno, opening errors (ImageOpenError) included."""
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT,

@@ -514,3 +514,126 @@ def test_cli_report_may_not_be_the_job_file(images, tmp_path):
     r = run_cli("convert-many", "--jobs", jobs, "--report", jobs)
     assert r.returncode == 1 and "job file" in r.stderr
     assert jobs.read_text() == text and not (tmp_path / "o.raw").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs that are wrong in themselves, and callbacks that raise (red team of the batch path)
+
+
+def test_yes_no_options_must_be_booleans(images, tmp_path):
+    """A job's "overwrite": "false" or "existing": "no" is refused as that job's ValueError
+    (Python's truth would replace or write in place); the existing files stay as they were."""
+    good = images.get(GOOD[0]).path
+    keep = tmp_path / "keep.raw"
+    keep.write_bytes(b"k" * 4096)
+    results = convert_many([{"src": good, "dst": keep, "overwrite": "false"},
+                            {"src": good, "dst": keep.with_name("keep2.raw"), "existing": "no"},
+                            (good, tmp_path / "ok.raw")], overwrite=False)
+    for r, name in zip(results[:2], ("overwrite", "existing")):
+        assert isinstance(r, ValueError) and f"{name} must be True or False" in str(r), r
+    assert isinstance(results[2], qcowfast.ConvertResult)
+    assert keep.read_bytes() == b"k" * 4096 and not keep.with_name("keep2.raw").exists()
+    with pytest.raises(ValueError, match="skip_existing must be True or False"):
+        convert_many([(good, tmp_path / "x.raw")], skip_existing="yes")
+
+
+def test_a_job_with_impossible_paths_fails_alone(images, tmp_path):
+    """A NUL byte, an unencodable name or a data_file that is no path fail that job (as its
+    result), not the batch, in the API and on the command line (no traceback)."""
+    good = images.get(GOOD[0]).path
+    jobs = [(good, str(tmp_path / "a\0b.raw")), (good, str(tmp_path / "\ud800.raw")),
+            {"src": good, "dst": tmp_path / "c.raw", "data_file": 5},
+            (str(good) + "\0", tmp_path / "d.raw"), (good, tmp_path / "ok.raw")]
+    results = convert_many(jobs)
+    assert all(isinstance(r, Exception) for r in results[:4]), results
+    assert isinstance(results[4], qcowfast.ConvertResult)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text(json.dumps({"src": str(good), "dst": str(tmp_path / "e.raw"),
+                                     "data_file": 5}) + "\n" +
+                         json.dumps({"src": str(good), "dst": str(tmp_path / "f.raw")}) + "\n")
+    r = run_cli("convert-many", "--jobs", jobs_file)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "f.raw").exists() and not (tmp_path / "e.raw").exists()
+
+
+def test_raising_callback_starts_no_more_jobs(tmp_path):
+    """on_result raising on the first job to end: no job starts after it, whichever job
+    ends first (the batch used to wait for the futures in order before noticing)."""
+    src = _image_with_data(tmp_path / "big.qcow2", 48, 48)
+    small = [_image_with_data(tmp_path / f"s{i}.qcow2", 1, 1) for i in range(8)]
+
+    def on_result(i, job, result):
+        raise RuntimeError("stop")
+    jobs = [(src, tmp_path / "big.raw")] + [(s, tmp_path / f"{s.stem}.raw") for s in small]
+    with pytest.raises(RuntimeError, match="stop"):
+        convert_many(jobs, workers=2, threads=1, on_result=on_result)
+    outputs = [j[1] for j in jobs if Path(j[1]).exists()]
+    assert len(outputs) <= 2, outputs              # the two slots' first jobs at most
+    assert not list(tmp_path.glob("*" + TMP_SUFFIX)) and not list(tmp_path.glob(".*" +
+                                                                                 TMP_SUFFIX))
+
+
+def test_batch_progress_never_goes_back(tmp_path):
+    """The batch's (done, total) stream only grows and ends at total, also for raw sources
+    whose size is not whole sectors (converted as whole sectors)."""
+    jobs = []
+    for i in range(12):
+        raw = tmp_path / f"r{i}.raw"
+        raw.write_bytes(os.urandom(100_000 + 37 * i))
+        jobs.append({"src": raw, "dst": tmp_path / f"o{i}.raw", "src_format": "raw"})
+    seen = []
+    convert_many(jobs, workers=4, progress=lambda d, t: seen.append((d, t)))
+    assert seen and all(b[0] >= a[0] for a, b in zip(seen, seen[1:])), seen
+    assert seen[-1][0] == seen[-1][1] == sum(-(-(100_000 + 37 * i) // 512) * 512
+                                             for i in range(12))
+
+
+def test_fifo_source_is_never_opened(tmp_path):
+    """A FIFO as a job's source fails that job without opening it: a writer blocked on the
+    FIFO stays blocked (it used to be released, then killed by SIGPIPE)."""
+    import threading
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer():
+        fd = os.open(fifo, os.O_WRONLY)
+        opened.set()
+        os.close(fd)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        results = convert_many([(fifo, tmp_path / "o.raw")])
+        assert isinstance(results[0], qcowfast.QcowError) and not opened.is_set(), results
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        t.join(10)
+        os.close(fd)
+
+
+def test_hard_linked_destination_is_a_conflict(images, tmp_path):
+    """A job writing (in place) a hard link of another job's source is refused up front,
+    whatever the timing."""
+    good = images.get(GOOD[0]).path
+    c = tmp_path / "c.raw"
+    qcowfast.convert(good, c)
+    os.link(c, tmp_path / "h.raw")
+    results = convert_many([{"src": good, "dst": tmp_path / "h.raw", "existing": True},
+                            (c, tmp_path / "copy.raw")])
+    assert isinstance(results[0], qcowfast.ConvertResult), results
+    assert isinstance(results[1], ValueError) and "destination of job 0" in str(results[1])
+
+
+def test_deep_chain_walk_leaks_no_descriptor(tmp_path):
+    """The conflict walk stops at MAX_CHAIN_DEPTH layers and leaves no file open."""
+    from qcowfast.constants import MAX_CHAIN_DEPTH
+    from qcowfast.fleet import Job, chain_files
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "l0.qcow2", "1M")
+    for i in range(1, MAX_CHAIN_DEPTH + 6):
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", f"l{i - 1}.qcow2", "-F", "qcow2",
+                 tmp_path / f"l{i}.qcow2", "1M")
+    before = sorted(os.listdir("/proc/self/fd"))
+    names = list(chain_files(Job(str(tmp_path / f"l{MAX_CHAIN_DEPTH + 5}.qcow2"),
+                                 str(tmp_path / "o.raw"))))
+    assert len(names) == MAX_CHAIN_DEPTH + 2
+    assert sorted(os.listdir("/proc/self/fd")) == before
