@@ -766,7 +766,7 @@ def _add_map_parser(sub) -> None:
     p.add_argument("--lookup", type=parse_size, metavar="OFFSET", default=None,
                    help="describe the L1/L2 entries, cluster type and host offset serving one "
                         "guest offset")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe like qemu-img)")
     p.add_argument("-s", "--start-offset", type=parse_size, metavar="OFFSET", default=0,
                    help="map from this guest offset")
@@ -789,7 +789,7 @@ def _add_info_parser(sub) -> None:
     p.add_argument("--backing-chain", action="store_true",
                    help="also describe every backing file, following the chain under the same "
                         "path policy as convert (see --allow-backing-dir)")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe the QCOW2 magic, else raw)")
     _add_force_share_option(p)
     _add_open_options(p)
@@ -809,11 +809,11 @@ def _add_check_parser(sub) -> None:
     _add_output_option(p, "check")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no report (the exit status still tells the result)")
-    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), default=None,
+    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe); raw images cannot be checked")
     _add_force_share_option(p)
     _add_source_cache_option(p)
-    p.add_argument("-r", dest="repair", metavar="leaks|all", default=None,
+    p.add_argument("-r", "--repair", dest="repair", metavar="leaks|all", default=None,
                    help=argparse.SUPPRESS)     # refused by name: qcowfast never writes images
     _add_progress_options(p, "standard error")
     _add_open_options(p)

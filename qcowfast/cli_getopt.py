@@ -82,9 +82,16 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) 
             out.append(f"--{full}{eq}{value}")
             continue
         if word.startswith("-") and len(word) > 1:
+            mark = len(out)
             for j in range(1, len(word)):
                 char = word[j]
-                kind = shorts.get(char, _FLAG)
+                kind = shorts.get(char)
+                if kind is None:
+                    # Not an option: the word goes to argparse as written, to be refused as a
+                    # whole (split, "-U-" would end the options and "-U1" be an operand).
+                    del out[mark:]
+                    out.append(word)
+                    break
                 if kind == _FLAG:
                     out.append("-" + char)
                     continue
@@ -126,14 +133,15 @@ def global_options(argv: list[str]) -> tuple[list[str], bool]:
     while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
         word = argv[i]
         if word == "--":
-            return argv[i + 1:], False
+            rest = argv[i + 1:]                 # an option after it is no option: refused
+            return (["--", *rest] if rest[:1] and rest[0].startswith("-") else rest), False
         if word == "-V":
             return argv[i + 1:], True
         if word.startswith("--"):
             name, eq, _ = word[2:].partition("=")
             full = [n for n in _GLOBAL_LONG if n.startswith(name)] if name else []
-            if len(full) != 1:
-                break
+            if len(full) != 1 or eq and full[0] != "trace":
+                break                           # (argparse refuses it)
             if full[0] == "version":
                 return argv[i + 1:], True
             if full[0] == "trace":

@@ -12,7 +12,7 @@ def _shared(text: str) -> int:
     # qemu-nbd -e: any integer qemu_strtoi() reads (0x.., 010 octal), 0 for no limit.
     from .cli_getopt import c_integer
     value = c_integer(text)
-    if value is None or value < 0:
+    if value is None or not 0 <= value <= 2 ** 31 - 1:     # an int, for qemu_strtoi
         raise argparse.ArgumentTypeError(f"invalid shared device number {text!r} (a count, "
                                          "0 for no limit)")
     return value

@@ -1214,7 +1214,20 @@ GETOPT = [
     ["convert", "-pqOraw", "-m2", "IMG", "OUT"], ["convert", "-co", "help", "-O", "qcow2"],
     ["convert", "-l", "-snap", "IMG", "OUT"], ["-V"], ["--vers"], ["-T", "foo", "info", "IMG"],
     ["--", "info", "IMG"], ["convert", "-m", "0x2", "IMG", "OUT"], ["convert", "-m", "1_6", "IMG", "OUT"],
+    # an unknown character in a group of flags refuses the group (it is no '--' or operand)
+    ["info", "-U1", "IMG"], ["info", "-U-", "IMG"], ["check", "-q-", "IMG"],
+    ["--", "--version"], ["--version=1"], ["info", "--format=qcow2", "IMG"],
+    ["map", "--form", "raw", "IMG"],
 ]
+
+
+@pytest.mark.parametrize("spelling", [["-r", "leaks"], ["-rall"], ["--repair=leaks"],
+                                      ["--rep", "all"]])
+def test_check_repair_refused_by_name_in_every_spelling(small_qcow2, spelling):
+    """qcowfast never writes images: check's repair option is refused by name however it is
+    spelled (--repair and its prefixes were an unknown option)."""
+    proc = run("check", *spelling, small_qcow2)
+    assert proc.returncode == 1 and "does not repair images" in err_text(proc), err_text(proc)
 
 
 @pytest.mark.parametrize("argv", GETOPT, ids=[" ".join(a) for a in GETOPT])

@@ -470,7 +470,16 @@ def test_cli_load_snapshot_selects_as_qemu_nbd(snap_names, tmp_path, selector):
                 outs.append(("failed", proc.returncode))
                 continue
             out = tmp_path / f"{tool}.raw"
-            run("nbdcopy", unix_uri(sock), out)
+            copy = subprocess.run(["nbdcopy", unix_uri(sock), str(out)], capture_output=True,
+                                  timeout=60)
+            if copy.returncode:
+                # qemu-nbd listens before it loads the snapshot, and leaves its socket behind
+                # when that fails: a refused connection then means the server has ended.
+                try:
+                    outs.append(("failed", proc.wait(timeout=20)))
+                except subprocess.TimeoutExpired:
+                    raise AssertionError((tool, copy.stderr)) from None
+                continue
             outs.append(("served", out.read_bytes()))
         finally:
             _terminate(proc)
