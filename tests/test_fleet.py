@@ -6,6 +6,7 @@ in job order, with no output and no temporary file left behind, while the other 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -296,12 +297,34 @@ def test_job_writing_a_file_of_another_jobs_chain_is_refused(tmp_path, workers):
 
 
 
+@contextlib.contextmanager
+def _fifo_writer(fifo: Path):
+    """A thread blocked opening `fifo` for writing; yields the Event it sets once someone opens
+    the FIFO for reading. On exit the test opens it itself, and checks the writer was really
+    waiting (then released)."""
+    import threading
+    opened = threading.Event()
+
+    def writer():
+        fd = os.open(fifo, os.O_WRONLY)          # returns once someone opens it for reading
+        opened.set()
+        os.close(fd)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        yield opened
+    finally:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        t.join(10)
+        os.close(fd)
+    assert opened.is_set()
+
+
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_conflict_check_opens_no_file_the_job_would_not(tmp_path, where):
     """The conflict walk over the jobs' chains follows the path policy the jobs follow: a
     backing file that is a FIFO (inside the image's directory) or lies outside it is never
     opened; a writer blocked opening the FIFO stays blocked."""
-    import threading
     img_dir = tmp_path / "img"
     img_dir.mkdir()
     fifo = (img_dir if where == "inside" else tmp_path) / "fifo"
@@ -309,24 +332,10 @@ def test_conflict_check_opens_no_file_the_job_would_not(tmp_path, where):
     top = img_dir / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-b",
              "fifo" if where == "inside" else str(fifo), "-F", "qcow2", top, "16M")
-    opened = threading.Event()
-
-    def writer():
-        fd = os.open(fifo, os.O_WRONLY)          # returns once someone opens it for reading
-        opened.set()
-        os.close(fd)
-
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    try:
+    with _fifo_writer(fifo) as opened:
         results = convert_many([(top, tmp_path / "o.raw")])
         assert isinstance(results[0], qcowfast.QcowError), results
         assert not opened.is_set()
-    finally:
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        t.join(10)
-        os.close(fd)
-    assert opened.is_set()                       # (the writer was really waiting)
 
 
 def test_any_exception_is_the_jobs_result(images, tmp_path):
@@ -591,24 +600,11 @@ def test_batch_progress_never_goes_back(tmp_path):
 def test_fifo_source_is_never_opened(tmp_path):
     """A FIFO as a job's source fails that job without opening it: a writer blocked on the
     FIFO stays blocked (it used to be released, then killed by SIGPIPE)."""
-    import threading
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    opened = threading.Event()
-
-    def writer():
-        fd = os.open(fifo, os.O_WRONLY)
-        opened.set()
-        os.close(fd)
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    try:
+    with _fifo_writer(fifo) as opened:
         results = convert_many([(fifo, tmp_path / "o.raw")])
         assert isinstance(results[0], qcowfast.QcowError) and not opened.is_set(), results
-    finally:
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        t.join(10)
-        os.close(fd)
 
 
 def test_hard_linked_destination_is_a_conflict(images, tmp_path):
