@@ -337,8 +337,10 @@ class _Layer:
         """`backing`'s runs of [start, end), their depths counted from this layer: a layer
         given as `backing=` was opened on its own (depth 0) and may be shared by other chains."""
         shift = self.depth + 1 - backing.depth
-        for chunk in backing._runs(start, end):
-            yield chunk._replace(depth=chunk.depth + shift) if shift else chunk
+        runs = backing._runs(start, end)
+        if not shift:                   # a backing this image opened: no extra layer per chunk
+            return runs
+        return (chunk._replace(depth=chunk.depth + shift) for chunk in runs)
 
     def _holes_batch(self, sub: Runs, backing: "_Layer") -> Runs:
         """Resolve every UNALLOCATED run of `sub` through `backing` with one backing walk."""
