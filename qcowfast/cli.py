@@ -360,11 +360,12 @@ _FIXED_OPTIONS = {
               "refcount_bits": (("16",), "refcount width in bits (16)"),
               "extended_l2": (("off", "no", "false", "n"), "extended L2 entries (off)"),
               "preallocation": (("off",), "preallocation mode (off)"),
-              "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)"),
-              "nocow": (("off", "no", "false", "n"), "no copy-on-write file attribute (off)")},
-    "raw": {"preallocation": (("off",), "preallocation mode (off)"),
-            "nocow": (("off", "no", "false", "n"), "no copy-on-write file attribute (off)")},
+              "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)")},
+    "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
+# -o keys of the output file itself, for every output format: (values meaning on, help).
+_FILE_OPTIONS = {"nocow": (("on", "yes", "true", "y"),
+                           "on|off - no copy-on-write file attribute, for btrfs (default off)")}
 # Boolean -o keys: QEMU checks every value given (a later one does not excuse a bad one).
 _BOOLEANS = ("on", "yes", "true", "y", "off", "no", "false", "n")
 _BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow")
@@ -382,6 +383,7 @@ _OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default
 def _print_output_options(fmt: str) -> None:
     """qemu-img's `-o help`: the options qcowfast takes for this output format."""
     lines = [f"  {key}={_OPTION_HELP[key]}" for key in _OUTPUT_OPTIONS if fmt == "qcow2"]
+    lines += [f"  {key}={what}" for key, (_, what) in _FILE_OPTIONS.items()]
     lines += [f"  {key}={'|'.join(values)} - {what}"
               for key, (values, what) in _FIXED_OPTIONS.get(fmt, {}).items()]
     print("Supported options:", *lines, sep="\n")
@@ -418,6 +420,10 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
             raise CliError(f"Invalid option list: {text}")
         for item in re.split(r"(?<!,),(?!,)", text):
             key, sep, value = item.replace(",,", ",").partition("=")
+            if not sep:
+                # QEMU's short form of a boolean: "key" is key=on, "nokey" is key=off.
+                key, sep, value = (key[2:], "=", "off") if key.startswith("no") else \
+                    (key, "=", "on")
             if not key:
                 raise CliError(f"Invalid parameter '{key}'")
             if key in _SIZE_OPTIONS and sep:
@@ -438,6 +444,9 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
         unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
         if unsupported and key not in fixed:
             raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
+        if key in _FILE_OPTIONS:
+            opts[key] = value in _FILE_OPTIONS[key][0]
+            continue
         if key in fixed:
             values, what = fixed[key]
             if value not in values:     # case matters, as in QEMU's option parser
@@ -445,13 +454,11 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
                                f"({what})")
             continue
         if key not in _OUTPUT_OPTIONS:
-            known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed]
+            known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed, *_FILE_OPTIONS]
             raise CliError(f"-o {key}: unknown option (qcowfast knows "
                            f"{', '.join(known)} for -O {fmt})")
         if fmt != "qcow2":
             raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
-        if not sep:
-            raise CliError(f"-o {key}: give a value ({key}=...)")
         opts[key] = value
     if given and existing:
         raise CliError("-o has no effect when skipping image creation (-n)")
@@ -513,7 +520,7 @@ def convert_arguments(args) -> tuple[str, str, dict]:
               compression=opts.get("compression_type", "zlib") if args.compress else None,
               compression_type=opts.get("compression_type"),
               level=args.compression_level,
-              cluster_size=opts.get("cluster_size", 65536),
+              cluster_size=opts.get("cluster_size", 65536), nocow=opts.get("nocow", False),
               threads=args.threads or args.coroutines, sparse_size=args.sparse_size,
               overwrite=not args.no_clobber, existing=args.existing,
               target_is_zero=args.target_is_zero, force_share=args.force_share,

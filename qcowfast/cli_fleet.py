@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
                    help="output format (default raw)")
     p.add_argument("-c", dest="compress", action="store_true",
                    help="compress qcow2 output (zlib unless -o compression_type=zstd)")
-    p.add_argument("-o", dest="options", metavar="OPTIONS", default=None,
-                   help="qcow2 output options: compression_type=zlib|zstd,cluster_size=SIZE")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", action="append", default=[],
+                   help="output options as for convert -o: compression_type=zlib|zstd, "
+                        "cluster_size=SIZE (qcow2), nocow=on|off")
     p.add_argument("-S", dest="sparse_size", metavar="SIZE", default=None,
                    help="zero runs of SIZE bytes are left as holes (raw output; default 4k)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -107,7 +108,7 @@ def read_jobs(args) -> list[dict]:
 
 
 def _common_options(args) -> dict:
-    from .cli import parse_size as parse_arg
+    from .cli import CliError, _output_options, parse_size as parse_arg
 
     def parse_size(text: str) -> int:
         try:
@@ -118,15 +119,11 @@ def _common_options(args) -> dict:
     options = {}
     if args.output_format != "raw":
         options["format"] = args.output_format
-    for item in filter(None, (args.options or "").split(",")):
-        key, _, value = item.partition("=")
-        if key == "compression_type" and value in ("zlib", "zstd"):
-            options["compression_type"] = value     # recorded in the header, as qemu-img does
-        elif key == "cluster_size" and value:
-            options["cluster_size"] = parse_size(value)
-        else:
-            raise ValueError(f"-o {item!r}: unknown or invalid option (known: "
-                             "compression_type=zlib|zstd, cluster_size=SIZE)")
+    try:
+        # convert's -o grammar; compression_type is recorded in the header, as qemu-img does
+        options.update(_output_options(args.options, args.output_format, existing=False))
+    except CliError as exc:
+        raise ValueError(str(exc)) from None
     if args.compress:
         options["compression"] = options.get("compression_type", "zlib")
     if ("compression" in options or "compression_type" in options) and \

@@ -424,7 +424,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             max_stream_size: int | None = DEFAULT_MAX_STREAM_SIZE,
             max_output_size: int | None = None, unit_size: int = UNIT_SIZE,
             target_is_zero: bool = False, existing: bool = False, force_share: bool = False,
-            direct: bool = False, compression_type: str | None = None) -> ConvertResult:
+            direct: bool = False, compression_type: str | None = None,
+            nocow: bool = False) -> ConvertResult:
     """Convert image `src` (QCOW2 with its backing chain, or raw) to a raw or QCOW2 image.
 
     Parameters
@@ -476,6 +477,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         Write into the existing target in place, which must hold the whole image (qemu-img -n).
     direct : bool
         O_DIRECT output (qemu-img -t none); OutputError where the filesystem does not support it.
+    nocow : bool
+        Give a new output file the no-copy-on-write attribute (qemu-img -o nocow=on, for
+        images on btrfs); ignored where the file system lacks it, as qemu-img ignores it.
 
     Returns
     -------
@@ -494,10 +498,11 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     level, threads, cluster_size, sparse_size, max_output_size, max_stream_size, unit_size = \
         _check_options(format, src_format, compression, level, cluster_size, sparse_size,
                        max_output_size, threads, compression_type, max_stream_size, unit_size)
-    overwrite, fsync, target_is_zero, existing, force_share, direct = (
+    overwrite, fsync, target_is_zero, existing, force_share, direct, nocow = (
         boolean(value, name) for value, name in (
             (overwrite, "overwrite"), (fsync, "fsync"), (target_is_zero, "target_is_zero"),
-            (existing, "existing"), (force_share, "force_share"), (direct, "direct")))
+            (existing, "existing"), (force_share, "force_share"), (direct, "direct"),
+            (nocow, "nocow")))
     if target_is_zero and not existing:
         raise ValueError("target_is_zero needs existing=True (qemu-img: --target-is-zero "
                          "requires -n)")
@@ -539,7 +544,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             if format == "raw" and not (sparse_size and not existing and not direct):
                 _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
-                            direct=direct) as out:
+                            direct=direct, nocow=nocow) as out:
                 try:
                     written = _convert_path(image, out, format, unit, threads, sparse_size,
                                             progress, compression=compression, level=level,

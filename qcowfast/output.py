@@ -33,6 +33,8 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _BLKZEROOUT = 0x127F                   # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_CHUNK = 1 << 20
+# linux/fs.h: FS_IOC_GETFLAGS/SETFLAGS (_IOR/_IOW('f', 1/2, long)) and the btrfs NOCOW flag
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_NOCOW_FL = 0x80086601, 0x40086602, 0x00800000
 _libc = None
 
 
@@ -100,6 +102,21 @@ def _locked_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
         os.unlink(path)
         raise
     return fd, path
+
+
+def set_nocow(fd: int) -> bool:
+    """Set the no-copy-on-write attribute (chattr +C) on the empty file `fd`, as qemu-img's
+    nocow=on does (file-posix raw_co_create): an optimisation whose failure is ignored, on file
+    systems without the attribute (ext4, tmpfs, XFS). Returns whether it was set."""
+    flags = bytearray(4)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+        value = int.from_bytes(flags, sys.byteorder) | _FS_NOCOW_FL
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, value.to_bytes(4, sys.byteorder))
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+    except OSError:
+        return False
+    return bool(int.from_bytes(flags, sys.byteorder) & _FS_NOCOW_FL)
 
 
 def _umask() -> int:
@@ -245,6 +262,8 @@ class FileOutput:
         Write into the existing target in place (qemu-img -n).
     direct : bool
         Open the output with O_DIRECT (OutputError where the filesystem refuses it).
+    nocow : bool
+        Give a new file the no-copy-on-write attribute where the file system has it (btrfs).
 
     Attributes
     ----------
@@ -257,12 +276,13 @@ class FileOutput:
     """
 
     def __init__(self, dst, image, *, overwrite: bool = False, existing: bool = False,
-                 direct: bool = False):
+                 direct: bool = False, nocow: bool = False):
         self.name = os.fspath(dst)
         if isinstance(self.name, bytes):
             self.name = os.fsdecode(self.name)
         self.overwrite = overwrite
         self.direct = direct
+        self.nocow = nocow
         self.fd = -1
         self.tmp = None
         self.old = None                     # stat of a regular file being replaced
@@ -371,6 +391,8 @@ class FileOutput:
         except OSError as exc:
             raise OutputError(f"cannot create a temporary file beside {self.name} in "
                               f"{directory}: {exc.strerror}") from None
+        if self.nocow:
+            set_nocow(self.fd)              # before any data: btrfs applies it to empty files
 
     def _open_in_place(self) -> None:
         # Read access too, as qemu-img opens its target: QEMU's locks are shared (read) locks.

@@ -581,7 +581,13 @@ PARITY = [
     ["-O", "qcow2", "-o", "cluster_size=+4096,size=16M,nocow=off,data_file_raw=off"],
     ["-O", "qcow2", "-o", "cluster_size= 1.k"], ["-O", "raw", "-o", "nocow=off,size=1M"],
     ["-S", "+4k"],
-    # refused by both
+    # nocow (chattr +C on btrfs; ignored elsewhere by both); QEMU's short-form booleans:
+    # "key" is key=on, "nokey" key=off
+    ["-O", "qcow2", "-o", "nocow=on"], ["-O", "raw", "-o", "nocow=on,nocow=off"],
+    ["-O", "qcow2", "-o", "nolazy_refcounts,nonocow,noextended_l2"], ["-O", "raw", "-o", "nonocow"],
+    # refused by both ("nocow" alone is "cow=off", an unknown key)
+    ["-O", "raw", "-o", "nocow"],
+    ["-O", "qcow2", "-o", "size"], ["-O", "qcow2", "-o", "nocow=maybe"],
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
     ["-o", "compression_type=zstd"], ["--target-is-zero"], ["-f", "vmdk"],
@@ -646,6 +652,7 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-o", "preallocation=falloc", "-O", "raw"], "preallocation"),
     (["-o", "compat=0.10", "-O", "qcow2"], "compat"),
     (["-o", "lazy_refcounts=on", "-O", "qcow2"], "lazy_refcounts"),
+    (["-o", "lazy_refcounts", "-O", "qcow2"], "lazy_refcounts=on"),     # the short form
     (["-o", "extended_l2=on", "-O", "qcow2"], "extended_l2"),
     (["-o", "cluster_size=3k", "-O", "qcow2"], "cluster_size"),
     (["-o", "cluster_size=4M", "-O", "qcow2"], "cluster_size"),

@@ -633,3 +633,24 @@ def test_deep_chain_walk_leaks_no_descriptor(tmp_path):
                                  str(tmp_path / "o.raw"))))
     assert len(names) == MAX_CHAIN_DEPTH + 2
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_cli_output_options_follow_convert(images, tmp_path):
+    """convert-many's -o is convert's: repeated, QEMU's option-list rules, nocow; a bad list
+    fails before any job in one line."""
+    src = images.get(GOOD[0]).path
+    out = tmp_path / "out"
+    out.mkdir()
+    r = run_cli("convert-many", "-q", "-O", "qcow2", "-o", "cluster_size=4k",
+                "-o", "nocow=on,compression_type=zstd", "-c", "--target-dir", out, src)
+    assert r.returncode == 0, r.stderr
+    (dst,) = out.iterdir()
+    info = json.loads(qemu_img("info", "--output=json", dst).stdout)
+    assert info["cluster-size"] == 4096
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    qemu_img("compare", "-q", src, dst)
+    for argv in (["-o", "cluster_size=4k,", "-O", "qcow2"], ["-o", "nocow=maybe"],
+                 ["-o", "cluster_size=4k"]):
+        r = run_cli("convert-many", *argv, "--target-dir", tmp_path / "none", src)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr

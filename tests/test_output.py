@@ -531,3 +531,36 @@ def test_invalid_options(src, tmp_path, kwargs):
         convert(src, tmp_path / "x", **kwargs)
     assert os.listdir(tmp_path) == []
 
+
+
+def _nocow_flag(path) -> bool:
+    """Whether `path` has the no-copy-on-write attribute (FS_IOC_GETFLAGS & FS_NOCOW_FL)."""
+    import fcntl
+    flags = bytearray(4)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x80086601, flags)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(flags, sys.byteorder) & 0x00800000)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_nocow_as_qemu_img_sets_it(src, tmp_path, fmt):
+    """nocow=True is qemu-img's -o nocow=on: the new file gets the attribute where the file
+    system has it (btrfs), and the conversion goes on without it elsewhere, as in qemu-img,
+    whose output is the oracle for both the bytes and the attribute."""
+    want, got = tmp_path / f"want.{fmt}", tmp_path / f"got.{fmt}"
+    qemu_img("convert", "-O", fmt, "-o", "nocow=on", src, want)
+    convert(src, got, format=fmt, nocow=True)
+    assert _nocow_flag(got) == _nocow_flag(want)
+    if fmt == "raw":
+        assert _digest(got) == _digest(want)
+    else:
+        qemu_img("compare", "-q", want, got)
+        qemu_img("check", got)
+    with pytest.raises(ValueError, match="nocow"):
+        convert(src, tmp_path / "x", nocow="on")
+    assert _leftovers(tmp_path) == []
