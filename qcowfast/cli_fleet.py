@@ -220,16 +220,26 @@ def cmd_convert_many(args) -> int:
 
 
 def _check_report_path(path: str, jobs: list[dict], jobs_file: str | None) -> None:
-    """Before any job runs: the report can be written where asked, and is neither a job's
-    file nor the job file."""
-    real = os.path.realpath(path)
-    if jobs_file not in (None, "-") and os.path.realpath(jobs_file) == real:
+    """Before any job runs: the report can be written where asked, and is neither a file a
+    job reads or writes (its source, backing and data files, its destination; compared by
+    identity too) nor the job file."""
+    from .fleet import _file_keys, as_job, chain_files
+    try:
+        keys = set(_file_keys(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--report {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if jobs_file not in (None, "-") and keys & set(_file_keys(jobs_file)):
         raise ValueError(f"--report {path}: also the job file")
-    for job in jobs:
-        for role in ("src", "dst"):
-            if os.path.realpath(job[role]) == real:
-                raise ValueError(f"--report {path}: also the {role} of job {job['src']} -> "
-                                 f"{job['dst']}")
+    for spec in jobs:
+        try:
+            job = as_job(spec)
+            names = [*chain_files(job), ("the destination", job.dst)]
+            for what, name in names:
+                if keys & set(_file_keys(name)):
+                    raise ValueError(f"--report {path}: also {what} ({name}) of job "
+                                     f"{job.src} -> {job.dst}")
+        except (OSError, UnicodeError):
+            continue                        # (that job will fail by itself)
     if os.path.isdir(path):
         raise ValueError(f"--report {path}: is a directory")
     directory = os.path.dirname(os.path.abspath(path))

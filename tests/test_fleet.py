@@ -445,7 +445,8 @@ def test_cli_report_checked_before_any_job(images, tmp_path):
     src = images.get(GOOD[0]).path
     jobs = tmp_path / "jobs"
     jobs.write_text(f"{src} {tmp_path}/out.raw\n")
-    for report, words in ((tmp_path / "out.raw", "also the dst"), (src, "also the src"),
+    for report, words in ((tmp_path / "out.raw", "also the destination"),
+                          (src, "also the source"),
                           (tmp_path / "nodir" / "r.json", "does not exist"),
                           (tmp_path, "is a directory")):
         r = run_cli("convert-many", "--jobs", jobs, "--report", report)
@@ -453,6 +454,29 @@ def test_cli_report_checked_before_any_job(images, tmp_path):
         assert not (tmp_path / "out.raw").exists()
     assert_same_bytes(Path(src).read_bytes(), Path(images.get(GOOD[0]).path).read_bytes(),
                       "source untouched")
+
+
+def test_cli_report_may_not_be_a_file_of_a_jobs_chain(tmp_path):
+    """The report is refused before any job runs where it names a backing file or the data
+    file of a job's source, or a hard link to its source: writing it would change what the
+    job reads."""
+    _image_with_data(tmp_path / "base.qcow2", 4, 1)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=ext.raw", "ext.qcow2", "4M",
+             cwd=tmp_path)
+    os.link(tmp_path / "top.qcow2", tmp_path / "link.qcow2")
+    jobs = tmp_path / "jobs"
+    jobs.write_text(f"{tmp_path}/top.qcow2 {tmp_path}/top.raw\n"
+                    f"{tmp_path}/ext.qcow2 {tmp_path}/ext.out\n")
+    before = {name: (tmp_path / name).read_bytes() for name in ("base.qcow2", "ext.raw")}
+    for report, words in (("base.qcow2", "a backing file of"), ("ext.raw", "the data file of"),
+                          ("link.qcow2", "the source")):
+        r = run_cli("convert-many", "--jobs", jobs, "--report", tmp_path / report)
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / "top.raw").exists() and not (tmp_path / "ext.out").exists()
 
 
 def test_cli_closed_stderr_keeps_exit_code_and_report(images, tmp_path):
