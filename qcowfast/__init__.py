@@ -13,7 +13,7 @@ _LAZY = {
     "check": "check", "CheckResult": "check", "NotChecked": "check",
     "compare": "compare", "CompareResult": "compare",
     "serve": "serve",
-    "convert_many": "fleet",
+    "convert_many": "fleet", "Skipped": "fleet",
     "ExtentKind": "constants",
     "Header": "header",
     "QcowError": "errors", "FormatError": "errors", "CorruptImage": "errors",
@@ -25,7 +25,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "open", "convert", "info", "check", "compare", "serve", "convert_many",
+    "open", "convert", "info", "check", "compare", "serve", "convert_many", "Skipped",
     "Image", "Extent", "ExtentKind", "Header", "ConvertResult", "CheckResult", "CompareResult",
     "NotChecked",
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
@@ -34,6 +34,24 @@ __all__ = [
     "AllocationFailed", "CodecUnavailable",
 ]
 
+# For type checkers only (they treat any name TYPE_CHECKING as true; importing typing would
+# cost every command a few milliseconds): the lazy names with their real types.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .check import CheckResult, NotChecked, check
+    from .compare import CompareResult, compare
+    from .constants import ExtentKind
+    from .convert import ConvertResult, convert
+    from .errors import (AllocationFailed, BackingChainError, CodecUnavailable, CorruptImage,
+                         DecompressionError, EncryptedImage, FormatError, ImageLocked,
+                         ImageNotFound, ImageOpenError, MissingBackingFile, OutputError,
+                         QcowError, SnapshotNotFound, TruncatedImage, UnsafePathError,
+                         UnsupportedFeature)
+    from .fleet import Skipped, convert_many
+    from .header import Header
+    from .image import Extent, Image, open
+    from .info import info
+    from .serve import serve
 
 _ModuleType = type(__import__("sys"))
 

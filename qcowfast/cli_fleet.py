@@ -35,11 +35,12 @@ def add_parser(sub) -> None:
                    help="output options as for convert -o: compression_type=zlib|zstd, "
                         "cluster_size=SIZE (qcow2), nocow=on|off")
     p.add_argument("-S", dest="sparse_size", metavar="SIZE", default=None,
-                   help="zero runs of SIZE bytes are left as holes (raw output; default 4k)")
+                   help="zero runs of SIZE bytes are left as holes, as convert -S (default 4k)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="jobs converted side by side (default: one per core)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="threads per job (default: all cores)")
+                   help="threads per job (default: the cores divided among the jobs "
+                        "running side by side)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip jobs whose destination exists (resume a killed batch)")
     p.add_argument("--no-clobber", action="store_true",
@@ -65,6 +66,10 @@ def read_jobs(args) -> list[dict]:
     if args.target_dir:
         if not args.sources:
             raise ValueError("--target-dir needs at least one SRC")
+        if not os.path.isdir(args.target_dir):
+            raise ValueError(f"--target-dir {args.target_dir}: " + (
+                "not a directory" if os.path.exists(args.target_dir) else
+                "no such directory (create it first)"))
         ext = EXTENSIONS[args.output_format]
         jobs, seen = [], {}
         for src in args.sources:
@@ -78,9 +83,13 @@ def read_jobs(args) -> list[dict]:
     if args.sources:
         raise ValueError("SRC arguments go with --target-dir, not with --jobs")
     # A BOM is skipped; names that are not UTF-8 keep their bytes (surrogate escapes).
-    stream = (io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape")
-              if args.jobs == "-" else
-              open(args.jobs, encoding="utf-8-sig", errors="surrogateescape"))
+    try:
+        stream = (io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig",
+                                   errors="surrogateescape")
+                  if args.jobs == "-" else
+                  open(args.jobs, encoding="utf-8-sig", errors="surrogateescape"))
+    except OSError as exc:
+        raise ValueError(f"cannot read the job file {args.jobs}: {exc.strerror}") from None
     jobs = []
     with stream:
         for number, line in enumerate(stream, 1):
@@ -97,6 +106,10 @@ def read_jobs(args) -> list[dict]:
                 if not (isinstance(job["src"], str) and isinstance(job["dst"], str)):
                     raise ValueError(f"{args.jobs}:{number}: \"src\" and \"dst\" must be "
                                      "strings")
+            elif text.startswith("["):
+                raise ValueError(f"{args.jobs}:{number}: a JSON array; the job file holds "
+                                 "JSON lines, one {\"src\": ..., \"dst\": ...} object per "
+                                 "line")
             else:
                 words = text.split()
                 if len(words) != 2:
@@ -108,13 +121,7 @@ def read_jobs(args) -> list[dict]:
 
 
 def _common_options(args) -> dict:
-    from .cli import CliError, _output_options, parse_size as parse_arg
-
-    def parse_size(text: str) -> int:
-        try:
-            return parse_arg(text)
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(str(exc)) from None
+    from .cli import CliError, _output_options, sparse_size
 
     options = {}
     if args.output_format != "raw":
@@ -130,7 +137,10 @@ def _common_options(args) -> dict:
             args.output_format != "qcow2":
         raise ValueError("-c and compression_type need -O qcow2")
     if args.sparse_size is not None:
-        options["sparse_size"] = parse_size(args.sparse_size)
+        try:
+            options["sparse_size"] = sparse_size(args.sparse_size)      # convert's -S rules
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"-S {args.sparse_size}: {exc}") from None
     if args.allow_backing_dir:
         options["backing_dirs"] = list(args.allow_backing_dir)
     return options

@@ -470,6 +470,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     max_output_size : int or None
         Stop (OutputError, nothing published) once a file output occupies more than this many
         bytes; checked per conversion unit.
+    unit_size : int
+        Guest bytes per unit of work handed to a thread (rounded down to whole clusters of
+        every layer); a tuning knob, the default suits every image measured.
     target_is_zero : bool
         The in-place target already reads as zeros: its holes are not zeroed (qemu-img
         --target-is-zero).
@@ -529,8 +532,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             if max_stream_size is not None and vsize > max_stream_size:
                 raise OutputError(f"refusing to stream {vsize} bytes (virtual size "
                                   f"of {getattr(image, 'filename', src)}) over the limit of "
-                                  f"{max_stream_size}; raise max_stream_size (--max-stream-size) "
-                                  "to allow it")
+                                  f"{max_stream_size}; raise max_stream_size (None: no limit; "
+                                  "on the command line --max-stream-size, 0: no limit) to allow "
+                                  "it")
             if isinstance(stream, str):
                 try:
                     out = open(stream, "wb", buffering=0)

@@ -15,6 +15,12 @@ import os
 import uuid
 from functools import partial
 
+try:
+    import distributed  # noqa: F401 - imported here only to name the missing extra
+except ImportError as exc:
+    raise ImportError("qcowfast.dask needs Dask's `distributed` package: "
+                      "pip install 'qcowfast[dask]'", name=exc.name) from exc
+
 from . import fleet
 
 KEY_PREFIX = "qcowfast-convert"

@@ -31,6 +31,10 @@ from .locks import check_not_locked, hold_read_locks
 from .paths import OpenedFile, directories, open_file, resolve_reference
 from .probe import detect_format
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:                           # (typing costs start-up; type checkers only)
+    from typing import Self
+
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024      # L2 slice cache budget per image (QEMU's maximum)
 COMPRESSED_CACHE_CLUSTERS = 16              # recently inflated clusters kept for small reads
 L2_SLICE_BYTES = 64 * 1024                  # L2 tables are read and cached in slices of this size
@@ -270,7 +274,7 @@ class _Layer:
                 return
             yield item
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self._check_open()
         return self
 
@@ -1255,7 +1259,7 @@ def open(path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
         The image file.
     backing : None, False, path or Image
         None follows the backing file named in the image (under the path policy); False ignores

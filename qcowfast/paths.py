@@ -200,8 +200,9 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
         if not any(_inside(real, d) for d in trusted):
             reason = ("is outside the image's directory" if os.path.isabs(name)
                       else "resolves outside the image's directory")
-            raise UnsafePathError(f"{what} {name!r} named in {image_path} {reason} ({real}); "
-                                  f"qcowfast does not follow it by default; {hint}")
+            raise UnsafePathError(f"{what} {name!r} named in {image_path} {reason} "
+                                  f"{trusted[0]} (it is {real}); qcowfast does not follow it "
+                                  f"by default; {hint}")
 
     try:
         opened = open_file(path, what, owner=image_path, block_devices=False)

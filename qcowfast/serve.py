@@ -556,7 +556,8 @@ def _clear_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket (remove it, or choose "
+                              "another socket path)", path)
     probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -195,3 +195,15 @@ def test_conflicting_jobs_are_refused_as_values(client, images, tmp_path):
     assert isinstance(results[3], qcowfast.ConvertResult)
     assert_same_bytes(out.read_bytes(), reference_raw(a), "the first writer's output")
     assert not (tmp_path / "next.raw").exists()
+
+
+def test_missing_extra_is_named():
+    """Without `distributed`, importing qcowfast.dask names the extra to install."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['distributed'] = None\n"
+            "try:\n    import qcowfast.dask\n"
+            "except ImportError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "pip install 'qcowfast[dask]'" in proc.stdout, proc

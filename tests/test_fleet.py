@@ -231,6 +231,16 @@ def test_cli_usage_errors(tmp_path):
     bad.write_text("only-one-word\n")
     r = run_cli("convert-many", "--jobs", bad)
     assert r.returncode == 1 and ":1:" in r.stderr
+    # one line naming what to mend, before any job (they used to fail one by one, or show a
+    # bare OS error, or ask for 'SRC DST')
+    bad.write_text('[{"src": "a.qcow2", "dst": "b.raw"}]\n')
+    for argv, words in ((["--jobs", bad], "JSON lines"),
+                        (["--jobs", tmp_path / "nope"], "cannot read the job file"),
+                        (["--target-dir", tmp_path / "nodir", bad], "no such directory"),
+                        (["--target-dir", bad, bad], "not a directory")):
+        r = run_cli("convert-many", *argv)
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def _image_with_data(path: Path, size_mib: int, data_mib: int) -> Path:
@@ -660,8 +670,8 @@ def test_deep_chain_walk_leaks_no_descriptor(tmp_path):
 
 
 def test_cli_output_options_follow_convert(images, tmp_path):
-    """convert-many's -o is convert's: repeated, QEMU's option-list rules, nocow; a bad list
-    fails before any job in one line."""
+    """convert-many's -o and -S are convert's: repeated -o, QEMU's option-list rules, nocow,
+    -S multiples of 512 up to 16M; a bad value fails before any job, in one line."""
     src = images.get(GOOD[0]).path
     out = tmp_path / "out"
     out.mkdir()
@@ -674,7 +684,7 @@ def test_cli_output_options_follow_convert(images, tmp_path):
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     qemu_img("compare", "-q", src, dst)
     for argv in (["-o", "cluster_size=4k,", "-O", "qcow2"], ["-o", "nocow=maybe"],
-                 ["-o", "cluster_size=4k"]):
+                 ["-o", "cluster_size=4k"], ["-S", "100"], ["-S", "32M"]):
         r = run_cli("convert-many", *argv, "--target-dir", tmp_path / "none", src)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.splitlines()) == 1, r.stderr

@@ -82,6 +82,7 @@ def test_sdist_installs_and_converts(tmp_path, wheelhouse):
         stem = Path(pyx).stem
         assert [f for f in shipped if Path(f).name.startswith(stem + ".") and
                 f.endswith(".so")], (stem, shipped)
+        assert f"qcowfast/{stem}.pyi" in shipped, (stem, shipped)      # typed (py.typed)
     assert "LICENSE" in " ".join(files)
 
     out = tmp_path / "sample.raw"
@@ -89,3 +90,20 @@ def test_sdist_installs_and_converts(tmp_path, wheelhouse):
     assert version.stdout.startswith("qcowfast ")
     _run([venv / "bin" / "qcowfast", "convert", "-q", SAMPLE, out], env=env, cwd=tmp_path)
     assert_same_bytes(out.read_bytes(), reference_raw(SAMPLE), "sample via the sdist install")
+
+
+def test_every_public_name_is_typed():
+    """`qcowfast.X` is imported lazily (PEP 562), which type checkers see as Any: every public
+    name is also imported under TYPE_CHECKING, from the module that defines it."""
+    import ast
+    import qcowfast
+    tree = ast.parse((REPO / "qcowfast" / "__init__.py").read_text())
+    typed = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                typed.update((alias.name, imp.module) for alias in imp.names)
+    assert typed == qcowfast._LAZY
+    assert set(qcowfast.__all__) == set(qcowfast._LAZY)
+    for name in qcowfast.__all__:
+        assert getattr(qcowfast, name) is not None
