@@ -361,18 +361,20 @@ class Connection:
 
     def _finish(self) -> None:
         # Requests already admitted are still answered (unless the connection was aborted).
-        with self._qlock:
-            self._ending = True
-            self._work.notify_all()
-        for worker in self._workers:
-            worker.join()
-        self._closed = True
-        with self._qlock:
-            self._count_in_share(False)           # requests left behind by an abort
         try:
-            self.sock.close()
-        except OSError:
-            pass
+            with self._qlock:
+                self._ending = True
+                self._work.notify_all()
+            for worker in self._workers:          # (only workers that started are listed)
+                worker.join()
+            self._closed = True
+            with self._qlock:
+                self._count_in_share(False)       # requests left behind by an abort
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     # -- socket I/O ------------------------------------------------------------------------------
     # The socket is non-blocking and every wait is a poll() with its own deadline: the reader
@@ -616,8 +618,15 @@ class Connection:
         for i in range(max(1, lim.workers)):
             worker = threading.Thread(target=self._worker, daemon=True,
                                       name=f"nbd-worker-{self.peer}-{i}")
+            try:
+                worker.start()
+            except RuntimeError as exc:           # no memory or threads left for one more
+                if not self._workers:
+                    raise Disconnect(f"cannot start a worker thread: {exc}") from None
+                log.warning("%s: serving with %d worker threads: %s", self.peer,
+                            len(self._workers), exc)
+                break
             self._workers.append(worker)
-            worker.start()
         rbuf = self._rbuf
         size = self.export.size
         read_flags = ~(NBD_CMD_FLAG_DF if self.structured else 0)
@@ -857,7 +866,15 @@ class Connection:
 
     def _do_reads(self, batch: list, total: int) -> None:
         first = batch[0][1]
-        view = self._buffer(total)
+        try:
+            view = self._buffer(total)
+        except (MemoryError, OSError) as exc:     # (mmap: OSError ENOMEM)
+            log.warning("%s: no memory for a read of %d bytes at %d: %s", self.peer, total,
+                        first, exc)
+            for handle, offset, length, _ in batch:
+                self._reply_error(handle, NBD_ENOMEM, f"read of {length} bytes at offset "
+                                                      f"{offset}: out of memory")
+            return
         try:
             if self._plan is None:
                 self.export.read_into(first, view)
@@ -865,6 +882,12 @@ class Connection:
             else:
                 plan = self._plan(first, view)
         except Exception as exc:
+            if len(batch) > 1:
+                # One bad cluster must not fail its neighbours: each read again on its own.
+                del view
+                for req in batch:
+                    self._do_reads([req], req[2])
+                return
             log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
             for handle, offset, length, _ in batch:
                 self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "

@@ -17,6 +17,7 @@ and per worker thread a read buffer of at most 4 MiB plus the image's inflate sc
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import shutil
@@ -36,6 +37,7 @@ from .image import RawImage, _cores, _pread_exact
 from .mapping import _raw_pieces
 from .paths import directories
 
+log = logging.getLogger("qcowfast.serve")
 DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
 SEND_BUFFER = 4 * 1024 * 1024          # SO_SNDBUF asked for each connection
@@ -431,7 +433,8 @@ class NBDServer:
         if accept is not None and accept is not threading.current_thread():
             accept.join(timeout)
         with self._lock:
-            conns = [(c, t) for c, t in self._conns.items() if t is not threading.current_thread()]
+            conns = [(c, t) for c, t in self._conns.items()
+                     if t is not threading.current_thread() and t.ident is not None]
         for conn, _ in conns:
             conn.shutdown()                   # replies in flight are still sent
         deadline = time.monotonic() + timeout
@@ -516,8 +519,15 @@ class NBDServer:
                 if self._stopped:
                     sock.close()
                     return
-                self._conns[conn] = thread
-            thread.start()
+                self._conns[conn] = thread      # before start: the thread removes it
+            try:
+                thread.start()
+            except RuntimeError as exc:         # no memory or threads left: as EMFILE
+                log.warning("%s: cannot start a connection thread: %s", conn.peer, exc)
+                with self._lock:
+                    self._conns.pop(conn, None)
+                sock.close()
+                self._done.wait(0.1)
 
     def _serve_connection(self, conn: nbd.Connection) -> None:
         try:

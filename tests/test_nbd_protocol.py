@@ -1194,3 +1194,147 @@ def test_core_share_divides_the_cores_among_busy_connections(pair_client):
     assert clients[1].chunk()[2] == 1
     _until(lambda: share._active == 0, "both idle")
     _reads(clients[0], {h: (h * 70_000, 65536) for h in range(8)})   # and they still serve
+
+
+# -- resources running out, and one bad cluster among good ones (red team of the server) ----
+
+
+def _with_reserved_bit(src, dst, cluster: int) -> None:
+    """Copy `src` to `dst` and set a reserved bit (bit 1) in the L2 entry of guest `cluster`
+    (QCOW2 spec: bits 1-8 of a standard L2 entry are reserved; qcowfast refuses them)."""
+    import shutil
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        header = f.read(48)
+        l1_offset = struct.unpack_from(">Q", header, 40)[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_offset + 8 * cluster)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        assert entry & 0x00FFFFFFFFFFFE00, "the cluster must hold data"
+        f.seek(l2_offset + 8 * cluster)
+        f.write(struct.pack(">Q", entry | 2))
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_a_bad_cluster_fails_only_its_own_pipelined_reads(tmp_path, structured):
+    """64 pipelined 64 KiB reads (filled in batches) over an image whose cluster 49 has a
+    reserved L2 bit: that read is EIO, the 63 others return their bytes (a batch failed all
+    its 32 reads)."""
+    good = tmp_path / "good.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", good, 4 * MIB)
+    qemu_io(good, "write -P 0x6c 0 4M")
+    want = reference_raw(good)
+    bad = tmp_path / "bad.qcow2"
+    _with_reserved_bit(good, bad, 49)
+    with NBDServer(bad, socket=tmp_path / "s.sock", persistent=True, limits=LIMITS) as srv:
+        c = Client(srv.address).greet()
+        c.go(structured=structured, meta=False)
+        for i in range(64):
+            c.request(nbd.NBD_CMD_READ, handle=i, offset=i * CLUSTER, length=CLUSTER)
+        errors = {}
+        for _ in range(64):
+            if structured:
+                flags, rtype, handle, payload = c.chunk()
+                assert flags & nbd.NBD_REPLY_FLAG_DONE
+                if rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                    errors[handle] = struct.unpack_from(">I", payload)[0]
+                    continue
+                assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA, rtype
+                data = payload[8:]
+            else:
+                magic, error, handle = struct.unpack(">IIQ", c.recv(16))
+                if error:
+                    errors[handle] = error
+                    continue
+                data = c.recv(CLUSTER)
+            assert_same_bytes(data, want[handle * CLUSTER:(handle + 1) * CLUSTER],
+                              "pipelined read", handle * CLUSTER)
+        assert errors == {49: nbd.NBD_EIO}
+        c.close()
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_no_memory_for_a_read_buffer_is_an_enomem_reply(tmp_path, monkeypatch, structured):
+    """A read whose buffer cannot be mapped (mmap's ENOMEM, for reads over the 4 MiB batch
+    buffer) gets NBD_ENOMEM; the connection and its other reads go on (it was dropped,
+    failing every read in flight)."""
+    import errno
+    import mmap as real_mmap
+
+    class NoMemory:
+        @staticmethod
+        def mmap(*args, **kw):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, 8 * MIB)
+    qemu_io(path, "write -P 0x41 0 3M", "write -c -P 0x42 5M 128k")
+    want = reference_raw(path)
+    limits = nbd.Limits(max_request=8 * MIB, workers=2)
+    with NBDServer(path, socket=tmp_path / "s.sock", persistent=True, limits=limits) as srv:
+        c = Client(srv.address).greet()
+        c.go(structured=structured, meta=False)
+        monkeypatch.setattr(nbd, "mmap", NoMemory)
+        error, _ = c.read(0, 6 * MIB)
+        assert error == nbd.NBD_ENOMEM
+        error, data = c.read(MIB, MIB)              # fits the batch buffer: served
+        assert error == 0 and data == want[MIB:2 * MIB]
+        monkeypatch.setattr(nbd, "mmap", real_mmap)
+        error, data = c.read(0, 6 * MIB)
+        assert error == 0
+        assert_same_bytes(data, want[:6 * MIB], "read after the memory came back")
+        c.close()
+
+
+@pytest.mark.parametrize("fail", ["all workers", "second worker", "connection thread"])
+def test_threads_that_cannot_start(proto_image, tmp_path, want, monkeypatch, fail):
+    """Threads refused by the system (RuntimeError from start(), as under a memory limit):
+    no worker at all closes that connection at once (its client hung after NBD_OPT_GO); one
+    worker serves; a connection thread that cannot start drops that client, and the server
+    goes on accepting (its accept loop died) and stops cleanly, socket removed."""
+    real_start = threading.Thread.start
+    refused = []
+
+    def start(thread):
+        name = thread.name
+        if ((fail == "all workers" and name.startswith("nbd-worker-"))
+                or (fail == "second worker" and name.startswith("nbd-worker-")
+                    and name.endswith("-1"))
+                or (fail == "connection thread" and not refused
+                    and name.startswith("nbd-") and not name.startswith("nbd-worker-")
+                    and name != "nbd-accept")):
+            refused.append(name)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    sock_path = tmp_path / "s.sock"
+    srv = NBDServer(proto_image, socket=sock_path, persistent=True, limits=LIMITS)
+    srv.start()
+    try:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        c = Client(srv.address)
+        if fail == "connection thread":
+            assert c.closed(timeout=5)
+        else:
+            c.greet().go(meta=False)
+            if fail == "all workers":
+                import contextlib
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    c.request(nbd.NBD_CMD_READ, handle=1, offset=0, length=4096)
+                assert c.closed(timeout=5)
+            else:
+                error, data = c.read(0, SIZE // 2)
+                assert error == 0 and data == want[:SIZE // 2]
+        c.close()
+        assert refused
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        c = Client(srv.address).greet()
+        c.go(meta=False)
+        error, data = c.read(0, 4096)
+        assert error == 0 and data == want[:4096]
+        c.close()
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        srv.stop()
+    assert not sock_path.exists()
