@@ -806,7 +806,9 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         result = CheckResult(filename=name)
         result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
         try:
-            checker = _Checker(fd, header, st.st_size, result, progress)
+            # The file's size as the check starts (qemu: bdrv_getlength in
+            # qcow2_check_refcounts), not as it was opened: under -U a writer may have grown it.
+            checker = _Checker(fd, header, os.fstat(fd).st_size, result, progress)
             checker.run(StoredRefcounts(fd, header))
         except MemoryError:
             raise AllocationFailed(f"{name}: not enough memory to check the image") from None

@@ -281,13 +281,28 @@ def _add_force_share_option(p: argparse.ArgumentParser) -> None:
 
 def _check_format(args) -> int:
     """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
+    if args.format == "raw":
+        # qemu-img opens the file first (a missing file or a directory: 1), then answers for
+        # the format, before anything about -r.
+        try:
+            fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd).st_mode
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
+            return 1
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            print(f"qcowfast: Could not open '{args.image}': 'file' driver requires "
+                  f"'{args.image}' to be a regular file", file=sys.stderr)
+            return 1
+        print("qcowfast: This image format does not support checks", file=sys.stderr)
+        return 63
     if args.repair is not None:
         print(f"qcowfast: check -r {args.repair}: qcowfast does not repair images (it never "
               "writes to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
-    if args.format == "raw":
-        print("qcowfast: This image format does not support checks", file=sys.stderr)
-        return 63
     if args.format == "qcow2":
         from .constants import QCOW_MAGIC
         try:
@@ -564,7 +579,9 @@ def cmd_map(args) -> int:
                      force_share=args.force_share) as image:
         if args.lookup is not None:
             if not isinstance(image, Image):
-                raise ValueError(f"--lookup: {args.image} is not a QCOW2 image")
+                raise ValueError(f"--lookup: {args.image} is read as raw (" + (
+                    "-f raw" if args.format == "raw" else "not a QCOW2 image") +
+                    "); it describes QCOW2 tables")
             from .lookup import describe
             sys.stdout.write(describe(image, args.lookup))
             return 0

@@ -782,6 +782,18 @@ def test_magic_without_a_qcow2_header_is_probed_like_qemu(tmp_path):
                                       .encode()), ours.stderr
 
 
+def test_raw_format_opens_the_file_before_answering(tmp_path):
+    """check -f raw: qemu-img opens the file first (missing file, directory: 1), then says raw
+    has no check (63), before it looks at -r (it exited 63 for a missing file, 1 for -r)."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(4096))
+    for args, status in (([], 63), (["-r", "leaks"], 63), (["-r", "all"], 63)):
+        for path, want in ((raw, status), (tmp_path / "missing.raw", 1), (tmp_path, 1)):
+            ours, theirs = _both_check(path, "-f", "raw", *args)
+            assert ours.returncode == theirs.returncode == want, (path, args, ours.stderr)
+            assert len(ours.stderr.splitlines()) == 1
+
+
 def test_json_escapes_names_like_qemu(tmp_path):
     """Upper-case \\u escapes, and U+FFFD for a byte that is not UTF-8."""
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "é.qcow2", "1M")
@@ -830,3 +842,28 @@ def test_two_bitmaps_of_one_name(tmp_path, in_use):
         assert b"Bitmap already exists: b1" in ours.stderr
         assert cli("info", img).returncode == 1 == subprocess.run(
             [QEMU_IMG, "info", img], capture_output=True).returncode
+
+
+def test_a_file_grown_while_opening_is_checked_at_its_new_size(tmp_path, monkeypatch):
+    """Under -U a writer may grow the image between the open and the check: the check uses
+    the file's size as it starts, as qemu-img does (bdrv_getlength in
+    qcow2_check_refcounts), not the size at open, which made new tables and data clusters
+    "past the end of the file" (false corruptions, exit 2)."""
+    import importlib
+    check_module = importlib.import_module("qcowfast.check")
+    img = tmp_path / "grow.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "16M")
+    qemu_io(img, "write -P 0x11 0 64k")
+    real_open_chain = check_module._open_chain
+
+    def open_chain_then_grow(*args, **kw):
+        out = real_open_chain(*args, **kw)
+        qemu_io(img, "write -P 0x22 8M 1M")      # a new L2 table and 16 data clusters
+        return out
+
+    monkeypatch.setattr(check_module, "_open_chain", open_chain_then_grow)
+    size_before = img.stat().st_size
+    result = qcowfast.check(img, force_share=True)
+    assert img.stat().st_size > size_before
+    assert result.corruptions == 0 and result.leaks == 0, result.messages
+    assert qemu_img("check", img).returncode == 0

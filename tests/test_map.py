@@ -113,6 +113,19 @@ def test_lookup_takes_hex_and_suffixed_sizes(tmp_path, spelling, offset):
     assert f"host offset {host:#x}" in proc.stdout
 
 
+def test_lookup_of_an_image_read_as_raw_says_why(tmp_path):
+    """--lookup describes QCOW2 tables: on a qcow2 read with -f raw it names -f raw (it said
+    the file was no QCOW2 image), on a raw file that it is none; one line, exit 1."""
+    path = tmp_path / "l.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    raw = tmp_path / "r.img"
+    raw.write_bytes(bytes(4096))
+    for argv, words in ((["-f", "raw", path], "-f raw"), ([raw], "not a QCOW2 image")):
+        proc = run_cli("map", "--lookup", "0", *argv)
+        assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+
+
 def test_empty_image_map(tmp_path):
     """A zero-sized image: qemu-img prints one empty entry (JSON) and only the header."""
     path = tmp_path / "empty.qcow2"
