@@ -10,13 +10,17 @@ convert then redoes the job on its general path, which raises the usual error.
 """
 from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
-from libc.errno cimport EFAULT, EINTR, EIO, errno
+from libc.errno cimport EFAULT, EINTR, EIO, ENXIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, mmap, munmap
 from posix.stat cimport fstat, struct_stat
-from posix.unistd cimport _SC_PAGESIZE, pread, pwrite, sysconf
+from posix.unistd cimport _SC_PAGESIZE, lseek, pread, pwrite, sysconf
+
+cdef extern from "<unistd.h>" nogil:
+    enum: SEEK_DATA
+    enum: SEEK_HOLE
 
 include "_classify.pxi"
 
@@ -200,7 +204,7 @@ cdef int resolve(Layer *layers, int nl, int d, int64_t start, int64_t n,
     if L.raw:
         m = min(n, L.data_size - start)
         if m > 0:
-            return add_piece(out, start, m, L.data_fd, start, d)
+            return raw_data(L, d, start, m, out)
         return R_OK
     while pos < end:
         if out.first_only and out.n:
@@ -217,6 +221,39 @@ cdef int resolve(Layer *layers, int nl, int d, int64_t start, int64_t n,
         if rc != R_OK:
             return rc
         pos = cend
+    return R_OK
+
+
+cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexcept nogil:
+    """The data pieces of raw layer L in [start, start + n): what SEEK_DATA/SEEK_HOLE report
+    as data (holes read as zeros, as file-posix's block status says: they are never read,
+    nor mapped, which on tmpfs would allocate them); all of it where the file system
+    cannot tell. pread/pwrite users only: lseek moves the descriptor's shared offset."""
+    cdef int64_t pos = start, end = start + n, data, hole
+    cdef int rc
+    cdef struct_stat st
+    while pos < end:
+        if out.first_only and out.n:
+            return R_OK
+        data = lseek(L.data_fd, pos, SEEK_DATA)
+        if data < 0:
+            if errno == ENXIO:
+                # Only a hole from pos to the end of the file, unless the file was cut below
+                # the size it had when opened: the general path reports that.
+                if fstat(L.data_fd, &st) != 0 or st.st_size < end:
+                    return R_FALLBACK
+                return R_OK
+            data, hole = pos, end               # no hole reporting: data everywhere
+        elif data >= end:
+            return R_OK
+        else:
+            hole = lseek(L.data_fd, data, SEEK_HOLE)
+            if hole < 0 or hole > end:
+                hole = end
+        rc = add_piece(out, data, hole - data, L.data_fd, data, d)
+        if rc != R_OK:
+            return rc
+        pos = hole
     return R_OK
 
 
