@@ -8,13 +8,10 @@ stops, corrupts or hides the others. Results come back in job order, as values: 
 from __future__ import annotations
 
 import errno
-import fcntl
-import glob
 import inspect
 import os
 import resource
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -22,10 +19,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from .arguments import boolean, integer
 from .errors import QcowError
 
-from .output import LOCKED_AT_BIRTH, TMP_SUFFIX as TEMP_SUFFIX   # .<name>.<random><suffix>
+from .output import sweep_stale_temps
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
 MAX_WORKERS = 64
-FRESH_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -177,40 +173,6 @@ def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> N
                              f"convert takes {', '.join(sorted(known))}")
 
 
-def sweep_stale_temps(dst: str) -> list[str]:
-    """Remove temporary outputs a killed run left beside `dst`; return the removed paths.
-
-    A conversion holds an exclusive flock on its temporary file while it writes, so a file that
-    can be locked is no one's: it was left by a process that died.
-    """
-    candidates = {}
-    for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
-        prefix = f".{os.path.basename(name)}."
-        pattern = os.path.join(glob.escape(os.path.dirname(name)),
-                               f"{glob.escape(prefix)}*{TEMP_SUFFIX}")
-        for path in glob.glob(pattern):
-            candidates[path] = os.path.basename(path)[len(prefix):].startswith(LOCKED_AT_BIRTH)
-    removed = []
-    for path, born_locked in sorted(candidates.items()):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # A file that got its name already locked (output.py: O_TMPFILE, flock, link) is
-            # no one's as soon as it can be locked. Others were named first and locked after:
-            # leave those younger than that gap.
-            if born_locked or time.time() - os.fstat(fd).st_mtime >= FRESH_SECONDS:
-                os.unlink(path)
-                removed.append(path)
-        except OSError:
-            pass                      # held by a live conversion, or already gone
-        finally:
-            os.close(fd)
-    return removed
-
-
 def max_workers() -> int:
     """Job slots the file-descriptor limit allows (MAX_WORKERS at most)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -284,7 +246,7 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
             overwrite: bool = False, progress=None):
     """Run one job; return its ConvertResult or Skipped, raise what convert raised."""
     from .convert import convert
-    sweep_stale_temps(job.dst)
+    sweep_stale_temps(job.dst)              # (convert does too; skipped or failing jobs not)
     if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
         # convert publishes only complete outputs (rename on success), so an existing regular
         # file at dst is a finished earlier run. Not so for in-place jobs (existing=True): a

@@ -21,6 +21,7 @@ import os
 import stat
 import struct
 import sys
+import time
 
 from .errors import OutputError, QcowError
 from .locks import hold_destination
@@ -33,6 +34,8 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _BLKZEROOUT = 0x127F                   # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_CHUNK = 1 << 20
+FRESH_SECONDS = 2.0                     # a temporary file named before it was locked is left
+                                        # alone this long (see sweep_stale_temps)
 # linux/fs.h: FS_IOC_GETFLAGS/SETFLAGS (_IOR/_IOW('f', 1/2, long)) and the btrfs NOCOW flag
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_NOCOW_FL = 0x80086601, 0x40086602, 0x00800000
 _libc = None
@@ -117,6 +120,44 @@ def set_nocow(fd: int) -> bool:
     except OSError:
         return False
     return bool(int.from_bytes(flags, sys.byteorder) & _FS_NOCOW_FL)
+
+
+def sweep_stale_temps(dst: str) -> list[str]:
+    """Remove temporary outputs a killed run left beside `dst`; return the removed paths.
+
+    A conversion holds an exclusive flock on its temporary file while it writes, so a file that
+    can be locked is no one's: it was left by a process that died.
+    """
+    candidates = {}
+    for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
+        directory, prefix = os.path.dirname(name), f".{os.path.basename(name)}."
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for entry in names:
+            if entry.startswith(prefix) and entry.endswith(TMP_SUFFIX):
+                candidates[os.path.join(directory, entry)] = \
+                    entry[len(prefix):].startswith(LOCKED_AT_BIRTH)
+    removed = []
+    for path, born_locked in sorted(candidates.items()):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A file that got its name already locked (_locked_temp: O_TMPFILE, flock, link) is
+            # no one's as soon as it can be locked. Others were named first and locked after:
+            # leave those younger than that gap.
+            if born_locked or time.time() - os.fstat(fd).st_mtime >= FRESH_SECONDS:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass                      # held by a live conversion, or already gone
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _umask() -> int:
@@ -383,6 +424,7 @@ class FileOutput:
 
     def _open_temp(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
+        sweep_stale_temps(self.path)        # what a killed conversion to it left behind
         # The flock is held until the file is published or removed: a temporary file nobody
         # holds was left by a killed run (fleet.sweep_stale_temps removes those).
         try:

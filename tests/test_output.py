@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -564,3 +565,29 @@ def test_nocow_as_qemu_img_sets_it(src, tmp_path, fmt):
     with pytest.raises(ValueError, match="nocow"):
         convert(src, tmp_path / "x", nocow="on")
     assert _leftovers(tmp_path) == []
+
+
+def test_a_killed_conversions_temporary_file_is_removed_by_the_next(src, tmp_path):
+    """A conversion killed by a signal it cannot catch (SIGKILL; SIGQUIT and SIGUSR2 end the
+    process as uncaught) leaves its hidden temporary file; the next conversion to the same
+    destination removes it (a live one's, locked, stays)."""
+    dst = tmp_path / "out.qcow2"
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        for i in range(64):
+            f.write(os.urandom(1024) * 1024)       # 64 MiB that compress slowly
+    proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "convert", "-q", "-c", "-O",
+                             "qcow2", "-m", "1", big, dst])
+    try:
+        deadline = time.monotonic() + 60
+        while not _leftovers(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _leftovers(tmp_path), "the conversion never created its temporary file"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = _leftovers(tmp_path)
+    assert left and not dst.exists()
+    convert(src, dst, format="qcow2")
+    assert _leftovers(tmp_path) == []
+    qemu_img("compare", "-q", src, dst)
