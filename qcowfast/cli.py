@@ -23,8 +23,6 @@ _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 
              "e": 1 << 60}
 # qemu_strtosz(): leading blanks and '+' allowed, nothing after the suffix (not even blanks).
 _SIZE = re.compile(r"\s*\+?(?:0x([0-9a-f]+)|([0-9]+)(?:\.([0-9]*))?)([bkmgtpe]?)", re.IGNORECASE)
-# qemu-img convert -S: MAX_BUF_SECTORS (32768) sectors of 512 bytes.
-MAX_SPARSE_SIZE = 16 << 20
 MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COROUTINES
 CACHE_MODES = ("none", "off", "writeback", "writethrough", "unsafe", "directsync")
 OUTPUT_FORMATS = ("raw", "qcow2")
@@ -51,6 +49,7 @@ def parse_size(text: str) -> int:
 
 def sparse_size(text: str) -> int:
     """-S: a multiple of 512 bytes up to 16 MiB (0: fully allocated output), as qemu-img wants."""
+    from .constants import MAX_SPARSE_SIZE     # (here: --version and info start without it)
     try:
         value = parse_size(text)
     except argparse.ArgumentTypeError:

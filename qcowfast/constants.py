@@ -16,6 +16,7 @@ BACKING_FORMAT_SIZE = 16                 # QEMU's BlockDriverState.backing_forma
 # (qemu-img create -F file names the latter).
 RAW_FORMATS = ("raw", "file")
 MAX_CHAIN_DEPTH = 64
+MAX_SPARSE_SIZE = 16 << 20               # qemu-img convert -S: MAX_BUF_SECTORS (32768) sectors
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00

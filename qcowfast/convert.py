@@ -29,7 +29,7 @@ from ._record import record
 from .arguments import boolean, integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
-from .constants import ExtentKind
+from .constants import MAX_SPARSE_SIZE, ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
@@ -454,8 +454,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     threads : int, optional
         Worker threads (default: all cores).
     sparse_size : int
-        Zero runs of this many bytes (aligned) are left as holes; 0 writes a fully allocated file
-        (qemu-img -S). QCOW2 output stores the clusters qemu-img would allocate.
+        Zero runs of this many bytes (aligned; a multiple of 512 up to 16 MiB) are left as
+        holes; 0 writes a fully allocated file (qemu-img -S). QCOW2 output stores the clusters
+        qemu-img would allocate.
     progress : callable(done_bytes, total_bytes), optional
         Called from the calling thread as guest space is finished.
     overwrite : bool
@@ -631,11 +632,11 @@ def _check_options(format, src_format, compression, level, cluster_size, sparse_
     if cluster_size & (cluster_size - 1):
         raise ValueError(f"cluster_size must be a power of two from 512 to 2 MiB, "
                          f"not {cluster_size!r}")
-    sparse_size = integer(sparse_size, "sparse_size", 0,
-                           what="a non-negative multiple of 512")
+    sparse_size = integer(sparse_size, "sparse_size", 0, MAX_SPARSE_SIZE,
+                           what="a multiple of 512 from 0 to 16 MiB (qemu-img -S)")
     if sparse_size % 512:
-        raise ValueError(f"sparse_size must be a non-negative multiple of 512, not "
-                         f"{sparse_size!r}")
+        raise ValueError(f"sparse_size must be a multiple of 512 from 0 to 16 MiB (qemu-img "
+                         f"-S), not {sparse_size!r}")
     max_output_size = integer(max_output_size, "max_output_size", 0, none=True,
                                what="a non-negative number of bytes")
     max_stream_size = integer(max_stream_size, "max_stream_size", 0, none=True,

@@ -525,7 +525,8 @@ def test_qcow2_dispatch(src, tmp_path):
     dict(format="vmdk"), dict(compression="zlib"), dict(format="qcow2", compression="lz4"),
     dict(format="qcow2", level=5), dict(format="qcow2", cluster_size=1000),
     dict(format="qcow2", cluster_size=256), dict(format="qcow2", cluster_size=4 * M),
-    dict(src_format="vmdk"), dict(sparse_size=100),
+    dict(src_format="vmdk"), dict(sparse_size=100), dict(sparse_size=32 * M),
+    dict(format="qcow2", sparse_size=10 ** 30),         # (an OverflowError in the kernel)
 ], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_invalid_options(src, tmp_path, kwargs):
     with pytest.raises(ValueError):
