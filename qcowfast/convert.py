@@ -31,7 +31,7 @@ from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import MAX_SPARSE_SIZE, ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
-from .image import Image, _pread_exact, open_source
+from .image import Image, _pread_exact, file_size_now, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
 
 # numpy and the table kernels load on first use: the _plain path never needs them.
@@ -306,7 +306,7 @@ class _Filler:
                 raise OSError(err, f"{where}: {os.strerror(err)}")
             raise TruncatedImage(f"{where}: {int(e[bad] - s[bad])} bytes at "
                                  f"{int(host[bad]):#x} run past the end of the file "
-                                 f"({layer.data_size} bytes)")
+                                 f"({file_size_now(layer.data_fd, layer.data_size)})")
 
     def fill_sparse(self, ui: int, runs, buf: np.ndarray, block: int):
         """Fill unit `ui` for sparse output: return (ulen, writes, maps).

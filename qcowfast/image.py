@@ -179,6 +179,16 @@ def _open_checked(source, what: str, force_share: bool, owner: str | None = None
     return opened
 
 
+def file_size_now(fd: int, file_size: int) -> str:
+    """The size of file `fd` for a message: also what it was when opened, if it changed."""
+    try:
+        now = os.fstat(fd).st_size
+    except OSError:
+        now = file_size
+    return (f"{file_size} bytes" if now == file_size else
+            f"{now} bytes now, {file_size} when opened: cut while being read")
+
+
 def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
     """Fill memoryview `buf` from `fd` at `offset`; a short read is a TruncatedImage."""
     want = len(buf)
@@ -186,11 +196,8 @@ def _pread_exact(fd: int, buf, offset: int, what: str, file_size: int) -> None:
     while got < want:
         n = os.preadv(fd, [buf[got:]], offset + got)
         if n <= 0:
-            now = os.fstat(fd).st_size
-            size = (f"{file_size} bytes" if now == file_size else
-                    f"{now} bytes now, {file_size} when opened: cut while being read")
             raise TruncatedImage(f"{what}: {want} bytes at {offset:#x} run past the end of the "
-                                 f"file ({size})")
+                                 f"file ({file_size_now(fd, file_size)})")
         got += n
 
 
@@ -1153,8 +1160,8 @@ class Image(_Layer):
         rc = dec.inflate_one(self.data_fd, coffset, n, out)     # one C call: pread, inflate
         if rc == -2:
             raise TruncatedImage(f"{self.filename}: compressed clusters: {n} bytes at "
-                                 f"{coffset:#x} run past the end of the file ({self.data_size} "
-                                 "bytes)")
+                                 f"{coffset:#x} run past the end of the file "
+                                 f"({file_size_now(self.data_fd, self.data_size)})")
         if rc:
             raise self._bad_stream(dec, coffset, csize, n, guest)
         data = memoryview(out).toreadonly()

@@ -115,4 +115,6 @@ def test_writer_source_shrinking_under_its_mapping(tmp_path, compression, at):
     run = _child(code, src, tmp_path / "out.qcow2")
     assert run.returncode == 0, run.stderr
     assert "past the end of the file" in run.stdout, run.stdout
+    # the file's size now, not only at open (which made the message contradict itself)
+    assert f"{at + 4096} bytes now, {12 * M} when opened" in run.stdout, run.stdout
     assert "mapped: True left: False" in run.stdout, run.stdout
