@@ -72,8 +72,10 @@ def _header(vsize, cluster_bits, ctype, l1_size, l1_offset, rt_offset, rt_cluste
                       l1_size, l1_offset, rt_offset, rt_clusters, 0, 0, incompat, 0, 0,
                       REFCOUNT_ORDER, HEADER_LENGTH)
     hdr += bytes([ctype]) + bytes(HEADER_LENGTH - len(hdr) - 1)
-    table = b"".join(struct.pack(">BB46s", t, b, name) for t, b, name in FEATURE_NAMES)
-    hdr += struct.pack(">II", 0x6803F857, len(table)) + table
+    if cluster_bits > 12:
+        # qemu-img 7.2 writes the feature-name table only with clusters over 4 KiB.
+        table = b"".join(struct.pack(">BB46s", t, b, name) for t, b, name in FEATURE_NAMES)
+        hdr += struct.pack(">II", 0x6803F857, len(table)) + table
     return hdr + bytes(8)                   # end of header extensions
 
 

@@ -293,18 +293,21 @@ def test_size_close_to_qemu_img(tmp_path):
         theirs.unlink()
 
 
-def test_header_like_qemu_img_create(tmp_path):
-    # Header fields and extensions as `qemu-img create` writes them (offsets aside).
+@pytest.mark.parametrize("cluster_size", [512, 4096, 8192, 65536])
+def test_header_like_qemu_img_create(tmp_path, cluster_size):
+    """Header fields and extensions as `qemu-img create` writes them (offsets aside): qemu-img
+    7.2 leaves the feature-name table out with clusters of 4 KiB or less."""
     for compression in (None, "zstd"):
         src = _raw(tmp_path, "one.raw", b"x" * 4096)
         out, ref = tmp_path / "o.qcow2", tmp_path / "r.qcow2"
-        write(src, out, compression=compression)
-        qemu_img("create", "-f", "qcow2", "-o", f"compression_type={compression or 'zlib'}", ref,
-                 4096)
+        write(src, out, compression=compression, cluster_size=cluster_size)
+        qemu_img("create", "-f", "qcow2", "-o", f"compression_type={compression or 'zlib'},"
+                 f"cluster_size={cluster_size}", ref, 4096)
         a, b = out.read_bytes()[:512], ref.read_bytes()[:512]
         for lo, hi in ((0, 20 + 4), (24, 36), (56, 64), (64, 100 + 4), (104, 512)):
             assert a[lo:hi] == b[lo:hi], (lo, hi)
         out.unlink()
+        ref.unlink()
 
 
 def test_refcount_max_starts_a_new_cluster():
