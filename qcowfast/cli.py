@@ -374,7 +374,8 @@ _FIXED_OPTIONS = {
               "refcount_bits": (("16",), "refcount width in bits (16)"),
               "extended_l2": (("off", "no", "false", "n"), "extended L2 entries (off)"),
               "preallocation": (("off",), "preallocation mode (off)"),
-              "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)")},
+              "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)"),
+              "encryption": (("off", "no", "false", "n"), "encryption (off)")},
     "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
 # -o keys of the output file itself, for every output format: (values meaning on, help).
@@ -382,7 +383,7 @@ _FILE_OPTIONS = {"nocow": (("on", "yes", "true", "y"),
                            "on|off - no copy-on-write file attribute, for btrfs (default off)")}
 # Boolean -o keys: QEMU checks every value given (a later one does not excuse a bad one).
 _BOOLEANS = ("on", "yes", "true", "y", "off", "no", "false", "n")
-_BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow")
+_BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow", "encryption")
 _SIZE_OPTIONS = ("cluster_size", "size")
 # qemu-img create keys qcowfast knows but does not write (refused by name, with what they do).
 _UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",

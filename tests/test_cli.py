@@ -585,8 +585,9 @@ PARITY = [
     # "key" is key=on, "nokey" key=off
     ["-O", "qcow2", "-o", "nocow=on"], ["-O", "raw", "-o", "nocow=on,nocow=off"],
     ["-O", "qcow2", "-o", "nolazy_refcounts,nonocow,noextended_l2"], ["-O", "raw", "-o", "nonocow"],
+    ["-O", "qcow2", "-o", "encryption=off"], ["-O", "qcow2", "-o", "noencryption"],
     # refused by both ("nocow" alone is "cow=off", an unknown key)
-    ["-O", "raw", "-o", "nocow"],
+    ["-O", "raw", "-o", "nocow"], ["-O", "qcow2", "-o", "encryption=bogus"],
     ["-O", "qcow2", "-o", "size"], ["-O", "qcow2", "-o", "nocow=maybe"],
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],
@@ -663,6 +664,7 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-o", "backing_file=base.qcow2", "-O", "qcow2"], "backing_file"),
     (["-o", "data_file=d.raw", "-O", "qcow2"], "data_file"),
     (["-o", "encrypt.format=luks", "-O", "qcow2"], "encrypt.format"),
+    (["-o", "encryption=on", "-O", "qcow2"], "encryption"),
     (["-o", ",cluster_size=4k", "-O", "qcow2"], "Invalid option list"),
 ])
 def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
