@@ -40,6 +40,8 @@ _tables = LazyModule("qcowfast._tables", __name__, "_tables")
 _fill = LazyModule("qcowfast._fill", __name__, "_fill")
 
 UNIT_SIZE = 8 * 1024 * 1024
+MAX_THREADS = 64                    # worker threads of one conversion, at most (each holds a
+                                    # unit buffer)
 _DIRECT_MIN = 256 * 1024                    # DATA runs this long are written from a mapping
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # copy_file_range() refuses: across file systems, on file systems without it, in old kernels.
@@ -452,13 +454,14 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     cluster_size : int
         QCOW2 output cluster size, a power of two from 512 to 2 MiB.
     threads : int, optional
-        Worker threads (default: all cores).
+        Worker threads (default: all cores; at most 64, which `ConvertResult.threads` reports).
     sparse_size : int
         Zero runs of this many bytes (aligned; a multiple of 512 up to 16 MiB) are left as
         holes; 0 writes a fully allocated file (qemu-img -S). QCOW2 output stores the clusters
         qemu-img would allocate.
     progress : callable(done_bytes, total_bytes), optional
-        Called from the calling thread as guest space is finished.
+        Called from the calling thread: (0, total) once the source is open, then as guest
+        space is finished (never going back, never twice with the same value).
     overwrite : bool
         Replace an existing regular file, or write onto a block device (never the source or a
         file of its chain).
@@ -515,7 +518,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         if not name or name.endswith("/"):
             raise OutputError(f"{name!r} names no file" if not name else
                               f"{name} names a directory, not a file")
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = min(threads or len(os.sched_getaffinity(0)), MAX_THREADS)
     with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
                      snapshot=snapshot, force_share=force_share) as image, \
             _ScratchReturned(image):
@@ -524,6 +527,8 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
         unit = max(unit_size - unit_size % largest, largest)
         vsize = image.virtual_size
+        if progress is not None:
+            progress = _Advancing(progress, vsize)
         stream = stream_target(dst)
         if stream is not None:
             name = _stream_name(dst, stream)
@@ -542,14 +547,20 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                 except OSError as exc:
                     raise OutputError(f"cannot open {name}: {exc.strerror}") from None
                 with out:
+                    if progress:
+                        progress.start()
                     written = _convert_stream(image, out, name, unit, threads, progress)
             else:
+                if progress:
+                    progress.start()
                 written = _convert_stream(image, stream, name, unit, threads, progress)
         else:
             if format == "raw" and not (sparse_size and not existing and not direct):
                 _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
                             direct=direct, nocow=nocow) as out:
+                if progress:
+                    progress.start()
                 try:
                     written = _convert_path(image, out, format, unit, threads, sparse_size,
                                             progress, compression=compression, level=level,
@@ -568,6 +579,23 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     written = int(written)
     return ConvertResult(vsize, written, max(vsize - written, 0), time.perf_counter() - t0,
                          threads)
+
+
+class _Advancing:
+    """The caller's progress callback as convert promises it: (0, total) first, then only
+    values that advance (units finish out of order; several paths report the end)."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.last = progress, total, 0
+
+    def start(self) -> None:
+        """Report (0, total): the output is open, the work begins."""
+        self.progress(0, self.total)
+
+    def __call__(self, done: int, total: int) -> None:
+        if done > self.last:
+            self.last = done
+            self.progress(done, total)
 
 
 class _ScratchReturned:

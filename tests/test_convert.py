@@ -104,7 +104,9 @@ class _Progress:
         assert {t for _, t in self.calls} == {total}, f"total changed: {set(self.calls)}"
         dones = [d for d, _ in self.calls]
         assert all(0 <= d <= total for d in dones), dones
-        assert all(a <= b for a, b in zip(dones, dones[1:])), f"done went backwards: {dones}"
+        # (0, total) first, then only advances: never back, never the same value twice
+        assert dones[0] == 0, dones
+        assert all(a < b for a, b in zip(dones, dones[1:])), f"done did not advance: {dones}"
         assert self.calls[-1] == (total, total)
         assert self.threads == {threading.get_ident()}, "progress called from a worker thread"
 
@@ -741,3 +743,33 @@ def test_ctrl_c_leaves_nothing(big_image, tmp_path):
     assert "Traceback" not in err
     assert not err.strip() or err.strip().splitlines()[-1].startswith("qcowfast: "), err
     assert os.listdir(out) == [], "interrupted conversion left files behind"
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_threads_are_capped_and_progress_advances(across_units, tmp_path, fmt):
+    """threads=10**6 runs (and reports) at most 64 workers, each of which holds a unit buffer
+    (it created one thread per unit in flight); progress starts at 0 and only advances on the
+    raw, the QCOW2 and the stream paths."""
+    want = reference_raw(across_units)
+    progress = _Progress()
+    out = tmp_path / f"out.{fmt}"
+    before = threading.active_count()
+    peak = [before]
+
+    def count(done, total):
+        peak[0] = max(peak[0], threading.active_count())
+
+    progress.on_call = count
+    result = qcowfast.convert(str(across_units), str(out), format=fmt, threads=10 ** 6,
+                              unit_size=256 * 1024, progress=progress)
+    assert result.threads == 64
+    assert peak[0] - before <= 64, peak
+    progress.check(len(want))
+    if fmt == "raw":
+        assert_same_bytes(out.read_bytes(), want, "threads=10**6")
+        stream, progress = io.BytesIO(), _Progress()
+        qcowfast.convert(str(across_units), stream, progress=progress)
+        progress.check(len(want))
+        assert_same_bytes(stream.getvalue(), want, "stream")
+    else:
+        qemu_img("compare", "-q", across_units, out)

@@ -19,6 +19,7 @@ import distributed
 from distributed.diagnostics.plugin import SchedulerPlugin
 from qcowfast import dask as qdask
 from qcowfast import fleet
+from qcowfast.output import TMP_SUFFIX
 
 IMAGES = ("c64k-v3-zlib", "c64k-v3-zstd", "c4k-chain3-short-base", "c512-v3-zlib")
 
@@ -60,7 +61,7 @@ def test_outputs_match_local_convert_and_errors_are_values(client, images, tmp_p
         qcowfast.convert(job["src"], mine)
         assert Path(job["dst"]).read_bytes() == mine.read_bytes()
         assert_same_bytes(mine.read_bytes(), reference_raw(job["src"]), str(job["src"]))
-    assert not [p for p in remote.iterdir() if p.name.endswith(fleet.TEMP_SUFFIX)]
+    assert not [p for p in remote.iterdir() if p.name.endswith(TMP_SUFFIX)]
 
 
 def test_task_keys_are_named_for_the_dashboard(client, images, tmp_path):
