@@ -202,6 +202,29 @@ class Client:
             if cflags & nbd.NBD_REPLY_FLAG_DONE:
                 return error, bytes(data)
 
+    def pipelined_reads(self, reads: dict) -> dict:
+        """Send the reads {handle: (offset, length)} at once; return {handle: (error, data)}
+        from their single-chunk replies, in whatever order they come."""
+        self.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
+                                               nbd.NBD_CMD_READ, h, off, n)
+                                   for h, (off, n) in reads.items()))
+        got = {}
+        for _ in range(len(reads)):
+            if self.structured:
+                flags, rtype, handle, payload = self.chunk()
+                assert flags & nbd.NBD_REPLY_FLAG_DONE
+                if rtype == nbd.NBD_REPLY_TYPE_ERROR:
+                    got[handle] = (struct.unpack_from(">I", payload)[0], b"")
+                    continue
+                assert rtype == (nbd.NBD_REPLY_TYPE_OFFSET_DATA if reads[handle][1] else
+                                 nbd.NBD_REPLY_TYPE_NONE), rtype
+                got[handle] = (0, payload[8:])
+            else:
+                error, handle, _ = self.simple_reply()
+                got[handle] = (error, b"" if error else self.recv(reads[handle][1]))
+        assert sorted(got) == sorted(reads)
+        return got
+
     def error_of(self, handle, read=False):
         """The error of a reply without data (simple, or structured when negotiated; reads
         must be answered structured then)."""
@@ -971,30 +994,12 @@ def test_file_cut_while_served_fails_only_the_reads_it_cut(chains, tmp_path, str
                  3: (g + 16 * 1024, 1),          # the first byte it lost
                  4: (g + 16 * 1024 + 1, 1000),
                  5: (g + 17 * 1024, 0)}          # empty: needs no bytes
-        c.sock.sendall(b"".join(struct.pack(">IHHQQI", nbd.NBD_REQUEST_MAGIC, 0,
-                                            nbd.NBD_CMD_READ, h, off, n)
-                                for h, (off, n) in reads.items()))
         got = {}
-        for _ in range(len(reads)):
-            if structured:
-                flags, rtype, handle, payload = c.chunk()
-                assert flags & nbd.NBD_REPLY_FLAG_DONE
-                if rtype == nbd.NBD_REPLY_TYPE_ERROR:
-                    got[handle] = struct.unpack_from(">I", payload)[0]
-                    continue
+        for handle, (error, data) in c.pipelined_reads(reads).items():
+            got[handle] = error
+            if not error:
                 off, n = reads[handle]
-                assert rtype == (nbd.NBD_REPLY_TYPE_OFFSET_DATA if n else
-                                 nbd.NBD_REPLY_TYPE_NONE)
-                data = payload[8:]
-            else:
-                error, handle, _ = c.simple_reply()
-                got[handle] = error
-                if error:
-                    continue
-                off, n = reads[handle]
-                data = c.recv(n)
-            got[handle] = 0
-            assert_same_bytes(data, want[off:off + n], "read beside the cut", off)
+                assert_same_bytes(data, want[off:off + n], "read beside the cut", off)
         assert got == {1: 0, 2: 0, 3: nbd.NBD_EIO, 4: nbd.NBD_EIO, 5: 0}
         error, data = c.read(0, 100 * 1024)
         assert error == 0 and data == want[:100 * 1024]
@@ -1230,26 +1235,12 @@ def test_a_bad_cluster_fails_only_its_own_pipelined_reads(tmp_path, structured):
     with NBDServer(bad, socket=tmp_path / "s.sock", persistent=True, limits=LIMITS) as srv:
         c = Client(srv.address).greet()
         c.go(structured=structured, meta=False)
-        for i in range(64):
-            c.request(nbd.NBD_CMD_READ, handle=i, offset=i * CLUSTER, length=CLUSTER)
-        errors = {}
-        for _ in range(64):
-            if structured:
-                flags, rtype, handle, payload = c.chunk()
-                assert flags & nbd.NBD_REPLY_FLAG_DONE
-                if rtype == nbd.NBD_REPLY_TYPE_ERROR:
-                    errors[handle] = struct.unpack_from(">I", payload)[0]
-                    continue
-                assert rtype == nbd.NBD_REPLY_TYPE_OFFSET_DATA, rtype
-                data = payload[8:]
-            else:
-                magic, error, handle = struct.unpack(">IIQ", c.recv(16))
-                if error:
-                    errors[handle] = error
-                    continue
-                data = c.recv(CLUSTER)
-            assert_same_bytes(data, want[handle * CLUSTER:(handle + 1) * CLUSTER],
-                              "pipelined read", handle * CLUSTER)
+        replies = c.pipelined_reads({i: (i * CLUSTER, CLUSTER) for i in range(64)})
+        errors = {h: error for h, (error, _) in replies.items() if error}
+        for handle, (error, data) in replies.items():
+            if not error:
+                assert_same_bytes(data, want[handle * CLUSTER:(handle + 1) * CLUSTER],
+                                  "pipelined read", handle * CLUSTER)
         assert errors == {49: nbd.NBD_EIO}
         c.close()
 
