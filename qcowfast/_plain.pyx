@@ -15,8 +15,8 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, mmap, munmap
-from posix.stat cimport fstat, struct_stat
-from posix.unistd cimport _SC_PAGESIZE, lseek, pread, pwrite, sysconf
+from posix.stat cimport S_ISBLK, fstat, struct_stat
+from posix.unistd cimport SEEK_END, _SC_PAGESIZE, lseek, pread, pwrite, sysconf
 
 cdef extern from "<unistd.h>" nogil:
     enum: SEEK_DATA
@@ -224,6 +224,16 @@ cdef int resolve(Layer *layers, int nl, int d, int64_t start, int64_t n,
     return R_OK
 
 
+cdef int64_t size_now(int fd) noexcept nogil:
+    """The size of `fd` now (a block device's st_size is 0), or -1."""
+    cdef struct_stat st
+    if fstat(fd, &st) != 0:
+        return -1
+    if S_ISBLK(st.st_mode):
+        return lseek(fd, 0, SEEK_END)       # (pread users only: the offset does not matter)
+    return st.st_size
+
+
 cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexcept nogil:
     """The data pieces of raw layer L in [start, start + n): what SEEK_DATA/SEEK_HOLE report
     as data (holes read as zeros, as file-posix's block status says: they are never read,
@@ -231,7 +241,6 @@ cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexce
     cannot tell. pread/pwrite users only: lseek moves the descriptor's shared offset."""
     cdef int64_t pos = start, end = start + n, data, hole
     cdef int rc
-    cdef struct_stat st
     while pos < end:
         if out.first_only and out.n:
             return R_OK
@@ -240,7 +249,7 @@ cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexce
             if errno == ENXIO:
                 # Only a hole from pos to the end of the file, unless the file was cut below
                 # the size it had when opened: the general path reports that.
-                if fstat(L.data_fd, &st) != 0 or st.st_size < end:
+                if size_now(L.data_fd) < end:
                     return R_FALLBACK
                 return R_OK
             data, hole = pos, end               # no hole reporting: data everywhere
@@ -600,9 +609,8 @@ cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *si
                    const uint8_t **data) noexcept nogil:
     """Map `length` bytes of `fd` at `host` read-only; R_FALLBACK when they lie past the end of
     the file as it is now (touching them would raise SIGBUS) or mmap fails."""
-    cdef struct_stat st
     cdef int64_t page = host - host % sysconf(_SC_PAGESIZE)
-    if fstat(fd, &st) != 0 or host + length > st.st_size:
+    if host + length > size_now(fd):
         return R_FALLBACK
     addr[0] = mmap(NULL, <size_t>(host + length - page), PROT_READ, MAP_SHARED | MAP_POPULATE,
                    fd, page)

@@ -278,8 +278,27 @@ def _add_force_share_option(p: argparse.ArgumentParser) -> None:
                    help="read the image even when a running QEMU holds it open for writing")
 
 
+def _probes_as_qcow2(path: str) -> bool:
+    """Whether qemu-img's probe takes `path` for QCOW2 (magic, version >= 2); False also when
+    it cannot be read (the check then says why, as qemu-img does)."""
+    from .constants import QCOW_MAGIC
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, 8, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return head[:4] == QCOW_MAGIC and int.from_bytes(head[4:8].ljust(4, b"\0"), "big") >= 2
+
+
 def _check_format(args) -> int:
     """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
+    if args.repair not in (None, "leaks", "all"):
+        print(f"qcowfast: Unknown option value for -r (expecting 'leaks' or 'all'): "
+              f"{args.repair}", file=sys.stderr)
+        return 1
     if args.format == "raw":
         # qemu-img opens the file first (a missing file or a directory: 1), then answers for
         # the format, before anything about -r.
@@ -298,7 +317,7 @@ def _check_format(args) -> int:
             return 1
         print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
-    if args.repair is not None:
+    if args.repair is not None and (args.format == "qcow2" or _probes_as_qcow2(args.image)):
         print(f"qcowfast: check -r {args.repair}: qcowfast does not repair images (it never "
               "writes to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
@@ -375,7 +394,8 @@ _FIXED_OPTIONS = {
               "extended_l2": (("off", "no", "false", "n"), "extended L2 entries (off)"),
               "preallocation": (("off",), "preallocation mode (off)"),
               "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)"),
-              "encryption": (("off", "no", "false", "n"), "encryption (off)")},
+              "encryption": (("off",), "encryption (off)")},    # (QEMU: any other value
+                                                                  # names encrypt.format)
     "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
 # -o keys of the output file itself, for every output format: (values meaning on, help).

@@ -31,7 +31,7 @@ from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import MAX_SPARSE_SIZE, ExtentKind
 from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
-from .image import Image, _pread_exact, file_size_now, open_source
+from .image import Image, _pread_exact, current_size, file_size_now, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
 
 # numpy and the table kernels load on first use: the _plain path never needs them.
@@ -384,7 +384,7 @@ def map_data(layer, host: int, length: int, guest: int):
     (guest offset `guest`, for messages). Close the mmap after releasing the view."""
     # A mapping read past the end of the file would raise SIGBUS: check the file as it is now
     # (a read of a shrunken file would come up short the same way).
-    if host + length > os.fstat(layer.data_fd).st_size:
+    if host + length > current_size(layer.data_fd):
         raise TruncatedImage(f"{layer.filename}: data for guest offset {guest:#x} lies past "
                              "the end of the file (it shrank during the conversion)")
     page = host - host % mmap.ALLOCATIONGRANULARITY
@@ -412,7 +412,7 @@ def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer, buf=None):
             return
         if n <= 0:
             raise TruncatedImage(f"{layer.filename}: data at {src_off:#x} runs past the end of "
-                                 "the file")
+                                 f"the file ({file_size_now(src_fd, layer.data_size)})")
         src_off += n
         dst_off += n
         count -= n

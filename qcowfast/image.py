@@ -7,6 +7,7 @@ chain; `extents()`, `read()`, `map()` and convert are consumers of that one stre
 from __future__ import annotations
 
 import os
+import stat as _stat
 import threading
 import warnings as _warnings
 from array import array
@@ -179,10 +180,18 @@ def _open_checked(source, what: str, force_share: bool, owner: str | None = None
     return opened
 
 
+def current_size(fd: int) -> int:
+    """The size of `fd` now: a regular file's, or a block device's (whose st_size is 0)."""
+    st = os.fstat(fd)
+    if _stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)     # (readers here use pread: no offset matters)
+    return st.st_size
+
+
 def file_size_now(fd: int, file_size: int) -> str:
     """The size of file `fd` for a message: also what it was when opened, if it changed."""
     try:
-        now = os.fstat(fd).st_size
+        now = current_size(fd)
     except OSError:
         now = file_size
     return (f"{file_size} bytes" if now == file_size else

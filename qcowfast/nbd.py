@@ -28,6 +28,7 @@ This module knows nothing of QCOW2: it serves any object with the `Export` shape
 """
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -889,9 +890,11 @@ class Connection:
                     self._do_reads([req], req[2])
                 return
             log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
+            code = NBD_ENOMEM if isinstance(exc, MemoryError) or (
+                isinstance(exc, OSError) and exc.errno == errno.ENOMEM) else NBD_EIO
             for handle, offset, length, _ in batch:
-                self._reply_error(handle, NBD_EIO, f"read of {length} bytes at offset "
-                                                   f"{offset} failed: {type(exc).__name__}")
+                self._reply_error(handle, code, f"read of {length} bytes at offset "
+                                                f"{offset} failed: {type(exc).__name__}")
             return
         missing = _missing_file_bytes(plan) if self._plan is not None else None
         if missing:

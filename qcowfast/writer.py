@@ -29,6 +29,7 @@ from . import _deflate, buffers
 from .convert import (_every_unit, _Filler, _HandOver, _load_kernels, _plain_chain,
                       _plain_plan, _run_units, _write_all, np)
 from .errors import OutputError
+from .image import current_size
 
 COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
 DEFAULT_LEVELS = {"zlib": 6, "zstd": 3}     # Z_DEFAULT_COMPRESSION, ZSTD_CLEVEL_DEFAULT
@@ -275,7 +276,7 @@ def _map_piece(chain, start: int, length: int):
     fd, host = found
     page = host - host % mmap.ALLOCATIONGRANULARITY
     # A file shorter than the range would raise SIGBUS when touched past its end.
-    if os.fstat(fd).st_size < host + length:
+    if current_size(fd) < host + length:
         return None
     try:
         mapping = mmap.mmap(fd, host + length - page, flags=mmap.MAP_SHARED | _MAP_POPULATE,

@@ -792,6 +792,13 @@ def test_raw_format_opens_the_file_before_answering(tmp_path):
             ours, theirs = _both_check(path, "-f", "raw", *args)
             assert ours.returncode == theirs.returncode == want, (path, args, ours.stderr)
             assert len(ours.stderr.splitlines()) == 1
+    # -r's value is checked first, whatever the image; a probed raw image is 63 with -r too
+    qcow2 = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", qcow2, "1M")
+    for path, args, want in ((raw, ["-f", "raw", "-r", "bogus"], 1), (qcow2, ["-r", "bogus"], 1),
+                             (raw, ["-r", "leaks"], 63), (raw, ["-r", "all"], 63)):
+        ours, theirs = _both_check(path, *args)
+        assert ours.returncode == theirs.returncode == want, (path, args, ours.stderr)
 
 
 def test_json_escapes_names_like_qemu(tmp_path):

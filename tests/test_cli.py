@@ -588,6 +588,7 @@ PARITY = [
     ["-O", "qcow2", "-o", "encryption=off"], ["-O", "qcow2", "-o", "noencryption"],
     # refused by both ("nocow" alone is "cow=off", an unknown key)
     ["-O", "raw", "-o", "nocow"], ["-O", "qcow2", "-o", "encryption=bogus"],
+    ["-O", "qcow2", "-o", "encryption=no"], ["-O", "qcow2", "-o", "encryption=off,encryption=n"],
     ["-O", "qcow2", "-o", "size"], ["-O", "qcow2", "-o", "nocow=maybe"],
     ["-l", "snapshot.name=nosuch"], ["-S", "17M"], ["-S", "1000"], ["-S", "4b"], ["-S", "1.5"],
     ["-m", "0"], ["-m", "17"], ["-t", "bogus"], ["-T", "bogus"], ["-o", "foo=bar"], ["-c"],

@@ -9,6 +9,7 @@ come from `qemu-img convert -O raw` of an image qemu-io wrote.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -1275,6 +1276,31 @@ def test_no_memory_for_a_read_buffer_is_an_enomem_reply(tmp_path, monkeypatch, s
         error, data = c.read(0, 6 * MIB)
         assert error == 0
         assert_same_bytes(data, want[:6 * MIB], "read after the memory came back")
+        c.close()
+
+
+def test_no_memory_while_filling_a_read_is_an_enomem_reply(proto_image, tmp_path, want,
+                                                           monkeypatch):
+    """Memory running out while a read is filled (inflating: MemoryError or ENOMEM) is
+    NBD_ENOMEM, not EIO; the connection goes on."""
+    from qcowfast.serve import ImageExport
+    real = ImageExport.read_plan
+    failures = [MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")]
+
+    def read_plan(self, offset, out):
+        if failures:
+            raise failures.pop(0)
+        return real(self, offset, out)
+
+    monkeypatch.setattr(ImageExport, "read_plan", read_plan)
+    with NBDServer(proto_image, socket=tmp_path / "s.sock", persistent=True,
+                   limits=LIMITS) as srv:
+        c = Client(srv.address).greet()
+        c.go(meta=False)
+        assert c.read(0, 4096)[0] == nbd.NBD_ENOMEM
+        assert c.read(0, 4096)[0] == nbd.NBD_ENOMEM
+        error, data = c.read(0, 4096)
+        assert error == 0 and data == want[:4096]
         c.close()
 
 
