@@ -278,64 +278,52 @@ def _add_force_share_option(p: argparse.ArgumentParser) -> None:
                    help="read the image even when a running QEMU holds it open for writing")
 
 
-def _probes_as_qcow2(path: str) -> bool:
-    """Whether qemu-img's probe takes `path` for QCOW2 (magic, version >= 2); False also when
-    it cannot be read (the check then says why, as qemu-img does)."""
-    from .constants import QCOW_MAGIC
+def _peek(path: str) -> tuple[int, bytes]:
+    """(st_mode, first 8 bytes: none unless a regular file or block device) of `path`, opened
+    without blocking; OSError when it cannot be opened or read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            head = os.pread(fd, 8, 0)
-        finally:
-            os.close(fd)
-    except OSError:
-        return False
-    return head[:4] == QCOW_MAGIC and int.from_bytes(head[4:8].ljust(4, b"\0"), "big") >= 2
+        mode = os.fstat(fd).st_mode
+        seekable = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+        return mode, os.pread(fd, 8, 0) if seekable else b""
+    finally:
+        os.close(fd)
 
 
 def _check_format(args) -> int:
     """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
+    from .constants import QCOW_MAGIC
     if args.repair not in (None, "leaks", "all"):
         print(f"qcowfast: Unknown option value for -r (expecting 'leaks' or 'all'): "
               f"{args.repair}", file=sys.stderr)
         return 1
+    try:
+        mode, head = _peek(args.image)
+    except OSError as exc:
+        if args.format is not None:             # (probing: the check says why, as qemu-img)
+            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
+            return 1
+        mode, head = 0, b""
     if args.format == "raw":
         # qemu-img opens the file first (a missing file or a directory: 1), then answers for
         # the format, before anything about -r.
-        try:
-            fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                mode = os.fstat(fd).st_mode
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
-            return 1
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
             print(f"qcowfast: Could not open '{args.image}': 'file' driver requires "
                   f"'{args.image}' to be a regular file", file=sys.stderr)
             return 1
         print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
-    if args.repair is not None and (args.format == "qcow2" or _probes_as_qcow2(args.image)):
+    # qemu-img's probe: the magic and version >= 2 (a probed raw image answers 63, -r or not)
+    qcow2 = head[:4] == QCOW_MAGIC and int.from_bytes(head[4:8].ljust(4, b"\0"), "big") >= 2
+    if args.repair is not None and (args.format == "qcow2" or qcow2):
         print(f"qcowfast: check -r {args.repair}: qcowfast does not repair images (it never "
               "writes to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
-    if args.format == "qcow2":
-        from .constants import QCOW_MAGIC
-        try:
-            fd = os.open(args.image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                magic = os.pread(fd, 4, 0)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
-            return 1
-        if magic != QCOW_MAGIC:
-            print(f"qcowfast: Could not open '{args.image}': Image is not in qcow2 format",
-                  file=sys.stderr)
-            return 1
+    if args.format == "qcow2" and head[:4] != QCOW_MAGIC:
+        why = (os.strerror(errno.EISDIR) if stat.S_ISDIR(mode) else
+               "Image is not in qcow2 format")
+        print(f"qcowfast: Could not open '{args.image}': {why}", file=sys.stderr)
+        return 1
     return cmd_check(args)
 
 
