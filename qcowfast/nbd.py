@@ -590,6 +590,10 @@ class Connection:
     def _opt_structured_reply(self, opt: int, data: bytes):
         if data:
             raise OptionError(NBD_REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.structured:
+            # As qemu-nbd (nbd/server.c) does; libnbd reads it as "the server detected a
+            # duplicate request", and structured replies stay on.
+            raise OptionError(NBD_REP_ERR_INVALID, "structured replies already negotiated")
         self.structured = True
         self._opt_reply(opt, NBD_REP_ACK)
 

@@ -338,6 +338,8 @@ def test_meta_contexts(client):
     query = meta_data(b"", [b"base:allocation"])
     assert c.option(nbd.NBD_OPT_SET_META_CONTEXT, query)[-1][0] == nbd.NBD_REP_ERR_INVALID
     assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+    # A second request is refused as qemu-nbd refuses it; structured replies stay on.
+    assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ERR_INVALID
     for queries in ([], [b"base:"], [b"base:allocation", b"qemu:dirty-bitmap:x"]):
         replies = c.option(nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", queries))
         assert [t for t, _ in replies] == [nbd.NBD_REP_META_CONTEXT, nbd.NBD_REP_ACK]
