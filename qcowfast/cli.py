@@ -393,6 +393,7 @@ _FILE_OPTIONS = {"nocow": (("on", "yes", "true", "y"),
 _BOOLEANS = ("on", "yes", "true", "y", "off", "no", "false", "n")
 _BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow", "encryption")
 _SIZE_OPTIONS = ("cluster_size", "size")
+_NUMBER_OPTIONS = ("refcount_bits",)
 # qemu-img create keys qcowfast knows but does not write (refused by name, with what they do).
 _UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",
                                "backing_fmt": "output backing files (-B, -F)",
@@ -437,6 +438,7 @@ def _valid_option_list(text: str) -> bool:
 def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
     """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict; of a
     key given more than once, the last value counts, as in QEMU's option parser."""
+    from .cli_getopt import c_integer
     items: dict = {}
     for text in texts:
         if not _valid_option_list(text):
@@ -456,6 +458,8 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
                     raise CliError(f"-o {key}: {exc}") from None
             if key in _BOOLEAN_OPTIONS and sep and value not in _BOOLEANS:
                 raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
+            if key in _NUMBER_OPTIONS and c_integer(value) is None:
+                raise CliError(f"Parameter '{key}' expects a number")
             items.pop(key, None)
             items[key] = (sep, value)
     opts = {}
@@ -472,7 +476,11 @@ def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
             continue
         if key in fixed:
             values, what = fixed[key]
-            if value not in values:     # case matters, as in QEMU's option parser
+            if key in _NUMBER_OPTIONS:  # QEMU_OPT_NUMBER: strtoull(value, 0) of the whole value
+                known = c_integer(value) == int(values[0])
+            else:
+                known = value in values     # case matters, as in QEMU's option parser
+            if not known:
                 raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
                                f"({what})")
             continue

@@ -261,11 +261,16 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
     Errors name the image as `name` when given (`x.img: not a QCOW2 image (bad magic)`).
     """
     try:
-        first = os.pread(fd, 72, 0)
+        # The header area is read in one page, as QEMU reads it in small pieces, unless it runs
+        # further: a whole-cluster read at offset 0 has the kernel read ahead over the file,
+        # and cached pages over unwritten extents turn ext4's SEEK_HOLE answers (block status
+        # of metadata-preallocated images) into data, for this open and for qemu-img after it.
+        first = os.pread(fd, HEADER_PAGE, 0)
         if len(first) >= 24 and first[:4] == QCOW_MAGIC:
             cluster_bits = int.from_bytes(first[20:24], "big")
-            span = 1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS)
-            first = os.pread(fd, min(span, file_size), 0)
+            span = min(1 << min(max(cluster_bits, 9), MAX_CLUSTER_BITS), file_size)
+            if len(first) < span and _header_end(first, span) > len(first):
+                first = os.pread(fd, span, 0)
         header = parse_header(first, file_size if tables_in_file else 1 << 63,
                               allow_encrypted=allow_encrypted)
         if tables_in_file:
@@ -275,6 +280,31 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         if name is None:
             raise
         raise type(exc)(f"{name}: {exc}") from None
+
+
+def _header_end(head: bytes, span: int) -> int:
+    """Where the bytes parse_header reads end, judged from the file's first bytes `head`;
+    `span` (the whole first cluster) when `head` does not show it: the extension chain leaves
+    `head` before its end marker, or the backing file name lies beyond it."""
+    if len(head) < V3_HEADER_LENGTH:
+        return span
+    version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    start = int.from_bytes(head[100:104], "big") if version >= 3 else V2_HEADER_LENGTH
+    area_end = min(backing_offset or span, span)
+    offset = start
+    while offset < area_end:                    # the walk of _parse_extensions
+        if offset + _EXT.size > len(head):
+            return span
+        ext_type, length = _EXT.unpack_from(head, offset)
+        offset += _EXT.size
+        if ext_type == ExtensionType.END:
+            break
+        offset += (length + 7) & ~7
+    end = max(offset, start, backing_offset + backing_size if backing_offset else 0)
+    return end if end <= len(head) else span
+
+
+HEADER_PAGE = 4096
 
 
 def require_refcount_table(header: Header) -> None:

@@ -595,6 +595,12 @@ PARITY = [
     ["-o", "compression_type=zstd"], ["--target-is-zero"], ["-f", "vmdk"],
     ["-O", "qcow2", "-o", "compat=1.1,bogus=1"], ["-n", "-O", "qcow2", "-o", "compat=1.1"],
     ["-O", "qcow2", "-o", "refcount_bits=17"],
+    # refcount_bits is a number to QEMU (strtoull, base 0): hex, octal, '+', leading blanks
+    ["-O", "qcow2", "-o", "refcount_bits=0x10,refcount_bits=020"],
+    ["-O", "qcow2", "-o", "refcount_bits=+16", "-o", "refcount_bits= 16"],
+    ["-O", "qcow2", "-o", "refcount_bits=00016"], ["-O", "qcow2", "-o", "refcount_bits=16 "],
+    ["-O", "qcow2", "-o", "refcount_bits=16k"], ["-O", "qcow2", "-o", "refcount_bits=-16"],
+    ["-O", "qcow2", "-o", "refcount_bits="], ["-O", "qcow2", "-o", "refcount_bits=x,refcount_bits=16"],
     # option lists qemu-img cannot join (is_valid_option_list): empty, a leading comma, an
     # odd number of trailing commas; an even number escapes a comma into the value
     ["-O", "qcow2", "-o", ""], ["-O", "qcow2", "-o", ","], ["-O", "raw", "-o", ""],
