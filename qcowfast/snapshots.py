@@ -56,29 +56,36 @@ class Snapshot:
 class _Window:
     """Serves byte ranges of the table from a forward read-ahead window.
 
-    `fill(offset, n, what)` reads at least `n` bytes at `offset` (it applies the caller's policy
-    for bytes past the end of the file); `what` names the entry in its errors.
+    `fill(offset, n, want, what)` reads at least `n` and at most `want` bytes at `offset` (it
+    applies the caller's policy for bytes past the end of the file); `what` names the entry in
+    its errors. The window never reaches past the cluster holding the last byte asked for:
+    the table's clusters are its own, the next ones may be data, and caching those pages (by
+    reading them, or by the kernel's read-ahead behind the read) turns ext4's SEEK_HOLE
+    answers over unwritten extents into data (QEMU reads only the entries).
     """
 
-    def __init__(self, fill, start: int):
+    def __init__(self, fill, start: int, cluster_size: int):
         self.fill = fill
         self.base = start
+        self.cluster_size = cluster_size
         self.buf = b""
 
     def get(self, offset: int, n: int, what: str) -> bytes:
         if not (self.base <= offset and offset + n <= self.base + len(self.buf)):
-            self.base, self.buf = offset, self.fill(offset, n, what)
+            cluster_end = -(-(offset + n) // self.cluster_size) * self.cluster_size
+            want = max(n, min(_READ_AHEAD, cluster_end - offset))
+            self.base, self.buf = offset, self.fill(offset, n, want, what)
         lo = offset - self.base
         return self.buf[lo:lo + n]
 
 
 def _strict_fill(fd: int, file_size: int):
     """A `_Window` fill that refuses bytes past the end of the file (TruncatedImage)."""
-    def fill(offset: int, n: int, what: str) -> bytes:
+    def fill(offset: int, n: int, want: int, what: str) -> bytes:
         if offset + n > file_size:
             raise TruncatedImage(f"{what}: {n} bytes at {offset:#x} run past the end of the file "
                                  f"({file_size} bytes)")
-        buf = os.pread(fd, min(max(n, _READ_AHEAD), file_size - offset), offset)
+        buf = os.pread(fd, min(want, file_size - offset), offset)
         if len(buf) < n:
             raise TruncatedImage(f"{what}: short read of {n} bytes at {offset:#x}")
         return buf
@@ -87,7 +94,7 @@ def _strict_fill(fd: int, file_size: int):
 
 def _padded_fill(fd: int):
     """A `_Window` fill that reads bytes past the end of the file as zeros, as QEMU does."""
-    return lambda offset, n, what: pread_padded(fd, max(n, _READ_AHEAD), offset)
+    return lambda offset, n, want, what: pread_padded(fd, want, offset)
 
 
 def _label(index: int) -> str:
@@ -177,7 +184,7 @@ def read_snapshots(image) -> list[Snapshot]:
     if start % h.cluster_size:
         raise FormatError(f"snapshot table offset {start:#x} is not aligned to the cluster size "
                           f"{h.cluster_size}")
-    get = _Window(_strict_fill(image._fd, image.file_size), start).get
+    get = _Window(_strict_fill(image._fd, image.file_size), start, h.cluster_size).get
     return _walk(get, start, count, h.size, _STRICT)[0]
 
 
@@ -323,7 +330,7 @@ def read_snapshot_table(fd: int, header) -> tuple[list[Snapshot], int]:
     Returns (snapshots, table size in bytes). Raises CorruptImage.
     """
     start = header.snapshots_offset
-    get = _Window(_padded_fill(fd), start).get
+    get = _Window(_padded_fill(fd), start, header.cluster_size).get
     return _walk(get, start, header.nb_snapshots, header.size // SECTOR * SECTOR, _AT_OPEN)
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,17 +97,36 @@ def _evict(path) -> None:
         os.close(fd)
 
 
-def test_open_leaves_unwritten_extents_uncached(tmp_path):
-    """A cluster QEMU allocated with 4 KiB written and the rest fallocated (an ext4 unwritten
-    extent) maps as qemu-img maps it after qcowfast has opened the image: zero where the file
-    has a hole. Reading the whole 128 KiB first cluster made the kernel read ahead over it."""
+def _header_case(tmp_path):
+    """A small file with 128 KiB clusters: the whole first cluster covers a partly written one."""
     base, img = tmp_path / "b.qcow2", tmp_path / "s.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, "4M")
     qemu_io(base, "write -P 1 0 1M")
     qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=128k", base, img)
     qemu_io(img, "write -P 9 3858944 512")
+    return img
+
+
+def _snapshot_case(tmp_path):
+    """16 KiB clusters, a snapshot table, then clusters written in part right after it."""
+    img = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k", img, "1M")
+    qemu_io(img, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 9 256k 512", "write -P 7 512k 512")
+    return img
+
+
+@pytest.mark.parametrize("build", [_header_case, _snapshot_case], ids=["header", "snapshots"])
+def test_open_leaves_unwritten_extents_uncached(tmp_path, build):
+    """A cluster QEMU allocated with 4 KiB written and the rest fallocated (an ext4 unwritten
+    extent) maps as qemu-img maps it after qcowfast has opened the image: zero where the file
+    has a hole. Reading the whole first cluster, or 64 KiB windows of the snapshot table, made
+    the kernel cache those pages (qemu-img reads the header and the entries alone)."""
+    img = build(tmp_path)
     _evict(img)
     want = qemu_img("map", "--output=json", img).stdout
+    assert '"zero": true, "data": true' in want        # the unwritten extent, seen as a hole
     _evict(img)
     got = run_cli("map", "--output=json", str(img))
     assert got.returncode == 0, got.stderr
