@@ -101,6 +101,15 @@ def detect_format(fd: int, name: str = "image") -> str:
     if found is None:
         size = os.lseek(fd, 0, os.SEEK_END)
         tail = os.pread(fd, 512, size - 512) if size >= 512 else b""
+        if tail:
+            # Leave that page uncached, as qemu-img (which does not read there) leaves it: a
+            # cached page over an unwritten extent is data to ext4's SEEK_DATA, and block
+            # status would report the last 4 KiB of a preallocated raw image as data.
+            try:
+                page = os.sysconf("SC_PAGE_SIZE")     # (the kernel drops whole pages only)
+                os.posix_fadvise(fd, (size - 512) // page * page, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
         if tail.startswith(b"conectix"):
             found = "VHD (vpc)"
         elif tail.startswith(b"koly") or os.fspath(name).endswith(".dmg"):
