@@ -84,7 +84,6 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     Each future's result is what `qcowfast.convert_many` gives for that job. Task keys start
     with ``qcowfast-convert`` so the dashboard groups them.
     """
-    import dask
     from distributed import get_client
     from .arguments import integer
     jobs = [fleet.as_job(j) for j in jobs]
@@ -97,19 +96,28 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
         _check_resources(workers, resources)
     host_slots = _host_slots(workers) if threads is None else None
     batch = uuid.uuid4().hex[:8]
-    tasks = []
-    for i, job in enumerate(jobs):
-        # Larger images first (Dask runs higher priorities first), as convert_many orders them:
-        # a big image started last would leave the other workers idle at the end. All tasks go
-        # in one graph: submitted one by one, the first ones would start before the scheduler
-        # knows the larger ones exist. The call is bound in a partial, which Dask does not
-        # traverse (it would rebuild the Job dataclass in a task of its own).
-        call = (partial(_refused, refused[i]) if i in refused else
-                partial(_task, job, threads, skip_existing, overwrite, host_slots))
-        with dask.annotate(priority=fleet.guest_size(job)):
-            tasks.append(dask.delayed(call, pure=False)(
-                dask_key_name=f"{KEY_PREFIX}-{batch}-{i}"))
-    return client.compute(tasks, optimize_graph=False, resources=resources, retries=retries)
+    # Larger images first, as convert_many orders them: a big image started last would leave
+    # the other workers idle at the end. Client.map gives its tasks the order of its input as
+    # their priority and sends them in one graph (submitted one by one, the first would start
+    # before the scheduler knew the larger ones existed). Each call is bound in a partial,
+    # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
+    calls = [partial(_refused, refused[i]) if i in refused else
+             partial(_task, job, threads, skip_existing, overwrite, host_slots)
+             for i, job in enumerate(jobs)]
+    sizes = [-1 if i in refused else fleet.guest_size(job) for i, job in enumerate(jobs)]
+    order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
+    futures = client.map(_call, [calls[i] for i in order],
+                         key=[f"{KEY_PREFIX}-{batch}-{i}" for i in order], pure=False,
+                         resources=resources, retries=retries)
+    in_job_order: list = [None] * len(jobs)
+    for i, future in zip(order, futures):
+        in_job_order[i] = future
+    return in_job_order
+
+
+def _call(call):
+    """The task: run the job's bound call."""
+    return call()
 
 
 def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
