@@ -10,16 +10,17 @@ from __future__ import annotations
 import errno
 import inspect
 import os
+import queue
 import resource
 import threading
-from concurrent.futures import FIRST_COMPLETED, CancelledError, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .arguments import boolean, integer
 from .errors import QcowError
+from .output import sweep_stale_temps, sweep_stale_temps_of, temps_swept
 
-from .output import sweep_stale_temps
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
 MAX_WORKERS = 64
 
@@ -243,10 +244,14 @@ def guest_size(job: Job) -> int:
 
 
 def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
-            overwrite: bool = False, progress=None):
-    """Run one job; return its ConvertResult or Skipped, raise what convert raised."""
+            overwrite: bool = False, progress=None, swept: bool = False):
+    """Run one job; return its ConvertResult or Skipped, raise what convert raised.
+
+    Temporary files a killed run left beside the destination are removed first, skipped or
+    not (`swept`: the caller has just done that for the whole batch)."""
     from .convert import convert
-    sweep_stale_temps(job.dst)              # (convert does too; skipped or failing jobs not)
+    if not swept:
+        sweep_stale_temps(job.dst)
     if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
         # convert publishes only complete outputs (rename on success), so an existing regular
         # file at dst is a finished earlier run. Not so for in-place jobs (existing=True): a
@@ -255,7 +260,8 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
     options = {"overwrite": overwrite, **job.options}
     if threads is not None:
         options.setdefault("threads", threads)
-    return convert(job.src, job.dst, progress=progress, **options)
+    with temps_swept(job.dst):              # (convert would sweep again)
+        return convert(job.src, job.dst, progress=progress, **options)
 
 
 def convert_many(jobs, *, workers: int | None = None, threads: int | None = None,
@@ -320,6 +326,9 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
     sizes = [guest_size(j) for j in jobs]       # -1: cannot be read (the job will fail)
+    # One listing per output directory for the batch, not one per job (N jobs writing into one
+    # directory would list it N times). Nothing of this batch exists yet to be mistaken.
+    sweep_stale_temps_of(job.dst for i, job in enumerate(jobs) if i not in refused)
     batch = _Progress(progress, sum(max(0, s) for s in sizes))
     results: list[Any] = [None] * len(jobs)
     first_failure: list[str] = []           # the source of the job that stopped the batch
@@ -346,7 +355,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         else:
             try:
                 result = run_job(job, threads=threads, skip_existing=skip_existing,
-                                 overwrite=overwrite, progress=job_progress(i))
+                                 overwrite=overwrite, progress=job_progress(i), swept=True)
             except Exception as exc:        # noqa: BLE001 - the job's result, as in futures
                 result = exc
         if isinstance(result, Exception) and not isinstance(result, CancelledError) \
@@ -365,16 +374,18 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     # Jobs that cannot be read first (they fail at once: on_error="stop" stops early), then the
     # largest: a big image started last would leave the other slots idle at the end.
     order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
-    futures = [pool.submit(one, i) for i in order]
+    ended: queue.SimpleQueue = queue.SimpleQueue()     # futures, as their jobs end
+    futures = []
+    for i in order:
+        futures.append(pool.submit(one, i))
+        futures[-1].add_done_callback(ended.put)
     try:
-        pending = futures
-        while pending:
+        for _ in futures:
             # Wake at each job's end (the first exception, whichever job raised it) and a few
             # times a second: a signal the kernel gave a worker thread is handled only when
-            # this thread runs Python again.
-            done, pending = wait(pending, timeout=SIGNAL_LATENCY, return_when=FIRST_COMPLETED)
-            for fut in done:
-                fut.result()
+            # this thread runs Python again. (Not concurrent.futures.wait over the pending
+            # futures: it hooks every one of them at each wake, quadratic in the batch.)
+            _next_ended(ended).result()
     except BaseException:
         # Ctrl-C, a signal turned into an exception, or a raising callback: start nothing
         # more, make the running conversions stop at their next unit (each removes its
@@ -386,6 +397,15 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         raise
     pool.shutdown()
     return results
+
+
+def _next_ended(ended: queue.SimpleQueue):
+    """The next future put in `ended`, waking every SIGNAL_LATENCY seconds meanwhile."""
+    while True:
+        try:
+            return ended.get(timeout=SIGNAL_LATENCY)
+        except queue.Empty:
+            pass                        # (back in Python: pending signal handlers run here)
 
 
 class Cancelled(QcowError):

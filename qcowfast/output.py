@@ -21,7 +21,9 @@ import os
 import stat
 import struct
 import sys
+import threading
 import time
+from typing import Iterable
 
 from .errors import OutputError, QcowError
 from .locks import hold_destination
@@ -128,17 +130,31 @@ def sweep_stale_temps(dst: str) -> list[str]:
     A conversion holds an exclusive flock on its temporary file while it writes, so a file that
     can be locked is no one's: it was left by a process that died.
     """
+    return sweep_stale_temps_of([dst])
+
+
+def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
+    """`sweep_stale_temps` for many destinations, listing each directory once (a batch of N
+    outputs in one directory would otherwise list it N times)."""
+    owners: dict[str, set[str]] = {}    # directory: prefixes of the temporary names it may hold
+    for dst in dsts:
+        for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
+            owners.setdefault(os.path.dirname(name), set()).add(f".{os.path.basename(name)}.")
     candidates = {}
-    for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
-        directory, prefix = os.path.dirname(name), f".{os.path.basename(name)}."
+    for directory, prefixes in owners.items():
         try:
             names = os.listdir(directory)
         except OSError:
             continue
         for entry in names:
-            if entry.startswith(prefix) and entry.endswith(TMP_SUFFIX):
+            # ".NAME." + random part (hex digits, no dot) + TMP_SUFFIX: the last dot before the
+            # suffix ends the owner's prefix.
+            if not entry.endswith(TMP_SUFFIX):
+                continue
+            cut = entry.rfind(".", 0, len(entry) - len(TMP_SUFFIX)) + 1
+            if cut and entry[:cut] in prefixes:
                 candidates[os.path.join(directory, entry)] = \
-                    entry[len(prefix):].startswith(LOCKED_AT_BIRTH)
+                    entry[cut:].startswith(LOCKED_AT_BIRTH)
     removed = []
     for path, born_locked in sorted(candidates.items()):
         try:
@@ -158,6 +174,24 @@ def sweep_stale_temps(dst: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+class temps_swept:
+    """Within it, this thread's FileOutput for `dst` does not sweep again: the caller has just
+    swept (a batch sweeps all its destinations at once)."""
+
+    def __init__(self, dst: str):
+        self.names = {os.path.abspath(dst), os.path.realpath(dst)}
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_swept, "names", frozenset())
+        _swept.names = self.names
+
+    def __exit__(self, *exc) -> None:
+        _swept.names = self.outer
+
+
+_swept = threading.local()
 
 
 def _umask() -> int:
@@ -424,7 +458,8 @@ class FileOutput:
 
     def _open_temp(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
-        sweep_stale_temps(self.path)        # what a killed conversion to it left behind
+        if os.path.abspath(self.path) not in getattr(_swept, "names", ()):
+            sweep_stale_temps(self.path)    # what a killed conversion to it left behind
         # The flock is held until the file is published or removed: a temporary file nobody
         # holds was left by a killed run (fleet.sweep_stale_temps removes those).
         try:

@@ -159,6 +159,71 @@ def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
     assert sweep_stale_temps(str(done)) == [] and just_created.exists()
 
 
+def _listings_of(directory: Path, monkeypatch) -> list:
+    """Counts os.listdir calls on `directory` (one entry per call) from now on."""
+    calls = []
+    real = os.listdir
+
+    def listdir(path="."):
+        if os.path.realpath(path) == os.path.realpath(directory):
+            calls.append(path)
+        return real(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    return calls
+
+
+def test_batch_lists_each_output_directory_once(images, tmp_path, monkeypatch):
+    """N jobs into one directory used to list it twice per job (the sweep for temporaries of
+    killed runs): quadratic in the batch. The batch sweeps all its destinations in one
+    listing, and still removes every stale temporary file and no live one."""
+    src = images.get("c64k-v3-tiny").path
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [(src, out / f"{i}.raw") for i in range(30)]
+    old = time.time() - 60
+    stale = []
+    for i in range(0, 30, 3):
+        p = out / f".{i}.raw.abc{i:03d}{TMP_SUFFIX}"
+        p.write_bytes(b"left by a killed run")
+        os.utime(p, (old, old))
+        stale.append(p)
+    live = out / f".1.raw.{LOCKED_AT_BIRTH}live{TMP_SUFFIX}"     # another process's, writing
+    live.write_bytes(b"")
+    other = out / f".x.raw.abc{TMP_SUFFIX}"                      # no job's destination
+    other.write_bytes(b"")
+    os.utime(other, (old, old))
+    listings = _listings_of(out, monkeypatch)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        results = convert_many(jobs, workers=2)
+    finally:
+        os.close(fd)
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    assert len(listings) == 1, listings
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and other.exists()
+    reference = reference_raw(src)
+    for _, dst in jobs:
+        assert_same_bytes(dst.read_bytes(), reference, str(dst))
+
+
+def test_run_job_lists_the_directory_once_and_convert_still_sweeps(images, tmp_path,
+                                                                  monkeypatch):
+    """A Dask task runs one job: one listing (convert used to list again). The skip applies
+    to that job's conversion only: a later convert in the same thread sweeps as before."""
+    from qcowfast.fleet import Job, run_job
+    src = images.get("c64k-v3-tiny").path
+    listings = _listings_of(tmp_path, monkeypatch)
+    assert isinstance(run_job(Job(str(src), str(tmp_path / "a.raw"))), qcowfast.ConvertResult)
+    assert len(listings) == 1, listings
+    stale = tmp_path / f".b.raw.{LOCKED_AT_BIRTH}dead{TMP_SUFFIX}"
+    stale.write_bytes(b"left by a killed run")
+    qcowfast.convert(src, tmp_path / "b.raw")
+    assert not stale.exists()
+    assert len(listings) == 2, listings
+
+
 def test_running_conversion_holds_its_temporary_file(images, tmp_path):
     """The sweep's premise: convert's temporary output is flocked while it is written."""
     src = images.get(GOOD[2]).path
