@@ -75,7 +75,7 @@ class Header:
 
     @property
     def extended_l2(self) -> bool:
-        return bool(self.incompatible_features & Incompatible.EXTENDED_L2)
+        return bool(self.incompatible_features & _INCOMPATIBLE_EXTENDED_L2)
 
     @property
     def l2_entry_size(self) -> int:
@@ -88,23 +88,33 @@ class Header:
 
     @property
     def has_data_file(self) -> bool:
-        return bool(self.incompatible_features & Incompatible.DATA_FILE)
+        return bool(self.incompatible_features & _INCOMPATIBLE_DATA_FILE)
 
     @property
     def data_file_raw(self) -> bool:
-        return bool(self.autoclear_features & Autoclear.DATA_FILE_RAW)
+        return bool(self.autoclear_features & _AUTOCLEAR_DATA_FILE_RAW)
 
     @property
     def dirty(self) -> bool:
-        return bool(self.incompatible_features & Incompatible.DIRTY)
+        return bool(self.incompatible_features & _INCOMPATIBLE_DIRTY)
 
     @property
     def corrupt(self) -> bool:
-        return bool(self.incompatible_features & Incompatible.CORRUPT)
+        return bool(self.incompatible_features & _INCOMPATIBLE_CORRUPT)
 
     @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
+
+
+# Feature tests use plain ints: `int & IntFlag` runs the enum's Python code (tens of
+# calls per opened image).
+_INCOMPATIBLE_EXTENDED_L2 = int(Incompatible.EXTENDED_L2)
+_INCOMPATIBLE_DATA_FILE = int(Incompatible.DATA_FILE)
+_INCOMPATIBLE_DIRTY = int(Incompatible.DIRTY)
+_INCOMPATIBLE_CORRUPT = int(Incompatible.CORRUPT)
+_INCOMPATIBLE_COMPRESSION_TYPE = int(Incompatible.COMPRESSION_TYPE)
+_AUTOCLEAR_DATA_FILE_RAW = int(Autoclear.DATA_FILE_RAW)
 
 
 def _check_table(name: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:
@@ -194,7 +204,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
         method = {CryptMethod.AES: "legacy AES", CryptMethod.LUKS: "LUKS"}[crypt_method]
         raise EncryptedImage(f"image is encrypted ({method}); qcowfast does not decrypt images")
     _check_compression(fields.get("compression_type", 0), incompatible)
-    if incompatible & Incompatible.EXTENDED_L2 and cluster_bits < 14:
+    if incompatible & _INCOMPATIBLE_EXTENDED_L2 and cluster_bits < 14:
         raise FormatError(f"extended L2 entries need clusters of at least 16 KiB (cluster_bits "
                           f"{cluster_bits})")
 
@@ -213,7 +223,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
 
     if size >= 1 << 63:
         raise FormatError(f"virtual size {size} too large")
-    l2_entries = cluster_size // (16 if incompatible & Incompatible.EXTENDED_L2 else 8)
+    l2_entries = cluster_size // (16 if incompatible & _INCOMPATIBLE_EXTENDED_L2 else 8)
     needed_l1 = -(-size // (cluster_size * l2_entries))
     if l1_size * 8 > MAX_L1_BYTES:
         raise FormatError(f"L1 table too large ({l1_size} entries, limit {MAX_L1_BYTES // 8})")
@@ -234,7 +244,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
     if nb_snapshots:
         _check_table("snapshot table", snapshots_offset, 40 * nb_snapshots, cluster_size, file_size)
 
-    if incompatible & Incompatible.DATA_FILE:
+    if incompatible & _INCOMPATIBLE_DATA_FILE:
         pass  # the name is optional: the caller may pass the data file explicitly
     elif ext_fields.get("data_file") is not None:
         raise FormatError("external data file name present without the data file feature bit")
@@ -318,7 +328,7 @@ def _check_compression(compression_type: int, incompatible: int) -> None:
     # QEMU validate_compression_type(): the incompatible bit is set iff the type is not zlib.
     if compression_type not in (CompressionType.ZLIB, CompressionType.ZSTD):
         raise UnsupportedFeature(f"unknown compression type {compression_type}")
-    has_bit = bool(incompatible & Incompatible.COMPRESSION_TYPE)
+    has_bit = bool(incompatible & _INCOMPATIBLE_COMPRESSION_TYPE)
     if has_bit != (compression_type != CompressionType.ZLIB):
         raise FormatError("compression type feature bit must be set exactly when the compression "
                           f"type is not zlib (type {compression_type})")

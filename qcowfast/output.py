@@ -178,10 +178,12 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
 
 class temps_swept:
     """Within it, this thread's FileOutput for `dst` does not sweep again: the caller has just
-    swept (a batch sweeps all its destinations at once)."""
+    swept (a batch sweeps all its destinations at once). Through a symlink, FileOutput writes
+    beside the link's target, and sweeps there again (no realpath here: it costs an lstat per
+    path component)."""
 
     def __init__(self, dst: str):
-        self.names = {os.path.abspath(dst), os.path.realpath(dst)}
+        self.names = {os.path.abspath(dst)}
 
     def __enter__(self) -> None:
         self.outer = getattr(_swept, "names", frozenset())
