@@ -171,14 +171,17 @@ FLEET_ROWS = (("qemu-img-loop", "(a) shell loop of `qemu-img convert`"),
 
 def fleet_table(data: dict) -> str:
     """The dozen small images five ways (medians), and the paired rounds of (c), (d), (e)."""
-    times, paired = {}, None
+    times, paired, scale = {}, None, {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info") or {}
         if info.get("kind") == "fleet-paired":
             paired = info
+        elif info.get("kind") == "fleet-scale":
+            scale[info["approach"]] = (bench["stats"]["median"], info["images"],
+                                       info["neighbours"])
         elif (bench.get("group") or "").startswith("fleet") and "approach" in info:
             times[info["approach"]] = bench["stats"]["median"]
-    if not times and not paired:
+    if not times and not paired and not scale:
         return ""
     base = times.get("qemu-img-loop")
     out = ["| approach | s | vs qemu-img loop |", "|---|--:|--:|"] if times else []
@@ -198,6 +201,12 @@ def fleet_table(data: dict) -> str:
                    f"(e) {m['python-loop']:.3f} s; median of the per-round ratios "
                    f"(d) / (c) = {paired['dask_over_convert_many']:.2f}, "
                    f"(e) / (c) = {paired['python_loop_over_convert_many']:.2f}.")
+    if "qemu-img-loop" in scale and "convert_many" in scale:
+        (q, n, neighbours), (c, _, _) = scale["qemu-img-loop"], scale["convert_many"]
+        out.append("")
+        out.append(f"Scale: {n} jobs of a 1 MiB image into a directory of {neighbours} other "
+                   f"files: `qemu-img convert` loop {q:.2f} s ({q / n * 1000:.2f} ms a job), "
+                   f"`convert_many` {c:.2f} s ({c / n * 1000:.2f} ms a job), {q / c:.1f}×.")
     return "\n".join(out)
 
 

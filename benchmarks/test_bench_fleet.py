@@ -13,6 +13,7 @@ No Dask cluster is running while (c) or (e) is timed: an idle one takes about a 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -202,3 +203,56 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
         dask_over_convert_many=statistics.median(ratios),
         python_loop_over_convert_many=statistics.median(speedups))
     _check_outputs(fleet_images, jobs, "paired rounds")
+
+
+SCALE_JOBS = 500
+SCALE_NEIGHBOURS = 5000
+
+
+@pytest.fixture(scope="session")
+def tiny_image(tmp_path_factory) -> Path:
+    """A 1 MiB QCOW2 image holding 64 KiB of data: the conversion itself costs next to nothing,
+    so what a batch of them measures is the cost per job."""
+    path = tmp_path_factory.mktemp("fleet-scale") / "tiny.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return path
+
+
+@pytest.mark.parametrize("approach", ("qemu-img-loop", "convert_many"))
+def test_fleet_scale(benchmark, tiny_image, fleet_out, bench_rounds, approach):
+    """500 jobs of one tiny image into a directory that already holds 5,000 other files (an
+    output directory of a running pipeline): the cost per job, which must not grow with the
+    batch or the directory (a batch once listed its directory twice per job)."""
+    import qcowfast
+    out = fleet_out / "scale"
+    out.mkdir(exist_ok=True)
+    for i in range(SCALE_NEIGHBOURS):
+        (out / f"earlier-{i:05d}.raw").touch()
+    jobs = [(str(tiny_image), str(out / f"job-{i:04d}.raw")) for i in range(SCALE_JOBS)]
+
+    def clear():
+        for _, dst in jobs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst)
+
+    if approach == "qemu-img-loop":
+        script = "\n".join(f"qemu-img convert -O raw '{s}' '{d}' || exit 1" for s, d in jobs)
+        run = lambda: subprocess.run(["sh", "-c", script], check=True)  # noqa: E731
+    else:
+        def run():
+            results = qcowfast.convert_many(jobs)
+            assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+
+    rounds, warmup = bench_rounds
+    benchmark.group = f"fleet scale: {SCALE_JOBS} tiny images"
+    benchmark.extra_info.update(kind="fleet-scale", approach=approach, images=SCALE_JOBS,
+                                neighbours=SCALE_NEIGHBOURS)
+    benchmark.pedantic(run, setup=clear, rounds=rounds, warmup_rounds=warmup)
+    expected = _sha256(Path(jobs[0][1]))
+    ref = out / "reference.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tiny_image), str(ref)], check=True)
+    assert _sha256(ref) == expected
+    assert all(_sha256(Path(d)) == expected for _, d in jobs), approach
+    shutil.rmtree(out)
