@@ -23,7 +23,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import OutputError, QcowError
 from .locks import hold_destination
