@@ -376,10 +376,10 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
     ended: queue.SimpleQueue = queue.SimpleQueue()     # futures, as their jobs end
     futures = []
-    for i in order:
-        futures.append(pool.submit(one, i))
-        futures[-1].add_done_callback(ended.put)
     try:
+        for i in order:                     # (jobs run already: a signal here must stop them)
+            futures.append(pool.submit(one, i))
+            futures[-1].add_done_callback(ended.put)
         for _ in futures:
             # Wake at each job's end (the first exception, whichever job raised it) and a few
             # times a second: a signal the kernel gave a worker thread is handled only when

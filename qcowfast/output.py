@@ -31,6 +31,8 @@ from .locks import hold_destination
 TMP_SUFFIX = ".qcowfast-tmp"
 LOCKED_AT_BIRTH = "l"       # starts the random part of a temporary name that was locked before
                             # it had a name ("l" is no hex digit)
+TEMP_RANDOM_BYTES = 6       # the random part: this many bytes in lowercase hex
+_HEX = frozenset("0123456789abcdef")
 # Errors that can only come from the output side; others are left to the reader's handling.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -58,7 +60,7 @@ def _mkstemp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
     """(fd, path) of a new file, mode 0600, created exclusively in `directory` (as
     tempfile.mkstemp, whose import costs a process 4 ms)."""
     for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}{suffix}")
+        path = os.path.join(directory, f"{prefix}{os.urandom(TEMP_RANDOM_BYTES).hex()}{suffix}")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
@@ -86,7 +88,7 @@ def _locked_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
             fcntl.flock(fd, fcntl.LOCK_EX)
             dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             for _ in range(100):
-                name = f"{prefix}{LOCKED_AT_BIRTH}{os.urandom(6).hex()}{suffix}"
+                name = f"{prefix}{LOCKED_AT_BIRTH}{os.urandom(TEMP_RANDOM_BYTES).hex()}{suffix}"
                 try:
                     # linkat(AT_SYMLINK_FOLLOW): os.link only uses linkat when given a dir_fd.
                     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
@@ -138,6 +140,8 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
     outputs in one directory would otherwise list it N times)."""
     owners: dict[str, set[str]] = {}    # directory: prefixes of the temporary names it may hold
     for dst in dsts:
+        if not dst or dst.endswith(os.sep):
+            continue                    # names no file (the job fails): nothing of it to sweep
         for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
             owners.setdefault(os.path.dirname(name), set()).add(f".{os.path.basename(name)}.")
     candidates = {}
@@ -147,14 +151,19 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
         except OSError:
             continue
         for entry in names:
-            # ".NAME." + random part (hex digits, no dot) + TMP_SUFFIX: the last dot before the
-            # suffix ends the owner's prefix.
+            # Only names _locked_temp gives: ".NAME." + a random part (TEMP_RANDOM_BYTES in hex,
+            # after LOCKED_AT_BIRTH for files locked before they had a name) + TMP_SUFFIX.
+            # Anything else beside a destination is someone's file.
             if not entry.endswith(TMP_SUFFIX):
                 continue
             cut = entry.rfind(".", 0, len(entry) - len(TMP_SUFFIX)) + 1
-            if cut and entry[:cut] in prefixes:
-                candidates[os.path.join(directory, entry)] = \
-                    entry[cut:].startswith(LOCKED_AT_BIRTH)
+            if not cut or entry[:cut] not in prefixes:
+                continue
+            rand = entry[cut:len(entry) - len(TMP_SUFFIX)]
+            born_locked = rand.startswith(LOCKED_AT_BIRTH)
+            digits = rand[len(LOCKED_AT_BIRTH):] if born_locked else rand
+            if len(digits) == 2 * TEMP_RANDOM_BYTES and _HEX.issuperset(digits):
+                candidates[os.path.join(directory, entry)] = born_locked
     removed = []
     for path, born_locked in sorted(candidates.items()):
         try:
@@ -162,6 +171,8 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
         except OSError:
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue                # (a FIFO or device by that name: not ours)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # A file that got its name already locked (_locked_temp: O_TMPFILE, flock, link) is
             # no one's as soon as it can be locked. Others were named first and locked after:

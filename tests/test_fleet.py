@@ -134,9 +134,9 @@ def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
     done = tmp_path / "done.raw"
     done.write_bytes(b"finished earlier")
     todo = tmp_path / "todo.raw"
-    stale = tmp_path / f".todo.raw.abc123{TMP_SUFFIX}"
+    stale = tmp_path / f".todo.raw.0123456789ab{TMP_SUFFIX}"
     stale.write_bytes(b"left by a killed run")
-    live = tmp_path / f".done.raw.live99{TMP_SUFFIX}"
+    live = tmp_path / f".done.raw.99887766aabb{TMP_SUFFIX}"
     live.write_bytes(b"a conversion still writing")
     old = os.stat(stale).st_mtime - 60         # killed a minute ago
     for p in (stale, live):
@@ -154,7 +154,7 @@ def test_skip_existing_resumes_and_sweeps_stale_temporaries(images, tmp_path):
     finally:
         os.close(fd)
     assert sweep_stale_temps(str(done)) == [str(live)]
-    just_created = tmp_path / f".done.raw.new000{TMP_SUFFIX}"   # created, not yet locked
+    just_created = tmp_path / f".done.raw.000000000fff{TMP_SUFFIX}"   # created, not yet locked
     just_created.write_bytes(b"")
     assert sweep_stale_temps(str(done)) == [] and just_created.exists()
 
@@ -183,13 +183,13 @@ def test_batch_lists_each_output_directory_once(images, tmp_path, monkeypatch):
     old = time.time() - 60
     stale = []
     for i in range(0, 30, 3):
-        p = out / f".{i}.raw.abc{i:03d}{TMP_SUFFIX}"
+        p = out / f".{i}.raw.abcdef123{i:03d}{TMP_SUFFIX}"
         p.write_bytes(b"left by a killed run")
         os.utime(p, (old, old))
         stale.append(p)
-    live = out / f".1.raw.{LOCKED_AT_BIRTH}live{TMP_SUFFIX}"     # another process's, writing
+    live = out / f".1.raw.{LOCKED_AT_BIRTH}0123456789ab{TMP_SUFFIX}"     # another process's, writing
     live.write_bytes(b"")
-    other = out / f".x.raw.abc{TMP_SUFFIX}"                      # no job's destination
+    other = out / f".x.raw.0123456789ab{TMP_SUFFIX}"                      # no job's destination
     other.write_bytes(b"")
     os.utime(other, (old, old))
     listings = _listings_of(out, monkeypatch)
@@ -217,11 +217,81 @@ def test_run_job_lists_the_directory_once_and_convert_still_sweeps(images, tmp_p
     listings = _listings_of(tmp_path, monkeypatch)
     assert isinstance(run_job(Job(str(src), str(tmp_path / "a.raw"))), qcowfast.ConvertResult)
     assert len(listings) == 1, listings
-    stale = tmp_path / f".b.raw.{LOCKED_AT_BIRTH}dead{TMP_SUFFIX}"
+    stale = tmp_path / f".b.raw.{LOCKED_AT_BIRTH}dead0000beef{TMP_SUFFIX}"
     stale.write_bytes(b"left by a killed run")
     qcowfast.convert(src, tmp_path / "b.raw")
     assert not stale.exists()
     assert len(listings) == 2, listings
+
+
+def test_sweep_removes_only_names_qcowfast_gives(images, tmp_path, monkeypatch):
+    """Beside a destination, only ".NAME." + 12 hex digits (after "l" when locked at birth) +
+    ".qcowfast-tmp" in a regular file is a temporary output. Other files that look alike are
+    someone's: a finished image a user named so, a FIFO. Destinations that name no file ("",
+    "dir/") sweep nothing, in the directory the name would otherwise resolve to."""
+    src = images.get("c64k-v3-tiny").path
+    old = time.time() - 60
+    keep, gone = [], []
+    for name in ("a.latest", "a.raw", "a.raw.lz", "a.raw.ABCDEF012345", "a.raw.0123456789a",
+                 "a.raw.0123456789abc", "a.raw.l0123456789a", "a.raw.g123456789ab",
+                 "a.raw.l", "b.raw.0123456789ab"):
+        keep.append(tmp_path / f".{name}{TMP_SUFFIX}")
+    for name in ("a.raw.0123456789ab", f"a.raw.{LOCKED_AT_BIRTH}0123456789ab"):
+        gone.append(tmp_path / f".{name}{TMP_SUFFIX}")
+    for p in keep + gone:
+        p.write_bytes(b"a user's file" if p in keep else b"left by a killed run")
+        os.utime(p, (old, old))
+    fifo = tmp_path / f".a.raw.{LOCKED_AT_BIRTH}aaaaaaaaaaaa{TMP_SUFFIX}"
+    os.mkfifo(fifo)
+    assert isinstance(convert_many([(src, tmp_path / "a.raw")])[0], qcowfast.ConvertResult)
+    assert [p.name for p in keep if not p.exists()] == []
+    assert [p.name for p in gone if p.exists()] == []
+    assert fifo.exists()
+    for p in gone:                                   # and a single convert the same way
+        p.write_bytes(b"left by a killed run")
+        os.utime(p, (old, old))
+    qcowfast.convert(src, tmp_path / "a.raw", overwrite=True)
+    assert [p.name for p in keep if not p.exists()] == []
+    assert [p.name for p in gone if p.exists()] == []
+    work = tmp_path / "w"
+    (work / "sub").mkdir(parents=True)
+    bystanders = [tmp_path / f".w.{LOCKED_AT_BIRTH}0123456789ab{TMP_SUFFIX}",
+                  work / f".sub.{LOCKED_AT_BIRTH}0123456789ab{TMP_SUFFIX}"]
+    for p in bystanders:
+        p.write_bytes(b"")
+    monkeypatch.chdir(work)
+    results = convert_many([(src, ""), (src, "sub/")])
+    assert all(isinstance(r, (ValueError, qcowfast.QcowError)) for r in results), results
+    assert all(p.exists() for p in bystanders)
+
+
+def test_signal_while_jobs_are_submitted_stops_the_batch(images, tmp_path, monkeypatch):
+    """Jobs start while the rest of the batch is still being handed to the pool: a signal (or
+    Ctrl-C) in that loop stops the running jobs and removes their temporary files, as it does
+    later in the batch (it used to escape before the batch's handler, leaving them running)."""
+    import qcowfast.fleet as fleet_mod
+    src = images.get(GOOD[0]).path
+    out = tmp_path / "out"
+    out.mkdir()
+    submitted = []
+
+    class InterruptedPool(fleet_mod.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            if len(submitted) == 2:
+                raise KeyboardInterrupt     # as a signal handler raises it between two calls
+            submitted.append(super().submit(fn, *args, **kwargs))
+            return submitted[-1]
+
+    monkeypatch.setattr(fleet_mod, "ThreadPoolExecutor", InterruptedPool)
+    jobs = [(src, out / f"{i}.raw") for i in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        # The running jobs are held at their first progress report until the batch has seen
+        # the interrupt: each one's next report must then stop it.
+        convert_many(jobs, workers=2, progress=lambda done, total: time.sleep(1.0))
+    from concurrent.futures import wait as wait_futures
+    wait_futures(submitted, timeout=30)
+    assert all(f.done() for f in submitted)
+    assert sorted(os.listdir(out)) == []          # no output published, no temporary file
 
 
 def test_running_conversion_holds_its_temporary_file(images, tmp_path):
@@ -287,6 +357,29 @@ def test_cli_target_dir_all_good_exits_zero(images, tmp_path):
     r = run_cli("convert-many", "--no-clobber", "--target-dir", target, *srcs)
     assert r.returncode == 1
     assert r.stderr.count("FAILED") == 2
+
+
+def test_cli_report_keeps_names_that_are_not_utf8(images, tmp_path):
+    """A name with a byte that is not UTF-8 is written in the report as Python decodes it (a
+    lone surrogate escape, \\udcff for 0xff); fed back as a job file, it names the same file."""
+    raw_name = os.fsdecode(b"disk-\xff")
+    src = tmp_path / f"{raw_name}.qcow2"
+    shutil.copyfile(images.get(GOOD[0]).path, src)
+    target = tmp_path / "t"
+    target.mkdir()
+    report = tmp_path / "report.json"
+    r = run_cli("convert-many", "-q", "--report", report, "--target-dir", target, src)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(os.fsencode(target)) == [b"disk-\xff.raw"]
+    assert "\\udcff" in report.read_text(encoding="ascii")     # escaped: the file is ASCII
+    job, = json.loads(report.read_text())["jobs"]
+    assert (job["src"], job["dst"]) == (str(src), str(target / f"{raw_name}.raw"))
+    again = tmp_path / "again.jsonl"
+    again.write_text(json.dumps({"src": job["src"], "dst": job["dst"] + ".2"}) + "\n")
+    r = run_cli("convert-many", "-q", "--jobs", again)
+    assert r.returncode == 0, r.stderr
+    assert_same_bytes((target / f"{raw_name}.raw.2").read_bytes(),
+                      reference_raw(images.get(GOOD[0]).path), "the job read back")
 
 
 def test_cli_usage_errors(tmp_path):
