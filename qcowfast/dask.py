@@ -12,6 +12,7 @@ them.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from functools import partial
 
@@ -22,21 +23,46 @@ except ImportError as exc:
                       "pip install 'qcowfast[dask]'", name=exc.name) from exc
 
 from . import fleet
+from .output import sweep_stale_temps_of
 
 KEY_PREFIX = "qcowfast-convert"
 
 
-def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots=None):
+def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots=None,
+          batch: str | None = None):
     """Run in a worker: the job's result or its non-transient exception, as a value."""
     if threads is None:
         threads = _threads_for_this_worker(host_slots or {})
     try:
+        # Temporary files of killed runs beside the destination: a directory is listed once per
+        # batch in each worker process, not once per task (N tasks into one directory of a
+        # shared filesystem would list it N times).
+        sweep_stale_temps_of([job.dst], _listings_of(batch))
         return fleet.run_job(job, threads=threads, skip_existing=skip_existing,
-                             overwrite=overwrite)
+                             overwrite=overwrite, swept=True)
     except Exception as exc:          # noqa: BLE001 - sorted below, nothing is swallowed
         if fleet.is_transient(exc):
             raise                     # Dask retries it
         return exc
+
+
+def _listings_of(batch: str | None) -> dict | None:
+    """This worker process's directory listings for `batch` (see sweep_stale_temps_of); the
+    last KEEP_BATCHES batches are kept."""
+    if batch is None:
+        return None
+    with _listings_lock:
+        listings = _batch_listings.get(batch)
+        if listings is None:
+            while len(_batch_listings) >= KEEP_BATCHES:
+                del _batch_listings[next(iter(_batch_listings))]
+            listings = _batch_listings[batch] = {}
+        return listings
+
+
+KEEP_BATCHES = 8
+_batch_listings: dict[str, dict] = {}
+_listings_lock = threading.Lock()
 
 
 def _refused(exc: ValueError) -> ValueError:
@@ -102,7 +128,7 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     # before the scheduler knew the larger ones existed). Each call is bound in a partial,
     # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
     calls = [partial(_refused, refused[i]) if i in refused else
-             partial(_task, job, threads, skip_existing, overwrite, host_slots)
+             partial(_task, job, threads, skip_existing, overwrite, host_slots, batch)
              for i, job in enumerate(jobs)]
     sizes = [-1 if i in refused else fleet.guest_size(job) for i, job in enumerate(jobs)]
     order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))

@@ -135,9 +135,13 @@ def sweep_stale_temps(dst: str) -> list[str]:
     return sweep_stale_temps_of([dst])
 
 
-def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
+def sweep_stale_temps_of(dsts: Iterable[str], listings: dict | None = None) -> list[str]:
     """`sweep_stale_temps` for many destinations, listing each directory once (a batch of N
-    outputs in one directory would otherwise list it N times)."""
+    outputs in one directory would otherwise list it N times).
+
+    `listings` ({directory: temp_names(directory)}) keeps the listings for later calls (a Dask
+    worker's tasks of one batch): a temporary file created after a directory was listed is
+    then not seen, which is right for the batch's own live ones."""
     owners: dict[str, set[str]] = {}    # directory: prefixes of the temporary names it may hold
     for dst in dsts:
         if not dst or dst.endswith(os.sep):
@@ -146,23 +150,13 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
             owners.setdefault(os.path.dirname(name), set()).add(f".{os.path.basename(name)}.")
     candidates = {}
     for directory, prefixes in owners.items():
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for entry in names:
-            # Only names _locked_temp gives: ".NAME." + a random part (TEMP_RANDOM_BYTES in hex,
-            # after LOCKED_AT_BIRTH for files locked before they had a name) + TMP_SUFFIX.
-            # Anything else beside a destination is someone's file.
-            if not entry.endswith(TMP_SUFFIX):
-                continue
-            cut = entry.rfind(".", 0, len(entry) - len(TMP_SUFFIX)) + 1
-            if not cut or entry[:cut] not in prefixes:
-                continue
-            rand = entry[cut:len(entry) - len(TMP_SUFFIX)]
-            born_locked = rand.startswith(LOCKED_AT_BIRTH)
-            digits = rand[len(LOCKED_AT_BIRTH):] if born_locked else rand
-            if len(digits) == 2 * TEMP_RANDOM_BYTES and _HEX.issuperset(digits):
+        names = listings.get(directory) if listings is not None else None
+        if names is None:
+            names = temp_names(directory)
+            if listings is not None:
+                listings[directory] = names
+        for prefix in prefixes:
+            for entry, born_locked in names.get(prefix, ()):
                 candidates[os.path.join(directory, entry)] = born_locked
     removed = []
     for path, born_locked in sorted(candidates.items()):
@@ -185,6 +179,31 @@ def sweep_stale_temps_of(dsts: Iterable[str]) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def temp_names(directory: str) -> dict[str, list[tuple[str, bool]]]:
+    """The temporary-file names in `directory`, by owner prefix (".NAME."): [(entry,
+    locked_at_birth)]. Only names _locked_temp gives count: ".NAME." + a random part
+    (TEMP_RANDOM_BYTES in hex, after LOCKED_AT_BIRTH for files locked before they had a name) +
+    TMP_SUFFIX; anything else beside a destination is someone's file. {} when it cannot be
+    listed."""
+    by_owner: dict[str, list[tuple[str, bool]]] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return by_owner
+    for entry in names:
+        if not entry.endswith(TMP_SUFFIX):
+            continue
+        cut = entry.rfind(".", 0, len(entry) - len(TMP_SUFFIX)) + 1     # the owner's prefix ends
+        if not cut:
+            continue
+        rand = entry[cut:len(entry) - len(TMP_SUFFIX)]
+        born_locked = rand.startswith(LOCKED_AT_BIRTH)
+        digits = rand[len(LOCKED_AT_BIRTH):] if born_locked else rand
+        if len(digits) == 2 * TEMP_RANDOM_BYTES and _HEX.issuperset(digits):
+            by_owner.setdefault(entry[:cut], []).append((entry, born_locked))
+    return by_owner
 
 
 class temps_swept:

@@ -7,6 +7,7 @@ image errors come back as values in their slot, transient I/O errors are retried
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -181,6 +182,55 @@ def test_all_jobs_reach_the_scheduler_in_one_graph_largest_first(client, tmp_pat
     assert [int(k.rsplit("-", 1)[1]) for k in by_priority] == [5, 4, 3, 2, 1, 0], graphs
     for job in jobs:
         assert Path(job["dst"]).read_bytes() == Path(job["src"]).read_bytes()
+
+
+def _count_listings(directory, dask_worker=None):
+    """In a worker: count os.listdir calls on `directory` from now on."""
+    real = getattr(os, "_qcowfast_test_listdir", os.listdir)
+    os._qcowfast_test_listdir = real
+    calls = dask_worker._qcowfast_test_listings = []
+
+    def listdir(path="."):
+        if os.path.realpath(path) == directory:
+            calls.append(path)
+        return real(path)
+    os.listdir = listdir
+
+
+def _listings_counted(dask_worker=None):
+    """In a worker: stop counting; the number of listings seen."""
+    os.listdir = os._qcowfast_test_listdir
+    return len(dask_worker._qcowfast_test_listings)
+
+
+def test_each_worker_lists_an_output_directory_once_per_batch(client, images, tmp_path):
+    """Tasks of one batch into one directory: each worker process lists it once for the
+    temporary files of killed runs (a listing per task was quadratic on big directories),
+    and every task's stale temporary files still go, live ones stay."""
+    src = images.get(IMAGES[0]).path
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [(src, out / f"{i}.raw") for i in range(16)]
+    stale = [out / f".{i}.raw.l{i:012x}{TMP_SUFFIX}" for i in range(0, 16, 2)]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
+    live = out / f".1.raw.l{99:012x}{TMP_SUFFIX}"
+    live.write_bytes(b"")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)               # as a conversion elsewhere holds it
+    client.run(_count_listings, os.path.realpath(out))
+    try:
+        results = qdask.convert_many(jobs, client)
+    finally:
+        counts = client.run(_listings_counted)
+        os.close(fd)
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    assert all(n <= 1 for n in counts.values()), counts
+    assert not [p.name for p in stale if p.exists()]
+    assert live.exists()
+    reference = reference_raw(src)
+    for _, dst in jobs:
+        assert_same_bytes(dst.read_bytes(), reference, str(dst))
 
 
 def test_conflicting_jobs_are_refused_as_values(client, images, tmp_path):
