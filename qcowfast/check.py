@@ -707,7 +707,7 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
     image needs a data file and names none. Files are found under qcowfast's path policy.
     """
     from .errors import BackingChainError, UnsupportedFeature
-    from .image import Image, RawImage
+    from .image import Image, RawImage, check_qcow2_backing
     from .paths import resolve_reference
     from .probe import detect_format
     if header.has_data_file:
@@ -724,10 +724,12 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
         if fmt in RAW_FORMATS:
             layer = RawImage(opened, 1, force_share=force_share)
         elif fmt == "qcow2":
+            check_qcow2_backing(opened, name)
             layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share, _depth=1,
-                          _seen=(ident,))
+                          _seen=(ident,), _top=name)
         else:
-            raise UnsupportedFeature(f"unknown backing file format {fmt!r}")
+            raise UnsupportedFeature(f"backing file format {fmt!r} of {name} is not supported "
+                                     "(qcowfast reads qcow2 and raw backing files)")
         layer.close()
     finally:
         opened.close()

@@ -20,7 +20,7 @@ from . import _plain, buffers
 from ._lazy import LazyModule
 from .arguments import integer
 from .constants import (
-    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_OFLAG_COPIED, RAW_FORMATS,
+    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED, RAW_FORMATS,
     CompressionType, ExtentKind,
 )
 from .errors import (
@@ -510,6 +510,14 @@ class RawImage(_Layer):
         return map_entries(self)
 
 
+def check_qcow2_backing(opened: OpenedFile, owner: str) -> None:
+    """Refuse a backing file that is opened as qcow2 (its format named in `owner`'s header) but
+    is not one, naming both files (read_header would name the backing file alone)."""
+    if os.pread(opened.fd, 4, 0) != QCOW_MAGIC:
+        raise FormatError(f"backing file {opened.path} of {owner} is not a QCOW2 image, though "
+                          f"{owner} names its format qcow2")
+
+
 class Image(_Layer):
     """An opened QCOW2 image (read-only), with its backing chain. Use `qcowfast.open`.
 
@@ -518,9 +526,11 @@ class Image(_Layer):
 
     def __init__(self, path, *, backing=None, backing_dirs=(), data_file=None, snapshot=None,
                  cache_size: int = DEFAULT_CACHE_SIZE, max_depth: int = MAX_CHAIN_DEPTH,
-                 force_share: bool = False, _depth: int = 0, _seen: tuple = ()):
+                 force_share: bool = False, _depth: int = 0, _seen: tuple = (),
+                 _top: str | None = None):
         self.filename = os.fspath(path)
         self.depth = _depth
+        self._top = self.filename if _top is None else _top    # the image the caller opened
         self.backing = None
         self._owns_backing = False
         self.force_share = force_share
@@ -650,13 +660,15 @@ class Image(_Layer):
         if isinstance(backing, _Layer):
             backing._check_open()
             if self.depth + len(backing.chain) > max_depth:
-                raise BackingChainError(f"backing chain of {self.filename} is deeper than "
+                raise BackingChainError(f"backing chain of {self._top} is deeper than "
                                         f"{max_depth} (with the chain of the backing= image)")
             self.backing = backing              # shared: the caller closes it
             self._reads = _LinkedReads(backing._reads)  # its descriptors open while we read
             return
         if self.depth + 1 > max_depth:
-            raise BackingChainError(f"backing chain of {self.filename} is deeper than {max_depth}")
+            raise BackingChainError(f"backing chain of {self._top} is deeper than {max_depth} "
+                                    f"(the backing file of {self.filename} would be layer "
+                                    f"{self.depth + 1})")
         # The descriptor opened (and checked) here is the one the backing layer reads.
         if backing is None:
             opened = resolve_reference(self.filename, h.backing_file, "backing file", allowed)
@@ -671,12 +683,14 @@ class Image(_Layer):
             if fmt in RAW_FORMATS:
                 self.backing = RawImage(opened, self.depth + 1, force_share=self.force_share)
             elif fmt == "qcow2":
+                check_qcow2_backing(opened, self.filename)
                 self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
                                      max_depth=max_depth, force_share=self.force_share,
-                                     _depth=self.depth + 1, _seen=seen)
+                                     _depth=self.depth + 1, _seen=seen, _top=self._top)
             else:
-                raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} "
-                                         "(qcowfast reads qcow2 and raw backing files)")
+                raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} is "
+                                         "not supported (qcowfast reads qcow2 and raw backing "
+                                         "files)")
             self._owns_backing = True
             self._reads = self.backing._reads
         finally:

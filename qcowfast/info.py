@@ -215,7 +215,8 @@ def _layer_info(path: str, fmt: str | None, force_share: bool = False
             out = {"virtual-size": -(-opened.size // SECTOR) * SECTOR, "filename": path,
                    "format": fmt, "actual-size": st.st_blocks * 512, "dirty-flag": False}
         else:
-            raise UnsupportedFeature(f"{path}: format {fmt!r} (qcowfast reads qcow2 and raw)")
+            raise UnsupportedFeature(f"{path}: format {fmt!r} is not supported (qcowfast "
+                                     "reads qcow2 and raw)")
         return out, (st.st_dev, st.st_ino)
     finally:
         opened.close()

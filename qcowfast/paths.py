@@ -183,7 +183,12 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     explicit = "backing=PATH" if what == "backing file" else "data_file=PATH"
     hint = (f"pass backing_dirs=[DIR] (command line: --allow-backing-dir DIR) or name the file "
             f"explicitly with {explicit}")
-    never = f"no directory allows it; name the file explicitly with {explicit} (Python API)"
+    # No --allow-backing-dir admits these: the Python API's explicit argument does, and on the
+    # command line, rewriting the name the image holds (qemu-img rebase -u / amend).
+    rename = ("qemu-img rebase -u -b FILE -F FORMAT IMAGE" if what == "backing file"
+              else "qemu-img amend -o data_file=FILE IMAGE")
+    never = (f"name the file explicitly with {explicit} (Python API), or store a plain file "
+             f"name in the image ({rename})")
     if not name:
         raise UnsafePathError(f"{what} name in {image_path} is empty")
     if "\0" in name:
@@ -207,8 +212,9 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     try:
         opened = open_file(path, what, owner=image_path, block_devices=False)
     except FormatError as exc:
-        raise UnsafePathError(f"{what} {name!r} named in {image_path} is not a regular file "
-                              f"({exc}); qcowfast only follows regular files; {never}") from None
+        # (exc: "backing file NAME of IMAGE is a directory, not a regular file")
+        raise UnsafePathError(f"{exc}; qcowfast follows only regular files named in an "
+                              f"image") from None
     except MissingBackingFile:
         try:
             real = os.path.realpath(path)

@@ -220,6 +220,10 @@ def test_protocol_names_never_followed(tmp_path, name):
         # The message points at what helps (backing=PATH), not at directories, which don't.
         assert "backing=PATH" in str(info.value) and "--allow-backing-dir" not in \
             str(info.value), info.value
+    # On the command line, the remedy is storing a plain name: the message says how.
+    proc = run_cli("map", top)
+    assert proc.returncode == 1 and "qemu-img rebase -u -b FILE -F FORMAT IMAGE" in \
+        proc.stderr, proc.stderr
     # Naming the file explicitly works; the oracle is the same image with a plain name.
     plain = tmp_path / "plain.qcow2"
     shutil.copyfile(top, plain)
@@ -260,7 +264,33 @@ def test_non_regular_files_refused(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and "refused:" in proc.stdout, proc.stdout + proc.stderr
-        assert "not a regular file" in proc.stdout
+        kind = "a FIFO" if name.startswith("fifo") else "a directory"
+        assert f"{name} of {top} is {kind}, not a regular file" in proc.stdout, proc.stdout
+        # No option admits such a file: the message must not send the user looking for one.
+        assert "allow" not in proc.stdout, proc.stdout
+
+
+def test_backing_format_errors_name_both_files(tmp_path):
+    """The header names a backing format the file does not have, or one qcowfast does not
+    read: every command refuses with one line naming the image and its backing file, where
+    qemu-img fails to open the image too (exit 1)."""
+    qemu_img("create", "-q", "-f", "raw", tmp_path / "base.raw", "1M")
+    as_qcow2 = tmp_path / "as-qcow2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "qcow2", as_qcow2, "1M")
+    as_vmdk = tmp_path / "as-vmdk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "vmdk", as_vmdk, "1M")
+    wants = {as_qcow2: f"backing file {tmp_path / 'base.raw'} of {as_qcow2} is not a QCOW2 "
+                       f"image, though {as_qcow2} names its format qcow2",
+             as_vmdk: f"backing file format 'vmdk' of {as_vmdk} is not supported"}
+    for top, want in wants.items():
+        qemu = subprocess.run(["qemu-img", "check", top], capture_output=True, text=True)
+        assert qemu.returncode == 1 and "Could not open backing file" in qemu.stderr
+        for command in (["map"], ["check"], ["convert", "-O", "raw", top, tmp_path / "o.raw"]):
+            args = command if command[0] == "convert" else [*command, top]
+            proc = run_cli(*args)
+            assert proc.returncode == 1 and want in proc.stderr, (args, proc.stderr)
+            assert proc.stderr.count("\n") == 1, proc.stderr
+        assert not (tmp_path / "o.raw").exists()
 
 
 @pytest.mark.parametrize("stored, followed", [
@@ -487,7 +517,10 @@ def deep_chain(tmp_path_factory) -> list[Path]:
 
 
 def test_chain_deeper_than_default_refused(deep_chain):
-    with pytest.raises(BackingChainError, match="deeper than 64"):
+    # The message names the image that was opened, not the layer where the limit was reached.
+    with pytest.raises(BackingChainError, match=r"chain of \S*l00\.qcow2 is deeper than 64 "
+                                                r"\(the backing file of \S*l64\.qcow2 would "
+                                                r"be layer 65\)"):
         qcowfast.open(deep_chain[0])
     data = read_all(deep_chain[1])            # 64 backing links: the limit itself is fine
     assert data[:4] == b"\x65" * 4
@@ -500,7 +533,11 @@ def test_chain_depth_option(deep_chain, tmp_path):
         qcowfast.open(deep_chain[62], max_depth=2)
     read_all(deep_chain[63], max_depth=2)
     proc = run_cli("convert", "-q", deep_chain[0], tmp_path / "o.raw")
-    assert proc.returncode == 1 and "deeper than 64" in proc.stderr
+    assert proc.returncode == 1 and "l00.qcow2 is deeper than 64" in proc.stderr
+    for command in (["map"], ["check"], ["compare", deep_chain[1]]):
+        proc = run_cli(*command[:1], deep_chain[0], *command[1:])
+        assert proc.returncode == (2 if command[0] == "compare" else 1), proc.stderr
+        assert "chain of " + str(deep_chain[0]) + " is deeper than 64" in proc.stderr, command
 
 
 @pytest.mark.parametrize("how", ["self", "two", "three", "hardlink", "symlink"])
