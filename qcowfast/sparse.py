@@ -23,11 +23,24 @@ MAX_REQUEST = ((1 << 31) - 1) // SECTOR     # BDRV_REQUEST_MAX_SECTORS
 BUF_SECTORS = (2 << 20) // SECTOR           # IO_BUF_SIZE: qcow2 targets never raise it
 
 
-def block_status(image, off: int, nbytes: int, prealloc: dict) -> tuple[bool, int]:
-    """bdrv_block_status_above(image, NULL, off, nbytes) as qemu-img convert reads it:
-    (reads as zero, bytes) of the run from `off` (`prealloc`: blockstatus.status_runs' cache)."""
-    run = next(status_runs(image, off, off + nbytes, prealloc))
-    return bool(run.flags & BDRV_BLOCK_ZERO), run.end - off
+class BlockStatus:
+    """bdrv_block_status_above(image, NULL, off, nbytes) as qemu-img convert reads it, for
+    queries at offsets that never go back: (reads as zero, bytes) of the run from `off`.
+
+    The runs come from one walk over the image (status_runs): a query inside a run answers
+    that run's end, whatever offset it starts at. (A walk per query, classifying everything
+    from `off` to get one run, made a fragmented image's plan quadratic.)"""
+
+    def __init__(self, image):
+        end = -(-image.virtual_size // SECTOR) * SECTOR
+        self._runs = status_runs(image, 0, end, {})
+        self._run = None
+
+    def __call__(self, off: int, nbytes: int) -> tuple[bool, int]:
+        run = self._run
+        while run is None or run.end <= off:
+            run = self._run = next(self._runs)
+        return bool(run.flags & BDRV_BLOCK_ZERO), min(run.end, off + nbytes) - off
 
 
 def requests(image):
@@ -36,11 +49,11 @@ def requests(image):
     align = 1 if isinstance(image, RawImage) else image.cluster_size // SECTOR
     sector = next_status = 0
     data = False
-    prealloc: dict = {}
+    block_status = BlockStatus(image)
     while sector < total:
         n = min(total - sector, MAX_REQUEST)
         if next_status <= sector:
-            zero, count = block_status(image, sector * SECTOR, n * SECTOR, prealloc)
+            zero, count = block_status(sector * SECTOR, n * SECTOR)
             count = -(-count // SECTOR)
             # Keep the next status query aligned to the source's clusters.
             tail = (sector + count) % align
