@@ -68,6 +68,7 @@ cdef struct Layer:
     int table_fd            # where the L2 tables are
     int data_fd             # where the data clusters are (an external data file, or table_fd)
     int raw                 # a raw layer: data_fd's bytes up to data_size, zeros past them
+    int holes_read_zero     # metadata-preallocated qcow2: data clusters' host holes are zeros
     int cluster_bits
     int flags               # _classify.pxi FLAG_*
     int64_t vsize
@@ -238,8 +239,16 @@ cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexce
     """The data pieces of raw layer L in [start, start + n): what SEEK_DATA/SEEK_HOLE report
     as data (holes read as zeros, as file-posix's block status says: they are never read,
     nor mapped, which on tmpfs would allocate them); all of it where the file system
-    cannot tell. pread/pwrite users only: lseek moves the descriptor's shared offset."""
-    cdef int64_t pos = start, end = start + n, data, hole
+    cannot tell."""
+    return file_data(L, d, start, start, n, out)
+
+
+cdef int file_data(Layer *L, int d, int64_t guest, int64_t host, int64_t n,
+                   Pieces *out) noexcept nogil:
+    """Guest range [guest, guest + n), stored at [host, host + n) of L's data file: pieces
+    for what SEEK_DATA/SEEK_HOLE report as data there, nothing for the holes (they read as
+    zeros). pread/pwrite users only: lseek moves the descriptor's shared offset."""
+    cdef int64_t pos = host, end = host + n, data, hole, delta = guest - host
     cdef int rc
     while pos < end:
         if out.first_only and out.n:
@@ -259,7 +268,7 @@ cdef int raw_data(Layer *L, int d, int64_t start, int64_t n, Pieces *out) noexce
             hole = lseek(L.data_fd, data, SEEK_HOLE)
             if hole < 0 or hole > end:
                 hole = end
-        rc = add_piece(out, data, hole - data, L.data_fd, data, d)
+        rc = add_piece(out, data + delta, hole - data, L.data_fd, data, d)
         if rc != R_OK:
             return rc
         pos = hole
@@ -311,7 +320,11 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
             b = min(g + o[cap + r], pos + n)
             kind = k[r]
             if a < b:
-                if kind == K_DATA:
+                if kind == K_DATA and L.holes_read_zero:
+                    # QEMU (qcow2_detect_metadata_preallocation, then block status with
+                    # BDRV_BLOCK_RECURSE) reads the host file's holes in such clusters as zeros.
+                    rc = file_data(L, d, a, o[2 * cap + r] + (a - g), b - a, out)
+                elif kind == K_DATA:
                     rc = add_piece(out, a, b - a, L.data_fd, o[2 * cap + r] + (a - g), d)
                 elif kind == K_UNALLOCATED:
                     rc = from_backing(layers, nl, d, a, b - a, out)
@@ -329,7 +342,8 @@ cdef class Chain:
     copy().
 
     layers: sequence of (table_fd, data_fd, raw, cluster_bits, flags, virtual_size, data_size,
-    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None); the caller keeps the files open.
+    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None, holes_read_zero); the caller
+    keeps the files open.
     """
     cdef Layer *layers
     cdef int nl
@@ -352,9 +366,10 @@ cdef class Chain:
             raise MemoryError()
         memset(self.layers, 0, self.nl * sizeof(Layer))
         for i, spec in enumerate(layers):
-            table_fd, data_fd, raw, bits, flags, vsize, data_size, per_l1, l2 = spec
+            table_fd, data_fd, raw, bits, flags, vsize, data_size, per_l1, l2, zero_holes = spec
             L = &self.layers[i]
             L.table_fd, L.data_fd, L.raw = table_fd, data_fd, bool(raw)
+            L.holes_read_zero = bool(zero_holes)
             L.vsize, L.data_size = vsize, data_size
             if vsize < 0 or data_size < 0:
                 raise ValueError("bad layer size")

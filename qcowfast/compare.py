@@ -23,7 +23,7 @@ from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO,
                           Status as _Status, status_runs as _status_runs)
 from .constants import ExtentKind
 from .image import Image, RawImage, open_source
-from .mapping import _raw_pieces
+from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
 
 SECTOR = 512
@@ -79,17 +79,29 @@ class _QcowSource:
         self.name = image.filename
         self.image = image
         self.size = self.image.virtual_size // SECTOR * SECTOR   # QEMU: whole sectors
+        self._prealloc: dict = {}           # depth -> mapping.metadata_preallocated(layer)
 
     def pieces(self, start: int, end: int) -> Iterator[_Piece]:
         image = self.image
+        prealloc = self._prealloc
         for e in image.extents(start, end - start):
             g0, g1 = e.guest_offset, e.guest_offset + e.length
-            if e.kind == ExtentKind.DATA and isinstance(image.layer(e.depth), RawImage):
-                fd = image.layer(e.depth).data_fd
-                for s, n, is_data in _raw_pieces(fd, g0, e.length):
+            layer = image.layer(e.depth)
+            if e.kind == ExtentKind.DATA and isinstance(layer, RawImage):
+                for s, n, is_data in _raw_pieces(layer.data_fd, g0, e.length):
                     yield _Piece(s, s + n, not is_data)
-            else:
-                yield _Piece(g0, g1, e.kind not in (ExtentKind.DATA, ExtentKind.COMPRESSED))
+                continue
+            if e.kind == ExtentKind.DATA:
+                if e.depth not in prealloc:
+                    prealloc[e.depth] = metadata_preallocated(layer)
+                if prealloc[e.depth]:
+                    # As QEMU reads them (block status with BDRV_BLOCK_RECURSE): the host
+                    # file's holes in a metadata-preallocated layer's data clusters are zeros.
+                    delta = e.host_offset - g0
+                    for s, n, is_data in _raw_pieces(layer.data_fd, e.host_offset, e.length):
+                        yield _Piece(s - delta, s - delta + n, not is_data)
+                    continue
+            yield _Piece(g0, g1, e.kind not in (ExtentKind.DATA, ExtentKind.COMPRESSED))
 
     def status_runs(self, end: int) -> Iterator[_Status]:
         return _status_runs(self.image, 0, end, {})

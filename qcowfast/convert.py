@@ -68,14 +68,21 @@ def _plan(image: Image, unit: int):
     runs = (start, end, kind, host, csize, depth) int64 arrays; DATA runs are cut at unit
     boundaries (compressed clusters never cross one: units are whole clusters).
     """
+    from .mapping import metadata_preallocated
     current, parts = -1, []
     claims = _Claims(image)
+    holes_read_zero = {depth: layer.data_fd for depth, layer in image.by_depth()
+                       if isinstance(layer, Image) and metadata_preallocated(layer)}
     for chunk in image._runs(0, image.virtual_size):
         sel = (chunk.kind == _DATA) | (chunk.kind == _COMPRESSED)
         if not sel.any():
             continue
         g, n, k, h, c, d = chunk if sel.all() else (a[sel] for a in chunk)
         claims.add(g, n, k, h, d)
+        if holes_read_zero:
+            g, n, k, h, c, d = _without_host_holes((g, n, k, h, c, d), holes_read_zero)
+            if not len(g):
+                continue
         u = int(g[0]) // unit
         if u == int(g[-1] + n[-1] - 1) // unit:
             # The whole chunk lies in one unit (the usual case): no cutting.
@@ -107,6 +114,30 @@ def _plan(image: Image, unit: int):
             parts.append(tuple(x[a:b] for x in runs))
     if parts:
         yield current, _concat(parts)
+
+
+def _without_host_holes(runs, fds: dict):
+    """`runs` without the host file's holes in the DATA runs of metadata-preallocated layers
+    (`fds`: depth -> data file): QEMU reads them as zeros (qcow2_detect_metadata_preallocation,
+    then block status with BDRV_BLOCK_RECURSE), and reading them costs as much as data."""
+    from .mapping import _raw_pieces
+    g, n, k, h, c, d = runs
+    sel = (k == _DATA) & np.isin(d, list(fds))
+    if not sel.any():
+        return runs
+    sizes = {depth: current_size(fd) for depth, fd in fds.items()}
+    rows = []
+    for i, (gi, ni, ki, hi, ci, di) in enumerate(zip(*(a.tolist() for a in runs))):
+        if not sel[i] or hi + ni > sizes[di]:
+            # (A file cut below its data since it was opened: reading reports that.)
+            rows.append((gi, ni, ki, hi, ci, di))
+            continue
+        for s, m, is_data in _raw_pieces(fds[di], hi, ni):
+            if is_data:
+                rows.append((gi + s - hi, m, ki, s, ci, di))
+    if not rows:
+        return tuple(a[:0] for a in runs)
+    return tuple(np.array(col, dtype=a.dtype) for col, a in zip(zip(*rows), runs))
 
 
 class _Claims:
@@ -763,15 +794,16 @@ def _plain_chain(image, unit: int, block: int):
     order), else None. The check reads the L2 tables once, before any data."""
     if unit % block:
         return None
+    from .mapping import metadata_preallocated
     specs = []
     for layer in image.chain:
         if isinstance(layer, Image):
             specs.append((layer._fd, layer.data_fd, False, layer.cluster_bits, layer._flags,
                           layer.virtual_size, layer.data_size, layer._l2_per_l1,
-                          layer._l2_off))
+                          layer._l2_off, metadata_preallocated(layer)))
         else:                                           # RawImage
             specs.append((layer.data_fd, layer.data_fd, True, 9, 0, layer.virtual_size,
-                          layer.data_size, 0, None))
+                          layer.data_size, 0, None, False))
     chain = _plain.Chain(specs)
     return chain if chain.check() else None
 

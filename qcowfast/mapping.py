@@ -43,14 +43,16 @@ def metadata_preallocated(layer) -> bool:
     """QEMU qcow2_detect_metadata_preallocation(): at least max(a ninth more, two more)
     clusters have a refcount than the file really allocates (st_blocks). QEMU then reports
     holes of the host file inside data clusters as zero."""
-    import numpy as np
-
-    from .refcounts import StoredRefcounts
     st = os.fstat(layer._fd)
     cs = layer.cluster_size
     real_clusters = st.st_blocks * 512 // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-st.st_size // cs)
+    if end_cluster < threshold:
+        return False            # fewer clusters below the end than the count must reach
+    import numpy as np
+
+    from .refcounts import StoredRefcounts
     refs = StoredRefcounts(layer._fd, layer.header)
     per_block = 1 << refs.block_bits
     count = 0

@@ -196,7 +196,7 @@ def test_kernel_checks_its_arguments(tmp_path):
     fd = os.open(raw, os.O_RDONLY)
     out = os.open(tmp_path / "o.raw", os.O_RDWR | os.O_CREAT)
     try:
-        chain = _plain.Chain([(fd, fd, True, 9, 0, 8192, 8192, 0, None)])
+        chain = _plain.Chain([(fd, fd, True, 9, 0, 8192, 8192, 0, None, False)])
         buf = bytearray(4096)
         with pytest.raises(ValueError):
             chain.copy(0, 8192, buf, 4096, out)            # longer than the buffer
@@ -210,7 +210,7 @@ def test_kernel_checks_its_arguments(tmp_path):
             chain.copy(0, 4096, buf, 4096, fd)             # not open for writing
         assert chain.next_data(0, 8192) == 0
         with pytest.raises(ValueError):
-            _plain.Chain([(fd, fd, False, 30, 0, 8192, 8192, 1, array("q"))])
+            _plain.Chain([(fd, fd, False, 30, 0, 8192, 8192, 1, array("q"), False)])
         with pytest.raises(ValueError):
             _plain.l1_scan(bytes(16), 16, 1 << 20, array("q", [0]))   # output too short
     finally:
@@ -229,9 +229,9 @@ def _raw_backed(tmp_path, size):
     layers = im.chain
     specs = [(layers[0]._fd, layers[0].data_fd, False, layers[0].cluster_bits,
               layers[0]._flags, layers[0].virtual_size, layers[0].data_size,
-              layers[0]._l2_per_l1, layers[0]._l2_off),
+              layers[0]._l2_per_l1, layers[0]._l2_off, False),
              (layers[1].data_fd, layers[1].data_fd, True, 9, 0, layers[1].virtual_size,
-              layers[1].data_size, 0, None)]
+              layers[1].data_size, 0, None, False)]
     return base, im, _plain.Chain(specs)
 
 
