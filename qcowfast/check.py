@@ -522,27 +522,37 @@ class _Checker:
         refcount 0: those with references are compared in one pass, the rest need no work.
         """
         res, nb, refmax = self.res, self.nb, self.refmax
-        clusters, counts = self.refs.items()
+        # The computed arrays themselves (int32 clusters, uint32 counts): nothing here makes a
+        # whole-length copy of a wider type (that took 64 bytes per referenced cluster).
+        clusters, counts = self.refs.arrays()
         # Increments past the refcount maximum are refused one by one, each a corruption.
-        over = np.flatnonzero(counts > _U64(refmax))
+        capped = refmax < np.iinfo(counts.dtype).max      # (refmax may not fit the dtype)
+        limit = counts.dtype.type(refmax) if capped else None
+        over = np.flatnonzero(counts > limit) if capped else np.zeros(0, np.intp)
         for c in clusters[over][:3].tolist():
             self.say("overflow", f"ERROR: overflow cluster offset={c * self.cs:#x}")
-        res.corruptions += sum((counts[over] - _U64(refmax)).tolist())
-        computed = np.minimum(counts, _U64(refmax))
+        res.corruptions += sum(counts[over].tolist()) - refmax * len(over)
         bits = stored.block_bits
         per_block = 1 << bits
         table = stored.table[:-(-nb // per_block)] & _U64(REFT_OFFSET_MASK)
         present = np.flatnonzero(table)
-        block_of = clusters >> bits
-        k = np.minimum(np.searchsorted(present, block_of), max(len(present) - 1, 0))
-        covered = (present[k] == block_of) if len(present) else np.zeros(len(clusters), bool)
-        uncovered = ~covered & (computed > 0)
-        problems = [(c, 0, r) for c, r in zip(clusters[uncovered][:MAX_MESSAGES + 1].tolist(),
-                                              computed[uncovered][:MAX_MESSAGES + 1].tolist())]
-        res.corruptions += int(np.count_nonzero(uncovered))
-        highest = int(clusters[uncovered][-1]) if uncovered.any() else 0
+        # The slice of `clusters` each present refcount block covers (bounds as int32 like
+        # `clusters`: a mixed-type search would copy it to int64).
+        bounds = np.minimum(np.concatenate((present, present + 1)) << bits, 2**31 - 1)
+        at = np.searchsorted(clusters, bounds.astype(np.int32))
+        starts, ends = at[:len(present)], at[len(present):]
+        covered = np.zeros(len(clusters), bool)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            covered[a:b] = True
+        uncovered = np.flatnonzero(~covered & (counts > 0))
+        del covered
+        problems = [(c, 0, min(r, refmax))
+                    for c, r in zip(clusters[uncovered[:MAX_MESSAGES + 1]].tolist(),
+                                    counts[uncovered[:MAX_MESSAGES + 1]].tolist())]
+        res.corruptions += len(uncovered)
+        highest = int(clusters[uncovered[-1]]) if len(uncovered) else 0
         self.steps_total = self.steps_done + len(present)
-        for t in present.tolist():
+        for i, t in enumerate(present.tolist()):
             lo, hi = t * per_block, min((t + 1) * per_block, nb)
             blk = stored.block(t)
             if blk is None:
@@ -552,9 +562,10 @@ class _Checker:
                 self.tick()
                 continue
             values = blk[:hi - lo]
-            a, b = np.searchsorted(clusters, (lo, hi))
+            a, b = starts[i], ends[i]
             mine = np.zeros(hi - lo, _U64)
-            mine[clusters[a:b] - lo] = computed[a:b]
+            mine[clusters[a:b] - lo] = np.minimum(counts[a:b], limit) if capped else \
+                counts[a:b]
             used = np.flatnonzero((values > 0) | (mine > 0))
             if len(used):
                 highest = max(highest, lo + int(used[-1]))
@@ -578,16 +589,20 @@ class _Computed:
     Memory follows the references, not the file size: per distinct referenced cluster its
     index (int32: a check never counts past 2**31 clusters), its count (uint32, uint64 once
     a hostile image could overflow it) and the kind of structure that referenced it first.
-    References wait in a list and are merged a couple of million at a time. A later reference
-    by another kind of structure than the first is a metadata overlap (`clashes`, in counting
-    order, capped; `clash_count` exact).
+    References wait in a list and are merged half a million at a time (a merge's temporaries
+    take about 90 bytes per reference). The arrays keep room to grow, and a merge moves only
+    the entries after its first new cluster: clusters referenced in increasing order (the
+    usual image) are appended in place, not copied at each merge. A
+    later reference by another kind of structure than the first is a metadata overlap
+    (`clashes`, in counting order, capped; `clash_count` exact).
     """
-    MERGE_AT = 1 << 21
+    MERGE_AT = 1 << 19
 
     def __init__(self):
-        self.clusters = np.zeros(0, np.int32)
-        self.counts = np.zeros(0, np.uint32)
-        self.owner = np.zeros(0, np.uint8)
+        self._cl = np.zeros(0, np.int32)        # storage; the first _n entries are used
+        self._ct = np.zeros(0, np.uint32)
+        self._ow = np.zeros(0, np.uint8)
+        self._n = 0
         self.clash_count = 0
         self.clashes: list = []
         self._pending: list = []
@@ -595,6 +610,13 @@ class _Computed:
         self._added = 0
 
     def add(self, clusters: np.ndarray, weights: np.ndarray, owner: int) -> None:
+        if len(clusters) > self.MERGE_AT:
+            # In pieces: a merge's temporaries (about 90 bytes per reference) stay bounded by
+            # MERGE_AT, not by the image (all the data clusters of a large image come at once).
+            weights = np.broadcast_to(weights, clusters.shape)
+            for i in range(0, len(clusters), self.MERGE_AT):
+                self.add(clusters[i:i + self.MERGE_AT], weights[i:i + self.MERGE_AT], owner)
+            return
         self._pending.append((clusters.astype(np.int32), weights, owner))
         self._added += int(weights.sum())
         self._waiting += len(clusters)
@@ -628,14 +650,39 @@ class _Computed:
                 pick = clash[np.argsort(order[clash], kind="stable")[:room]]
                 self.clashes += zip(cl[pick].tolist(), first_each[pick].tolist(),
                                     own[pick].tolist())
-        if self._added > 0xFFFFFFFF and self.counts.dtype != np.uint64:
-            self.counts = self.counts.astype(np.uint64)      # only a hostile image gets here
-        self.counts[pos[known]] += sums[known].astype(self.counts.dtype)
+        if self._added > 0xFFFFFFFF and self._ct.dtype != np.uint64:
+            self._ct = self._ct.astype(np.uint64)      # only a hostile image gets here
+        self.counts[pos[known]] += sums[known].astype(self._ct.dtype)
         new = ~known
-        at = pos[new]
-        self.clusters = np.insert(self.clusters, at, uniq[new])
-        self.counts = np.insert(self.counts, at, sums[new].astype(self.counts.dtype))
-        self.owner = np.insert(self.owner, at, first[new])
+        at, add = pos[new], len(pos) - int(np.count_nonzero(known))
+        if not add:
+            return
+        n, lo = self._n, int(at[0])
+        if n + add > len(self._cl):
+            room = max(n + add, n + n // 2)     # grows by half: amortised copies, little slack
+            grown = []
+            for old in (self._cl, self._ct, self._ow):
+                buf = np.empty(room, old.dtype)
+                buf[:n] = old[:n]
+                grown.append(buf)
+            self._cl, self._ct, self._ow = grown
+        # Only what lies past the first new cluster moves (little or nothing in an ordinary
+        # image: its data clusters come in increasing host order).
+        for buf, values in ((self._cl, uniq[new]), (self._ct, sums[new]), (self._ow, first[new])):
+            buf[lo:n + add] = np.insert(buf[lo:n].copy(), at - lo, values.astype(buf.dtype))
+        self._n = n + add
+
+    @property
+    def clusters(self) -> np.ndarray:
+        return self._cl[:self._n]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._ct[:self._n]
+
+    @property
+    def owner(self) -> np.ndarray:
+        return self._ow[:self._n]
 
     def lookup(self, clusters: np.ndarray) -> np.ndarray:
         """Computed refcounts (uint64) of the given cluster indices."""
@@ -648,10 +695,11 @@ class _Computed:
             out[hit] = self.counts[pos[hit]]
         return out
 
-    def items(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cluster indices int64, counts uint64), sorted by cluster."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster indices int32, counts uint32 or uint64), sorted by cluster: the arrays
+        themselves, not copies."""
         self._merge()
-        return self.clusters.astype(np.int64), self.counts.astype(_U64)
+        return self.clusters, self.counts
 
 
 class _L2Refs:
