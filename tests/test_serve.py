@@ -244,6 +244,43 @@ def test_nbdinfo_map_matches_qemu_nbd(image, served, tmp_path):
     assert nbd_map(server.uri) == want
 
 
+def test_huge_sparse_chains_map_as_qemu_nbd_maps_them(served, tmp_path):
+    """Ranges no layer has an L2 table for are answered from the L1 tables, a whole request
+    in one extent as qemu-nbd answers (nbdinfo maps 64 TiB in 4 GiB requests); ranges that
+    reach a table, a raw backing file or a shorter backing file are answered as before."""
+    from qcowfast.serve import ImageExport
+    T, G = 1 << 40, 1 << 30
+    empty = tmp_path / "empty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", empty, 64 * T)
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, 8 * T)
+    qemu_io(base, f"write -P 1 {G} 64k", f"write -P 2 {8 * T - 64 * 1024} 64k")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, 16 * T)
+    qemu_io(top, f"write -P 3 {12 * T} 64k", f"write -z {2 * G} 64k")
+    raw = tmp_path / "base.raw"
+    with open(raw, "wb") as f:
+        f.truncate(3 * G)
+        f.seek(G + 4096)
+        f.write(b"x" * 4096)
+    over_raw = tmp_path / "over-raw.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", over_raw, 4 * T)
+    for path in (empty, top, over_raw):
+        reference = QemuNbd(path, tmp_path / "qemu-nbd.sock")
+        try:
+            want = nbd_map(unix_uri(reference.sock))
+        finally:
+            reference.stop()
+        server = served(path)
+        assert nbd_map(server.uri) == want, path.name
+    with qcowfast.open(empty) as img:
+        assert ImageExport(img).allocation(5 * T, 4 * G, 100) == [(4 * G, 3)]
+    with qcowfast.open(top) as img:
+        export = ImageExport(img)
+        assert export.allocation(13 * T, 4 * G, 100) == [(4 * G, 3)]
+        assert export.allocation(12 * T, 4 * G, 100) == [(64 * 1024, 0), (G - 64 * 1024, 3)]
+
+
 def test_block_status_holes_read_as_zeros(images, served, tmp_path):
     # Independent of qemu-nbd: every range reported hole,zero must read as zeros.
     image = images.get("c64k-v3-zeroes")
