@@ -185,9 +185,63 @@ def _range_entries(image, start: int, length: int | None) -> Iterator[dict]:
 def write_json(image, stream: TextIOBase, start: int = 0, length: int | None = None) -> None:
     """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry
     (of guest bytes [start, start + length) only, as --start-offset and --max-length)."""
-    _batched(map(_json_line, _range_entries(image, start, length)), stream, ",\n",
-             prefix="[")
+    end = image.virtual_size if length is None else min(start + length, image.virtual_size)
+    lines = (_json_lines_of_runs(image, start, end) if start < end and _runs_map(image)
+             else map(_json_line, _range_entries(image, start, length)))
+    _batched(lines, stream, ",\n", prefix="[")
     stream.write("]\n")
+
+
+def _runs_map(image) -> bool:
+    """True when every entry of `image`'s map is a run of its extent stream (or several
+    merged): no raw layer and no metadata-preallocated one, whose runs split at file holes."""
+    from .image import Image
+    return all(isinstance(layer, Image) for layer in image.chain) and \
+        not any(metadata_preallocated(layer) for layer in image.chain)
+
+
+def _json_lines_of_runs(image, start: int, end: int) -> Iterator[str]:
+    """The JSON lines of `_range_entries` (start < end), computed on the runs' arrays: each
+    run's flags at once, then qemu-img's merge (entry_mergeable: same depth and flags, host
+    offsets both absent or contiguous) where the flags change. About a fifth of the time of
+    building an Extent and a dict per run."""
+    import numpy as np
+    unalloc, zero_k, data_k, comp_k = (int(k) for k in (
+        ExtentKind.UNALLOCATED, ExtentKind.ZERO, ExtentKind.DATA, ExtentKind.COMPRESSED))
+    pend = None                     # [start, length, depth, flags, offset or -1]
+    for chunk in image._each_step(image._runs(start, end)):
+        k, g, n = chunk.kind, chunk.guest, chunk.length
+        # flags: present 4, zero 2, data 1 (the depth is compared on its own)
+        flags = ((k != unalloc) * 4 + ((k == zero_k) | (k == unalloc)) * 2
+                 + ((k == data_k) | (k == comp_k))).astype(np.int64)
+        off = np.where((chunk.host >= 0) & (k != comp_k), chunk.host, -1)
+        new = np.ones(len(g), bool)
+        new[1:] = ((flags[1:] != flags[:-1]) | (chunk.depth[1:] != chunk.depth[:-1])
+                   | ((off[1:] >= 0) != (off[:-1] >= 0))
+                   | ((off[1:] >= 0) & (off[1:] != off[:-1] + n[:-1])))
+        firsts = np.flatnonzero(new)
+        rows = zip(g[firsts].tolist(), np.add.reduceat(n, firsts).tolist(),
+                   chunk.depth[firsts].tolist(), flags[firsts].tolist(), off[firsts].tolist())
+        for row in rows:
+            if pend is not None:
+                if (pend[2] == row[2] and pend[3] == row[3] and (pend[4] < 0) == (row[4] < 0)
+                        and (pend[4] < 0 or pend[4] + pend[1] == row[4])):
+                    pend[1] += row[1]
+                    continue
+                yield _json_row(*pend)
+            pend = list(row)
+    if pend is not None:
+        yield _json_row(*pend)
+
+
+_BOOL = ("false", "true")
+
+
+def _json_row(start: int, length: int, depth: int, flags: int, offset: int) -> str:
+    s = (f'{{ "start": {start}, "length": {length}, "depth": {depth}, '
+         f'"present": {_BOOL[flags >> 2]}, "zero": {_BOOL[(flags >> 1) & 1]}, '
+         f'"data": {_BOOL[flags & 1]}')
+    return s + (f', "offset": {offset}}}' if offset >= 0 else "}")
 
 
 def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = None) -> None:
