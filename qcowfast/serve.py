@@ -34,7 +34,7 @@ import numpy as np
 from . import nbd
 from .constants import ExtentKind
 from .image import RawImage, _cores, _pread_exact
-from .mapping import _raw_pieces
+from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
 
 log = logging.getLogger("qcowfast.serve")
@@ -70,7 +70,15 @@ class ImageExport:
         for depth, node in layers:
             self._fds[depth] = node.data_fd
             self._sizes[depth] = node.data_size
-        self._raw_depths = {depth for depth, node in layers if isinstance(node, RawImage)}
+        # Layers whose data runs split at their files' holes, with the flags of a hole: raw
+        # files (HOLE|ZERO), and qcow2 layers QEMU takes for metadata-preallocated
+        # (qcow2_detect_metadata_preallocation; ZERO, the clusters being allocated).
+        self._raw_depths: dict[int, int] = {}
+        for depth, node in layers:
+            if isinstance(node, RawImage):
+                self._raw_depths[depth] = _HOLE_ZERO
+            elif metadata_preallocated(node):
+                self._raw_depths[depth] = nbd.NBD_STATE_ZERO
 
     def read_plan(self, offset: int, out) -> list:
         """Where the guest bytes at `offset` (len(out) of them) come from, for the NBD server:
@@ -227,9 +235,10 @@ class ImageExport:
         return True
 
     def _raw_holes(self, chunk, flags):
-        """(starts, flags) with the data runs of raw layers split at their files' holes
-        (SEEK_DATA/SEEK_HOLE), which qemu-nbd reports as HOLE|ZERO (file-posix block
-        status)."""
+        """(starts, flags) with the data runs of raw and metadata-preallocated layers split
+        at their files' holes (SEEK_DATA/SEEK_HOLE), which qemu-nbd reports as HOLE|ZERO
+        (file-posix block status); in a preallocated layer's data clusters, as ZERO only
+        (qcow2 answers DATA, the file's hole adds ZERO: BDRV_BLOCK_RECURSE)."""
         raw = np.isin(chunk.depth, list(self._raw_depths)) & (chunk.kind == _DATA)
         if not raw.any():
             return chunk.guest, flags
@@ -243,9 +252,10 @@ class ImageExport:
                 out.append(f)
                 continue
             fd = self.image.layer(d).data_fd
+            hole = self._raw_depths[d]
             for s, _, is_data in _raw_pieces(fd, h, n):
                 starts.append(g + s - h)
-                out.append(0 if is_data else _HOLE_ZERO)
+                out.append(0 if is_data else hole)
         return np.array(starts, np.int64), np.array(out, np.int64)
 
 

@@ -281,6 +281,25 @@ def test_huge_sparse_chains_map_as_qemu_nbd_maps_them(served, tmp_path):
         assert export.allocation(12 * T, 4 * G, 100) == [(64 * 1024, 0), (G - 64 * 1024, 3)]
 
 
+def test_preallocated_layers_map_as_qemu_nbd_maps_them(served, tmp_path):
+    """Data clusters of a metadata-preallocated layer over holes of its file are ZERO (not
+    HOLE: they are allocated), as qemu-nbd reports them, so nbdcopy does not read them."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", base, "256M")
+    qemu_io(base, "write -P 1 8M 1M", "write -P 2 100M 4k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "256M")
+    qemu_io(top, "write -P 3 9M 64k", "write -z 120M 1M")
+    for path in (base, top):
+        reference = QemuNbd(path, tmp_path / "qemu-nbd.sock")
+        try:
+            want = nbd_map(unix_uri(reference.sock))
+        finally:
+            reference.stop()
+        assert sum(e[1] for e in want if e[2] == 2) > 200 << 20, want
+        server = served(path)
+        assert nbd_map(server.uri) == want, path.name
+
+
 def test_block_status_holes_read_as_zeros(images, served, tmp_path):
     # Independent of qemu-nbd: every range reported hole,zero must read as zeros.
     image = images.get("c64k-v3-zeroes")
