@@ -15,6 +15,7 @@ import pytest
 
 import qcowfast
 from common import qemu_img, qemu_io, qemu_map, run_cli
+from test_read_footprint import _evict
 
 K, M = 1024, 1024 * 1024
 SIZE = 768 * M
@@ -40,14 +41,6 @@ def _resident_pages(path, offset: int, length: int) -> int:
             return sum(b & 1 for b in vec.raw)
         finally:
             _libc.munmap(addr, length)
-    finally:
-        os.close(fd)
-
-
-def _evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
