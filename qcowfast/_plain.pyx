@@ -1,12 +1,14 @@
 # cython: language_level=3
-"""Uncompressed chains read without numpy: the raw and QCOW2 writers' path for plain images.
+"""Chains read without numpy: the raw and QCOW2 writers' path for the images QEMU writes.
 
-Importing numpy costs a process 0.05-0.2 s, more than copying a small image takes; this module
-does not use it. It checks L1 tables at open, and reads units of guest space through the whole
-chain with one pread per data run (or writes them from a mapping), classifying L2 entries with
-the same code as the table kernels (_classify.pxi). Anything it does not serve -- a compressed
-cluster, an entry breaking a rule, a short read -- makes read() and copy() return FALLBACK:
-convert then redoes the job on its general path, which raises the usual error.
+Importing numpy costs a process 0.05-0.2 s, more than converting a small image takes; this
+module does not use it. It checks L1 tables at open, and reads units of guest space through the
+whole chain with one pread per data run (or writes them from a mapping) and one per group of
+nearby compressed streams, inflated by the same code as the batch kernel (_inflate_codecs.pxi),
+classifying L2 entries with the same code as the table kernels (_classify.pxi). Anything it
+does not serve -- an entry breaking a rule, a stream that does not inflate, a short read --
+makes read() and copy() return FALLBACK: convert then redoes the job on its general path, which
+raises the usual error.
 """
 from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_release_lock, PyThread_type_lock)
@@ -25,6 +27,8 @@ cdef extern from "<unistd.h>" nogil:
 include "_classify.pxi"
 
 include "_sigbus.pxi"
+
+include "_inflate_codecs.pxi"
 
 FALLBACK = -1
 
@@ -64,6 +68,35 @@ def l1_scan(const uint8_t[::1] l1_be, int cluster_bits, int64_t host_limit,
     return bad
 
 
+def count_refcounts(const uint8_t[::1] block, int refcount_order, int64_t limit):
+    """The number of non-zero entries among the first `limit` of refcount block `block`
+    (entries of 2**refcount_order bits; narrower than a byte they are packed from the least
+    significant bit, wider ones are big-endian: qcow2.txt "Refcount blocks")."""
+    cdef int bits, k
+    cdef int64_t i, j, count = 0
+    cdef const uint8_t *b
+    if not 0 <= refcount_order <= 6:
+        raise ValueError("bad refcount order")
+    bits = 1 << refcount_order
+    limit = min(limit, block.shape[0] * 8 // bits)
+    if limit <= 0:
+        return 0
+    b = &block[0]
+    with nogil:
+        if bits < 8:
+            for i in range(limit):
+                if (b[(i * bits) >> 3] >> ((i * bits) & 7)) & ((1 << bits) - 1):
+                    count += 1
+        else:
+            k = bits >> 3
+            for i in range(limit):
+                for j in range(k):
+                    if b[i * k + j]:
+                        count += 1
+                        break
+    return count
+
+
 cdef struct Layer:
     int table_fd            # where the L2 tables are
     int data_fd             # where the data clusters are (an external data file, or table_fd)
@@ -71,6 +104,7 @@ cdef struct Layer:
     int holes_read_zero     # metadata-preallocated qcow2: data clusters' host holes are zeros
     int cluster_bits
     int flags               # _classify.pxi FLAG_*
+    int ctype               # compression type (ZLIB, ZSTD), or -1: compressed clusters fall back
     int64_t vsize
     int64_t data_size       # classify's past-EOF rule; a raw layer's data end
     int64_t per_l1          # guest bytes per L1 entry
@@ -78,76 +112,96 @@ cdef struct Layer:
     const int64_t *l2_offsets
 
 
+cdef struct Piece:
+    # Guest bytes [guest, guest + length) read from file fd: at host (data), or inflated from
+    # the stream of clen bytes at host (compressed) whose cluster starts at guest offset cstart.
+    int64_t guest, length, host
+    int64_t clen            # 0: data
+    int64_t cstart
+    int fd, depth
+
+
 cdef struct Pieces:
-    # DATA pieces of a guest range, in guest order: (guest, length, fd, host)
-    int64_t *guest
-    int64_t *length
-    int64_t *host
-    int *fd
+    # The pieces of a guest range, in guest order
+    Piece *v
     int64_t n, cap
     int first_only          # stop at the first piece (next_data)
-    int64_t *high           # check(): per layer, the end of the last host range seen (no
-                            # pieces are stored)
+    int64_t *high           # check(): per layer, the end of the last data range seen and the
+    int64_t *chigh          # last compressed stream and its cluster (no pieces are stored)
+    int64_t *ccl
+    int ctypes              # check(): bit (1 << type) for each compression type met
     int64_t limit           # when > 0, more pieces than this give R_FALLBACK
+
+
+cdef int push_piece(Pieces *p, int64_t guest, int64_t length, int fd, int64_t host,
+                    int64_t clen, int64_t cstart, int depth) noexcept nogil:
+    cdef Piece *grown
+    cdef int64_t cap
+    if p.limit and p.n >= p.limit:
+        return R_FALLBACK
+    if p.n == p.cap:
+        cap = p.cap * 2 if p.cap else 64
+        grown = <Piece *>realloc(p.v, cap * sizeof(Piece))
+        if grown == NULL:
+            return R_NOMEM
+        p.v = grown
+        p.cap = cap
+    p.v[p.n].guest = guest
+    p.v[p.n].length = length
+    p.v[p.n].host = host
+    p.v[p.n].clen = clen
+    p.v[p.n].cstart = cstart
+    p.v[p.n].fd = fd
+    p.v[p.n].depth = depth
+    p.n += 1
+    return R_OK
 
 
 cdef int add_piece(Pieces *p, int64_t guest, int64_t length, int fd, int64_t host,
                    int depth) noexcept nogil:
-    cdef int64_t cap
-    cdef void *a
-    cdef void *b
-    cdef void *c
-    cdef void *d
+    """Append a data piece, merged into the last one when it continues it in guest and host."""
+    cdef Piece *last
     if p.high != NULL:
         if host < p.high[depth]:
             return R_ORDER
         p.high[depth] = host + length
         return R_OK
-    if p.n and p.fd[p.n - 1] == fd and p.guest[p.n - 1] + p.length[p.n - 1] == guest \
-            and p.host[p.n - 1] + p.length[p.n - 1] == host:
-        p.length[p.n - 1] += length
+    if p.n:
+        last = &p.v[p.n - 1]
+        if last.clen == 0 and last.fd == fd and last.guest + last.length == guest \
+                and last.host + last.length == host:
+            last.length += length
+            return R_OK
+    return push_piece(p, guest, length, fd, host, 0, 0, depth)
+
+
+cdef int add_compressed(Pieces *p, int64_t guest, int64_t length, int fd, int64_t coffset,
+                        int64_t clen, int64_t cstart, int depth) noexcept nogil:
+    """Append guest bytes [guest, guest + length) of the compressed cluster at cstart."""
+    if p.high != NULL:
+        # One cluster seen through holes of upper layers arrives in consecutive pieces.
+        if coffset == p.chigh[depth] and cstart == p.ccl[depth]:
+            return R_OK
+        if coffset <= p.chigh[depth]:
+            return R_ORDER
+        p.chigh[depth] = coffset
+        p.ccl[depth] = cstart
         return R_OK
-    if p.limit and p.n >= p.limit:
-        return R_FALLBACK
-    if p.n == p.cap:
-        cap = p.cap * 2 if p.cap else 64
-        a = malloc(cap * 8)
-        b = malloc(cap * 8)
-        c = malloc(cap * 8)
-        d = malloc(cap * sizeof(int))
-        if a == NULL or b == NULL or c == NULL or d == NULL:
-            free(a); free(b); free(c); free(d)
-            return R_NOMEM
-        if p.n:
-            memcpy(a, p.guest, p.n * 8)
-            memcpy(b, p.length, p.n * 8)
-            memcpy(c, p.host, p.n * 8)
-            memcpy(d, p.fd, p.n * sizeof(int))
-        free(p.guest); free(p.length); free(p.host); free(p.fd)
-        p.guest = <int64_t *>a
-        p.length = <int64_t *>b
-        p.host = <int64_t *>c
-        p.fd = <int *>d
-        p.cap = cap
-    p.guest[p.n] = guest
-    p.length[p.n] = length
-    p.host[p.n] = host
-    p.fd[p.n] = fd
-    p.n += 1
-    return R_OK
+    return push_piece(p, guest, length, fd, coffset, clen, cstart, depth)
 
 
 cdef void free_pieces(Pieces *p) noexcept nogil:
-    free(p.guest); free(p.length); free(p.host); free(p.fd)
-    p.guest = p.length = p.host = NULL
-    p.fd = NULL
+    free(p.v)
+    p.v = NULL
     p.n = p.cap = 0
 
 
 cdef struct HostRange:
     int64_t fd
+    int64_t kind            # 0: data bytes [start, end); 1: a compressed stream at start
     int64_t start
     int64_t end
+    int64_t cluster         # kind 1: the guest offset of its cluster
 
 
 cdef int by_host(const void *x, const void *y) noexcept nogil:
@@ -155,13 +209,16 @@ cdef int by_host(const void *x, const void *y) noexcept nogil:
     cdef const HostRange *b = <const HostRange *>y
     if a.fd != b.fd:
         return -1 if a.fd < b.fd else 1
+    if a.kind != b.kind:
+        return -1 if a.kind < b.kind else 1
     if a.start != b.start:
         return -1 if a.start < b.start else 1
     return 0
 
 
 cdef int overlapping(Pieces *p) noexcept nogil:
-    """1 when two pieces read the same bytes of one file (or memory runs out), else 0."""
+    """1 when two pieces read the same data bytes of one file, or two clusters the same
+    compressed stream (the general path's rules; memory running out counts too), else 0."""
     cdef int64_t i
     cdef int found = 0
     if p.n < 2:
@@ -170,12 +227,16 @@ cdef int overlapping(Pieces *p) noexcept nogil:
     if r == NULL:
         return 1
     for i in range(p.n):
-        r[i].fd = p.fd[i]
-        r[i].start = p.host[i]
-        r[i].end = p.host[i] + p.length[i]
+        r[i].fd = p.v[i].fd
+        r[i].kind = 1 if p.v[i].clen else 0
+        r[i].start = p.v[i].host
+        r[i].end = p.v[i].host + (1 if p.v[i].clen else p.v[i].length)
+        r[i].cluster = p.v[i].cstart
     qsort(r, p.n, sizeof(HostRange), by_host)
     for i in range(1, p.n):
-        if r[i].fd == r[i - 1].fd and r[i].start < r[i - 1].end:
+        if r[i].fd == r[i - 1].fd and r[i].kind == r[i - 1].kind \
+                and r[i].start < r[i - 1].end \
+                and not (r[i].kind == 1 and r[i].cluster == r[i - 1].cluster):
             found = 1
             break
     free(r)
@@ -192,6 +253,146 @@ cdef int read_full(int fd, char *dst, int64_t n, int64_t offset) noexcept nogil:
         if r <= 0:
             return R_FALLBACK
         got += r
+    return R_OK
+
+
+cdef enum:
+    STREAM_GROUP = 1048576  # compressed streams close together are read in one pread of this
+    STREAM_GAP = 65536      # much, skipping at most this much between two
+
+
+cdef struct Inflater:
+    # One call's decoders (made on first use) and scratch space; one thread.
+    qf_zng_stream *zstrm
+    void *ld
+    void *dctx
+    uint8_t *stream         # streams read from [gstart, gend) of file gfd
+    int64_t stream_cap, gstart, gend
+    int gfd
+    uint8_t *cluster        # the inflated cluster of stream (lfd, lhost), for partial pieces
+    int64_t cluster_cap, lhost
+    int lfd
+
+
+cdef void inflater_free(Inflater *c) noexcept nogil:
+    if c.zstrm != NULL:
+        zng_inflateEnd(c.zstrm)
+        free(c.zstrm)
+    if c.ld != NULL:
+        ld_free(c.ld)
+    if c.dctx != NULL:
+        zstd_freeDCtx(c.dctx)
+    free(c.stream)
+    free(c.cluster)
+    memset(c, 0, sizeof(Inflater))
+
+
+cdef int inflate_to(Inflater *c, int ctype, const uint8_t *src, int64_t n, uint8_t *dst,
+                    int64_t cs) noexcept nogil:
+    """Inflate one stream into dst[:cs] by QEMU's rules (_inflate_codecs.pxi): R_OK, R_NOMEM,
+    or R_FALLBACK (an invalid or short stream, a codec not loaded: the general path says
+    which)."""
+    cdef int rc
+    if ctype == ZLIB:
+        if ld_decompress_ex == NULL or zng_inflate == NULL:
+            return R_FALLBACK
+        if c.ld == NULL:
+            c.ld = ld_alloc()
+            if c.ld == NULL:
+                return R_NOMEM
+        if c.zstrm == NULL:
+            c.zstrm = <qf_zng_stream *>malloc(sizeof(qf_zng_stream))
+            if c.zstrm == NULL:
+                return R_NOMEM
+            memset(c.zstrm, 0, sizeof(qf_zng_stream))
+            if zng_inflateInit2(c.zstrm, -12) != QF_Z_OK:
+                free(c.zstrm)
+                c.zstrm = NULL
+                return R_NOMEM
+        rc = _zlib_one(c.zstrm, c.ld, src, n, dst, cs)
+    elif ctype == ZSTD:
+        if zstd_decompressStream == NULL:
+            return R_FALLBACK
+        if c.dctx == NULL:
+            c.dctx = zstd_createDCtx()
+            if c.dctx == NULL:
+                return R_NOMEM
+            if zstd_isError(zstd_DCtx_setParameter(c.dctx, QF_ZSTD_D_STABLE_OUT_BUFFER, 1)):
+                return R_FALLBACK
+        rc = _zstd_one(c.dctx, src, n, dst, cs)
+    else:
+        return R_FALLBACK
+    if rc == ALLOCATION_FAILED:
+        return R_NOMEM
+    return R_OK if rc == 0 else R_FALLBACK
+
+
+cdef int stream_of(Inflater *c, Piece *v, int64_t i, int64_t n,
+                   const uint8_t **src) noexcept nogil:
+    """Point src at compressed piece v[i]'s stream: in the bytes read last, or read now with
+    the streams of the compressed pieces after it that lie close behind it in its file."""
+    cdef Piece *a = &v[i]
+    cdef int64_t j, reach = a.host + a.clen, need, cap
+    cdef void *grown
+    if a.fd == c.gfd and c.gstart <= a.host and a.host + a.clen <= c.gend:
+        src[0] = c.stream + (a.host - c.gstart)
+        return R_OK
+    cap = max(<int64_t>STREAM_GROUP, a.clen)
+    j = i + 1
+    while j < n:
+        if v[j].clen:
+            if v[j].fd != a.fd or v[j].host < a.host or v[j].host > reach + STREAM_GAP:
+                break
+            need = max(reach, v[j].host + v[j].clen) - a.host
+            if need > cap:
+                break
+            reach = a.host + need
+        j += 1
+    if reach - a.host > c.stream_cap:
+        grown = realloc(c.stream, <size_t>(reach - a.host))
+        if grown == NULL:
+            return R_NOMEM
+        c.stream = <uint8_t *>grown
+        c.stream_cap = reach - a.host
+    c.gfd = -1
+    if read_full(a.fd, <char *>c.stream, reach - a.host, a.host) != R_OK:
+        return R_FALLBACK
+    c.gfd, c.gstart, c.gend = a.fd, a.host, reach
+    src[0] = c.stream
+    return R_OK
+
+
+cdef int inflate_piece(Inflater *c, Layer *layers, Piece *v, int64_t i, int64_t n,
+                       char *dst) noexcept nogil:
+    """Fill dst[:v[i].length] with compressed piece v[i]'s guest bytes."""
+    cdef Piece *a = &v[i]
+    cdef Layer *L = &layers[a.depth]
+    cdef int64_t cs = 1LL << L.cluster_bits
+    cdef const uint8_t *src
+    cdef void *grown
+    cdef int rc
+    if a.length == cs:
+        rc = stream_of(c, v, i, n, &src)
+        if rc == R_OK:
+            rc = inflate_to(c, L.ctype, src, a.clen, <uint8_t *>dst, cs)
+        return rc
+    # Part of a cluster (seen through an upper layer's holes, or cut by the virtual size):
+    # inflate it whole into scratch, once for its consecutive pieces.
+    if not (c.lfd == a.fd and c.lhost == a.host and c.cluster != NULL):
+        if cs > c.cluster_cap:
+            grown = realloc(c.cluster, <size_t>cs)
+            if grown == NULL:
+                return R_NOMEM
+            c.cluster = <uint8_t *>grown
+            c.cluster_cap = cs
+        c.lfd = -1
+        rc = stream_of(c, v, i, n, &src)
+        if rc == R_OK:
+            rc = inflate_to(c, L.ctype, src, a.clen, c.cluster, cs)
+        if rc != R_OK:
+            return rc
+        c.lfd, c.lhost = a.fd, a.host
+    memcpy(dst, c.cluster + (a.guest - a.cstart), <size_t>a.length)
     return R_OK
 
 
@@ -329,7 +530,15 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
                 elif kind == K_UNALLOCATED:
                     rc = from_backing(layers, nl, d, a, b - a, out)
                 elif kind == K_COMPRESSED:
-                    rc = R_FALLBACK
+                    if L.ctype < 0:
+                        rc = R_FALLBACK
+                    else:
+                        # The sector-rounded length may overhang the end of the file, where
+                        # QEMU reads zeros: read what is there (as the general path does).
+                        out.ctypes |= 1 << L.ctype
+                        rc = add_compressed(out, a, b - a, L.data_fd, o[2 * cap + r],
+                                            min(o[3 * cap + r], L.data_size - o[2 * cap + r]),
+                                            g, d)
             r += 1
     free(tbl)
     free(o)
@@ -338,16 +547,16 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
 
 
 cdef class Chain:
-    """The layers of an uncompressed chain, top first, for check(), next_data(), read() and
-    copy().
+    """The layers of a chain, top first, for check(), next_data(), read() and copy().
 
     layers: sequence of (table_fd, data_fd, raw, cluster_bits, flags, virtual_size, data_size,
-    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None, holes_read_zero); the caller
-    keeps the files open.
+    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None, holes_read_zero,
+    compression_type or -1); the caller keeps the files open.
     """
     cdef Layer *layers
     cdef int nl
     cdef list keep
+    cdef readonly int compression_types   # check(): bit (1 << type) for each type read
     cdef PyThread_type_lock wlock   # one writer at a time (copy)
 
     def __cinit__(self, layers):
@@ -366,9 +575,11 @@ cdef class Chain:
             raise MemoryError()
         memset(self.layers, 0, self.nl * sizeof(Layer))
         for i, spec in enumerate(layers):
-            table_fd, data_fd, raw, bits, flags, vsize, data_size, per_l1, l2, zero_holes = spec
+            (table_fd, data_fd, raw, bits, flags, vsize, data_size, per_l1, l2, zero_holes,
+             ctype) = spec
             L = &self.layers[i]
             L.table_fd, L.data_fd, L.raw = table_fd, data_fd, bool(raw)
+            L.ctype = ctype if ctype in (ZLIB, ZSTD) else -1
             L.holes_read_zero = bool(zero_holes)
             L.vsize, L.data_size = vsize, data_size
             if vsize < 0 or data_size < 0:
@@ -389,21 +600,27 @@ cdef class Chain:
 
     def check(self):
         """True when the plain path can copy the whole image: every cluster the guest reads is
-        unallocated, zero or data by the rules, and no two guest ranges read the same host
-        bytes of one file (the general path refuses such shared clusters with its message)."""
+        unallocated, zero, data or compressed by the rules, no two guest ranges read the same
+        data bytes or compressed stream of one file (the general path refuses such shared
+        clusters with its message), and the codecs of the compressed clusters load."""
         cdef Pieces p
         cdef int rc
+        cdef int64_t i
         memset(&p, 0, sizeof(Pieces))
-        p.high = <int64_t *>malloc(self.nl * sizeof(int64_t))
+        p.high = <int64_t *>malloc(self.nl * sizeof(int64_t) * 3)
         if p.high == NULL:
             raise MemoryError()
-        memset(p.high, 0, self.nl * sizeof(int64_t))
+        p.chigh = p.high + self.nl
+        p.ccl = p.high + 2 * self.nl
+        for i in range(self.nl):
+            p.high[i] = 0
+            p.chigh[i] = p.ccl[i] = -1
         with nogil:
-            # Data in increasing host order along the guest (images QEMU writes in order)
-            # cannot overlap; otherwise list the pieces and look for overlaps.
+            # Data and streams in increasing host order along the guest (images QEMU writes
+            # in order) cannot overlap; otherwise list the pieces and look for overlaps.
             rc = resolve(self.layers, self.nl, 0, 0, self.layers[0].vsize, &p)
             free(p.high)
-            p.high = NULL
+            p.high = p.chigh = p.ccl = NULL
             if rc == R_ORDER:
                 p.limit = CHECK_PIECES
                 rc = resolve(self.layers, self.nl, 0, 0, self.layers[0].vsize, &p)
@@ -412,7 +629,17 @@ cdef class Chain:
             free_pieces(&p)
         if rc == R_NOMEM:
             raise MemoryError()
-        return rc == R_OK
+        self.compression_types = p.ctypes
+        if rc != R_OK:
+            return False
+        try:
+            if p.ctypes & (1 << ZLIB):
+                _load_zlib()
+            if p.ctypes & (1 << ZSTD):
+                _load_zstd()
+        except CodecUnavailable:
+            return False        # the general path says so, where it needs the codec
+        return True
 
     def one_piece(self, int64_t start, int64_t n):
         """(fd, host offset) when guest bytes [start, start + n) are one run of data in one
@@ -426,8 +653,9 @@ cdef class Chain:
         p.limit = 2
         with nogil:
             rc = resolve(self.layers, self.nl, 0, start, n, &p)
-        if rc == R_OK and p.n == 1 and p.guest[0] == start and p.length[0] == n:
-            found = (p.fd[0], p.host[0])
+        if rc == R_OK and p.n == 1 and p.v[0].clen == 0 and p.v[0].guest == start \
+                and p.v[0].length == n:
+            found = (p.v[0].fd, p.v[0].host)
         free_pieces(&p)
         if rc == R_NOMEM:
             raise MemoryError()
@@ -449,7 +677,7 @@ cdef class Chain:
                     break
                 pos += step
             if rc == R_OK and p.n:
-                pos = p.guest[0]
+                pos = p.v[0].guest
             free_pieces(&p)
         if rc == R_NOMEM:
             raise MemoryError()
@@ -459,6 +687,7 @@ cdef class Chain:
         """Fill buf[:n] with guest bytes [start, start + n), zeros where no layer has data;
         return n, or FALLBACK (buf's contents undefined)."""
         cdef Pieces p
+        cdef Inflater c
         cdef int rc = R_OK
         cdef int64_t i, g, prev = 0
         cdef char *dst
@@ -468,19 +697,24 @@ cdef class Chain:
             return 0
         dst = <char *>&buf[0]
         memset(&p, 0, sizeof(Pieces))
+        memset(&c, 0, sizeof(Inflater))
         with nogil:
             rc = resolve(self.layers, self.nl, 0, start, n, &p)
             i = 0
             while rc == R_OK and i < p.n:
-                g = p.guest[i] - start
+                g = p.v[i].guest - start
                 if g > prev:
                     memset(dst + prev, 0, g - prev)
-                rc = read_full(p.fd[i], dst + g, p.length[i], p.host[i])
-                prev = g + p.length[i]
+                if p.v[i].clen:
+                    rc = inflate_piece(&c, self.layers, p.v, i, p.n, dst + g)
+                else:
+                    rc = read_full(p.v[i].fd, dst + g, p.v[i].length, p.v[i].host)
+                prev = g + p.v[i].length
                 i += 1
             if rc == R_OK and prev < n:
                 memset(dst + prev, 0, n - prev)
             free_pieces(&p)
+            inflater_free(&c)
         if rc == R_NOMEM:
             raise MemoryError()
         return FALLBACK if rc != R_OK else n
@@ -504,8 +738,8 @@ cdef class Chain:
         with nogil:
             rc = resolve(self.layers, self.nl, 0, start, n, &p)
             if rc == R_OK and p.n:
-                rc = copy_pieces(&p, start, n, <char *>&buf[0], block, &o, self.wlock, out_fd,
-                                 &total, &err)
+                rc = copy_pieces(self.layers, &p, start, n, <char *>&buf[0], block, &o,
+                                 self.wlock, out_fd, &total, &err)
             free_pieces(&p)
             free(o.s)
         if rc == R_NOMEM:
@@ -637,13 +871,14 @@ cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *si
     return R_OK
 
 
-cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t block, Spans *o,
-                     PyThread_type_lock wlock, int out_fd, int64_t *total,
-                     int *err) noexcept nogil:
-    """Copy's work once the data pieces of [start, start + n) are known (p.n > 0)."""
+cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *dst,
+                     int64_t block, Spans *o, PyThread_type_lock wlock, int out_fd,
+                     int64_t *total, int *err) noexcept nogil:
+    """Copy's work once the pieces of [start, start + n) are known (p.n > 0)."""
     cdef int64_t i, g, e, a, b, lo, hi, prev, seg, r, off, left
     cdef const uint8_t *src
     cdef int rc = R_OK
+    cdef Inflater c
     # Per piece: the block-aligned middle [a, b) written from a mapping, or a = b = -1.
     cdef int64_t *mid = <int64_t *>malloc(p.n * 16)
     cdef void **maps = <void **>malloc(p.n * sizeof(void *))
@@ -652,30 +887,35 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
     if mid == NULL or maps == NULL or sizes == NULL:
         free(mid); free(maps); free(sizes)
         return R_NOMEM
+    memset(&c, 0, sizeof(Inflater))
     for i in range(p.n):
-        g = p.guest[i] - start
-        e = g + p.length[i]
+        g = p.v[i].guest - start
+        e = g + p.v[i].length
         a = g + (block - (start + g) % block) % block
         b = e if e == n else e - (start + e) % block
-        if b - a >= DIRECT_MIN:
+        if b - a >= DIRECT_MIN and p.v[i].clen == 0:
             mid[2 * i] = a
             mid[2 * i + 1] = b
         else:
             mid[2 * i] = mid[2 * i + 1] = -1
     # The buffer: blocks from the first piece's to the last's, less the mapped middles.
-    lo = max(p.guest[0] - start - (p.guest[0] % block), 0)
+    lo = max(p.v[0].guest - start - (p.v[0].guest % block), 0)
     prev = lo
     for i in range(p.n):
-        g = p.guest[i] - start
-        e = g + p.length[i]
+        g = p.v[i].guest - start
+        e = g + p.v[i].length
         if g > prev:
             memset(dst + prev, 0, g - prev)
         a = b = e
         if mid[2 * i] >= 0:
             a = mid[2 * i]
             b = mid[2 * i + 1]
-        if read_full(p.fd[i], dst + g, a - g, p.host[i]) != R_OK \
-                or read_full(p.fd[i], dst + b, e - b, p.host[i] + b - g) != R_OK:
+        if p.v[i].clen:
+            rc = inflate_piece(&c, layers, p.v, i, p.n, dst + g)
+            if rc != R_OK:
+                break
+        elif read_full(p.v[i].fd, dst + g, a - g, p.v[i].host) != R_OK \
+                or read_full(p.v[i].fd, dst + b, e - b, p.v[i].host + b - g) != R_OK:
             rc = R_FALLBACK
             break
         prev = e
@@ -689,11 +929,11 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
                 continue
             a = mid[2 * i]
             b = mid[2 * i + 1]
-            g = p.guest[i] - start
+            g = p.v[i].guest - start
             rc = scan_spans(o, <const uint8_t *>dst + seg, a - seg, start + seg, block)
             if rc == R_OK:
-                rc = map_range(p.fd[i], p.host[i] + a - g, b - a, &maps[nmaps], &sizes[nmaps],
-                               &src)
+                rc = map_range(p.v[i].fd, p.v[i].host + a - g, b - a, &maps[nmaps],
+                               &sizes[nmaps], &src)
             if rc != R_OK:
                 break
             nmaps += 1
@@ -732,4 +972,5 @@ cdef int copy_pieces(Pieces *p, int64_t start, int64_t n, char *dst, int64_t blo
     for i in range(nmaps):
         munmap(maps[i], sizes[i])
     free(mid); free(maps); free(sizes)
+    inflater_free(&c)
     return rc

@@ -790,8 +790,8 @@ def _load_kernels() -> None:
 
 def _plain_chain(image, unit: int, block: int):
     """A _plain.Chain over `image`'s layers when its data can be copied without numpy (see
-    Chain.check: no compressed cluster where the guest reads, no rule broken, data in host
-    order), else None. The check reads the L2 tables once, before any data."""
+    Chain.check: no rule broken, no shared cluster, the codecs load), else None. The check
+    reads the L2 tables once, before any data."""
     if unit % block:
         return None
     from .mapping import metadata_preallocated
@@ -800,10 +800,11 @@ def _plain_chain(image, unit: int, block: int):
         if isinstance(layer, Image):
             specs.append((layer._fd, layer.data_fd, False, layer.cluster_bits, layer._flags,
                           layer.virtual_size, layer.data_size, layer._l2_per_l1,
-                          layer._l2_off, metadata_preallocated(layer)))
+                          layer._l2_off, metadata_preallocated(layer),
+                          int(layer.compression_type)))
         else:                                           # RawImage
             specs.append((layer.data_fd, layer.data_fd, True, 9, 0, layer.virtual_size,
-                          layer.data_size, 0, None, False))
+                          layer.data_size, 0, None, False, -1))
     chain = _plain.Chain(specs)
     return chain if chain.check() else None
 

@@ -11,8 +11,9 @@ import os
 from collections.abc import Iterable, Iterator
 from io import TextIOBase
 
-from .constants import ExtentKind
-from .errors import QcowError
+from .constants import REFT_OFFSET_MASK, ExtentKind
+from .errors import CorruptImage, QcowError
+from .preads import pread_padded
 
 _BATCH = 4096           # entries formatted per write to the output stream
 
@@ -50,19 +51,24 @@ def metadata_preallocated(layer) -> bool:
     end_cluster = -(-st.st_size // cs)
     if end_cluster < threshold:
         return False            # fewer clusters below the end than the count must reach
-    import numpy as np
-
-    from .refcounts import StoredRefcounts
-    refs = StoredRefcounts(layer._fd, layer.header)
-    per_block = 1 << refs.block_bits
+    from ._plain import count_refcounts
+    h = layer.header
+    per_block = 1 << (h.cluster_bits + 3 - h.refcount_order)
+    entries = min(-(-end_cluster // per_block), h.refcount_table_clusters * cs // 8)
+    table = pread_padded(layer._fd, 8 * entries, h.refcount_table_offset)
     count = 0
-    for t in range(-(-end_cluster // per_block)):
-        if not refs.block_offset(t):
+    for t in range(entries):
+        offset = int.from_bytes(table[8 * t:8 * t + 8], "big") & REFT_OFFSET_MASK
+        if not offset:
             continue
-        blk = refs.block(t)
-        if blk is None:
+        if offset & (cs - 1):
             return False                  # QEMU: the refcount read fails, no detection
-        count += int(np.count_nonzero(blk[:min(per_block, end_cluster - t * per_block)]))
+        try:
+            block = pread_padded(layer._fd, cs, offset)
+        except CorruptImage:
+            return False
+        count += count_refcounts(block, h.refcount_order, min(per_block,
+                                                              end_cluster - t * per_block))
         if count >= threshold:
             return True
     return False

@@ -12,12 +12,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK  # noqa: F401 - re-exported for check
 from .errors import CorruptImage
 from .header import Header
 from .preads import MAX_OFFSET, pread_padded  # noqa: F401 - re-exported for check
 
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-REFT_RESERVED_MASK = 0x1FF
 _BLOCK_CACHE = 64          # decoded refcount blocks kept for random look-ups
 
 

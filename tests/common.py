@@ -269,3 +269,21 @@ def data_blocks(path: str | os.PathLike) -> set:
     """4 KiB blocks of the file holding data, without block 0: qemu-img allocates the first
     block of every raw file it creates (file-posix allocate_first_block)."""
     return {b for a, e in data_extents(path) for b in range(a // 4096, -(-e // 4096))} - {0}
+
+
+def l2_entry(img, index: int) -> tuple[int, int, int]:
+    """(file offset, value, cluster_bits) of L2 entry `index` of the first L2 table."""
+    import qcowfast
+    with qcowfast.open(str(img)) as im:
+        at, bits = int(im._l2_off[0]) + 8 * index, im.cluster_bits
+    with open(img, "rb") as f:
+        f.seek(at)
+        return at, int.from_bytes(f.read(8), "big"), bits
+
+
+def compressed_stream(entry: int, bits: int) -> tuple[int, int]:
+    """(host offset, sector-rounded length) of a compressed cluster descriptor (qcow2.txt
+    "Compressed Clusters Descriptor")."""
+    x = 62 - (bits - 8)
+    coffset = entry & ((1 << x) - 1)
+    return coffset, (((entry >> x) & ((1 << (bits - 8)) - 1)) + 1) * 512 - (coffset & 511)
