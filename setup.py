@@ -8,7 +8,7 @@ DIRECTIVES = {"language_level": "3", "boundscheck": False, "wraparound": False,
 
 # One compiled module per kernel subject; add a name here to build a new .pyx.
 KERNELS = ("qcowfast._tables", "qcowfast._inflate", "qcowfast._deflate", "qcowfast._fill",
-           "qcowfast._plain")
+           "qcowfast._plain", "qcowfast._mapjson")
 
 extensions = [
     Extension(name, [f"qcowfast/{name.split('.')[-1]}.pyx"],

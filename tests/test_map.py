@@ -225,13 +225,16 @@ def test_map_offsets_past_int64_refused_as_qemu_img(tmp_path, args):
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_json_from_runs_equals_entry_by_entry(tmp_path, seed):
-    """write_json computes entries on the runs' arrays; the entry-by-entry path (iter_entries,
-    clip_entries) is the reference, over random chains and random --start-offset/--max-length
-    ranges, and qemu-img over the whole image."""
+def test_json_from_runs_equals_entry_by_entry(tmp_path, monkeypatch, seed):
+    """write_json computes entries on the runs' arrays (_mapjson); the entry-by-entry path
+    (iter_entries, clip_entries) is the reference, over random chains and random
+    --start-offset/--max-length ranges (half the seeds with a few runs per kernel call, so
+    entries stay open across calls), and qemu-img over the whole image."""
     import random
 
     from qcowfast import mapping
+    if seed % 2:
+        monkeypatch.setattr(mapping, "_RUNS_PER_CALL", 3)
     from test_write_sparse import _random_qcow2
     rng = random.Random(seed)
     src = tmp_path / "src.qcow2"
@@ -260,3 +263,31 @@ def test_json_from_runs_keeps_layers_apart(tmp_path):
     want = qemu_map(top)
     assert [e["depth"] for e in want[:3]] == [1, 0, 1], want
     assert json.loads(run_cli("map", "--output=json", top).stdout) == want
+
+
+def test_json_kernel_formats_any_int64_and_checks_its_arguments():
+    """_mapjson against Python's formatting of the same entries, at the extremes of int64,
+    and its argument checks."""
+    import numpy as np
+
+    from qcowfast import _mapjson, mapping
+    big = (1 << 63) - 1
+    guest = np.array([0, 5, big - 10, 7], np.int64)
+    length = np.array([5, 2, 10, 1], np.int64)
+    kind = np.array([2, 2, 0, 3], np.uint8)
+    host = np.array([1 << 56, (1 << 56) + 5, -1, 9], np.int64)
+    depth = np.array([0, 0, 63, 1], np.int64)
+    state = _mapjson.new_state()
+    text = (_mapjson.json_lines(guest, length, kind, host, depth, state)
+            + _mapjson.json_last(state)).decode()
+    want = [dict(start=0, length=7, depth=0, present=True, zero=False, data=True,
+                 offset=1 << 56),
+            dict(start=big - 10, length=10, depth=63, present=False, zero=True, data=False),
+            dict(start=7, length=1, depth=1, present=True, zero=False, data=True)]
+    assert text == ",\n".join(map(mapping._json_line, want))
+    assert json.loads("[" + text + "]") == want
+    assert _mapjson.json_last(state) == b""
+    with pytest.raises(ValueError):
+        _mapjson.json_lines(guest, length[:2], kind, host, depth, state)
+    with pytest.raises(ValueError):
+        _mapjson.json_lines(guest, length, kind, host, depth, bytearray(8))
