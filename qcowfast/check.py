@@ -35,6 +35,7 @@ from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
 from .locks import check_not_locked
+from . import _tables
 from .paths import directories, open_file
 from .refcounts import (
     MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
@@ -590,9 +591,9 @@ class _Computed:
     index (int32: a check never counts past 2**31 clusters), its count (uint32, uint64 once
     a hostile image could overflow it) and the kind of structure that referenced it first.
     References wait in a list and are merged half a million at a time (a merge's temporaries
-    take about 90 bytes per reference). The arrays keep room to grow, and a merge moves only
-    the entries after its first new cluster: clusters referenced in increasing order (the
-    usual image) are appended in place, not copied at each merge. A
+    take about 90 bytes per reference). The arrays keep an eighth more room and grow in place
+    (realloc), and a merge moves, in place, only the entries after its first new cluster:
+    clusters referenced in increasing order (the usual image) are appended, not copied. A
     later reference by another kind of structure than the first is a metadata overlap
     (`clashes`, in counting order, capped; `clash_count` exact).
     """
@@ -657,19 +658,19 @@ class _Computed:
         at, add = pos[new], len(pos) - int(np.count_nonzero(known))
         if not add:
             return
-        n, lo = self._n, int(at[0])
+        n = self._n
         if n + add > len(self._cl):
-            room = max(n + add, n + n // 2)     # grows by half: amortised copies, little slack
-            grown = []
-            for old in (self._cl, self._ct, self._ow):
-                buf = np.empty(room, old.dtype)
-                buf[:n] = old[:n]
-                grown.append(buf)
-            self._cl, self._ct, self._ow = grown
+            room = max(n + add, n + n // 8)
+            for buf in (self._cl, self._ct, self._ow):
+                # realloc(): a large block grows by mremap, never held twice as a copy into a
+                # new array is. No view of these arrays is alive here (the properties' views
+                # are temporaries).
+                buf.resize(room, refcheck=False)
         # Only what lies past the first new cluster moves (little or nothing in an ordinary
-        # image: its data clusters come in increasing host order).
-        for buf, values in ((self._cl, uniq[new]), (self._ct, sums[new]), (self._ow, first[new])):
-            buf[lo:n + add] = np.insert(buf[lo:n].copy(), at - lo, values.astype(buf.dtype))
+        # image: its data clusters come in increasing host order), in place.
+        _tables.merge_insert(self._cl, self._ct, self._ow, n, at.astype(np.int64),
+                             uniq[new].astype(np.int32), sums[new].astype(self._ct.dtype),
+                             first[new].astype(np.uint8))
         self._n = n + add
 
     @property
@@ -690,9 +691,15 @@ class _Computed:
         clusters = np.asarray(clusters, np.int64)
         out = np.zeros(len(clusters), _U64)
         if len(self.clusters) and len(clusters):
-            pos = np.minimum(np.searchsorted(self.clusters, clusters), len(self.clusters) - 1)
-            hit = self.clusters[pos] == clusters
-            out[hit] = self.counts[pos[hit]]
+            # Keys of the arrays' type: searching int32 with int64 keys copies the whole
+            # array to int64 first (128 MB for 16M clusters). No cluster past 2**31 is held.
+            fits = (clusters >= 0) & (clusters <= 0x7FFFFFFF)
+            keys = clusters[fits].astype(np.int32)
+            pos = np.minimum(np.searchsorted(self.clusters, keys), len(self.clusters) - 1)
+            hit = self.clusters[pos] == keys
+            found = np.zeros(len(keys), _U64)
+            found[hit] = self.counts[pos[hit]]
+            out[fits] = found
         return out
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:

@@ -207,3 +207,36 @@ def test_nonzero_runs_matches_blockwise_scan(pieces, granularity, origin):
     if run is not None:
         want.append(tuple(run))
     assert list(zip(starts.tolist(), ends.tolist())) == want
+
+
+@pytest.mark.parametrize("count_type", [np.uint32, np.uint64])
+def test_merge_insert_equals_np_insert(count_type):
+    """check's in-place insertion against np.insert: random insertion points (repeated, at
+    the start, at the end), both count widths; bad arguments raise ValueError."""
+    from qcowfast._tables import merge_insert
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n, k = int(rng.integers(0, 40)), int(rng.integers(0, 12))
+        room = n + k + int(rng.integers(0, 5))
+        cl = rng.integers(0, 1 << 30, room).astype(np.int32)
+        ct = rng.integers(0, 1 << 31, room).astype(count_type)
+        ow = rng.integers(0, 255, room).astype(np.uint8)
+        at = np.sort(rng.integers(0, n + 1, k)).astype(np.int64)
+        new = (rng.integers(0, 1 << 30, k).astype(np.int32),
+               rng.integers(0, 1 << 31, k).astype(count_type),
+               rng.integers(0, 255, k).astype(np.uint8))
+        want = [np.insert(a[:n], at, v) for a, v in zip((cl, ct, ow), new)]
+        merge_insert(cl, ct, ow, n, at, *new)
+        for a, w in zip((cl, ct, ow), want):
+            assert (a[:n + k] == w).all()
+    cl, ct, ow = np.zeros(4, np.int32), np.zeros(4, count_type), np.zeros(4, np.uint8)
+    one = (np.ones(1, np.int32), np.ones(1, count_type), np.ones(1, np.uint8))
+    with pytest.raises(ValueError):
+        merge_insert(cl, ct, ow, 4, np.array([0], np.int64), *one)         # no room
+    with pytest.raises(ValueError):
+        merge_insert(cl, ct, ow, 2, np.array([3], np.int64), *one)         # past the end
+    with pytest.raises(ValueError):
+        merge_insert(cl, ct, ow, 2, np.array([1, 0], np.int64),
+                     *(np.concatenate((x, x)) for x in one))                # out of order
+    with pytest.raises(ValueError):
+        merge_insert(cl, ct, ow, 2, np.array([0], np.int64), *one[:2], np.ones(2, np.uint8))
