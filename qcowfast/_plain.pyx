@@ -130,6 +130,7 @@ cdef struct Pieces:
     int64_t *chigh          # last compressed stream and its cluster (no pieces are stored)
     int64_t *ccl
     int ctypes              # check(): bit (1 << type) for each compression type met
+    int claims              # check(): a data cluster claims all its host bytes, holes too
     int64_t limit           # when > 0, more pieces than this give R_FALLBACK
 
 
@@ -521,9 +522,11 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
             b = min(g + o[cap + r], pos + n)
             kind = k[r]
             if a < b:
-                if kind == K_DATA and L.holes_read_zero:
+                if kind == K_DATA and L.holes_read_zero and not out.claims:
                     # QEMU (qcow2_detect_metadata_preallocation, then block status with
                     # BDRV_BLOCK_RECURSE) reads the host file's holes in such clusters as zeros.
+                    # (The check claims the whole range: a shared hole is shared, as the
+                    # general path's claims say.)
                     rc = file_data(L, d, a, o[2 * cap + r] + (a - g), b - a, out)
                 elif kind == K_DATA:
                     rc = add_piece(out, a, b - a, L.data_fd, o[2 * cap + r] + (a - g), d)
@@ -607,6 +610,7 @@ cdef class Chain:
         cdef int rc
         cdef int64_t i
         memset(&p, 0, sizeof(Pieces))
+        p.claims = 1
         p.high = <int64_t *>malloc(self.nl * sizeof(int64_t) * 3)
         if p.high == NULL:
             raise MemoryError()

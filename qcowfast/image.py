@@ -374,7 +374,13 @@ class _Layer:
         inside = hs < hc
         if inside.any():
             lo, hi = int(hs[inside][0]), int(hc[inside][-1])
-            got = list(self._from_backing(backing, lo, hi))
+            try:
+                got = list(self._from_backing(backing, lo, hi))
+            except QcowError:
+                # The walk met a bad entry, perhaps where this layer covers the backing one
+                # (never read, as in QEMU and the plain path): walk the holes one by one, and
+                # an error inside a hole stands.
+                return self._holes_one_by_one(sub, backing)
             b = Runs(*(np.concatenate(col) for col in zip(*got))) if len(got) > 1 else got[0]
             b_end = b.guest + b.length
             # Cut at every hole and backing-run boundary; keep the pieces inside a hole.
@@ -399,6 +405,16 @@ class _Layer:
         cat = Runs(*(np.concatenate(col) for col in zip(*parts)))
         order = np.argsort(cat.guest, kind="stable")
         return Runs(*(x[order] for x in cat))
+
+    def _holes_one_by_one(self, sub: Runs, backing: "_Layer") -> Runs:
+        """_holes_batch's result with one backing walk per UNALLOCATED run of `sub`."""
+        parts = []
+        for i in range(len(sub.guest)):
+            if sub.kind[i] == _UNALLOCATED:
+                parts += self._one_hole(sub, i, backing)
+            else:
+                parts.append(Runs(*(x[i:i + 1] for x in sub)))
+        return Runs(*(np.concatenate(col) for col in zip(*parts)))
 
     def _small_hole(self, a: int, b: int, out: list) -> None:
         """Resolve this layer's unallocated [a, b) through the backing chain (lean path)."""

@@ -361,3 +361,74 @@ def test_count_refcounts_matches_the_decoder(order):
         assert _plain.count_refcounts(raw, order, limit) == want, limit
     with pytest.raises(ValueError):
         _plain.count_refcounts(raw, 7, 1)
+
+
+def _hidden_bad_entry_chain(tmp_path, bad: str, cover: str):
+    """A compressed base whose L2 entry for guest 128k is made bad, under an overlay that
+    writes `cover` (offset and length) there."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", base, str(4 * M))
+    qemu_io(base, "write -c -P 0x11 0 64k", "write -c -P 0x22 128k 64k",
+            "write -c -P 0x33 256k 64k")
+    at, entry, bits = l2_entry(base, 2)
+    if bad == "copied":
+        entry |= 1 << 63                                # compressed with COPIED: refused
+    elif bad == "past-eof":
+        entry = (1 << 62) | (base.stat().st_size + (1 << 20))
+    else:                                               # a data entry with reserved bits
+        entry = (base.stat().st_size // (64 * K) * 64 * K) | 0x200 | (1 << 63)
+    with open(base, "r+b") as f:
+        f.seek(at)
+        f.write(entry.to_bytes(8, "big"))
+    # 4 KiB clusters: a write over part of the base's cluster copies nothing of it up.
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F",
+             "qcow2", top, str(4 * M))
+    qemu_io(top, f"write -P 0x44 {cover}")
+    return top
+
+
+@pytest.mark.parametrize("bad", ["copied", "past-eof", "reserved"])
+def test_bad_backing_entry_the_overlay_covers_is_never_read(tmp_path, monkeypatch, plain_spy,
+                                                            bad):
+    """A bad L2 entry of a backing layer that the overlay covers whole is never read, on
+    both paths, as in qemu-img (the general path's walk between two holes met it and raised;
+    found by a red-team helper). Covered in part, both paths refuse it alike."""
+    top = _hidden_bad_entry_chain(tmp_path, bad, "128k 64k")
+    fast, slow = tmp_path / "fast.raw", tmp_path / "slow.raw"
+    qcowfast.convert(str(top), str(fast))
+    assert plain_spy and plain_spy[-1] is not None
+    with monkeypatch.context() as m:
+        _general(m)
+        qcowfast.convert(str(top), str(slow))
+    assert fast.read_bytes() == slow.read_bytes() == reference_raw(top)
+    for name in ("top.qcow2", "base.qcow2"):
+        (tmp_path / name).unlink()
+    top = _hidden_bad_entry_chain(tmp_path, bad, "128k 4k")
+    errors = []
+    for general in (False, True):
+        with monkeypatch.context() as m:
+            if general:
+                _general(m)
+            with pytest.raises(qcowfast.QcowError) as exc:
+                qcowfast.convert(str(top), str(tmp_path / "out.raw"))
+        errors.append((type(exc.value), str(exc.value)))
+    assert errors[0] == errors[1]
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_shared_host_hole_of_a_preallocated_image_is_shared(tmp_path, plain_spy):
+    """Two L2 entries of a metadata-preallocated image naming one host cluster that is a hole
+    of the file: the plain path's check claims the whole cluster (not only its data), so both
+    paths refuse the shared cluster alike (found by a red-team helper)."""
+    img = tmp_path / "pre.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "preallocation=metadata", img, str(16 * M))
+    qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k")
+    at = l2_entry(img, 9)[0]
+    with open(img, "r+b") as f:
+        f.seek(at)
+        f.write(l2_entry(img, 7)[1].to_bytes(8, "big"))
+    assert _plain_chain_of(img) is None
+    with pytest.raises(qcowfast.CorruptImage, match="0x70000 and 0x90000 share the data cluster"):
+        qcowfast.convert(str(img), str(tmp_path / "out.raw"))
+    assert plain_spy == []
+    assert sorted(os.listdir(tmp_path)) == ["pre.qcow2"]
