@@ -637,10 +637,9 @@ cdef class Chain:
         if rc != R_OK:
             return False
         try:
-            if p.ctypes & (1 << ZLIB):
-                _load_zlib()
-            if p.ctypes & (1 << ZSTD):
-                _load_zstd()
+            for t in (ZLIB, ZSTD):
+                if p.ctypes & (1 << t):
+                    check_codec(t)
         except CodecUnavailable:
             return False        # the general path says so, where it needs the codec
         return True

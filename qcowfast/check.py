@@ -23,23 +23,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _tables
 from .bitmaps import (
     BME_TABLE_ENTRY_OFFSET_MASK, bad_table_entries, check_bitmaps_at_open,
     read_bitmap_directory,
 )
 from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
-    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS,
+    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 )
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
 from .header import Header, read_header
 from .info import read_snapshot_table
 from .locks import check_not_locked
-from . import _tables
 from .paths import directories, open_file
-from .refcounts import (
-    MAX_OFFSET, REFT_OFFSET_MASK, REFT_RESERVED_MASK, StoredRefcounts, pread_padded,
-)
+from .refcounts import MAX_OFFSET, StoredRefcounts, pread_padded
 
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE

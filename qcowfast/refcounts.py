@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK  # noqa: F401 - re-exported for check
+from .constants import REFT_OFFSET_MASK
 from .errors import CorruptImage
 from .header import Header
 from .preads import MAX_OFFSET, pread_padded  # noqa: F401 - re-exported for check
