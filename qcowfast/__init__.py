@@ -21,7 +21,7 @@ _LAZY = {
     "EncryptedImage": "errors", "BackingChainError": "errors", "UnsafePathError": "errors",
     "OutputError": "errors", "SnapshotNotFound": "errors", "ImageOpenError": "errors",
     "ImageNotFound": "errors", "MissingBackingFile": "errors", "ImageLocked": "errors",
-    "AllocationFailed": "errors", "CodecUnavailable": "errors",
+    "AllocationFailed": "errors", "CodecUnavailable": "errors", "StaleBitmapsWarning": "errors",
 }
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
     "UnsupportedFeature", "EncryptedImage", "BackingChainError", "UnsafePathError", "OutputError",
     "SnapshotNotFound", "ImageOpenError", "ImageNotFound", "MissingBackingFile", "ImageLocked",
-    "AllocationFailed", "CodecUnavailable",
+    "AllocationFailed", "CodecUnavailable", "StaleBitmapsWarning",
 ]
 
 # For type checkers only (they treat any name TYPE_CHECKING as true; importing typing would
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from .errors import (AllocationFailed, BackingChainError, CodecUnavailable, CorruptImage,
                          DecompressionError, EncryptedImage, FormatError, ImageLocked,
                          ImageNotFound, ImageOpenError, MissingBackingFile, OutputError,
-                         QcowError, SnapshotNotFound, TruncatedImage, UnsafePathError,
-                         UnsupportedFeature)
+                         QcowError, SnapshotNotFound, StaleBitmapsWarning, TruncatedImage,
+                         UnsafePathError, UnsupportedFeature)
     from .fleet import Skipped, convert_many
     from .header import Header
     from .image import Extent, Image, open

@@ -33,7 +33,7 @@ from .constants import (
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 )
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
-from .header import Header, read_header
+from .header import Header, read_header, warn_stale_bitmaps
 from .info import read_snapshot_table
 from .locks import check_not_locked
 from .paths import directories, open_file
@@ -852,6 +852,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             if not force_share:             # qemu-img check takes QEMU's locks as info does
                 check_not_locked(fd, name)
             header = read_header(fd, st.st_size, tables_in_file=False)
+            warn_stale_bitmaps(header, name)
             if header.bitmaps is not None:      # loaded at open, as qemu-img check opens
                 check_bitmaps_at_open(fd, header, st.st_size)
             _open_chain(name, (st.st_dev, st.st_ino), header, directories(backing_dirs),

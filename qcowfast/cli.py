@@ -939,6 +939,31 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
+class _WarningsOnStderr:
+    """Within it, qcowfast's warnings print as qemu-img's do: "qcowfast: warning: ..." on
+    stderr, each once per command (other warnings print as Python prints them)."""
+
+    def __enter__(self):
+        import warnings
+        from .errors import StaleBitmapsWarning
+        self._saved = warnings.catch_warnings()
+        self._saved.__enter__()
+        shown = warnings.showwarning
+        warnings.simplefilter("default", StaleBitmapsWarning)   # resets the once-registries
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, StaleBitmapsWarning):
+                _write_quietly(sys.stderr, f"qcowfast: warning: {message}\n")
+            else:
+                shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc):
+        self._saved.__exit__(*exc)
+        return False
+
+
 def _install_signal_handlers() -> dict:
     """Route SIGINT/SIGTERM/SIGHUP to Interrupted, SIGUSR1 to the progress report (for the
     rest of the run); returns the handlers replaced."""
@@ -1055,8 +1080,10 @@ def main(argv=None) -> int:
     # qcowfast never calls BLAS: spare numpy's OpenBLAS its idle spinning worker threads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     old_handlers = _install_signal_handlers()
+    shown = _WarningsOnStderr()
     try:
-        status = args.func(args)
+        with shown:
+            status = args.func(args)
         try:
             sys.stdout.flush()
         except OSError as exc:

@@ -82,3 +82,8 @@ class AllocationFailed(QcowError, MemoryError):
 
 class CodecUnavailable(QcowError):
     """The C library behind a compression type could not be loaded."""
+
+
+class StaleBitmapsWarning(UserWarning):
+    """The image has a bitmaps extension without its autoclear bit: a program lacking bitmap
+    support wrote it, so QEMU takes every bitmap as inconsistent (their clusters may leak)."""

@@ -68,6 +68,7 @@ class Header:
     bitmaps: BitmapsExtension | None = None
     crypto_header: tuple[int, int] | None = None
     extensions: tuple[Extension, ...] = field(default=(), repr=False)
+    stale_bitmaps: bool = False     # a bitmaps extension ignored: its autoclear bit is clear
 
     @property
     def cluster_size(self) -> int:
@@ -253,6 +254,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False) 
     if ext_fields.get("bitmaps") is not None and not (
             fields.get("autoclear_features", 0) & Autoclear.BITMAPS):
         ext_fields["bitmaps"] = None  # stale extension: QEMU ignores it without the autoclear bit
+        fields["stale_bitmaps"] = True
     if ext_fields.get("crypto_header") is not None and crypt_method != CryptMethod.LUKS:
         # QEMU qcow2_read_extensions(): only LUKS has a full disk encryption header.
         raise FormatError("full disk encryption header extension in an image that is not "
@@ -290,6 +292,17 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         if name is None:
             raise
         raise type(exc)(f"{name}: {exc}") from None
+
+
+def warn_stale_bitmaps(header: Header, name: str) -> None:
+    """Warn (StaleBitmapsWarning) as qemu-img does on opening an image whose bitmaps extension
+    lost its autoclear bit (qcow2_read_extensions(); qcowfast reads such images all the same)."""
+    if header.stale_bitmaps:
+        import warnings
+        from .errors import StaleBitmapsWarning
+        warnings.warn(f"{name}: a program lacking bitmap support modified this file, so all "
+                      "bitmaps are now considered inconsistent; some clusters may be leaked "
+                      "('qemu-img check -r' frees them)", StaleBitmapsWarning, stacklevel=2)
 
 
 def _header_end(head: bytes, span: int) -> int:

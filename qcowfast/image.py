@@ -27,7 +27,7 @@ from .errors import (
     BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError,
     TruncatedImage, UnsupportedFeature,
 )
-from .header import Header, read_header
+from .header import Header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked, hold_read_locks
 from .paths import OpenedFile, directories, open_file, resolve_reference
 from .probe import detect_format
@@ -572,6 +572,7 @@ class Image(_Layer):
         # self.file_size: st_size, or the device size of a block device (paths.open_file).
         self.header: Header = read_header(self._fd, self.file_size, name=self.filename)
         h = self.header
+        warn_stale_bitmaps(h, self.filename)
         self.virtual_size = h.size - h.size % 512   # QEMU counts whole sectors (qcow2_do_open)
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits

@@ -20,7 +20,7 @@ from .constants import (
     MAX_CHAIN_DEPTH, RAW_FORMATS, Compatible, CompressionType, CryptMethod,
 )
 from .errors import BackingChainError, FormatError, UnsupportedFeature
-from .header import Header, read_header, require_refcount_table
+from .header import Header, read_header, require_refcount_table, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import (
     OpenedFile, directories, full_backing_filename, open_file, resolve_reference,
@@ -149,6 +149,7 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     # Like qemu-img, describe images whose tables run past the end of the file (truncated
     # copies): info reads none of those tables.
     h = read_header(fd, st.st_size, tables_in_file=False, name=name, allow_encrypted=True)
+    warn_stale_bitmaps(h, name)
     require_refcount_table(h)      # qemu-img info opens without BDRV_O_CHECK
     encrypt = _encrypt_info(fd, h, st.st_size) if h.crypt_method else None
     snapshots = read_snapshot_table(fd, h)[0] if h.nb_snapshots else []

@@ -20,13 +20,16 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import QemuToolError, assert_same_bytes, qemu_img, qemu_img_pbkdf, qemu_io
+from common import (QEMU_IMG, QemuToolError, assert_same_bytes, qemu_img, qemu_img_pbkdf, qemu_io,
+                    run_cli)
 
 K = 1024
 M = 1024 * 1024
@@ -783,6 +786,51 @@ def test_harmless_feature_bits(field, bit, workdir):
     value = struct.unpack(">Q", read_at(d / "image.qcow2", field, 8))[0]
     patch(d / "image.qcow2", field, struct.pack(">Q", value | 1 << bit))
     check_image(d / "image.qcow2")
+
+
+STALE_BITMAPS = "a program lacking bitmap support modified this file"
+
+
+@pytest.mark.parametrize("autoclear", [False, True], ids=["autoclear-clear", "autoclear-set"])
+def test_bitmaps_extension_without_its_autoclear_bit(autoclear, workdir):
+    """A bitmaps extension whose autoclear bit a bitmap-unaware program cleared: QEMU ignores
+    the bitmaps and warns at every open (qcow2_read_extensions()); qcowfast reads the image
+    as QEMU does and warns too, once per command, naming the file. With the bit kept (the
+    bitmap intact), neither tool warns."""
+    d = _mkdir(workdir, f"stale-bitmaps-{autoclear}")
+    img = d / "image.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img.name, 4 * M, cwd=d)
+    qemu_io(img, "write -P 0x7 64k 200k", cwd=d)
+    qemu_img("bitmap", "--add", img.name, "bm0", cwd=d)
+    if not autoclear:
+        value = struct.unpack(">Q", read_at(img, 88, 8))[0]
+        assert value & 1                        # qemu-img set it (bit 0: bitmaps extension)
+        patch(img, 88, struct.pack(">Q", value & ~1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check_image(img)
+        qcowfast.info(img)
+        with qcowfast.open(img) as opened:
+            assert opened.header.stale_bitmaps == (not autoclear)
+            assert (opened.header.bitmaps is None) == (not autoclear)
+    stale = [w for w in seen if issubclass(w.category, qcowfast.StaleBitmapsWarning)]
+    assert bool(stale) == (not autoclear), [str(w.message) for w in seen]
+    assert all(str(w.message).startswith(f"{img}: {STALE_BITMAPS}") for w in stale)
+    out = d / "out.raw"
+    for args in (["info", "--output=json", img.name], ["check", img.name],
+                 ["map", "--output=json", img.name], ["convert", "-O", "raw", img.name, out.name]):
+        want = subprocess.run([QEMU_IMG, *args], cwd=d, capture_output=True, text=True)
+        out.unlink(missing_ok=True)
+        got = run_cli(*args, cwd=d)
+        assert (STALE_BITMAPS in want.stderr) == (not autoclear), want.stderr
+        lines = [ln for ln in got.stderr.splitlines() if "warning" in ln]
+        expected = [f"qcowfast: warning: image.qcow2: {STALE_BITMAPS}, so all bitmaps are now "
+                    "considered inconsistent; some clusters may be leaked ('qemu-img check -r' "
+                    "frees them)"] if not autoclear else []
+        assert lines == expected, (args, got.stderr)
+        assert got.returncode == want.returncode, (args, got.stderr, want.stderr)
+        if args[0] != "convert":
+            assert got.stdout == want.stdout, args
 
 
 # --------------------------------------------------------------------------------------------
