@@ -319,7 +319,7 @@ class Connection:
             NBD_CMD_DISC: self._cmd_disc,
             NBD_CMD_FLUSH: self._cmd_flush,
             NBD_CMD_TRIM: self._cmd_refuse_write,
-            NBD_CMD_CACHE: self._cmd_refuse_write,
+            NBD_CMD_CACHE: self._cmd_cache,
             NBD_CMD_WRITE_ZEROES: self._cmd_refuse_write,
             NBD_CMD_BLOCK_STATUS: self._cmd_block_status,
         }
@@ -522,7 +522,11 @@ class Connection:
         self._send(_OPTION_REPLY.pack(NBD_REP_MAGIC, opt, rtype, len(data)), data)
 
     def transmission_flags(self) -> int:
-        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY
+        # qemu-nbd -r's flags. With nothing ever written, FLUSH, FUA and CACHE have no effect,
+        # which proto.md allows: FUA may be honoured "even by ignoring the bit", CACHE may be
+        # advertised "even if the command has no effect".
+        flags = (NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA
+                 | NBD_FLAG_SEND_CACHE)
         if getattr(self.export, "multi_conn", True):
             flags |= NBD_FLAG_CAN_MULTI_CONN
         if self.structured:
@@ -557,6 +561,9 @@ class Connection:
         self._opt_reply(opt, NBD_REP_ACK)
 
     def _opt_starttls(self, opt: int, data: bytes):
+        # proto.md, NOTLS mode: ERR_POLICY from a server that does TLS but not now (qemu-nbd
+        # without --tls-creds), ERR_UNSUP from one that "does not support the NBD_OPT_STARTTLS
+        # option at all", as this one.
         raise OptionError(NBD_REP_ERR_UNSUP, "TLS is not supported by this server")
 
     def _opt_info_go(self, opt: int, data: bytes):
@@ -601,8 +608,11 @@ class Connection:
         setting = opt == NBD_OPT_SET_META_CONTEXT
         if setting:
             self.contexts = {}          # replaced even when the option fails (proto.md)
-        if not self.structured:
-            raise OptionError(NBD_REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+            # proto.md: SET "MUST NOT" come before structured replies (the server SHOULD refuse
+            # it); LIST "SHOULD NOT", and the server MAY refuse it: answered, as by qemu-nbd.
+            if not self.structured:
+                raise OptionError(NBD_REP_ERR_INVALID,
+                                  "negotiate NBD_OPT_STRUCTURED_REPLY first")
         name, queries = _parse_meta_context(data, self.limits.max_queries)
         self._check_name(name)
         if any(b":" not in q for q in queries):
@@ -634,7 +644,7 @@ class Connection:
             self._workers.append(worker)
         rbuf = self._rbuf
         size = self.export.size
-        read_flags = ~(NBD_CMD_FLAG_DF if self.structured else 0)
+        read_flags = ~self._read_flags()
         cap = lim.max_request
         while not self._closed:
             if len(rbuf) < _REQUEST.size:
@@ -684,9 +694,14 @@ class Connection:
                     f"end of the export ({size} bytes)")
         return None
 
+    def _read_flags(self) -> int:
+        """The command flags a read may carry."""
+        # proto.md: with NBD_FLAG_SEND_FUA advertised the server MUST accept FUA on every
+        # command; nothing is written, so there is nothing to wait for.
+        return NBD_CMD_FLAG_FUA | (NBD_CMD_FLAG_DF if self.structured else 0)
+
     def _cmd_read(self, cmd, flags, handle, offset, length, deadline):
-        allowed = NBD_CMD_FLAG_DF if self.structured else 0
-        if flags & ~allowed:
+        if flags & ~self._read_flags():
             return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on read")
         bad = self._check_range(cmd, offset, length, self.limits.max_request)
         if bad:
@@ -696,7 +711,7 @@ class Connection:
     def _cmd_block_status(self, cmd, flags, handle, offset, length, deadline):
         if BASE_ALLOCATION_ID not in self.contexts:
             return self._reply_error(handle, NBD_EINVAL, "no metadata context was negotiated")
-        if flags & ~NBD_CMD_FLAG_REQ_ONE:
+        if flags & ~(NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FUA):
             return self._reply_error(handle, NBD_EINVAL,
                                      f"unsupported flags {flags:#x} on block status")
         bad = self._check_range(cmd, offset, length, None)
@@ -717,7 +732,19 @@ class Connection:
         self._reply_error(handle, NBD_EPERM, "the export is read-only")
 
     def _cmd_flush(self, cmd, flags, handle, offset, length, deadline):
-        # Nothing is ever written, so there is nothing to flush (not advertised anyway).
+        # Nothing is ever written, so there is nothing to flush.
+        if flags & ~NBD_CMD_FLAG_FUA:
+            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on flush")
+        self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+
+    def _cmd_cache(self, cmd, flags, handle, offset, length, deadline):
+        # Taken as a hint with no effect, as proto.md allows; but a server advertising CACHE
+        # "MUST reject any command flags it does not recognize".
+        if flags & ~NBD_CMD_FLAG_FUA:
+            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on cache")
+        bad = self._check_range(cmd, offset, length, self.limits.max_request)
+        if bad:
+            return self._reply_error(handle, NBD_EINVAL, bad)
         self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _cmd_disc(self, cmd, flags, handle, offset, length, deadline):

@@ -336,6 +336,11 @@ def test_info_reports_size_flags_and_block_sizes(client, want):
 def test_meta_contexts(client):
     c = client()
     query = meta_data(b"", [b"base:allocation"])
+    # Before structured replies: proto.md lets a server refuse LIST (MAY), and asks it to
+    # refuse SET (SHOULD); qemu-nbd answers LIST, and so does qcowfast (it refused both).
+    replies = c.option(nbd.NBD_OPT_LIST_META_CONTEXT, query)
+    assert replies == [(nbd.NBD_REP_META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"),
+                       (nbd.NBD_REP_ACK, b"")]
     assert c.option(nbd.NBD_OPT_SET_META_CONTEXT, query)[-1][0] == nbd.NBD_REP_ERR_INVALID
     assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
     # A second request is refused as qemu-nbd refuses it; structured replies stay on.
@@ -450,15 +455,23 @@ def test_refused_and_invalid_requests_keep_the_connection(client, want, structur
         (nbd.NBD_CMD_WRITE, nbd.NBD_CMD_FLAG_FUA, 0, 0, b"", nbd.NBD_EPERM),
         (nbd.NBD_CMD_TRIM, 0, 0, 65536, b"", nbd.NBD_EPERM),
         (nbd.NBD_CMD_WRITE_ZEROES, 0, 0, 65536, b"", nbd.NBD_EPERM),
-        (nbd.NBD_CMD_CACHE, 0, 0, 65536, b"", nbd.NBD_EPERM),
+        (nbd.NBD_CMD_CACHE, 0, 0, 65536, b"", 0),                 # a hint: no effect
+        (nbd.NBD_CMD_CACHE, nbd.NBD_CMD_FLAG_FUA, 0, 65536, b"", 0),
+        (nbd.NBD_CMD_CACHE, nbd.NBD_CMD_FLAG_NO_HOLE, 0, 512, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_CACHE, 0, SIZE - 10, 11, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_CACHE, 0, 0, MAX_REQUEST + 1, b"", nbd.NBD_EINVAL),
         (42, 0, 0, 0, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_RESIZE, 0, 0, 0, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_FLUSH, 0, 0, 0, b"", 0),
+        (nbd.NBD_CMD_FLUSH, nbd.NBD_CMD_FLAG_FUA, 0, 0, b"", 0),
+        (nbd.NBD_CMD_FLUSH, nbd.NBD_CMD_FLAG_REQ_ONE, 0, 0, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_FLUSH, 1 << 15, 0, 0, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_READ, 0, SIZE - 10, 11, b"", nbd.NBD_EINVAL),         # past the end
         (nbd.NBD_CMD_READ, 0, SIZE + 4096, 1, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_READ, 0, (1 << 64) - 1, 2, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_READ, 0, 0, MAX_REQUEST + 1, b"", nbd.NBD_EINVAL),    # over the cap
-        (nbd.NBD_CMD_READ, nbd.NBD_CMD_FLAG_FUA, 0, 512, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_READ, nbd.NBD_CMD_FLAG_NO_HOLE, 0, 512, b"", nbd.NBD_EINVAL),
+        (nbd.NBD_CMD_READ, nbd.NBD_CMD_FLAG_FUA, SIZE, 1, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_BLOCK_STATUS, 0, SIZE, 1, b"", nbd.NBD_EINVAL),
         (nbd.NBD_CMD_BLOCK_STATUS, 0, 0, 0, b"", nbd.NBD_EINVAL),
     ]
@@ -479,10 +492,10 @@ def test_refused_and_invalid_requests_keep_the_connection(client, want, structur
 class QemuNbd:
     """qemu-nbd -r -t serving an image on a Unix socket (the reference server); stop() ends it."""
 
-    def __init__(self, path, sock):
+    def __init__(self, path, sock, *options: str):
         self.sock = sock
-        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock),
-                                      str(path)], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", *options, "-k",
+                                      str(sock), str(path)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):
@@ -501,10 +514,22 @@ class QemuNbd:
                 self.proc.wait(10)
 
 
+@pytest.fixture(scope="module")
+def reference(proto_image, tmp_path_factory):
+    """The address of qemu-nbd -r -e 0 serving the module's image (-e 0: CAN_MULTI_CONN, as
+    qcowfast serve advertises it)."""
+    ref = QemuNbd(proto_image, tmp_path_factory.mktemp("ref") / "qemu-nbd.sock", "-e", "0")
+    try:
+        yield str(ref.sock)
+    finally:
+        ref.stop()
+
+
 # Zero-length requests whose answers qemu-nbd -r sets (command, offset, structured only).
 _ZERO_LENGTH = [(nbd.NBD_CMD_READ, 0, False), (nbd.NBD_CMD_READ, CLUSTER + 5, False),
                 (nbd.NBD_CMD_READ, SIZE, False), (nbd.NBD_CMD_READ, SIZE + 1, False),
-                (nbd.NBD_CMD_FLUSH, 0, False), (nbd.NBD_CMD_BLOCK_STATUS, 0, True),
+                (nbd.NBD_CMD_FLUSH, 0, False), (nbd.NBD_CMD_CACHE, 0, False),
+                (nbd.NBD_CMD_CACHE, SIZE, False), (nbd.NBD_CMD_BLOCK_STATUS, 0, True),
                 (nbd.NBD_CMD_BLOCK_STATUS, SIZE, True)]
 
 
@@ -549,21 +574,16 @@ def _pipelined_reads(c, reads: dict, structured: bool, want: bytes, what: str) -
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
-def test_zero_length_requests_answer_as_qemu_nbd(proto_image, server, tmp_path, want,
-                                                  structured):
+def test_zero_length_requests_answer_as_qemu_nbd(reference, server, want, structured):
     """Zero-length reads (alone, and pipelined between reads they continue, so one batch
-    holds them) get a bare success reply, block status EINVAL, as from qemu-nbd -r; write-type
-    commands EPERM as at any length. The connection serves on."""
-    reference = QemuNbd(proto_image, tmp_path / "qemu-nbd.sock")
-    try:
-        expected = _zero_length_errors(str(reference.sock), structured)
-    finally:
-        reference.stop()
+    holds them) and caches get a bare success reply, block status EINVAL, as from qemu-nbd -r;
+    write-type commands EPERM as at any length. The connection serves on."""
+    expected = _zero_length_errors(reference, structured)
     assert _zero_length_errors(server.address, structured) == expected
     c = Client(server.address).greet()
     try:
         c.go(structured=structured, meta=structured)
-        for cmd in (nbd.NBD_CMD_TRIM, nbd.NBD_CMD_WRITE_ZEROES, nbd.NBD_CMD_CACHE):
+        for cmd in (nbd.NBD_CMD_TRIM, nbd.NBD_CMD_WRITE_ZEROES):
             c.request(cmd, 60, 0, 0)
             assert c.error_of(60) == nbd.NBD_EPERM
         reads = {1: (0, 4096), 2: (4096, 0), 3: (4096, 4096), 4: (8192, 0), 5: (SIZE, 0),
@@ -573,6 +593,119 @@ def test_zero_length_requests_answer_as_qemu_nbd(proto_image, server, tmp_path, 
         assert error == 0 and data == want[CLUSTER - 7:CLUSTER + 70]
     finally:
         c.close()
+
+
+# Every option code 0..12 and two unknown ones, each sent with no data, with junk, and with
+# its own well-formed data where it takes some.
+_OPTIONS = [*range(13), 99, 1 << 31]
+_OPTION_DATA = {nbd.NBD_OPT_INFO: info_data(b"", [nbd.NBD_INFO_BLOCK_SIZE]),
+                nbd.NBD_OPT_GO: info_data(b"", [nbd.NBD_INFO_BLOCK_SIZE]),
+                nbd.NBD_OPT_LIST_META_CONTEXT: meta_data(b"", [b"base:allocation"]),
+                nbd.NBD_OPT_SET_META_CONTEXT: meta_data(b"", [b"base:allocation"])}
+
+
+def _option_reply(c, opt, data) -> tuple:
+    """The replies to one option in a form two servers share: the INFO replies as sorted
+    (information type[, transmission flags]) (their order is free), the others in order
+    (META_CONTEXT as (type, name): SET's ids are the server's to choose), then "ended" or
+    whether the connection still negotiates (NBD_OPT_LIST answered)."""
+    c.send_option(opt, data)
+    replies, infos = [], []
+    while True:
+        _, rtype, payload = c.option_reply()
+        if rtype == nbd.NBD_REP_INFO:
+            kind = struct.unpack_from(">H", payload)[0]
+            infos.append((kind, struct.unpack_from(">H", payload, 10)[0])
+                         if kind == nbd.NBD_INFO_EXPORT else (kind,))
+            continue
+        replies.append((rtype, payload[4:]) if rtype == nbd.NBD_REP_META_CONTEXT else rtype)
+        if rtype == nbd.NBD_REP_ACK or rtype & (1 << 31):
+            break
+    if opt == nbd.NBD_OPT_ABORT or (opt == nbd.NBD_OPT_GO and rtype == nbd.NBD_REP_ACK):
+        return sorted(infos), replies, "ended"
+    alive = [t for t, _ in c.option(nbd.NBD_OPT_LIST)] == [nbd.NBD_REP_SERVER, nbd.NBD_REP_ACK]
+    return sorted(infos), replies, alive
+
+
+def _option_replies(address, structured: bool) -> dict:
+    """{(option, data kind): _option_reply(...)} for every option of _OPTIONS, each on a fresh
+    connection (structured replies negotiated first, or not)."""
+    got = {}
+    for opt in _OPTIONS:
+        if opt == nbd.NBD_OPT_EXPORT_NAME:
+            continue                              # no option reply: tested on its own
+        kinds = {"none": b"", "junk": b"junk" * 3}
+        if opt in _OPTION_DATA:
+            kinds["own"] = _OPTION_DATA[opt]
+        for kind, data in kinds.items():
+            c = Client(address).greet()
+            try:
+                if structured:
+                    assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+                got[opt, kind] = _option_reply(c, opt, data)
+            finally:
+                c.close()
+    return got
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_option_replies_match_qemu_nbd(reference, server, structured):
+    """Every option, with and without data, before and after structured replies, answered
+    as qemu-nbd -r answers it: the same replies, transmission flags (qemu-nbd -r's FLUSH, FUA
+    and CACHE) and connection state; LIST_META_CONTEXT is answered before structured replies.
+    One deliberate difference: STARTTLS is ERR_UNSUP, as proto.md's NOTLS mode asks of a server
+    that does not support the option at all (qemu-nbd, which has TLS, answers ERR_POLICY, or
+    ERR_INVALID to one with data)."""
+    expected = _option_replies(reference, structured)
+    got = _option_replies(server.address, structured)
+    for kind in ("none", "junk"):
+        key = (nbd.NBD_OPT_STARTTLS, kind)
+        assert expected.pop(key)[1] == [nbd.NBD_REP_ERR_POLICY if kind == "none"
+                                        else nbd.NBD_REP_ERR_INVALID]
+        assert got.pop(key) == ([], [nbd.NBD_REP_ERR_UNSUP], True)
+    assert got == expected
+
+
+# Command flags, alone: each defined one and two undefined ones.
+_FLAGS = [0, nbd.NBD_CMD_FLAG_FUA, nbd.NBD_CMD_FLAG_NO_HOLE, nbd.NBD_CMD_FLAG_DF,
+          nbd.NBD_CMD_FLAG_REQ_ONE, nbd.NBD_CMD_FLAG_FAST_ZERO, 1 << 5, 1 << 15]
+
+
+def _command_errors(address, structured: bool) -> dict:
+    """{(command, flags): error} for READ, FLUSH, CACHE, BLOCK_STATUS and an unknown command
+    with each of _FLAGS, on one connection (structured with base:allocation, or simple)."""
+    c = Client(address).greet()
+    try:
+        c.go(structured=structured, meta=structured)
+        got = {}
+        for cmd in (nbd.NBD_CMD_READ, nbd.NBD_CMD_FLUSH, nbd.NBD_CMD_CACHE,
+                    nbd.NBD_CMD_BLOCK_STATUS, 42):
+            length = 0 if cmd in (nbd.NBD_CMD_FLUSH, 42) else 4096
+            for flags in _FLAGS:
+                if cmd == nbd.NBD_CMD_READ:
+                    got[cmd, flags] = c.read(CLUSTER, length, flags=flags)[0]
+                elif cmd == nbd.NBD_CMD_BLOCK_STATUS and structured:
+                    c.request(cmd, 9, CLUSTER, length, flags)
+                    cflags, rtype, handle, payload = c.chunk()
+                    assert handle == 9 and cflags & nbd.NBD_REPLY_FLAG_DONE
+                    got[cmd, flags] = (struct.unpack_from(">I", payload)[0]
+                                       if rtype == nbd.NBD_REPLY_TYPE_ERROR else rtype)
+                else:
+                    c.request(cmd, 9, CLUSTER, length, flags)
+                    got[cmd, flags] = c.error_of(9)
+        return got
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+def test_command_flags_answer_as_qemu_nbd(reference, server, structured):
+    """Each command flag on the commands a read-only export serves gets qemu-nbd -r's answer:
+    FUA is accepted on every one (proto.md: a server advertising NBD_FLAG_SEND_FUA MUST accept
+    it on all commands; it was EINVAL on READ and BLOCK_STATUS), flags that do not belong to
+    FLUSH or CACHE are EINVAL (they were ignored), CACHE succeeds (it was EPERM)."""
+    assert _command_errors(server.address, structured) == _command_errors(reference,
+                                                                          structured)
 
 
 def test_write_over_the_cap_is_refused_and_closes(client, server, want):

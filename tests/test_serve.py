@@ -197,7 +197,9 @@ def test_qemu_io_reads_patterns(pattern_image, served):
     assert out.count("read ") == 7, out
 
 
-def test_nbdinfo_json_describes_a_read_only_export(images, served):
+def test_nbdinfo_json_describes_a_read_only_export(images, served, tmp_path):
+    """Read-only, multi-conn, and the features qemu-nbd -r -e 0 advertises: FLUSH, FUA and
+    CACHE too (they have no effect on a read-only export; they were not advertised)."""
     image = images.get("c64k-v3-zlib")
     server = served(image.path, export_name="disk0")
     info = json.loads(run("nbdinfo", "--json", unix_uri(server.address, "disk0")).stdout)
@@ -208,8 +210,16 @@ def test_nbdinfo_json_describes_a_read_only_export(images, served):
     assert export["is_read_only"] is True
     assert export["can_multi_conn"] is True
     assert export["can_df"] is True
-    for feature in ("can_trim", "can_zero", "can_flush", "can_fua", "can_cache"):
+    for feature in ("can_trim", "can_zero", "can_fast_zero"):
         assert export[feature] is False, feature
+    reference = QemuNbd(image.path, tmp_path / "qemu-nbd.sock", "-e", "0")
+    try:
+        (ref,) = json.loads(run("nbdinfo", "--json", unix_uri(reference.sock)).stdout)["exports"]
+    finally:
+        reference.stop()
+    features = sorted(k for k in ref if k.startswith(("can_", "is_")))
+    assert len(features) >= 10
+    assert {k: export[k] for k in features} == {k: ref[k] for k in features}
     assert "base:allocation" in export["contexts"]
     assert export["block_size_minimum"] == 1
     assert export["block_size_preferred"] == image.cluster_size
