@@ -404,27 +404,36 @@ _OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default
                 "compression_type": "<str> - compression with -c: zlib (default) or zstd"}
 
 
-def _print_output_options(fmt: str) -> None:
-    """qemu-img's `-o help`: the options qcowfast takes for this output format."""
+def _print_output_options(fmt: str, named: bool) -> None:
+    """qemu-img's `-o help`: the options qcowfast takes for this output format (headed as
+    qemu-img heads them: "Supported options:" once the output file is named, when qemu-img adds
+    its protocol's options)."""
     lines = [f"  {key}={_OPTION_HELP[key]}" for key in _OUTPUT_OPTIONS if fmt == "qcow2"]
     lines += [f"  {key}={what}" for key, (_, what) in _FILE_OPTIONS.items()]
     lines += [f"  {key}={'|'.join(values)} - {what}"
               for key, (values, what) in _FIXED_OPTIONS.get(fmt, {}).items()]
-    print("Supported options:", *lines, sep="\n")
+    try:
+        print("Supported options:" if named else f"Supported {fmt} options:", *lines, sep="\n",
+              flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()                     # `| head`: end quietly, as qemu-img does
 
 
 def _options_help(argv: list[str]) -> bool:
     """`qcowfast convert ... -o help ...`: print the options of -O's format and return True.
     As in qemu-img, the file names may be left out (and are not used)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     p.add_argument("-O", default="raw")
     p.add_argument("-o", action="append", default=[])
-    known, _ = p.parse_known_args(argv)
+    try:
+        known, rest = p.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return False            # -O or -o lacks its value: the command's parser says so
     fmt = "raw" if known.O == "host_device" else known.O
     if fmt not in OUTPUT_FORMATS or not any(
             re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
         return False
-    _print_output_options(fmt)
+    _print_output_options(fmt, any(not a.startswith("-") for a in rest))
     return True
 
 
