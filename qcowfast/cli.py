@@ -370,6 +370,7 @@ class _Unsupported(argparse.Action):
 # qemu-img convert options that qcowfast refuses by name (each needs a feature it lacks).
 _UNSUPPORTED = {"-B": ("output backing files", 1), "-F": ("output backing files", 1),
                 "--image-opts": ("option strings instead of file names", 0),
+                "--target-image-opts": ("option strings instead of file names", 0),
                 "-r": ("rate limits", 1),
                 "-C": ("copy offloading as a requirement", 0), "--salvage": ("salvaging", 0),
                 "--bitmaps": ("copying bitmaps", 0), "--skip-broken-bitmaps": ("bitmaps", 0)}

@@ -653,7 +653,7 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
 
 @pytest.mark.parametrize("options, named", [
     (["-B", "base.qcow2", "-O", "qcow2"], "-B"), (["-F", "qcow2"], "-F"),
-    (["--image-opts"], "--image-opts"),
+    (["--image-opts"], "--image-opts"), (["--target-image-opts"], "--target-image-opts"),
     (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
     (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
     (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
