@@ -11,8 +11,8 @@ KERNELS = ("qcowfast._tables", "qcowfast._inflate", "qcowfast._deflate", "qcowfa
            "qcowfast._plain", "qcowfast._mapjson")
 
 extensions = [
-    Extension(name, [f"qcowfast/{name.split('.')[-1]}.pyx"],
-              include_dirs=[numpy.get_include(), "qcowfast"],
+    Extension(name, [f"src/qcowfast/{name.split('.')[-1]}.pyx"],
+              include_dirs=[numpy.get_include(), "src/qcowfast"],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
               extra_compile_args=["-O3"], libraries=["dl"])
     for name in KERNELS

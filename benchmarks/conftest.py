@@ -54,7 +54,7 @@ def bench_bytecode() -> None:
     module from source in every timed child process.
     """
     import compileall
-    compileall.compile_dir(str(HERE.parent / "qcowfast"), quiet=1)
+    compileall.compile_dir(str(HERE.parent / "src" / "qcowfast"), quiet=1)
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,13 @@ if [[ ! -e "$libasan" ]]; then
 fi
 
 # The sources only: no compiled modules, generated C or caches from the normal build.
-mkdir -p "$work/qcowfast"
+pkg="$work/src/qcowfast"
+mkdir -p "$pkg"
 cp "$repo"/setup.py "$repo"/pyproject.toml "$work"/
-cp "$repo"/qcowfast/*.py "$repo"/qcowfast/*.pyx "$work/qcowfast/"
-cp "$repo"/qcowfast/py.typed "$work/qcowfast/" 2>/dev/null || true
+cp "$repo"/src/qcowfast/*.py "$repo"/src/qcowfast/*.pyx "$pkg/"
+cp "$repo"/src/qcowfast/py.typed "$pkg/" 2>/dev/null || true
 for ext in pxd pxi pyi h; do
-    compgen -G "$repo/qcowfast/*.$ext" >/dev/null && cp "$repo"/qcowfast/*."$ext" "$work/qcowfast/"
+    compgen -G "$repo/src/qcowfast/*.$ext" >/dev/null && cp "$repo"/src/qcowfast/*."$ext" "$pkg/"
 done
 cp -r "$repo/tests" "$work/tests"
 cp -r "$repo/fuzz" "$work/fuzz"
@@ -43,7 +44,7 @@ echo "asan.sh: building the kernels with -fsanitize=address in $work"
     LDFLAGS="-fsanitize=address" \
         "$python" setup.py -q build_ext --inplace --build-temp "$work/build" >/dev/null
 )
-for so in "$work"/qcowfast/_*.so; do
+for so in "$pkg"/_*.so; do
     if ! readelf -d "$so" | grep -q 'libasan'; then
         echo "asan.sh: $so is not linked against libasan" >&2
         exit 1
@@ -61,7 +62,7 @@ done
 export PATH="$work/bin:$PATH"
 export LD_PRELOAD="$libasan"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-export PYTHONPATH="$work"
+export PYTHONPATH="$work/src"
 export PYTHONDONTWRITEBYTECODE=1
 cd "$work"
 
