@@ -13,6 +13,7 @@ table problems. A seeded mutation sweep compares many more damaged images with q
 from __future__ import annotations
 
 import errno
+import importlib
 import itertools
 import json
 import os
@@ -459,6 +460,18 @@ def case_sparse_64g_file(d):
     return img, 0, lambda r: r["allocated-clusters"] == 2048
 
 
+def case_l1_names_one_l2_131072_times(d):
+    """Every one of 131,072 L1 entries names the same L2 table: its clusters are counted
+    131,072 times, past what 16 bits hold (the per-cluster counts widen)."""
+    img = d / "wide.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, 4 * 1024 * M)
+    qemu_io(img, "write -P 3 0 1k")
+    q = Qcow2File(img)
+    assert q.l1_size == 131072
+    q.put(q.l1_offset, struct.pack(">Q", q.u64(q.l1_offset)) * q.l1_size)
+    return img, 2, lambda r: r["corruptions"] >= 131072
+
+
 def _width_case(bits):
     def case(d):
         q = _converted(d, f"rc{bits}.qcow2", f"cluster_size=4096,refcount_bits={bits}",
@@ -499,6 +512,7 @@ CASES = {
     "bitmaps-past-eof": case_bitmaps_past_eof,
     "bitmaps-share-table": case_bitmaps_share_table,
     "sparse-64g-file": case_sparse_64g_file,
+    "l1-names-one-l2-131072-times": case_l1_names_one_l2_131072_times,
     **{f"refcount-bits-{b}": _width_case(b) for b in (1, 2, 4, 8, 16, 32, 64)},
 }
 
@@ -508,6 +522,9 @@ def damaged(request, tmp_path_factory) -> dict:
     """Build the cases the session will run, then check them all (a few at a time)."""
     names = {item.callspec.params["case"] for item in request.session.items
              if getattr(item, "originalname", None) == "test_damaged_image_checks_like_qemu"}
+    if any(getattr(item, "originalname", None) == "test_damaged_images_check_alike_with_"
+           "either_store" for item in request.session.items):
+        names = set(CASES)
     root = tmp_path_factory.mktemp("check")
     built = {}
     for name in CASES:
@@ -532,6 +549,30 @@ def test_damaged_image_checks_like_qemu(case, damaged):
     if code is not None:
         assert ours[0] == code
     assert predicate(ours[1])
+
+
+@pytest.mark.parametrize("store", ["per-cluster", "referenced-only"])
+def test_damaged_images_check_alike_with_either_store(store, damaged, monkeypatch):
+    """Computed refcounts are kept per cluster of the file, or for a file too large for that
+    only per referenced cluster: both stores give qemu-img's report for every damaged image."""
+    check_module = importlib.import_module("qcowfast.check")   # qcowfast.check: the function
+    if store == "referenced-only":
+        monkeypatch.setattr(check_module, "DENSE_MAX_BYTES", 0)
+    assert set(damaged) == set(CASES)
+    kinds = set()
+    real = check_module._computed_for
+    monkeypatch.setattr(check_module, "_computed_for",
+                        lambda n: kinds.add(type(r := real(n)).__name__) or r)
+    for case, (path, code, predicate, ours, qemu) in damaged.items():
+        monkeypatch.chdir(path.parent)                 # (qemu-img ran there, on the name)
+        try:
+            result = qcowfast.check(path.name)
+        except qcowfast.QcowError:
+            assert qemu[0] == 1 and qemu[1] is None, case
+            continue
+        assert (result.exit_code, result.to_json()) == qemu, case
+    # (The 64 GiB sparse file of 512-byte clusters takes the referenced-only store anyway.)
+    assert kinds == ({"_DenseComputed", "_Computed"} if store == "per-cluster" else {"_Computed"})
 
 
 def test_human_report_and_messages(damaged):
@@ -608,7 +649,8 @@ def _mutate(q: Qcow2File, rng: random.Random) -> str:
     return f"{at:#x}: {old:#x} -> {new:#x}"
 
 
-def test_seeded_mutations_match_qemu(tmp_path):
+@pytest.mark.parametrize("store", ["per-cluster", "referenced-only"])
+def test_seeded_mutations_match_qemu(store, tmp_path, monkeypatch):
     bases = [_converted(tmp_path, "m-c4k.qcow2", "cluster_size=4096"),
              _converted(tmp_path, "m-comp.qcow2", "cluster_size=65536", compress=True),
              _converted(tmp_path, "m-ext.qcow2", "cluster_size=65536,extended_l2=on")]
@@ -617,6 +659,8 @@ def test_seeded_mutations_match_qemu(tmp_path):
     qemu_img("snapshot", "-c", "s", snap)
     qemu_io(snap, "write -P 9 0 200k")
     bases.append(Qcow2File(snap))
+    if store == "referenced-only":
+        monkeypatch.setattr(importlib.import_module("qcowfast.check"), "DENSE_MAX_BYTES", 0)
     rng = random.Random(4242)
     for n in range(40):
         base = bases[n % len(bases)]

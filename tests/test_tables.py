@@ -209,6 +209,68 @@ def test_nonzero_runs_matches_blockwise_scan(pieces, granularity, origin):
     assert list(zip(starts.tolist(), ends.tolist())) == want
 
 
+def _dense_add_reference(ct, ow, clusters, weights, owner, room):
+    """dense_add as a Python loop: counts, first owners, clashes (capped at room), the stop."""
+    clashes, found = [], 0
+    for i, (c, w) in enumerate(zip(clusters.tolist(), weights.tolist())):
+        if int(ct[c]) + w > np.iinfo(ct.dtype).max:
+            return found, i, clashes
+        ct[c] += w
+        if ow[c] == 0:
+            ow[c] = owner
+        elif ow[c] != owner:
+            if found < room:
+                clashes.append((c, int(ow[c])))
+            found += 1
+    return found, -1, clashes
+
+
+@pytest.mark.parametrize("count_type", [np.uint16, np.uint32, np.uint64])
+def test_dense_add_equals_a_python_loop(count_type):
+    """check's per-cluster counting kernel against a Python loop: repeated clusters, several
+    owners (first owner kept, later other owners are clashes, in order, capped), counts that
+    would pass the type's maximum (the kernel stops before that reference), broadcast weights;
+    bad arguments raise ValueError before anything is counted."""
+    from qcowfast._tables import dense_add
+    rng = np.random.default_rng(11)
+    top = int(np.iinfo(count_type).max)
+    for trial in range(300):
+        size = int(rng.integers(1, 30))
+        ct = rng.integers(0, 3, size).astype(count_type)
+        if trial % 5 == 0:
+            ct[rng.integers(0, size)] = top - int(rng.integers(0, 3))     # near the maximum
+        ow = rng.integers(0, 4, size).astype(np.uint8)
+        n = int(rng.integers(0, 50))
+        clusters = rng.integers(0, size, n).astype(np.int64)
+        weights = (np.broadcast_to(np.int64(rng.integers(0, 3)), (n,)) if trial % 2 else
+                   rng.integers(0, 4, n).astype(np.int64))
+        owner = int(rng.integers(1, 4))
+        room = int(rng.integers(0, 6))
+        want_ct, want_ow = ct.copy(), ow.copy()
+        want = _dense_add_reference(want_ct, want_ow, clusters, weights, owner, room)
+        out = np.full(2 * room, -1, np.int64)
+        found, stop = dense_add(ct, ow, clusters, weights, owner, out)
+        assert (found, stop) == want[:2]
+        kept = min(found, room)
+        assert out[:2 * kept].reshape(kept, 2).tolist() == [list(p) for p in want[2]]
+        assert (ct == want_ct).all() and (ow == want_ow).all()
+    ct, ow = np.zeros(4, count_type), np.zeros(4, np.uint8)
+    one, no_room = np.ones(1, np.int64), np.zeros(0, np.int64)
+    for bad in ([4], [-1]):                                   # outside the counts
+        with pytest.raises(ValueError):
+            dense_add(ct, ow, np.array(bad, np.int64), one, 1, no_room)
+    with pytest.raises(ValueError):
+        dense_add(ct, ow, np.array([0], np.int64), -one, 1, no_room)        # negative weight
+    with pytest.raises(ValueError):
+        dense_add(ct, ow, np.array([0, 1], np.int64), one, 1, no_room)      # lengths differ
+    with pytest.raises(ValueError):
+        dense_add(ct, np.zeros(3, np.uint8), np.array([0], np.int64), one, 1, no_room)
+    for owner in (0, 256):
+        with pytest.raises(ValueError):
+            dense_add(ct, ow, np.array([0], np.int64), one, owner, no_room)
+    assert not ct.any() and not ow.any()
+
+
 @pytest.mark.parametrize("count_type", [np.uint32, np.uint64])
 def test_merge_insert_equals_np_insert(count_type):
     """check's in-place insertion against np.insert: random insertion points (repeated, at

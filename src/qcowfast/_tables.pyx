@@ -13,7 +13,7 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.ref cimport PyObject
 from cpython.weakref cimport PyWeakref_GetObject
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport pread
 
@@ -453,6 +453,7 @@ cdef class SmallReader:
 
 
 ctypedef fused count_t:
+    uint16_t
     uint32_t
     uint64_t
 
@@ -487,3 +488,43 @@ def merge_insert(int32_t[::1] cl, count_t[::1] ct, uint8_t[::1] ow, Py_ssize_t n
             cl[w] = new_cl[j]
             ct[w] = new_ct[j]
             ow[w] = new_ow[j]
+
+
+def dense_add(count_t[::1] ct, uint8_t[::1] ow, const int64_t[::1] clusters,
+              const int64_t[:] weights, int owner, int64_t[::1] clashes):
+    """Count references into per-cluster arrays, in order (check's _DenseComputed): cluster
+    clusters[i] gains weights[i]; the first owner of a cluster stays, and a later reference by
+    another owner is a clash, whose (cluster, first owner) pairs fill `clashes` (flat, pairs)
+    while there is room. Returns (clashes in all, the count of the first cluster whose count
+    would pass the type's maximum or -1: the counts before that reference are in)."""
+    cdef Py_ssize_t n = clusters.shape[0], i, room = clashes.shape[0] // 2, found = 0
+    cdef Py_ssize_t size = ct.shape[0], stop = -1
+    cdef int64_t c, w
+    cdef count_t top = <count_t>-1
+    if weights.shape[0] != n:
+        raise ValueError("clusters and weights differ in length")
+    if ow.shape[0] != size:
+        raise ValueError("counts and owners differ in length")
+    if owner <= 0 or owner > 255:
+        raise ValueError("owner out of range")
+    for i in range(n):
+        if clusters[i] < 0 or clusters[i] >= size or weights[i] < 0:
+            raise ValueError(f"reference {i} out of range (cluster {clusters[i]}, weight "
+                             f"{weights[i]}, {size} clusters)")
+    with nogil:
+        for i in range(n):
+            c = clusters[i]
+            w = weights[i]
+            if <uint64_t>w > <uint64_t>(top - ct[c]):
+                stop = i
+                break
+            ct[c] += <count_t>w
+            if ow[c] == 0:
+                ow[c] = <uint8_t>owner
+            elif ow[c] != owner:
+                if found < room:
+                    clashes[2 * found] = c
+                    clashes[2 * found + 1] = ow[c]
+                found += 1
+    return found, stop
+

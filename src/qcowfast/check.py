@@ -2,8 +2,8 @@
 
 Every reference the image makes (header, active and snapshot L1/L2 tables, data and compressed
 clusters, refcount table and blocks, snapshot table, bitmap directory, tables and data) is
-counted into a numpy array of computed refcounts, one entry per host cluster of the file; then
-the stored refcounts are compared with it block by block. The rules, messages and counters
+counted into computed refcounts; then the stored refcounts are compared with them block by
+block. The rules, messages and counters
 follow QEMU 7.2 block/qcow2-refcount.c (qcow2_check_refcounts(), calculate_refcounts(),
 check_refcounts_l1/l2(), check_refblocks(), compare_refcounts(), check_oflag_copied()) so that
 the JSON report equals `qemu-img check --output=json`.
@@ -11,10 +11,11 @@ the JSON report equals `qemu-img check --output=json`.
 Work is per table, never per cluster in Python: each L2 table is one read and a few vector
 operations. An L2 table referenced from several L1 entries (snapshots share them with the
 active state) is read and classified once and counted with its multiplicity.
-Memory follows the metadata, not the file size: computed refcounts are kept only for the
-clusters that are referenced (sorted arrays, ~9 bytes per referenced cluster, `_Computed`),
-and stored refcount blocks are compared one at a time; clusters no refcount block covers are
-compared in one vector pass. An allocation failure is reported as a QcowError.
+Computed refcounts take 3 bytes per host cluster of the file (`_DenseComputed`: a count and
+the kind of its first referrer) up to DENSE_MAX_BYTES; a larger file (a huge sparse one) keeps
+them only for the clusters that are referenced (sorted arrays, ~9 bytes per referenced
+cluster, `_Computed`), so that memory follows the metadata, not the file size. Stored refcount
+blocks are compared one at a time. An allocation failure is reported as a QcowError.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class _Checker:
         self.nb = -(-file_size // self.cs)
         if self.nb > 0x7FFFFFFF:
             raise QcowError(f"image file too large to check ({self.nb} clusters)")
-        self.refs = _Computed()
+        self.refs = _computed_for(self.nb + 1)      # (+1: nb may grow by one, see inc)
         self.refmax = (1 << header.refcount_bits) - 1
         self._said: dict = {}
         self.steps_done = self.steps_total = 0
@@ -520,6 +521,8 @@ class _Checker:
         Clusters in no stored refcount block (a zero or missing table entry) have stored
         refcount 0: those with references are compared in one pass, the rest need no work.
         """
+        if isinstance(self.refs, _DenseComputed):
+            return self._compare_dense(stored)
         res, nb, refmax = self.res, self.nb, self.refmax
         # The computed arrays themselves (int32 clusters, uint32 counts): nothing here makes a
         # whole-length copy of a wider type (that took 64 bytes per referenced cluster).
@@ -580,6 +583,134 @@ class _Checker:
             self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} "
                      f"refcount={v} reference={r}")
         res.image_end_offset = (highest + 1) * self.cs
+
+    def _compare_dense(self, stored: StoredRefcounts) -> None:
+        """compare() over per-cluster counts (_DenseComputed): each stored refcount block is
+        compared with the slice of counts it covers; counts in no block are found per block."""
+        res, nb, refmax = self.res, self.nb, self.refmax
+        counts = self.refs.counts[:nb]
+        capped = refmax < np.iinfo(counts.dtype).max
+        limit = counts.dtype.type(refmax) if capped else None
+        over = np.flatnonzero(counts > limit) if capped else np.zeros(0, np.intp)
+        for c in over[:3].tolist():
+            self.say("overflow", f"ERROR: overflow cluster offset={c * self.cs:#x}")
+        res.corruptions += sum(counts[over].tolist()) - refmax * len(over)
+        bits = stored.block_bits
+        per_block = 1 << bits
+        blocks = -(-nb // per_block)
+        table = stored.table[:blocks] & _U64(REFT_OFFSET_MASK)
+        present = np.flatnonzero(table)
+        absent = np.ones(blocks, bool)
+        absent[present] = False
+        # Counts in blocks the table does not hold: stored refcount 0 (a few blocks at most
+        # in a sane image; found per block, then listed cluster by cluster).
+        used = np.zeros(blocks, bool)
+        whole = nb // per_block
+        used[:whole] = counts[:whole * per_block].reshape(whole, per_block).any(axis=1)
+        if whole < blocks:
+            used[whole] = counts[whole * per_block:].any()
+        problems, uncovered, highest = [], 0, 0
+        for t in np.flatnonzero(absent & used).tolist():
+            lo = t * per_block
+            nz = np.flatnonzero(counts[lo:lo + per_block]) + lo
+            uncovered += len(nz)
+            highest = int(nz[-1])
+            room = MAX_MESSAGES + 1 - len(problems)
+            problems += [(c, 0, min(r, refmax)) for c, r in
+                         zip(nz[:room].tolist(), counts[nz[:room]].tolist())]
+        res.corruptions += uncovered
+        self.steps_total = self.steps_done + len(present)
+        for t in present.tolist():
+            lo, hi = t * per_block, min((t + 1) * per_block, nb)
+            blk = stored.block(t)
+            if blk is None:
+                res.check_errors += hi - lo
+                self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
+                         f"refcount block {t} has an unaligned or impossible offset", hi - lo)
+                self.tick()
+                continue
+            values = blk[:hi - lo]
+            mine = counts[lo:hi]
+            if capped:
+                mine = np.minimum(mine, limit)
+            nonzero = np.flatnonzero((values > 0) | (mine > 0))
+            if len(nonzero):
+                highest = max(highest, lo + int(nonzero[-1]))
+            diff = np.flatnonzero(values != mine)
+            for i in diff[:MAX_MESSAGES + 1].tolist():
+                problems.append((lo + i, int(values[i]), int(mine[i])))
+            low = int(np.count_nonzero(values[diff] < mine[diff]))
+            res.corruptions += low
+            res.leaks += len(diff) - low
+            self.tick()
+        problems.sort()
+        for c, v, r in problems[:MAX_MESSAGES + 1]:
+            self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} "
+                     f"refcount={v} reference={r}")
+        res.image_end_offset = (highest + 1) * self.cs
+
+
+#: Computed refcounts are kept per cluster of the file (3 bytes each: qemu-img keeps 2) when
+#: that takes at most this much; otherwise only for the referenced clusters (about 9 bytes
+#: each), so that a huge sparse file costs what its references cost.
+DENSE_MAX_BYTES = 128 << 20
+
+
+def _computed_for(clusters: int) -> "_DenseComputed | _Computed":
+    """The computed-refcount store for a file of `clusters` clusters."""
+    if clusters * _DenseComputed.BYTES_PER_CLUSTER <= DENSE_MAX_BYTES:
+        try:
+            return _DenseComputed(clusters)
+        except MemoryError:
+            pass                  # a tight limit: the sparse store may still fit
+    return _Computed()
+
+
+class _DenseComputed:
+    """Computed refcounts as one count (uint16, widened to uint32 and uint64 when a count
+    would pass that: 65,536 snapshots sharing a cluster, or a hostile image) and one
+    first-owner byte per host cluster of the file, counted in order by a kernel: a later
+    reference by another kind of structure than the first is a metadata overlap (`clashes`,
+    in counting order, capped; `clash_count` exact)."""
+    BYTES_PER_CLUSTER = 3
+
+    def __init__(self, clusters: int):
+        self.counts = np.zeros(clusters, np.uint16)
+        self.owner = np.zeros(clusters, np.uint8)
+        self.clash_count = 0
+        self.clashes: list = []
+
+    def add(self, clusters: np.ndarray, weights: np.ndarray, owner: int) -> None:
+        clusters = np.ascontiguousarray(clusters, np.int64)
+        weights = np.broadcast_to(np.asarray(weights, np.int64), clusters.shape)
+        room = np.zeros(2 * max(MAX_MESSAGES - len(self.clashes), 0), np.int64)
+        while True:
+            found, stop = _tables.dense_add(self.counts, self.owner, clusters, weights, owner,
+                                            room)
+            self._note_clashes(found, room, owner)
+            if stop < 0:
+                return
+            # A count would pass the type's maximum: widen it and go on from that reference.
+            wider = np.uint32 if self.counts.dtype == np.uint16 else np.uint64
+            if self.counts.dtype == np.uint64:
+                raise CorruptImage("a host cluster is referenced 2**64 times or more")
+            self.counts = self.counts.astype(wider)
+            clusters, weights = clusters[stop:], weights[stop:]
+            room = np.zeros(2 * max(MAX_MESSAGES - len(self.clashes), 0), np.int64)
+
+    def _note_clashes(self, found: int, room: np.ndarray, owner: int) -> None:
+        self.clash_count += found
+        kept = min(found, len(room) // 2)
+        pairs = room[:2 * kept].reshape(kept, 2).tolist()
+        self.clashes += [(c, first, owner) for c, first in pairs]
+
+    def lookup(self, clusters: np.ndarray) -> np.ndarray:
+        """Computed refcounts (uint64) of the given cluster indices."""
+        clusters = np.asarray(clusters, np.int64)
+        inside = (clusters >= 0) & (clusters < len(self.counts))
+        out = np.zeros(len(clusters), _U64)
+        out[inside] = self.counts[clusters[inside]]
+        return out
 
 
 class _Computed:
