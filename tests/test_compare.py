@@ -207,6 +207,55 @@ def test_errors_and_options(pair, tmp_path):
         assert option in text
 
 
+def _first_l2_entry(path, index: int) -> int:
+    """File offset of entry `index` of the L2 table the first L1 entry names."""
+    with open(path, "rb") as f:
+        f.seek(40)
+        f.seek(int.from_bytes(f.read(8), "big"))
+        return (int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00) + 8 * index
+
+
+def test_unreadable_image_exits_as_qemu_img(tmp_path):
+    """An image that opens but cannot be read: qemu-img compare exits 4 when data cannot be
+    read (a compressed cluster that does not inflate) and 3 when what is allocated cannot be
+    found (an unaligned L2 entry); the library raises CompareError with that exit code and the
+    error met as its cause."""
+    cz, empty, un = tmp_path / "cz.qcow2", tmp_path / "empty.qcow2", tmp_path / "un.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", empty, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", cz, "1M")
+    qemu_io(cz, "write -c -P 5 0 64k")
+    at = _first_l2_entry(cz, 0)
+    with open(cz, "r+b") as f:
+        f.seek(at)
+        stream = int.from_bytes(f.read(8), "big") & ((1 << 54) - 1)
+        f.seek(stream)
+        f.write(b"\xff" * 32)
+    qemu_img("create", "-q", "-f", "qcow2", un, "1M")
+    qemu_io(un, "write -P 1 0 128k")
+    raw = tmp_path / "un.raw"
+    qemu_img("convert", "-O", "raw", un, raw)
+    at = _first_l2_entry(un, 1)
+    with open(un, "r+b") as f:
+        f.seek(at)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(at)
+        f.write((entry | 0x200).to_bytes(8, "big"))
+    for a, b, code, text, cause in ((cz, empty, 4, "Error while reading offset 0 of ",
+                                     qcowfast.DecompressionError),
+                                    (un, raw, 3, "Sector allocation test failed for ",
+                                     qcowfast.CorruptImage)):
+        for args in ((a, b), (b, a), ("-s", a, a)):
+            proc, ref = cli("compare", *args), qemu_compare(*args)
+            assert proc.returncode == code == ref.returncode, (args, proc.stderr, ref.stderr)
+            assert proc.stderr.startswith(f"qcowfast: {text}{a}: ") and proc.stdout == "", \
+                proc.stderr
+            assert text in ref.stderr, ref.stderr
+        with pytest.raises(qcowfast.CompareError) as caught:
+            qcowfast.compare(a, b)
+        assert caught.value.exit_code == code
+        assert isinstance(caught.value.__cause__, cause)
+
+
 def test_zero_ranges_are_not_read(tmp_path, monkeypatch):
     """1 TiB images with 192 KiB of data: only the data is read, and the answer is qemu's."""
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"

@@ -22,6 +22,7 @@ _LAZY = {
     "OutputError": "errors", "SnapshotNotFound": "errors", "ImageOpenError": "errors",
     "ImageNotFound": "errors", "MissingBackingFile": "errors", "ImageLocked": "errors",
     "AllocationFailed": "errors", "CodecUnavailable": "errors", "StaleBitmapsWarning": "errors",
+    "CompareError": "errors",
 }
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
     "UnsupportedFeature", "EncryptedImage", "BackingChainError", "UnsafePathError", "OutputError",
     "SnapshotNotFound", "ImageOpenError", "ImageNotFound", "MissingBackingFile", "ImageLocked",
-    "AllocationFailed", "CodecUnavailable", "StaleBitmapsWarning",
+    "AllocationFailed", "CodecUnavailable", "StaleBitmapsWarning", "CompareError",
 ]
 
 # For type checkers only (they treat any name TYPE_CHECKING as true; importing typing would
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
     from .compare import CompareResult, compare
     from .constants import ExtentKind
     from .convert import ConvertResult, convert
-    from .errors import (AllocationFailed, BackingChainError, CodecUnavailable, CorruptImage,
-                         DecompressionError, EncryptedImage, FormatError, ImageLocked,
+    from .errors import (AllocationFailed, BackingChainError, CodecUnavailable, CompareError,
+                         CorruptImage, DecompressionError, EncryptedImage, FormatError, ImageLocked,
                          ImageNotFound, ImageOpenError, MissingBackingFile, OutputError,
                          QcowError, SnapshotNotFound, StaleBitmapsWarning, TruncatedImage,
                          UnsafePathError, UnsupportedFeature)

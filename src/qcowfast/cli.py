@@ -702,7 +702,7 @@ def cmd_compare(args) -> int:
                              backing_dirs=args.allow_backing_dir, on_message=say, **kw)
         except QcowError as exc:
             print(f"qcowfast: {error_text(exc)}", file=sys.stderr)
-            return 2
+            return getattr(exc, "exit_code", 2)     # CompareError: 3 or 4, as qemu-img
         except OSError as exc:
             name = f"{exc.filename}: " if exc.filename else ""
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)

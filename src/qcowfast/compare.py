@@ -22,6 +22,7 @@ import numpy as np
 from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO,
                           Status as _Status, status_runs as _status_runs)
 from .constants import ExtentKind
+from .errors import CompareError, QcowError
 from .image import Image, RawImage, open_source
 from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
@@ -157,6 +158,25 @@ def _answer_end(run: _Status, pos: int, max_pnum: int | None) -> int:
     return run.end if max_pnum is None else min(run.end, pos + max_pnum)
 
 
+# qemu-img compare's exit codes for an image that opened but could not be read.
+STATUS_FAILED, READ_FAILED = 3, 4
+
+
+def _why(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and not isinstance(exc, QcowError) \
+        and exc.strerror else str(exc)
+
+
+def _allocation(src, runs: Iterator) -> Iterator:
+    """`runs` (src's pieces or status runs); a failure is qemu-img's "Sector allocation test
+    failed" (exit 3)."""
+    try:
+        yield from runs
+    except (QcowError, OSError) as exc:
+        raise CompareError(f"Sector allocation test failed for {src.name}: {_why(exc)}",
+                           STATUS_FAILED) from exc
+
+
 class _Comparer:
     def __init__(self, a, b, progress):
         self.a, self.b = a, b
@@ -169,9 +189,19 @@ class _Comparer:
         if self.progress is not None:
             self.progress(pos, self.total)
 
+    @staticmethod
+    def read(src, pos: int, view) -> None:
+        """src.readinto(); a failure is qemu-img's "Error while reading offset" (exit 4)."""
+        try:
+            src.readinto(pos, view)
+        except (QcowError, OSError) as exc:
+            raise CompareError(f"Error while reading offset {pos} of {src.name}: {_why(exc)}",
+                               READ_FAILED) from exc
+
     def common(self, end: int):
         """Compare [0, end); return (kind, offset) of the first difference or None."""
-        ia, ib = self.a.pieces(0, end), self.b.pieces(0, end)
+        ia, ib = _allocation(self.a, self.a.pieces(0, end)), _allocation(self.b,
+                                                                          self.b.pieces(0, end))
         pa, pb = next(ia, None), next(ib, None)
         pos = 0
         while pos < end:
@@ -200,7 +230,8 @@ class _Comparer:
         """
         if end == 0:
             return None
-        ia, ib = self.a.status_runs(end), self.b.status_runs(end)
+        ia = _allocation(self.a, self.a.status_runs(end))
+        ib = _allocation(self.b, self.b.status_runs(end))
         ra, rb = next(ia), next(ib)
         pos = 0
         while pos < end:
@@ -233,11 +264,11 @@ class _Comparer:
             n = min(IO_BUF_SIZE, end - pos)
             if zero_a or zero_b:
                 src, buf = (self.b, self.buf_b) if zero_a else (self.a, self.buf_a)
-                src.readinto(pos, memoryview(buf)[:n])
+                self.read(src, pos, memoryview(buf)[:n])
                 at = _nonzero_at(buf, n)
             else:
-                self.a.readinto(pos, memoryview(self.buf_a)[:n])
-                self.b.readinto(pos, memoryview(self.buf_b)[:n])
+                self.read(self.a, pos, memoryview(self.buf_a)[:n])
+                self.read(self.b, pos, memoryview(self.buf_b)[:n])
                 at = _diff_at(self.buf_a, self.buf_b, n)
             if at is not None:
                 # QEMU reports the start of the first differing sector of its read, and its
@@ -249,7 +280,7 @@ class _Comparer:
 
     def tail(self, src, start: int, end: int) -> int | None:
         """First offset in [start, end) of `src` that does not read as zeros."""
-        for p in src.pieces(start, end):
+        for p in _allocation(src, src.pieces(start, end)):
             if not p.zero:
                 found = self.content(p.start, p.end, True, False) if src is self.b else \
                     self.content(p.start, p.end, False, True)
@@ -291,8 +322,11 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
 
     Raises
     ------
+    CompareError
+        An image opened but could not be read; its `exit_code` is qemu-img's (3: what is
+        allocated could not be found; 4: data could not be read).
     QcowError, OSError
-        An image cannot be opened or read (qemu-img exits with 2).
+        An image cannot be opened (qemu-img exits with 2).
     """
     a, b = os.fsdecode(os.fspath(a)), os.fsdecode(os.fspath(b))
     dirs = directories(backing_dirs)

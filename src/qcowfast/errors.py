@@ -87,3 +87,16 @@ class CodecUnavailable(QcowError):
 class StaleBitmapsWarning(UserWarning):
     """The image has a bitmaps extension without its autoclear bit: a program lacking bitmap
     support wrote it, so QEMU takes every bitmap as inconsistent (their clusters may leak)."""
+
+
+class CompareError(QcowError):
+    """`compare` could not read an image once both were open; `exit_code` is qemu-img
+    compare's: 3 when finding what is allocated failed, 4 when reading data failed (the
+    error met is the exception's __cause__)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return type(self), (str(self), self.exit_code)
