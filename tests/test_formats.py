@@ -788,6 +788,47 @@ def test_harmless_feature_bits(field, bit, workdir):
     check_image(d / "image.qcow2")
 
 
+def _rewrite_extensions(path, extensions) -> None:
+    """Replace the header extensions of `path` by `extensions` [(type, payload)...] (each padded
+    to 8 bytes, then the end marker), in the room before the backing file name."""
+    head = bytearray(read_at(path, 0, 4096))
+    start = struct.unpack_from(">I", head, 100)[0]
+    area = b"".join(struct.pack(">II", t, len(p)) + p + bytes(-len(p) % 8)
+                    for t, p in extensions) + bytes(8)
+    limit = struct.unpack_from(">Q", head, 8)[0] or 4096
+    assert start + len(area) <= limit
+    patch(path, start, area)
+
+
+@pytest.mark.parametrize("case", ["backing-format", "feature-table", "data-file"])
+def test_header_extension_given_twice(case, workdir):
+    """qcow2.txt: an extension SHOULD NOT appear twice; QEMU opens such an image all the same,
+    the later one's values replacing the earlier one's: so does qcowfast (it refused them)."""
+    d = _mkdir(workdir, f"twice-{case}")
+    img = d / "image.qcow2"
+    names = struct.pack(">BB46s", 0, 0, b"dirty bit") + struct.pack(">BB46s", 0, 1, b"corrupt")
+    if case == "backing-format":
+        (d / "base.raw").write_bytes(content(31, 256 * K))
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", img.name, M,
+                 cwd=d)
+        twice = [(0xE2792ACA, b"qcow2"), (0xE2792ACA, b"raw")]
+    elif case == "feature-table":
+        qemu_img("create", "-q", "-f", "qcow2", img.name, M, cwd=d)
+        twice = [(0x6803F857, names[:48]), (0x6803F857, names)]
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=other.raw", img.name, M, cwd=d)
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "x.qcow2", M, cwd=d)
+        twice = [(0x44415441, b"other.raw"), (0x44415441, b"data.raw")]
+    qemu_io(img, "write -P 0x3c 64k 100k", cwd=d)
+    _rewrite_extensions(img, twice)
+    got = check_image(img)
+    if case == "data-file":
+        assert got[64 * K:164 * K] == bytes(100 * K)        # data.raw's, not other.raw's
+    ours = run_cli("info", "--output=json", img.name, cwd=d)
+    want = qemu_img("info", "--output=json", img.name, cwd=d)
+    assert ours.returncode == 0 and json.loads(ours.stdout) == json.loads(want.stdout), ours.stderr
+
+
 STALE_BITMAPS = "a program lacking bitmap support modified this file"
 
 

@@ -362,7 +362,6 @@ def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:
     out: dict = {}
     found = []
     offset = start
-    seen = set()
     end = min(area_end, len(data))
     while offset < area_end:
         # QEMU checks both the 8-byte extension header and its data against the end of the
@@ -388,9 +387,8 @@ def _parse_extensions(data: bytes, start: int, area_end: int) -> dict:
         if length > end - offset:
             raise TruncatedImage(f"header extension {ext_type:#010x} at {offset - _EXT.size:#x}: "
                                  f"{length} bytes run past the end of the file ({len(data)} bytes)")
-        if ext_type in seen and ext_type in ExtensionType._value2member_map_:
-            raise FormatError(f"duplicate header extension {ext_type:#010x}")
-        seen.add(ext_type)
+        # An extension may appear twice (qcow2.txt says it SHOULD NOT): QEMU reads each in
+        # turn, and the later one's values replace the earlier one's.
         payload = data[offset:offset + length]
         found.append(Extension(ext_type, offset, length))
         # Both are C strings to QEMU (a NUL ends them); an empty format means "probe".
