@@ -12,6 +12,7 @@ _LAZY = {
     "info": "info",
     "check": "check", "CheckResult": "check", "NotChecked": "check",
     "compare": "compare", "CompareResult": "compare",
+    "measure": "measure", "Measurement": "measure",
     "serve": "serve",
     "convert_many": "fleet", "Skipped": "fleet",
     "ExtentKind": "constants",
@@ -26,9 +27,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "open", "convert", "info", "check", "compare", "serve", "convert_many", "Skipped",
-    "Image", "Extent", "ExtentKind", "Header", "ConvertResult", "CheckResult", "CompareResult",
-    "NotChecked",
+    "open", "convert", "info", "check", "compare", "measure", "serve", "convert_many",
+    "Skipped", "Image", "Extent", "ExtentKind", "Header", "ConvertResult", "CheckResult",
+    "CompareResult", "Measurement", "NotChecked",
     "QcowError", "FormatError", "CorruptImage", "TruncatedImage", "DecompressionError",
     "UnsupportedFeature", "EncryptedImage", "BackingChainError", "UnsafePathError", "OutputError",
     "SnapshotNotFound", "ImageOpenError", "ImageNotFound", "MissingBackingFile", "ImageLocked",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .header import Header
     from .image import Extent, Image, open
     from .info import info
+    from .measure import Measurement, measure
     from .serve import serve
 
 _ModuleType = type(__import__("sys"))

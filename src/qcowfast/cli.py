@@ -902,6 +902,7 @@ def _add_compare_parser(sub) -> None:
 # add_parser(subparsers) that imports nothing heavy at module level (start-up time).
 _COMMANDS = {"convert": _add_convert_parser, "map": _add_map_parser, "info": _add_info_parser,
              "check": _add_check_parser, "compare": _add_compare_parser,
+             "measure": "cli_measure", "snapshot": "cli_snapshot",
              "convert-many": "cli_fleet", "serve": "cli_serve"}
 
 

@@ -25,6 +25,8 @@ QEMU_LONG = {
             "max-length"),
     "check": ("help", "object", "image-opts", "force-share", "format", "output", "repair"),
     "compare": ("help", "object", "image-opts", "force-share"),
+    "measure": ("help", "image-opts", "object", "output", "size", "force-share"),
+    "snapshot": ("help", "object", "image-opts", "force-share"),
     "serve": ("help", "version", "verbose", "object", "image-opts", "tls-creds", "tls-authz",
               "tls-hostname", "trace", "fork", "pid-file", "read-only", "export-name",
               "description", "persistent", "shared", "port", "bind", "socket", "offset",

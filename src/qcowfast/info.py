@@ -131,7 +131,8 @@ def _pstrcpy(text: str, size: int) -> str:
     return raw[:size - 1].decode("utf-8", "surrogateescape") if len(raw) >= size else text
 
 
-def _snapshot_json(s: Snapshot) -> dict:
+def snapshot_json(s: Snapshot) -> dict:
+    """One snapshot as `qemu-img info --output=json` lists it (QAPI SnapshotInfo)."""
     out = {}
     if s.icount != -1:
         out["icount"] = s.icount
@@ -159,7 +160,7 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     if h.backing_file and h.backing_format:
         out["backing-filename-format"] = h.backing_format
     if snapshots:
-        out["snapshots"] = [_snapshot_json(s) for s in snapshots]
+        out["snapshots"] = [snapshot_json(s) for s in snapshots]
     out.update({"virtual-size": h.size // SECTOR * SECTOR, "filename": name,
                 "cluster-size": h.cluster_size, "format": "qcow2",
                 "actual-size": st.st_blocks * 512})
@@ -373,6 +374,24 @@ def _dump_value(lines: list, value, indent: int) -> None:
             lines.append(f"{pad}{label}: {text}")
 
 
+def snapshot_table(snapshots: list) -> list[str]:
+    """The lines of qemu-img's snapshot table ("Snapshot list:", the heading, a row per
+    snapshot: bdrv_snapshot_dump()), as `info` and `snapshot -l` print it, for snapshots as
+    `snapshot_json` gives them."""
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}"
+                               f"{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        clock = _clock(s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"])
+        icount = str(s["icount"]) if "icount" in s else ""
+        # printf's %-9s and %-16s pad bytes, not characters; the size is unsigned there
+        ident, name = (t + " " * (width - len(t.encode("utf-8", "surrogateescape")))
+                       for t, width in ((s["id"], 9), (s["name"], 16)))
+        size = size_to_str(s["vm-state-size"] % (1 << 64))
+        lines.append(f"{ident} {name} {size:>8}{date:>20}{clock:>13}{icount:>11}")
+    return lines
+
+
 def _human_one(d: dict) -> list[str]:
     lines = [f"image: {d['filename']}", f"file format: {d['format']}",
              f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)",
@@ -391,18 +410,7 @@ def _human_one(d: dict) -> list[str]:
         if "backing-filename-format" in d:
             lines.append(f"backing file format: {d['backing-filename-format']}")
     if d.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
-                     f"{'ICOUNT':>11}")
-        for s in d["snapshots"]:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            clock = _clock(s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"])
-            icount = str(s["icount"]) if "icount" in s else ""
-            # printf's %-9s and %-16s pad bytes, not characters; the size is unsigned there
-            ident, name = (t + " " * (width - len(t.encode("utf-8", "surrogateescape")))
-                           for t, width in ((s["id"], 9), (s["name"], 16)))
-            size = size_to_str(s["vm-state-size"] % (1 << 64))
-            lines.append(f"{ident} {name} {size:>8}{date:>20}{clock:>13}{icount:>11}")
+        lines += snapshot_table(d["snapshots"])
     if "format-specific" in d:
         lines.append("Format specific information:")
         _dump_value(lines, d["format-specific"]["data"], 4)
@@ -416,4 +424,4 @@ def format_human(result) -> str:
 
 
 __all__ = ["info", "format_json", "format_human", "read_snapshot_table",
-           "full_backing_filename", "size_to_str"]
+           "full_backing_filename", "size_to_str", "snapshot_json", "snapshot_table"]

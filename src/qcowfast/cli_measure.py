@@ -1,0 +1,271 @@
+"""`qcowfast measure`: qemu-img measure's command line over `qcowfast.measure`.
+
+The checks run in qemu-img.c img_measure()'s order, so a command line with several faults
+fails on the one qemu-img names: option lists and --size as they are read, then the operands,
+the source (and its snapshot), -O, the -o values (QEMU's option parser: util/qemu-option.c),
+and last what qcow2_measure() checks. Every failure is one line and exit status 1.
+Cheap imports only at module level: the measuring is imported when the command runs.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+SOURCE_FORMATS = ("qcow2", "raw")
+_INT64_MAX = (1 << 63) - 1
+_UINT64_MAX = (1 << 64) - 1
+
+# The -o keys qemu-img measure accepts per output format (the format's create options and
+# file-posix's) with QemuOpts' type of each: the value is checked even where measuring
+# ignores it. encrypt.* keys are refused by name (QEMU sizes a LUKS header from them).
+_QCOW2_KEYS = {"size": "size", "compat": "string", "backing_file": "string",
+               "backing_fmt": "string", "data_file": "string", "data_file_raw": "bool",
+               "encryption": "bool", "cluster_size": "size", "preallocation": "string",
+               "lazy_refcounts": "bool", "refcount_bits": "number",
+               "compression_type": "string", "extended_l2": "bool", "nocow": "bool",
+               "extent_size_hint": "size"}
+_RAW_KEYS = {"size": "size", "nocow": "bool", "preallocation": "string",
+             "extent_size_hint": "size"}
+_BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
+             "off": False, "no": False, "false": False, "n": False}
+_SIZE_HINT = ("a non-negative number below 2^64 (optional suffix k, M, G, T, P or E: kilo-, "
+              "mega-, giga-, tera-, peta- and exabytes)")
+_C_SPACE = " \t\n\v\f\r"
+_MULTIPLIERS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_FRACTION = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?")
+
+
+class _Failed(Exception):
+    """One line for stderr; the command exits 1."""
+
+
+def add_parser(sub) -> None:
+    from .cli import _add_force_share_option, _add_open_options, _add_output_option
+    p = sub.add_parser(
+        "measure", help="how large a new qcow2 or raw image would be, like qemu-img measure",
+        description="Print the file size a conversion to a new image needs (required size), "
+                    "the size of the fully allocated image and, for qcow2 output from a qcow2 "
+                    "v3 source, the space its persistent bitmaps would take, as `qemu-img "
+                    "measure` prints them. The source's allocation is read from its tables "
+                    "(with its backing chain), never from its data; without a source, --size "
+                    "gives the virtual size of an empty image.")
+    p.add_argument("filename", metavar="FILENAME", nargs="?", default=None,
+                   help="the source image (qcow2 or raw)")
+    _add_output_option(p, "measure")
+    p.add_argument("--size", metavar="N", default=None,
+                   help="the virtual size of a new, empty image instead of a source (k, M, G, "
+                        "T, P, E suffixes)")
+    p.add_argument("-f", dest="format", metavar="FMT", default=None,
+                   help="format of FILENAME: qcow2 or raw (default: probe)")
+    p.add_argument("-O", dest="output_format", metavar="FMT", default="raw",
+                   help="format of the new image: raw (default) or qcow2")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", action="append", default=[],
+                   help="creation options key=val[,key=val...] as qemu-img takes them: for "
+                        "qcow2 cluster_size, refcount_bits, extended_l2, compat, "
+                        "preallocation, backing_file (and the keys measuring ignores, such as "
+                        "lazy_refcounts); for raw preallocation, nocow")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", action="append", default=[],
+                   help="measure an internal snapshot of FILENAME: snapshot.id=ID, "
+                        "snapshot.name=NAME or ID_OR_NAME")
+    _add_force_share_option(p)
+    _add_open_options(p)
+    p.set_defaults(func=cmd_measure)
+
+
+def cmd_measure(args) -> int:
+    try:
+        result = _measure(args)
+    except _Failed as exc:
+        print(f"qcowfast: {exc}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        from .info import qemu_json
+        sys.stdout.write(qemu_json(result.to_json()) + "\n")
+    else:
+        sys.stdout.write(result.format_human())
+    return 0
+
+
+def _measure(args):
+    # Read as the options come (img_measure()'s getopt loop): option lists, then --size.
+    from .cli import _valid_option_list
+    for text in args.options:
+        if not _valid_option_list(text):
+            raise _Failed(f"Invalid option list: {text}")
+    size = None
+    if args.size is not None:
+        size = _size_operand(args.size)
+    if args.filename is None and (args.format is not None or args.snapshot):
+        raise _Failed("-f and -l require a filename argument")
+    if args.filename is not None and size is not None:
+        raise _Failed("--size N cannot be used together with a filename")
+    if args.filename is None and size is None:
+        raise _Failed("Either --size N or one filename must be specified")
+    if args.format is not None and args.format not in SOURCE_FORMATS:
+        raise _Failed(f"-f {args.format}: qcowfast reads qcow2 and raw images")
+
+    from .measure import check_qcow2_options, measure
+    source = None
+    if args.filename is not None:
+        from .image import open_source
+        from .snapshots import choose_snapshot_option
+        source = open_source(args.filename, args.format,
+                             snapshot=choose_snapshot_option(args.snapshot),
+                             backing_dirs=args.allow_backing_dir,
+                             force_share=args.force_share)
+    try:
+        fmt = args.output_format
+        if fmt not in ("qcow2", "raw"):
+            raise _Failed(f"-O {fmt}: qcowfast measures qcow2 and raw images")
+        opts = _options(args.options, fmt)
+        kw = {k: opts[k] for k in ("cluster_size", "refcount_bits", "extended_l2", "compat",
+                                   "preallocation", "backing_file") if k in opts}
+        if fmt == "raw":
+            kw = {}                             # (raw_measure() reads none of them)
+        elif source is not None and "size" in opts:
+            # qcow2_measure() checks the L1 table of -o size even when a source gives the
+            # size measured.
+            check_qcow2_options(opts["size"], **{k: v for k, v in kw.items()
+                                                 if k != "backing_file"})
+        # A ValueError (an option value QEMU refuses) is one line and exit 1 (cli.main).
+        if source is None:
+            return measure(size=size, format=fmt, **kw)
+        return measure(source, format=fmt, **kw)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _size_operand(text: str) -> int:
+    """--size N: qemu-img's cvtnum("image size", N), from 0 to INT64_MAX."""
+    try:
+        value = strtosz(text)
+    except OverflowError:
+        value = None
+    except ValueError:
+        raise _Failed("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
+                      "for kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                      "exabytes.") from None
+    if value is None or value > _INT64_MAX:
+        raise _Failed(f"Invalid image size specified. Must be between 0 and {_INT64_MAX}.")
+    return value
+
+
+def strtosz(text: str) -> int:
+    """`text` as QEMU 7.2's qemu_strtosz() reads a size (util/cutils.c do_strtosz()).
+
+    A decimal integer, optionally with a fraction (which then needs a suffix: "1.5k", rounded
+    to the nearest byte), or 0x hex; an optional b/k/M/G/T/P/E suffix (powers of 1024, any
+    case); leading blanks and "+" allowed, nothing after. A suffix on hex is accepted with
+    QEMU's deprecation warning. Raises ValueError, or OverflowError past 2**64 - 1.
+    """
+    stripped = text.lstrip(_C_SPACE)
+    m = re.match(r"[+-]?([0-9]+)", stripped)
+    if m is None or "-" in m.group(0):
+        raise ValueError(text)
+    rest = stripped[m.end():]
+    val, valf, hexa = int(m.group(1)), 0, False
+    if val == 0 and rest[:1] in ("x", "X"):
+        h = re.match(r"[+]?0[xX]([0-9a-fA-F]+)", stripped)
+        if h is None:                           # "0x" alone: strtoull stops at the x
+            raise ValueError(text)
+        val, rest, hexa = int(h.group(1), 16), stripped[h.end():], True
+        if rest[:1] == ".":
+            raise ValueError(text)
+    elif rest[:1] == ".":
+        f = _FRACTION.match(rest)
+        if f is None:
+            rest = rest[1:]                     # "1.k": no digits, the point is skipped
+        elif f.group(2):
+            raise ValueError(text)              # no exponents
+        else:
+            # A 64-bit fixed-point fraction (C's cast: a double of 2**64 or more gives 0).
+            fixed = int(float("0." + f.group(1)) * 2.0 ** 64)
+            valf = fixed if fixed <= _UINT64_MAX else 0
+            rest = rest[f.end():]
+    if val > _UINT64_MAX:
+        raise OverflowError(text)
+    shift = _MULTIPLIERS.get(rest[:1].lower()) if rest else None
+    if shift is not None:
+        if hexa:
+            print(f"qcowfast: warning: Using a multiplier suffix on hex numbers is deprecated: "
+                  f"{text}", file=sys.stderr)
+        rest = rest[1:]
+    else:
+        shift = 0
+    if rest:
+        raise ValueError(text)
+    if shift == 0:
+        if valf:
+            raise ValueError(text)              # a fraction needs a scale
+        return val
+    # 64.64 fixed point times the multiplier, rounded half up.
+    scaled = valf << shift
+    value = (val << shift) + (scaled >> 64) + ((scaled >> 63) & 1)
+    if value > _UINT64_MAX:
+        raise OverflowError(text)
+    return value
+
+
+def _split_options(text: str):
+    """Yield (key, value) of a -o list as QEMU's opts_do_parse() reads it: ",," is a comma
+    in a value; a key alone is key=on, "noKEY" KEY=off."""
+    pos, n = 0, len(text)
+    while pos < n:
+        stop = pos
+        while stop < n and text[stop] not in "=,":
+            stop += 1
+        key = text[pos:stop]
+        if stop < n and text[stop] == "=":
+            chars, pos = [], stop + 1
+            while pos < n:
+                if text[pos] == ",":
+                    if text[pos + 1:pos + 2] != ",":
+                        break
+                    pos += 1
+                chars.append(text[pos])
+                pos += 1
+            value = "".join(chars)
+        else:
+            key, value = (key[2:], "off") if key.startswith("no") else (key, "on")
+            pos = stop
+        pos += 1                                # the separating comma
+        yield key, value
+
+
+def _options(texts: list[str], fmt: str) -> dict:
+    """The -o lists joined (a later key wins, every value checked), typed."""
+    from .cli_getopt import c_integer
+    keys = _QCOW2_KEYS if fmt == "qcow2" else _RAW_KEYS
+    out: dict = {}
+    for key, value in _split_options(",".join(texts)):
+        kind = keys.get(key)
+        if kind is None and key.startswith("encrypt.") and fmt == "qcow2":
+            raise _Failed(f"-o {key}: not supported by qcowfast (measuring encrypted images)")
+        why = None
+        if kind is None:
+            why = f"Invalid parameter '{key}'"
+        elif kind == "bool":
+            if value not in _BOOLEANS:
+                why = f"Parameter '{key}' expects 'on' or 'off'"
+            else:
+                value = _BOOLEANS[value]
+        elif kind == "size":
+            try:
+                value = strtosz(value)
+            except OverflowError:
+                why = f"Value '{value}' is out of range for parameter '{key}'"
+            except ValueError:
+                why = f"Parameter '{key}' expects {_SIZE_HINT}"
+        elif kind == "number":
+            number = c_integer(value)
+            if number is None:
+                why = f"Parameter '{key}' expects a number"
+            elif not -_UINT64_MAX <= number <= _UINT64_MAX:
+                why = f"Value '{value}' is too large for parameter '{key}'"
+            else:
+                value = number & _UINT64_MAX    # strtoull: "-1" wraps
+        if why is not None:
+            raise _Failed(f"Invalid options for file format '{fmt}': {why}")
+        out[key] = value
+    return out
