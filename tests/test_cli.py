@@ -239,8 +239,38 @@ def test_bad_size_strings_are_usage_errors(images, tmp_path, option, bad):
         proc = run("map", option, bad, image.path)
     else:
         proc = run("convert", option, bad, image.path, tmp_path / "out.raw")
+    warning = f"qcowfast: warning: Using a multiplier suffix on hex numbers is deprecated: {bad}\n"
+    if bad.startswith("0x") and bad[3:4].isalpha():     # QEMU warns, then refuses the rest
+        assert err_text(proc).startswith(warning), err_text(proc)
+        proc.stderr = proc.stderr[len(warning):]
     assert_usage_error(proc, option, "map" if option == "--lookup" else "convert")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option, text, value", [
+    ("-S", "1.0001k", 1024), ("-S", " +4k", 4096), ("-S", "0x200", 512),
+    ("--start-offset", "1.5k", 1536), ("--max-length", "0x10k", 16384),
+])
+def test_sizes_read_as_qemu_strtosz_reads_them(images, tmp_path, option, text, value):
+    """Sizes on the command line are QEMU's qemu_strtosz(): a fraction rounded to the nearest
+    byte ("1.0001k" is 1024), leading blanks and "+", a suffix on hex with QEMU's warning."""
+    image = images.get("c4k-v3")
+    if option == "-S":
+        out = tmp_path / "out.raw"
+        proc = run("convert", option, text, image.path, out)
+        assert proc.returncode == 0, err_text(proc)
+        ref = subprocess.run(["qemu-img", "convert", "-O", "raw", option, text, image.path,
+                              tmp_path / "ref.raw"], capture_output=True)
+        assert ref.returncode == 0 and out.read_bytes() == (tmp_path / "ref.raw").read_bytes()
+        return
+    proc = run("map", "--output=json", option, text, image.path)
+    ref = subprocess.run(["qemu-img", "map", "--output=json", option, text, image.path],
+                         capture_output=True)
+    want = subprocess.run(["qemu-img", "map", "--output=json", option, str(value), image.path],
+                          capture_output=True)
+    assert proc.returncode == 0 == ref.returncode, err_text(proc)
+    assert proc.stdout == ref.stdout == want.stdout
+    assert err_text(proc) == ref.stderr.decode().replace("qemu-img:", "qcowfast:")
 
 
 @pytest.mark.parametrize("args", [("-S", "1000"), ("-S", "100"), ("--threads", "-1"),

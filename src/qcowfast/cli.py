@@ -19,10 +19,6 @@ import time
 from . import __version__
 from .errors import QcowError
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-             "e": 1 << 60}
-# qemu_strtosz(): leading blanks and '+' allowed, nothing after the suffix (not even blanks).
-_SIZE = re.compile(r"\s*\+?(?:0x([0-9a-f]+)|([0-9]+)(?:\.([0-9]*))?)([bkmgtpe]?)", re.IGNORECASE)
 MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COROUTINES
 CACHE_MODES = ("none", "off", "writeback", "writethrough", "unsafe", "directsync")
 OUTPUT_FORMATS = ("raw", "qcow2")
@@ -30,21 +26,15 @@ SOURCE_FORMATS = ("qcow2", "raw")
 
 
 def parse_size(text: str) -> int:
-    """Parse a qemu-img style size: decimal (fractions allowed) or 0x hex, with an optional
-    b/k/M/G/T/P/E suffix (powers of 1024), e.g. ``4096``, ``4k``, ``1.5M``, ``0x100000``."""
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 4096, 4k, 1M, 0x1000)")
-    hexa, whole, frac, suffix = m.groups()
-    mult = _SUFFIXES[suffix.lower()]
-    if hexa is not None:
-        return int(hexa, 16) * mult
-    frac = frac or ""
-    scaled = (int(whole) * 10 ** len(frac) + int(frac or 0)) * mult
-    value, rest = divmod(scaled, 10 ** len(frac))
-    if rest:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of bytes")
-    return value
+    """Parse a size as qemu-img does (QEMU's qemu_strtosz(), cli_getopt.strtosz): decimal, a
+    fraction with a suffix, or 0x hex; an optional b/k/M/G/T/P/E suffix (powers of 1024), e.g.
+    ``4096``, ``4k``, ``1.5M``, ``0x100000``."""
+    from .cli_getopt import strtosz
+    try:
+        return strtosz(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (use e.g. 4096, 4k, 1M, 0x1000)") from None
 
 
 def sparse_size(text: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 # qemu-img 7.2's long options per subcommand, and qemu-nbd's (for abbreviations).
 QEMU_LONG = {
@@ -157,4 +158,66 @@ def global_options(argv: list[str]) -> tuple[list[str], bool]:
     return argv[i:], False
 
 
-__all__ = ["QEMU_LONG", "c_integer", "getopt_argv", "global_options"]
+_C_SPACE = " \t\n\v\f\r"
+_MULTIPLIERS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_FRACTION = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?")
+_UINT64_MAX = (1 << 64) - 1
+
+
+def strtosz(text: str) -> int:
+    """`text` as QEMU 7.2's qemu_strtosz() reads a size (util/cutils.c do_strtosz()).
+
+    A decimal integer, optionally with a fraction (which then needs a suffix: "1.5k", rounded
+    to the nearest byte), or 0x hex; an optional b/k/M/G/T/P/E suffix (powers of 1024, any
+    case); leading blanks and "+" allowed, nothing after. A suffix on hex is accepted with
+    QEMU's deprecation warning. Raises ValueError, or OverflowError past 2**64 - 1.
+    """
+    stripped = text.lstrip(_C_SPACE)
+    m = re.match(r"[+-]?([0-9]+)", stripped)
+    if m is None or "-" in m.group(0):
+        raise ValueError(text)
+    rest = stripped[m.end():]
+    val, valf, hexa = int(m.group(1)), 0, False
+    if val == 0 and rest[:1] in ("x", "X"):
+        h = re.match(r"[+]?0[xX]([0-9a-fA-F]+)", stripped)
+        if h is None:                           # "0x" alone: strtoull stops at the x
+            raise ValueError(text)
+        val, rest, hexa = int(h.group(1), 16), stripped[h.end():], True
+        if rest[:1] == ".":
+            raise ValueError(text)
+    elif rest[:1] == ".":
+        f = _FRACTION.match(rest)
+        if f is None:
+            rest = rest[1:]                     # "1.k": no digits, the point is skipped
+        elif f.group(2):
+            raise ValueError(text)              # no exponents
+        else:
+            # A 64-bit fixed-point fraction (C's cast: a double of 2**64 or more gives 0).
+            fixed = int(float("0." + f.group(1)) * 2.0 ** 64)
+            valf = fixed if fixed <= _UINT64_MAX else 0
+            rest = rest[f.end():]
+    if val > _UINT64_MAX:
+        raise OverflowError(text)
+    shift = _MULTIPLIERS.get(rest[:1].lower()) if rest else None
+    if shift is not None:
+        if hexa:
+            print(f"qcowfast: warning: Using a multiplier suffix on hex numbers is deprecated: "
+                  f"{text}", file=sys.stderr)
+        rest = rest[1:]
+    else:
+        shift = 0
+    if rest:
+        raise ValueError(text)
+    if shift == 0:
+        if valf:
+            raise ValueError(text)              # a fraction needs a scale
+        return val
+    # 64.64 fixed point times the multiplier, rounded half up.
+    scaled = valf << shift
+    value = (val << shift) + (scaled >> 64) + ((scaled >> 63) & 1)
+    if value > _UINT64_MAX:
+        raise OverflowError(text)
+    return value
+
+
+__all__ = ["QEMU_LONG", "c_integer", "getopt_argv", "global_options", "strtosz"]
