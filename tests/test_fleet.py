@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -265,33 +266,61 @@ def test_sweep_removes_only_names_qcowfast_gives(images, tmp_path, monkeypatch):
     assert all(p.exists() for p in bystanders)
 
 
-def test_signal_while_jobs_are_submitted_stops_the_batch(images, tmp_path, monkeypatch):
-    """Jobs start while the rest of the batch is still being handed to the pool: a signal (or
-    Ctrl-C) in that loop stops the running jobs and removes their temporary files, as it does
-    later in the batch (it used to escape before the batch's handler, leaving them running)."""
+def test_signal_while_job_slots_start_stops_the_batch(images, tmp_path, monkeypatch):
+    """Jobs start while the batch's other slots are still starting: a signal (or Ctrl-C)
+    then stops the running jobs and removes their temporary files, as it does later in the
+    batch (it used to escape before the batch's handler, leaving them running)."""
     import qcowfast.fleet as fleet_mod
     src = images.get(GOOD[0]).path
     out = tmp_path / "out"
     out.mkdir()
-    submitted = []
+    started: list = []
+    real = fleet_mod._start_threads
 
-    class InterruptedPool(fleet_mod.ThreadPoolExecutor):
-        def submit(self, fn, *args, **kwargs):
-            if len(submitted) == 2:
-                raise KeyboardInterrupt     # as a signal handler raises it between two calls
-            submitted.append(super().submit(fn, *args, **kwargs))
-            return submitted[-1]
+    def interrupted(n, target, slots):
+        real(2, target, slots)
+        started.extend(slots)
+        raise KeyboardInterrupt         # as a signal handler raises it between two starts
 
-    monkeypatch.setattr(fleet_mod, "ThreadPoolExecutor", InterruptedPool)
+    monkeypatch.setattr(fleet_mod, "_start_threads", interrupted)
     jobs = [(src, out / f"{i}.raw") for i in range(6)]
     with pytest.raises(KeyboardInterrupt):
         # The running jobs are held at their first progress report until the batch has seen
         # the interrupt: each one's next report must then stop it.
-        convert_many(jobs, workers=2, progress=lambda done, total: time.sleep(1.0))
-    from concurrent.futures import wait as wait_futures
-    wait_futures(submitted, timeout=30)
-    assert all(f.done() for f in submitted)
+        convert_many(jobs, workers=4, progress=lambda done, total: time.sleep(1.0))
+    assert len(started) == 2
+    for t in started:
+        t.join(30)
+    assert not any(t.is_alive() for t in started)
     assert sorted(os.listdir(out)) == []          # no output published, no temporary file
+
+
+def test_slots_the_system_refuses_to_start(images, tmp_path, monkeypatch):
+    """A memory limit can refuse a job slot's thread ("can't start new thread"): the batch runs
+    on the slots that started, or in the calling thread when none did; every job converts."""
+    import qcowfast.fleet as fleet_mod
+    src = images.get(GOOD[0]).path
+    real_start = threading.Thread.start
+    for allowed in (1, 0):
+        out = tmp_path / f"out{allowed}"
+        out.mkdir()
+        count = [0]
+
+        def start(self, count=count, allowed=allowed):
+            if self.name.startswith("qcowfast-job_"):
+                count[0] += 1
+                if count[0] > allowed:
+                    raise RuntimeError("can't start new thread")
+            return real_start(self)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        jobs = [(src, out / f"{i}.raw") for i in range(4)]
+        results = convert_many(jobs, workers=4)
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+        assert count[0] == allowed + 1
+        want = reference_raw(src)
+        assert all((out / f"{i}.raw").read_bytes() == want for i in range(4))
 
 
 def test_running_conversion_holds_its_temporary_file(images, tmp_path):
@@ -333,7 +362,7 @@ def test_cli_jobs_file_report_and_exit_code(images, tmp_path):
     assert r.returncode == 1, r.stderr
     data = json.loads(report.read_text())
     assert [j["status"] for j in data["jobs"]] == ["ok", "failed", "failed", "failed", "ok", "ok"]
-    assert data["succeeded"] == 3 and data["failed"] == 3
+    assert data["succeeded"] == 3 and data["failed"] == 3 and data["skipped"] == 0
     assert data["jobs"][2]["src"] == str(tmp_path / "missing.qcow2")
     for entry in data["jobs"]:
         status_word = {"ok": "ok", "failed": "FAILED"}[entry["status"]]
@@ -357,6 +386,78 @@ def test_cli_target_dir_all_good_exits_zero(images, tmp_path):
     r = run_cli("convert-many", "--no-clobber", "--target-dir", target, *srcs)
     assert r.returncode == 1
     assert r.stderr.count("FAILED") == 2
+
+
+def test_cli_target_dir_name_clash_refuses_only_the_later_job(images, tmp_path):
+    """Two sources of one name would write one DST: the later job fails alone, as through
+    --jobs (the whole batch used to be refused), and a second run skips the two done."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    a1, a2 = one / "a1.qcow2", one / "a2.qcow2"
+    shutil.copy(images.get(GOOD[0]).path, a1)
+    shutil.copy(images.get(GOOD[2]).path, a2)           # (GOOD[1] has a backing file)
+    shutil.copy(images.get(GOOD[3]).path, two / "a1.qcow2")
+    target = tmp_path / "t"
+    target.mkdir()
+    report = tmp_path / "report.json"
+    r = run_cli("convert-many", "-q", "--report", report, "--target-dir", target, a1, a2,
+                two / "a1.qcow2")
+    assert r.returncode == 1, r.stderr
+    data = json.loads(report.read_text())
+    assert [j["status"] for j in data["jobs"]] == ["ok", "ok", "failed"]
+    assert "also the destination of job 0" in data["jobs"][2]["error"]
+    assert_same_bytes((target / "a1.raw").read_bytes(), reference_raw(a1), "first a1")
+    assert_same_bytes((target / "a2.raw").read_bytes(), reference_raw(a2), "a2")
+    r = run_cli("convert-many", "-q", "--skip-existing", "--report", report, "--target-dir",
+                target, a1, a2)
+    data = json.loads(report.read_text())
+    assert r.returncode == 0 and (data["succeeded"], data["skipped"], data["failed"]) == (2, 2, 0)
+
+
+def test_job_writing_over_its_own_source_fails_alone(images, tmp_path):
+    """A job whose destination is its own source is refused by convert and writes nothing, so
+    it does not stop the jobs reading that source (they were refused as readers of another
+    job's destination)."""
+    src = tmp_path / "a.qcow2"
+    shutil.copy(images.get(GOOD[0]).path, src)
+    link = tmp_path / "same.qcow2"
+    os.link(src, link)
+    before = src.read_bytes()
+    results = convert_many([(src, src), (src, tmp_path / "a.raw"), (src, link),
+                            (src, tmp_path / "b.raw")])
+    assert isinstance(results[0], qcowfast.OutputError), results
+    assert isinstance(results[2], qcowfast.OutputError), results
+    assert [type(r) for r in results[1::2]] == [qcowfast.ConvertResult] * 2, results
+    assert src.read_bytes() == before
+    for name in ("a.raw", "b.raw"):
+        assert_same_bytes((tmp_path / name).read_bytes(), reference_raw(src), name)
+
+
+def test_deep_chains_wait_for_file_descriptors(tmp_path):
+    """Each job holds its chain's files open: under a low descriptor limit, jobs of a 41-layer
+    chain wait for descriptors instead of failing with EMFILE (a job was assumed to need 16)."""
+    base = tmp_path / "l00.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io(base, "write -P 0x11 0 64k")
+    for k in range(1, 41):
+        layer = tmp_path / f"l{k:02d}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", f"l{k - 1:02d}.qcow2", "-F", "qcow2",
+                 layer)
+        if k % 10 == 0:
+            qemu_io(layer, f"write -P {k} {k * 16}k 4k")
+    top = tmp_path / "l40.qcow2"
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(f"{top} {tmp_path / f'out{i}.raw'}\n" for i in range(6)))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "from qcowfast.cli import main\n"
+            f"sys.exit(main(['convert-many', '-q', '--workers', '6', '--jobs', {str(jobs)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = reference_raw(top)
+    for i in range(6):
+        assert_same_bytes((tmp_path / f"out{i}.raw").read_bytes(), want, f"out{i}")
 
 
 def test_cli_report_keeps_names_that_are_not_utf8(images, tmp_path):

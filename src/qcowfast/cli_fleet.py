@@ -70,16 +70,11 @@ def read_jobs(args) -> list[dict]:
             raise ValueError(f"--target-dir {args.target_dir}: " + (
                 "not a directory" if os.path.exists(args.target_dir) else
                 "no such directory (create it first)"))
+        # Two sources of one name: the later job is refused alone (convert_many's conflicts).
         ext = EXTENSIONS[args.output_format]
-        jobs, seen = [], {}
-        for src in args.sources:
-            stem = os.path.splitext(os.path.basename(src))[0]
-            dst = os.path.join(args.target_dir, stem + ext)
-            if dst in seen:
-                raise ValueError(f"{src} and {seen[dst]} would both be written to {dst}")
-            seen[dst] = src
-            jobs.append({"src": src, "dst": dst})
-        return jobs
+        return [{"src": src, "dst": os.path.join(args.target_dir,
+                                                 os.path.splitext(os.path.basename(src))[0] + ext)}
+                for src in args.sources]
     if args.sources:
         raise ValueError("SRC arguments go with --target-dir, not with --jobs")
     # A BOM is skipped; names that are not UTF-8 keep their bytes (surrogate escapes).
@@ -216,7 +211,9 @@ def cmd_convert_many(args) -> int:
         entries.append({"src": job["src"], "dst": job["dst"], "status": status, **fields})
     failed = sum(e["status"] == "failed" for e in entries)
     if args.report:
+        # ("succeeded" counts the skipped jobs too: their outputs are complete.)
         report = {"jobs": entries, "succeeded": len(entries) - failed, "failed": failed,
+                  "skipped": sum(e["status"] == "skipped" for e in entries),
                   "seconds": round(seconds, 6)}
         try:
             _write_report(args.report, report)

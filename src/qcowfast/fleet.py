@@ -13,7 +13,8 @@ import os
 import queue
 import resource
 import threading
-from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
+import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -78,12 +79,26 @@ def _file_keys(name: str) -> list:
     return keys
 
 
-def conflicts(jobs: list[Job]) -> dict[int, Exception]:
+def chains(jobs: list[Job]) -> list:
+    """For each job, the list of chain_files() it reads, or the error its names raise."""
+    out: list = []
+    for job in jobs:
+        try:
+            out.append([(what, name, _file_keys(name)) for what, name in chain_files(job)])
+        except (OSError, ValueError, UnicodeError) as exc:
+            out.append(exc)                     # a path no file can have: the job's error
+    return out
+
+
+def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]:
     """Jobs that must not run, by index: a destination an earlier job also writes (only one
     output could survive), or a source another job writes, or a file of its chain (what it
     reads would depend on the order the jobs happen to run in); a job whose paths no file
     can have gets that error. Paths are compared resolved and, for existing files, by
-    identity (hard links)."""
+    identity (hard links). A job writing over a file of its own chain is refused alone, as
+    convert refuses it: it writes nothing that other jobs could read. `read`: chains(jobs),
+    when the caller has it."""
+    read = chains(jobs) if read is None else read
     writers: dict = {}
     refused: dict[int, Exception] = {}
     for i, job in enumerate(jobs):
@@ -91,6 +106,12 @@ def conflicts(jobs: list[Job]) -> dict[int, Exception]:
             keys = _file_keys(job.dst)
         except (OSError, ValueError, UnicodeError) as exc:
             refused[i] = exc
+            continue
+        if not isinstance(read[i], Exception) and any(
+                k in keys for _, _, own in read[i] for k in own):
+            from .errors import OutputError
+            refused[i] = OutputError(f"{job.dst} is the source image or a file of its backing "
+                                     "chain; refusing to write over it")
             continue
         first = next((writers[k] for k in keys if k in writers), None)
         if first is not None:
@@ -101,16 +122,16 @@ def conflicts(jobs: list[Job]) -> dict[int, Exception]:
     for i, job in enumerate(jobs):
         if i in refused:
             continue
-        try:
-            for what, name in chain_files(job):
-                writer = next((writers[k] for k in _file_keys(name) if k in writers), None)
-                if writer is not None and writer != i:
-                    refused[i] = ValueError(
-                        f"{name}: {what} is the destination of job {writer} of this batch; "
-                        "convert it in a later batch (the order jobs run in is not fixed)")
-                    break
-        except (OSError, ValueError, UnicodeError) as exc:
-            refused[i] = exc                    # a path no file can have: the job's error
+        if isinstance(read[i], Exception):
+            refused[i] = read[i]
+            continue
+        for what, name, keys in read[i]:
+            writer = next((writers[k] for k in keys if k in writers), None)
+            if writer is not None and writer != i:
+                refused[i] = ValueError(
+                    f"{name}: {what} is the destination of job {writer} of this batch; "
+                    "convert it in a later batch (the order jobs run in is not fixed)")
+                break
     return refused
 
 
@@ -316,7 +337,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         raise ValueError("on_error must be 'continue' or 'stop'")
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
-    refused = conflicts(jobs)
+    read = chains(jobs)
+    refused = conflicts(jobs, read)
     skip_existing = boolean(skip_existing, "skip_existing")
     overwrite = boolean(overwrite, "overwrite")
     workers = integer(workers, "workers", 1, none=True, what="an integer of at least 1")
@@ -370,37 +392,107 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
             cancel.set()                        # start nothing more (the caller unwinds)
             raise
 
-    pool = ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="qcowfast-job")
     # Jobs that cannot be read first (they fail at once: on_error="stop" stops early), then the
     # largest: a big image started last would leave the other slots idle at the end.
-    order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
-    ended: queue.SimpleQueue = queue.SimpleQueue()     # futures, as their jobs end
-    futures = []
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for i in sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i])):
+        pending.put(i)
+    # Each job holds its chain's files and its output open: jobs wait for descriptors, and a
+    # job needing more than the limit leaves runs alone (a deep chain needs one per layer).
+    fds = _Descriptors(descriptor_budget())
+    ended: queue.SimpleQueue = queue.SimpleQueue()     # (index, what it raised or None)
+
+    def slot() -> None:
+        while not cancel.is_set():
+            try:
+                i = pending.get_nowait()
+            except queue.Empty:
+                return
+            need = fds.take(_descriptors_for(read[i]), cancel)
+            try:
+                one(i)
+            except BaseException as exc:        # on_result's, or an interrupt of this thread
+                ended.put((i, exc))
+                return
+            finally:
+                fds.give(need)
+            ended.put((i, None))
+
+    slots: list[threading.Thread] = []
     try:
-        for i in order:                     # (jobs run already: a signal here must stop them)
-            futures.append(pool.submit(one, i))
-            futures[-1].add_done_callback(ended.put)
-        for _ in futures:
+        # (Inside the try: jobs run as soon as their slot starts, so a signal arriving while
+        # the others start must stop them.)
+        _start_threads(min(workers, max(1, len(jobs))), slot, slots)
+        if not slots:
+            slot()              # no thread could start (a memory limit): the jobs run here
+        for _ in jobs:
             # Wake at each job's end (the first exception, whichever job raised it) and a few
             # times a second: a signal the kernel gave a worker thread is handled only when
-            # this thread runs Python again. (Not concurrent.futures.wait over the pending
-            # futures: it hooks every one of them at each wake, quadratic in the batch.)
-            _next_ended(ended).result()
+            # this thread runs Python again.
+            _, raised = _next_ended(ended)
+            if raised is not None:
+                raise raised
     except BaseException:
         # Ctrl-C, a signal turned into an exception, or a raising callback: start nothing
         # more, make the running conversions stop at their next unit (each removes its
         # temporary output), and wait a bounded time for them before passing it on.
         cancel.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        # (A future cancelled from the queue never counts as done for wait(): leave those out.)
-        wait([f for f in futures if not f.cancelled()], timeout=CANCEL_WAIT_SECONDS)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        for t in slots:
+            t.join(max(0.0, deadline - time.monotonic()))
         raise
-    pool.shutdown()
+    for t in slots:
+        t.join()
     return results
 
 
+def _start_threads(n: int, target, started: list) -> None:
+    """Start up to `n` threads running `target`, appended to `started`: as many as the system
+    lets start (a memory limit refuses threads with RuntimeError), none if it refuses one."""
+    for k in range(n):
+        t = threading.Thread(target=target, name=f"qcowfast-job_{k}")
+        try:
+            t.start()
+        except RuntimeError:                    # "can't start new thread"
+            return
+        started.append(t)
+
+
+def descriptor_budget() -> int:
+    """File descriptors the batch's jobs may hold at once (the soft limit less a reserve)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_WORKERS * FDS_PER_JOB if soft == resource.RLIM_INFINITY else max(1, soft - 32)
+
+
+def _descriptors_for(read) -> int:
+    """Descriptors a job holds: one per file of its chain, its output and some slack."""
+    return (0 if isinstance(read, Exception) else len(read)) + 8
+
+
+class _Descriptors:
+    """A counted budget of file descriptors: take() waits until enough are free (a request
+    larger than the whole budget takes it all, so that job runs alone)."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self.cond = threading.Condition()
+
+    def take(self, n: int, cancel: threading.Event) -> int:
+        n = min(n, self.total)
+        with self.cond:
+            while self.free < n and not cancel.is_set():
+                self.cond.wait(SIGNAL_LATENCY)
+            self.free -= n
+        return n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.free += n
+            self.cond.notify_all()
+
+
 def _next_ended(ended: queue.SimpleQueue):
-    """The next future put in `ended`, waking every SIGNAL_LATENCY seconds meanwhile."""
+    """The next item put in `ended`, waking every SIGNAL_LATENCY seconds meanwhile."""
     while True:
         try:
             return ended.get(timeout=SIGNAL_LATENCY)
