@@ -8,6 +8,7 @@ a list of the 393216 map entries below and their JSON text need more than 300 Mi
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -136,3 +137,40 @@ def test_check_allocation_failure_is_a_qcow_error(tmp_path, monkeypatch):
     monkeypatch.setattr(check_module._DenseComputed, "add", fail)
     with pytest.raises(qcowfast.QcowError, match="not enough memory"):
         qcowfast.check(img)
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), OSError(errno.ENOMEM, "no memory")],
+                         ids=["MemoryError", "ENOMEM"])
+def test_convert_out_of_memory_is_allocation_failed(tmp_path, monkeypatch, capsys, failure):
+    """Memory running out inside a conversion (numpy's MemoryError, or ENOMEM from mmap or a
+    read) reaches the caller as AllocationFailed naming the source, the job's result in a
+    batch, and one line from the command; nothing is left behind."""
+    import importlib
+
+    import qcowfast
+    from qcowfast.cli import main
+    convert_module = importlib.import_module("qcowfast.convert")
+    img = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, MiB)
+    qemu_io(img, "write -P 1 0 64k")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def fail(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(convert_module, "_convert_path", fail)
+    with pytest.raises(qcowfast.AllocationFailed, match=f"{img}: not enough memory"):
+        qcowfast.convert(img, out / "a.raw")
+    result, = qcowfast.convert_many([(img, out / "b.raw")])
+    assert isinstance(result, qcowfast.AllocationFailed), result
+    capsys.readouterr()
+    assert main(["convert", "-q", str(img), str(out / "c.raw")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"qcowfast: {img}: not enough memory to convert it\n", err
+    assert os.listdir(out) == []
+    # An OSError that is not ENOMEM stays what it is.
+    monkeypatch.setattr(convert_module, "_convert_path",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError) as caught:
+        qcowfast.convert(img, out / "d.raw")
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, qcowfast.QcowError)

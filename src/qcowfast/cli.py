@@ -1107,6 +1107,9 @@ def main(argv=None) -> int:
             name = f"{exc.filename}: " if exc.filename else ""
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, MemoryError):
+            print("qcowfast: not enough memory", file=sys.stderr)
+            return 1
         raise
     finally:
         for num, handler in old_handlers.items():

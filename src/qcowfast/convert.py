@@ -13,6 +13,7 @@ the interpreter (~40 MiB): under 256 MiB for 4 threads.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -30,7 +31,7 @@ from .arguments import boolean, integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import MAX_SPARSE_SIZE, ExtentKind
-from .errors import CorruptImage, OutputError, QcowError, TruncatedImage
+from .errors import AllocationFailed, CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, current_size, file_size_now, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
 
@@ -449,6 +450,25 @@ def _copy_range(src_fd, dst_fd, src_off, dst_off, count, layer, buf=None):
         count -= n
 
 
+def _memory_as_allocation_failed(func):
+    """Running out of memory (MemoryError, or ENOMEM from the system) ends `func` in
+    AllocationFailed, a QcowError naming the source (its output removed as for any error)."""
+    @functools.wraps(func)
+    def wrapper(src, dst, /, **kwargs):
+        try:
+            return func(src, dst, **kwargs)
+        except AllocationFailed:
+            raise
+        except (MemoryError, OSError) as exc:
+            if isinstance(exc, OSError) and (exc.errno != errno.ENOMEM or
+                                             isinstance(exc, QcowError)):
+                raise
+            name = os.fsdecode(src) if isinstance(src, (str, bytes, os.PathLike)) else "image"
+            raise AllocationFailed(f"{name}: not enough memory to convert it") from exc
+    return wrapper
+
+
+@_memory_as_allocation_failed
 def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             compression: str | None = None, level: int | None = None,
             cluster_size: int = 65536, threads: int | None = None, sparse_size: int = 4096,
