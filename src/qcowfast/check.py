@@ -553,36 +553,13 @@ class _Checker:
                                     counts[uncovered[:MAX_MESSAGES + 1]].tolist())]
         res.corruptions += len(uncovered)
         highest = int(clusters[uncovered[-1]]) if len(uncovered) else 0
-        self.steps_total = self.steps_done + len(present)
-        for i, t in enumerate(present.tolist()):
-            lo, hi = t * per_block, min((t + 1) * per_block, nb)
-            blk = stored.block(t)
-            if blk is None:
-                res.check_errors += hi - lo
-                self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
-                         f"refcount block {t} has an unaligned or impossible offset", hi - lo)
-                self.tick()
-                continue
-            values = blk[:hi - lo]
+        def computed(i: int, lo: int, hi: int):
             a, b = starts[i], ends[i]
             mine = np.zeros(hi - lo, _U64)
             mine[clusters[a:b] - lo] = np.minimum(counts[a:b], limit) if capped else \
                 counts[a:b]
-            used = np.flatnonzero((values > 0) | (mine > 0))
-            if len(used):
-                highest = max(highest, lo + int(used[-1]))
-            diff = np.flatnonzero(values != mine)
-            for i in diff[:MAX_MESSAGES + 1].tolist():
-                problems.append((lo + i, int(values[i]), int(mine[i])))
-            low = int(np.count_nonzero(values[diff] < mine[diff]))
-            res.corruptions += low
-            res.leaks += len(diff) - low
-            self.tick()
-        problems.sort()
-        for c, v, r in problems[:MAX_MESSAGES + 1]:
-            self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} "
-                     f"refcount={v} reference={r}")
-        res.image_end_offset = (highest + 1) * self.cs
+            return mine
+        self._compare_blocks(stored, present, per_block, computed, problems, highest)
 
     def _compare_dense(self, stored: StoredRefcounts) -> None:
         """compare() over per-cluster counts (_DenseComputed): each stored refcount block is
@@ -619,8 +596,18 @@ class _Checker:
             problems += [(c, 0, min(r, refmax)) for c, r in
                          zip(nz[:room].tolist(), counts[nz[:room]].tolist())]
         res.corruptions += uncovered
+        def computed(i: int, lo: int, hi: int):
+            return np.minimum(counts[lo:hi], limit) if capped else counts[lo:hi]
+        self._compare_blocks(stored, present, per_block, computed, problems, highest)
+
+    def _compare_blocks(self, stored: StoredRefcounts, present, per_block: int, computed,
+                        problems: list, highest: int) -> None:
+        """compare()'s pass over the present refcount blocks, for either store: block `t`
+        (the i-th present) against computed(i, lo, hi), its clusters' counts capped at the
+        refcount maximum; then the messages, in cluster order, and the image's end."""
+        res, nb = self.res, self.nb
         self.steps_total = self.steps_done + len(present)
-        for t in present.tolist():
+        for i, t in enumerate(present.tolist()):
             lo, hi = t * per_block, min((t + 1) * per_block, nb)
             blk = stored.block(t)
             if blk is None:
@@ -630,15 +617,13 @@ class _Checker:
                 self.tick()
                 continue
             values = blk[:hi - lo]
-            mine = counts[lo:hi]
-            if capped:
-                mine = np.minimum(mine, limit)
-            nonzero = np.flatnonzero((values > 0) | (mine > 0))
-            if len(nonzero):
-                highest = max(highest, lo + int(nonzero[-1]))
+            mine = computed(i, lo, hi)
+            used = np.flatnonzero((values > 0) | (mine > 0))
+            if len(used):
+                highest = max(highest, lo + int(used[-1]))
             diff = np.flatnonzero(values != mine)
-            for i in diff[:MAX_MESSAGES + 1].tolist():
-                problems.append((lo + i, int(values[i]), int(mine[i])))
+            for j in diff[:MAX_MESSAGES + 1].tolist():
+                problems.append((lo + j, int(values[j]), int(mine[j])))
             low = int(np.count_nonzero(values[diff] < mine[diff]))
             res.corruptions += low
             res.leaks += len(diff) - low
