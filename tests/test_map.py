@@ -291,3 +291,182 @@ def test_json_kernel_formats_any_int64_and_checks_its_arguments():
         _mapjson.json_lines(guest, length[:2], kind, host, depth, state)
     with pytest.raises(ValueError):
         _mapjson.json_lines(guest, length, kind, host, depth, bytearray(8))
+
+
+def _set_entry(path, guest: int, value_of) -> None:
+    """Replace the L2 entry serving `guest` (standard or extended L2) by value_of(old)."""
+    with open(path, "r+b") as f:
+        h = f.read(104)
+        cluster_bits, = struct.unpack_from(">I", h, 20)
+        l1_offset, = struct.unpack_from(">Q", h, 40)
+        incompatible, = struct.unpack_from(">Q", h, 72)
+        size = 16 if incompatible & 16 else 8                 # extended L2 entries
+        per_l2 = (1 << cluster_bits) // size
+        l1_index, l2_index = divmod(guest >> cluster_bits, per_l2)
+        f.seek(l1_offset + 8 * l1_index)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+        f.seek(l2 + size * l2_index)
+        old = f.read(size)
+        f.seek(l2 + size * l2_index)
+        f.write(value_of(old))
+
+
+def _unaligned(old: bytes) -> bytes:
+    """A data entry whose host offset is 512 bytes past its cluster (QEMU: "Cluster
+    allocation offset ... unaligned", EIO at that cluster)."""
+    return struct.pack(">Q", struct.unpack_from(">Q", old)[0] + 512) + old[8:]
+
+
+def _bad_subclusters(old: bytes) -> bytes:
+    """An extended L2 entry whose bitmap marks subcluster 0 allocated and zero at once."""
+    return old[:8] + struct.pack(">Q", struct.unpack_from(">Q", old, 8)[0] | 1 | 1 << 32)
+
+
+def _broken_mid(d):
+    p = d / "mid.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "4M")
+    qemu_io(p, "write -P 1 0 64k", "write -z 512k 64k", "write -P 2 1M 64k",
+            "write -P 3 3M 64k")
+    _set_entry(p, 1 << 20, _unaligned)
+    return p.name, []
+
+
+def _broken_first(d):
+    name, _ = _broken_mid(d)
+    _set_entry(d / name, 0, _unaligned)
+    return name, []
+
+
+def _broken_in_backing(d):
+    """The overlay covers the base's first cluster; the base's entry at 1M is bad."""
+    base = d / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu_io(base, "write -P 1 0 64k", "write -P 2 1M 64k", "write -P 3 3M 64k")
+    _set_entry(base, 1 << 20, _unaligned)
+    top = d / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, cwd=d)
+    qemu_io(top, "write -P 4 0 64k", "write -P 5 2M 64k")
+    return top.name, []
+
+
+def _broken_over_raw(d):
+    """A raw backing file: the map is built entry by entry in Python, not by the kernel."""
+    base = d / "base.raw"
+    base.write_bytes(b"\1" * 65536 + bytes((3 << 20) - 65536) + b"\2" * (1 << 20))
+    top = d / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, cwd=d)
+    qemu_io(top, "write -P 4 512k 64k", "write -P 5 2M 64k", "write -P 6 2560k 64k")
+    _set_entry(top, 2 << 20, _unaligned)
+    return top.name, []
+
+
+def _broken_extended(d):
+    p = d / "ext.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p, "4M")
+    qemu_io(p, "write -P 1 0 4k", "write -P 2 40k 8k", "write -P 3 1M 64k", "write -P 4 2M 4k")
+    _set_entry(p, 2 << 20, _bad_subclusters)
+    return p.name, []
+
+
+def _extended(d, name, *writes, bad: int, backing=None):
+    p = d / name
+    opts = "extended_l2=on" + (f",backing_file={backing},backing_fmt=qcow2" if backing else "")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, p, "4M", cwd=d)
+    qemu_io(p, *writes)
+    if bad is not None:
+        _set_entry(p, bad, _bad_subclusters)
+    return p
+
+
+def _broken_extended_cases():
+    """Invalid bitmaps where QEMU's failing query starts before the entry, or at it."""
+    k = 1024
+
+    def after_partial(d):       # the cluster before is half data, half unallocated
+        return _extended(d, "e.qcow2", "write -P 1 0 64k", f"write -P 2 {1024 * k} 40k",
+                         bad=1088 * k).name, []
+
+    def after_contiguous(d):    # a run of data clusters, contiguous on the host
+        return _extended(d, "e.qcow2", "write -P 1 0 8k", f"write -P 2 {64 * k} 256k",
+                         bad=320 * k).name, []
+
+    def after_compressed(d):
+        return _extended(d, "e.qcow2", "write -P 1 0 4k", f"write -c -P 2 {64 * k} 64k",
+                         bad=128 * k).name, []
+
+    def after_zero_run(d):      # zero subclusters to the cluster's end, then whole clusters
+        return _extended(d, "e.qcow2", "write -P 1 0 4k", f"write -z {8 * k} {248 * k}",
+                         bad=256 * k).name, []
+
+    def in_backing(d):          # the overlay's data cuts the run the base's query spans
+        _extended(d, "base.qcow2", "write -P 1 0 64k", f"write -P 2 {2048 * k} 64k",
+                  bad=2048 * k)
+        return _extended(d, "top.qcow2", "write -P 3 1M 4k", bad=None,
+                         backing="base.qcow2").name, []
+
+    def over_backing(d):        # the base's data cuts the top's unallocated run
+        base = d / "base.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+        qemu_io(base, "write -P 1 1536k 64k", "write -P 2 3M 64k")
+        return _extended(d, "top.qcow2", "write -P 3 0 4k", f"write -P 4 {1024 * k} 64k",
+                         bad=2048 * k, backing="base.qcow2").name, []
+
+    def over_raw(d):            # a raw base: its data and holes cut the run
+        raw = d / "base.raw"
+        with open(raw, "wb") as f:
+            f.truncate(4 << 20)
+            f.seek(1600 * k)
+            f.write(b"\5" * 8192)
+        top = d / "top.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.raw",
+                 "-F", "raw", top, cwd=d)
+        qemu_io(top, "write -P 3 0 4k")
+        _set_entry(top, 2048 * k, _bad_subclusters)
+        return top.name, []
+
+    def ranged(d):
+        name, _ = after_partial(d)
+        return name, ["--start-offset", "1028k"]
+
+    return {"ext-after-partial": after_partial, "ext-after-contiguous": after_contiguous,
+            "ext-after-compressed": after_compressed, "ext-after-zeros": after_zero_run,
+            "ext-in-backing": in_backing, "ext-over-backing": over_backing,
+            "ext-over-raw": over_raw, "ext-ranged": ranged}
+
+
+def _broken_after_many(d):
+    """Thousands of entries before the bad one: some are written before the error is met."""
+    raw = d / "striped.raw"
+    block = b"\7" * 1024 + bytes(1024)
+    raw.write_bytes(block * 8192)                               # 16 MiB, every other KiB
+    p = d / "striped.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-S", "1k", "-o", "cluster_size=1024",
+             raw, p)
+    _set_entry(p, 15 << 20, _unaligned)
+    return p.name, []
+
+
+def _broken_in_range(d):
+    name, _ = _broken_mid(d)
+    return name, ["--start-offset", "32k", "--max-length", "2M"]
+
+
+BROKEN = {"mid": _broken_mid, "first": _broken_first, "backing": _broken_in_backing,
+          "raw-backing": _broken_over_raw, "extended-l2": _broken_extended,
+          "after-many": _broken_after_many, "range": _broken_in_range,
+          **_broken_extended_cases()}
+
+
+@pytest.mark.parametrize("output", ["json", "human"])
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_map_stops_at_a_bad_entry_as_qemu_img(tmp_path, case, output):
+    """A bad L2 entry part-way: qemu-img prints "[" (or the header) and every entry finished
+    before it, then fails; so does qcowfast, byte for byte, with one error line."""
+    name, args = BROKEN[case](tmp_path)
+    want = qemu_map_proc(name, f"--output={output}", *args, cwd=tmp_path)
+    ours = run_cli("map", f"--output={output}", *args, name, cwd=tmp_path)
+    assert want.returncode == 1 and "Could not read file metadata" in want.stderr
+    assert (ours.returncode, ours.stdout) == (1, want.stdout)
+    assert len(ours.stderr.splitlines()) == 1 and ours.stderr.startswith("qcowfast: ")
+    if case == "after-many":                  # (more than one batch of lines streamed)
+        assert want.stdout.count("\n") > 4096

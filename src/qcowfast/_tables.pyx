@@ -67,6 +67,7 @@ class L2EntryError(Exception):
         self.code = code
         self.rule = _MESSAGES[code]
         self.past_eof = code == E_PAST_EOF
+        self.bad_bitmap = code == E_SUBCLUSTER
 
 
 cdef const uint64_t[::1] _u64_view(arr):

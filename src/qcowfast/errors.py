@@ -10,7 +10,11 @@ class FormatError(QcowError, ValueError):
 
 
 class CorruptImage(QcowError):
-    """Metadata breaks a rule of the QCOW2 specification (bad table entry, overlap, bad offset)."""
+    """Metadata breaks a rule of the QCOW2 specification (bad table entry, overlap, bad offset).
+
+    `guest_offset`: where a bad L2 entry sits in the guest (its cluster's first byte), when the
+    error is one; reads and maps of guest bytes before it are unaffected."""
+    guest_offset: int | None = None
 
 
 class TruncatedImage(CorruptImage):

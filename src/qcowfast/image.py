@@ -20,7 +20,8 @@ from . import _plain, buffers
 from ._lazy import LazyModule
 from .arguments import integer
 from .constants import (
-    L1E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED, RAW_FORMATS,
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED,
+    RAW_FORMATS,
     CompressionType, ExtentKind,
 )
 from .errors import (
@@ -781,8 +782,96 @@ class Image(_Layer):
         index = s_index * self._slice_entries + err.index
         guest = table_start + index * self.cluster_size
         cls = TruncatedImage if err.past_eof else CorruptImage
-        return cls(f"{self.filename}: L2 entry {index} of the table at {l2_offset:#x} "
-                   f"(guest offset {guest:#x}): {err.rule}")
+        exc = cls(f"{self.filename}: L2 entry {index} of the table at {l2_offset:#x} "
+                  f"(guest offset {guest:#x}): {err.rule}")
+        exc.guest_offset = guest
+        exc._bad_layer = (self, err.bad_bitmap)        # for _failing_query()
+        return exc
+
+    # -- QEMU's block status queries, for where a map fails ------------------------------------
+    def _entry_at(self, cluster: int) -> tuple[int, int] | None:
+        """(L2 entry, subcluster bitmap or 0) of `cluster`; None when its L2 table is absent."""
+        per = self._l2_entries
+        l2 = int(self._l2_offsets[cluster // per])
+        if not l2:
+            return None
+        s_index, k = divmod(cluster % per, self._slice_entries)
+        tbl = self._l2_slice(l2, s_index)
+        if self._flags & _EXTENDED_L2:
+            return int(tbl[2 * k]), int(tbl[2 * k + 1])
+        return int(tbl[k]), 0
+
+    def _qemu_type(self, entry: int, bitmap: int, sc: int) -> str:
+        """QEMU qcow2_get_subcluster_type() of subcluster `sc` of a valid entry: (C)ompressed,
+        (N)ormal, zero (ZA) or unallocated (UA) in an allocated cluster, zero (ZP) or
+        unallocated (UP) in an unallocated one."""
+        if entry >> 62 & 1:
+            return "C"
+        allocated = entry & L2E_OFFSET_MASK
+        if self._flags & _EXTENDED_L2:
+            zero, data = bitmap >> (32 + sc) & 1, bitmap >> sc & 1
+        else:
+            zero, data = entry & 1, 1
+        if allocated:
+            return "ZA" if zero else "N" if data else "UA"
+        return "ZP" if zero else "UP"
+
+    def _scan_start(self, pos: int, lo: int) -> tuple[int, str]:
+        """(where, type): the earliest offset >= lo from which one of QEMU's block status
+        queries of this layer alone spans to guest byte `pos`, and the type there.
+
+        qcow2-cluster.c qcow2_get_host_offset() and count_contiguous_subclusters(): a query
+        stays in one L2 table, takes compressed clusters one at a time, follows one subcluster
+        type to the end of each cluster, and allocated clusters only while their host offsets
+        are contiguous."""
+        cs = self.cluster_size
+        if pos >= self.virtual_size:
+            return max(lo, self.virtual_size), "EOF"
+        per_cluster = 32 if self._flags & _EXTENDED_L2 else 1
+        sub = cs // per_cluster
+        c = pos // cs
+        first = c - c % self._l2_entries
+        got = self._entry_at(c)
+        if got is None:
+            return max(lo, first * cs), "UP"
+        entry, bitmap = got
+        j = pos % cs // sub
+        kind = self._qemu_type(entry, bitmap, j)
+        if kind == "C":
+            return max(lo, c * cs), kind
+        while True:
+            while j and self._qemu_type(entry, bitmap, j - 1) == kind:
+                j -= 1
+            if j or c == first or c * cs <= lo:
+                return max(lo, c * cs + j * sub), kind
+            prev, prev_bitmap = self._entry_at(c - 1)
+            if self._qemu_type(prev, prev_bitmap, per_cluster - 1) != kind or \
+                    kind in ("N", "ZA", "UA") and \
+                    (prev & L2E_OFFSET_MASK) + cs != entry & L2E_OFFSET_MASK:
+                return max(lo, c * cs), kind
+            c, entry, bitmap, j = c - 1, prev, prev_bitmap, per_cluster - 1
+
+    def _failing_query(self, exc: CorruptImage, start: int) -> int:
+        """Where the block status query that meets `exc`'s bad L2 entry starts in qemu-img map
+        of this chain from `start`: the map prints the entries finished before that point.
+
+        At the entry itself, except for an invalid subcluster bitmap: count_contiguous_
+        subclusters() reads each next cluster's type before comparing it, so the first query
+        of the bad entry's layer that runs through the cluster before it fails. Such a query
+        starts where that layer's run before the entry starts, or later where a layer above
+        (unallocated there) starts the run it has across the entry: a backing layer's query
+        ends where the query above it ends."""
+        at = exc.guest_offset
+        bad, bitmap = exc._bad_layer
+        if not bitmap or at <= start:
+            return at
+        stop = start
+        layers = self.chain
+        i = next(k for k, layer in enumerate(layers) if layer is bad)
+        for layer in layers[:i]:
+            stop = max(stop, layer._scan_start(at, stop)[0])
+        where, kind = bad._scan_start(at - 1, stop)
+        return at if kind == "C" else min(where, at)
 
     def _own_runs(self, start: int, end: int) -> Iterator[Runs]:
         """Runs of this layer alone over [start, end), UNALLOCATED where it has no cluster."""

@@ -74,10 +74,10 @@ def metadata_preallocated(layer) -> bool:
     return False
 
 
-def _entries(image):
+def _entries(image, start: int = 0, length: int | None = None):
     from .image import RawImage
     prealloc = {}
-    for e in image.extents():
+    for e in image.extents(start, length):
         kind = e.kind
         layer = image.layer(e.depth)
         if kind == ExtentKind.DATA and isinstance(layer, RawImage):
@@ -112,13 +112,10 @@ def _mergeable(a: dict, b: dict) -> bool:
     return "offset" not in a or a["offset"] + a["length"] == b["offset"]
 
 
-def iter_entries(image) -> Iterator[dict]:
-    """Yield the entries `qemu-img map --output=json` prints for `image`, one at a time.
-
-    Memory stays bounded by one L2 slice of the extent stream, whatever the number of entries.
-    """
+def _merged(entries: Iterable[dict]) -> Iterator[dict]:
+    """Merge consecutive mergeable entries (qemu-img.c img_map())."""
     pending = None
-    for entry in _entries(image):
+    for entry in entries:
         if pending is not None and _mergeable(pending, entry):
             pending["length"] += entry["length"]
             continue
@@ -127,7 +124,17 @@ def iter_entries(image) -> Iterator[dict]:
         pending = entry
     if pending is not None:
         yield pending
-    else:
+
+
+def iter_entries(image) -> Iterator[dict]:
+    """Yield the entries `qemu-img map --output=json` prints for `image`, one at a time.
+
+    Memory stays bounded by one L2 slice of the extent stream, whatever the number of entries.
+    """
+    pending = None
+    for pending in _merged(_entries(image)):
+        yield pending
+    if pending is None:
         # qemu-img.c img_map(): an empty image still prints its initial, empty entry.
         yield dict(start=0, length=0, depth=0, present=False, zero=False, data=False)
 
@@ -188,15 +195,52 @@ def _range_entries(image, start: int, length: int | None) -> Iterator[dict]:
     return clip_entries(iter_entries(image), start, end)
 
 
+class _Counted:
+    """A text stream that counts the characters written through it."""
+
+    def __init__(self, stream: TextIOBase):
+        self.stream = stream
+        self.written = 0
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.written += len(text)
+
+
+def _finish_before(exc: QcowError, image, out: _Counted, start: int, head: str, row) -> None:
+    """After `exc` stopped a map part-way, write what qemu-img prints before the same error:
+    `head`, then `row(entry)` for each entry finished before the bad L2 entry (the one still
+    growing there is never printed: img_map() prints an entry once the next one differs).
+    What `out` already holds is the start of that text; nothing is added for other errors."""
+    at = getattr(exc, "guest_offset", None)
+    if at is None or at < start:
+        return
+    try:
+        stop = image._failing_query(exc, start)
+        done = list(_merged(_entries(image, start, stop - start)))[:-1]
+    except (QcowError, OSError):
+        return
+    text = head + "".join(map(row, done))
+    out.write(text[out.written:])
+
+
 def write_json(image, stream: TextIOBase, start: int = 0, length: int | None = None) -> None:
     """Write `qemu-img map --output=json` for `image` to the text `stream`, entry by entry
-    (of guest bytes [start, start + length) only, as --start-offset and --max-length)."""
+    (of guest bytes [start, start + length) only, as --start-offset and --max-length).
+
+    A bad L2 entry part-way stops the map as it stops qemu-img's: the entries before it are
+    written (the JSON is left open), then the CorruptImage is raised."""
     end = image.virtual_size if length is None else min(start + length, image.virtual_size)
-    if start < end and _runs_map(image):
-        _write_json_of_runs(image, stream, start, end)
-    else:
-        _batched(map(_json_line, _range_entries(image, start, length)), stream, ",\n",
-                 prefix="[")
+    out = _Counted(stream)
+    try:
+        if start < end and _runs_map(image):
+            _write_json_of_runs(image, out, start, end)
+        else:
+            _batched(map(_json_line, _range_entries(image, start, length)), out, ",\n",
+                     prefix="[")
+    except CorruptImage as exc:
+        _finish_before(exc, image, out, start, "[", lambda e: _json_line(e) + ",\n")
+        raise
     stream.write("]\n")
 
 
@@ -238,7 +282,8 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
     (of guest bytes [start, start + length) only, as --start-offset and --max-length).
 
     As qemu-img.c dump_map_entry() does, rows are written as they come; a data range without
-    a host offset (a compressed cluster) stops the map after the rows before it.
+    a host offset (a compressed cluster) stops the map after the rows before it, as does a
+    bad L2 entry (CorruptImage).
 
     Raises
     ------
@@ -248,18 +293,27 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
     """
     failed = []
 
+    def row(e: dict) -> str:
+        if not (e["data"] and not e["zero"] and "offset" in e):
+            return ""
+        layer = image.layer(e["depth"])
+        fname = getattr(layer, "data_file", layer.filename)
+        return f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{fname}\n"
+
     def rows():
         for e in _range_entries(image, start, length):
             if e["data"] and "offset" not in e:
                 failed.append(e)
                 return
-            if e["data"] and not e["zero"]:
-                layer = image.layer(e["depth"])
-                fname = getattr(layer, "data_file", layer.filename)
-                yield (f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
-                       f"{fname}\n")
+            yield row(e)
 
-    _batched(rows(), stream, "", prefix=f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    head = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
+    out = _Counted(stream)
+    try:
+        _batched(rows(), out, "", prefix=head)
+    except CorruptImage as exc:
+        _finish_before(exc, image, out, start, head, row)
+        raise
     if failed:
         stream.flush()
         raise QcowError("File contains external, encrypted or compressed clusters.")
