@@ -196,6 +196,18 @@ def run_cli(*args, cwd=None, timeout=120, text=True) -> subprocess.CompletedProc
 QEMU_PROGRESS = re.compile(rb"(    \((\d+\.\d\d)/100%\)\r)+\n")
 
 
+def cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    """Run ``qcowfast ARGS`` in this process (cheap: for argument handling and output text);
+    returns (exit status, stdout, stderr). `run_cli` runs the real process."""
+    from qcowfast.cli import main
+    try:
+        status = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def progress_values(report: bytes, complete: bool = True) -> list[float]:
     """The percentages of a whole qemu-img progress report ('    (P/100%)\r'..., '\n'),
     asserting it is one, rising from 0 (to 100 when `complete`: qemu-img compare's float sums

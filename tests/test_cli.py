@@ -28,8 +28,8 @@ import pytest
 
 import qcowfast
 from qcowfast import ExtentKind
-from common import (assert_same_bytes, progress_values, qemu_img, qemu_io, qemu_map,
-                    reference_raw, run_cli)
+from common import (assert_same_bytes, cli_in_process as cli, progress_values, qemu_img,
+                    qemu_io, qemu_map, reference_raw, run_cli)
 
 K = 1024
 M = 1024 * 1024
@@ -70,18 +70,6 @@ def assert_usage_error(proc, option: str, command: str | None = None) -> None:
     assert "Traceback" not in err, err
     assert err.startswith(f"usage: qcowfast {command or ''}"), err
     assert option in err.splitlines()[-1], err
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run ``qcowfast ARGS`` in this process (cheap: for argument handling); returns (exit
-    status, stdout, stderr). The subprocess tests above cover the real process's behaviour."""
-    from qcowfast.cli import main
-    try:
-        status = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_one_line(status: int, out: str, err: str, contains: str, code: int = 1) -> str:

@@ -22,7 +22,7 @@ import pytest
 
 import qcowfast
 from qcowfast.measure import Measurement, measure
-from common import qemu_img, qemu_io, run_cli
+from common import cli_in_process as cli, qemu_img, qemu_io, run_cli
 
 K = 1024
 M = 1024 * K
@@ -56,17 +56,6 @@ def assert_same(src, fmt: str = "qcow2", **kw) -> dict:
     got = measure(src, format=fmt, **kw).to_json()
     assert got == want, (src, fmt, kw)
     return got
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``qcowfast ARGS`` in this process: (exit status, stdout, stderr)."""
-    from qcowfast.cli import main
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common import qemu_img, qemu_io, run_cli
+from common import cli_in_process as cli, qemu_img, qemu_io, run_cli
 
 M = 1024 * 1024
 
@@ -23,17 +23,6 @@ def qemu_snapshot(*args, cwd=None) -> tuple[int, str]:
     proc = subprocess.run(["qemu-img", "snapshot", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, check=False)
     return proc.returncode, proc.stdout
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``qcowfast ARGS`` in this process: (exit status, stdout, stderr)."""
-    from qcowfast.cli import main
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def digest(path: Path) -> str:
