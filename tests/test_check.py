@@ -918,3 +918,77 @@ def test_a_file_grown_while_opening_is_checked_at_its_new_size(tmp_path, monkeyp
     assert img.stat().st_size > size_before
     assert result.corruptions == 0 and result.leaks == 0, result.messages
     assert qemu_img("check", img).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny clusters: many small L2 tables, checked in batches (Check.l2_batch) unless a table has
+# something to report or holds both kinds of references; then one by one, as before.
+
+
+def _small_tables(d: Path) -> dict:
+    out = {}
+    for opts, compress in (("cluster_size=512", False), ("cluster_size=1024", True),
+                           ("cluster_size=1024", False), ("cluster_size=512,refcount_bits=1", False)):
+        q = _converted(d, f"t-{opts.replace(',', '-').replace('=', '')}-{compress:d}.qcow2",
+                       opts, compress=compress, size=3 * M)
+        out[q.path.name] = q.path
+    packed = d / "t-packed.raw"                                 # every cluster compressed
+    packed.write_bytes(b"".join(b"cluster %08d " % i * 60 for i in range(3 * 1024)))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "cluster_size=1024", packed,
+             d / "t-packed.qcow2")
+    out["t-packed.qcow2"] = d / "t-packed.qcow2"
+    snap = d / "t-snap.qcow2"
+    shutil.copy(out["t-cluster_size512-0.qcow2"], snap)
+    qemu_img("snapshot", "-c", "s", snap)
+    qemu_io(snap, "write -P 9 0 200k", "write -P 8 2M 100k")   # tables only a snapshot uses
+    out[snap.name] = snap
+    late = d / "t-late-damage.qcow2"                            # unaligned, in a late table
+    shutil.copy(out["t-cluster_size1024-0.qcow2"], late)
+    q = Qcow2File(late)
+    at, entry = q.data_entries()[-40]
+    q.put_u64(at, entry + 512)
+    out[late.name] = late
+    copied = d / "t-copied.qcow2"                               # COPIED wrong in a late table
+    shutil.copy(out["t-cluster_size512-0.qcow2"], copied)
+    q = Qcow2File(copied)
+    at, entry = q.data_entries()[-300]
+    q.put_u64(at, entry ^ COPIED)
+    out[copied.name] = copied
+    return out
+
+
+@pytest.mark.parametrize("batch", [None, 512])
+def test_small_tables_check_like_qemu_batched_or_not(tmp_path, monkeypatch, batch):
+    """Every image against qemu-img, in batches (of the default size, or of 512 entries: many
+    batches, some falling back), then one table at a time."""
+    check_module = importlib.import_module("qcowfast.check")
+    if batch is not None:
+        monkeypatch.setattr(check_module, "L2_BATCH_ENTRIES", batch)
+    for name, path in _small_tables(tmp_path).items():
+        ours, qemu = both_json(path)
+        assert ours == qemu, name
+        human = cli("check", path.name, cwd=path.parent)
+        want = qemu_check(path.name, cwd=path.parent)
+        assert (human.returncode, human.stdout) == (want.returncode, want.stdout), name
+        with monkeypatch.context() as m:
+            m.setattr(check_module, "L2_BATCH_ENTRIES", 0)          # one table at a time
+            m.chdir(path.parent)
+            assert qcowfast.check(path.name).to_json() == qemu[1], name
+
+
+def test_small_tables_mutations_match_qemu(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("qcowfast.check"), "L2_BATCH_ENTRIES", 512)
+    base = _converted(tmp_path, "mb.qcow2", "cluster_size=512", size=1 * M)
+    rng = random.Random(512)
+    for n in range(24):
+        path = tmp_path / f"mb{n}.qcow2"
+        shutil.copy(base.path, path)
+        what = [_mutate(Qcow2File(path), rng) for _ in range(rng.choice((1, 2)))]
+        qemu = qemu_check(path, "--output=json")
+        try:
+            result = qcowfast.check(path)
+        except qcowfast.QcowError as exc:
+            assert qemu.returncode == 1 and not qemu.stdout.strip(), (what, str(exc))
+            continue
+        assert (result.exit_code, result.to_json()) == (qemu.returncode,
+                                                        json.loads(qemu.stdout)), what
