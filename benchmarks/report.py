@@ -256,6 +256,32 @@ def write_table(data: dict) -> str:
     return "\n".join(out)
 
 
+INSPECT_IMAGES = {"u64k": "u64k (1 GiB)", "zlib64k": "zlib64k (1 GiB)",
+                  "striped": "striped (10⁶ map entries)"}
+
+
+def inspect_table(data: dict) -> str:
+    """Inspection commands (test_bench_inspect.py): medians of both tools, per image."""
+    rows: dict = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if (bench.get("group") or "").startswith("inspect:") and "command" in info:
+            rows.setdefault((info["image"], info["command"]), {})[info["tool"]] = \
+                bench["stats"]["median"]
+    if not rows:
+        return ""
+    out = ["| image | command | qemu-img s | qcowfast s | ratio |", "|---|---|--:|--:|--:|"]
+    images = [i for i in INSPECT_IMAGES if any(k[0] == i for k in rows)]
+    for image in images + sorted({k[0] for k in rows} - set(images)):
+        for (i, command), t in rows.items():
+            if i != image or "qemu-img" not in t or "qcowfast" not in t:
+                continue
+            out.append(f"| {INSPECT_IMAGES.get(image, image)} | `{command}` | "
+                       f"{t['qemu-img']:.3f} | {t['qcowfast']:.3f} | "
+                       f"{t['qemu-img'] / t['qcowfast']:.2f}× |")
+    return "\n".join(out)
+
+
 def cpu_table(data: dict) -> str:
     """Return a table of median CPU seconds (user + system, all threads) per conversion."""
     rows, _ = collect(data)
@@ -307,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if fleet:
         print()
         print(fleet)
+    inspect = inspect_table(data)
+    if inspect:
+        print()
+        print(inspect)
     if args.cpu:
         print()
         print(cpu_table(data))
