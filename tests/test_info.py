@@ -429,3 +429,41 @@ def test_bitmap_directory_oddities_like_qemu(workdir, case):
         assert len(ours.stderr.splitlines()) == 1 and "Traceback" not in ours.stderr
     map_status = subprocess.run(["qemu-img", "map", img], capture_output=True).returncode
     assert cli("map", img).returncode == map_status
+
+
+def _broken_chains(d: Path) -> list[str]:
+    """Images whose chain cannot be opened: a missing base two layers down, a missing data
+    file of the image, of its backing file."""
+    qemu_img("create", "-q", "-f", "qcow2", d / "base.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "mid.qcow2",
+             cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2",
+             cwd=d)
+    (d / "base.qcow2").unlink()
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "df.qcow2", "1M", cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "df.qcow2", "-F", "qcow2", "over-df.qcow2",
+             cwd=d)
+    (d / "df.raw").unlink()
+    return ["top.qcow2", "df.qcow2", "over-df.qcow2"]
+
+
+@pytest.mark.parametrize("command", [["map", "{image}"], ["check", "{image}"],
+                                     ["measure", "-O", "qcow2", "{image}"],
+                                     ["compare", "{image}", "{image}"],
+                                     ["convert", "-O", "raw", "{image}", "{out}"],
+                                     ["info", "--backing-chain", "{image}"]])
+def test_unopenable_chain_worded_as_qemu(tmp_path, command):
+    """qemu-img's line for a file of the chain that cannot be opened: the image first, then
+    "Could not open backing file: " per layer, then the file (bdrv_open_backing_file())."""
+    for image in _broken_chains(tmp_path):
+        args = [a.format(image=image, out=tmp_path / "out.raw") for a in command]
+        want = subprocess.run(["qemu-img", *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+        ours = cli(*args, cwd=tmp_path)
+        assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout), image
+        if command[0] == "info" and "df" in image:
+            assert want.returncode == 0         # (info does not open data files)
+            continue
+        assert want.returncode in (1, 2)
+        assert ours.stderr.splitlines() == [
+            want.stderr.splitlines()[0].replace("qemu-img: ", "qcowfast: ", 1)], image

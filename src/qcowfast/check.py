@@ -937,17 +937,26 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
     backing or data file is missing, the chain loops, the backing format is unknown, or the
     image needs a data file and names none. Files are found under qcowfast's path policy.
     """
-    from .errors import BackingChainError, UnsupportedFeature
+    from .errors import BackingChainError, ImageOpenError, UnsupportedFeature, in_chain
     from .image import Image, RawImage, check_qcow2_backing
     from .paths import resolve_reference
     from .probe import detect_format
     if header.has_data_file:
         if not header.data_file:
             raise FormatError("'data-file' is required for this image")
-        resolve_reference(name, header.data_file, "external data file", backing_dirs).close()
+        try:
+            resolve_reference(name, header.data_file, "external data file",
+                              backing_dirs).close()
+        except ImageOpenError as exc:
+            in_chain(exc, name, backing=False)
+            raise
     if not header.backing_file:
         return
-    opened = resolve_reference(name, header.backing_file, "backing file", backing_dirs)
+    try:
+        opened = resolve_reference(name, header.backing_file, "backing file", backing_dirs)
+    except ImageOpenError as exc:
+        in_chain(exc, name, backing=True)
+        raise
     try:
         if opened.ident == ident:
             raise BackingChainError(f"backing chain loops: {name} -> {opened.path}")
@@ -956,8 +965,13 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
             layer = RawImage(opened, 1, force_share=force_share)
         elif fmt == "qcow2":
             check_qcow2_backing(opened, name)
-            layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share, _depth=1,
-                          _seen=(ident,), _top=name)
+            try:
+                layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share,
+                              _depth=1, _seen=(ident,), _top=name)
+            except ImageOpenError as exc:
+                if exc.qemu_chain is not None:      # a file below the backing file
+                    in_chain(exc, name, backing=True)
+                raise
         else:
             raise UnsupportedFeature(f"backing file format {fmt!r} of {name} is not supported "
                                      "(qcowfast reads qcow2 and raw backing files)")
@@ -1036,7 +1050,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             _open_chain(name, (st.st_dev, st.st_ino), header, directories(backing_dirs),
                         force_share)
         except QcowError as exc:
-            raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
+            raise _reworded(exc, f"Could not open '{name}': "
+                                 f"{getattr(exc, 'qemu_chain', None) or exc}") from exc
         result = CheckResult(filename=name)
         result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
         try:

@@ -241,6 +241,8 @@ def error_text(exc: BaseException) -> str:
     ("Could not open 'NAME': ..."), which scripts look for."""
     from .errors import ImageOpenError
     text = str(exc)
+    if isinstance(exc, ImageOpenError) and exc.qemu_chain and exc.qemu_top:
+        return f"Could not open '{exc.qemu_top}': {exc.qemu_chain}"
     if isinstance(exc, ImageOpenError) and exc.filename and not text.startswith("Could not"):
         return f"Could not open '{exc.filename}': {text}"
     return text

@@ -56,6 +56,12 @@ class ImageOpenError(QcowError, OSError):
     results sent between processes); str() is the message alone.
     """
 
+    #: For a file of a chain: QEMU's words for the failure below the image that was opened
+    #: ("Could not open backing file: Could not open 'base.qcow2': No such file or
+    #: directory"), and that image (`qemu_top`); see in_chain().
+    qemu_chain: str | None = None
+    qemu_top: str | None = None
+
     def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
                  filename: str | None = None):
         super().__init__(message)
@@ -65,7 +71,23 @@ class ImageOpenError(QcowError, OSError):
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self):
-        return type(self), (str(self), self.errno, self.strerror, self.filename)
+        return type(self), (str(self), self.errno, self.strerror, self.filename), \
+            {k: v for k, v in vars(self).items() if k in ("qemu_chain", "qemu_top")}
+
+
+def in_chain(exc: BaseException, owner: str, backing: bool) -> None:
+    """Record, on a failure to open a file `owner` needs (its backing file, or a file below
+    it, when `backing`; else its data file), the line QEMU prints: bdrv_open_backing_file()
+    prefixes "Could not open backing file: " at each layer, the innermost names the file."""
+    if not isinstance(exc, ImageOpenError):
+        return
+    if exc.qemu_chain is None:
+        if not exc.strerror or exc.filename is None:
+            return
+        exc.qemu_chain = f"Could not open '{exc.filename}': {exc.strerror}"
+    if backing:
+        exc.qemu_chain = "Could not open backing file: " + exc.qemu_chain
+    exc.qemu_top = owner
 
 
 class ImageNotFound(ImageOpenError, FileNotFoundError):

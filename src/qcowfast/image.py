@@ -25,8 +25,8 @@ from .constants import (
     CompressionType, ExtentKind,
 )
 from .errors import (
-    BackingChainError, CorruptImage, DecompressionError, FormatError, QcowError,
-    TruncatedImage, UnsupportedFeature,
+    BackingChainError, CorruptImage, DecompressionError, FormatError, ImageOpenError,
+    QcowError, TruncatedImage, UnsupportedFeature, in_chain,
 )
 from .header import Header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked, hold_read_locks
@@ -663,9 +663,18 @@ class Image(_Layer):
             if not h.data_file:
                 raise FormatError(f"{self.filename} needs an external data file but names none; "
                                   "pass data_file=PATH")
-            data_file = resolve_reference(self.filename, h.data_file, "external data file", allowed)
-        opened = _open_checked(data_file, "external data file", self.force_share,
-                               owner=self.filename)
+            try:
+                data_file = resolve_reference(self.filename, h.data_file, "external data file",
+                                              allowed)
+            except ImageOpenError as exc:
+                in_chain(exc, self.filename, backing=False)
+                raise
+        try:
+            opened = _open_checked(data_file, "external data file", self.force_share,
+                                   owner=self.filename)
+        except ImageOpenError as exc:
+            in_chain(exc, self.filename, backing=False)
+            raise
         self.data_file = opened.path
         self._data_fd = self.data_fd = opened.detach()
         self.data_size = opened.size
@@ -688,10 +697,15 @@ class Image(_Layer):
                                     f"(the backing file of {self.filename} would be layer "
                                     f"{self.depth + 1})")
         # The descriptor opened (and checked) here is the one the backing layer reads.
-        if backing is None:
-            opened = resolve_reference(self.filename, h.backing_file, "backing file", allowed)
-        else:
-            opened = open_file(backing, "backing file", owner=self.filename)
+        try:
+            if backing is None:
+                opened = resolve_reference(self.filename, h.backing_file, "backing file",
+                                           allowed)
+            else:
+                opened = open_file(backing, "backing file", owner=self.filename)
+        except ImageOpenError as exc:
+            in_chain(exc, self.filename, backing=True)
+            raise
         try:
             if opened.ident in seen:
                 raise BackingChainError(f"backing chain loops: {self.filename} -> {opened.path}")
@@ -702,9 +716,14 @@ class Image(_Layer):
                 self.backing = RawImage(opened, self.depth + 1, force_share=self.force_share)
             elif fmt == "qcow2":
                 check_qcow2_backing(opened, self.filename)
-                self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
-                                     max_depth=max_depth, force_share=self.force_share,
-                                     _depth=self.depth + 1, _seen=seen, _top=self._top)
+                try:
+                    self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
+                                         max_depth=max_depth, force_share=self.force_share,
+                                         _depth=self.depth + 1, _seen=seen, _top=self._top)
+                except ImageOpenError as exc:
+                    if exc.qemu_chain is not None:      # a file below the backing file
+                        in_chain(exc, self.filename, backing=True)
+                    raise
             else:
                 raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} is "
                                          "not supported (qcowfast reads qcow2 and raw backing "

@@ -19,7 +19,7 @@ from .bitmaps import check_bitmaps_at_open, read_bitmap_directory
 from .constants import (
     MAX_CHAIN_DEPTH, RAW_FORMATS, Compatible, CompressionType, CryptMethod,
 )
-from .errors import BackingChainError, FormatError, UnsupportedFeature
+from .errors import BackingChainError, FormatError, ImageOpenError, UnsupportedFeature, in_chain
 from .header import Header, read_header, require_refcount_table, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import (
@@ -265,8 +265,15 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
     while "backing-filename" in current:
         if len(chain) > max_depth:
             raise BackingChainError(f"backing chain of {name} is deeper than {max_depth}")
-        next_path = resolve_reference(current["filename"], current["backing-filename"],
-                                      "backing file", allowed)
+        try:
+            next_path = resolve_reference(current["filename"], current["backing-filename"],
+                                          "backing file", allowed)
+        except ImageOpenError as exc:
+            # img_info's loop opens each layer on its own: its error is bdrv_open()'s,
+            # "Could not open 'NAME': ...", under "Could not open 'NAME': " again.
+            if exc.strerror and exc.filename is not None:
+                in_chain(exc, exc.filename, backing=False)
+            raise
         try:
             current, ident = _layer_info(next_path, current.get("backing-filename-format"),
                                          force_share)
