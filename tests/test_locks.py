@@ -119,8 +119,7 @@ def test_top_image_held_for_writing(chain, hold, tmp_path):
         assert_same_bytes(img.read(0, img.virtual_size), _raw_u(top, tmp_path), "-U read")
     assert qcowfast.info(top, force_share=True)["format"] == "qcow2"
     assert qcowfast.compare(top, top, force_share=True).identical
-    proc = run_cli("info", top)
-    assert proc.returncode == 1 and "-U" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    _assert_cli_as_qemu(top, tmp_path)
     assert run_cli("info", "-U", top).returncode == 0
     # check too: a script gating on `qemu-img check` must not pass an image in use.
     with pytest.raises(ImageLocked) as exc:
@@ -129,10 +128,28 @@ def test_top_image_held_for_writing(chain, hold, tmp_path):
     assert qcowfast.check(top, force_share=True).exit_code == 0
     for argv in ([], ["-q"], ["--output=json"]):
         ours = run_cli("check", *argv, top)
-        theirs = subprocess.run(["qemu-img", "check", *argv, top], capture_output=True)
+        theirs = subprocess.run(["qemu-img", "check", *argv, top], capture_output=True,
+                                text=True)
         assert ours.returncode == 1 == theirs.returncode and ours.stdout == "", ours
-        assert "-U" in ours.stderr and len(ours.stderr.splitlines()) == 1, ours.stderr
+        assert ours.stderr == theirs.stderr.replace("qemu-img: ", "qcowfast: ", 1)
     assert run_cli("check", "-U", top).returncode == 0
+
+
+def _assert_cli_as_qemu(image, tmp_path) -> None:
+    """Every reading command refuses `image` as qemu-img does: its exit status and two lines
+    ("Could not open 'IMAGE': ...Failed to get shared "write" lock", "Is another process
+    using the image [FILE]?")."""
+    for args in (["info"], ["map"], ["check"], ["measure", "-O", "qcow2"], ["snapshot", "-l"],
+                 ["compare", image], ["convert", "-O", "raw"]):
+        tail = [tmp_path / "cli-out.raw"] if args[0] == "convert" else []
+        want = subprocess.run(["qemu-img", *map(str, args), str(image), *map(str, tail)],
+                              capture_output=True, text=True)
+        ours = run_cli(*args, image, *tail)
+        assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout), args
+        if want.returncode:                 # (info reads no backing file)
+            assert 'Failed to get shared "write" lock' in want.stderr
+            assert ours.stderr == want.stderr.replace("qemu-img: ", "qcowfast: ", 1), args
+    assert not (tmp_path / "cli-out.raw").exists()
 
 
 def test_backing_file_held_for_writing(chain, hold, tmp_path):
@@ -140,6 +157,7 @@ def test_backing_file_held_for_writing(chain, hold, tmp_path):
     top, base = chain
     hold(base)
     qemu_refuses(top)
+    _assert_cli_as_qemu(top, tmp_path)
     with pytest.raises(ImageLocked) as exc:
         qcowfast.open(top)
     _assert_locked_error(exc.value, base)

@@ -947,14 +947,14 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
         try:
             resolve_reference(name, header.data_file, "external data file",
                               backing_dirs).close()
-        except ImageOpenError as exc:
+        except QcowError as exc:
             in_chain(exc, name, backing=False)
             raise
     if not header.backing_file:
         return
     try:
         opened = resolve_reference(name, header.backing_file, "backing file", backing_dirs)
-    except ImageOpenError as exc:
+    except QcowError as exc:
         in_chain(exc, name, backing=True)
         raise
     try:
@@ -968,7 +968,7 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
             try:
                 layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share,
                               _depth=1, _seen=(ident,), _top=name)
-            except ImageOpenError as exc:
+            except QcowError as exc:
                 if exc.qemu_chain is not None:      # a file below the backing file
                     in_chain(exc, name, backing=True)
                 raise
@@ -1050,8 +1050,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             _open_chain(name, (st.st_dev, st.st_ino), header, directories(backing_dirs),
                         force_share)
         except QcowError as exc:
-            raise _reworded(exc, f"Could not open '{name}': "
-                                 f"{getattr(exc, 'qemu_chain', None) or exc}") from exc
+            raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
         result = CheckResult(filename=name)
         result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
         try:
@@ -1074,6 +1073,7 @@ def _reworded(exc: QcowError, message: str) -> QcowError:
         return QcowError(message)
     if isinstance(exc, OSError):
         new.errno, new.strerror, new.filename = exc.errno, exc.strerror, exc.filename
+    new.qemu_chain, new.qemu_top, new.qemu_hint = exc.qemu_chain, exc.qemu_top, exc.qemu_hint
     return new
 
 

@@ -241,11 +241,13 @@ def error_text(exc: BaseException) -> str:
     ("Could not open 'NAME': ..."), which scripts look for."""
     from .errors import ImageOpenError
     text = str(exc)
-    if isinstance(exc, ImageOpenError) and exc.qemu_chain and exc.qemu_top:
-        return f"Could not open '{exc.qemu_top}': {exc.qemu_chain}"
-    if isinstance(exc, ImageOpenError) and exc.filename and not text.startswith("Could not"):
-        return f"Could not open '{exc.filename}': {text}"
-    return text
+    chain, top = getattr(exc, "qemu_chain", None), getattr(exc, "qemu_top", None)
+    hint = getattr(exc, "qemu_hint", None)
+    if chain and top:
+        text = f"Could not open '{top}': {chain}"
+    elif isinstance(exc, ImageOpenError) and exc.filename and not text.startswith("Could not"):
+        text = f"Could not open '{exc.filename}': {text}"
+    return text + (f"\n{hint}" if hint else "")
 
 
 def _write_quietly(stream, text: str) -> bool:
@@ -648,7 +650,7 @@ def cmd_check(args) -> int:
         # As qemu-img: "Could not open 'IMG': ..." when the image or its chain cannot be
         # opened, "Check failed: ..." when the check itself cannot complete.
         text = str(exc)
-        print(f"qcowfast: {text}" if text.startswith("Could not open ") else
+        print(f"qcowfast: {error_text(exc)}" if text.startswith("Could not open ") else
               f"qcowfast: check failed: {text}", file=sys.stderr)
         return 1
     # The exit status is the verdict: a reader that went away (`| head`, `| true`) must not

@@ -4,6 +4,14 @@
 class QcowError(Exception):
     """Root of all qcowfast exceptions."""
 
+    #: For a file that cannot be opened (or one of its chain): QEMU's words for the failure
+    #: below the image that was opened ("Could not open backing file: Could not open
+    #: 'base.qcow2': No such file or directory"), that image (`qemu_top`), and the line QEMU
+    #: adds after it, if any (`qemu_hint`); see in_chain() and the command line's error_text.
+    qemu_chain: str | None = None
+    qemu_top: str | None = None
+    qemu_hint: str | None = None
+
 
 class FormatError(QcowError, ValueError):
     """The file is not a QCOW2 image qcowfast can parse (bad magic, header fields out of range)."""
@@ -56,12 +64,6 @@ class ImageOpenError(QcowError, OSError):
     results sent between processes); str() is the message alone.
     """
 
-    #: For a file of a chain: QEMU's words for the failure below the image that was opened
-    #: ("Could not open backing file: Could not open 'base.qcow2': No such file or
-    #: directory"), and that image (`qemu_top`); see in_chain().
-    qemu_chain: str | None = None
-    qemu_top: str | None = None
-
     def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
                  filename: str | None = None):
         super().__init__(message)
@@ -72,17 +74,17 @@ class ImageOpenError(QcowError, OSError):
 
     def __reduce__(self):
         return type(self), (str(self), self.errno, self.strerror, self.filename), \
-            {k: v for k, v in vars(self).items() if k in ("qemu_chain", "qemu_top")}
+            {k: v for k, v in vars(self).items() if k.startswith("qemu_")}
 
 
 def in_chain(exc: BaseException, owner: str, backing: bool) -> None:
     """Record, on a failure to open a file `owner` needs (its backing file, or a file below
     it, when `backing`; else its data file), the line QEMU prints: bdrv_open_backing_file()
     prefixes "Could not open backing file: " at each layer, the innermost names the file."""
-    if not isinstance(exc, ImageOpenError):
+    if not isinstance(exc, QcowError):
         return
     if exc.qemu_chain is None:
-        if not exc.strerror or exc.filename is None:
+        if not isinstance(exc, ImageOpenError) or not exc.strerror or exc.filename is None:
             return
         exc.qemu_chain = f"Could not open '{exc.filename}': {exc.strerror}"
     if backing:

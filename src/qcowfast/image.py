@@ -25,8 +25,8 @@ from .constants import (
     CompressionType, ExtentKind,
 )
 from .errors import (
-    BackingChainError, CorruptImage, DecompressionError, FormatError, ImageOpenError,
-    QcowError, TruncatedImage, UnsupportedFeature, in_chain,
+    BackingChainError, CorruptImage, DecompressionError, FormatError, ImageLocked,
+    ImageOpenError, QcowError, TruncatedImage, UnsupportedFeature, in_chain,
 )
 from .header import Header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked, hold_read_locks
@@ -666,13 +666,13 @@ class Image(_Layer):
             try:
                 data_file = resolve_reference(self.filename, h.data_file, "external data file",
                                               allowed)
-            except ImageOpenError as exc:
+            except QcowError as exc:
                 in_chain(exc, self.filename, backing=False)
                 raise
         try:
             opened = _open_checked(data_file, "external data file", self.force_share,
                                    owner=self.filename)
-        except ImageOpenError as exc:
+        except QcowError as exc:
             in_chain(exc, self.filename, backing=False)
             raise
         self.data_file = opened.path
@@ -703,7 +703,7 @@ class Image(_Layer):
                                            allowed)
             else:
                 opened = open_file(backing, "backing file", owner=self.filename)
-        except ImageOpenError as exc:
+        except QcowError as exc:
             in_chain(exc, self.filename, backing=True)
             raise
         try:
@@ -713,14 +713,20 @@ class Image(_Layer):
             if fmt is None:
                 fmt = detect_format(opened.fd, opened.path)
             if fmt in RAW_FORMATS:
-                self.backing = RawImage(opened, self.depth + 1, force_share=self.force_share)
+                try:
+                    self.backing = RawImage(opened, self.depth + 1,
+                                            force_share=self.force_share)
+                except ImageLocked as exc:
+                    # QEMU takes a raw backing file's locks once the chain is open.
+                    in_chain(exc, self.filename, backing=False)
+                    raise
             elif fmt == "qcow2":
                 check_qcow2_backing(opened, self.filename)
                 try:
                     self.backing = Image(opened, backing_dirs=allowed, cache_size=cache_size,
                                          max_depth=max_depth, force_share=self.force_share,
                                          _depth=self.depth + 1, _seen=seen, _top=self._top)
-                except ImageOpenError as exc:
+                except QcowError as exc:
                     if exc.qemu_chain is not None:      # a file below the backing file
                         in_chain(exc, self.filename, backing=True)
                     raise

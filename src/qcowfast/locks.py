@@ -104,9 +104,8 @@ def _take(fd: int, byte_list) -> bool:
 def check_not_locked(fd: int, name: str) -> None:
     """Raise ImageLocked (naming `name` and -U / force_share=True) when `fd` is write-locked."""
     if write_locked(fd):
-        raise ImageLocked(f'{name}: failed to get shared "write" lock: another process (a '
-                          f"running QEMU?) has the image open for writing and a copy could be "
-                          f"torn; pass -U (force_share=True) to read it anyway")
+        raise _locked(name, "another process (a running QEMU?) has the image open for writing "
+                            "and a copy could be torn")
 
 
 def hold_read_locks(fd: int, name: str) -> None:
@@ -115,5 +114,13 @@ def hold_read_locks(fd: int, name: str) -> None:
     byte conflicts); does nothing where the file system offers no OFD locks."""
     if not _take(fd, (RAW_LOCK_PERM_BASE + BLK_PERM_CONSISTENT_READ_BIT,
                       RAW_LOCK_SHARED_BASE + BLK_PERM_WRITE_BIT)):
-        raise ImageLocked(f'{name}: failed to get shared "write" lock: another process holds '
-                          "the image for writing; pass -U (force_share=True) to read it anyway")
+        raise _locked(name, "another process holds the image for writing")
+
+
+def _locked(name: str, why: str) -> ImageLocked:
+    """ImageLocked for `name`, with the lines qemu-img prints (raw_check_lock_bytes())."""
+    exc = ImageLocked(f'{name}: failed to get shared "write" lock: {why}; pass -U '
+                      "(force_share=True) to read it anyway")
+    exc.qemu_chain, exc.qemu_top = 'Failed to get shared "write" lock', name
+    exc.qemu_hint = f"Is another process using the image [{name}]?"
+    return exc
