@@ -947,8 +947,9 @@ def test_refuses_binary_to_a_terminal(images, tmp_path):
 
 @pytest.mark.parametrize("argv", [["convert", "IMG", "-"], ["map", "--output=json", "IMG"]])
 def test_closed_pipe_ends_quietly(tmp_path, argv):
-    """`qcowfast ... | head -c 100`: no traceback, no "Exception ignored", exit 0 as qemu-img
-    (which ignores SIGPIPE and the failed writes) exits for `qemu-img map | head -c 1`."""
+    """`qcowfast ... | head -c 100`: no traceback, no "Exception ignored"; map exits 0 as
+    qemu-img (which ignores SIGPIPE and the failed writes) exits for `qemu-img map | head -c
+    1`. An image streamed by convert was not delivered whole: one line, exit 1."""
     raw = tmp_path / "striped.raw"                 # 4 KiB of data every 8 KiB: 2048 extents
     with open(raw, "wb") as f:
         for i in range(2048):
@@ -967,9 +968,40 @@ def test_closed_pipe_ends_quietly(tmp_path, argv):
     head = proc.stdout.read(100)
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0, err
     assert len(head) == 100
+    if argv[0] == "convert":
+        assert proc.wait(timeout=120) == 1, err
+        assert err.startswith("qcowfast: -: the reader closed it after ") and \
+            err.endswith(" bytes; the image was not delivered whole\n") and \
+            len(err.splitlines()) == 1, err
+        return
+    assert proc.wait(timeout=120) == 0, err
     assert err == "", err
+
+
+def test_fifo_reader_leaving_early_fails_the_conversion(tmp_path, images):
+    """A named pipe whose reader leaves part-way: convert fails (one line, exit 1), as the
+    image did not arrive whole; a reader taking it all gets qemu-img's bytes and status 0."""
+    image = images.get("c64k-v3")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for limit in (100, None):
+        got = []
+
+        def read_it():
+            with open(fifo, "rb") as f:
+                got.append(f.read(limit) if limit else f.read())
+        t = threading.Thread(target=read_it)
+        t.start()
+        proc = subprocess.run([sys.executable, "-m", "qcowfast", "convert", "-q", image.path,
+                               fifo], capture_output=True, text=True, timeout=120)
+        t.join(60)
+        if limit:
+            assert proc.returncode == 1 and "not delivered whole" in proc.stderr, proc
+            assert len(proc.stderr.splitlines()) == 1
+        else:
+            assert (proc.returncode, proc.stderr) == (0, ""), proc
+            assert got[0] == reference_raw(image.path)
 
 
 # ---------------------------------------------------------------------------------------------

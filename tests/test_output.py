@@ -28,7 +28,7 @@ import pytest
 
 import qcowfast
 from qcowfast import OutputError, convert
-from common import assert_same_bytes, qemu_img, reference_raw
+from common import assert_same_bytes, qemu_img, reference_raw, run_cli
 
 K = 1024
 M = 1024 * K
@@ -612,3 +612,28 @@ def test_a_killed_conversions_temporary_file_is_removed_by_the_next(src, tmp_pat
     convert(src, dst, format="qcow2")
     assert _leftovers(tmp_path) == []
     qemu_img("compare", "-q", src, dst)
+
+
+@pytest.mark.parametrize("name", ["n" * 229, "n" * 240, "n" * 255, "é" * 127, "x" + "é" * 127])
+def test_names_up_to_name_max_convert(src, tmp_path, name):
+    """Output names qemu-img takes (up to 255 bytes) convert, raw and qcow2: the temporary
+    file beside them keeps within NAME_MAX (the name's start and a digest of it); a killed
+    run's temporary file of such a name is found and removed by the next conversion."""
+    from qcowfast.output import TMP_SUFFIX as suffix, temp_prefix
+    dst = tmp_path / name
+    want = subprocess.run(["qemu-img", "convert", "-O", "raw", src, tmp_path / "want.raw"],
+                          capture_output=True)
+    assert want.returncode == 0
+    for fmt in ("raw", "qcow2"):
+        proc = run_cli("convert", "-O", fmt, src, dst)
+        assert proc.returncode == 0, proc.stderr
+        same = subprocess.run(["qemu-img", "compare", "-F", "raw", dst, tmp_path / "want.raw"],
+                              capture_output=True)
+        assert same.returncode == 0, same
+    prefix = temp_prefix(name)
+    assert len(os.fsencode(prefix)) <= 255 - 26 and prefix != temp_prefix(name + "x")
+    stale = tmp_path / f"{prefix}l{'0' * 12}{suffix}"              # a killed run's leftover
+    stale.write_bytes(b"partial")
+    assert run_cli("convert", "-O", "raw", src, dst).returncode == 0
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name, "want.raw"])

@@ -1125,6 +1125,8 @@ def _execute_file(image, fd, unit, threads, sparse_size, progress) -> int:
 def _convert_stream(image, out, name, unit, threads, progress) -> int:
     check_stream(out, image, name)
     vsize = image.virtual_size
+    delivered = [0]
+    closed = False
 
     def write(data):
         view = memoryview(data)
@@ -1133,6 +1135,7 @@ def _convert_stream(image, out, name, unit, threads, progress) -> int:
             if n is None:
                 raise OutputError(f"{name}: output stream would block")
             view = view[n:]
+            delivered[0] += n
 
     def zeros(start, end):
         while start < end:
@@ -1148,7 +1151,14 @@ def _convert_stream(image, out, name, unit, threads, progress) -> int:
         if hasattr(out, "flush"):
             out.flush()
     except OSError as exc:
-        if isinstance(exc, QcowError) or exc.errno not in WRITE_ERRNOS:
+        if isinstance(exc, QcowError) or exc.errno not in WRITE_ERRNOS | {errno.EPIPE}:
             raise
-        raise OutputError(f"cannot write {name}: {exc.strerror}") from None
+        if exc.errno != errno.EPIPE:
+            raise OutputError(f"cannot write {name}: {exc.strerror}") from None
+        closed = True
+    if closed:
+        # (Raised outside the handler: the EPIPE must not be its context, which the command
+        # line would take for a text reader gone away, `| head`, and end with status 0.)
+        raise OutputError(f"{name}: the reader closed it after {delivered[0]} of {vsize} "
+                          "bytes; the image was not delivered whole")
     return vsize

@@ -147,7 +147,8 @@ def sweep_stale_temps_of(dsts: Iterable[str], listings: dict | None = None) -> l
         if not dst or dst.endswith(os.sep):
             continue                    # names no file (the job fails): nothing of it to sweep
         for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
-            owners.setdefault(os.path.dirname(name), set()).add(f".{os.path.basename(name)}.")
+            owners.setdefault(os.path.dirname(name), set()).add(
+                temp_prefix(os.path.basename(name)))
     candidates = {}
     for directory, prefixes in owners.items():
         names = listings.get(directory) if listings is not None else None
@@ -179,6 +180,27 @@ def sweep_stale_temps_of(dsts: Iterable[str], listings: dict | None = None) -> l
         finally:
             os.close(fd)
     return removed
+
+
+NAME_MAX = 255                  # bytes in a file name (Linux file systems)
+
+
+def temp_prefix(basename: str) -> str:
+    """The start of the temporary names of an output named `basename`: ".NAME.", or for a
+    name too long to leave room for the rest of a temporary name within NAME_MAX bytes, as
+    much of its start as fits, "~" and a digest of the whole name."""
+    prefix = f".{basename}."
+    room = NAME_MAX - len(LOCKED_AT_BIRTH) - 2 * TEMP_RANDOM_BYTES - len(TMP_SUFFIX)
+    if len(os.fsencode(prefix)) <= room:
+        return prefix
+    import hashlib
+    digest = hashlib.sha256(os.fsencode(basename)).hexdigest()[:16]
+    head = os.fsencode(basename)[:room - len(digest) - 3]
+    while head and head[-1] & 0xC0 == 0x80:        # not in the middle of a UTF-8 character
+        head = head[:-1]
+    if head and head[-1] >= 0xC0:
+        head = head[:-1]
+    return f".{os.fsdecode(head)}~{digest}."
 
 
 def temp_names(directory: str) -> dict[str, list[tuple[str, bool]]]:
@@ -495,7 +517,7 @@ class FileOutput:
         # The flock is held until the file is published or removed: a temporary file nobody
         # holds was left by a killed run (fleet.sweep_stale_temps removes those).
         try:
-            self.fd, self.tmp = _locked_temp(directory, f".{os.path.basename(self.path)}.",
+            self.fd, self.tmp = _locked_temp(directory, temp_prefix(os.path.basename(self.path)),
                                              TMP_SUFFIX)
         except OSError as exc:
             raise OutputError(f"cannot create a temporary file beside {self.name} in "
