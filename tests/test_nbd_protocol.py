@@ -1490,3 +1490,85 @@ def test_threads_that_cannot_start(proto_image, tmp_path, want, monkeypatch, fai
         monkeypatch.setattr(threading.Thread, "start", real_start)
         srv.stop()
     assert not sock_path.exists()
+
+
+# NUL bytes and over-long strings in names and metadata-context queries (proto.md: strings
+# MUST NOT contain NUL and MUST be no longer than 4096 bytes).
+_LONG = b"x:" + b"a" * 4998
+_STRING_CASES = {
+    "query NUL": (nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", [b"base:allocation\0"])),
+    "query inner NUL": (nbd.NBD_OPT_SET_META_CONTEXT, meta_data(b"", [b"base:\0x"])),
+    "second query NUL": (nbd.NBD_OPT_SET_META_CONTEXT,
+                         meta_data(b"", [b"base:allocation", b"a:\0"])),
+    "long query": (nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", [_LONG])),
+    "long query set": (nbd.NBD_OPT_SET_META_CONTEXT, meta_data(b"", [_LONG])),
+    "long query and base": (nbd.NBD_OPT_SET_META_CONTEXT,
+                            meta_data(b"", [_LONG, b"base:allocation"])),
+    "long NUL query": (nbd.NBD_OPT_LIST_META_CONTEXT,
+                       meta_data(b"", [b"base:allocation" + bytes(5000)])),
+    "long query no colon": (nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", [b"a" * 4097])),
+    "query of 4096": (nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"", [b"x:" + b"a" * 4094])),
+    "meta name NUL": (nbd.NBD_OPT_LIST_META_CONTEXT, meta_data(b"\0", [b"base:allocation"])),
+    "set name NUL": (nbd.NBD_OPT_SET_META_CONTEXT, meta_data(b"a\0", [b"base:\0"])),
+    "info name NUL": (nbd.NBD_OPT_INFO, info_data(b"\0", [nbd.NBD_INFO_BLOCK_SIZE])),
+    "go name NUL": (nbd.NBD_OPT_GO, info_data(b"\0")),
+}
+
+
+def _string_replies(address) -> dict:
+    got = {}
+    for case, (opt, data) in _STRING_CASES.items():
+        c = Client(address).greet()
+        try:
+            assert c.option(nbd.NBD_OPT_STRUCTURED_REPLY)[-1][0] == nbd.NBD_REP_ACK
+            got[case] = _option_reply(c, opt, data)
+        finally:
+            c.close()
+    return got
+
+
+def test_nul_and_long_strings_answer_as_qemu_nbd(reference, server):
+    """A name or query holding a NUL byte is ERR_INVALID; a query over 4096 bytes is skipped
+    (selects nothing, the others still count), as qemu-nbd answers."""
+    assert _string_replies(server.address) == _string_replies(reference)
+
+
+def _nonfixed_session(address) -> dict:
+    """{option: closed?} for a client that did not set NBD_FLAG_C_FIXED_NEWSTYLE, one option
+    each on a fresh connection; EXPORT_NAME: the export size it gets."""
+    got = {}
+    for opt in (nbd.NBD_OPT_ABORT, nbd.NBD_OPT_LIST, nbd.NBD_OPT_STARTTLS, nbd.NBD_OPT_INFO,
+                nbd.NBD_OPT_GO, nbd.NBD_OPT_STRUCTURED_REPLY, nbd.NBD_OPT_LIST_META_CONTEXT,
+                nbd.NBD_OPT_SET_META_CONTEXT, 99):
+        c = Client(address).greet(client_flags=nbd.NBD_FLAG_C_NO_ZEROES)
+        try:
+            c.send_option(opt, _OPTION_DATA.get(opt, b""))
+            got[opt] = c.closed()
+        finally:
+            c.close()
+    c = Client(address).greet(client_flags=nbd.NBD_FLAG_C_NO_ZEROES)
+    try:
+        c.send_option(nbd.NBD_OPT_EXPORT_NAME)
+        got[nbd.NBD_OPT_EXPORT_NAME] = struct.unpack(">QH", c.recv(10))[0]
+    finally:
+        c.close()
+    return got
+
+
+def test_nonfixed_newstyle_client_gets_only_export_name(reference, server):
+    """proto.md: NBD_OPT_EXPORT_NAME "is the only valid option in nonfixed newstyle
+    negotiation"; qemu-nbd drops a client that did not set NBD_FLAG_C_FIXED_NEWSTYLE on any
+    other option, without a reply."""
+    got = _nonfixed_session(server.address)
+    assert got == _nonfixed_session(reference)
+    assert got.pop(nbd.NBD_OPT_EXPORT_NAME) == SIZE and all(got.values())
+
+
+def test_abort_with_data_acks_then_closes(client):
+    """proto.md: a server SHOULD ignore data sent with NBD_OPT_ABORT and MUST reply ACK.
+    (qemu-nbd 7.2 sends its ACK without reading the data, so its close may reset the
+    connection before the client reads the ACK.)"""
+    c = client()
+    ((rtype, _),) = c.option(nbd.NBD_OPT_ABORT, b"junk")
+    assert rtype == nbd.NBD_REP_ACK
+    assert c.closed()

@@ -587,7 +587,7 @@ def test_cli_fork_pid_file_description_and_ignored_options(images, tmp_path):
     sock, pid_file = tmp_path / "f.sock", tmp_path / "pid"
     run(sys.executable, "-m", "qcowfast", "serve", "-r", "-t", "--fork", "--pid-file",
         pid_file, "-k", sock, "-D", "my disk", "-e", "0x2", "--cache=none", "--aio=threads",
-        "-n", "--detect-zeroes=on", "--discard=unmap", "-s", "--object", "secret,id=a,data=b",
+        "--detect-zeroes=on", "--discard=unmap", "-s", "--object", "secret,id=a,data=b",
         image.path)
     pid = int(pid_file.read_text())
     try:
@@ -659,3 +659,134 @@ def test_raw_holes_are_holes_as_in_qemu_nbd(tmp_path, served, case):
         reference.stop()
     assert nbd_map(served(path).uri) == want
     assert {kind for _, _, kind in want} == {0, 3}
+
+
+# -- qemu-nbd's command line, compared -------------------------------------------------------
+
+def _qemu_nbd_fails(*args) -> str:
+    """qemu-nbd -r ARGS, expected to fail at once: its one line of stderr, "qemu-nbd: " made
+    "qcowfast: " (qcowfast serve prints the same messages under its own name)."""
+    proc = subprocess.run(["qemu-nbd", "-r", *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("qemu-nbd: "), proc.stderr
+    return "qcowfast: " + proc.stderr.rstrip("\n")[len("qemu-nbd: "):]
+
+
+@pytest.mark.parametrize("shared", ["1", "8"])
+def test_cli_bursts_of_clients_wait_in_the_backlog(images, cli_server, tmp_path, shared):
+    """60 clients connecting at once are all served, -e connections at a time: the others wait
+    in the listen backlog (a Unix socket refuses a connect beyond it at once), as with
+    qemu-nbd."""
+    image = images.get("c64k-v3")
+    size = qemu_info(image.path)["virtual-size"]
+    server = cli_server(image.path, "-t", "-e", shared, "-k", tmp_path / "burst.sock")
+    clients = [subprocess.Popen(["nbdinfo", "--size", server.uri], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(60)]
+    results = []
+    try:
+        for c in clients:
+            out, err = c.communicate(timeout=TIMEOUT)
+            results.append((c.returncode, out.strip(), err.strip()))
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.communicate()
+    failed = [r for r in results if r[:2] != (0, str(size))]
+    assert not failed, (len(failed), failed[:3])
+
+
+def test_cli_refuses_a_description_or_name_over_4096_bytes_as_qemu_nbd(images, cli_server,
+                                                                      tmp_path):
+    image = images.get("c64k-v3").path
+    long_desc = "é" * 2049                          # 4098 bytes: cut at 4096, it split a char
+    for option, value in (("-D", long_desc), ("-D", "d" * 4097), ("-x", "n" * 4097)):
+        want = _qemu_nbd_fails(option, value, "-k", tmp_path / "q.sock", image)
+        assert _serve_fails(option, value, "-k", tmp_path / "f.sock", image) == want
+        assert not (tmp_path / "f.sock").exists()
+    desc = "é" * 2048                               # 4096 bytes: sent whole
+    server = cli_server(image, "-D", desc, "-k", tmp_path / "d.sock")
+    info = json.loads(run("nbdinfo", "--json", server.uri).stdout)["exports"][0]
+    assert info["description"] == desc
+
+
+_BAD_CACHE_OPTIONS = [["--cache=bogus"], ["--cache", "NONE"], ["--cache="], ["--aio=bogus"],
+                      ["--aio=Native"], ["--aio="], ["--discard=bogus"], ["--discard=ON"],
+                      ["--detect-zeroes=bogus"], ["--detect-zeroes="], ["--aio=native"],
+                      ["--aio=native", "--cache=writeback"], ["--detect-zeroes=unmap"],
+                      ["--detect-zeroes=unmap", "--discard=unmap"],
+                      ["--cache=none", "-n"],
+                      ["-n", "-n"], ["--aio=threads", "--aio=threads"],
+                      ["--discard=on", "--discard=off"], ["--cache=bogus", "--aio=bogus"]]
+
+
+@pytest.mark.parametrize("options", _BAD_CACHE_OPTIONS, ids=" ".join)
+def test_cli_checks_cache_options_as_qemu_nbd(images, tmp_path, options):
+    """--cache, -n, --aio, --discard and --detect-zeroes have no effect on the export, but
+    their values are checked as qemu-nbd checks them: the same message, status 1."""
+    image = images.get("c64k-v3").path
+    want = _qemu_nbd_fails(*options, "-k", tmp_path / "q.sock", image)
+    assert _serve_fails(*options, "-k", tmp_path / "f.sock", image) == want
+    assert not (tmp_path / "f.sock").exists()
+
+
+@pytest.mark.parametrize("options", [["--cache=none", "--aio=native"], ["--cache=off", "--aio=native"],
+                                     ["--aio=native", "--cache=directsync"], ["-n", "--aio=native"],
+                                     ["--discard=unmap", "--detect-zeroes=unmap"],
+                                     ["--discard=on", "--detect-zeroes=unmap"],
+                                     ["--aio=io_uring", "--cache=unsafe", "--discard=ignore"],
+                                     ["--detect-zeroes=on", "--detect-zeroes=off"]],
+                         ids=" ".join)
+def test_cli_accepts_the_cache_options_qemu_nbd_accepts(images, cli_server, tmp_path, options):
+    server = cli_server(images.get("c64k-v3").path, *options, "-k", tmp_path / "ok.sock")
+    run("nbdinfo", "--size", server.uri)
+    assert server.wait() == 0
+
+
+def test_cli_empty_pid_file_fails_as_in_qemu_nbd(images, tmp_path):
+    image = images.get("c64k-v3").path
+    for fork in ([], ["--fork"]):
+        want = _qemu_nbd_fails(*fork, "--pid-file=", "-k", tmp_path / "q.sock", image)
+        assert want == "qcowfast: Could not create '': No such file or directory"
+        sock = tmp_path / "f.sock"
+        assert _serve_fails(*fork, "--pid-file=", "-k", sock, image) == want
+        assert not sock.exists()
+    want = _qemu_nbd_fails("--pid-file", tmp_path / "no" / "pid", "-k", tmp_path / "q.sock",
+                           image)
+    assert _serve_fails("--pid-file", tmp_path / "no" / "pid", "-k", tmp_path / "f.sock",
+                        image) == want
+
+
+def test_cli_fork_leaves_the_working_directory_with_relative_paths(images, tmp_path):
+    """--fork: the daemon moves to / (as qemu-nbd's), keeping no directory busy, once the
+    image, its backing file, the socket and the pid file, all named relative to the starting
+    directory, are resolved: it serves, and removes the socket and pid file when it stops."""
+    base = images.get("c64k-v3-zlib").path
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "base.qcow2").write_bytes(Path(base).read_bytes())
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
+             cwd=work)
+    qemu_io(work / "top.qcow2", "write -P 0x6b 64k 64k")
+    want = reference_raw(work / "top.qcow2")
+    proc = subprocess.run([sys.executable, "-m", "qcowfast", "serve", "-t", "--fork",
+                           "--pid-file", "pid", "-k", "s.sock", "top.qcow2"], cwd=work,
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    pid = int((work / "pid").read_text())
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        out = tmp_path / "out.raw"
+        for _ in range(2):                            # connections after the move serve too
+            run("nbdcopy", unix_uri(work / "s.sock"), out)
+            assert_same_bytes(out.read_bytes(), want, "served after --fork")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while ((work / "pid").exists() or (work / "s.sock").exists()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not (work / "pid").exists() and not (work / "s.sock").exists()

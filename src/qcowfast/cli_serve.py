@@ -5,6 +5,7 @@ Cheap imports only at module level: the server is imported when the command runs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -32,10 +33,74 @@ class _Refused(argparse.Action):
         namespace.refused = [*getattr(namespace, "refused", []), option_string]
 
 
+def _fail(message: str):
+    """Print a qemu-nbd error message under qcowfast's name and exit 1, as qemu-nbd does (its
+    options are checked in the order they come, the first error ends the command)."""
+    print(f"qcowfast: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+_CACHE_MODES = {"none": True, "off": True, "directsync": True, "writeback": False,
+                "unsafe": False, "writethrough": False}     # mode -> O_DIRECT (BDRV_O_NOCACHE)
+_AIO_MODES = ("threads", "native", "io_uring")
+_DISCARD_MODES = {"off": False, "ignore": False, "on": True, "unmap": True}   # -> BDRV_O_UNMAP
+_DETECT_ZEROES = ("off", "on", "unmap")
+
+
+class _CacheOption(argparse.Action):
+    """qemu-nbd's --cache, -n, --aio, --discard and --detect-zeroes: without effect on a
+    read-only export served through the page cache, but their values are checked as qemu-nbd
+    checks them, with its messages (qemu-nbd.c; bdrv_parse_cache_mode, bdrv_parse_aio,
+    bdrv_parse_discard_flags are exact, case-sensitive matches)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.cache_seen = getattr(namespace, "cache_seen", set())
+        if self.dest in ("nocache", "cache"):
+            mode = "none" if self.dest == "nocache" else values
+            if "cache" in seen:
+                _fail("-n and --cache can only be specified once")
+            seen.add("cache")
+            if mode not in _CACHE_MODES:
+                _fail(f"Invalid cache mode `{mode}'")
+            namespace.direct_io = _CACHE_MODES[mode]
+        elif self.dest == "aio":
+            if "aio" in seen:
+                _fail("--aio can only be specified once")
+            seen.add("aio")
+            if values not in _AIO_MODES:
+                _fail(f"Invalid aio mode '{values}'")
+            namespace.native_aio = values == "native"
+        elif self.dest == "discard":
+            if "discard" in seen:
+                _fail("--discard can only be specified once")
+            seen.add("discard")
+            if values not in _DISCARD_MODES:
+                _fail(f"Invalid discard mode `{values}'")
+            namespace.unmap = _DISCARD_MODES[values]
+        else:                                           # --detect-zeroes (may repeat)
+            if values not in _DETECT_ZEROES:
+                _fail(f"Failed to parse detect_zeroes mode: invalid parameter value: {values}")
+            if values == "unmap" and not getattr(namespace, "unmap", False):
+                _fail("setting detect-zeroes to unmap is not allowed without setting discard "
+                      "operation to unmap")
+
+
+class _LongString(argparse.Action):
+    """-x and -D: refused over 4096 bytes (NBD's longest string), as qemu-nbd refuses them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(os.fsencode(values)) > 4096:
+            what = "export name" if self.dest == "export_name" else "export description"
+            _fail(f"{what} '{values}' too long")
+        setattr(namespace, self.dest, values)
+
+
 # qemu-nbd options accepted and ignored: (option strings, nargs).
-_IGNORED = ((("-n", "--nocache"), 0), (("--cache",), 1), (("--aio",), 1), (("--discard",), 1),
-            (("--detect-zeroes",), 1), (("-T", "--trace"), 1), (("--object",), 1),
-            (("-s", "--snapshot"), 0))
+_IGNORED = ((("-T", "--trace"), 1), (("--object",), 1), (("-s", "--snapshot"), 0))
+# qemu-nbd options accepted and checked, without effect: (option strings, nargs, dest).
+_CHECKED = ((("-n", "--nocache"), 0, "nocache"), (("--cache",), None, "cache"),
+            (("--aio",), None, "aio"), (("--discard",), None, "discard"),
+            (("--detect-zeroes",), None, "detect_zeroes"))
 # qemu-nbd options refused by name: (option strings, nargs, what is missing).
 _REFUSED = ((("-A", "--allocation-depth"), 0, "the qemu:allocation-depth context"),
             (("-B", "--bitmap"), 1, "dirty bitmap export"),
@@ -85,9 +150,9 @@ def add_parser(sub) -> None:
                    "(default 127.0.0.1 when --port is given)")
     p.add_argument("-p", "--port", type=_port, metavar="N",
                    help="listen on TCP port N (default 10809 when --bind is given; 0 picks one)")
-    p.add_argument("-x", "--export-name", default="", metavar="NAME",
+    p.add_argument("-x", "--export-name", default="", metavar="NAME", action=_LongString,
                    help="export name (default: the empty default export)")
-    p.add_argument("-D", "--description", default="", metavar="TEXT",
+    p.add_argument("-D", "--description", default="", metavar="TEXT", action=_LongString,
                    help="export description clients may ask for (default: none)")
     p.add_argument("-l", "--load-snapshot", dest="snapshot", default=None, metavar="SNAPSHOT",
                    help="serve internal snapshot SNAPSHOT instead of the current state: "
@@ -125,6 +190,9 @@ def add_parser(sub) -> None:
                         "it stops)")
     for options, nargs in _IGNORED:
         p.add_argument(*options, action=_Ignored, nargs=nargs, help=argparse.SUPPRESS)
+    for options, nargs, dest in _CHECKED:
+        p.add_argument(*options, action=_CacheOption, nargs=nargs, dest=dest,
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for options, nargs, _ in _REFUSED:
         p.add_argument(*options, action=_Refused, nargs=nargs, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve, refused=[])
@@ -174,18 +242,32 @@ def cmd_serve(args) -> int:
             # Listening failed: the message names the socket path or address:port.
             print(f"qcowfast: serve: {exc.strerror or exc}", file=sys.stderr)
             return 1
-        if args.pid_file:
-            _write_pid_file(args.pid_file)
+        if getattr(args, "native_aio", False) and not getattr(args, "direct_io", False):
+            # qemu-nbd opens the image with them and file-posix refuses the pair.
+            print(f"qcowfast: Failed to blk_new_open '{args.image}': aio=native was specified, "
+                  "but it requires cache.direct=on, which was not specified.", file=sys.stderr)
+            return 1
+        if args.pid_file is not None:             # (an empty name fails, as in qemu-nbd)
+            try:
+                pid_path = _write_pid_file(args.pid_file)
+            except OSError as exc:
+                print(f"qcowfast: Could not create '{args.pid_file}': "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return 1
             pid_written = True
         print(f"qcowfast: serving {args.image} on {server.uri}", file=sys.stderr, flush=True)
         if ready_w >= 0:
+            # qemu-nbd's daemon moves to / so that it keeps no directory busy, once everything
+            # named relative to the starting directory is open (the image and its backing and
+            # data files, the socket; the socket and pid file are removed by absolute names).
+            os.chdir("/")
             _detach(ready_w)
         while not stop.is_set() and not server.wait(0.2):
             pass
     finally:
         server.stop()
         if pid_written:
-            _remove_pid_file(args.pid_file)
+            _remove_pid_file(pid_path)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
@@ -221,14 +303,14 @@ def _detach(ready_w: int) -> None:
     os.close(devnull)
 
 
-def _write_pid_file(path: str) -> None:
-    import os
+def _write_pid_file(path: str) -> str:
+    """Write the process id to `path`; return its absolute name (to remove it by)."""
     with open(path, "w") as f:
         f.write(f"{os.getpid()}\n")
+    return os.path.abspath(path)
 
 
 def _remove_pid_file(path: str) -> None:
-    import os
     try:
         with open(path) as f:
             if f.read().strip() != str(os.getpid()):

@@ -496,6 +496,7 @@ class Connection:
         if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
             raise Disconnect(f"unknown client flags {cflags:#x}")
         self.no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+        fixed = bool(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)
         for _ in range(lim.max_options):
             magic, opt, length = _OPTION_HEADER.unpack(self._recv_exact(16, deadline))
             if magic != IHAVEOPT:
@@ -504,6 +505,10 @@ class Connection:
                 raise Disconnect(f"option {opt} announces {length} bytes of data (limit "
                                  f"{lim.max_option_length})")
             data = self._recv_exact(length, deadline)
+            if not fixed and opt != NBD_OPT_EXPORT_NAME:
+                # proto.md: EXPORT_NAME "is the only valid option in nonfixed newstyle
+                # negotiation"; such a client cannot take an error reply (qemu-nbd drops it).
+                raise Disconnect(f"option {opt} from a client without fixed newstyle")
             handler = self._options.get(opt)
             try:
                 if handler is None:
@@ -534,6 +539,9 @@ class Connection:
         return flags
 
     def _check_name(self, name: bytes) -> None:
+        if b"\0" in name:
+            # proto.md: strings MUST NOT contain NUL (qemu-nbd: ERR_INVALID, before the lookup).
+            raise OptionError(NBD_REP_ERR_INVALID, "NUL byte in the export name")
         if name != self._name:
             raise OptionError(NBD_REP_ERR_UNKNOWN,
                               f"no export named {name[:256].decode(errors='replace')!r}")
@@ -615,6 +623,13 @@ class Connection:
                                   "negotiate NBD_OPT_STRUCTURED_REPLY first")
         name, queries = _parse_meta_context(data, self.limits.max_queries)
         self._check_name(name)
+        # A query over 4096 bytes (longer than proto.md lets a string be) selects nothing and
+        # is not looked into, as qemu-nbd skips it; one holding a NUL is invalid (a string
+        # MUST NOT contain NUL; qemu-nbd: ERR_INVALID).
+        asked = bool(queries)                     # (none at all: LIST lists every context)
+        queries = [q for q in queries if len(q) <= NBD_MAX_STRING]
+        if any(b"\0" in q for q in queries):
+            raise OptionError(NBD_REP_ERR_INVALID, "NUL byte in a metadata context query")
         if any(b":" not in q for q in queries):
             raise OptionError(NBD_REP_ERR_INVALID, "a metadata context query lacks its namespace")
         if setting:
@@ -623,7 +638,7 @@ class Connection:
                 self.contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
                 self._opt_reply(opt, NBD_REP_META_CONTEXT,
                                 _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION)
-        elif not queries or any(q in (b"base:", BASE_ALLOCATION) for q in queries):
+        elif not asked or any(q in (b"base:", BASE_ALLOCATION) for q in queries):
             self._opt_reply(opt, NBD_REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION)
         self._opt_reply(opt, NBD_REP_ACK)
 
@@ -1059,7 +1074,7 @@ def _parse_meta_context(data: bytes, max_queries: int) -> tuple[bytes, list[byte
             raise invalid
         (qlen,) = _U32.unpack_from(data, pos)
         pos += 4
-        if qlen > NBD_MAX_STRING or pos + qlen > len(data):
+        if pos + qlen > len(data):                 # (over 4096 bytes: skipped by the caller)
             raise invalid
         queries.append(data[pos:pos + qlen])
         pos += qlen

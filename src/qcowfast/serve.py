@@ -42,6 +42,10 @@ DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
 SEND_BUFFER = 4 * 1024 * 1024          # SO_SNDBUF asked for each connection
 STATUS_SPAN = 1 << 30                  # guest bytes one block-status reply examines, at most
+# Clients beyond `shared` wait in the listen backlog until a connection ends; it must hold a
+# burst of them (a Unix socket refuses a connect beyond it at once: "backlog overflowed").
+# The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = _socket.SOMAXCONN
 _DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
 _HOLE_ZERO = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
 
@@ -393,7 +397,7 @@ class NBDServer:
             try:
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
                 sock.bind((self._bind, self._port))
-                sock.listen(max(16, min(self.shared or 128, 128)))
+                sock.listen(LISTEN_BACKLOG)
             except OSError as exc:
                 sock.close()
                 raise _listen_error(exc, where) from exc
@@ -411,7 +415,7 @@ class NBDServer:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.bind(self._socket_path)
-            sock.listen(max(16, min(self.shared or 128, 128)))
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             raise _listen_error(exc, self._socket_path) from exc
@@ -419,6 +423,9 @@ class NBDServer:
             sock.close()
             raise
         self._owns_socket_file = os.stat(self._socket_path)
+        # Removed by this name when the server stops, wherever the process has moved since
+        # (qcowfast serve --fork moves to /, as qemu-nbd's daemon does).
+        self._socket_abspath = os.path.abspath(self._socket_path)
         self.address = self._socket_path
         return sock
 
@@ -486,7 +493,7 @@ class NBDServer:
             self._image = None
 
     def _remove_socket_file(self) -> None:
-        path = self._socket_path
+        path = getattr(self, "_socket_abspath", None)
         owned = getattr(self, "_owns_socket_file", None)
         if path is None or owned is None:
             return
