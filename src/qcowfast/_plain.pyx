@@ -15,8 +15,9 @@ from cpython.pythread cimport (WAIT_LOCK, PyThread_acquire_lock, PyThread_alloca
 from libc.errno cimport EFAULT, EINTR, EIO, ENXIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy, memset
-from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, mmap, munmap
+from libc.string cimport memcmp, memcpy, memset
+from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_FIXED, MAP_NORESERVE, MAP_POPULATE,
+                         MAP_PRIVATE, MAP_SHARED, PROT_NONE, PROT_READ, mmap, munmap)
 from posix.stat cimport S_ISBLK, fstat, struct_stat
 from posix.unistd cimport SEEK_END, _SC_PAGESIZE, lseek, pread, pwrite, sysconf
 
@@ -855,6 +856,63 @@ def nonzero_spans(const uint8_t[::1] data, int64_t origin, int64_t block):
         return [(o.s[i].offset, o.s[i].length) for i in range(o.n)]
     finally:
         free(o.s)
+
+
+cdef struct Cmp:
+    # _cmp_cb's arguments and result (the first differing byte, or n)
+    const uint8_t *a
+    const uint8_t *b
+    int64_t n, at
+
+
+cdef int _cmp_cb(void *arg) noexcept nogil:
+    cdef Cmp *c = <Cmp *>arg
+    cdef int64_t pos = 0, step
+    while pos < c.n:
+        step = min(<int64_t>65536, c.n - pos)
+        if memcmp(c.a + pos, c.b + pos, <size_t>step) != 0:
+            while c.a[pos] == c.b[pos]:
+                pos += 1
+            c.at = pos
+            return 0
+        pos += step
+    c.at = c.n
+    return 0
+
+
+def first_difference(int fd_a, int64_t off_a, int fd_b, int64_t off_b, int64_t n):
+    """The offset in [0, n) of the first byte where [off_a, off_a + n) of file `fd_a` and
+    [off_b, off_b + n) of `fd_b` differ, n when they are equal; compared in place in the page
+    cache, through read-only mappings of both (no copy). FALLBACK when a range lies past the
+    end of its file, cannot be mapped, or its file shrank under the comparison (SIGBUS)."""
+    cdef int64_t page = sysconf(_SC_PAGESIZE)
+    cdef int64_t pa = off_a - off_a % page, pb = off_b - off_b % page
+    cdef size_t la, lb
+    cdef char *region
+    cdef Cmp c
+    cdef int faulted = 0, ok = 0
+    if n <= 0 or off_a < 0 or off_b < 0:
+        raise ValueError("bad range")
+    la = <size_t>((off_a + n - pa + page - 1) // page * page)
+    lb = <size_t>((off_b + n - pb + page - 1) // page * page)
+    with nogil:
+        if off_a + n <= size_now(fd_a) and off_b + n <= size_now(fd_b):
+            # One reserved range holds both mappings: one SIGBUS guard covers them.
+            region = <char *>mmap(NULL, la + lb, PROT_NONE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            if <void *>region != MAP_FAILED:
+                if mmap(region, la, PROT_READ, MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd_a,
+                        pa) != MAP_FAILED and \
+                        mmap(region + la, lb, PROT_READ, MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+                             fd_b, pb) != MAP_FAILED:
+                    c.a = <const uint8_t *>region + (off_a - pa)
+                    c.b = <const uint8_t *>region + la + (off_b - pb)
+                    c.n = n
+                    c.at = n
+                    qf_bus_call(_cmp_cb, &c, region, la + lb, &faulted)
+                    ok = not faulted
+                munmap(region, la + lb)
+    return c.at if ok else FALLBACK
 
 
 cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *size,

@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from . import _plain
 from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO,
                           Status as _Status, status_runs as _status_runs)
 from .constants import ExtentKind
@@ -57,6 +58,10 @@ class _RawSource:
 
     def status_runs(self, end: int) -> Iterator[_Status]:
         return _status_runs(self.raw, 0, end, {})
+
+    def host_range(self, offset: int, n: int) -> tuple[int, int] | None:
+        """(fd, file offset) holding guest bytes [offset, offset + n), or None."""
+        return (self.fd, offset) if offset + n <= self.file_size else None
 
     def readinto(self, offset: int, buf) -> None:
         view = memoryview(buf)
@@ -107,6 +112,17 @@ class _QcowSource:
     def status_runs(self, end: int) -> Iterator[_Status]:
         return _status_runs(self.image, 0, end, {})
 
+    def host_range(self, offset: int, n: int) -> tuple[int, int] | None:
+        """(fd, file offset) holding guest bytes [offset, offset + n) as they are, when one
+        data run of one layer (not compressed) holds them all; else None."""
+        got = None
+        for e in self.image.extents(offset, n):
+            if got is not None or e.kind != ExtentKind.DATA or e.guest_offset > offset or \
+                    e.guest_offset + e.length < offset + n:
+                return None
+            got = (self.image.layer(e.depth).data_fd, e.host_offset + offset - e.guest_offset)
+        return got
+
     def readinto(self, offset: int, buf) -> None:
         self.image.readinto(offset, buf)
 
@@ -137,6 +153,9 @@ class CompareResult:
     def __bool__(self) -> bool:
         """True only when the images are identical."""
         return self.identical
+
+
+FALLBACK = object()                 # Comparer.in_place(): compare copies instead
 
 
 def _nonzero_at(buf, n: int) -> int | None:
@@ -257,6 +276,16 @@ class _Comparer:
             self.report(pos)
         return None
 
+    def in_place(self, pos: int, n: int):
+        """The first differing offset in [pos, pos + n) from pos (None: none), compared in
+        the page cache when each side's bytes lie as they are in one range of one file;
+        FALLBACK when they do not (compressed, split, past a file's end) or a file shrank."""
+        ra, rb = self.a.host_range(pos, n), self.b.host_range(pos, n)
+        if ra is None or rb is None:
+            return FALLBACK
+        at = _plain.first_difference(*ra, *rb, n)
+        return FALLBACK if at == _plain.FALLBACK else None if at == n else at
+
     def content(self, start: int, end: int, zero_a: bool, zero_b: bool) -> int | None:
         """First differing offset in [start, end) where at least one side may hold data.
         Steps of IO_BUF_SIZE, each reported as done, as img_compare's loop reports them."""
@@ -267,9 +296,11 @@ class _Comparer:
                 self.read(src, pos, memoryview(buf)[:n])
                 at = _nonzero_at(buf, n)
             else:
-                self.read(self.a, pos, memoryview(self.buf_a)[:n])
-                self.read(self.b, pos, memoryview(self.buf_b)[:n])
-                at = _diff_at(self.buf_a, self.buf_b, n)
+                at = self.in_place(pos, n)
+                if at is FALLBACK:
+                    self.read(self.a, pos, memoryview(self.buf_a)[:n])
+                    self.read(self.b, pos, memoryview(self.buf_b)[:n])
+                    at = _diff_at(self.buf_a, self.buf_b, n)
             if at is not None:
                 # QEMU reports the start of the first differing sector of its read, and its
                 # reads start where block status runs start (sector aligned, or the end of a
