@@ -992,3 +992,20 @@ def test_small_tables_mutations_match_qemu(tmp_path, monkeypatch):
             continue
         assert (result.exit_code, result.to_json()) == (qemu.returncode,
                                                         json.loads(qemu.stdout)), what
+
+
+@pytest.mark.parametrize("kind", ["patched", "qcow"])
+def test_version_1_header_fails_as_qemu_img(tmp_path, kind):
+    """A qcow2 file whose version reads 1 is opened by qemu-img as QCOW version 1, whose header
+    checks refuse it (exit 1); a real QCOW v1 image opens, and cannot be checked (63)."""
+    path = tmp_path / "v1.img"
+    qemu_img("create", "-q", "-f", "qcow2" if kind == "patched" else "qcow", path, "1M")
+    if kind == "patched":
+        with open(path, "r+b") as f:
+            f.seek(4)
+            f.write((1).to_bytes(4, "big"))
+    want = qemu_check(path)
+    got = cli("check", path)
+    assert got.returncode == want.returncode == (1 if kind == "patched" else 63)
+    if kind == "patched":
+        assert got.stderr == want.stderr.replace("qemu-img", "qcowfast")

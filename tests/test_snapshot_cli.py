@@ -99,8 +99,12 @@ def test_fails_as_qemu_fails(made, capsys, args):
     assert qemu_snapshot(*args) == (1, "")
     status, out, err = cli(capsys, "snapshot", *args)
     assert (status, out) == (1, ""), err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qcowfast: "), err
+    want = subprocess.run(["qemu-img", "snapshot", *args], capture_output=True, text=True)
+    if "Try 'qemu-img --help'" in want.stderr:   # a usage error: qemu-img's lines
+        assert err == want.stderr.replace("qemu-img", "qcowfast")
+    else:
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qcowfast: "), err
 
 
 @pytest.mark.parametrize("args", [["-d"], ["-l", "{snaps}", "extra"], ["-x", "{snaps}"]])
@@ -108,7 +112,8 @@ def test_usage_errors_exit_1(made, capsys, args):
     args = [a.format(**made) for a in args]
     assert qemu_snapshot(*args) == (1, "")
     status, out, err = cli(capsys, "snapshot", *args)
-    assert (status, out) == (1, "") and err.startswith("usage: qcowfast snapshot"), err
+    want = subprocess.run(["qemu-img", "snapshot", *args], capture_output=True, text=True)
+    assert (status, out, err) == (1, "", want.stderr.replace("qemu-img", "qcowfast"))
 
 
 @pytest.mark.parametrize("action, what", [("-a", "applies"), ("-c", "creates"),

@@ -1035,6 +1035,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             raise NotChecked(f"{name} is not a QCOW2 image; only QCOW2 images can be checked")
         # The probe reads 2 KiB, zeros past the end of the file: a 4-byte file is version 0.
         version = int.from_bytes(head[4:8].ljust(4, b"\0"), "big")
+        if probe and version == 1:
+            _qcow_v1_open(fd, name)
         if probe and version < 2:
             # qcow2_probe() wants version >= 2: qemu-img takes such a file as raw (or as QCOW
             # version 1), formats it cannot check either.
@@ -1075,6 +1077,18 @@ def _reworded(exc: QcowError, message: str) -> QcowError:
         new.errno, new.strerror, new.filename = exc.errno, exc.strerror, exc.filename
     new.qemu_chain, new.qemu_top, new.qemu_hint = exc.qemu_chain, exc.qemu_top, exc.qemu_hint
     return new
+
+
+def _qcow_v1_open(fd: int, name: str) -> None:
+    """qemu-img probes QCOW version 1 (block/qcow.c): qcow_open()'s header checks fail as
+    "Could not open" (exit 1) before the check is found missing (63)."""
+    head = os.pread(fd, 48, 0).ljust(48, b"\0")
+    size, cluster_bits, l2_bits = int.from_bytes(head[24:32], "big"), head[32], head[33]
+    why = ("Image size is too small (must be at least 2 bytes)" if size <= 1 else
+           "Cluster size must be between 512 and 64k" if not 9 <= cluster_bits <= 16 else
+           "L2 table size must be between 512 and 64k" if not 6 <= l2_bits <= 13 else None)
+    if why:
+        raise QcowError(f"Could not open '{name}': {why}")
 
 
 __all__ = ["check", "CheckResult", "Overlap", "NotChecked"]

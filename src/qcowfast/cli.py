@@ -15,6 +15,7 @@ import signal
 import stat
 import sys
 import time
+from typing import NoReturn
 
 from . import __version__
 from .errors import QcowError
@@ -261,8 +262,52 @@ def _write_quietly(stream, text: str) -> bool:
     return True
 
 
-def _add_output_option(p: argparse.ArgumentParser, tool: str) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human",
+def usage_exit(*lines: str, hint: bool = True) -> NoReturn:
+    """End as qemu-img ends on a command line it refuses: each line as one error_report()
+    ("qcowfast: LINE"), then with `hint` error_exit()'s pointer to the help; status 1."""
+    for line in lines:
+        print(f"qcowfast: {line}", file=sys.stderr)
+    if hint:
+        print("Try 'qcowfast --help' for more information", file=sys.stderr)
+    raise SystemExit(1)
+
+
+_INT64_MAX = (1 << 63) - 1
+_SUFFIXES = ("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+
+
+def cvtnum(what: str, text: str) -> int:
+    """qemu-img's cvtnum(): a size from 0 to INT64_MAX (qemu_strtosz), else its two lines (or
+    one for a number out of range) and exit 1, as the option is read."""
+    from .cli_getopt import strtosz
+    try:
+        value = strtosz(text)
+    except ValueError:
+        usage_exit(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for",
+                   _SUFFIXES, hint=False)
+    except OverflowError:
+        value = _INT64_MAX + 1
+    if value > _INT64_MAX:
+        usage_exit(f"Invalid {what} specified. Must be between 0 and {_INT64_MAX}.",
+                   hint=False)
+    return value
+
+
+OUTPUT_ERROR = "--output must be used with human or json as argument."
+
+
+def _output_at_once(text: str) -> str:
+    """--output as measure reads it: refused as the option is read."""
+    if text not in ("human", "json"):
+        usage_exit(OUTPUT_ERROR, hint=False)
+    return text
+
+
+def _add_output_option(p: argparse.ArgumentParser, tool: str, at_once: bool = False) -> None:
+    """--output=human|json. qemu-img's info, map and check check the last one given once the
+    images are counted (main()), measure each as it is read (`at_once`)."""
+    p.add_argument("--output", type=_output_at_once if at_once else str, default="human",
+                   metavar="human|json",
                    help=f"output format (default human); json prints what `qemu-img {tool} "
                         f"--output=json` prints")
 
@@ -584,17 +629,9 @@ def cmd_convert(args) -> int:
     return 0
 
 
-_INT64_MAX = (1 << 63) - 1
-
-
 def cmd_map(args) -> int:
     from .image import Image, open_source
     from .mapping import write_human, write_json
-    for value, what in ((args.start_offset, "start offset"), (args.max_length, "max length")):
-        if value is not None and value > _INT64_MAX:
-            print(f"qcowfast: Invalid {what} specified. Must be between 0 and {_INT64_MAX}.",
-                  file=sys.stderr)
-            return 1
     with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
                      force_share=args.force_share) as image:
         if args.lookup is not None:
@@ -704,8 +741,39 @@ def cmd_compare(args) -> int:
     return result.exit_code
 
 
+# What qemu-img says when a subcommand gets too few or too many file names: (line, whether
+# error_exit() adds its pointer to the help). Measure and snapshot count theirs in the command
+# (after what qemu-img checks first), convert's several sources are refused by name.
+_OPERANDS = {"info": ("Expecting one image file name", True),
+             "map": ("Expecting one image file name", True),
+             "check": ("Expecting one image file name", True),
+             "snapshot": ("Expecting one image file name", True),
+             "compare": ("Expecting two image file names", True),
+             "convert": ("Must specify image file name", False)}
+_LATE_OPERANDS = ("convert", "measure", "snapshot")
+
+
+class _GetoptError(argparse.Action):
+    """getopt_long's errors, handed over by cli_getopt.getopt_argv in their place on the command
+    line: qemu-img's error_exit() line for the word it names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .cli_getopt import UNRECOGNIZED
+        usage_exit(f"unrecognized option '{values}'" if option_string == UNRECOGNIZED else
+                   f"missing argument for option '{values}'")
+
+
+def _add_getopt_errors(p: argparse.ArgumentParser) -> None:
+    """Give `p` (a qemu-img subcommand's parser) qemu-img's option errors (cli_getopt)."""
+    from .cli_getopt import MISSING, UNRECOGNIZED
+    for option in (UNRECOGNIZED, MISSING):
+        if option not in p._option_string_actions:
+            p.add_argument(option, action=_GetoptError, help=argparse.SUPPRESS)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with qemu-img's usage-error status: the usage of the (sub)command and exit 1."""
+    """argparse with qemu-img's usage errors: a qemu-img subcommand's file names counted as
+    qemu-img counts them (its line, exit 1); otherwise the usage of the (sub)command, exit 1."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)    # (subcommands' parsers too)
@@ -713,6 +781,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        operands = _OPERANDS.get(self.prog.rpartition(" ")[2]) if " " in self.prog else None
+        if operands and message.startswith(("the following arguments are required",
+                                            "unrecognized arguments")):
+            usage_exit(operands[0], hint=operands[1])
         self.print_usage(sys.stderr)
         self.exit(1, f"{self.prog}: error: {message}\n")
 
@@ -812,9 +884,10 @@ def _add_map_parser(sub) -> None:
                         "guest offset")
     p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
                    help="format of IMG (default: probe like qemu-img)")
-    p.add_argument("-s", "--start-offset", type=parse_size, metavar="OFFSET", default=0,
-                   help="map from this guest offset")
-    p.add_argument("-l", "--max-length", type=parse_size, metavar="LENGTH", default=None,
+    p.add_argument("-s", "--start-offset", type=lambda text: cvtnum("start offset", text),
+                   metavar="OFFSET", default=0, help="map from this guest offset")
+    p.add_argument("-l", "--max-length", type=lambda text: cvtnum("max length", text),
+                   metavar="LENGTH", default=None,
                    help="map at most this many bytes")
     _add_force_share_option(p)
     _add_open_options(p)
@@ -1066,8 +1139,10 @@ def main(argv=None) -> int:
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     if argv and argv[0] in parser.commands:
         # Read as qemu-img's getopt_long reads it (see cli_getopt).
+        if argv[0] in QEMU_LONG and argv[0] != "serve":     # qemu-img's own errors
+            _add_getopt_errors(parser.commands[argv[0]])
         argv = [argv[0], *getopt_argv(argv[1:], parser.commands[argv[0]],
-                                      QEMU_LONG.get(argv[0], ()))]
+                                      QEMU_LONG.get(argv[0], ()), argv[0])]
     if argv[:1] == ["convert"] and _options_help(argv[1:]):
         return 0
     _replace_closed_streams()
@@ -1078,10 +1153,13 @@ def main(argv=None) -> int:
             stream.reconfigure(errors="surrogateescape")
     if extras:
         sub = parser.commands[args.command]
-        if args.command == "convert" and not any(e.startswith("-") and e != "-" for e in extras):
-            args.extra = extras                 # more than one source: refused by name
+        if args.command in _LATE_OPERANDS and not any(e.startswith("-") and e != "-"
+                                                      for e in extras):
+            args.extra = extras                 # counted (convert: refused) by the command
         else:
             sub.error(f"unrecognized arguments: {' '.join(extras)}")
+    if args.command in ("info", "map", "check") and args.output not in ("human", "json"):
+        usage_exit(OUTPUT_ERROR, hint=False)    # (the last --output, after the file names)
     # qcowfast never calls BLAS: spare numpy's OpenBLAS its idle spinning worker threads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     old_handlers = _install_signal_handlers()

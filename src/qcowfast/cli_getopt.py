@@ -39,11 +39,20 @@ _GLOBAL_LONG = ("help", "version", "trace")
 
 _FLAG, _VALUE, _OPTIONAL = 0, 1, 2
 
+# Hidden options through which getopt_argv hands argparse getopt_long's two errors, in their
+# place on the command line (a bad value before them is reported first, as in qemu-img): the
+# word qemu-img names, as in its "unrecognized option 'WORD'" and "missing argument for option
+# 'WORD'". Only parsers that define them get them (qemu-img's subcommands).
+UNRECOGNIZED = "--qemu-img-unrecognized-option"
+MISSING = "--qemu-img-missing-argument"
+
 
 def _kinds(parser: argparse.ArgumentParser) -> tuple[dict, dict]:
     """({short char: kind}, {long name: kind}) of the parser's options."""
     shorts, longs = {}, {}
     for action in parser._actions:
+        if any(opt in (UNRECOGNIZED, MISSING) for opt in action.option_strings):
+            continue
         kind = _FLAG if action.nargs == 0 else _OPTIONAL if action.nargs == "?" else _VALUE
         for opt in action.option_strings:
             if opt.startswith("--"):
@@ -62,11 +71,20 @@ def _long(name: str, ours: dict, qemu: tuple) -> str | None:
     return matches[0] if len(matches) == 1 and matches[0] in ours else None
 
 
-def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) -> list[str]:
-    """`argv` (a subcommand's words) as getopt_long reads it, spelled for `parser`."""
+def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
+                command: str = "") -> list[str]:
+    """`argv` (the words after the subcommand `command`) as getopt_long reads it, spelled for
+    `parser`."""
     shorts, longs = _kinds(parser)
+    errors = UNRECOGNIZED in parser._option_string_actions
     out: list[str] = []
     i = 0
+
+    def failed(option: str, word: str) -> bool:
+        if errors:
+            out.append(f"{option}={word}")
+        return errors
+
     while i < len(argv):
         word = argv[i]
         i += 1
@@ -77,9 +95,16 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) 
             name, eq, value = word[2:].partition("=")
             full = _long(name, longs, qemu_long)
             if full is None:
-                out.append(word)
+                if not failed(UNRECOGNIZED, word):
+                    out.append(word)
                 continue
-            if longs[full] == _VALUE and not eq and i < len(argv):
+            if eq and longs[full] == _FLAG and failed(UNRECOGNIZED, word):
+                continue
+            if longs[full] == _VALUE and not eq:
+                if i == len(argv):
+                    if not failed(MISSING, word):
+                        out.append(word)
+                    continue
                 eq, value = "=", argv[i]
                 i += 1
             out.append(f"--{full}{eq}{value}")
@@ -90,6 +115,11 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) 
                 char = word[j]
                 kind = shorts.get(char)
                 if kind is None:
+                    # getopt names argv[optind - 1]: this word once its last letter is read,
+                    # else the word before it (the subcommand for the first).
+                    last = j + 1 == len(word)
+                    if failed(UNRECOGNIZED, word if last else argv[i - 2] if i > 1 else command):
+                        break
                     # Not an option: the word goes to argparse as written, to be refused as a
                     # whole (split, "-U-" would end the options and "-U1" be an operand).
                     del out[mark:]
@@ -104,6 +134,8 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=()) 
                 elif kind == _VALUE and i < len(argv):
                     out.append(f"-{char}={argv[i]}")
                     i += 1
+                elif kind == _VALUE and failed(MISSING, word):
+                    pass
                 else:                           # no value: argparse says what is missing
                     out.append(f"-{char}")
                 break
@@ -220,4 +252,5 @@ def strtosz(text: str) -> int:
     return value
 
 
-__all__ = ["QEMU_LONG", "c_integer", "getopt_argv", "global_options", "strtosz"]
+__all__ = ["MISSING", "QEMU_LONG", "UNRECOGNIZED", "c_integer", "getopt_argv", "global_options",
+           "strtosz"]

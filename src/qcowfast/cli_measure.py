@@ -30,12 +30,12 @@ _RAW_KEYS = {"size": "size", "nocow": "bool", "preallocation": "string",
              "extent_size_hint": "size"}
 _BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
              "off": False, "no": False, "false": False, "n": False}
-_SIZE_HINT = ("a non-negative number below 2^64 (optional suffix k, M, G, T, P or E: kilo-, "
-              "mega-, giga-, tera-, peta- and exabytes)")
+_SIZE_HINT = ("a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means "
+              "kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
 
 
 class _Failed(Exception):
-    """One line for stderr; the command exits 1."""
+    """qemu-img's error_report()s, one argument each ("qcowfast: " before each); exit 1."""
 
 
 def add_parser(sub) -> None:
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
                     "gives the virtual size of an empty image.")
     p.add_argument("filename", metavar="FILENAME", nargs="?", default=None,
                    help="the source image (qcow2 or raw)")
-    _add_output_option(p, "measure")
+    _add_output_option(p, "measure", at_once=True)
     p.add_argument("--size", metavar="N", default=None,
                    help="the virtual size of a new, empty image instead of a source (k, M, G, "
                         "T, P, E suffixes)")
@@ -68,14 +68,15 @@ def add_parser(sub) -> None:
                         "snapshot.name=NAME or ID_OR_NAME")
     _add_force_share_option(p)
     _add_open_options(p)
-    p.set_defaults(func=cmd_measure)
+    p.set_defaults(func=cmd_measure, extra=[])
 
 
 def cmd_measure(args) -> int:
     try:
         result = _measure(args)
     except _Failed as exc:
-        print(f"qcowfast: {exc}", file=sys.stderr)
+        for line in exc.args:
+            print(f"qcowfast: {line}", file=sys.stderr)
         return 1
     if args.output == "json":
         from .info import qemu_json
@@ -94,24 +95,30 @@ def _measure(args):
     size = None
     if args.size is not None:
         size = _size_operand(args.size)
+    if args.extra:
+        raise _Failed("At most one filename argument is allowed.")
     if args.filename is None and (args.format is not None or args.snapshot):
-        raise _Failed("-f and -l require a filename argument")
+        raise _Failed("--image-opts, -f, and -l require a filename argument.")
     if args.filename is not None and size is not None:
-        raise _Failed("--size N cannot be used together with a filename")
+        raise _Failed("--size N cannot be used together with a filename.")
     if args.filename is None and size is None:
-        raise _Failed("Either --size N or one filename must be specified")
+        raise _Failed("Either --size N or one filename must be specified.")
     if args.format is not None and args.format not in SOURCE_FORMATS:
         raise _Failed(f"-f {args.format}: qcowfast reads qcow2 and raw images")
 
     from .measure import check_qcow2_options, measure
     source = None
     if args.filename is not None:
+        from .errors import SnapshotNotFound
         from .image import open_source
         from .snapshots import choose_snapshot_option
-        source = open_source(args.filename, args.format,
-                             snapshot=choose_snapshot_option(args.snapshot),
-                             backing_dirs=args.allow_backing_dir,
-                             force_share=args.force_share)
+        try:
+            source = open_source(args.filename, args.format,
+                                 snapshot=choose_snapshot_option(args.snapshot),
+                                 backing_dirs=args.allow_backing_dir,
+                                 force_share=args.force_share)
+        except SnapshotNotFound:
+            raise _Failed("Failed to load snapshot: Can't find snapshot") from None
     try:
         fmt = args.output_format
         if fmt not in ("qcow2", "raw"):
@@ -143,7 +150,7 @@ def _size_operand(text: str) -> int:
         value = None
     except ValueError:
         raise _Failed("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
-                      "for kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                      "for", "kilobytes, megabytes, gigabytes, terabytes, petabytes and "
                       "exabytes.") from None
     if value is None or value > _INT64_MAX:
         raise _Failed(f"Invalid image size specified. Must be between 0 and {_INT64_MAX}.")
@@ -209,6 +216,6 @@ def _options(texts: list[str], fmt: str) -> dict:
             else:
                 value = number & _UINT64_MAX    # strtoull: "-1" wraps
         if why is not None:
-            raise _Failed(f"Invalid options for file format '{fmt}': {why}")
+            raise _Failed(why, f"Invalid options for file format '{fmt}'")
         out[key] = value
     return out

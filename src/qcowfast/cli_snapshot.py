@@ -46,14 +46,15 @@ def add_parser(sub) -> None:
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read the image even when a running QEMU holds it open for writing")
     _add_open_options(p)
-    p.set_defaults(func=cmd_snapshot)
+    p.set_defaults(func=cmd_snapshot, extra=[])
 
 
 def cmd_snapshot(args) -> int:
+    from .cli import usage_exit
     if len(args.actions) > 1:
-        return _fail("Cannot mix '-l', '-a', '-c', '-d'")
-    if args.image is None:
-        return _fail("Expecting one image file name")
+        usage_exit("Cannot mix '-l', '-a', '-c', '-d'")
+    if args.image is None or args.extra:
+        usage_exit("Expecting one image file name")
     if args.format is not None and args.format not in ("qcow2", "raw"):
         return _fail(f"-f {args.format}: qcowfast reads qcow2 and raw images")
     action = args.actions[0][0] if args.actions else None
