@@ -15,7 +15,6 @@ import signal
 import stat
 import sys
 import time
-from typing import NoReturn
 
 from . import __version__
 from .errors import QcowError
@@ -262,9 +261,10 @@ def _write_quietly(stream, text: str) -> bool:
     return True
 
 
-def usage_exit(*lines: str, hint: bool = True) -> NoReturn:
+def usage_exit(*lines: str, hint: bool = True) -> "typing.NoReturn":  # noqa: F821
     """End as qemu-img ends on a command line it refuses: each line as one error_report()
-    ("qcowfast: LINE"), then with `hint` error_exit()'s pointer to the help; status 1."""
+    ("qcowfast: LINE"), then with `hint` error_exit()'s pointer to the help; status 1.
+    (typing is not imported: every command's start-up would pay for it.)"""
     for line in lines:
         print(f"qcowfast: {line}", file=sys.stderr)
     if hint:
