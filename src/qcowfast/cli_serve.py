@@ -42,9 +42,17 @@ def _fail(message: str):
 
 _CACHE_MODES = {"none": True, "off": True, "directsync": True, "writeback": False,
                 "unsafe": False, "writethrough": False}     # mode -> O_DIRECT (BDRV_O_NOCACHE)
-_AIO_MODES = ("threads", "native", "io_uring")
+_AIO_MODES = {"threads": False, "native": True, "io_uring": False}       # -> native AIO
 _DISCARD_MODES = {"off": False, "ignore": False, "on": True, "unmap": True}   # -> BDRV_O_UNMAP
 _DETECT_ZEROES = ("off", "on", "unmap")
+# Options given at most once: (qemu-nbd's messages for a repeat and a bad mode, the modes,
+# and the namespace attribute a mode sets).
+_ONCE = {"cache": ("-n and --cache can only be specified once", "Invalid cache mode `{}'",
+                   _CACHE_MODES, "direct_io"),
+         "aio": ("--aio can only be specified once", "Invalid aio mode '{}'", _AIO_MODES,
+                 "native_aio"),
+         "discard": ("--discard can only be specified once", "Invalid discard mode `{}'",
+                     _DISCARD_MODES, "unmap")}
 
 
 class _CacheOption(argparse.Action):
@@ -55,28 +63,15 @@ class _CacheOption(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         seen = namespace.cache_seen = getattr(namespace, "cache_seen", set())
-        if self.dest in ("nocache", "cache"):
-            mode = "none" if self.dest == "nocache" else values
-            if "cache" in seen:
-                _fail("-n and --cache can only be specified once")
-            seen.add("cache")
-            if mode not in _CACHE_MODES:
-                _fail(f"Invalid cache mode `{mode}'")
-            namespace.direct_io = _CACHE_MODES[mode]
-        elif self.dest == "aio":
-            if "aio" in seen:
-                _fail("--aio can only be specified once")
-            seen.add("aio")
-            if values not in _AIO_MODES:
-                _fail(f"Invalid aio mode '{values}'")
-            namespace.native_aio = values == "native"
-        elif self.dest == "discard":
-            if "discard" in seen:
-                _fail("--discard can only be specified once")
-            seen.add("discard")
-            if values not in _DISCARD_MODES:
-                _fail(f"Invalid discard mode `{values}'")
-            namespace.unmap = _DISCARD_MODES[values]
+        key, mode = ("cache", "none") if self.dest == "nocache" else (self.dest, values)
+        if key in _ONCE:
+            repeated, bad, modes, attribute = _ONCE[key]
+            if key in seen:
+                _fail(repeated)
+            seen.add(key)
+            if mode not in modes:
+                _fail(bad.format(mode))
+            setattr(namespace, attribute, modes[mode])
         else:                                           # --detect-zeroes (may repeat)
             if values not in _DETECT_ZEROES:
                 _fail(f"Failed to parse detect_zeroes mode: invalid parameter value: {values}")
