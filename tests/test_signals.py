@@ -53,9 +53,12 @@ def _wait_for_output(directory, proc, timeout=60.0) -> None:
                          ids=["SIGTERM", "SIGHUP", "SIGINT"])
 def test_signal_removes_temporary_output(allocated_image, tmp_path, signum):
     dst = tmp_path / "out.raw"
+    # The child gets the signal's default disposition, whatever this run inherited (under
+    # nohup SIGHUP is ignored, and qcowfast leaves an inherited SIG_IGN alone: see below).
     proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "convert", "-q", "-S", "0",
                              allocated_image, dst], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     try:
         _wait_for_output(tmp_path, proc)
         proc.send_signal(signum)
