@@ -433,8 +433,12 @@ class FileOutput:
             raise OutputError(f"{name}: {exc.strerror}") from None
         if lst is None:
             if existing:
-                raise OutputError(f"{name} does not exist; existing=True (-n) writes into an "
+                exc = OutputError(f"{name} does not exist; existing=True (-n) writes into an "
                                   "existing target")
+                # qemu-img -n opens the target as an image: its bdrv_open() line.
+                exc.qemu_chain = f"Could not open '{name}': No such file or directory"
+                exc.qemu_top = name
+                raise exc
             directory = os.path.dirname(os.path.abspath(name))
             if not os.path.isdir(directory):
                 raise OutputError(f"cannot create {name}: directory {directory} does not exist")
