@@ -288,3 +288,39 @@ def test_closing_one_of_two_images_sharing_a_backing_layer(images):
     with qcowfast.open(chain.parent / "base.qcow2") as again:
         assert base.read(0, 1 << 20) == again.read(0, 1 << 20)     # still open, still right
     base.close()
+
+
+def test_a_file_closed_on_a_prefetch_thread_does_not_wait_for_its_fills(images):
+    """The garbage collector may finalize (close) a file nobody closed on a prefetch thread,
+    even while that thread completes the file's own fill: close() there must not wait for
+    fills (it waited for itself forever: a hang seen once at the interpreter's exit). Closed
+    elsewhere, it still waits."""
+    from concurrent.futures import Future
+    img = qcowfast.open(images["plain"])
+    try:
+        f = img.as_file()
+        f.read(BLOCK)
+        f.read(BLOCK)                                   # sequential: read through windows
+        stuck = Future()                                # a fill that never finishes
+        f._windows[-1].settle()
+        f._windows[-1].pending = stuck
+        closer = threading.Thread(target=f.close, name="qcowfast-prefetch_9", daemon=True)
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive() and f.closed
+        assert stuck.cancelled()
+        g = img.as_file()
+        g.read(BLOCK)
+        g.read(BLOCK)
+        pending = Future()
+        g._windows[-1].settle()
+        g._windows[-1].pending = pending
+        waiter = threading.Thread(target=g.close, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not g.closed       # waits for the fill elsewhere
+        pending.set_result(0)
+        waiter.join(30)
+        assert not waiter.is_alive() and g.closed
+    finally:
+        img.close()

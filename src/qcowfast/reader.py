@@ -21,6 +21,9 @@ def _prefetch_pool():
     return process_pool("prefetch", 4)
 
 
+_PREFETCH_THREADS = "qcowfast-prefetch"         # their names' prefix (image.process_pool)
+
+
 def _copy(dst: memoryview, src: bytearray, off: int) -> None:
     """dst[:] = src[off:off + len(dst)]; large copies release the GIL (numpy does), so that
     a background fill is not held up while the reader copies."""
@@ -49,10 +52,14 @@ class _Window:
         self.start, self.length = start, 0
         self.pending = _prefetch_pool().submit(image.readinto, start, self.buf)
 
-    def settle(self) -> BaseException | None:
+    def settle(self, wait: bool = True) -> BaseException | None:
         """Wait for the background fill, if any; return its error (the window then holds
-        nothing) instead of raising it."""
+        nothing) instead of raising it. Without `wait`, let it go (cancelled if it has not
+        started; a fill running on keeps its buffer alive and writes into it alone)."""
         pending, self.pending = self.pending, None
+        if pending is not None and not wait:
+            pending.cancel()
+            return None
         if pending is not None:
             err = pending.exception()
             if err is None:
@@ -226,9 +233,13 @@ class ImageFile(io.RawIOBase):
 
     def close(self) -> None:
         """Close the file (not the image), after any background fill has finished."""
+        # A file nobody closed is closed by its finalizer, which the garbage collector may run
+        # on a prefetch thread, even while that thread completes this very file's fill: there
+        # it must not wait for fills (it would wait for itself, forever).
+        wait = not threading.current_thread().name.startswith(_PREFETCH_THREADS)
         with self._lock:
             for win in self._windows:
-                win.settle()
+                win.settle(wait)
             self._windows = []
         super().close()
 
