@@ -350,6 +350,15 @@ class _Checker:
                 self.tick()
             i = j
 
+    def streams(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(host offsets, lengths) of compressed entries' streams: qcow2_parse_compressed_l2_
+        entry(), x = 62 - (cluster_bits - 8) offset bits, then the number of additional
+        512-byte sectors; a stream ends with its last sector."""
+        shift = 62 - (self.cb - 8)
+        coffset = (entries & _U64((1 << shift) - 1)).astype(np.int64)
+        sectors = ((entries >> _U64(shift)) & _U64((1 << (self.cb - 8)) - 1)).astype(np.int64)
+        return coffset, (sectors + 1) * 512 - (coffset & 511)
+
     def l2_batch(self, offsets: list, active: list, weights: list,
                  stored: StoredRefcounts) -> bool:
         """l2_table() for a run of small L2 tables at once (tiny clusters make them many:
@@ -375,12 +384,9 @@ class _Checker:
         rows = np.broadcast_to(np.arange(len(offsets))[:, None], entry.shape)
         res = self.res
         if comp.any():
-            shift = 62 - (self.cb - 8)
-            ce, t = entry[comp], rows[comp]
-            coffset = (ce & _U64((1 << shift) - 1)).astype(np.int64)
-            sectors = ((ce >> _U64(shift)) & _U64((1 << (self.cb - 8)) - 1)).astype(np.int64) + 1
+            t = rows[comp]
             n = int(act[t].sum())
-            self.inc(coffset, sectors * 512 - (coffset & 511), COMPRESSED, wgt[t])
+            self.inc(*self.streams(entry[comp]), COMPRESSED, wgt[t])
             res.allocated_clusters += n
             res.compressed_clusters += n
             res.fragmented_clusters += n
@@ -438,13 +444,7 @@ class _Checker:
             comp_ok = comp & ~bad_bitmap
         n_comp = int(comp_ok.sum())
         if n_comp:
-            # qcow2_parse_compressed_l2_entry(): x = 62 - (cluster_bits - 8) offset bits, then
-            # the number of additional 512-byte sectors; the stream ends with its last sector.
-            shift = 62 - (self.cb - 8)
-            ce = entry[comp_ok]
-            coffset = (ce & _U64((1 << shift) - 1)).astype(np.int64)
-            sectors = ((ce >> _U64(shift)) & _U64((1 << (self.cb - 8)) - 1)).astype(np.int64) + 1
-            self.inc(coffset, sectors * 512 - (coffset & 511), COMPRESSED, weight)
+            self.inc(*self.streams(entry[comp_ok]), COMPRESSED, weight)
             res.allocated_clusters += n_comp * active
             res.compressed_clusters += n_comp * active
             res.fragmented_clusters += n_comp * active      # compressed: fragmented by nature
