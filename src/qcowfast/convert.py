@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections import deque
+from contextvars import ContextVar
 
 try:                                        # queue's own import costs a start-up 1 ms (heapq)
     from _queue import SimpleQueue
@@ -51,6 +52,10 @@ DEFAULT_MAX_STREAM_SIZE = 1 << 40           # streams longer than 1 TiB must be 
 _DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
 _ZEROS = bytes(1 << 20)
 _GAP_SLICE = 1 << 30                        # in-place holes are zeroed (and reported) per GiB
+# Cores a batch lends to the conversion running in this thread (fleet.convert_many): an object
+# whose threads() is the conversion's share now (it may grow as the batch's last jobs run) and
+# whose `peak` records the most it took. None: the conversion keeps its `threads`.
+LENDER: ContextVar = ContextVar("qcowfast_lender", default=None)
 
 
 @record
@@ -628,8 +633,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                         exc.add_note(f"{out.name} was written in place and is incomplete")
                     raise
     written = int(written)
+    lender = LENDER.get()
     return ConvertResult(vsize, written, max(vsize - written, 0), time.perf_counter() - t0,
-                         threads)
+                         max(threads, lender.peak) if lender is not None else threads)
 
 
 class _Advancing:
@@ -928,15 +934,13 @@ def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=Fal
     on_unit(ui, buf, ulen) for each unit. At most threads + 1 unit buffers exist."""
     vsize = image.virtual_size
     filler = _Filler(image, unit)
-    inflight = threads + 1
-    pool: SimpleQueue = SimpleQueue()
-    for _ in range(inflight):
-        pool.put(None)
+    spare: deque = deque()          # buffers of units done; no more exist than units in flight
     pos = [0]
 
     def work(ui, runs):
-        buf = pool.get()
-        if buf is None:
+        try:
+            buf = spare.pop()
+        except IndexError:
             buf = aligned_empty(unit) if aligned else np.empty(unit, np.uint8)
         return buf, filler.fill(ui, runs, buf)
 
@@ -945,26 +949,35 @@ def _run_ordered(image, unit, threads, progress, on_unit, on_gap, *, aligned=Fal
         if pos[0] < ui * unit:
             on_gap(pos[0], ui * unit)
         on_unit(ui, buf, ulen)
-        pool.put(buf)
+        spare.append(buf)
         pos[0] = ui * unit + ulen
         if progress:
             progress(pos[0], vsize)
 
-    _run_units(image, unit, threads, work, done, inflight)
+    _run_units(image, unit, threads, work, done, lambda t: t + 1)
     if pos[0] < vsize:
         on_gap(pos[0], vsize)
     if progress:
         progress(vsize, vsize)
 
 
-def _run_units(image, unit, threads, work, done, max_inflight=None, *, plan=None):
+def _run_units(image, unit, threads, work, done, inflight_for=None, *, plan=None,
+               cap=MAX_THREADS):
     """Run work(ui, runs) on a pool over the planned units (`plan`, default _plan's); call
-    done(ui, result) in order."""
-    max_inflight = max_inflight or 2 * threads
+    done(ui, result) in order. At most inflight_for(threads) units are in flight (default
+    twice the threads). A LENDER may raise the threads as the units run, up to `cap`."""
+    inflight_for = inflight_for or (lambda t: 2 * t)
+    max_inflight = inflight_for(threads)
+    lender = LENDER.get()
     with _Pool(threads) as pool:
         inflight = deque()
         try:
             for ui, runs in _plan(image, unit) if plan is None else plan:
+                if lender is not None:
+                    more = min(lender.threads(), cap)
+                    if more > pool.max:
+                        pool.max, max_inflight = more, inflight_for(more)
+                        lender.peak = max(lender.peak, more)
                 inflight.append((ui, pool.submit(work, ui, runs)))
                 while len(inflight) >= max_inflight:
                     u, task = inflight.popleft()

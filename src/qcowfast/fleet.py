@@ -264,13 +264,53 @@ def guest_size(job: Job) -> int:
         return -(-opened.size // 512) * 512     # a raw image: whole sectors
 
 
+class _Cores:
+    """A batch's cores, as conversions share them: each job runs on `base` threads while jobs
+    wait to start; once none waits, the jobs still running divide the cores among them (the
+    slots the last jobs leave idle would otherwise leave cores idle at the end of a batch, for
+    as long as its largest image takes). A running job's threads only grow (convert.LENDER), so
+    the running jobs never hold more threads than the cores, `base` each excepted."""
+
+    def __init__(self, cores: int, base: int, pending: queue.SimpleQueue):
+        self.cores, self.base, self.pending = cores, base, pending
+        self.running = 0                # slots holding or taking a job
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.running += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def share(self) -> "_Share":
+        return _Share(self)
+
+
+class _Share:
+    """One job's share of the batch's cores (what convert.LENDER holds for its conversion)."""
+    __slots__ = ("cores", "peak")
+
+    def __init__(self, cores: _Cores):
+        self.cores = cores
+        self.peak = 0
+
+    def threads(self) -> int:
+        c = self.cores
+        if not c.pending.empty():
+            return c.base
+        return max(c.base, c.cores // max(1, c.running))
+
+
 def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
-            overwrite: bool = False, progress=None, swept: bool = False):
+            overwrite: bool = False, progress=None, swept: bool = False, share=None):
     """Run one job; return its ConvertResult or Skipped, raise what convert raised.
 
     Temporary files a killed run left beside the destination are removed first, skipped or
-    not (`swept`: the caller has just done that for the whole batch)."""
-    from .convert import convert
+    not (`swept`: the caller has just done that for the whole batch). `share`: the job's
+    _Share of a batch's cores, which its threads may grow to (unless the job sets threads)."""
+    from .convert import LENDER, convert
     if not swept:
         sweep_stale_temps(job.dst)
     if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
@@ -279,10 +319,15 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
         # killed one leaves a partial output, so they always run.
         return Skipped(job.dst, "destination exists")
     options = {"overwrite": overwrite, **job.options}
+    lend = share is not None and options.get("threads") is None
     if threads is not None:
         options.setdefault("threads", threads)
-    with temps_swept(job.dst):              # (convert would sweep again)
-        return convert(job.src, job.dst, progress=progress, **options)
+    token = LENDER.set(share if lend else None)
+    try:
+        with temps_swept(job.dst):              # (convert would sweep again)
+            return convert(job.src, job.dst, progress=progress, **options)
+    finally:
+        LENDER.reset(token)
 
 
 def convert_many(jobs, *, workers: int | None = None, threads: int | None = None,
@@ -300,7 +345,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         limit). Each job holds one image chain open, so this also caps open images.
     threads : int, optional
         Worker threads per job (default: the cores divided among the jobs that run side by
-        side, at least one: more threads than cores only add switching).
+        side, at least one: more threads than cores only add switching; once no job waits to
+        start, the jobs still running share the cores the others leave idle).
     on_error : "continue" or "stop"
         "stop" starts no new job after the first failure; jobs not started get a
         `concurrent.futures.CancelledError` as their result.
@@ -345,6 +391,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
     # Each slot holds a chain open: more than the descriptor limit allows would fail jobs.
     workers = min(workers, max_workers()) if workers else default_workers(threads)
+    lend = threads is None
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
     sizes = [guest_size(j) for j in jobs]       # -1: cannot be read (the job will fail)
@@ -377,7 +424,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         else:
             try:
                 result = run_job(job, threads=threads, skip_existing=skip_existing,
-                                 overwrite=overwrite, progress=job_progress(i), swept=True)
+                                 overwrite=overwrite, progress=job_progress(i), swept=True,
+                                 share=cores.share() if lend else None)
             except Exception as exc:        # noqa: BLE001 - the job's result, as in futures
                 result = exc
         if isinstance(result, Exception) and not isinstance(result, CancelledError) \
@@ -397,6 +445,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     pending: queue.SimpleQueue = queue.SimpleQueue()
     for i in sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i])):
         pending.put(i)
+    cores = _Cores(len(os.sched_getaffinity(0)), threads, pending)
     # Each job holds its chain's files and its output open: jobs wait for descriptors, and a
     # job needing more than the limit leaves runs alone (a deep chain needs one per layer).
     fds = _Descriptors(descriptor_budget())
@@ -404,18 +453,22 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
 
     def slot() -> None:
         while not cancel.is_set():
+            cores.enter()                   # (before the queue can look empty to the others)
             try:
-                i = pending.get_nowait()
-            except queue.Empty:
-                return
-            need = fds.take(_descriptors_for(read[i]), cancel)
-            try:
-                one(i)
-            except BaseException as exc:        # on_result's, or an interrupt of this thread
-                ended.put((i, exc))
-                return
+                try:
+                    i = pending.get_nowait()
+                except queue.Empty:
+                    return
+                need = fds.take(_descriptors_for(read[i]), cancel)
+                try:
+                    one(i)
+                except BaseException as exc:    # on_result's, or an interrupt of this thread
+                    ended.put((i, exc))
+                    return
+                finally:
+                    fds.give(need)
             finally:
-                fds.give(need)
+                cores.leave()
             ended.put((i, None))
 
     slots: list[threading.Thread] = []

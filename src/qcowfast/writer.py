@@ -405,7 +405,6 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header
     spare: deque = deque()             # buffers of finished batches (thread-safe)
     retired: deque = deque()           # mappings written out: the workers unmap them (munmap
                                        # costs the writer's thread 40 ms per GiB)
-    inflight = min(2 * threads + 2, MAX_INFLIGHT)
     staging = buffers.take(unit + cs)
     taken = [staging]                       # given back at the end (buffers.py)
     entries = _zeros("Q", ncl)
@@ -497,7 +496,8 @@ def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header
     try:
         if zeros.keep_all:
             plan = _every_unit(source, unit, plan)
-        _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done, inflight, plan=plan)
+        _run_units(source, unit, min(threads, MAX_INFLIGHT), work, done,
+                   lambda t: min(2 * t + 2, MAX_INFLIGHT), plan=plan, cap=MAX_INFLIGHT)
         if pending:
             sparse_plan.finish()
             append(*pending.pop())
