@@ -211,6 +211,7 @@ def cmd_serve(args) -> int:
         port = DEFAULT_PORT
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="qcowfast: %(message)s", stream=sys.stderr)
+    _lean_threads()
     ready_w = _fork() if args.fork else -1
     server = NBDServer(args.image, socket=args.socket, bind=bind or "127.0.0.1",
                        port=port, export_name=args.export_name, description=args.description,
@@ -266,6 +267,24 @@ def cmd_serve(args) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+THREAD_STACK = 1 << 20          # bytes: the stack of QEMU's coroutines, ample for a serve thread
+M_ARENA_MAX = -8                # mallopt() parameter (glibc's malloc.h)
+
+
+def _lean_threads() -> None:
+    """Less address space per thread in the serve process, which runs a few threads per client
+    (a memory limit, `ulimit -v`, counts address space, used or not): 1 MiB stacks instead of
+    the stack limit's 8 MiB, and at most one glibc malloc arena per core instead of eight, each
+    reserving 64 MiB. The process is the command's own, so this changes nobody else's."""
+    import threading
+    threading.stack_size(THREAD_STACK)
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, max(2, len(os.sched_getaffinity(0))))
+    except (OSError, AttributeError):   # not glibc: its defaults stay
+        pass
 
 
 def _fork() -> int:
