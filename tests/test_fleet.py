@@ -167,6 +167,71 @@ def test_last_job_takes_the_idle_cores(tmp_path, source, options):
     check(out)
 
 
+@pytest.mark.parametrize("options", [{}, {"existing": True},
+                                     {"format": "qcow2", "compression": "zlib"}])
+def test_a_thread_the_system_refuses_leaves_the_job_on_those_it_has(tmp_path, monkeypatch,
+                                                                    options):
+    """A job growing into idle cores whose next thread cannot start (a memory limit: "can't
+    start new thread") goes on with the threads it has; it failed, and an in-place target was
+    left half-written (found by a red-team helper). A single convert does the same."""
+    src = _big_image(tmp_path, True)
+    want = reference_raw(src)
+    start = threading.Thread.start
+
+    def refuse_second(thread):
+        if thread.name == "qcowfast_2":                 # a conversion's second worker
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+    monkeypatch.setattr(threading.Thread, "start", refuse_second)
+    out = tmp_path / "out.img"
+
+    def check(result):
+        assert not isinstance(result, BaseException), repr(result)
+        assert result.threads == 1
+        if options.get("format") == "qcow2":
+            qemu_img("check", out)
+            assert reference_raw(out) == want
+        else:
+            assert_same_bytes(out.read_bytes(), want, str(out))
+
+    if options.get("existing"):
+        out.write_bytes(b"\xa5" * len(want))
+    _, result = convert_many([(tmp_path / "missing.qcow2", tmp_path / "m.raw"),
+                              {"src": src, "dst": out, "unit_size": 65536, **options}],
+                             workers=2)
+    check(result)
+    if options.get("existing"):
+        out.write_bytes(b"\xa5" * len(want))
+    check(qcowfast.convert(src, out, threads=2, unit_size=65536, overwrite=True, **options))
+
+
+def test_standard_output_is_one_destination_by_either_name(images, tmp_path):
+    """"-" and /dev/stdout both stream to standard output: the later job is refused as a
+    second writer of one destination. Both ran, and the stream held the two images
+    interleaved (found by a red-team helper)."""
+    a, b = images.get(GOOD[0]).path, images.get(GOOD[2]).path
+    code = ("import sys, qcowfast\n"
+            f"r = qcowfast.convert_many([({str(a)!r}, '-'), ({str(b)!r}, '/dev/stdout')])\n"
+            "print(type(r[0]).__name__, type(r[1]).__name__, r[1], file=sys.stderr)\n")
+    out = tmp_path / "stream.raw"
+    with open(out, "wb") as f:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("ConvertResult ValueError "), proc.stderr
+    assert "also the destination of job 0" in proc.stderr
+    assert_same_bytes(out.read_bytes(), reference_raw(a), str(out))
+
+
+def test_a_job_without_threads_takes_the_batchs(images, tmp_path):
+    """A job whose threads option is None (JSON null in a jobs file) runs on the batch's
+    threads; it took every core."""
+    src = images.get(GOOD[0]).path
+    result, = convert_many([{"src": src, "dst": tmp_path / "a.raw", "threads": None}],
+                           threads=1)
+    assert result.threads == 1
+
+
 def test_stop_on_error_cancels_the_rest(images, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

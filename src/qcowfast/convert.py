@@ -19,7 +19,6 @@ import os
 import threading
 import time
 from collections import deque
-from contextvars import ContextVar
 
 try:                                        # queue's own import costs a start-up 1 ms (heapq)
     from _queue import SimpleQueue
@@ -32,6 +31,7 @@ from .arguments import boolean, integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import MAX_SPARSE_SIZE, ExtentKind
+from .lending import LENDER, Threads
 from .errors import AllocationFailed, CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, current_size, file_size_now, open_source
 from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
@@ -52,10 +52,6 @@ DEFAULT_MAX_STREAM_SIZE = 1 << 40           # streams longer than 1 TiB must be 
 _DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
 _ZEROS = bytes(1 << 20)
 _GAP_SLICE = 1 << 30                        # in-place holes are zeroed (and reported) per GiB
-# Cores a batch lends to the conversion running in this thread (fleet.convert_many): an object
-# whose threads() is the conversion's share now (it may grow as the batch's last jobs run) and
-# whose `peak` records the most it took. None: the conversion keeps its `threads`.
-LENDER: ContextVar = ContextVar("qcowfast_lender", default=None)
 
 
 @record
@@ -575,9 +571,10 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             raise OutputError(f"{name!r} names no file" if not name else
                               f"{name} names a directory, not a file")
     threads = min(threads or len(os.sched_getaffinity(0)), MAX_THREADS)
-    with open_source(src, src_format, backing_dirs=backing_dirs, data_file=data_file,
-                     snapshot=snapshot, force_share=force_share) as image, \
-            _ScratchReturned(image):
+    usage = LENDER.get() or Threads(threads)
+    with _Lent(usage), open_source(src, src_format, backing_dirs=backing_dirs,
+                                   data_file=data_file, snapshot=snapshot,
+                                   force_share=force_share) as image, _ScratchReturned(image):
         # Units are whole clusters of every layer (cluster sizes are powers of two), so no
         # compressed cluster crosses a unit.
         largest = max(getattr(layer, "cluster_size", 512) for layer in image.chain)
@@ -633,9 +630,21 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                         exc.add_note(f"{out.name} was written in place and is incomplete")
                     raise
     written = int(written)
-    lender = LENDER.get()
     return ConvertResult(vsize, written, max(vsize - written, 0), time.perf_counter() - t0,
-                         max(threads, lender.peak) if lender is not None else threads)
+                         usage.used(threads))
+
+
+class _Lent:
+    """`usage` is the LENDER of the conversion inside the with block."""
+
+    def __init__(self, usage: Threads):
+        self.usage = usage
+
+    def __enter__(self):
+        self.token = LENDER.set(self.usage)
+
+    def __exit__(self, *exc) -> None:
+        LENDER.reset(self.token)
 
 
 class _Advancing:
@@ -965,7 +974,8 @@ def _run_units(image, unit, threads, work, done, inflight_for=None, *, plan=None
                cap=MAX_THREADS):
     """Run work(ui, runs) on a pool over the planned units (`plan`, default _plan's); call
     done(ui, result) in order. At most inflight_for(threads) units are in flight (default
-    twice the threads). A LENDER may raise the threads as the units run, up to `cap`."""
+    twice the threads). The LENDER may raise the threads as the units run, up to `cap`; a
+    thread the system refuses leaves the pool on those it has."""
     inflight_for = inflight_for or (lambda t: 2 * t)
     max_inflight = inflight_for(threads)
     lender = LENDER.get()
@@ -973,12 +983,15 @@ def _run_units(image, unit, threads, work, done, inflight_for=None, *, plan=None
         inflight = deque()
         try:
             for ui, runs in _plan(image, unit) if plan is None else plan:
-                if lender is not None:
+                if lender is not None and not pool.full:
                     more = min(lender.threads(), cap)
                     if more > pool.max:
                         pool.max, max_inflight = more, inflight_for(more)
-                        lender.peak = max(lender.peak, more)
                 inflight.append((ui, pool.submit(work, ui, runs)))
+                if lender is not None:
+                    if pool.full:
+                        max_inflight, lender.refused = inflight_for(pool.max), True
+                    lender.peak = max(lender.peak, pool.created)
                 while len(inflight) >= max_inflight:
                     u, task = inflight.popleft()
                     done(u, task.result())
@@ -1015,6 +1028,7 @@ class _Pool:
 
     def __init__(self, threads: int):
         self.max = threads
+        self.full = False                   # the system refused a thread: no more are tried
         self.queue = SimpleQueue()
         self.created = 0
         self.running = 0
@@ -1027,8 +1041,14 @@ class _Pool:
             # Counted before start(): a signal interrupting start() must not leave a thread
             # that __exit__ sends no stop to.
             self.created += 1
-            threading.Thread(target=self._worker, name=f"qcowfast_{self.created}",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._worker, name=f"qcowfast_{self.created}",
+                                 daemon=True).start()
+            except RuntimeError:            # "can't start new thread" (a memory limit)
+                self.created -= 1
+                if not self.created:
+                    raise
+                self.max, self.full = self.created, True    # the running ones take the task
         return task
 
     def _worker(self) -> None:

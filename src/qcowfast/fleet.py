@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .arguments import boolean, integer
 from .errors import QcowError
+from .lending import LENDER, Share
 from .output import sweep_stale_temps, sweep_stale_temps_of, temps_swept
 
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
@@ -68,11 +69,13 @@ def _file_keys(name: str) -> list:
     link has another name). Raises ValueError/OSError for a name no file can have."""
     keys: list = [os.path.realpath(name)]
     try:
-        st = os.stat(name)
+        # "-" is standard output (convert streams there), which /dev/stdout also names.
+        st = os.fstat(1) if name == "-" else os.stat(name)
     except FileNotFoundError:
         return keys
     except OSError as exc:
-        if exc.errno not in (errno.ENOTDIR, errno.EACCES, errno.ELOOP, errno.ENAMETOOLONG):
+        if exc.errno not in (errno.ENOTDIR, errno.EACCES, errno.ELOOP, errno.ENAMETOOLONG,
+                             errno.EBADF):
             raise
         return keys
     keys.append((st.st_dev, st.st_ino))
@@ -268,7 +271,7 @@ class _Cores:
     """A batch's cores, as conversions share them: each job runs on `base` threads while jobs
     wait to start; once none waits, the jobs still running divide the cores among them (the
     slots the last jobs leave idle would otherwise leave cores idle at the end of a batch, for
-    as long as its largest image takes). A running job's threads only grow (convert.LENDER), so
+    as long as its largest image takes). A running job's threads only grow (lending.LENDER), so
     the running jobs never hold more threads than the cores, `base` each excepted."""
 
     def __init__(self, cores: int, base: int, pending: queue.SimpleQueue):
@@ -284,23 +287,8 @@ class _Cores:
         with self.lock:
             self.running -= 1
 
-    def share(self) -> "_Share":
-        return _Share(self)
-
-
-class _Share:
-    """One job's share of the batch's cores (what convert.LENDER holds for its conversion)."""
-    __slots__ = ("cores", "peak")
-
-    def __init__(self, cores: _Cores):
-        self.cores = cores
-        self.peak = 0
-
-    def threads(self) -> int:
-        c = self.cores
-        if not c.pending.empty():
-            return c.base
-        return max(c.base, c.cores // max(1, c.running))
+    def share(self) -> Share:
+        return Share(self)
 
 
 def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
@@ -309,8 +297,9 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
 
     Temporary files a killed run left beside the destination are removed first, skipped or
     not (`swept`: the caller has just done that for the whole batch). `share`: the job's
-    _Share of a batch's cores, which its threads may grow to (unless the job sets threads)."""
-    from .convert import LENDER, convert
+    lending.Share of a batch's cores, which its threads may grow to (unless the job sets
+    threads)."""
+    from .convert import convert
     if not swept:
         sweep_stale_temps(job.dst)
     if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
@@ -320,8 +309,8 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
         return Skipped(job.dst, "destination exists")
     options = {"overwrite": overwrite, **job.options}
     lend = share is not None and options.get("threads") is None
-    if threads is not None:
-        options.setdefault("threads", threads)
+    if options.get("threads") is None:
+        options["threads"] = threads        # (a job's threads=None means the batch's)
     token = LENDER.set(share if lend else None)
     try:
         with temps_swept(job.dst):              # (convert would sweep again)
