@@ -48,7 +48,9 @@ class _DataclassFields:
 
 
 def _frozen(self, name, value=None):
-    raise AttributeError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
+    from dataclasses import FrozenInstanceError     # (an AttributeError, as a frozen dataclass's)
+    raise FrozenInstanceError(f"cannot assign to field {name!r} of a frozen "
+                              f"{type(self).__name__}")
 
 
 def record(cls):
