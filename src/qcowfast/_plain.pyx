@@ -49,8 +49,9 @@ cdef enum:
 
 def l1_scan(const uint8_t[::1] l1_be, int cluster_bits, int64_t host_limit,
             int64_t[::1] offsets):
-    """Mask the L1 table `l1_be` (big-endian bytes) into `offsets` (0: no L2 table); return
-    the index of the first bad entry (reserved bits, unaligned, past `host_limit`), or -1."""
+    """Mask the L1 table `l1_be` (big-endian bytes) into `offsets`: 0 for no L2 table, -1 - i
+    for a bad entry i (reserved bits, unaligned, past `host_limit`), which no reader may follow;
+    return the index of the first bad entry, or -1."""
     cdef int64_t n = l1_be.shape[0] // 8, i, cluster_size = 1LL << cluster_bits
     cdef uint64_t e, off
     if offsets.shape[0] < n or not 9 <= cluster_bits <= 21:
@@ -63,9 +64,11 @@ def l1_scan(const uint8_t[::1] l1_be, int cluster_bits, int64_t host_limit,
             off = e & L2E_OFFSET_MASK
             if (e & L1E_RESERVED) or (off & <uint64_t>(cluster_size - 1)) \
                     or (off and <int64_t>off + cluster_size > host_limit):
-                bad = i
-                break
-            offsets[i] = <int64_t>off
+                if bad < 0:
+                    bad = i
+                offsets[i] = -1 - i
+            else:
+                offsets[i] = <int64_t>off
     return bad
 
 
@@ -418,6 +421,8 @@ cdef int resolve(Layer *layers, int nl, int d, int64_t start, int64_t n,
             return R_FALLBACK
         # At most TABLE_CHUNK entries at a time bounds the scratch memory.
         cend = min(end, (l1 + 1) * L.per_l1, pos + ((<int64_t>TABLE_CHUNK) << L.cluster_bits))
+        if L.l2_offsets[l1] < 0:
+            return R_FALLBACK           # a bad L1 entry (l1_scan): the general path raises
         if L.l2_offsets[l1] == 0:
             rc = from_backing(layers, nl, d, pos, cend - pos, out)
         else:
@@ -554,8 +559,8 @@ cdef class Chain:
     """The layers of a chain, top first, for check(), next_data(), read() and copy().
 
     layers: sequence of (table_fd, data_fd, raw, cluster_bits, flags, virtual_size, data_size,
-    guest_bytes_per_l1_entry, l2_offsets int64 buffer or None, holes_read_zero,
-    compression_type or -1); the caller keeps the files open.
+    guest_bytes_per_l1_entry, l2_offsets int64 buffer (as l1_scan fills it) or None,
+    holes_read_zero, compression_type or -1); the caller keeps the files open.
     """
     cdef Layer *layers
     cdef int nl

@@ -282,18 +282,19 @@ class _Checker:
             for (offset, entries), times in tables.items():
                 self.l1_table(offset, entries, l2_refs, active=False, times=times, counted=True)
         self.l2_tables(l2_refs, stored)
-        self.oflag_copied_l1(active_l1, stored)
 
         self.inc(h.snapshots_offset if snapshots else 0, snapshots_size, SNAPSHOT_TABLE)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs, REFCOUNT_TABLE)
         self.bitmaps()
         self.refcount_blocks(stored)
         self.compare(stored)
+        self.oflag_copied_l1(active_l1, stored)     # (after the comparison, as in QEMU)
         self.report_overlaps()
 
     def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool,
                  times: int = 1, counted: bool = False):
-        """Count an L1 table and collect the L2 tables it names (check_refcounts_l1).
+        """Count an L1 table and collect the L2 tables it names (check_refcounts_l1); return
+        the table (its part inside the file).
 
         `times`: how many L1 tables (snapshots) share this one; `counted`: the table's own
         clusters were already counted.
@@ -302,8 +303,8 @@ class _Checker:
             return np.zeros(0, _U64)
         if not counted:
             self.inc(offset, entries * 8, L1_TABLE, times)
-        l1 = self.read_table(offset, entries)
-        l1 = l1[l1 != 0]
+        table = self.read_table(offset, entries)
+        l1 = table[table != 0]
         reserved = int(np.count_nonzero(l1 & _U64(L1E_RESERVED_MASK)))
         self.corrupt(reserved * times, "l1-reserved",
                      "ERROR found L1 entry with reserved bits set")
@@ -313,7 +314,7 @@ class _Checker:
                      "ERROR L2 table offset is not cluster aligned; L1 entry corrupted")
         self.inc(l2_offsets, self.cs, L2_TABLE, times)
         l2_refs.add(l2_offsets, active, times)
-        return l1
+        return table
 
     def read_table(self, offset: int, entries: int) -> np.ndarray:
         """A table of 64-bit entries (native uint64); only its part inside the file is read.
@@ -480,15 +481,18 @@ class _Checker:
                              f"ERROR OFLAG_COPIED data cluster: refcount and COPIED flag "
                              f"disagree ({where})")
 
-    def oflag_copied_l1(self, l1: np.ndarray, stored: StoredRefcounts) -> None:
-        l2_offsets = (l1 & _U64(L1E_OFFSET_MASK)).astype(np.int64)
-        l1 = l1[l2_offsets != 0]
-        l2_offsets = l2_offsets[l2_offsets != 0]
+    def oflag_copied_l1(self, table: np.ndarray, stored: StoredRefcounts) -> None:
+        """check_oflag_copied() on the active L1 table: COPIED set exactly when the L2
+        table's refcount is 1."""
+        l2_offsets = (table & _U64(L1E_OFFSET_MASK)).astype(np.int64)
+        index = np.flatnonzero(l2_offsets)
+        l1, l2_offsets = table[index], l2_offsets[index]
         values, ok = stored.lookup(l2_offsets >> self.cb)
         bad = ok & ((values == 1) != ((l1 & _U64(QCOW_OFLAG_COPIED)) != 0))
-        for e, v in zip(l1[bad][:3].tolist(), values[bad][:3].tolist()):
-            self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: l1_entry={e:x} "
-                     f"refcount={v}")
+        for i, e, v in zip(index[bad][:3].tolist(), l1[bad][:3].tolist(),
+                           values[bad][:3].tolist()):
+            self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
+                     f"l1_entry={e:x} refcount={v}")
         self.res.corruptions += int(bad.sum())
 
     def bitmaps(self) -> None:

@@ -612,18 +612,10 @@ class Image(_Layer):
         # table offsets, without numpy (_l1_be and _l2_offsets are numpy views made on demand).
         self._l1_raw = self._read_table(l1_offset, l1_read, what) + bytes(8 * (l1_used - l1_read))
         self._l2_off = array("q", bytes(8 * l1_used))
-        bad = _plain.l1_scan(self._l1_raw, h.cluster_bits, self.file_size, self._l2_off)
-        if bad >= 0:
-            entry = int.from_bytes(self._l1_raw[8 * bad:8 * bad + 8], "big")
-            l2 = entry & L1E_OFFSET_MASK
-            where = f"{self.filename}: L1 entry {bad} ({entry:#018x})"
-            if entry & ~(L1E_OFFSET_MASK | QCOW_OFLAG_COPIED):
-                raise CorruptImage(f"{where}: reserved bits are set")
-            if l2 % self.cluster_size:
-                raise CorruptImage(f"{where}: L2 table offset {l2:#x} is not aligned to the "
-                                   f"cluster size")
-            raise TruncatedImage(f"{where}: L2 table at {l2:#x} lies past the end of the file "
-                                 f"({self.file_size} bytes)")
+        # A bad entry is marked -1 - index (l1_scan) and raises where a read reaches it
+        # (_l1_error): QEMU opens such an image and fails only the queries that reach it.
+        self._bad_l1 = _plain.l1_scan(self._l1_raw, h.cluster_bits, self.file_size,
+                                      self._l2_off)         # the first bad entry, or -1
         used = list(filter(None, self._l2_off))
         if len(set(used)) != len(used):
             # QEMU never shares an L2 table within one L1 table; a crafted repeat would make
@@ -643,6 +635,24 @@ class Image(_Layer):
             _pread_exact(self._fd, memoryview(raw), offset, f"{self.filename}: {what}",
                          self.file_size)
         return bytes(raw)
+
+    def _l1_error(self, index: int, guest: int | None = None) -> CorruptImage:
+        """The error of bad L1 entry `index`, met by a read from guest offset `guest` (by
+        default the first byte the entry maps): map stops where that read starts."""
+        entry = int.from_bytes(self._l1_raw[8 * index:8 * index + 8], "big")
+        l2 = entry & L1E_OFFSET_MASK
+        where = f"{self.filename}: L1 entry {index} ({entry:#018x})"
+        if entry & ~(L1E_OFFSET_MASK | QCOW_OFLAG_COPIED):
+            exc = CorruptImage(f"{where}: reserved bits are set")
+        elif l2 % self.cluster_size:
+            exc = CorruptImage(f"{where}: L2 table offset {l2:#x} is not aligned to the "
+                               f"cluster size")
+        else:
+            exc = TruncatedImage(f"{where}: L2 table at {l2:#x} lies past the end of the file "
+                                 f"({self.file_size} bytes)")
+        exc.guest_offset = index * self._l2_per_l1 if guest is None else guest
+        exc._bad_layer = (self, 0)                      # for _failing_query()
+        return exc
 
     @cached_property
     def _l1_be(self) -> np.ndarray:
@@ -788,6 +798,8 @@ class Image(_Layer):
         pair = _lru_get(self._l2_cache, key)
         if pair is not None:
             return pair
+        if l2_offset < 0:
+            raise self._l1_error(-1 - l2_offset)        # a bad L1 entry (never cached)
         nbytes = self._slice_bytes
         raw = bytearray(nbytes)
         _pread_exact(self._fd, memoryview(raw), l2_offset + slice_index * nbytes,
@@ -907,6 +919,12 @@ class Image(_Layer):
         i0, i1 = start // per_l1, (end - 1) // per_l1
         offsets = self._l2_offsets
         present = np.flatnonzero(offsets[i0:i1 + 1]) + i0
+        bad = None
+        if 0 <= self._bad_l1 <= i1:
+            marked = present[offsets[present] < 0]
+            if len(marked):                     # stop at the first bad entry of the range
+                bad = int(marked[0])
+                present = present[present < bad]
         pos = start
         for group in self._l1_groups(present):
             l1_index = group[0]
@@ -938,6 +956,10 @@ class Image(_Layer):
                 first += count
                 pos = min(table_start + first * cs, table_end)
             pos = table_end
+        if bad is not None:
+            if bad * per_l1 > pos:
+                yield _single_run(pos, bad * per_l1, _UNALLOCATED, self.depth)
+            raise self._l1_error(bad, max(pos, bad * per_l1))
         if pos < end:
             yield _single_run(pos, end, _UNALLOCATED, self.depth)
 
@@ -999,6 +1021,8 @@ class Image(_Layer):
                 self._small_hole(pos, stop, out)
                 pos = stop
                 continue
+            if l2_offset < 0:
+                raise self._l1_error(l1_index, pos)
             first = (pos - table_start) >> bits
             s_index = first // slice_entries
             s_first = first - s_index * slice_entries
