@@ -324,3 +324,93 @@ def test_a_file_closed_on_a_prefetch_thread_does_not_wait_for_its_fills(images):
         assert not waiter.is_alive() and g.closed
     finally:
         img.close()
+
+
+def test_a_file_nobody_closed_is_finalized_without_waiting_for_its_fills(images):
+    """The garbage collector may finalize a file nobody closed on any thread, among them a
+    read-pool thread that the file's own fill is waiting for (found by a red-team helper: a
+    hang, and the collector stuck for good, so memory grew without bound). A finalizer lets
+    fills go; close() called on a thread of the program still waits."""
+    import gc
+    from concurrent.futures import Future
+    img = qcowfast.open(images["plain"])
+    try:
+        f = img.as_file()
+        f.read(BLOCK)
+        f.read(BLOCK)
+        stuck = Future()                                # a fill that never finishes
+        f._windows[-1].settle()
+        f._windows[-1].pending = stuck
+        f.cycle = f                                     # garbage only the collector frees
+        del f
+        collector = threading.Thread(target=gc.collect, daemon=True)
+        collector.start()
+        collector.join(30)
+        assert not collector.is_alive()
+        assert stuck.cancelled()
+    finally:
+        img.close()
+
+
+def _python(code: str, *args, timeout: float = 120):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _compressed(tmp_path) -> Path:
+    """A 64 MiB image of compressed clusters (48 MiB of 0x5a): windows take a while to fill."""
+    src = tmp_path / "compressed.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "plain.qcow2", "64M")
+    qemu_io(tmp_path / "plain.qcow2", "write -P 0x5a 0 48M")
+    qemu_img("convert", "-c", "-O", "qcow2", tmp_path / "plain.qcow2", src)
+    return src
+
+
+def test_unclosed_files_collected_while_their_fills_run(tmp_path):
+    """Files in reference cycles, left unclosed while the next window fills in the background:
+    whichever thread the collector runs on, the program goes on (it hung every time)."""
+    src = _compressed(tmp_path)
+    code = """if True:
+        import gc, sys, time, qcowfast
+        img = qcowfast.open(sys.argv[1])
+        gc.set_threshold(1, 1, 1)               # (collections come sooner)
+        class Holder: pass
+        for i in range(100):
+            f = img.as_file()
+            f.seek((i * 3 << 20) % (40 << 20))
+            f.read(1 << 20); f.read(1 << 20)    # the next window fills in the background
+            h = Holder(); h.f = f; h.h = h
+            del f, h
+            time.sleep(0.02)
+        print("end")
+    """
+    proc = _python(code, src)
+    assert (proc.returncode, proc.stdout) == (0, "end\n"), proc.stderr
+
+
+def test_files_in_a_forked_child(tmp_path):
+    """A child forked while a window fills in the parent reads on and exits: the fill's thread
+    is not the child's (it waited for it forever, at its next read or at its exit). The bytes
+    it reads are the image's."""
+    code = """if True:
+        import os, sys, qcowfast
+        img = qcowfast.open(sys.argv[1])
+        want = img.read(0, 8 << 20)
+        assert want == b"\x5a" * (8 << 20)
+        for trial in range(6):
+            f = img.as_file()
+            f.read(1 << 20); f.read(1 << 20)    # the next window fills in the background
+            pid = os.fork()
+            if pid == 0:
+                if trial % 2:
+                    os._exit(0 if f.read(4 << 20) == want[2 << 20:6 << 20] else 3)
+                sys.exit(0)                     # finalizers, then exit
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, (trial, status)
+            f.close()
+        print("end")
+    """
+    proc = _python(code, _compressed(tmp_path), timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "end\n"), proc.stderr

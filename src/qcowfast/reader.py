@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
+import weakref
 from operator import index
 
 import numpy as np
@@ -21,7 +23,7 @@ def _prefetch_pool():
     return process_pool("prefetch", 4)
 
 
-_PREFETCH_THREADS = "qcowfast-prefetch"         # their names' prefix (image.process_pool)
+_POOL_THREADS = "qcowfast-"     # the names' prefix of qcowfast's threads (image.process_pool)
 
 
 def _copy(dst: memoryview, src: bytearray, off: int) -> None:
@@ -89,6 +91,7 @@ class ImageFile(io.RawIOBase):
         self._last_end = -1            # where the previous read ended: sequential detection
         self._windows: list[_Window] = []      # made on the first sequential read
         self._lock = threading.Lock()           # held while the windows are used
+        _OPEN_FILES.add(self)
 
     def readable(self) -> bool:
         self._checkClosed()
@@ -233,15 +236,28 @@ class ImageFile(io.RawIOBase):
 
     def close(self) -> None:
         """Close the file (not the image), after any background fill has finished."""
-        # A file nobody closed is closed by its finalizer, which the garbage collector may run
-        # on a prefetch thread, even while that thread completes this very file's fill: there
-        # it must not wait for fills (it would wait for itself, forever).
-        wait = not threading.current_thread().name.startswith(_PREFETCH_THREADS)
+        # On qcowfast's own threads it never waits: a fill may be waiting for that very thread.
+        self._close(wait=not threading.current_thread().name.startswith(_POOL_THREADS))
+
+    def __del__(self):
+        # The garbage collector may finalize a file nobody closed on any thread, among them a
+        # prefetch or read-pool thread that this file's own fill is waiting for: a finalizer
+        # lets fills go (one running on keeps its buffer and writes into it alone).
+        self._close(wait=False)
+
+    def _close(self, wait: bool) -> None:
         with self._lock:
             for win in self._windows:
                 win.settle(wait)
             self._windows = []
         super().close()
+
+    def _forked(self) -> None:
+        """In a forked child: the fills in flight belong to the parent's threads, which the
+        child has not got (it would wait for them forever), and the lock may have been held by
+        one of them. Start afresh."""
+        self._lock = threading.Lock()
+        self._windows = []
 
     def _check_open(self) -> None:
         self._checkClosed()
@@ -251,3 +267,14 @@ class ImageFile(io.RawIOBase):
     @property
     def name(self) -> str:
         return self._image.filename
+
+
+_OPEN_FILES: weakref.WeakSet = weakref.WeakSet()    # every ImageFile, for _after_fork
+
+
+def _after_fork() -> None:
+    for f in list(_OPEN_FILES):
+        f._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork)
