@@ -699,13 +699,20 @@ MAP_FAILS = {"header-truncated-at-50", "cluster-bits-huge", "extension-length-hu
              "backing-loop-self", "backing-absolute", "incompatible-bit-63", "encrypted-luks"}
 
 
+# Where the command line says what qemu-img says (qcow2_do_open()'s first header checks).
+CLI_MATCH = {"header-truncated-at-50": r": Could not open '.*': qcow2 header too short$",
+             "cluster-bits-huge": r": Could not open '.*': Unsupported cluster size: "
+                                  r"2\^4294967295$"}
+
+
 def assert_one_line_error(proc, c: Case):
     __tracebackhide__ = True
     assert proc.returncode == 1, f"exit {proc.returncode}\nstderr: {proc.stderr}"
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcowfast: "), proc.stderr
-    assert re.search(c.match, lines[0]), f"{c.match!r} not in {lines[0]!r}"
+    match = CLI_MATCH.get(c.id, c.match)
+    assert re.search(match, lines[0]), f"{match!r} not in {lines[0]!r}"
 
 
 @pytest.mark.parametrize("cid", CLI_CASES)

@@ -23,6 +23,16 @@ MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COR
 CACHE_MODES = ("none", "off", "writeback", "writethrough", "unsafe", "directsync")
 OUTPUT_FORMATS = ("raw", "qcow2")
 SOURCE_FORMATS = ("qcow2", "raw")
+# QEMU 7.2's block drivers (Debian's `qemu-img --help`, "Supported formats"): a format outside
+# them is unknown to qemu-img ("Unknown driver", "Unknown file format").
+QEMU_DRIVERS = frozenset(
+    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg "
+    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio "
+    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
+    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
+# Those of them that do not open the image name as a file (URLs, device options).
+_NOT_FILES = frozenset("blkverify ftp ftps gluster http https iscsi iser nbd nfs null-aio "
+                       "null-co nvme rbd ssh vvfat".split())
 
 
 def parse_size(text: str) -> int:
@@ -236,18 +246,103 @@ def _on_usr1(signum, frame) -> None:
         progress.on_usr1()
 
 
-def error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException, images=()) -> str:
     """The line for a failed command: a file that cannot be opened starts as qemu-img's does
-    ("Could not open 'NAME': ..."), which scripts look for."""
+    ("Could not open 'NAME': ..."), which scripts look for. `images`: the command's images as
+    (path, format given or None), in the order qemu-img opens them (see _open_line)."""
     from .errors import ImageOpenError
     text = str(exc)
     chain, top = getattr(exc, "qemu_chain", None), getattr(exc, "qemu_top", None)
     hint = getattr(exc, "qemu_hint", None)
     if chain and top:
         text = f"Could not open '{top}': {chain}"
+    elif isinstance(exc, ImageOpenError) and exc.filename and exc.strerror:
+        # QEMU's file protocol names the file again ("Could not open 'X': Could not open 'X':
+        # No such file or directory").
+        text = f"Could not open '{exc.filename}': Could not open '{exc.filename}': " \
+               f"{exc.strerror}"
     elif isinstance(exc, ImageOpenError) and exc.filename and not text.startswith("Could not"):
         text = f"Could not open '{exc.filename}': {text}"
+    elif isinstance(exc, QcowError) and images:
+        text = _open_line(exc, images) or text
     return text + (f"\n{hint}" if hint else "")
+
+
+def _open_line(exc: QcowError, images) -> str | None:
+    """qemu-img's line when `exc` is what opening one of `images` raised, else None. To tell,
+    each image is opened again the same way (only on this failure path) until one fails with
+    the same message."""
+    for path, fmt in images:
+        try:
+            line = _reopened(os.fsdecode(path), fmt, str(exc))
+        except OSError:
+            line = None
+        if line is not None:
+            return line
+    return None
+
+
+def _reopened(path: str, fmt: str | None, text: str) -> str | None:
+    """qemu-img's line for image `path` (-f `fmt`) when opening it again fails with `text`."""
+    from .errors import FormatError, UnsupportedFeature
+    from .header import read_header
+    from .paths import open_file
+    from .probe import detect_format
+    try:
+        opened = open_file(path, "image")
+    except QcowError as exc:
+        if str(exc) != text or not isinstance(exc, FormatError):
+            return None
+        if stat.S_ISDIR(os.stat(path).st_mode):    # (qemu-img blocks on a FIFO)
+            return f"Could not open '{path}': 'file' driver requires '{path}' to be a " \
+                   "regular file"
+        return None
+    with opened:
+        if fmt is None:
+            try:
+                fmt = detect_format(opened.fd, path)
+            except UnsupportedFeature as exc:
+                if str(exc) != text or os.pread(opened.fd, 8, 0) != b"QFI\xfb\0\0\0\1":
+                    return None
+                # QEMU's qcow driver opens QCOW version 1 (which qcowfast does not read);
+                # its header checks may refuse the file first.
+                from .check import _qcow_v1_open
+                try:
+                    _qcow_v1_open(opened.fd, path)
+                except QcowError as refused:
+                    return str(refused)
+                return None
+        if fmt != "qcow2":
+            return None
+        said = []                               # as the image says it, as check says it
+        for name in (path, None):
+            try:
+                read_header(opened.fd, opened.size, name=name)
+            except QcowError as exc:
+                said.append(str(exc))
+        if len(said) < 2 or text not in (said[0], f"Could not open '{path}': {said[1]}"):
+            return None
+        why = _qcow2_open_words(os.pread(opened.fd, 104, 0)) or said[1]
+        return f"Could not open '{path}': {why}"
+
+
+def _qcow2_open_words(head: bytes) -> str | None:
+    """qcow2_do_open()'s first header checks, in its order and words (QEMU reads zeros past
+    the end of the file); None when they pass (then qcowfast's words stand)."""
+    head = head.ljust(104, b"\0")
+    version, cluster_bits = int.from_bytes(head[4:8], "big"), int.from_bytes(head[20:24], "big")
+    header_length = int.from_bytes(head[100:104], "big") if version == 3 else 72
+    if head[:4] != b"QFI\xfb":
+        return "Image is not in qcow2 format"
+    if version not in (2, 3):
+        return f"Unsupported qcow2 version {version}"
+    if not 9 <= cluster_bits <= 21:                  # MIN_CLUSTER_BITS, MAX_CLUSTER_BITS
+        return f"Unsupported cluster size: 2^{cluster_bits}"
+    if header_length < 104 and version == 3:
+        return "qcow2 header too short"
+    if header_length > 1 << cluster_bits:
+        return "qcow2 header exceeds cluster size"
+    return None
 
 
 def _write_quietly(stream, text: str) -> bool:
@@ -329,12 +424,33 @@ def _peek(path: str) -> tuple[int, bytes]:
         os.close(fd)
 
 
+def format_refusal(path: str, fmt: str, option: str = "-f") -> str:
+    """qemu-img's line for image `path` given with -f (`option`) `fmt`, a format qcowfast does
+    not read: "Unknown driver" for a name QEMU lacks; else QEMU opens the file first (its
+    failure is the line), then its driver would read the image: there qcowfast says what it
+    reads instead."""
+    if fmt not in QEMU_DRIVERS:
+        return f"Could not open '{path}': Unknown driver '{fmt}'"
+    if fmt not in _NOT_FILES:
+        try:
+            mode, _ = _peek(path)
+        except OSError as exc:
+            return f"Could not open '{path}': Could not open '{path}': {exc.strerror}"
+        if stat.S_ISDIR(mode):                  # (qemu-img blocks on a FIFO)
+            return f"Could not open '{path}': 'file' driver requires '{path}' to be a " \
+                   "regular file"
+    return f"Could not open '{path}': {option} {fmt}: qcowfast reads qcow2 and raw images"
+
+
 def _check_format(args) -> int:
     """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
     from .constants import QCOW_MAGIC
     if args.repair not in (None, "leaks", "all"):
         print(f"qcowfast: Unknown option value for -r (expecting 'leaks' or 'all'): "
               f"{args.repair}", file=sys.stderr)
+        return 1
+    if args.format not in (None, *SOURCE_FORMATS):
+        print(f"qcowfast: {format_refusal(args.image, args.format)}", file=sys.stderr)
         return 1
     try:
         mode, head = _peek(args.image)
@@ -383,10 +499,22 @@ class _RefusedNow(argparse.Action):
         parser.exit(2 if parser.prog.endswith(" compare") else 1)
 
 
+class _ObjectOption(argparse.Action):
+    """--object: kept and ignored, except a request for help (`help`, `?`, or a `help` key,
+    as QEMU's keyval parser finds it), answered as the option is read with status 0, as
+    qemu-img answers it (its list of object types is QEMU's, not qcowfast's)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(item in ("help", "?") for item in values.split(",")):
+            print("qcowfast creates no QEMU objects: --object is accepted and ignored")
+            parser.exit(0)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+
+
 def _add_open_options(p: argparse.ArgumentParser) -> None:
     if "--image-opts" not in p._option_string_actions:
         p.add_argument("--image-opts", nargs=0, action=_RefusedNow, help=argparse.SUPPRESS)
-    p.add_argument("--object", metavar="OBJECTDEF", action="append", default=[],
+    p.add_argument("--object", metavar="OBJECTDEF", action=_ObjectOption, default=[],
                    help="a QEMU object definition (accepted and ignored: qcowfast reads no "
                         "encrypted images and uses no other QEMU objects)")
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
@@ -397,6 +525,11 @@ def _add_open_options(p: argparse.ArgumentParser) -> None:
 
 class CliError(Exception):
     """A command line qcowfast cannot honour: one line on stderr, exit code 1."""
+
+
+class QemuLine(CliError):
+    """A command line refused with qemu-img's own line ("qcowfast: LINE", where other
+    CliErrors name the subcommand)."""
 
 
 class _Unsupported(argparse.Action):
@@ -429,10 +562,6 @@ _FIXED_OPTIONS = {
 # -o keys of the output file itself, for every output format: (values meaning on, help).
 _FILE_OPTIONS = {"nocow": (("on", "yes", "true", "y"),
                            "on|off - no copy-on-write file attribute, for btrfs (default off)")}
-# Boolean -o keys: QEMU checks every value given (a later one does not excuse a bad one).
-_BOOLEANS = ("on", "yes", "true", "y", "off", "no", "false", "n")
-_BOOLEAN_OPTIONS = ("lazy_refcounts", "extended_l2", "data_file_raw", "nocow", "encryption")
-_SIZE_OPTIONS = ("cluster_size", "size")
 _NUMBER_OPTIONS = ("refcount_bits",)
 # qemu-img create keys qcowfast knows but does not write (refused by name, with what they do).
 _UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",
@@ -461,18 +590,25 @@ def _print_output_options(fmt: str, named: bool) -> None:
 
 def _options_help(argv: list[str]) -> bool:
     """`qcowfast convert ... -o help ...`: print the options of -O's format and return True.
-    As in qemu-img, the file names may be left out (and are not used)."""
+    As in qemu-img, the file names may be left out (and are not used); -n refuses -o first,
+    and a format qemu-img does not know is refused (one qcowfast does not write, too)."""
     p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     p.add_argument("-O", default="raw")
     p.add_argument("-o", action="append", default=[])
+    p.add_argument("-n", action="store_true")
     try:
         known, rest = p.parse_known_args(argv)
     except argparse.ArgumentError:
         return False            # -O or -o lacks its value: the command's parser says so
     fmt = "raw" if known.O == "host_device" else known.O
-    if fmt not in OUTPUT_FORMATS or not any(
-            re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
+    if known.n or not any(re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
         return False
+    if fmt not in QEMU_DRIVERS:
+        usage_exit(f"Unknown file format '{fmt}'", hint=False)
+    if fmt not in OUTPUT_FORMATS:
+        print(f"qcowfast: convert: -O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} "
+              "images", file=sys.stderr)
+        raise SystemExit(1)
     _print_output_options(fmt, any(not a.startswith("-") for a in rest))
     return True
 
@@ -484,89 +620,173 @@ def _valid_option_list(text: str) -> bool:
         (len(text) - len(text.rstrip(","))) % 2 == 0
 
 
-def _output_options(texts: list[str], fmt: str, existing: bool) -> dict:
-    """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) into a dict; of a
-    key given more than once, the last value counts, as in QEMU's option parser."""
-    from .cli_getopt import c_integer
-    items: dict = {}
+NO_EFFECT = "-o has no effect when skipping image creation"
+_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}       # -o compat, as qcow2 translates it
+_PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None = None,
+                    compress: bool = False) -> dict:
+    """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) for output format
+    `fmt` into {cluster_size, compression_type, nocow} as convert() takes them; of a key given
+    more than once, the last value counts, as in QEMU's option parser.
+
+    Refusals come in img_convert()'s order, in qemu-img's words where QEMU refuses too: -o
+    with -n (`existing`), the option lists, each key and value (qemu_opts_do_parse), -c
+    (`compress`) with the format, then what creating the image `dst` refuses ("DST: error
+    while converting FMT: ..."). Keys QEMU takes but qcowfast cannot honour come last, in
+    qcowfast's words. Without `dst` (no qemu-img command line: convert-many) each refusal is
+    one line.
+    """
+    from .cli_measure import create_options
+    if existing and texts:
+        raise QemuLine(NO_EFFECT)
     for text in texts:
         if not _valid_option_list(text):
             raise CliError(f"Invalid option list: {text}")
-        for item in re.split(r"(?<!,),(?!,)", text):
-            key, sep, value = item.replace(",,", ",").partition("=")
-            if not sep:
-                # QEMU's short form of a boolean: "key" is key=on, "nokey" is key=off.
-                key, sep, value = (key[2:], "=", "off") if key.startswith("no") else \
-                    (key, "=", "on")
-            if not key:
-                raise CliError(f"Invalid parameter '{key}'")
-            if key in _SIZE_OPTIONS and sep:
-                try:
-                    parse_size(value)
-                except argparse.ArgumentTypeError as exc:
-                    raise CliError(f"-o {key}: {exc}") from None
-            if key in _BOOLEAN_OPTIONS and sep and value not in _BOOLEANS:
-                raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
-            if key in _NUMBER_OPTIONS and c_integer(value) is None:
-                raise CliError(f"Parameter '{key}' expects a number")
-            items.pop(key, None)
-            items[key] = (sep, value)
-    opts = {}
-    given = bool(items)
+    try:
+        items = create_options(texts, fmt)
+    except ValueError as exc:
+        if dst is None:
+            raise CliError(f"-o {','.join(texts)}: {str(exc).splitlines()[0]}") from None
+        raise QemuLine(str(exc)) from None
+    items.pop("size", None)                     # (qemu-img convert sets the source's size)
     fixed = _FIXED_OPTIONS.get(fmt, {})
-    for key, (sep, value) in items.items():
-        if key == "size":
-            continue                            # (qemu-img convert sets the source's size)
+    for key in items:
         unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
         if unsupported and key not in fixed:
             raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
+    if compress and fmt != "qcow2":
+        raise CliError(f"-c: compression needs -O qcow2 (-O {fmt} cannot be compressed)")
+    prealloc = items.get("preallocation", ("off",))[0]
+    if compress and prealloc != "off":
+        raise QemuLine("Compression and preallocation not supported at the same time")
+    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(items)
+    if why is not None:
+        raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
+    opts = {}
+    for key, (text, value) in items.items():
         if key in _FILE_OPTIONS:
-            opts[key] = value in _FILE_OPTIONS[key][0]
-            continue
-        if key in fixed:
+            opts[key] = value
+        elif key in fixed:
             values, what = fixed[key]
-            if key in _NUMBER_OPTIONS:  # QEMU_OPT_NUMBER: strtoull(value, 0) of the whole value
-                known = c_integer(value) == int(values[0])
+            if key in _NUMBER_OPTIONS:          # QEMU_OPT_NUMBER: strtoull(value, 0)
+                known = value == int(values[0])
             else:
-                known = value in values     # case matters, as in QEMU's option parser
+                known = text in values          # case matters, as in QEMU's option parser
             if not known:
-                raise CliError(f"-o {key}={value}: qcowfast writes only {key}={values[0]} "
+                raise CliError(f"-o {key}={text}: qcowfast writes only {key}={values[0]} "
                                f"({what})")
-            continue
-        if key not in _OUTPUT_OPTIONS:
-            known = [*(_OUTPUT_OPTIONS if fmt == "qcow2" else ()), *fixed, *_FILE_OPTIONS]
-            raise CliError(f"-o {key}: unknown option (qcowfast knows "
-                           f"{', '.join(known)} for -O {fmt})")
-        if fmt != "qcow2":
-            raise CliError(f"-o {key}: Invalid parameter for -O {fmt} (it needs -O qcow2)")
-        opts[key] = value
-    if given and existing:
-        raise CliError("-o has no effect when skipping image creation (-n)")
-    if opts.get("compression_type", "zlib") not in ("zlib", "zstd"):
-        raise CliError(f"-o compression_type={opts['compression_type']}: one of zlib, zstd")
-    if "cluster_size" in opts:
-        try:
-            size = parse_size(opts["cluster_size"])
-        except argparse.ArgumentTypeError as exc:
-            raise CliError(f"-o cluster_size: {exc}") from None
-        if not 512 <= size <= 2 << 20 or size & (size - 1):
-            raise CliError("-o cluster_size: Cluster size must be a power of two between 512 "
-                           "and 2048k")
-        opts["cluster_size"] = size
+        else:
+            opts[key] = value                   # cluster_size, compression_type
     return opts
+
+
+def _qcow2_create_refusal(items: dict) -> str | None:
+    """What creating a qcow2 image with these -o values fails on, in QEMU's order and words
+    (qcow2_co_create_opts(): the enums its visitor reads, then qcow2_co_create()'s checks);
+    None when QEMU creates it."""
+    def text(key):
+        return items[key][0] if key in items else None
+
+    def value(key, default):
+        return items[key][1] if key in items else default
+
+    for key, name, allowed in (("compat", "version", _VERSIONS),
+                               ("preallocation", "preallocation", _PREALLOC_MODES),
+                               ("compression_type", "compression-type", ("zlib", "zstd"))):
+        if key in items and text(key) not in allowed:
+            return f"Parameter '{name}' does not accept value '{text(key)}'"
+    version = _VERSIONS.get(text("compat"), 3)
+    cluster_size, extended_l2 = value("cluster_size", 65536), value("extended_l2", False)
+    refcount_bits = value("refcount_bits", 16)
+    v3 = "compatibility level 1.1 and above (use version=v3 or greater)"
+    if extended_l2 and version < 3:
+        return f"Extended L2 entries are only supported with {v3}"
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
+        return "Cluster size must be a power of two between 512 and 2048k"
+    if extended_l2 and cluster_size < 16384:
+        return "Extended L2 entries are only supported with cluster sizes of at least 16384 " \
+               "bytes"
+    if value("lazy_refcounts", False) and version < 3:
+        return f"Lazy refcounts only supported with {v3}"
+    if refcount_bits > 64 or refcount_bits & (refcount_bits - 1) or not refcount_bits:
+        return "Refcount width must be a power of two and may not exceed 64 bits"
+    if refcount_bits != 16 and version < 3:
+        return "Different refcount widths than 16 bits require compatibility level 1.1 or " \
+               "above (use version=v3 or greater)"
+    if value("data_file_raw", False):           # (data_file is refused before: none here)
+        return "data-file-raw requires data-file"
+    if text("compression_type") == "zstd" and version < 3:
+        return f"Non-zlib compression type is only supported with {v3}"
+    return None
+
+
+def _raw_create_refusal(items: dict) -> str | None:
+    """The same for raw (file-posix's raw_co_create_opts())."""
+    prealloc = items.get("preallocation", ("off",))[0]
+    if prealloc not in _PREALLOC_MODES:
+        return f"invalid parameter value: {prealloc}"
+    if prealloc == "metadata":
+        return "Unsupported preallocation mode: metadata"
+    return None
+
+
+RAW_SNAPSHOT = ("Failed to load snapshot: Block format 'raw' used by device '' does not "
+                "support temporarily loading internal snapshots")
+
+
+def opened_as_raw(path, fmt: str | None, **kw) -> bool:
+    """Whether image `path` (-f `fmt`) opens as raw, as qemu-img opens it before it loads a
+    snapshot (a raw image has none: RAW_SNAPSHOT). `kw`: open_source()'s."""
+    from .image import RawImage, open_source
+    with open_source(path, fmt, **kw) as image:
+        return isinstance(image, RawImage)
+
+
+def _source_opens(args) -> None:
+    """Open convert's source (and its snapshot) as qemu-img does before it reads -O and -o,
+    and close it: a failure there is the one qemu-img reports."""
+    from .errors import UnsupportedFeature
+    from .image import open_source
+    from .snapshots import choose_snapshot_option
+    snapshot = choose_snapshot_option(args.snapshot)
+    kw = dict(backing_dirs=args.allow_backing_dir, force_share=args.force_share)
+    try:
+        open_source(args.src, args.src_format, snapshot=snapshot, **kw).close()
+    except UnsupportedFeature:
+        if snapshot is not None and opened_as_raw(args.src, args.src_format, **kw):
+            raise QemuLine(RAW_SNAPSHOT) from None
+        raise
 
 
 def convert_arguments(args) -> tuple[str, str, dict]:
     """Map a parsed `qcowfast convert` command line to convert()'s (src, dst, keywords).
 
-    Raises CliError for command lines qcowfast refuses.
+    Raises CliError for command lines qcowfast refuses, in img_convert()'s order where
+    qemu-img refuses them too: -o with -n and --target-is-zero without it, then the source
+    (-f; it is opened before -O and -o are looked at), then -O and -o.
     """
-    from .snapshots import choose_snapshot_option
     for option in getattr(args, "unsupported", []):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
     if args.extra:
         raise CliError("multiple source images are not supported (qemu-img would concatenate "
                        "them); convert one image at a time")
+    if args.options and args.existing:
+        raise QemuLine(NO_EFFECT)
+    if args.target_is_zero and not args.existing:
+        raise QemuLine("--target-is-zero requires use of -n flag")
+    if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
+        raise QemuLine(format_refusal(args.src, args.src_format))
+    try:
+        return _convert_keywords(args)
+    except CliError:
+        _source_opens(args)
+        raise
+
+
+def _convert_keywords(args) -> tuple[str, str, dict]:
+    from .snapshots import choose_snapshot_option
     fmt = args.output_format
     if fmt == "host_device":
         # QEMU's raw protocol driver for devices: the same bytes as raw, into an existing
@@ -579,18 +799,13 @@ def convert_arguments(args) -> tuple[str, str, dict]:
             raise CliError(f"-O host_device: {args.dst} is not a block or character device "
                            "(use -O raw for a file)")
         fmt = "raw"
+    if fmt not in QEMU_DRIVERS:
+        raise QemuLine(f"Unknown file format '{fmt}'")
     if fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
-    if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
-        raise CliError(f"-f {args.src_format}: qcowfast reads {' and '.join(SOURCE_FORMATS)} "
-                       "images")
-    opts = _output_options(args.options, fmt, args.existing)
-    if args.compress and fmt != "qcow2":
-        raise CliError(f"-c: compression needs -O qcow2 (-O {fmt} cannot be compressed)")
+    opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress)
     if args.compression_level is not None and not args.compress:
         raise CliError("--compression-level needs -c")
-    if args.target_is_zero and not args.existing:
-        raise CliError("--target-is-zero requires use of -n flag")
     if args.dst == "-" and "stdout" in _CLOSED_STREAMS:
         raise CliError("standard output is closed: nowhere to write the image")
     if args.dst == "-" and sys.stdout.isatty():
@@ -615,9 +830,21 @@ def convert_arguments(args) -> tuple[str, str, dict]:
 def cmd_convert(args) -> int:
     src, dst, kw = convert_arguments(args)
     from .convert import convert
+    from .errors import OutputError, UnsupportedFeature
     # qemu-img prints progress on stdout; here stdout may carry the image itself.
     with _progress(args, sys.stderr if dst == "-" else sys.stdout, 1.0) as progress:
-        result = convert(src, dst, progress=progress, **kw)
+        try:
+            result = convert(src, dst, progress=progress, **kw)
+        except UnsupportedFeature:
+            if kw["snapshot"] is not None and opened_as_raw(
+                    src, kw["src_format"], backing_dirs=kw["backing_dirs"],
+                    force_share=kw["force_share"]):
+                raise QemuLine(RAW_SNAPSHOT) from None
+            raise
+        except OutputError:
+            if kw["existing"] and kw["format"] == "raw" and _target_too_small(src, dst, kw):
+                raise QemuLine("output file is smaller than input file") from None
+            raise
         if result.virtual_size == 0 or progress.last < 100.0:
             progress.complete()
     if not args.quiet:
@@ -629,9 +856,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _target_too_small(src: str, dst: str, kw: dict) -> bool:
+    """Whether the writable in-place target `dst` holds fewer bytes than the image `src`
+    (qemu-img -n's refusal), asked once convert() has refused the target."""
+    from .image import open_source
+    try:
+        fd = os.open(dst, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if not os.access(dst, os.W_OK):
+        return False
+    with open_source(src, kw["src_format"], snapshot=kw["snapshot"],
+                     backing_dirs=kw["backing_dirs"], force_share=kw["force_share"]) as image:
+        return size < image.virtual_size
+
+
 def cmd_map(args) -> int:
     from .image import Image, open_source
     from .mapping import write_human, write_json
+    if args.format not in (None, *SOURCE_FORMATS):
+        raise QemuLine(format_refusal(args.image, args.format))
     with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
                      force_share=args.force_share) as image:
         if args.lookup is not None:
@@ -664,6 +912,8 @@ def _add_progress_options(p: argparse.ArgumentParser, where: str = "standard out
 
 def cmd_info(args) -> int:
     from .info import format_human, format_json, info
+    if args.format not in (None, *SOURCE_FORMATS):
+        raise QemuLine(format_refusal(args.image, args.format))
     kw = {"force_share": True} if args.force_share else {}
     result = info(args.image, backing_chain=args.backing_chain,
                   backing_dirs=args.allow_backing_dir, fmt=args.format, **kw)
@@ -679,16 +929,15 @@ def cmd_check(args) -> int:
             result = check(args.image, progress=progress,
                            backing_dirs=args.allow_backing_dir,
                            force_share=args.force_share, probe=args.format is None)
-    except NotChecked as exc:
-        print(f"qcowfast: {exc} (qemu-img: this image format does not support checks)",
-              file=sys.stderr)
+    except NotChecked:
+        print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
     except QcowError as exc:
         # As qemu-img: "Could not open 'IMG': ..." when the image or its chain cannot be
         # opened, "Check failed: ..." when the check itself cannot complete.
         text = str(exc)
-        print(f"qcowfast: {error_text(exc)}" if text.startswith("Could not open ") else
-              f"qcowfast: check failed: {text}", file=sys.stderr)
+        print(f"qcowfast: {error_text(exc, _images(args))}" if text.startswith(
+            "Could not open ") else f"qcowfast: check failed: {text}", file=sys.stderr)
         return 1
     # The exit status is the verdict: a reader that went away (`| head`, `| true`) must not
     # change it, as it does not change qemu-img's.
@@ -713,14 +962,23 @@ def cmd_compare(args) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"qcowfast: -T: {exc}", file=sys.stderr)     # qemu-img: 2, not 1 ("differ")
         return 2
-    for option, fmt in (("-f", args.format_a), ("-F", args.format_b)):
-        if fmt is not None and fmt not in SOURCE_FORMATS:
-            # Exit 2 (could not compare), as qemu-img for a format it cannot open: 1 would say
-            # the images differ.
-            print(f"qcowfast: {option} {fmt}: qcowfast reads {' and '.join(SOURCE_FORMATS)} "
-                  "images", file=sys.stderr)
-            return 2
     kw = {"force_share": True} if args.force_share else {}
+    # A format qcowfast does not read: exit 2 (could not compare), as qemu-img for an image it
+    # cannot open (1 would say the images differ). IMG1 is opened first.
+    if args.format_a not in (None, *SOURCE_FORMATS):
+        print(f"qcowfast: {format_refusal(args.image1, args.format_a)}", file=sys.stderr)
+        return 2
+    if args.format_b not in (None, *SOURCE_FORMATS):
+        from .image import open_source
+        try:
+            open_source(args.image1, args.format_a, backing_dirs=args.allow_backing_dir,
+                        **kw).close()
+        except QcowError as exc:
+            print(f"qcowfast: {error_text(exc, _images(args))}", file=sys.stderr)
+            return 2
+        print(f"qcowfast: {format_refusal(args.image2, args.format_b, '-F')}",
+              file=sys.stderr)
+        return 2
     # qemu-img ends its progress report after the verdict line (a newline follows it).
     def say(line: str) -> None:                 # (the status is the verdict, as in check)
         if not args.quiet:
@@ -732,7 +990,7 @@ def cmd_compare(args) -> int:
                              fmt_b=args.format_b, strict=args.strict, progress=progress,
                              backing_dirs=args.allow_backing_dir, on_message=say, **kw)
         except QcowError as exc:
-            print(f"qcowfast: {error_text(exc)}", file=sys.stderr)
+            print(f"qcowfast: {error_text(exc, _images(args))}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)     # CompareError: 3 or 4, as qemu-img
         except OSError as exc:
             name = f"{exc.filename}: " if exc.filename else ""
@@ -753,6 +1011,17 @@ _OPERANDS = {"info": ("Expecting one image file name", True),
 _LATE_OPERANDS = ("convert", "measure", "snapshot")
 
 
+class _GlibcMessage(argparse.Action):
+    """getopt's own message, for a subcommand that lets getopt print it (PRINTS_ERRORS): as
+    glibc words it ("measure: invalid option -- 'x'"), then the help on standard output and
+    status 0, as qemu-img's `case '?': help()`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog.rpartition(' ')[2]}: {values}", file=sys.stderr)
+        parser.print_help()
+        parser.exit(0)
+
+
 class _GetoptError(argparse.Action):
     """getopt_long's errors, handed over by cli_getopt.getopt_argv in their place on the command
     line: qemu-img's error_exit() line for the word it names."""
@@ -763,12 +1032,14 @@ class _GetoptError(argparse.Action):
                    f"missing argument for option '{values}'")
 
 
-def _add_getopt_errors(p: argparse.ArgumentParser) -> None:
-    """Give `p` (a qemu-img subcommand's parser) qemu-img's option errors (cli_getopt)."""
-    from .cli_getopt import MISSING, UNRECOGNIZED
-    for option in (UNRECOGNIZED, MISSING):
+def _add_getopt_errors(p: argparse.ArgumentParser, glibc: bool = False) -> None:
+    """Give `p` (a qemu-img subcommand's parser) qemu-img's option errors (cli_getopt), or
+    with `glibc` getopt's own."""
+    from .cli_getopt import GLIBC_MESSAGE, MISSING, UNRECOGNIZED
+    for option in (GLIBC_MESSAGE,) if glibc else (UNRECOGNIZED, MISSING):
         if option not in p._option_string_actions:
-            p.add_argument(option, action=_GetoptError, help=argparse.SUPPRESS)
+            p.add_argument(option, action=_GlibcMessage if glibc else _GetoptError,
+                           help=argparse.SUPPRESS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -882,8 +1153,8 @@ def _add_map_parser(sub) -> None:
     p.add_argument("--lookup", type=parse_size, metavar="OFFSET", default=None,
                    help="describe the L1/L2 entries, cluster type and host offset serving one "
                         "guest offset")
-    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
-                   help="format of IMG (default: probe like qemu-img)")
+    p.add_argument("-f", "--format", dest="format", default=None, metavar="FMT",
+                   help="format of IMG: qcow2 or raw (default: probe like qemu-img)")
     p.add_argument("-s", "--start-offset", type=lambda text: cvtnum("start offset", text),
                    metavar="OFFSET", default=0, help="map from this guest offset")
     p.add_argument("-l", "--max-length", type=lambda text: cvtnum("max length", text),
@@ -906,8 +1177,9 @@ def _add_info_parser(sub) -> None:
     p.add_argument("--backing-chain", action="store_true",
                    help="also describe every backing file, following the chain under the same "
                         "path policy as convert (see --allow-backing-dir)")
-    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
-                   help="format of IMG (default: probe the QCOW2 magic, else raw)")
+    p.add_argument("-f", "--format", dest="format", default=None, metavar="FMT",
+                   help="format of IMG: qcow2 or raw (default: probe the QCOW2 magic, else "
+                        "raw)")
     _add_force_share_option(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_info)
@@ -926,8 +1198,9 @@ def _add_check_parser(sub) -> None:
     _add_output_option(p, "check")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print no report (the exit status still tells the result)")
-    p.add_argument("-f", "--format", dest="format", choices=("qcow2", "raw"), default=None,
-                   help="format of IMG (default: probe); raw images cannot be checked")
+    p.add_argument("-f", "--format", dest="format", default=None, metavar="FMT",
+                   help="format of IMG: qcow2 or raw (default: probe); raw images cannot be "
+                        "checked")
     _add_force_share_option(p)
     _add_source_cache_option(p)
     p.add_argument("-r", "--repair", dest="repair", metavar="leaks|all", default=None,
@@ -1103,6 +1376,19 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+def _images(args) -> list[tuple[str, str | None]]:
+    """The images a qemu-img command opens, in its order: (path, format given or None)."""
+    if args.command == "compare":
+        return [(args.image1, args.format_a), (args.image2, args.format_b)]
+    if args.command == "convert":
+        return [(args.src, args.src_format)]
+    if args.command in ("info", "map", "check"):
+        return [(args.image, args.format)]
+    if args.command == "measure" and args.filename is not None:
+        return [(args.filename, args.format)]
+    return []
+
+
 def run() -> None:
     """The `qcowfast` command: main(), then exit without the interpreter's tear-down.
 
@@ -1130,17 +1416,31 @@ def run() -> None:
 
 def main(argv=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    from .cli_getopt import QEMU_LONG, getopt_argv, global_options
+    from .cli_getopt import (PRINTS_ERRORS, QEMU_LONG, GetoptError, getopt_argv,
+                             global_options)
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
-    argv, version = global_options(argv)
-    if version or argv == ["--version"]:        # scripts call this often: skip the parser
+    try:
+        words, asked = global_options(argv)
+    except GetoptError as exc:
+        usage_exit(str(exc))
+    if asked == "version":                      # scripts call this often: skip the parser
         print(f"qcowfast {__version__}")
         return 0
+    if asked == "help":
+        argv = ["--help"]
+    elif not words:
+        if argv:
+            return 0                            # options alone: qemu-img ends quietly
+        # (nothing at all: the usage, where qemu-img says "Not enough arguments")
+    elif words[0] not in _COMMANDS:
+        usage_exit(f"Command not found: {words[0]}")
+    else:
+        argv = words
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     if argv and argv[0] in parser.commands:
         # Read as qemu-img's getopt_long reads it (see cli_getopt).
         if argv[0] in QEMU_LONG and argv[0] != "serve":     # qemu-img's own errors
-            _add_getopt_errors(parser.commands[argv[0]])
+            _add_getopt_errors(parser.commands[argv[0]], glibc=argv[0] in PRINTS_ERRORS)
         argv = [argv[0], *getopt_argv(argv[1:], parser.commands[argv[0]],
                                       QEMU_LONG.get(argv[0], ()), argv[0])]
     if argv[:1] == ["convert"] and _options_help(argv[1:]):
@@ -1182,8 +1482,9 @@ def main(argv=None) -> int:
             _quiet_stdout()
             return 0
         if isinstance(exc, (QcowError, CliError, ValueError)):
-            prefix = "qcowfast: convert: " if isinstance(exc, CliError) else "qcowfast: "
-            print(f"{prefix}{error_text(exc)}", file=sys.stderr)
+            prefix = "qcowfast: convert: " if isinstance(exc, CliError) and not isinstance(
+                exc, QemuLine) else "qcowfast: "
+            print(f"{prefix}{error_text(exc, _images(args))}", file=sys.stderr)
             return 1
         if isinstance(exc, OSError):
             name = f"{exc.filename}: " if exc.filename else ""

@@ -45,13 +45,23 @@ _FLAG, _VALUE, _OPTIONAL = 0, 1, 2
 # 'WORD'". Only parsers that define them get them (qemu-img's subcommands).
 UNRECOGNIZED = "--qemu-img-unrecognized-option"
 MISSING = "--qemu-img-missing-argument"
+# The same for a subcommand whose optstring lacks the leading ':' (qemu-img measure): getopt
+# prints its own message (glibc's words, for every error) and qemu-img then prints its help.
+GLIBC_MESSAGE = "--qemu-img-getopt-message"
+# The subcommands that read their options so.
+PRINTS_ERRORS = ("measure",)
+_HIDDEN = (UNRECOGNIZED, MISSING, GLIBC_MESSAGE)
+
+
+class GetoptError(Exception):
+    """A command line qemu-img's main() refuses before the subcommand: its error_exit() line."""
 
 
 def _kinds(parser: argparse.ArgumentParser) -> tuple[dict, dict]:
     """({short char: kind}, {long name: kind}) of the parser's options."""
     shorts, longs = {}, {}
     for action in parser._actions:
-        if any(opt in (UNRECOGNIZED, MISSING) for opt in action.option_strings):
+        if any(opt in _HIDDEN for opt in action.option_strings):
             continue
         kind = _FLAG if action.nargs == 0 else _OPTIONAL if action.nargs == "?" else _VALUE
         for opt in action.option_strings:
@@ -62,13 +72,13 @@ def _kinds(parser: argparse.ArgumentParser) -> tuple[dict, dict]:
     return shorts, longs
 
 
-def _long(name: str, ours: dict, qemu: tuple) -> str | None:
-    """The long option `name` stands for: itself, or the one qemu's option it uniquely
-    abbreviates; None when unknown or ambiguous (argparse then reports it)."""
+def _long(name: str, ours: dict, qemu: tuple) -> tuple[str | None, list[str]]:
+    """(the long option `name` stands for: itself, or the one of qemu's options it uniquely
+    abbreviates, else None; qemu's options it abbreviates, in qemu's order)."""
     if name in ours:
-        return name
+        return name, [name]
     matches = [full for full in qemu if full.startswith(name)] if name else []
-    return matches[0] if len(matches) == 1 and matches[0] in ours else None
+    return (matches[0] if len(matches) == 1 and matches[0] in ours else None), matches
 
 
 def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
@@ -76,12 +86,16 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
     """`argv` (the words after the subcommand `command`) as getopt_long reads it, spelled for
     `parser`."""
     shorts, longs = _kinds(parser)
-    errors = UNRECOGNIZED in parser._option_string_actions
+    glibc = GLIBC_MESSAGE in parser._option_string_actions
+    errors = glibc or UNRECOGNIZED in parser._option_string_actions
     out: list[str] = []
     i = 0
 
-    def failed(option: str, word: str) -> bool:
-        if errors:
+    def failed(option: str, word: str, message: str) -> bool:
+        """Hand over getopt's error: the word qemu-img names, or glibc's `message`."""
+        if glibc:
+            out.append(f"{GLIBC_MESSAGE}={message}")
+        elif errors:
             out.append(f"{option}={word}")
         return errors
 
@@ -93,16 +107,20 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
             break
         if word.startswith("--"):
             name, eq, value = word[2:].partition("=")
-            full = _long(name, longs, qemu_long)
+            full, matches = _long(name, longs, qemu_long)
             if full is None:
-                if not failed(UNRECOGNIZED, word):
+                message = (f"option '{word}' is ambiguous; possibilities: "
+                           + " ".join(f"'--{m}'" for m in matches) if len(matches) > 1
+                           else f"unrecognized option '{word}'")
+                if not failed(UNRECOGNIZED, word, message):
                     out.append(word)
                 continue
-            if eq and longs[full] == _FLAG and failed(UNRECOGNIZED, word):
+            if eq and longs[full] == _FLAG and failed(
+                    UNRECOGNIZED, word, f"option '--{full}' doesn't allow an argument"):
                 continue
             if longs[full] == _VALUE and not eq:
                 if i == len(argv):
-                    if not failed(MISSING, word):
+                    if not failed(MISSING, word, f"option '--{full}' requires an argument"):
                         out.append(word)
                     continue
                 eq, value = "=", argv[i]
@@ -118,7 +136,8 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
                     # getopt names argv[optind - 1]: this word once its last letter is read,
                     # else the word before it (the subcommand for the first).
                     last = j + 1 == len(word)
-                    if failed(UNRECOGNIZED, word if last else argv[i - 2] if i > 1 else command):
+                    if failed(UNRECOGNIZED, word if last else argv[i - 2] if i > 1 else command,
+                              f"invalid option -- '{char}'"):
                         break
                     # Not an option: the word goes to argparse as written, to be refused as a
                     # whole (split, "-U-" would end the options and "-U1" be an operand).
@@ -134,7 +153,8 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
                 elif kind == _VALUE and i < len(argv):
                     out.append(f"-{char}={argv[i]}")
                     i += 1
-                elif kind == _VALUE and failed(MISSING, word):
+                elif kind == _VALUE and failed(MISSING, word,
+                                               f"option requires an argument -- '{char}'"):
                     pass
                 else:                           # no value: argparse says what is missing
                     out.append(f"-{char}")
@@ -160,34 +180,44 @@ def c_integer(text: str) -> int | None:
     return -value if sign == "-" else value
 
 
-def global_options(argv: list[str]) -> tuple[list[str], bool]:
-    """Drop qemu-img's options before the subcommand (-T/--trace ARG, `--`); return the rest
-    (a prefix of --help spelled out) and whether -V/--version (or a prefix) asked for the
-    version."""
+def global_options(argv: list[str]) -> tuple[list[str], str | None]:
+    """Read qemu-img's options before the subcommand as its main() does (getopt "+:hVT:", long
+    --help, --version, --trace): return the subcommand and its words ([] when options are all
+    there is, which qemu-img ends with status 0) and what was asked for first: "help" (-h or a
+    prefix of --help), "version" (-V or a prefix of --version) or None. Raises GetoptError
+    with qemu-img's line for an option it refuses."""
     i = 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
         word = argv[i]
+        i += 1
         if word == "--":
-            rest = argv[i + 1:]                 # an option after it is no option: refused
-            return (["--", *rest] if rest[:1] and rest[0].startswith("-") else rest), False
-        if word == "-V":
-            return argv[i + 1:], True
+            break
         if word.startswith("--"):
             name, eq, _ = word[2:].partition("=")
-            full = [n for n in _GLOBAL_LONG if n.startswith(name)] if name else []
+            full = [n for n in _GLOBAL_LONG if n.startswith(name)]
             if len(full) != 1 or eq and full[0] != "trace":
-                break                           # (argparse refuses it)
-            if full[0] == "version":
-                return argv[i + 1:], True
-            if full[0] == "trace":
-                i += 1 if eq else 2
-                continue
-            return ["--help", *argv[i + 1:]], False
-        if word.startswith("-T"):
-            i += 1 if len(word) > 2 else 2
+                raise GetoptError(f"unrecognized option '{word}'")
+            if full[0] in ("help", "version"):
+                return argv[i:], full[0]
+            if not eq:
+                if i == len(argv):
+                    raise GetoptError(f"missing argument for option '{word}'")
+                i += 1
             continue
-        break
-    return argv[i:], False
+        for j, char in enumerate(word[1:], 2):
+            if char in "hV":
+                return argv[i:], "help" if char == "h" else "version"
+            if char == "T":
+                if j == len(word):              # the value is the next word
+                    if i == len(argv):
+                        raise GetoptError(f"missing argument for option '{word}'")
+                    i += 1
+                break
+            # getopt names argv[optind - 1]: this word once its last letter is read, else the
+            # word before it (the program's name for the first).
+            named = word if j == len(word) else argv[i - 2] if i > 1 else "qcowfast"
+            raise GetoptError(f"unrecognized option '{named}'")
+    return argv[i:], None
 
 
 _C_SPACE = " \t\n\v\f\r"
@@ -252,5 +282,5 @@ def strtosz(text: str) -> int:
     return value
 
 
-__all__ = ["MISSING", "QEMU_LONG", "UNRECOGNIZED", "c_integer", "getopt_argv", "global_options",
-           "strtosz"]
+__all__ = ["GLIBC_MESSAGE", "GetoptError", "MISSING", "PRINTS_ERRORS", "QEMU_LONG",
+           "UNRECOGNIZED", "c_integer", "getopt_argv", "global_options", "strtosz"]

@@ -8,7 +8,6 @@ Cheap imports only at module level: the measuring is imported when the command r
 """
 from __future__ import annotations
 
-import re
 import sys
 
 from .cli_getopt import strtosz
@@ -51,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("filename", metavar="FILENAME", nargs="?", default=None,
                    help="the source image (qcow2 or raw)")
     _add_output_option(p, "measure", at_once=True)
-    p.add_argument("--size", metavar="N", default=None,
+    p.add_argument("--size", metavar="N", default=None, type=_at_once(_size_operand),
                    help="the virtual size of a new, empty image instead of a source (k, M, G, "
                         "T, P, E suffixes)")
     p.add_argument("-f", dest="format", metavar="FMT", default=None,
@@ -59,6 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("-O", dest="output_format", metavar="FMT", default="raw",
                    help="format of the new image: raw (default) or qcow2")
     p.add_argument("-o", dest="options", metavar="OPTIONS", action="append", default=[],
+                   type=_at_once(_option_list),
                    help="creation options key=val[,key=val...] as qemu-img takes them: for "
                         "qcow2 cluster_size, refcount_bits, extended_l2, compat, "
                         "preallocation, backing_file (and the keys measuring ignores, such as "
@@ -69,6 +69,25 @@ def add_parser(sub) -> None:
     _add_force_share_option(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_measure, extra=[])
+
+
+def _at_once(check):
+    """An argparse type for a value qemu-img checks as its getopt loop reads it: a _Failed
+    ends the command there, before any later option is read."""
+    def read(text: str):
+        try:
+            return check(text)
+        except _Failed as exc:
+            from .cli import usage_exit
+            usage_exit(*exc.args, hint=False)
+    return read
+
+
+def _option_list(text: str) -> str:
+    from .cli import _valid_option_list
+    if not _valid_option_list(text):
+        raise _Failed(f"Invalid option list: {text}")
+    return text
 
 
 def cmd_measure(args) -> int:
@@ -87,14 +106,8 @@ def cmd_measure(args) -> int:
 
 
 def _measure(args):
-    # Read as the options come (img_measure()'s getopt loop): option lists, then --size.
-    from .cli import _valid_option_list
-    for text in args.options:
-        if not _valid_option_list(text):
-            raise _Failed(f"Invalid option list: {text}")
-    size = None
-    if args.size is not None:
-        size = _size_operand(args.size)
+    # (option lists and --size were checked as they were read, in img_measure()'s getopt loop)
+    size = args.size
     if args.extra:
         raise _Failed("At most one filename argument is allowed.")
     if args.filename is None and (args.format is not None or args.snapshot):
@@ -104,25 +117,32 @@ def _measure(args):
     if args.filename is None and size is None:
         raise _Failed("Either --size N or one filename must be specified.")
     if args.format is not None and args.format not in SOURCE_FORMATS:
-        raise _Failed(f"-f {args.format}: qcowfast reads qcow2 and raw images")
+        from .cli import format_refusal
+        raise _Failed(format_refusal(args.filename, args.format))
 
     from .measure import check_qcow2_options, measure
     source = None
     if args.filename is not None:
-        from .errors import SnapshotNotFound
+        from .cli import RAW_SNAPSHOT, opened_as_raw
+        from .errors import SnapshotNotFound, UnsupportedFeature
         from .image import open_source
         from .snapshots import choose_snapshot_option
+        snapshot = choose_snapshot_option(args.snapshot)
+        kw = dict(backing_dirs=args.allow_backing_dir, force_share=args.force_share)
         try:
-            source = open_source(args.filename, args.format,
-                                 snapshot=choose_snapshot_option(args.snapshot),
-                                 backing_dirs=args.allow_backing_dir,
-                                 force_share=args.force_share)
+            source = open_source(args.filename, args.format, snapshot=snapshot, **kw)
         except SnapshotNotFound:
             raise _Failed("Failed to load snapshot: Can't find snapshot") from None
+        except UnsupportedFeature:
+            if snapshot is not None and opened_as_raw(args.filename, args.format, **kw):
+                raise _Failed(RAW_SNAPSHOT) from None
+            raise
     try:
         fmt = args.output_format
         if fmt not in ("qcow2", "raw"):
-            raise _Failed(f"-O {fmt}: qcowfast measures qcow2 and raw images")
+            from .cli import QEMU_DRIVERS
+            raise _Failed(f"Unknown file format '{fmt}'" if fmt not in QEMU_DRIVERS else
+                          f"-O {fmt}: qcowfast measures qcow2 and raw images")
         opts = _options(args.options, fmt)
         kw = {k: opts[k] for k in ("cluster_size", "refcount_bits", "extended_l2", "compat",
                                    "preallocation", "backing_file") if k in opts}
@@ -183,39 +203,50 @@ def _split_options(text: str):
         yield key, value
 
 
-def _options(texts: list[str], fmt: str) -> dict:
-    """The -o lists joined (a later key wins, every value checked), typed."""
+def create_options(texts: list[str], fmt: str) -> dict:
+    """The -o lists joined, as QEMU's qemu_opts_do_parse() reads them against the creation
+    options of `fmt` (raw or qcow2) and of the file protocol: {key: (text, typed value)}, a
+    later key winning, every value checked (encrypt.* keys of qcow2 kept as text). Raises
+    ValueError with QEMU's line for the first key or value it refuses."""
     from .cli_getopt import c_integer
     keys = _QCOW2_KEYS if fmt == "qcow2" else _RAW_KEYS
     out: dict = {}
-    for key, value in _split_options(",".join(texts)):
-        kind = keys.get(key)
-        if kind is None and key.startswith("encrypt.") and fmt == "qcow2":
-            raise _Failed(f"-o {key}: not supported by qcowfast (measuring encrypted images)")
-        why = None
+    for key, text in _split_options(",".join(texts)):
+        kind = "string" if key.startswith("encrypt.") and fmt == "qcow2" else keys.get(key)
+        value = text
         if kind is None:
-            why = f"Invalid parameter '{key}'"
-        elif kind == "bool":
-            if value not in _BOOLEANS:
-                why = f"Parameter '{key}' expects 'on' or 'off'"
-            else:
-                value = _BOOLEANS[value]
+            raise ValueError(f"Invalid parameter '{key}'")
+        if kind == "bool":
+            if text not in _BOOLEANS:
+                raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+            value = _BOOLEANS[text]
         elif kind == "size":
             try:
-                value = strtosz(value)
+                value = strtosz(text)
             except OverflowError:
-                why = f"Value '{value}' is out of range for parameter '{key}'"
+                raise ValueError(f"Value '{text}' is out of range for parameter '{key}'") \
+                    from None
             except ValueError:
-                why = f"Parameter '{key}' expects {_SIZE_HINT}"
+                raise ValueError(f"Parameter '{key}' expects {_SIZE_HINT}") from None
         elif kind == "number":
-            number = c_integer(value)
+            number = c_integer(text)
             if number is None:
-                why = f"Parameter '{key}' expects a number"
-            elif not -_UINT64_MAX <= number <= _UINT64_MAX:
-                why = f"Value '{value}' is too large for parameter '{key}'"
-            else:
-                value = number & _UINT64_MAX    # strtoull: "-1" wraps
-        if why is not None:
-            raise _Failed(why, f"Invalid options for file format '{fmt}'")
-        out[key] = value
+                raise ValueError(f"Parameter '{key}' expects a number")
+            if not -_UINT64_MAX <= number <= _UINT64_MAX:
+                raise ValueError(f"Value '{text}' is too large for parameter '{key}'")
+            value = number & _UINT64_MAX        # strtoull: "-1" wraps
+        out.pop(key, None)
+        out[key] = (text, value)
     return out
+
+
+def _options(texts: list[str], fmt: str) -> dict:
+    """The -o lists joined (a later key wins, every value checked), typed."""
+    try:
+        items = create_options(texts, fmt)
+    except ValueError as exc:
+        raise _Failed(str(exc), f"Invalid options for file format '{fmt}'") from None
+    for key in items:
+        if key.startswith("encrypt."):
+            raise _Failed(f"-o {key}: not supported by qcowfast (measuring encrypted images)")
+    return {key: value for key, (_, value) in items.items()}
