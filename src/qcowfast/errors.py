@@ -20,8 +20,9 @@ class FormatError(QcowError, ValueError):
 class CorruptImage(QcowError):
     """Metadata breaks a rule of the QCOW2 specification (bad table entry, overlap, bad offset).
 
-    `guest_offset`: where a bad L2 entry sits in the guest (its cluster's first byte), when the
-    error is one; reads and maps of guest bytes before it are unaffected."""
+    `guest_offset`: where a read met a bad L2 entry (its cluster's first byte) or a bad L1
+    entry (where the read reached its range), when the error is one; reads and maps of guest
+    bytes before it are unaffected."""
     guest_offset: int | None = None
 
 
