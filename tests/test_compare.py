@@ -518,3 +518,29 @@ def test_data_runs_compare_in_place(tmp_path, monkeypatch):
         assert calls, "the data runs were not compared in place"
         assert (0 if got.identical else 1) == want.returncode
         assert got.messages == [want.stdout.strip()]
+
+
+def test_compare_never_allocates_the_holes_of_files_on_tmpfs(tmp_path):
+    """Compared in place (mapped), a tmpfs file's holes would be allocated by the read faults:
+    a read-only command grew the files it compared, up to a cluster a side per step (found by
+    a red-team helper). Ranges holding holes are read instead; qemu-img leaves the files as
+    they were, and so does qcowfast now. Verdicts as qemu-img's."""
+    import tempfile
+    img = tmp_path / "img.qcow2"           # (the red-team's layout: block status gives the
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", img, "256M")  # last
+    qemu_io(img, "write -P 0x5a 0 200M", "write -P 0x11 210M 4k")   # cluster whole, as data)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        t, u = os.path.join(shm, "t.qcow2"), os.path.join(shm, "u.qcow2")
+        for copy in (t, u):
+            subprocess.run(["cp", "--sparse=always", img, copy], check=True)
+        blocks = [os.stat(p).st_blocks for p in (t, u)]
+        proc = cli("compare", t, u)
+        assert (proc.returncode, proc.stdout) == (0, "Images are identical.\n"), proc.stderr
+        assert [os.stat(p).st_blocks for p in (t, u)] == blocks
+        qemu_io(u, "write -P 0x12 211M 512")                     # in the hole part
+        blocks = [os.stat(p).st_blocks for p in (t, u)]
+        proc, want = cli("compare", t, u), subprocess.run(
+            [QEMU_IMG, "compare", t, u], capture_output=True, text=True)
+        assert (proc.returncode, proc.stdout) == (want.returncode, want.stdout) == \
+            (1, f"Content mismatch at offset {211 << 20}!\n")
+        assert [os.stat(p).st_blocks for p in (t, u)] == blocks

@@ -130,6 +130,16 @@ class _QcowSource:
         self.image.close()
 
 
+def _has_hole(fd: int, offset: int, n: int) -> bool:
+    """Whether [offset, offset + n) of file `fd` holds a hole (or cannot be told). Such a
+    range is read, not mapped: a read fault on a tmpfs hole allocates a page, so a read-only
+    compare would grow the files it compares."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE) < offset + n
+    except OSError:
+        return True
+
+
 def _open_source(path: str, fmt: str | None, backing_dirs, force_share: bool = False):
     # Probed as qemu-img probes (foreign formats refused by name); FIFOs and sockets refused.
     src = open_source(path, fmt, backing_dirs=backing_dirs, force_share=force_share)
@@ -281,7 +291,7 @@ class _Comparer:
         the page cache when each side's bytes lie as they are in one range of one file;
         FALLBACK when they do not (compressed, split, past a file's end) or a file shrank."""
         ra, rb = self.a.host_range(pos, n), self.b.host_range(pos, n)
-        if ra is None or rb is None:
+        if ra is None or rb is None or _has_hole(*ra, n) or _has_hole(*rb, n):
             return FALLBACK
         at = _plain.first_difference(*ra, *rb, n)
         return FALLBACK if at == _plain.FALLBACK else None if at == n else at
