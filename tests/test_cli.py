@@ -982,7 +982,7 @@ def test_closed_pipe_ends_quietly(tmp_path, argv):
     if argv[0] == "convert":
         assert proc.wait(timeout=120) == 1, err
         assert err.startswith("qcowfast: -: the reader closed it after ") and \
-            err.endswith(" bytes; the image was not delivered whole\n") and \
+            err.endswith(" bytes were written into it; the image was not delivered whole\n") and \
             len(err.splitlines()) == 1, err
         return
     assert proc.wait(timeout=120) == 0, err

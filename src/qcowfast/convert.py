@@ -1193,5 +1193,5 @@ def _convert_stream(image, out, name, unit, threads, progress) -> int:
         # (Raised outside the handler: the EPIPE must not be its context, which the command
         # line would take for a text reader gone away, `| head`, and end with status 0.)
         raise OutputError(f"{name}: the reader closed it after {delivered[0]} of {vsize} "
-                          "bytes; the image was not delivered whole")
+                          "bytes were written into it; the image was not delivered whole")
     return vsize
