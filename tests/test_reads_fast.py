@@ -236,3 +236,34 @@ def test_sequential_reads_keep_two_windows(image, small_windows):
             if not got:
                 break
         f.close()
+
+
+def test_sequential_reads_before_a_bad_entry_read_as_in_qemu(tmp_path):
+    """A read-ahead window that fails somewhere past the bytes asked for (here at a bad L1
+    entry) no longer fails the read: the bytes before the entry read as qemu-io reads them, and
+    the read that reaches it fails (found by a red-team helper)."""
+    import struct
+    from common import qemu_img, qemu_io
+    G = 1 << 30
+    img = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4G")
+    qemu_io(img, f"write -P 0x5a {2 * G - 64 * K} 64k", f"write -P 0x11 {2 * G} 64k")
+    with open(img, "r+b") as f:                 # L1 entry 4 (from 2 GiB): unaligned
+        l1 = struct.unpack(">Q", f.read(48)[40:48])[0]
+        f.seek(l1 + 8 * 4)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1 + 8 * 4)
+        f.write(struct.pack(">Q", entry | 0x200))
+    start = 2 * G - 4 * 1024 * K
+    with qcowfast.open(img) as image, image.as_file() as f:
+        f.seek(start)
+        got = b"".join(f.read(4 * K) for _ in range(1024))          # up to the entry
+        assert got == bytes(4 * 1024 * K - 64 * K) + b"\x5a" * (64 * K)
+        assert f.tell() == 2 * G
+        with pytest.raises(qcowfast.CorruptImage, match="L1 entry 4"):
+            f.read(4 * K)
+    qemu_io(img, f"read -P 0x5a {2 * G - 4 * K} 4k")           # (raises if it fails)
+    import subprocess
+    bad = subprocess.run(["qemu-io", "-r", "-c", f"read {2 * G} 4k", img], capture_output=True,
+                         text=True)
+    assert "read failed" in bad.stdout + bad.stderr, bad.stdout + bad.stderr

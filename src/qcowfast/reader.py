@@ -9,6 +9,7 @@ from operator import index
 
 import numpy as np
 
+from .errors import QcowError
 from .image import MAX_READ
 
 READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
@@ -91,6 +92,7 @@ class ImageFile(io.RawIOBase):
         self._last_end = -1            # where the previous read ended: sequential detection
         self._windows: list[_Window] = []      # made on the first sequential read
         self._lock = threading.Lock()           # held while the windows are used
+        self._direct_until = 0          # reads before this offset skip windows (one failed)
         _OPEN_FILES.add(self)
 
     def readable(self) -> bool:
@@ -193,24 +195,33 @@ class ImageFile(io.RawIOBase):
         filled from `pos` now; None: read straight from the image."""
         for win in self._windows:
             if win.pending is not None and win.start <= pos < win.start + len(win.buf):
-                err = win.settle()
-                if err is not None:
-                    raise err
+                if win.settle() is not None:
+                    return self._failed(win.start)
             if win.start <= pos < win.start + win.length:
                 self._prefetch_after(win)
                 return win
-        if not fill:
+        if not fill or pos < self._direct_until:
             return None
         if not self._windows:
             self._windows = [_Window(), _Window()]
         # Refill the window whose data lies furthest behind (never one being filled).
         win = min(self._windows, key=lambda w: (w.pending is not None, w.start))
         win.settle()
-        win.fill(self._image, pos)
+        try:
+            win.fill(self._image, pos)
+        except (QcowError, OSError):
+            return self._failed(pos)
         if not win.length:
             return None                         # the end of the image
         self._prefetch_after(win)
         return win
+
+    def _failed(self, start: int) -> None:
+        """A window from `start` failed to fill, somewhere in it: the bytes before a bad
+        entry or a bad cluster still read as they do from the image, so reads there go
+        straight to it (which raises for bytes that fail), as QEMU reads them."""
+        self._direct_until = start + READAHEAD
+        return None
 
     def _prefetch_after(self, win: _Window) -> None:
         """Fill the other window with what follows `win`, in the background."""
