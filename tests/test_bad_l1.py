@@ -491,3 +491,27 @@ def test_nbd_block_status_and_reads_fail_at_the_entry(tmp_path):
     finally:
         ours.stop()
         theirs.stop()
+
+
+@pytest.mark.parametrize("order", ["good-first", "bad-first"])
+def test_compare_stops_at_a_difference_before_the_entry(tmp_path, order):
+    """Images that differ before a bad L1 entry compare as qemu-img compares them: "Content
+    mismatch" (exit 1), since its queries never reach the entry. The extent that led up to
+    the entry was held back while it might still grow, and the entry's error came first
+    (exit 3; found by a red-team helper)."""
+    bad, good = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", bad, "4G")
+    qemu_io(bad, "write -P 2 2G 64k")
+    qemu_img("create", "-q", "-f", "qcow2", good, "4G")
+    qemu_io(good, "write -P 3 0 4k")
+    with open(bad, "r+b") as f:                     # L1 entry 4 (from 2 GiB): unaligned
+        l1 = struct.unpack(">Q", f.read(48)[40:48])[0]
+        f.seek(l1 + 32)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1 + 32)
+        f.write(struct.pack(">Q", entry | 0x200))
+    pair = [good, bad] if order == "good-first" else [bad, good]
+    ours = run_cli("compare", *pair)
+    want = subprocess.run([QEMU_IMG, "compare", *pair], capture_output=True, text=True)
+    assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout) == \
+        (1, "Content mismatch at offset 0!\n")

@@ -1074,19 +1074,26 @@ class Image(_Layer):
 
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         pending = None
-        for chunk in self._each_step(self._runs(start, end)):
-            for g, n, k, h, d in zip(chunk.guest.tolist(), chunk.length.tolist(),
-                                     chunk.kind.tolist(), chunk.host.tolist(),
-                                     chunk.depth.tolist()):
-                if pending is not None:
-                    pg, pn, pk, ph, pd = pending
-                    if (pk == k and pd == d and k != _COMPRESSED and pg + pn == g
-                            and ((ph < 0 and h < 0) or (ph >= 0 and h == ph + pn))):
-                        pending = (pg, pn + n, pk, ph, pd)
-                        continue
-                    self._check_open()      # closed between two steps of the iteration
-                    yield _extent(*pending)
-                pending = (g, n, k, h, d)
+        try:
+            for chunk in self._each_step(self._runs(start, end)):
+                for g, n, k, h, d in zip(chunk.guest.tolist(), chunk.length.tolist(),
+                                         chunk.kind.tolist(), chunk.host.tolist(),
+                                         chunk.depth.tolist()):
+                    if pending is not None:
+                        pg, pn, pk, ph, pd = pending
+                        if (pk == k and pd == d and k != _COMPRESSED and pg + pn == g
+                                and ((ph < 0 and h < 0) or (ph >= 0 and h == ph + pn))):
+                            pending = (pg, pn + n, pk, ph, pd)
+                            continue
+                        self._check_open()      # closed between two steps of the iteration
+                        yield _extent(*pending)
+                    pending = (g, n, k, h, d)
+        except QcowError:
+            # What was resolved before the bad entry still holds (a caller may need no more:
+            # compare stops at the first difference, as qemu-img's queries do).
+            if pending is not None:
+                yield _extent(*pending)
+            raise
         if pending is not None:
             yield _extent(*pending)
 
