@@ -163,6 +163,9 @@ class _Checker:
         self.refmax = (1 << header.refcount_bits) - 1
         self._said: dict = {}
         self.steps_done = self.steps_total = 0
+        #: L2 table offset -> its data entries whose COPIED flag disagrees with the refcount
+        #: (tables an active L1 entry names), reported by oflag_copied()
+        self.copied_bad: dict = {}
 
     # -- reporting -----------------------------------------------------------------------------
     def say(self, kind: str, text: str, times: int = 1) -> None:
@@ -288,7 +291,7 @@ class _Checker:
         self.bitmaps()
         self.refcount_blocks(stored)
         self.compare(stored)
-        self.oflag_copied_l1(active_l1, stored)     # (after the comparison, as in QEMU)
+        self.oflag_copied(active_l1, stored)        # (after the comparison, as in QEMU)
         self.report_overlaps()
 
     def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool,
@@ -406,13 +409,14 @@ class _Checker:
         return True
 
     def l2_table(self, l2_offset: int, active: int, weight: int, stored: StoredRefcounts):
-        """check_refcounts_l2() for one table, weighted; check_oflag_copied() for its entries.
+        """check_refcounts_l2() for one table, weighted; its data entries' COPIED flags for
+        check_oflag_copied() (`copied_bad`, reported by oflag_copied()).
 
         `active` counts the active L1 entries naming the table, `weight` all L1 entries.
         """
         h, res, cs = self.h, self.res, self.cs
         # check_oflag_copied() skips L1 entries whose masked offset is 0; the count does not.
-        oflag = active if l2_offset else 0
+        oflag = active and l2_offset
         raw = np.frombuffer(pread_padded(self.fd, cs, l2_offset), ">u8").astype(_U64)
         if h.extended_l2:
             entry, bitmap = raw[0::2], raw[1::2]
@@ -476,24 +480,37 @@ class _Checker:
                 else:
                     values, ok = stored.lookup(alloc_off >> self.cb)
                     one = values == 1
-                bad = ok & (one != copied[allocated])
-                self.corrupt(int(bad.sum()) * oflag, "oflag-copied",
-                             f"ERROR OFLAG_COPIED data cluster: refcount and COPIED flag "
-                             f"disagree ({where})")
+                bad = int(np.count_nonzero(ok & (one != copied[allocated])))
+                if bad:
+                    self.copied_bad[l2_offset] = bad
 
-    def oflag_copied_l1(self, table: np.ndarray, stored: StoredRefcounts) -> None:
-        """check_oflag_copied() on the active L1 table: COPIED set exactly when the L2
-        table's refcount is 1."""
+    def oflag_copied(self, table: np.ndarray, stored: StoredRefcounts) -> None:
+        """check_oflag_copied() over the active L1 table, entry by entry: COPIED set exactly
+        when the L2 table's refcount is 1, then the table's data entries (found by l2_table()).
+        A table whose own refcount cannot be read is skipped whole, without a message."""
         l2_offsets = (table & _U64(L1E_OFFSET_MASK)).astype(np.int64)
         index = np.flatnonzero(l2_offsets)
         l1, l2_offsets = table[index], l2_offsets[index]
         values, ok = stored.lookup(l2_offsets >> self.cb)
-        bad = ok & ((values == 1) != ((l1 & _U64(QCOW_OFLAG_COPIED)) != 0))
-        for i, e, v in zip(index[bad][:3].tolist(), l1[bad][:3].tolist(),
-                           values[bad][:3].tolist()):
-            self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
-                     f"l1_entry={e:x} refcount={v}")
-        self.res.corruptions += int(bad.sum())
+        bad_l1 = ok & ((values == 1) != ((l1 & _U64(QCOW_OFLAG_COPIED)) != 0))
+        bad_data = np.zeros(len(l2_offsets), np.int64)
+        if self.copied_bad:
+            keys, counts = (np.array(v, np.int64) for v in zip(*sorted(self.copied_bad.items())))
+            pos = np.minimum(np.searchsorted(keys, l2_offsets), len(keys) - 1)
+            hit = ok & (keys[pos] == l2_offsets)
+            bad_data[hit] = counts[pos[hit]]
+        self.res.corruptions += int(bad_l1.sum()) + int(bad_data.sum())
+        said_l1 = 0
+        for r in np.flatnonzero(bad_l1 | (bad_data > 0))[:MAX_MESSAGES + 1].tolist():
+            if bad_l1[r] and said_l1 < 3:
+                said_l1 += 1
+                self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: "
+                         f"l1_index={int(index[r])} l1_entry={int(l1[r]):x} "
+                         f"refcount={int(values[r])}")
+            if bad_data[r]:
+                self.say("oflag-copied", f"ERROR OFLAG_COPIED data cluster: refcount and "
+                         f"COPIED flag disagree (L2 table at {int(l2_offsets[r]):#x})",
+                         int(bad_data[r]))
 
     def bitmaps(self) -> None:
         """qcow2_check_bitmaps_refcounts(): the directory, each bitmap table and its clusters."""
@@ -673,13 +690,15 @@ class _Checker:
         refcount maximum; then the messages, in cluster order, and the image's end."""
         res, nb = self.res, self.nb
         self.steps_total = self.steps_done + len(present)
+        unreadable = []
         for i, t in enumerate(present.tolist()):
             lo, hi = t * per_block, min((t + 1) * per_block, nb)
             blk = stored.block(t)
             if blk is None:
                 res.check_errors += hi - lo
-                self.say("refblock-read", f"Can't get refcount for clusters {lo}..{hi - 1}: "
-                         f"refcount block {t} has an unaligned or impossible offset", hi - lo)
+                unreadable.append((lo, "refblock-read", f"Can't get refcount for clusters "
+                                   f"{lo}..{hi - 1}: refcount block {t} has an unaligned or "
+                                   "impossible offset", hi - lo))
                 self.tick()
                 continue
             values = blk[:hi - lo]
@@ -695,9 +714,11 @@ class _Checker:
             res.leaks += len(diff) - low
             self.tick()
         problems.sort()
-        for c, v, r in problems[:MAX_MESSAGES + 1]:
-            self.say("refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} "
-                     f"refcount={v} reference={r}")
+        lines = [(c, "refcount", f"{'ERROR' if v < r else 'Leaked'} cluster {c} refcount={v} "
+                  f"reference={r}", 1) for c, v, r in problems[:MAX_MESSAGES + 1]]
+        # compare_refcounts() goes cluster by cluster: unreadable blocks among the others.
+        for _, kind, text, times in sorted(lines + unreadable, key=lambda line: line[0]):
+            self.say(kind, text, times)
         res.image_end_offset = (highest + 1) * self.cs
 
 

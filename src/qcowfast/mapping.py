@@ -209,11 +209,12 @@ class _Counted:
         self.written += len(text)
 
 
-def _finish_before(exc: QcowError, image, out: _Counted, start: int, head: str, row) -> None:
+def _finish_before(exc: QcowError, image, out: _Counted, start: int, head: str, rows) -> None:
     """After `exc` stopped a map part-way, write what qemu-img prints before the same error:
-    `head`, then `row(entry)` for each entry finished before the bad L2 entry (the one still
-    growing there is never printed: img_map() prints an entry once the next one differs).
-    What `out` already holds is the start of that text; nothing is added for other errors."""
+    `head`, then `rows(entries)` of the entries finished before the bad L2 entry (the one
+    still growing there is never printed: img_map() prints an entry once the next one
+    differs). What `out` already holds is the start of that text; nothing is added for other
+    errors."""
     at = getattr(exc, "guest_offset", None)
     if at is None or at < start:
         return
@@ -222,7 +223,7 @@ def _finish_before(exc: QcowError, image, out: _Counted, start: int, head: str, 
         done = list(_merged(_entries(image, start, stop - start)))[:-1]
     except (QcowError, OSError):
         return
-    text = head + "".join(map(row, done))
+    text = head + rows(done)
     out.write(text[out.written:])
 
 
@@ -241,7 +242,8 @@ def write_json(image, stream: TextIOBase, start: int = 0, length: int | None = N
             _batched(map(_json_line, _range_entries(image, start, length)), out, ",\n",
                      prefix="[")
     except CorruptImage as exc:
-        _finish_before(exc, image, out, start, "[", lambda e: _json_line(e) + ",\n")
+        _finish_before(exc, image, out, start, "[",
+                       lambda done: "".join(_json_line(e) + ",\n" for e in done))
         raise
     stream.write("]\n")
 
@@ -285,7 +287,7 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
 
     As qemu-img.c dump_map_entry() does, rows are written as they come; a data range without
     a host offset (a compressed cluster) stops the map after the rows before it, as does a
-    bad L2 entry (CorruptImage).
+    bad L2 entry (CorruptImage) met before that range is finished.
 
     Raises
     ------
@@ -302,8 +304,8 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
         fname = getattr(layer, "data_file", layer.filename)
         return f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{fname}\n"
 
-    def rows():
-        for e in _range_entries(image, start, length):
+    def rows(entries):
+        for e in entries:
             if e["data"] and "offset" not in e:
                 failed.append(e)
                 return
@@ -312,10 +314,13 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
     head = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
     out = _Counted(stream)
     try:
-        _batched(rows(), out, "", prefix=head)
+        _batched(rows(_range_entries(image, start, length)), out, "", prefix=head)
     except CorruptImage as exc:
-        _finish_before(exc, image, out, start, head, row)
-        raise
+        # Entries are read ahead of the rows: a compressed range finished before the bad
+        # entry fails the map first, as it does qemu-img's.
+        _finish_before(exc, image, out, start, head, lambda done: "".join(rows(done)))
+        if not failed:
+            raise
     if failed:
         stream.flush()
         raise QcowError("File contains external, encrypted or compressed clusters.")
