@@ -10,6 +10,7 @@ on a twin of the image whose entry is unaligned instead (the same bytes at the s
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -515,3 +516,28 @@ def test_compare_stops_at_a_difference_before_the_entry(tmp_path, order):
     want = subprocess.run([QEMU_IMG, "compare", *pair], capture_output=True, text=True)
     assert (ours.returncode, ours.stdout) == (want.returncode, want.stdout) == \
         (1, "Content mismatch at offset 0!\n")
+
+
+def test_a_bad_entry_of_a_snapshots_table_names_the_snapshot(tmp_path):
+    """A bad entry in a snapshot's L1 table, met through -l, is named as that table's (the
+    active table, which the error used to suggest, is fine)."""
+    img = tmp_path / "snap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4G")
+    qemu_io(img, "write -P 1 2G 64k")
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 2 2G 64k")
+    with qcowfast.open(img) as image:
+        l1 = image.snapshots[0].l1_table_offset
+    with open(img, "r+b") as f:                     # the snapshot's entry 4: unaligned
+        f.seek(l1 + 32)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1 + 32)
+        f.write(struct.pack(">Q", entry | 0x200))
+    proc = run_cli("convert", "-l", "s1", img, tmp_path / "s1.raw")
+    assert proc.returncode == 1
+    assert f"{img}: L1 table of snapshot '1', entry 4 (" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s1.raw").exists()
+    proc = run_cli("convert", img, tmp_path / "now.raw")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "now.raw", "rb") as f:        # (4 GiB, sparse: read 4 bytes)
+        assert os.pread(f.fileno(), 4, 2 << 30) == b"\2" * 4

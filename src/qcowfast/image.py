@@ -641,7 +641,8 @@ class Image(_Layer):
         default the first byte the entry maps): map stops where that read starts."""
         entry = int.from_bytes(self._l1_raw[8 * index:8 * index + 8], "big")
         l2 = entry & L1E_OFFSET_MASK
-        where = f"{self.filename}: L1 entry {index} ({entry:#018x})"
+        table = "L1" if self.snapshot is None else f"L1 table of snapshot {self.snapshot.id!r},"
+        where = f"{self.filename}: {table} entry {index} ({entry:#018x})"
         if entry & ~(L1E_OFFSET_MASK | QCOW_OFLAG_COPIED):
             exc = CorruptImage(f"{where}: reserved bits are set")
         elif l2 % self.cluster_size:
