@@ -838,6 +838,53 @@ def test_cli_signal_stops_the_batch(tmp_path, signum):
     _no_litter(tmp_path)
 
 
+def test_interrupt_stops_a_job_waiting_for_a_fifo_reader(tmp_path):
+    """A job whose destination is a FIFO nobody reads waits for a reader; an interrupt of the
+    batch ends that wait too, so no job thread outlives convert_many (it used to stay blocked
+    in open() after the batch gave up waiting for it, for as long as no reader came)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = _image_with_data(tmp_path / "big.qcow2", 8, 1)     # the largest runs first
+    small = _image_with_data(tmp_path / "small.qcow2", 1, 1)
+
+    def on_result(index, job, result):
+        if index == 1:
+            time.sleep(0.5)                     # (job 0 is then waiting for its reader)
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert_many([(big, fifo), (small, tmp_path / "small.raw")], workers=2,
+                         on_result=on_result)
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("qcowfast-")]
+        assert alive == []
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))   # (releases a blocked writer)
+    _no_litter(tmp_path)
+
+
+def test_fifo_destination_whose_reader_comes_late(images, tmp_path):
+    """A batch job streams into a FIFO whose reader opens it only later: every byte arrives."""
+    src = images.get(GOOD[0]).path
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def reader():
+        time.sleep(0.3)
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 20):
+                got.extend(chunk)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        results = convert_many([(src, fifo)])
+    finally:
+        t.join(60)
+    assert isinstance(results[0], qcowfast.ConvertResult), results
+    assert_same_bytes(bytes(got), reference_raw(src), "streamed into the FIFO")
+
+
 def test_cli_report_checked_before_any_job(images, tmp_path):
     src = images.get(GOOD[0]).path
     jobs = tmp_path / "jobs"

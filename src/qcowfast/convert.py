@@ -34,7 +34,8 @@ from .constants import MAX_SPARSE_SIZE, ExtentKind
 from .lending import LENDER, Threads
 from .errors import AllocationFailed, CorruptImage, OutputError, QcowError, TruncatedImage
 from .image import Image, _pread_exact, current_size, file_size_now, open_source
-from .output import WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, stream_target
+from .output import (WRITE_ERRNOS, FileOutput, aligned_empty, check_stream, open_stream,
+                     stream_target)
 
 # numpy and the table kernels load on first use: the _plain path never needs them.
 np = LazyModule("numpy", __name__, "np")
@@ -595,11 +596,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                                   "on the command line --max-stream-size, 0: no limit) to allow "
                                   "it")
             if isinstance(stream, str):
-                try:
-                    out = open(stream, "wb", buffering=0)
-                except OSError as exc:
-                    raise OutputError(f"cannot open {name}: {exc.strerror}") from None
-                with out:
+                with open_stream(stream, name) as out:
                     if progress:
                         progress.start()
                     written = _convert_stream(image, out, name, unit, threads, progress)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .arguments import boolean, integer
 from .errors import QcowError
-from .lending import LENDER, Share
+from .lending import INTERRUPTED, LENDER, Share
 from .output import sweep_stale_temps, sweep_stale_temps_of, temps_swept
 
 FDS_PER_JOB = 16                   # a chain's files, the output and slack
@@ -292,13 +292,14 @@ class _Cores:
 
 
 def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False,
-            overwrite: bool = False, progress=None, swept: bool = False, share=None):
+            overwrite: bool = False, progress=None, swept: bool = False, share=None,
+            interrupted=None):
     """Run one job; return its ConvertResult or Skipped, raise what convert raised.
 
     Temporary files a killed run left beside the destination are removed first, skipped or
     not (`swept`: the caller has just done that for the whole batch). `share`: the job's
     lending.Share of a batch's cores, which its threads may grow to (unless the job sets
-    threads)."""
+    threads). `interrupted`: the batch's lending.INTERRUPTED check."""
     from .convert import convert
     if not swept:
         sweep_stale_temps(job.dst)
@@ -312,10 +313,12 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
     if options.get("threads") is None:
         options["threads"] = threads        # (a job's threads=None means the batch's)
     token = LENDER.set(share if lend else None)
+    waits = INTERRUPTED.set(interrupted)
     try:
         with temps_swept(job.dst):              # (convert would sweep again)
             return convert(job.src, job.dst, progress=progress, **options)
     finally:
+        INTERRUPTED.reset(waits)
         LENDER.reset(token)
 
 
@@ -392,12 +395,15 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     first_failure: list[str] = []           # the source of the job that stopped the batch
     cancel = threading.Event()              # the caller is unwinding: abort every job
 
+    def interrupted() -> None:
+        if cancel.is_set():
+            raise Cancelled("the batch was interrupted")
+
     def job_progress(i: int):
         report = batch.for_job(i)
 
         def check_in(done: int, total: int) -> None:
-            if cancel.is_set():
-                raise Cancelled("the batch was interrupted")
+            interrupted()
             if report is not None:
                 report(done, total)
         return check_in
@@ -414,7 +420,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
             try:
                 result = run_job(job, threads=threads, skip_existing=skip_existing,
                                  overwrite=overwrite, progress=job_progress(i), swept=True,
-                                 share=cores.share() if lend else None)
+                                 share=cores.share() if lend else None,
+                                 interrupted=interrupted)
             except Exception as exc:        # noqa: BLE001 - the job's result, as in futures
                 result = exc
         if isinstance(result, Exception) and not isinstance(result, CancelledError) \

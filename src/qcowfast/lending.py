@@ -1,15 +1,20 @@
-"""The worker threads of a conversion: how many it may run, and the cores a batch lends it.
+"""What a batch gives the conversions it runs: cores to lend them, and a way to stop waiting.
 
 convert() makes a Threads the LENDER of the conversion it runs (a context variable, so that it
 holds for the thread running the conversion); its pools consult it as they submit units
 (convert._run_units). convert_many gives each job a share that grows, once no job waits to
 start, into the cores that idle job slots leave (fleet._Cores).
+
+INTERRUPTED is the batch's check for a job that waits on something outside it (a FIFO
+destination without a reader): called between short waits, it raises once the batch has been
+interrupted. Outside a batch the wait is an ordinary blocking call, which signals interrupt.
 """
 from __future__ import annotations
 
 from contextvars import ContextVar
 
 LENDER: ContextVar = ContextVar("qcowfast_lender", default=None)
+INTERRUPTED: ContextVar = ContextVar("qcowfast_interrupted", default=None)
 
 
 class Threads:

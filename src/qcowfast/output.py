@@ -344,6 +344,36 @@ def stream_target(dst):
     return None
 
 
+def open_stream(path: str, name: str):
+    """Open the FIFO or character device `path` for writing (an unbuffered binary file).
+
+    Opening a FIFO waits for its reader. Within a batch (lending.INTERRUPTED set) the wait is
+    made of short naps between non-blocking opens (ENXIO: no reader yet), so that an
+    interrupted batch stops waiting; elsewhere it is one blocking open, which signals
+    interrupt."""
+    from .lending import INTERRUPTED
+    interrupted = INTERRUPTED.get()
+    try:
+        if interrupted is None:
+            return open(path, "wb", buffering=0)
+        nap = 0.002
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                # ENXIO is also a device without its hardware: wait only for a FIFO's reader.
+                if exc.errno != errno.ENXIO or not stat.S_ISFIFO(os.stat(path).st_mode):
+                    raise
+                interrupted()
+                time.sleep(nap)
+                nap = min(2 * nap, 0.1)
+                continue
+            os.set_blocking(fd, True)
+            return open(fd, "wb", buffering=0)
+    except OSError as exc:
+        raise OutputError(f"cannot open {name}: {exc.strerror}") from None
+
+
 def check_stream(out, image, name: str) -> None:
     """Refuse a stream that is a terminal or a file of the source chain (`convert src - 1<>src`),
     a text stream, or one not open for writing."""
