@@ -184,6 +184,28 @@ def test_all_jobs_reach_the_scheduler_in_one_graph_largest_first(client, tmp_pat
         assert Path(job["dst"]).read_bytes() == Path(job["src"]).read_bytes()
 
 
+def test_costliest_job_has_the_first_priority(client, tmp_path):
+    """The order is convert_many's: estimated cost (workload.py), not virtual size. A small
+    image full of compressed data comes before a sparse image with a larger virtual size."""
+    from common import qemu_img, qemu_io
+    sparse, full, packed = (tmp_path / f"{n}.qcow2" for n in ("sparse", "full", "packed"))
+    for path, size, data in ((sparse, "256M", "1M"), (full, "16M", "16M")):
+        qemu_img("create", "-q", "-f", "qcow2", path, size)
+        qemu_io(path, f"write -P 0x6b 0 {data}")
+    qemu_img("convert", "-c", "-O", "qcow2", full, packed)
+    client.register_plugin(_GraphLog())
+    try:
+        results = qdask.convert_many([(sparse, tmp_path / "s.raw"),
+                                      (packed, tmp_path / "p.raw")], client)
+        graphs = [g for g in client.run_on_scheduler(_graphs_seen)
+                  if any(k.startswith(qdask.KEY_PREFIX) for k in g)]
+    finally:
+        client.unregister_scheduler_plugin(_GraphLog.name)
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    by_priority = sorted(graphs[0], key=graphs[0].get)
+    assert [int(k.rsplit("-", 1)[1]) for k in by_priority] == [1, 0], graphs
+
+
 def _count_listings(directory, dask_worker=None):
     """In a worker: count os.listdir calls on `directory` from now on."""
     real = getattr(os, "_qcowfast_test_listdir", os.listdir)

@@ -838,6 +838,21 @@ def test_cli_signal_stops_the_batch(tmp_path, signum):
     _no_litter(tmp_path)
 
 
+def test_costliest_job_starts_first_not_the_largest(tmp_path):
+    """Jobs start in order of their estimated cost (workload.py): a small image full of
+    compressed data before a sparse image with a larger virtual size (ordered by virtual size,
+    the big sparse one ran first and the costly one could be left running alone at the end)."""
+    sparse = _image_with_data(tmp_path / "sparse.qcow2", 256, 1)
+    full = _image_with_data(tmp_path / "full.qcow2", 16, 16)
+    packed = tmp_path / "packed.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", full, packed)
+    ended = []
+    results = convert_many([(sparse, tmp_path / "s.raw"), (packed, tmp_path / "p.raw")],
+                           workers=1, on_result=lambda i, job, result: ended.append(i))
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    assert ended == [1, 0]
+
+
 def test_interrupt_stops_a_job_waiting_for_a_fifo_reader(tmp_path):
     """A job whose destination is a FIFO nobody reads waits for a reader; an interrupt of the
     batch ends that wait too, so no job thread outlives convert_many (it used to stay blocked

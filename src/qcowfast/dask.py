@@ -115,23 +115,24 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
-    refused = fleet.conflicts(jobs)
+    read = fleet.chains(jobs)
+    refused = fleet.conflicts(jobs, read)
     client = client or get_client()
     workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}
     if resources:
         _check_resources(workers, resources)
     host_slots = _host_slots(workers) if threads is None else None
     batch = uuid.uuid4().hex[:8]
-    # Larger images first, as convert_many orders them: a big image started last would leave
-    # the other workers idle at the end. Client.map gives its tasks the order of its input as
+    # The costliest jobs first, as convert_many orders them: a big job started last would
+    # leave the other workers idle at the end. Client.map gives its tasks the order of its input as
     # their priority and sends them in one graph (submitted one by one, the first would start
     # before the scheduler knew the larger ones existed). Each call is bound in a partial,
     # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
     calls = [partial(_refused, refused[i]) if i in refused else
              partial(_task, job, threads, skip_existing, overwrite, host_slots, batch)
              for i, job in enumerate(jobs)]
-    sizes = [-1 if i in refused else fleet.guest_size(job) for i, job in enumerate(jobs)]
-    order = sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i]))
+    order = fleet.costliest_first([(-1, 0.0) if i in refused else fleet.size_and_cost(job, r)
+                                   for i, (job, r) in enumerate(zip(jobs, read))])
     futures = client.map(_call, [calls[i] for i in order],
                          key=[f"{KEY_PREFIX}-{batch}-{i}" for i in order], pure=False,
                          resources=resources, retries=retries)

@@ -246,25 +246,21 @@ class _Progress:
                 self._report()
 
 
-def guest_size(job: Job) -> int:
-    """The job's virtual size as convert will see it, from its header alone; -1 when the
-    source cannot be opened or read (the job will fail: run it first)."""
-    from .header import read_header
-    from .paths import open_file
-    try:
-        opened = open_file(job.src, "image")    # stat first: FIFOs and devices stay closed
-    except (OSError, QcowError, ValueError):
-        return -1
-    with opened:
-        try:
-            if job.options.get("src_format") != "raw":
-                size = read_header(opened.fd, opened.size).size
-                return size - size % 512        # as Image.virtual_size
-        except QcowError:
-            pass
-        except OSError:
-            return -1
-        return -(-opened.size // 512) * 512     # a raw image: whole sectors
+def size_and_cost(job: Job, read=None) -> tuple[int, float]:
+    """The job's virtual size as convert will see it, from its header alone, and the
+    estimated cost of its conversion (workload.size_and_cost); (-1, 0.0) when the source cannot
+    be opened or read (the job will fail: run it first). `read`: the job's entry of chains()."""
+    from .workload import size_and_cost as estimate
+    others = [name for what, name, _ in read[1:]] if isinstance(read, list) else ()
+    return estimate(job.src, job.options.get("src_format"), others)
+
+
+def costliest_first(estimates: list) -> list[int]:
+    """Job indices in the order to start them: jobs that cannot be read first (they fail at
+    once: on_error="stop" stops early), then the costliest (a big job started last would
+    leave the other slots idle at the end), the larger image first among equal costs."""
+    return sorted(range(len(estimates)), key=lambda i: (estimates[i][0] >= 0,
+                                                         -estimates[i][1], -estimates[i][0]))
 
 
 class _Cores:
@@ -386,7 +382,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     lend = threads is None
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // min(workers, max(1, len(jobs))))
-    sizes = [guest_size(j) for j in jobs]       # -1: cannot be read (the job will fail)
+    estimates = [size_and_cost(j, r) for j, r in zip(jobs, read)]
+    sizes = [size for size, _ in estimates]     # -1: cannot be read (the job will fail)
     # One listing per output directory for the batch, not one per job (N jobs writing into one
     # directory would list it N times). Nothing of this batch exists yet to be mistaken.
     sweep_stale_temps_of(job.dst for i, job in enumerate(jobs) if i not in refused)
@@ -436,10 +433,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
             cancel.set()                        # start nothing more (the caller unwinds)
             raise
 
-    # Jobs that cannot be read first (they fail at once: on_error="stop" stops early), then the
-    # largest: a big image started last would leave the other slots idle at the end.
     pending: queue.SimpleQueue = queue.SimpleQueue()
-    for i in sorted(range(len(jobs)), key=lambda i: (sizes[i] >= 0, -sizes[i])):
+    for i in costliest_first(estimates):
         pending.put(i)
     cores = _Cores(len(os.sched_getaffinity(0)), threads, pending)
     # Each job holds its chain's files and its output open: jobs wait for descriptors, and a
