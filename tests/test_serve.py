@@ -288,7 +288,7 @@ def test_huge_sparse_chains_map_as_qemu_nbd_maps_them(served, tmp_path):
     with qcowfast.open(top) as img:
         export = ImageExport(img)
         assert export.allocation(13 * T, 4 * G, 100) == [(4 * G, 3)]
-        assert export.allocation(12 * T, 4 * G, 100) == [(64 * 1024, 0), (G - 64 * 1024, 3)]
+        assert export.allocation(12 * T, 4 * G, 100) == [(64 * 1024, 0), (4 * G - 64 * 1024, 3)]
 
 
 def test_preallocated_layers_map_as_qemu_nbd_maps_them(served, tmp_path):

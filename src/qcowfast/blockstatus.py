@@ -20,9 +20,6 @@ BDRV_BLOCK_EOF = 0x20
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
 
-_UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
-
-
 class Status(NamedTuple):
     """One run of bdrv_block_status_above() over an image: [start, end) answers `flags`.
 

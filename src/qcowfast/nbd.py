@@ -15,9 +15,9 @@ How many of a connection's workers may fill reads at once is set by a `CoreShare
 connections share: the cores divided among the connections that have requests in flight. Letting
 every connection fill batches on every core instead costs CPU (threads evicting each other's
 buffers and decompressor tables from the caches) and fills batches long before the client takes
-them. Block-status queries go to the front of the queue and never wait for the share. While the
-queue holds a batch for every worker that may take one, the connection's thread reads no more
-requests: those the client sends meanwhile are read a burst at a time.
+them. Block-status queries (and caches) go to the front of the queue and never wait for the
+share. While the queue holds a batch for every worker that may take one, the connection's
+thread reads no more requests: those the client sends meanwhile are read a burst at a time.
 
 Bounds (`Limits`): every length is checked before anything it announces is read; option data,
 option count, request length, requests and bytes in flight, and the time a started message or a
@@ -149,6 +149,7 @@ BASE_ALLOCATION_ID = 1                      # our context id for base:allocation
 
 NBD_MAX_STRING = 4096                       # proto.md: strings MUST be no longer than 4096 bytes
 NBD_MAX_BUFFER_SIZE = 32 * 1024 * 1024      # QEMU's NBD_MAX_BUFFER_SIZE, the usual request cap
+NBD_MAX_BLOCK_STATUS_EXTENTS = 1024 * 1024 // 8     # QEMU's: 1 MiB of extents per reply
 READ_BATCH_BYTES = 4 * 1024 * 1024          # contiguous queued reads filled together, at most
 READ_BATCH_COUNT = 32
 RECV_BUFFER = 64 * 1024                     # read-ahead of small messages
@@ -195,7 +196,12 @@ class Export(Protocol):
 
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """Return (length, NBD_STATE_* flags) extents covering [offset, offset + length) from
-        `offset` on, at most `max_extents` of them (at least one)."""
+        `offset` on, at most `max_extents` of them (at least one). Raising fails the request
+        (EIO; ENOMEM for MemoryError)."""
+
+    # Optional: NBD_CMD_CACHE, answered with success without it:
+    # def cache(self, offset: int, length: int) -> None:
+    #     """Raise where qemu-nbd's prefetch of [offset, offset + length) fails."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,7 @@ class Limits:
     max_options: int = 64                     # options per handshake
     max_option_length: int = 64 * 1024        # option data bytes
     max_queries: int = 32                     # meta-context queries per option
-    max_extents: int = 16384                  # descriptors per block-status reply
+    max_extents: int = NBD_MAX_BLOCK_STATUS_EXTENTS   # descriptors per block-status reply
     max_in_flight: int = 64                   # requests queued or running per connection
     max_in_flight_bytes: int = 64 * 1024 * 1024   # read bytes queued or running
     workers: int = 4                          # worker threads per connection
@@ -753,14 +759,17 @@ class Connection:
         self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _cmd_cache(self, cmd, flags, handle, offset, length, deadline):
-        # Taken as a hint with no effect, as proto.md allows; but a server advertising CACHE
-        # "MUST reject any command flags it does not recognize".
+        # Nothing is cached (proto.md allows a CACHE with no effect); but a server advertising
+        # CACHE "MUST reject any command flags it does not recognize", and where qemu-nbd's
+        # prefetch reads fail, so does the export's `cache`.
         if flags & ~NBD_CMD_FLAG_FUA:
             return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on cache")
         bad = self._check_range(cmd, offset, length, self.limits.max_request)
         if bad:
             return self._reply_error(handle, NBD_EINVAL, bad)
-        self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+        if getattr(self.export, "cache", None) is None or not length:
+            return self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+        self._submit(0, self._do_cache, handle, offset, length)
 
     def _cmd_disc(self, cmd, flags, handle, offset, length, deadline):
         return _STOP
@@ -936,8 +945,7 @@ class Connection:
                     self._do_reads([req], req[2])
                 return
             log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
-            code = NBD_ENOMEM if isinstance(exc, MemoryError) or (
-                isinstance(exc, OSError) and exc.errno == errno.ENOMEM) else NBD_EIO
+            code = _errno_of(exc)
             for handle, offset, length, _ in batch:
                 self._reply_error(handle, code, f"read of {length} bytes at offset "
                                                 f"{offset} failed: {type(exc).__name__}")
@@ -1005,20 +1013,37 @@ class Connection:
                 j += 1
         return parts
 
+    def _do_cache(self, handle: int, offset: int, length: int) -> None:
+        try:
+            self.export.cache(offset, length)
+        except Exception as exc:
+            log.warning("%s: cache of %d bytes at %d failed: %s", self.peer, length, offset, exc)
+            return self._reply_error(handle, _errno_of(exc), f"cache of {length} bytes at "
+                                     f"offset {offset} failed: {type(exc).__name__}")
+        self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+
     def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
         try:
             extents = self.export.allocation(offset, length,
                                              1 if req_one else self.limits.max_extents)
         except Exception as exc:
+            # (qemu-nbd: the whole request fails, nothing of what was resolved is sent.)
             log.warning("%s: block status at %d failed: %s", self.peer, offset, exc)
-            return self._reply_error(handle, NBD_EIO, f"block status at offset {offset} "
-                                                      f"failed: {type(exc).__name__}")
+            return self._reply_error(handle, _errno_of(exc), f"block status at offset "
+                                     f"{offset} failed: {type(exc).__name__}")
         if req_one:
             extents = [(min(extents[0][0], length), extents[0][1])]
         flat = [v for ext in extents for v in ext]
         payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
         self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
                                NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+
+
+def _errno_of(exc: Exception) -> int:
+    """The NBD error a failed request gets: ENOMEM when memory ran out, else EIO."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+        return NBD_ENOMEM
+    return NBD_EIO
 
 
 def _missing_file_bytes(plan: list) -> list[tuple[int, int, int, int]]:

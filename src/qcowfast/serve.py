@@ -33,6 +33,7 @@ import numpy as np
 
 from . import nbd
 from .constants import ExtentKind
+from .errors import CorruptImage
 from .image import RawImage, _cores, _pread_exact
 from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
@@ -41,12 +42,12 @@ log = logging.getLogger("qcowfast.serve")
 DEFAULT_PORT = 10809
 FILL_WINDOW = 4 * 1024 * 1024          # guest bytes filled per step of a read (aligned)
 SEND_BUFFER = 4 * 1024 * 1024          # SO_SNDBUF asked for each connection
-STATUS_SPAN = 1 << 30                  # guest bytes one block-status reply examines, at most
 # Clients beyond `shared` wait in the listen backlog until a connection ends; it must hold a
 # burst of them (a Unix socket refuses a connect beyond it at once: "backlog overflowed").
 # The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = _socket.SOMAXCONN
-_DATA, _COMPRESSED = int(ExtentKind.DATA), int(ExtentKind.COMPRESSED)
+_UNALLOCATED, _DATA, _COMPRESSED = (int(ExtentKind.UNALLOCATED), int(ExtentKind.DATA),
+                                    int(ExtentKind.COMPRESSED))
 _HOLE_ZERO = nbd.NBD_STATE_HOLE | nbd.NBD_STATE_ZERO
 
 
@@ -196,17 +197,44 @@ class ImageExport:
                 out[gg - start:gg - start + nn] = scratch[src:src + nn]
 
     def allocation(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
-        """base:allocation extents from `offset`: data and compressed clusters are allocated
-        (flags 0), everything else reads as zeros and is a hole (HOLE|ZERO), as qemu-nbd
-        reports a qcow2 chain; so are the holes of a raw file (or raw backing file). At most STATUS_SPAN bytes are examined per call (the protocol
-        lets a reply cover less than asked; clients ask again from where it ends)."""
-        if self._unallocated(offset, min(offset + length, self.size)):
-            # (As qemu-nbd answers: the whole request in one extent, not STATUS_SPAN pieces.)
-            return [(min(offset + length, self.size) - offset, _HOLE_ZERO)]
-        end = min(offset + length, self.size, offset + STATUS_SPAN)
+        """base:allocation extents of [offset, offset + length): data and compressed clusters
+        are allocated (flags 0), everything else reads as zeros and is a hole (HOLE|ZERO), as
+        qemu-nbd reports a qcow2 chain; so are the holes of a raw file (or raw backing file).
+
+        As nbd/server.c blockstatus_to_extents() builds its reply: QEMU's block status runs
+        of the whole request, merged while their flags agree, until `max_extents` extents are
+        full and the run after them has been asked for. A bad table entry met by any of those
+        queries fails the whole request (raised), however much was resolved before it.
+        """
+        end = min(offset + length, self.size)
+        if self._unallocated(offset, end):
+            return [(end - offset, _HOLE_ZERO)]     # (one extent, as qemu-nbd's answer)
+        try:
+            return self._extents(offset, end, max_extents)[0]
+        except CorruptImage as exc:
+            stop = self._failing_query(exc, offset)
+            if stop is None:
+                raise
+            # Runs of one L2 slice are resolved together: redo the ones before the query
+            # that fails. qemu-nbd answers when its extents fill up before that query.
+            out, full = self._extents(offset, stop, max_extents)
+            if full:
+                return out
+            raise
+
+    def _failing_query(self, exc: CorruptImage, start: int) -> int | None:
+        """Where QEMU's block status query that meets `exc` starts, in a walk from `start`
+        (None when `exc` is no bad table entry)."""
+        if getattr(exc, "guest_offset", None) is None or not hasattr(exc, "_bad_layer"):
+            return None
+        return max(start, self.image._failing_query(exc, start))
+
+    def _extents(self, start: int, end: int, max_extents: int) -> tuple[list, bool]:
+        """(extents, full): the merged extents of [start, end); full when `max_extents` of
+        them ended before `end` (the run after them, with other flags, ends the walk)."""
         out: list[tuple[int, int]] = []
-        cur_start, cur_flag = offset, -1
-        for chunk in self.image._runs(offset, end):
+        cur_start, cur_flag = start, -1
+        for chunk in self.image._runs(start, end):
             k = chunk.kind
             flags = np.where((k == _DATA) | (k == _COMPRESSED), 0, _HOLE_ZERO)
             starts = chunk.guest
@@ -218,10 +246,35 @@ class ImageExport:
                 if cur_flag >= 0 and s > cur_start:
                     out.append((s - cur_start, cur_flag))
                     if len(out) >= max_extents:
-                        return out
+                        return out, True
                 cur_start, cur_flag = s, int(flags[i])
-        out.append((end - cur_start, max(cur_flag, 0)))
-        return out
+        if end > cur_start:
+            out.append((end - cur_start, cur_flag))
+        return out, False
+
+    def cache(self, offset: int, length: int) -> None:
+        """Raise where qemu-nbd's NBD_CMD_CACHE of [offset, offset + length) fails.
+
+        block/io.c bdrv_co_do_copy_on_readv() with BDRV_REQ_PREFETCH: over the request
+        rounded out to (sub)clusters, what the top layer allocates is skipped, the rest is
+        read through the chain; a bad entry of the top layer, or a read that fails, fails it.
+        (qemu-nbd -r then writes what it read into the top layer, which fails with EPERM where
+        that needs a new cluster or table; nothing is written here.)
+        """
+        image = self.image
+        if isinstance(image, RawImage):
+            return                          # (allocated all through: nothing is read)
+        sub = image.cluster_size >> (5 if image.header.extended_l2 else 0)
+        start = offset // sub * sub
+        end = min(-(-(offset + length) // sub) * sub, self.size)
+        buf = None
+        for chunk in image._own_runs(start, end):
+            holes = chunk.kind == _UNALLOCATED
+            for g, n in zip(chunk.guest[holes].tolist(), chunk.length[holes].tolist()):
+                if buf is None:
+                    buf = memoryview(bytearray(min(end - start, FILL_WINDOW)))
+                for a in range(g, g + n, len(buf)):
+                    self.read_into(a, buf[:min(len(buf), g + n - a)])
 
     def _unallocated(self, start: int, end: int) -> bool:
         """True when no layer of the chain has an L2 table (or raw bytes) in [start, end):
