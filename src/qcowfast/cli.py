@@ -254,6 +254,8 @@ def error_text(exc: BaseException, images=()) -> str:
     text = str(exc)
     chain, top = getattr(exc, "qemu_chain", None), getattr(exc, "qemu_top", None)
     hint = getattr(exc, "qemu_hint", None)
+    if chain and not top and images and isinstance(exc, QcowError):
+        top = os.fsdecode(images[0][0])     # a header read without the image's name (check)
     if chain and top:
         text = f"Could not open '{top}': {chain}"
     elif isinstance(exc, ImageOpenError) and exc.filename and exc.strerror:
@@ -269,9 +271,10 @@ def error_text(exc: BaseException, images=()) -> str:
 
 
 def _open_line(exc: QcowError, images) -> str | None:
-    """qemu-img's line when `exc` is what opening one of `images` raised, else None. To tell,
-    each image is opened again the same way (only on this failure path) until one fails with
-    the same message."""
+    """qemu-img's line when `exc` is what opening one of `images` raised before its header
+    was read (header faults carry their line: error_text), else None. To tell, each image is
+    opened again the same way (only on this failure path) until one fails with the same
+    message."""
     for path, fmt in images:
         try:
             line = _reopened(os.fsdecode(path), fmt, str(exc))
@@ -283,9 +286,9 @@ def _open_line(exc: QcowError, images) -> str | None:
 
 
 def _reopened(path: str, fmt: str | None, text: str) -> str | None:
-    """qemu-img's line for image `path` (-f `fmt`) when opening it again fails with `text`."""
+    """qemu-img's line for image `path` (-f `fmt`) when opening it again fails with `text`:
+    a directory, or a QCOW version 1 file qemu-img's qcow driver refuses."""
     from .errors import FormatError, UnsupportedFeature
-    from .header import read_header
     from .paths import open_file
     from .probe import detect_format
     try:
@@ -298,51 +301,21 @@ def _reopened(path: str, fmt: str | None, text: str) -> str | None:
                    "regular file"
         return None
     with opened:
-        if fmt is None:
-            try:
-                fmt = detect_format(opened.fd, path)
-            except UnsupportedFeature as exc:
-                if str(exc) != text or os.pread(opened.fd, 8, 0) != b"QFI\xfb\0\0\0\1":
-                    return None
-                # QEMU's qcow driver opens QCOW version 1 (which qcowfast does not read);
-                # its header checks may refuse the file first.
-                from .check import _qcow_v1_open
-                try:
-                    _qcow_v1_open(opened.fd, path)
-                except QcowError as refused:
-                    return str(refused)
+        if fmt is not None:
+            return None
+        try:
+            detect_format(opened.fd, path)
+        except UnsupportedFeature as exc:
+            if str(exc) != text or os.pread(opened.fd, 8, 0) != b"QFI\xfb\0\0\0\1":
                 return None
-        if fmt != "qcow2":
-            return None
-        said = []                               # as the image says it, as check says it
-        for name in (path, None):
+            # QEMU's qcow driver opens QCOW version 1 (which qcowfast does not read);
+            # its header checks may refuse the file first.
+            from .check import _qcow_v1_open
             try:
-                read_header(opened.fd, opened.size, name=name)
-            except QcowError as exc:
-                said.append(str(exc))
-        if len(said) < 2 or text not in (said[0], f"Could not open '{path}': {said[1]}"):
-            return None
-        why = _qcow2_open_words(os.pread(opened.fd, 104, 0)) or said[1]
-        return f"Could not open '{path}': {why}"
-
-
-def _qcow2_open_words(head: bytes) -> str | None:
-    """qcow2_do_open()'s first header checks, in its order and words (QEMU reads zeros past
-    the end of the file); None when they pass (then qcowfast's words stand)."""
-    head = head.ljust(104, b"\0")
-    version, cluster_bits = int.from_bytes(head[4:8], "big"), int.from_bytes(head[20:24], "big")
-    header_length = int.from_bytes(head[100:104], "big") if version == 3 else 72
-    if head[:4] != b"QFI\xfb":
-        return "Image is not in qcow2 format"
-    if version not in (2, 3):
-        return f"Unsupported qcow2 version {version}"
-    if not 9 <= cluster_bits <= 21:                  # MIN_CLUSTER_BITS, MAX_CLUSTER_BITS
-        return f"Unsupported cluster size: 2^{cluster_bits}"
-    if header_length < 104 and version == 3:
-        return "qcow2 header too short"
-    if header_length > 1 << cluster_bits:
-        return "qcow2 header exceeds cluster size"
-    return None
+                _qcow_v1_open(opened.fd, path)
+            except QcowError as refused:
+                return str(refused)
+        return None
 
 
 def _write_quietly(stream, text: str) -> bool:
