@@ -216,8 +216,7 @@ def test_sparse_size_option(images, tmp_path, size, granularity):
         assert allocated < len(want) // 2
 
 
-@pytest.mark.parametrize("option, bad", [
-    ("-S", "abc"), ("-S", "4q"), ("-S", "-1"), ("-S", "1.3k"), ("-S", ""),
+@pytest.mark.parametrize("option, bad", [     # (-S: qemu-img's lines, test_convert_option_words)
     ("--max-stream-size", "4kk"), ("--max-stream-size", "k"), ("--lookup", "0x1g0"),
     ("--lookup", "0x1.5k"),
 ])
@@ -672,7 +671,8 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
 
 @pytest.mark.parametrize("options, named", [
     (["-B", "base.qcow2", "-O", "qcow2"], "-B"), (["-F", "qcow2"], "-F"),
-    (["--image-opts"], "--image-opts"), (["--target-image-opts"], "--target-image-opts"),
+    (["--image-opts"], "--image-opts"),
+    (["-n", "--target-image-opts"], "--target-image-opts"),
     (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
     (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
     (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
@@ -681,12 +681,10 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-o", "lazy_refcounts=on", "-O", "qcow2"], "lazy_refcounts"),
     (["-o", "lazy_refcounts", "-O", "qcow2"], "lazy_refcounts=on"),     # the short form
     (["-o", "extended_l2=on", "-O", "qcow2"], "extended_l2"),
-    (["-c", "-O", "raw"], "-c"),
     (["-o", "backing_file=base.qcow2", "-O", "qcow2"], "backing_file"),
     (["-o", "data_file=d.raw", "-O", "qcow2"], "data_file"),
     (["-o", "encrypt.format=luks", "-O", "qcow2"], "encrypt.format"),
     (["-o", "encryption=on", "-O", "qcow2"], "encryption"),
-    (["-o", ",cluster_size=4k", "-O", "qcow2"], "Invalid option list"),
 ])
 def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
     line = assert_one_line(*cli(capsys, "convert", *options, small_qcow2, tmp_path / "out"),
@@ -753,9 +751,9 @@ def test_convert_refuses_by_name_in_a_process(small_qcow2, tmp_path):
 
 
 def test_t_is_the_cache_mode(small_qcow2, tmp_path, capsys):
-    """-t means cache mode as in qemu-img; a number gets a hint towards --threads / -m."""
+    """-t means cache mode as in qemu-img (threads are -m or --threads)."""
     status, _, err = cli(capsys, "convert", "-t", "4", small_qcow2, tmp_path / "out.raw")
-    assert status == 1 and err.startswith("usage: qcowfast convert") and "--threads" in err
+    assert (status, err) == (1, "qcowfast: Invalid cache option: 4\n")
     status, _, err = cli(capsys, "convert", "-m", "3", small_qcow2, tmp_path / "out.raw")
     assert status == 0 and "3 threads" in err, err
     status, _, err = cli(capsys, "convert", "-m", "3", "--threads", "2", small_qcow2,

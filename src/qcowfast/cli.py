@@ -77,24 +77,33 @@ def thread_count(text: str) -> int:
 
 
 def coroutine_count(text: str) -> int:
-    """-m: qemu-img's number of parallel requests (1 to 16); qcowfast uses that many threads."""
+    """convert -m: qemu-img's number of parallel requests (qemu_strtol, base 0: 1 to 16), else
+    its line as the option is read; qcowfast uses that many threads."""
     from .cli_getopt import c_integer
-    value = c_integer(text) or 0
-    if not 1 <= value <= MAX_COROUTINES:
-        raise argparse.ArgumentTypeError(
-            f"Invalid number of coroutines. Allowed number of coroutines is between 1 and "
-            f"{MAX_COROUTINES}")
+    value = c_integer(text)
+    if value is None or not 1 <= value <= MAX_COROUTINES:
+        usage_exit(f"Invalid number of coroutines. Allowed number of coroutines is between 1 "
+                   f"and {MAX_COROUTINES}", hint=False)
     return value
 
 
-def cache_mode(text: str) -> str:
-    """-t / -T: one of qemu's cache modes."""
-    if text not in CACHE_MODES:
-        hint = (" (-t is the cache mode, as in qemu-img; give threads with --threads or -m)"
-                if text.isdigit() else "")
-        raise argparse.ArgumentTypeError(
-            f"Invalid cache option: {text} (one of {', '.join(CACHE_MODES)}){hint}")
-    return text
+def sparse_option(text: str) -> int:
+    """convert -S as img_convert() reads it: cvtnum(), then a multiple of 512 up to 16 MiB,
+    else qemu-img's lines as the option is read."""
+    from .constants import MAX_SPARSE_SIZE
+    value = cvtnum("buffer size for sparse output", text)
+    if value % 512 or value > MAX_SPARSE_SIZE:
+        usage_exit(f"Invalid buffer size for sparse output specified. Valid sizes are multiples "
+                   f"of 512 up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse detection "
+                   f"(fully allocates output).", hint=False)
+    return value
+
+
+def cache_refusal(text: str, what: str = "cache") -> str | None:
+    """qemu-img's line for a -t ("cache") or -T ("source cache") mode QEMU's
+    bdrv_parse_cache_mode() refuses, else None. qemu-img checks -T before it opens the
+    sources, -t once the output is created."""
+    return None if text in CACHE_MODES else f"Invalid {what} option: {text}"
 
 
 def human_size(n: float) -> str:
@@ -167,8 +176,9 @@ class QemuProgress:
 
     With -p: "    (P/100%)\r" (P with two decimals) at 0, whenever P has grown by more than
     `min_skip` points since the last report, and at 100; a newline at the end. The first
-    report comes with the first progress (qemu-img prints 0 once the images are open: an
-    image that cannot be opened leaves the newline alone). Without -p nothing, except that
+    report comes with the first progress (compare's once the images are open: an image that
+    cannot be opened leaves the newline alone; convert reports 0 before it opens its source,
+    as qemu-img convert does). Without -p nothing, except that
     after SIGUSR1 the next report is "    (P/100%)\n" on stderr, as in qemu-img. Like qemu-img's
     printf, a report that cannot be written is dropped: it never changes the job's outcome.
     Use as a context manager around the job, passing the object as its progress callback.
@@ -415,51 +425,93 @@ def format_refusal(path: str, fmt: str, option: str = "-f") -> str:
     return f"Could not open '{path}': {option} {fmt}: qcowfast reads qcow2 and raw images"
 
 
-def _check_format(args) -> int:
-    """check -f: qemu-img's answers for a format given explicitly, then the check itself."""
-    from .constants import QCOW_MAGIC
-    if args.repair not in (None, "leaks", "all"):
-        print(f"qcowfast: Unknown option value for -r (expecting 'leaks' or 'all'): "
-              f"{args.repair}", file=sys.stderr)
-        return 1
-    if args.format not in (None, *SOURCE_FORMATS):
-        print(f"qcowfast: {format_refusal(args.image, args.format)}", file=sys.stderr)
-        return 1
+def repair_mode(text: str) -> str:
+    """check -r, as img_check()'s getopt loop reads it: leaks or all, else its error_exit()."""
+    if text not in ("leaks", "all"):
+        usage_exit(f"Unknown option value for -r (expecting 'leaks' or 'all'): {text}")
+    return text
+
+
+# What QEMU's raw driver prints when it opens a probed raw image read-write (check -r).
+RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+def _file_refusal(path: str, writable: bool) -> str | None:
+    """What QEMU's file driver says when it cannot open `path` (read-write when `writable`:
+    check -r), else None."""
     try:
-        mode, head = _peek(args.image)
+        mode, _ = _peek(path)
     except OSError as exc:
-        if args.format is not None:             # (probing: the check says why, as qemu-img)
-            print(f"qcowfast: Could not open '{args.image}': {exc.strerror}", file=sys.stderr)
-            return 1
-        mode, head = 0, b""
-    if args.format == "raw":
-        # qemu-img opens the file first (a missing file or a directory: 1), then answers for
-        # the format, before anything about -r.
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
-            print(f"qcowfast: Could not open '{args.image}': 'file' driver requires "
-                  f"'{args.image}' to be a regular file", file=sys.stderr)
-            return 1
+        return f"Could not open '{path}': Could not open '{path}': {exc.strerror}"
+    why = None
+    if writable and stat.S_ISDIR(mode):
+        why = os.strerror(errno.EISDIR)         # (open(O_RDWR) fails before the type check)
+    elif writable and not os.access(path, os.W_OK):
+        why = os.strerror(errno.EACCES)
+    elif stat.S_ISDIR(mode):                    # (qemu-img blocks on a FIFO)
+        return f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file"
+    return None if why is None else f"Could not open '{path}': Could not open '{path}': {why}"
+
+
+def _check_format(args) -> int:
+    """check: qemu-img's refusals in img_check()'s order (a bad -r was refused as it was read,
+    --output by main()): -T, then img_open()'s: the driver's name, -U with -r, the file
+    (opened read-write with -r), the format; then the check itself (cmd_check)."""
+    from .constants import QCOW_MAGIC
+    image, fmt, repair = args.image, args.format, args.repair
+    refused = cache_refusal(args.src_cache, "source cache")
+    if refused is None and fmt is not None and fmt not in QEMU_DRIVERS:
+        refused = f"Could not open '{image}': Unknown driver '{fmt}'"
+    if refused is None and repair is not None and args.force_share:
+        refused = f"Could not open '{image}': force-share=on can only be used with " \
+                  "read-only images"
+    if refused is None and fmt not in _NOT_FILES:
+        refused = _file_refusal(image, writable=repair is not None)
+    if refused is None and fmt not in (None, *SOURCE_FORMATS):
+        refused = f"Could not open '{image}': -f {fmt}: qcowfast reads qcow2 and raw images"
+    if refused is not None:
+        print(f"qcowfast: {refused}", file=sys.stderr)
+        return 1
+    if fmt == "raw":
         print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
-    # qemu-img's probe: the magic and version >= 2 (a probed raw image answers 63, -r or not)
-    qcow2 = head[:4] == QCOW_MAGIC and int.from_bytes(head[4:8].ljust(4, b"\0"), "big") >= 2
-    if args.repair is not None and (args.format == "qcow2" or qcow2):
-        print(f"qcowfast: check -r {args.repair}: qcowfast does not repair images (it never "
-              "writes to them); repair with qemu-img check -r", file=sys.stderr)
+    try:
+        _, head = _peek(image)
+    except OSError:
+        head = b""
+    # qemu-img's probes: qcow2 from version 2, qcow (which has no check either) version 1
+    version = int.from_bytes(head[4:8].ljust(4, b"\0"), "big")
+    magic = head[:4] == QCOW_MAGIC
+    if fmt is None and repair is not None and not (magic and version):
+        sys.stderr.write(RAW_PROBE_WARNING.format(image))
+    if fmt == "qcow2" and not magic:
+        print(f"qcowfast: Could not open '{image}': Image is not in qcow2 format",
+              file=sys.stderr)
         return 1
-    if args.format == "qcow2" and head[:4] != QCOW_MAGIC:
-        why = (os.strerror(errno.EISDIR) if stat.S_ISDIR(mode) else
-               "Image is not in qcow2 format")
-        print(f"qcowfast: Could not open '{args.image}': {why}", file=sys.stderr)
+    if repair is not None and (fmt == "qcow2" or magic and version >= 2):
+        print(f"qcowfast: check -r {repair}: qcowfast does not repair images (it never "
+              "writes to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
     return cmd_check(args)
 
 
-def _add_source_cache_option(p: argparse.ArgumentParser, checked: bool = True) -> None:
-    p.add_argument("-T", dest="src_cache", type=cache_mode if checked else str,
-                   default="writeback",
+def _add_source_cache_option(p: argparse.ArgumentParser) -> None:
+    """-T, checked by each command where qemu-img checks it (cache_refusal)."""
+    p.add_argument("-T", dest="src_cache", default="writeback",
                    metavar="CACHE", help="source cache mode (accepted; qcowfast reads through "
                                          "the page cache)")
+
+
+def _option_list(text: str) -> str:
+    """convert -o as img_convert()'s accumulate_options() reads it: a list that cannot be
+    joined to the others is refused there."""
+    if not _valid_option_list(text):
+        usage_exit(f"Invalid option list: {text}", hint=False)
+    return text
 
 
 class _RefusedNow(argparse.Action):
@@ -506,10 +558,89 @@ class QemuLine(CliError):
 
 
 class _Unsupported(argparse.Action):
-    """An option of qemu-img convert that needs a feature qcowfast lacks: refused by name."""
+    """An option of qemu-img convert that needs a feature qcowfast lacks: refused by name (its
+    value first checked as qemu-img reads it: -r's rate)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "-r":
+            cvtnum("rate limit", values[0])
         namespace.unsupported = [*getattr(namespace, "unsupported", []), option_string]
+
+
+_SNAPSHOT_KEYS = ("snapshot.id", "snapshot.name")
+_SNAPSHOT_HELP = ("snapshot options:\n  snapshot.id=<str>      - snapshot id\n"
+                  "  snapshot.name=<str>    - snapshot name\n")
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
+def _qemu_opts(text: str):
+    """QEMU's option text (util/qemu-option.c get_opt_name_value(), no implied first key) as
+    (name, value, flag) items: "key=value" (',,' is a literal comma), or a flag "key" (on)
+    or "nokey" (off), flag being the key as written."""
+    p = 0
+    while p < len(text):
+        length = len(re.match(r"[^=,]*", text[p:]).group(0))
+        if p + length < len(text) and text[p + length] == "=":
+            name, p, value = text[p:p + length], p + length + 1, []
+            while True:                         # get_opt_value(): ',,' is a comma
+                comma = text.find(",", p)
+                comma = len(text) if comma < 0 else comma
+                value.append(text[p:comma])
+                if text[comma + 1:comma + 2] != ",":
+                    break
+                value.append(",")
+                p = comma + 2
+            p, item = comma, (name, "".join(value), None)
+        else:
+            flag, p = text[p:p + length], p + length
+            item = (flag[2:], "off", flag) if flag.startswith("no") else (flag, "on", flag)
+        if text[p:p + 1] == ",":
+            p += 1
+        yield item
+
+
+class _SnapshotParam(argparse.Action):
+    """convert -l: a `snapshot.*` value is parsed as qemu-img parses it while reading its
+    options (qemu_opts_parse_noisily() on internal_snapshot_opts), with its warnings and
+    errors ("Failed in parsing snapshot param ...", exit 1), and kept as the snapshot.id /
+    snapshot.name text qcowfast reads; any other value names a snapshot by id or name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.startswith("snapshot."):
+            values = self.parsed(values, namespace)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+
+    @staticmethod
+    def parsed(text: str, namespace) -> str:
+        def fail(*lines: str) -> "typing.NoReturn":  # noqa: F821
+            for line in lines:
+                print(line, file=sys.stderr)
+            print(f"qcowfast: Failed in parsing snapshot param '{text}'", file=sys.stderr)
+            raise SystemExit(1)
+
+        ident = next((value for name, value, _ in _qemu_opts(text) if name == "id"), None)
+        ids = namespace.__dict__.setdefault("_snapshot_ids", set())
+        if ident is not None and not _IDENTIFIER.fullmatch(ident):
+            fail("qcowfast: Parameter 'id' expects an identifier",
+                 "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
+        if ident is not None and ident in ids:
+            fail(f"qcowfast: Duplicate ID '{ident}' for snapshot")
+        chosen = {}
+        for name, value, flag in _qemu_opts(text):
+            if flag in ("help", "?"):
+                sys.stdout.write(_SNAPSHOT_HELP)
+                fail()
+            if flag is not None:
+                print(f"qcowfast: warning: short-form boolean option '{flag}' deprecated\n"
+                      f"Please use {name}={value} instead", file=sys.stderr)
+            if name == "id":
+                continue
+            if name not in _SNAPSHOT_KEYS:
+                fail(f"qcowfast: Invalid parameter '{name}'")
+            chosen[name] = value                # (the last value of a key counts)
+        if ident is not None:
+            ids.add(ident)
+        return ",".join(f"{name}={value.replace(',', ',,')}" for name, value in chosen.items())
 
 
 # qemu-img convert options that qcowfast refuses by name (each needs a feature it lacks).
@@ -540,8 +671,12 @@ _NUMBER_OPTIONS = ("refcount_bits",)
 _UNSUPPORTED_OUTPUT_OPTIONS = {"backing_file": "output backing files (-B)",
                                "backing_fmt": "output backing files (-B, -F)",
                                "data_file": "external data files",
-                               "encryption": "encryption", "encrypt": "encryption",
-                               "extent_size_hint": "file attributes"}
+                               "encryption": "encryption", "encrypt": "encryption"}
+# file-posix's extent size hint (FS_IOC_FSSETXATTR extsize: XFS uses it, ext4 ignores it): no
+# effect on the bytes written, so accepted and ignored once QEMU's limit is checked (in the
+# _*_create_refusal functions, where file-posix checks it).
+_EXTENT_HINT = "extent_size_hint"
+_EXTENT_HINT_MAX = 0xFFFFFFFF
 _OPTION_HELP = {"cluster_size": "<size> - qcow2 cluster size, 512 to 2M (default 64k)",
                 "compression_type": "<str> - compression with -c: zlib (default) or zstd"}
 
@@ -552,6 +687,8 @@ def _print_output_options(fmt: str, named: bool) -> None:
     its protocol's options)."""
     lines = [f"  {key}={_OPTION_HELP[key]}" for key in _OUTPUT_OPTIONS if fmt == "qcow2"]
     lines += [f"  {key}={what}" for key, (_, what) in _FILE_OPTIONS.items()]
+    lines.append(f"  {_EXTENT_HINT}=<size> - extent size hint of the file (accepted and "
+                 "ignored)")
     lines += [f"  {key}={'|'.join(values)} - {what}"
               for key, (values, what) in _FIXED_OPTIONS.get(fmt, {}).items()]
     try:
@@ -576,6 +713,8 @@ def _options_help(argv: list[str]) -> bool:
     fmt = "raw" if known.O == "host_device" else known.O
     if known.n or not any(re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
         return False
+    if not all(map(_valid_option_list, known.o)):
+        return False            # refused as the options are read, before any help
     if fmt not in QEMU_DRIVERS:
         usage_exit(f"Unknown file format '{fmt}'", hint=False)
     if fmt not in OUTPUT_FORMATS:
@@ -624,17 +763,20 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
             raise CliError(f"-o {','.join(texts)}: {str(exc).splitlines()[0]}") from None
         raise QemuLine(str(exc)) from None
     items.pop("size", None)                     # (qemu-img convert sets the source's size)
+    hint = items.pop(_EXTENT_HINT, (None, 0))[1]
     fixed = _FIXED_OPTIONS.get(fmt, {})
     for key in items:
         unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
         if unsupported and key not in fixed:
             raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
     if compress and fmt != "qcow2":
+        if dst is not None:
+            raise QemuLine("Compression not supported for this file format")
         raise CliError(f"-c: compression needs -O qcow2 (-O {fmt} cannot be compressed)")
     prealloc = items.get("preallocation", ("off",))[0]
     if compress and prealloc != "off":
         raise QemuLine("Compression and preallocation not supported at the same time")
-    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(items)
+    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(items, hint)
     if why is not None:
         raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
     opts = {}
@@ -655,10 +797,13 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     return opts
 
 
-def _qcow2_create_refusal(items: dict) -> str | None:
-    """What creating a qcow2 image with these -o values fails on, in QEMU's order and words
-    (qcow2_co_create_opts(): the enums its visitor reads, then qcow2_co_create()'s checks);
-    None when QEMU creates it."""
+def _qcow2_create_refusal(items: dict, hint: int = 0) -> str | None:
+    """What creating a qcow2 image with these -o values (and extent size `hint`) fails on, in
+    QEMU's order and words (qcow2_co_create_opts(): the file first, then the enums its visitor
+    reads, then qcow2_co_create()'s checks); None when QEMU creates it."""
+    if hint > _EXTENT_HINT_MAX:
+        return "Extent size hint is too large"
+
     def text(key):
         return items[key][0] if key in items else None
 
@@ -695,11 +840,13 @@ def _qcow2_create_refusal(items: dict) -> str | None:
     return None
 
 
-def _raw_create_refusal(items: dict) -> str | None:
-    """The same for raw (file-posix's raw_co_create_opts())."""
+def _raw_create_refusal(items: dict, hint: int = 0) -> str | None:
+    """The same for raw (file-posix's raw_co_create_opts(), then raw_co_create())."""
     prealloc = items.get("preallocation", ("off",))[0]
     if prealloc not in _PREALLOC_MODES:
         return f"invalid parameter value: {prealloc}"
+    if hint > _EXTENT_HINT_MAX:
+        return "Extent size hint is too large"
     if prealloc == "metadata":
         return "Unsupported preallocation mode: metadata"
     return None
@@ -737,18 +884,29 @@ def convert_arguments(args) -> tuple[str, str, dict]:
     """Map a parsed `qcowfast convert` command line to convert()'s (src, dst, keywords).
 
     Raises CliError for command lines qcowfast refuses, in img_convert()'s order where
-    qemu-img refuses them too: -o with -n and --target-is-zero without it, then the source
-    (-f; it is opened before -O and -o are looked at), then -O and -o.
+    qemu-img refuses them too (a bad -m, -S, -r, -o list or -l was refused as it was read):
+    see _command_line_refusal, then _source_arguments.
     """
+    _command_line_refusal(args)
+    return _source_arguments(args)
+
+
+def _command_line_refusal(args) -> None:
+    """Raise what img_convert() refuses before it starts its progress report: options that
+    do not go together (_pairing_refusal), then -T; then qcowfast's refusals by name."""
+    refused = _pairing_refusal(args) or cache_refusal(args.src_cache, "source cache")
+    if refused:
+        raise QemuLine(refused)
     for option in getattr(args, "unsupported", []):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
     if args.extra:
         raise CliError("multiple source images are not supported (qemu-img would concatenate "
                        "them); convert one image at a time")
-    if args.options and args.existing:
-        raise QemuLine(NO_EFFECT)
-    if args.target_is_zero and not args.existing:
-        raise QemuLine("--target-is-zero requires use of -n flag")
+
+
+def _source_arguments(args) -> tuple[str, str, dict]:
+    """The rest, in img_convert()'s order: the source (-f; it is opened before -O and -o are
+    looked at: on a refusal it is opened, and its failure is the one reported), -O, -o, -t."""
     if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
         raise QemuLine(format_refusal(args.src, args.src_format))
     try:
@@ -756,6 +914,28 @@ def convert_arguments(args) -> tuple[str, str, dict]:
     except CliError:
         _source_opens(args)
         raise
+
+
+def _pairing_refusal(args) -> str | None:
+    """img_convert()'s line for options that do not go together, checked in its order once
+    its options are read, else None."""
+    given = getattr(args, "unsupported", [])
+    copy_range = "-C" in given
+    for refused, line in (
+            ("--skip-broken-bitmaps" in given and "--bitmaps" not in given,
+             "Use of --skip-broken-bitmaps requires --bitmaps"),
+            (copy_range and args.compress, "Cannot enable copy offloading when -c is used"),
+            (copy_range and args.sparse_size is not None,
+             "Cannot enable copy offloading when -S is used"),
+            (copy_range and "--salvage" in given, "Cannot use copy offloading in salvaging mode"),
+            ("--target-image-opts" in given and not args.existing,
+             "--target-image-opts requires use of -n flag"),
+            (args.options and args.existing, NO_EFFECT),
+            (args.target_is_zero and not args.existing,
+             "--target-is-zero requires use of -n flag")):
+        if refused:
+            return line
+    return None
 
 
 def _convert_keywords(args) -> tuple[str, str, dict]:
@@ -777,6 +957,9 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     if fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
     opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress)
+    refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
+    if refused:
+        raise QemuLine(refused)
     if args.compression_level is not None and not args.compress:
         raise CliError("--compression-level needs -c")
     if args.dst == "-" and "stdout" in _CLOSED_STREAMS:
@@ -789,7 +972,8 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
               compression_type=opts.get("compression_type"),
               level=args.compression_level,
               cluster_size=opts.get("cluster_size", 65536), nocow=opts.get("nocow", False),
-              threads=args.threads or args.coroutines, sparse_size=args.sparse_size,
+              threads=args.threads or args.coroutines,
+              sparse_size=4096 if args.sparse_size is None else args.sparse_size,
               overwrite=not args.no_clobber, existing=args.existing,
               target_is_zero=args.target_is_zero, force_share=args.force_share,
               direct=args.cache in ("none", "off", "directsync"),
@@ -801,11 +985,14 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
 
 
 def cmd_convert(args) -> int:
-    src, dst, kw = convert_arguments(args)
+    _command_line_refusal(args)
     from .convert import convert
     from .errors import OutputError, UnsupportedFeature
-    # qemu-img prints progress on stdout; here stdout may carry the image itself.
-    with _progress(args, sys.stderr if dst == "-" else sys.stdout, 1.0) as progress:
+    # qemu-img prints progress on stdout; here stdout may carry the image itself. It reports
+    # 0 % before it opens the source: a refusal from there on ends the report too.
+    with _progress(args, sys.stderr if args.dst == "-" else sys.stdout, 1.0) as progress:
+        progress(0, 1)
+        src, dst, kw = _source_arguments(args)
         try:
             result = convert(src, dst, progress=progress, **kw)
         except UnsupportedFeature:
@@ -814,9 +1001,12 @@ def cmd_convert(args) -> int:
                     force_share=kw["force_share"]):
                 raise QemuLine(RAW_SNAPSHOT) from None
             raise
-        except OutputError:
+        except OutputError as exc:
             if kw["existing"] and kw["format"] == "raw" and _target_too_small(src, dst, kw):
                 raise QemuLine("output file is smaller than input file") from None
+            unnamed = getattr(exc, "unnamed", None)
+            if unnamed is not None:             # a refusal of the writer's: name DST
+                raise QemuLine(f"{dst}: {unnamed}") from None
             raise
         if result.virtual_size == 0 or progress.last < 100.0:
             progress.complete()
@@ -930,34 +1120,19 @@ def cmd_check(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import compare
-    try:
-        cache_mode(args.src_cache)
-    except argparse.ArgumentTypeError as exc:
-        print(f"qcowfast: -T: {exc}", file=sys.stderr)     # qemu-img: 2, not 1 ("differ")
-        return 2
     kw = {"force_share": True} if args.force_share else {}
-    # A format qcowfast does not read: exit 2 (could not compare), as qemu-img for an image it
-    # cannot open (1 would say the images differ). IMG1 is opened first.
-    if args.format_a not in (None, *SOURCE_FORMATS):
-        print(f"qcowfast: {format_refusal(args.image1, args.format_a)}", file=sys.stderr)
-        return 2
-    if args.format_b not in (None, *SOURCE_FORMATS):
-        from .image import open_source
-        try:
-            open_source(args.image1, args.format_a, backing_dirs=args.allow_backing_dir,
-                        **kw).close()
-        except QcowError as exc:
-            print(f"qcowfast: {error_text(exc, _images(args))}", file=sys.stderr)
-            return 2
-        print(f"qcowfast: {format_refusal(args.image2, args.format_b, '-F')}",
-              file=sys.stderr)
-        return 2
+
     # qemu-img ends its progress report after the verdict line (a newline follows it).
     def say(line: str) -> None:                 # (the status is the verdict, as in check)
         if not args.quiet:
             _write_quietly(sys.stdout, line + "\n")
 
+    # The report starts before -T is checked: with -p, a refusal ends it too (a newline).
     with _progress(args, sys.stdout, 2.0) as progress:
+        refused = _compare_refusal(args, kw)
+        if refused:
+            print(f"qcowfast: {refused}", file=sys.stderr)
+            return 2                            # (could not compare; 1 says they differ)
         try:
             result = compare(args.image1, args.image2, fmt_a=args.format_a,
                              fmt_b=args.format_b, strict=args.strict, progress=progress,
@@ -970,6 +1145,23 @@ def cmd_compare(args) -> int:
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
             return 2
     return result.exit_code
+
+
+def _compare_refusal(args, kw: dict) -> str | None:
+    """compare's line for -T, or for a format qcowfast does not read (IMG1 is opened first),
+    else None."""
+    refused = cache_refusal(args.src_cache, "source cache")
+    if refused or args.format_a not in (None, *SOURCE_FORMATS):
+        return refused or format_refusal(args.image1, args.format_a)
+    if args.format_b not in (None, *SOURCE_FORMATS):
+        from .image import open_source
+        try:
+            open_source(args.image1, args.format_a, backing_dirs=args.allow_backing_dir,
+                        **kw).close()
+        except QcowError as exc:
+            return error_text(exc, _images(args))
+        return format_refusal(args.image2, args.format_b, "-F")
+    return None
 
 
 # What qemu-img says when a subcommand gets too few or too many file names: (line, whether
@@ -1054,6 +1246,7 @@ def _add_convert_parser(sub) -> None:
                    help="with -c: zlib level 2-9 (default 6; 1 is written as 2) or zstd level "
                         "(default 3); lower is faster and larger (a qcowfast option)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   type=_option_list,
                    help="qcow2 output options key=val[,key=val]: compression_type=zlib|zstd, "
                         "cluster_size=SIZE (512 to 2M, default 64k); help lists them, with "
                         "the qemu-img keys accepted at the value qcowfast writes (compat=1.1, "
@@ -1065,7 +1258,7 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read SRC even when a running QEMU holds it open for writing (the copy "
                         "may be torn)")
-    p.add_argument("-t", dest="cache", type=cache_mode, default="writeback", metavar="CACHE",
+    p.add_argument("-t", dest="cache", default="writeback", metavar="CACHE",
                    help="output cache mode: none/off (O_DIRECT), directsync (O_DIRECT and "
                         "flush), writethrough (flush before publishing, like --fsync), "
                         "writeback (default), unsafe")
@@ -1076,10 +1269,10 @@ def _add_convert_parser(sub) -> None:
                    help="worker threads (default: all cores; overrides -m)")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes (accepted: qcowfast always may)")
-    p.add_argument("-S", dest="sparse_size", type=sparse_size, default=4096, metavar="SIZE",
+    p.add_argument("-S", dest="sparse_size", type=sparse_option, default=None, metavar="SIZE",
                    help="zero runs of SIZE bytes are left as holes: a multiple of 512 up to 16M "
                         "(default 4k; 0 writes a fully allocated file)")
-    p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", action="append", default=[],
+    p.add_argument("-l", "--snapshot", metavar="SNAPSHOT", action=_SnapshotParam, default=[],
                    help="convert an internal snapshot: snapshot.id=ID, snapshot.name=NAME, or "
                         "ID_OR_NAME (given more than once: the last snapshot.* one, else the "
                         "last, as qemu-img)")
@@ -1176,8 +1369,9 @@ def _add_check_parser(sub) -> None:
                         "checked")
     _add_force_share_option(p)
     _add_source_cache_option(p)
+    # refused by name (qcowfast never writes images), its value first, as qemu-img reads it
     p.add_argument("-r", "--repair", dest="repair", metavar="leaks|all", default=None,
-                   help=argparse.SUPPRESS)     # refused by name: qcowfast never writes images
+                   type=repair_mode, help=argparse.SUPPRESS)
     _add_progress_options(p, "standard error")
     _add_open_options(p)
     p.set_defaults(func=_check_format)
@@ -1205,7 +1399,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing; use the exit "
                                                              "status")
     _add_force_share_option(p)
-    _add_source_cache_option(p, checked=False)      # checked in cmd_compare (exit 2)
+    _add_source_cache_option(p)                 # checked in cmd_compare (exit 2)
     _add_progress_options(p)
     _add_open_options(p)
     p.set_defaults(func=cmd_compare)

@@ -768,7 +768,8 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         size = write_qcow2(image, out.fd, compression=compression, level=level,
                            cluster_size=cluster_size, threads=threads,
                            progress=_capped(progress, out, max_output_size),
-                           sparse_size=sparse_size, compression_type=compression_type)
+                           sparse_size=sparse_size, compression_type=compression_type,
+                           name=out.name)
         if max_output_size is not None and size > max_output_size:
             raise OutputError(f"{out.name}: output of {size} bytes exceeds max_output_size "
                               f"({max_output_size} bytes); nothing was written to {out.name}")

@@ -47,6 +47,18 @@ FEATURE_NAMES = ((0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external
                  (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"))
 INCOMPAT_COMPRESSION = 1 << 3
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# qemu-img's words when an L1 table would outgrow QCOW_MAX_L1_SIZE: qcow2_co_create() resizes
+# the new image to the virtual size, and qcow2_grow_l1_table() refuses with EFBIG.
+L1_TOO_LARGE = ("error while converting qcow2: Could not resize image: Failed to grow the L1 "
+                "table: File too large")
+
+
+def _refused(name, text: str) -> OutputError:
+    """The OutputError for an output that cannot be written: `text`, after the destination's
+    `name` when known; `text` alone is kept as `unnamed` for a caller that knows it."""
+    exc = OutputError(f"{name}: {text}" if name else text)
+    exc.unnamed = text
+    return exc
 
 
 def _resolve_level(compression, level):
@@ -94,16 +106,16 @@ def _big_endian(values: array) -> array:
 class _Layout:
     """The single writer: appends clusters, L2 tables and refcount blocks at the file's end."""
 
-    def __init__(self, fd, cluster_size, vsize):
+    def __init__(self, fd, cluster_size, vsize, name=None):
         self.fd = fd
+        self.name = name                    # the destination, for errors
         self.cs = cluster_size
         self.bits = cluster_size.bit_length() - 1
         self.l2_entries = cluster_size // 8
         self.l1_size = -(-vsize // (self.l2_entries * cluster_size))
         if self.l1_size * 8 > QCOW_MAX_L1_SIZE:
-            raise OutputError(f"virtual size {vsize} needs an L1 table over QEMU's limit of "
-                              f"{QCOW_MAX_L1_SIZE} bytes at cluster size {cluster_size}; use a "
-                              "larger cluster size")
+            raise _refused(name, L1_TOO_LARGE)
+        self.l1_clusters = -(-self.l1_size * 8 // cluster_size)
         self.l1 = _zeros("Q", self.l1_size)
         self.cur_t = -1
         self.cur = _zeros("Q", self.l2_entries)
@@ -212,8 +224,23 @@ class _Layout:
             self.l1[t] = (off + k * self.cs) | QCOW_OFLAG_COPIED
         self.flush_blocks()
 
+    def refcount_room(self):
+        """Refuse the output (OutputError) once its refcount table is certain to outgrow QEMU's
+        limit: its clusters so far, the L1 table still to come and at least one refcount
+        table cluster lie past what the largest table's refcount blocks can cover."""
+        covered = QCOW_MAX_REFTABLE_SIZE // 8 * self.block     # host clusters, at most
+        if -(-self.pos // self.cs) + self.l1_clusters + 1 > covered:
+            raise _refused(self.name, self._reftable_text(covered))
+
+    def _reftable_text(self, covered):
+        return (f"the image needs a refcount table over QEMU's limit of "
+                f"{QCOW_MAX_REFTABLE_SIZE} bytes (its clusters reach past {covered * self.cs} "
+                f"bytes at cluster size {self.cs}); use a larger cluster size")
+
     def flush_blocks(self):
-        """Write every refcount block whose host range lies wholly before the end of the file."""
+        """Write every refcount block whose host range lies wholly before the end of the file
+        (after refcount_room())."""
+        self.refcount_room()
         while self.rc_base + self.block <= self.pos // self.cs:
             if self.rc_base <= self.state[1] < self.rc_base + self.block:
                 self.state[1] = -1          # close the open cluster: its refcount is final
@@ -235,6 +262,7 @@ class _Layout:
             l1 = array("Q", self.l1)
             l1.frombytes(bytes(-(-self.l1_size * 8 // cs) * cs - self.l1_size * 8))
             l1_offset = self.append_clusters(_big_endian(l1))
+            self.l1_clusters = 0                # (now counted in the file's end)
         self.flush_blocks()
         # The last refcount blocks and the refcount table must cover themselves
         # (qcow2-refcount.c, qcow2_refcount_area): iterate to the fixed point.
@@ -247,8 +275,8 @@ class _Layout:
                 break
             blocks, rt_clusters = nb, nt
         if rt_clusters * cs > QCOW_MAX_REFTABLE_SIZE:
-            raise OutputError("the image needs a refcount table over QEMU's limit of "
-                              f"{QCOW_MAX_REFTABLE_SIZE} bytes; use a larger cluster size")
+            raise _refused(self.name, self._reftable_text(QCOW_MAX_REFTABLE_SIZE // 8 *
+                                                          self.block))
         self.need(end + blocks + rt_clusters)
         for k in range(end - self.rc_base, end + blocks + rt_clusters - self.rc_base):
             self.rc[k] += 1
@@ -314,7 +342,7 @@ def _writev_all(fd, pieces, offset):
 
 
 def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536, threads=None,
-                progress=None, sparse_size=4096, compression_type=None) -> int:
+                progress=None, sparse_size=4096, compression_type=None, name=None) -> int:
     """Write `source` as a QCOW2 v3 image into the empty regular file `fd`.
 
     Parameters
@@ -342,6 +370,10 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
     compression_type : None, "zlib" or "zstd"
         The compression type the header records (default: `compression`, else zlib), as
         qemu-img's -o compression_type without -c.
+    name : str, optional
+        The destination as the caller named it, for the OutputError of an image QEMU's limits
+        refuse: an L1 table over 32 MiB (at the start, in qemu-img's words) or a refcount
+        table over 8 MiB (as soon as the clusters written make it certain).
 
     Returns
     -------
@@ -368,13 +400,13 @@ def write_qcow2(source, fd, *, compression=None, level=None, cluster_size=65536,
     if chain is not None:
         try:
             return _write(source, fd, chain, ctype, level, cluster_size, threads, progress,
-                          zeros, COMPRESSION_TYPES[header_type])
+                          zeros, COMPRESSION_TYPES[header_type], name)
         except _HandOver:
             # A unit the plain path does not serve (the source changed under it): start again
             # on the general path, which raises what is wrong, if anything.
             os.ftruncate(fd, 0)
     return _write(source, fd, None, ctype, level, cluster_size, threads, progress, zeros,
-                  COMPRESSION_TYPES[header_type])
+                  COMPRESSION_TYPES[header_type], name)
 
 
 class _ZeroRule:
@@ -394,10 +426,11 @@ class _ZeroRule:
         return SparsePlan(source, self.sparse_size, cluster_size, unit)
 
 
-def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header_type) -> int:
+def _write(source, fd, chain, ctype, level, cs, threads, progress, zeros, header_type,
+           name) -> int:
     """write_qcow2 reading through _plain `chain`, or through the general filler when None."""
     vsize = -(-source.virtual_size // 512) * 512     # qcow2_co_create_opts() rounds up
-    layout = _Layout(fd, cs, vsize)
+    layout = _Layout(fd, cs, vsize, name)
     unit = WRITE_UNIT                       # a multiple of every cluster size (<= 2 MiB)
     ncl = unit // cs
     offsets = memoryview(array("q", range(0, unit, cs)))
