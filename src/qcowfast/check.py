@@ -955,7 +955,7 @@ class _L2Refs:
         return self.offsets, self.active, self.snap
 
 
-def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_share) -> None:
+def _open_chain(opened, ident: tuple, header: Header, backing_dirs, force_share) -> None:
     """Open (then close) the external data file and the backing chain the image names.
 
     qemu-img check opens the whole chain before it checks, and fails (exit code 1) when a
@@ -966,11 +966,12 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
     from .image import Image, RawImage, check_qcow2_backing
     from .paths import resolve_reference
     from .probe import detect_format
+    name = opened.path
     if header.has_data_file:
         if not header.data_file:
             raise FormatError("'data-file' is required for this image")
         try:
-            resolve_reference(name, header.data_file, "external data file",
+            resolve_reference(opened, header.data_file, "external data file",
                               backing_dirs).close()
         except QcowError as exc:
             in_chain(exc, name, backing=False)
@@ -978,20 +979,20 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
     if not header.backing_file:
         return
     try:
-        opened = resolve_reference(name, header.backing_file, "backing file", backing_dirs)
+        backing = resolve_reference(opened, header.backing_file, "backing file", backing_dirs)
     except QcowError as exc:
         in_chain(exc, name, backing=True)
         raise
     try:
-        if opened.ident == ident:
-            raise BackingChainError(f"backing chain loops: {name} -> {opened.path}")
-        fmt = header.backing_format or detect_format(opened.fd, opened.path)
+        if backing.ident == ident:
+            raise BackingChainError(f"backing chain loops: {name} -> {backing.path}")
+        fmt = header.backing_format or detect_format(backing.fd, backing.path)
         if fmt in RAW_FORMATS:
-            layer = RawImage(opened, 1, force_share=force_share)
+            layer = RawImage(backing, 1, force_share=force_share)
         elif fmt == "qcow2":
-            check_qcow2_backing(opened, name)
+            check_qcow2_backing(backing, name)
             try:
-                layer = Image(opened, backing_dirs=backing_dirs, force_share=force_share,
+                layer = Image(backing, backing_dirs=backing_dirs, force_share=force_share,
                               _depth=1, _seen=(ident,), _top=name)
             except QcowError as exc:
                 if exc.qemu_chain is not None:      # a file below the backing file
@@ -1002,7 +1003,7 @@ def _open_chain(name: str, ident: tuple, header: Header, backing_dirs, force_sha
                                      "(qcowfast reads qcow2 and raw backing files)")
         layer.close()
     finally:
-        opened.close()
+        backing.close()
 
 
 def check(path, *, progress=None, backing_dirs=(), force_share=False,
@@ -1049,7 +1050,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         # Opened as info and compare open their images (paths.open_file): a missing file is
         # ImageNotFound, any other failure to open ImageOpenError (both QcowErrors and
         # OSErrors); directories, FIFOs, sockets and devices are refused before any read.
-        opened = open_file(name, "image", block_devices=False)
+        opened = open_file(name, "image", block_devices=False, keep_dir=True)
     except QcowError as exc:
         raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
     fd = opened.detach()
@@ -1074,7 +1075,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
             warn_stale_bitmaps(header, name)
             if header.bitmaps is not None:      # loaded at open, as qemu-img check opens
                 check_bitmaps_at_open(fd, header, st.st_size)
-            _open_chain(name, (st.st_dev, st.st_ino), header, directories(backing_dirs),
+            _open_chain(opened, (st.st_dev, st.st_ino), header, directories(backing_dirs),
                         force_share)
         except QcowError as exc:
             raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
@@ -1090,6 +1091,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         return result
     finally:
         os.close(fd)
+        opened.close_dir()
 
 
 def _reworded(exc: QcowError, message: str) -> QcowError:

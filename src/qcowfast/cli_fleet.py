@@ -137,7 +137,8 @@ def _common_options(args) -> dict:
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"-S {args.sparse_size}: {exc}") from None
     if args.allow_backing_dir:
-        options["backing_dirs"] = list(args.allow_backing_dir)
+        from .paths import directories
+        options["backing_dirs"] = list(directories(args.allow_backing_dir))   # ("": refused)
     return options
 
 

@@ -156,35 +156,51 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
     if job.options.get("src_format") not in (None, "qcow2"):
         return
     name, seen = job.src, set()
-    opener = partial(open_file, job.src, "image")
-    for depth in range(MAX_CHAIN_DEPTH + 1):
-        try:
-            allowed = directories(job.options.get("backing_dirs", ()))
-            with opener() as opened:            # closed before anything is yielded
+    # Each layer's directory, as it was reached, stays open (dir_fd) until the next layer's
+    # name is resolved from it; a symlink in the path repointed meanwhile cannot move it.
+    opener = partial(open_file, job.src, "image", keep_dir=True)
+    held = None
+    try:
+        for depth in range(MAX_CHAIN_DEPTH + 1):
+            try:
+                allowed = directories(job.options.get("backing_dirs", ()))
+                opened = opener()
+            except (OSError, QcowError, TypeError, ValueError):
+                return                          # (the job will say why)
+            finally:
+                if held is not None:
+                    held.close()
+            held = opened
+            try:
                 if opened.ident in seen:
                     return
                 seen.add(opened.ident)
                 header = read_header(opened.fd, opened.size, tables_in_file=False,
                                      allow_encrypted=True)
-        except (OSError, QcowError, TypeError, ValueError):
-            return                              # (the job will say why)
-        data_file = job.options.get("data_file") if depth == 0 else None
-        if data_file is not None:
-            if not isinstance(data_file, (str, bytes, os.PathLike)):
+            except (OSError, QcowError, TypeError, ValueError):
                 return
-            yield f"the data file of {name}", os.fsdecode(os.fspath(data_file))
-        elif header.data_file and not has_protocol(header.data_file):
-            yield f"the data file of {name}", full_backing_filename(name, header.data_file)
-        if not header.backing_file or has_protocol(header.backing_file) or \
-                header.backing_format not in (None, "qcow2"):
-            if header.backing_file and not has_protocol(header.backing_file):
-                yield f"a backing file of {name}", full_backing_filename(name,
-                                                                         header.backing_file)
-            return
-        owner, name = name, full_backing_filename(name, header.backing_file)
-        yield f"a backing file of {owner}", name
-        opener = partial(resolve_reference, owner, header.backing_file, "backing file",
-                         allowed)
+            finally:
+                os.close(opened.detach())       # the file itself, before anything is yielded
+            data_file = job.options.get("data_file") if depth == 0 else None
+            if data_file is not None:
+                if not isinstance(data_file, (str, bytes, os.PathLike)):
+                    return
+                yield f"the data file of {name}", os.fsdecode(os.fspath(data_file))
+            elif header.data_file and not has_protocol(header.data_file):
+                yield f"the data file of {name}", full_backing_filename(name, header.data_file)
+            if not header.backing_file or has_protocol(header.backing_file) or \
+                    header.backing_format not in (None, "qcow2"):
+                if header.backing_file and not has_protocol(header.backing_file):
+                    yield f"a backing file of {name}", full_backing_filename(
+                        name, header.backing_file)
+                return
+            owner, name = name, full_backing_filename(name, header.backing_file)
+            yield f"a backing file of {owner}", name
+            opener = partial(resolve_reference, opened, header.backing_file, "backing file",
+                             allowed)
+    finally:
+        if held is not None:
+            held.close()
 
 
 def check_options(jobs: list[Job], reserved: Iterable[str] = ("progress",)) -> None:

@@ -163,14 +163,15 @@ def _single_run(start: int, end: int, kind: int, depth: int) -> Runs:
                 one(depth))
 
 
-def _open_checked(source, what: str, force_share: bool, owner: str | None = None
-                  ) -> OpenedFile:
+def _open_checked(source, what: str, force_share: bool, owner: str | None = None,
+                  keep_dir: bool = False) -> OpenedFile:
     """`source` (a path, or an OpenedFile from paths.resolve_reference) opened, lock-checked.
 
     On exit the caller owns the returned OpenedFile; QEMU's write lock was tested on it unless
-    `force_share` (qemu-img -U). `what`/`owner` word the messages (paths.open_file).
+    `force_share` (qemu-img -U). `what`/`owner`/`keep_dir` as in paths.open_file.
     """
-    opened = source if isinstance(source, OpenedFile) else open_file(source, what, owner=owner)
+    opened = source if isinstance(source, OpenedFile) else open_file(
+        source, what, owner=owner, keep_dir=keep_dir)
     if not force_share:
         try:
             check_not_locked(opened.fd, opened.path)
@@ -555,21 +556,29 @@ class Image(_Layer):
         self._fd = -1
         self._reads = _Reads()
         self._scratch_taken: list = []      # pooled buffers behind _scratch (_release_scratch)
+        opened = None
         try:
             # `path` may be an OpenedFile from paths.resolve_reference: that checked
-            # descriptor is the one read (never the name opened again).
-            opened = _open_checked(path, "image" if _depth == 0 else "backing file", force_share)
+            # descriptor is the one read (never the name opened again). Its dir_fd, the
+            # directory as the image was reached, is where the names it holds resolve.
+            opened = _open_checked(path, "image" if _depth == 0 else "backing file", force_share,
+                                   keep_dir=True)
             self.ident = opened.ident
             self.file_size = opened.size
             self._fd = opened.detach()
-            self._open(backing, directories(backing_dirs), data_file,
+            self._open(opened, backing, directories(backing_dirs), data_file,
                        snapshot, cache_size, max_depth, _seen)
         except BaseException:
             self.close()
             raise
+        finally:
+            if opened is not None:
+                opened.close_dir()          # (the caller may close it again: a no-op)
 
     # -- opening -------------------------------------------------------------------------------
-    def _open(self, backing, backing_dirs, data_file, snapshot, cache_size, max_depth, seen):
+    def _open(self, self_file, backing, backing_dirs, data_file, snapshot, cache_size, max_depth,
+              seen):
+        # `self_file`: this image's OpenedFile (paths.resolve_reference resolves names from it).
         # self.file_size: st_size, or the device size of a block device (paths.open_file).
         self.header: Header = read_header(self._fd, self.file_size, name=self.filename)
         h = self.header
@@ -626,8 +635,8 @@ class Image(_Layer):
             raise CorruptImage(f"{self.filename}: L1 entries {where[0]} and {where[1]} both "
                                f"point to the L2 table at {dup:#x}")
 
-        self._open_data_file(data_file, backing_dirs)
-        self._open_backing(backing, backing_dirs, cache_size, max_depth, seen)
+        self._open_data_file(self_file, data_file, backing_dirs)
+        self._open_backing(self_file, backing, backing_dirs, cache_size, max_depth, seen)
 
     def _read_table(self, offset: int, entries: int, what: str) -> bytes:
         raw = bytearray(entries * 8)
@@ -663,7 +672,7 @@ class Image(_Layer):
     def _l2_offsets(self) -> np.ndarray:
         return np.frombuffer(self._l2_off, np.int64)
 
-    def _open_data_file(self, data_file, allowed):
+    def _open_data_file(self, self_file, data_file, allowed):
         h = self.header
         if not h.has_data_file:
             if data_file is not None:
@@ -675,8 +684,7 @@ class Image(_Layer):
                 raise FormatError(f"{self.filename} needs an external data file but names none; "
                                   "pass data_file=PATH")
             try:
-                data_file = resolve_reference(self.filename, h.data_file, "external data file",
-                                              allowed)
+                data_file = resolve_reference(self_file, h.data_file, "external data file", allowed)
             except QcowError as exc:
                 in_chain(exc, self.filename, backing=False)
                 raise
@@ -688,9 +696,10 @@ class Image(_Layer):
             raise
         self.data_file = opened.path
         self._data_fd = self.data_fd = opened.detach()
+        opened.close_dir()
         self.data_size = opened.size
 
-    def _open_backing(self, backing, allowed, cache_size, max_depth, seen):
+    def _open_backing(self, self_file, backing, allowed, cache_size, max_depth, seen):
         h = self.header
         seen = seen + (self.ident,)
         if backing is False or (backing is None and not h.backing_file):
@@ -710,13 +719,14 @@ class Image(_Layer):
         # The descriptor opened (and checked) here is the one the backing layer reads.
         try:
             if backing is None:
-                opened = resolve_reference(self.filename, h.backing_file, "backing file",
-                                           allowed)
+                opened = resolve_reference(self_file, h.backing_file, "backing file", allowed)
             else:
                 opened = open_file(backing, "backing file", owner=self.filename)
         except QcowError as exc:
             in_chain(exc, self.filename, backing=True)
             raise
+        finally:
+            self_file.close_dir()           # names resolved: one directory held at a time
         try:
             if opened.ident in seen:
                 raise BackingChainError(f"backing chain loops: {self.filename} -> {opened.path}")
@@ -1500,7 +1510,7 @@ def _open_top(path, fmt, raw_if_unknown: bool, kw: dict):
     if fmt not in (None, "qcow2", "raw"):
         raise UnsupportedFeature(f"{os.fspath(path)}: format {fmt!r} (qcowfast reads qcow2 and "
                                  "raw)")
-    opened = open_file(path, "image")
+    opened = open_file(path, "image", keep_dir=True)
     try:
         if fmt is None:
             fmt = detect_format(opened.fd, opened.path)

@@ -194,15 +194,15 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     return out
 
 
-def _layer_info(path: str, fmt: str | None, force_share: bool = False
+def _layer_info(opened: OpenedFile, fmt: str | None, force_share: bool = False
                 ) -> tuple[dict, tuple[int, int]]:
     """Info of one file (qcow2 or raw, probed when `fmt` is None) and its (st_dev, st_ino).
 
-    `path` is a name or a paths.OpenedFile (from resolve_reference: its checked descriptor is
-    the one read). paths.open_file opens with O_NONBLOCK (a FIFO cannot hang it) and refuses
-    FIFOs, sockets and directories; foreign formats are refused by name (probe.detect_format).
+    `opened` is from paths.open_file (O_NONBLOCK: a FIFO cannot hang it; FIFOs, sockets and
+    directories refused) or resolve_reference: its checked descriptor is the one read, then
+    closed (its dir_fd stays: the next layer's name resolves from it). Foreign formats are
+    refused by name (probe.detect_format).
     """
-    opened = path if isinstance(path, OpenedFile) else open_file(path, "image")
     path, fd, st = opened.path, opened.fd, opened.st
     try:
         if fmt is None:
@@ -221,7 +221,7 @@ def _layer_info(path: str, fmt: str | None, force_share: bool = False
                                      "reads qcow2 and raw)")
         return out, (st.st_dev, st.st_ino)
     finally:
-        opened.close()
+        os.close(opened.detach())
 
 
 def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None = None,
@@ -256,35 +256,40 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         when a file cannot be opened at all.
     """
     name = os.fsdecode(os.fspath(path))
-    top, ident = _layer_info(name, fmt, force_share)
-    if not backing_chain:
-        return top
-    chain, seen = [top], {ident}
     allowed = directories(backing_dirs)
-    current = top
-    while "backing-filename" in current:
-        if len(chain) > max_depth:
-            raise BackingChainError(f"backing chain of {name} is deeper than {max_depth}")
-        try:
-            next_path = resolve_reference(current["filename"], current["backing-filename"],
-                                          "backing file", allowed)
-        except ImageOpenError as exc:
-            # img_info's loop opens each layer on its own: its error is bdrv_open()'s,
-            # "Could not open 'NAME': ...", under "Could not open 'NAME': " again.
-            if exc.strerror and exc.filename is not None:
-                in_chain(exc, exc.filename, backing=False)
-            raise
-        try:
-            current, ident = _layer_info(next_path, current.get("backing-filename-format"),
+    # Each layer keeps the directory it was reached in (dir_fd) until the next is found.
+    opened = open_file(name, "image", keep_dir=backing_chain)
+    try:
+        top, ident = _layer_info(opened, fmt, force_share)
+        if not backing_chain:
+            return top
+        chain, seen = [top], {ident}
+        current = top
+        while "backing-filename" in current:
+            if len(chain) > max_depth:
+                raise BackingChainError(f"backing chain of {name} is deeper than {max_depth}")
+            try:
+                found = resolve_reference(opened, current["backing-filename"], "backing file",
+                                          allowed)
+            except ImageOpenError as exc:
+                # img_info's loop opens each layer on its own: its error is bdrv_open()'s,
+                # "Could not open 'NAME': ...", under "Could not open 'NAME': " again.
+                if exc.strerror and exc.filename is not None:
+                    in_chain(exc, exc.filename, backing=False)
+                raise
+            opened.close()
+            opened = found
+            current, ident = _layer_info(opened, current.get("backing-filename-format"),
                                          force_share)
-        except FileNotFoundError:
-            raise BackingChainError(f"backing file {next_path} of {current['filename']} does "
-                                    "not exist") from None
-        if ident in seen:
-            raise BackingChainError(f"backing file {next_path} creates an infinite loop")
-        seen.add(ident)
-        chain.append(current)
-    return chain
+            if ident in seen:
+                # (qemu-img tells a loop by the name repeated, qcowfast by the file)
+                raise BackingChainError(f"Backing file '{opened.path}' creates an infinite "
+                                        "loop.")
+            seen.add(ident)
+            chain.append(current)
+        return chain
+    finally:
+        opened.close()
 
 
 # -- rendering ---------------------------------------------------------------------------------

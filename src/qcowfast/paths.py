@@ -6,15 +6,19 @@ image's own directory or inside a directory the caller allowed (backing_dirs=,
 --allow-backing-dir). Protocol and `json:` prefixes and anything but a regular file are refused.
 Anything else is an UnsafePathError naming the file and the option that would allow it.
 
-The rule is checked on what was opened, not on a name looked up before opening: the file is
-opened first (O_NONBLOCK, so a FIFO cannot block), then the descriptor's real path
-(/proc/self/fd/N) and its fstat identity are checked, and that same descriptor is the one read.
-A symlink swapped between the check and the read cannot redirect the read.
+The rule is checked on what was opened, never on a path looked up again. An image is opened
+relative to a descriptor on its directory (open_file(keep_dir=True)), and the names it holds are
+looked up from that descriptor: the directory as the image was reached, even if a symlink in
+its path is repointed later. The directory that holds the file found (after its own symlinks)
+is walked up through ".." to a trusted directory, compared by identity (st_dev, st_ino), and
+the file is opened from it with O_NOFOLLOW (O_NONBLOCK, so a FIFO cannot block): the checked
+descriptor is the one read. A symlink swapped meanwhile makes the open fail, never redirects it.
 
-A relative name is looked up the way QEMU does (block.c bdrv_get_full_backing_filename(): the
+A relative name means what it means to QEMU (block.c bdrv_get_full_backing_filename(): the
 name joined to the directory of the image's path as it was opened, symlinks in that path not
-resolved), so a chain opened through a symlink finds the same files qemu-img finds. Relative
-external data file names resolve the same way (qemu-img 7.2 uses the working directory).
+resolved), so a chain opened through a symlink finds the same files qemu-img finds, and
+messages name files as qemu-img does. Relative external data file names resolve the same way
+(qemu-img 7.2 uses the working directory).
 """
 from __future__ import annotations
 
@@ -22,10 +26,16 @@ import errno
 import os
 import stat
 
-from .errors import FormatError, ImageNotFound, ImageOpenError, MissingBackingFile, UnsafePathError
+from .errors import (
+    FormatError, ImageNotFound, ImageOpenError, MissingBackingFile, QcowError, UnsafePathError,
+)
 
 _OPEN_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
                | getattr(os, "O_NOCTTY", 0))
+# A directory held only to look names up from (O_PATH: no permission to read it is needed).
+_DIR_FLAGS = (getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
+              | getattr(os, "O_CLOEXEC", 0))
+_MAX_LINKS = 40                         # symlinks followed for one name (Linux MAXSYMLINKS)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
@@ -34,14 +44,17 @@ class OpenedFile:
     """A file opened read-only by qcowfast: its descriptor, the name it was opened by, its size.
 
     `path` is the name used in messages (as the user or the image spelled it); `size` is st_size
-    for a regular file and the device size (lseek SEEK_END) for a block device. Ownership of
-    `fd` passes to whoever calls `detach()`; otherwise `close()` (or the context manager) closes it.
+    for a regular file and the device size (lseek SEEK_END) for a block device. `dir_fd`, when
+    not -1, is an O_PATH descriptor on the directory the file was reached from (the names the
+    file holds resolve from it: resolve_reference). Ownership of `fd` passes to whoever calls
+    `detach()`; `close()` (or the context manager) closes what is still held, `close_dir()`
+    the directory alone.
     """
 
-    __slots__ = ("path", "fd", "st", "size")
+    __slots__ = ("path", "fd", "st", "size", "dir_fd")
 
-    def __init__(self, path: str, fd: int, st: os.stat_result):
-        self.path, self.fd, self.st = path, fd, st
+    def __init__(self, path: str, fd: int, st: os.stat_result, dir_fd: int = -1):
+        self.path, self.fd, self.st, self.dir_fd = path, fd, st, dir_fd
         self.size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
 
     @property
@@ -59,7 +72,13 @@ class OpenedFile:
         fd, self.fd = self.fd, -1
         return fd
 
+    def close_dir(self) -> None:
+        if self.dir_fd >= 0:
+            fd, self.dir_fd = self.dir_fd, -1
+            os.close(fd)
+
     def close(self) -> None:
+        self.close_dir()
         if self.fd >= 0:
             os.close(self.detach())
 
@@ -74,37 +93,61 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def _split(path: str) -> tuple[str, str]:
+    """(directory, last component) of `path` as a lookup walks it: "a/b" -> ("a", "b"),
+    "b" -> (".", "b"), "/b" -> ("/", "b"), "a/" -> ("a", ".")."""
+    head, sep, tail = path.rpartition("/")
+    return head or sep or ".", tail or "."
+
+
+def _close(*fds: int) -> None:
+    for fd in dict.fromkeys(fds):
+        if fd >= 0:
+            os.close(fd)
+
+
 def open_file(path, what: str = "image", *, owner: str | None = None,
-              block_devices: bool = True) -> OpenedFile:
+              block_devices: bool = True, keep_dir: bool = False) -> OpenedFile:
     """Open a file the caller named (an image, or an explicit backing=/data_file=) read-only.
 
     `what` and `owner` (the image naming the file, if any) word the messages, which name
-    `path` as given. On exit the file is a regular file, or a block device when
-    `block_devices`; FIFOs, sockets, directories and character devices are refused before any
-    read (FormatError), and a FIFO never blocks the open (O_NONBLOCK). A missing file raises
-    ImageNotFound (MissingBackingFile when `owner` is given: a file of a chain), any other
-    failure to open ImageOpenError; both are also OSErrors with the original errno.
+    `path` as given. The file is opened from a descriptor on its directory; with `keep_dir`
+    the returned OpenedFile keeps that descriptor (`dir_fd`: the directory as the file was
+    reached, through a symlinked file: the link's), for resolve_reference. On exit the file is
+    a regular file, or a block device when `block_devices`; FIFOs, sockets, directories and
+    character devices are refused before any read (FormatError), and a FIFO never blocks the
+    open (O_NONBLOCK). A missing file raises ImageNotFound (MissingBackingFile when `owner` is
+    given: a file of a chain), any other failure to open ImageOpenError; both are also
+    OSErrors with the original errno.
     """
     path = os.fsdecode(os.fspath(path))        # bytes names too (undecodable bytes escaped)
     name = f"{what} {path}" + (f" of {owner}" if owner else "")
+    head, tail = _split(path)
+    dir_fd = fd = -1
     try:
+        dir_fd = os.open(head, _DIR_FLAGS)
         # stat first: a character device or socket is refused without being opened at all.
-        mode = os.stat(path).st_mode
+        mode = os.stat(tail, dir_fd=dir_fd).st_mode
         if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
             raise FormatError(f"{name} is {_kind(mode)}, not a regular file"
                               + (" or block device" if block_devices else ""))
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(tail, _OPEN_FLAGS, dir_fd=dir_fd)
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (block_devices and stat.S_ISBLK(st.st_mode))):
+            raise FormatError(f"{name} is {_kind(st.st_mode)}, not a regular file")  # swapped
+        opened = OpenedFile(path, fd, st, dir_fd if keep_dir else -1)
     except OSError as exc:
+        _close(fd, dir_fd)
         missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
         cls = (MissingBackingFile if owner else ImageNotFound) if missing else ImageOpenError
         raise cls(f"{name} cannot be opened: {exc.strerror}", exc.errno, exc.strerror,
                   path) from None
-    st = os.fstat(fd)
-    mode = st.st_mode
-    if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
-        os.close(fd)                            # swapped since the stat
-        raise FormatError(f"{name} is {_kind(mode)}, not a regular file")
-    return OpenedFile(path, fd, st)
+    except BaseException:
+        _close(fd, dir_fd)
+        raise
+    if not keep_dir:
+        os.close(dir_fd)
+    return opened
 
 
 def has_protocol(name: str) -> bool:
@@ -120,23 +163,71 @@ def _inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
-def _real_path(opened: OpenedFile) -> str | None:
-    """Where the open file really is now, or None when it is no longer reachable there.
-
-    The descriptor's /proc link names the file that was opened; the path found must still
-    lead to that same file (fstat identity), which defeats renames and symlink swaps.
-    """
+def _fd_path(fd: int) -> str | None:
+    """The path the kernel gives open descriptor `fd` (/proc/self/fd), or None (a path of
+    PATH_MAX bytes or more has none there: ENAMETOOLONG)."""
     try:
-        real = os.readlink(f"/proc/self/fd/{opened.fd}")
-    except OSError:
-        real = ""
-    if not real.startswith("/"):
-        real = os.path.realpath(opened.path)
-    try:
-        st = os.stat(real)
+        real = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
-    return real if (st.st_dev, st.st_ino) == opened.ident else None
+    return real if real.startswith("/") else None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _below(dir_fd: int, trusted: set) -> bool:
+    """True when directory `dir_fd` is one of the directories `trusted` ((st_dev, st_ino)
+    pairs) or lies below one: walked up through "..", so no path is looked up again and a
+    path of any length works. A walk that cannot go on (a directory removed meanwhile, or
+    one not searchable) is not inside."""
+    fd = os.dup(dir_fd)
+    try:
+        ident = _ident(os.fstat(fd))
+        while ident not in trusted:
+            try:
+                up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            except OSError:                     # (unsearchable, or removed): not shown inside
+                return False
+            os.close(fd)
+            fd = up
+            ident, below = _ident(os.fstat(fd)), ident
+            if ident == below:                  # the root: its ".." is itself
+                return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _lookup(base: int, name: str) -> tuple[int, int, str]:
+    """Find `name` as the kernel would from directory `base`, following the symlinks of its
+    last component one at a time (an absolute name ignores `base`).
+
+    Returns (reached, holder, last): O_PATH descriptors on the directory `name` was reached
+    in and on the directory holding what it names after its symlinks (the same descriptor
+    when it is no symlink), and that file's name in `holder`. The caller closes both.
+    Raises OSError (ENOENT, ENOTDIR: missing; ELOOP: too many links).
+    """
+    head, last = _split(name)
+    reached = holder = os.open(head, _DIR_FLAGS, dir_fd=base)
+    try:
+        for _ in range(_MAX_LINKS):
+            try:
+                target = os.readlink(last, dir_fd=holder)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:   # EINVAL: not a symlink
+                    raise
+                return reached, holder, last
+            head, last = _split(target)
+            up = os.open(head, _DIR_FLAGS, dir_fd=holder)
+            if holder != reached:
+                os.close(holder)
+            holder = up
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
+    except BaseException:
+        _close(holder, reached)
+        raise
 
 
 def full_backing_filename(image_name: str, backing: str) -> str:
@@ -153,33 +244,45 @@ def full_backing_filename(image_name: str, backing: str) -> str:
 
 def directories(dirs) -> tuple[str, ...]:
     """`backing_dirs` as a tuple of str: an iterable of paths, or one path (str, bytes or
-    os.PathLike: one directory, never the characters of its name)."""
+    os.PathLike: one directory, never the characters of its name). An empty name is a
+    ValueError: it would trust the working directory (an unset shell variable in
+    `--allow-backing-dir "$DIR"`)."""
     if isinstance(dirs, (str, bytes, os.PathLike)):
         dirs = (dirs,)
     try:
-        return tuple(os.fsdecode(os.fspath(d)) for d in dirs)
+        out = tuple(os.fsdecode(os.fspath(d)) for d in dirs)
     except TypeError:
         raise TypeError(f"backing_dirs must be a path or an iterable of paths, not "
                         f"{dirs!r}") from None
+    if "" in out:
+        raise ValueError("--allow-backing-dir (backing_dirs=) was given an empty directory "
+                         "name; qcowfast refuses it rather than trust the working directory "
+                         "(name that one as '.')")
+    return out
 
 
-def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> OpenedFile:
-    """Open file `name` referenced by image `image_path` under the path policy, or raise.
+def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFile:
+    """Open file `name` referenced by `image` under the path policy, or raise.
 
-    `what` is "backing file" or "external data file" (used in messages); `allowed_dirs` are
-    extra directories the caller trusts (open(backing_dirs=...), --allow-backing-dir).
+    `image` is the OpenedFile of the image holding the name, opened with a `dir_fd`
+    (open_file(keep_dir=True), or an earlier resolve_reference): names resolve from the
+    directory as the image was reached. A path (or an OpenedFile without `dir_fd`) has its
+    directory opened now: a symlink in that path repointed since the image was opened would
+    move the names. `what` is "backing file" or "external data file" (used in messages);
+    `allowed_dirs` are extra directories the caller trusts (open(backing_dirs=...),
+    --allow-backing-dir).
 
-    On exit the returned OpenedFile holds a descriptor on a regular file that, when it was
-    checked after opening, lay (all symlinks resolved) inside the real directory of
-    `image_path` or inside the real path of one of `allowed_dirs`. Its `path` is `name` joined
-    to the directory of `image_path`, as QEMU names it. The caller must read through that
-    descriptor and close it.
+    On exit the returned OpenedFile holds a descriptor on a regular file that lies (all
+    symlinks followed) inside the image's directory or inside one of `allowed_dirs`, and a
+    `dir_fd` on the directory `name` was reached in (through a symlink: the link's). Its
+    `path` is `name` joined to the directory of the image's path, as QEMU names it. The
+    caller must read through that descriptor and close both.
 
     Raises UnsafePathError naming the file and the option that would allow it (also for a
     missing name that would lie outside); MissingBackingFile when the file does not exist;
     ImageOpenError when it exists but cannot be opened.
     """
-    image_path = os.fsdecode(os.fspath(image_path))
+    image_path = os.fsdecode(os.fspath(image))
     explicit = "backing=PATH" if what == "backing file" else "data_file=PATH"
     hint = (f"pass backing_dirs=[DIR] (command line: --allow-backing-dir DIR) or name the file "
             f"explicitly with {explicit}")
@@ -196,42 +299,84 @@ def resolve_reference(image_path, name: str, what: str, allowed_dirs=()) -> Open
     if has_protocol(name):
         raise UnsafePathError(f"{what} {name!r} named in {image_path} uses a protocol or json: "
                               f"prefix, which qcowfast never follows; {never}")
-    image_dir = os.path.dirname(image_path)
+    allowed = directories(allowed_dirs)
     path = full_backing_filename(image_path, name)
-    trusted = [os.path.realpath(image_dir or os.curdir)]
-    trusted += [os.path.realpath(d) for d in directories(allowed_dirs)]
+    label = f"{what} {path} of {image_path}"
 
-    def check_inside(real: str) -> None:
-        if not any(_inside(real, d) for d in trusted):
+    def failed(exc: OSError) -> QcowError:
+        missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        return (MissingBackingFile if missing else ImageOpenError)(
+            f"{label} cannot be opened: {exc.strerror}", exc.errno, exc.strerror, path)
+
+    def changed() -> UnsafePathError:
+        return UnsafePathError(f"{what} {name!r} named in {image_path} changed while it was "
+                               "being opened; refused")
+
+    base = getattr(image, "dir_fd", -1)
+    own = base < 0
+    reached = holder = fd = -1
+    try:
+        if own:
+            try:
+                base = os.open(_split(image_path)[0], _DIR_FLAGS)
+            except OSError as exc:
+                raise failed(exc) from None
+        trusted = {_ident(os.fstat(base))}
+        for d in allowed:
+            try:
+                trusted.add(_ident(os.stat(d)))
+            except OSError:
+                pass                            # (a missing directory holds nothing)
+        try:                                    # (for messages, and for missing names)
+            image_dir = _fd_path(base) or os.path.realpath(_split(image_path)[0])
+            allowed_real = [os.path.realpath(d) for d in allowed]
+        except OSError:                         # a link removed under realpath (a race)
+            raise changed() from None
+
+        def outside(real: str) -> UnsafePathError:
             reason = ("is outside the image's directory" if os.path.isabs(name)
                       else "resolves outside the image's directory")
-            raise UnsafePathError(f"{what} {name!r} named in {image_path} {reason} "
-                                  f"{trusted[0]} (it is {real}); qcowfast does not follow it "
-                                  f"by default; {hint}")
+            return UnsafePathError(f"{what} {name!r} named in {image_path} {reason} "
+                                   f"{image_dir} (it is {real}); qcowfast does not follow it "
+                                   f"by default; {hint}")
 
-    try:
-        opened = open_file(path, what, owner=image_path, block_devices=False)
-    except FormatError as exc:
-        # (exc: "backing file NAME of IMAGE is a directory, not a regular file")
-        raise UnsafePathError(f"{exc}; qcowfast follows only regular files named in an "
-                              f"image") from None
-    except MissingBackingFile:
         try:
-            real = os.path.realpath(path)
-        except OSError:                        # the name changed under realpath (a race)
-            raise UnsafePathError(f"{what} {name!r} named in {image_path} changed while it "
-                                  "was being opened; refused") from None
-        check_inside(real)                     # a name leading outside is refused as such
-        raise
-    try:
-        real = _real_path(opened)
-        if real is None:
-            raise UnsafePathError(f"{what} {name!r} named in {image_path} changed while it was "
-                                  f"being opened; refused")
-        check_inside(real)
+            reached, holder, last = _lookup(base, name)
+            st = os.stat(last, dir_fd=holder, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                # Missing: where the name would lead decides between "outside" and "missing".
+                try:
+                    real = os.path.realpath(os.path.join(image_dir, name))
+                except OSError:                 # (as above)
+                    raise changed() from None
+                if not any(_inside(real, d) for d in (image_dir, *allowed_real)):
+                    raise outside(real) from None
+            raise failed(exc) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise changed()                     # a symlink appeared since _lookup
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{label} is {_kind(st.st_mode)}, not a regular file; "
+                                  "qcowfast follows only regular files named in an image")
+        try:
+            fd = os.open(last, _OPEN_FLAGS | os.O_NOFOLLOW, dir_fd=holder)
+            st = os.fstat(fd)
+            inside = _below(holder, trusted)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+                raise changed() from None       # swapped or removed since the stat
+            raise failed(exc) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise changed()
+        if not inside:
+            holder_path = _fd_path(holder)
+            raise outside(_fd_path(fd) or (os.path.join(holder_path, last) if holder_path
+                                            else path))
+        opened = OpenedFile(path, fd, st, reached)
     except BaseException:
-        opened.close()
+        _close(fd, reached, holder if holder != reached else -1, base if own else -1)
         raise
+    _close(holder if holder != reached else -1, base if own else -1)
     return opened
 
 
