@@ -338,3 +338,62 @@ def test_batch_refuses_an_empty_allowed_directory(tmp_path, capsys):
     assert err.startswith("qcowfast convert-many: --allow-backing-dir (backing_dirs=) was "
                           "given an empty directory name") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.qcow2"]
+
+
+def test_layer_reached_through_an_outside_symlink_does_not_trust_the_links_directory(
+        tmp_path, capsys):
+    """top (in att/) names /…/pub/lnk, a symlink in a directory anyone may write (/tmp) to
+    att/l1.qcow2, which names victim/secret.raw. The name resolves from pub/, as in QEMU
+    (qemu-img reads pub/victim/secret.raw); pub/ is trusted by nobody, so it is refused: names
+    of a layer reached that way must lie in the directory that holds it (att/)."""
+    pub, att = tmp_path / "pub", tmp_path / "att"
+    (pub / "victim").mkdir(parents=True)
+    att.mkdir()
+    _raw(pub / "victim" / "secret.raw", SECRET)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "victim/secret.raw", "-F", "raw",
+             att / "l1.qcow2", "1M")
+    os.symlink(att / "l1.qcow2", pub / "lnk")
+    _top(att / "top.qcow2", str(pub / "lnk"), "qcow2", write=False)
+    assert _qemu_convert(att / "top.qcow2", tmp_path / "q.raw")[0] == SECRET  # qemu-img reads it
+    with pytest.raises(qcowfast.UnsafePathError, match="victim/secret.raw"):
+        qcowfast.open(att / "top.qcow2")
+    status, _, err = cli_in_process(capsys, "convert", "-q", "-O", "raw", att / "top.qcow2",
+                                    tmp_path / "o.raw")
+    assert status == 1 and "victim/secret.raw" in err and not (tmp_path / "o.raw").exists()
+    # The same layout with the link inside the trusted directory keeps working as qemu-img's.
+    os.symlink("l1.qcow2", att / "inner")
+    _raw(att / "victim.raw", MINE)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "victim.raw", "-F", "raw",
+             att / "l1.qcow2", "1M")
+    _top(att / "top2.qcow2", "inner", "qcow2", write=False)
+    want = _qemu_convert(att / "top2.qcow2", tmp_path / "want.raw")
+    with qcowfast.open(att / "top2.qcow2") as img:
+        assert_same_bytes(img.read(0, img.virtual_size), want, "link inside the directory")
+
+
+@pytest.mark.parametrize("dir_links, file_links", [(0, 40), (0, 41), (21, 19), (21, 20)])
+def test_symlink_limit_as_the_kernels(tmp_path, capsys, dir_links, file_links):
+    """A backing name through N symlinks in all (directory components and the last one) opens
+    while N <= 40 and fails as qemu-img fails beyond (the kernel's MAXSYMLINKS per lookup)."""
+    inner = tmp_path / "in"
+    inner.mkdir()
+    _raw(inner / "b.raw", MINE)
+    previous = "b.raw"
+    for i in range(file_links):
+        os.symlink(previous, inner / f"x{i}")
+        previous = f"x{i}"
+    last = previous
+    previous = "in"
+    for i in range(dir_links):
+        os.symlink(previous, tmp_path / f"dl{i}")
+        previous = f"dl{i}"
+    name = f"{previous}/{last}"
+    top = _top(tmp_path / "top.qcow2", name, write=False)
+    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", top, tmp_path / "q.raw"],
+                          capture_output=True, text=True)
+    status, _, err = cli_in_process(capsys, "convert", "-q", "-O", "raw", top,
+                                    tmp_path / "o.raw")
+    assert (status, err) == (proc.returncode, proc.stderr.replace("qemu-img:", "qcowfast:"))
+    assert (proc.returncode == 0) == (dir_links + file_links <= 40)
+    if status == 0:
+        assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()

@@ -46,15 +46,19 @@ class OpenedFile:
     `path` is the name used in messages (as the user or the image spelled it); `size` is st_size
     for a regular file and the device size (lseek SEEK_END) for a block device. `dir_fd`, when
     not -1, is an O_PATH descriptor on the directory the file was reached from (the names the
-    file holds resolve from it: resolve_reference). Ownership of `fd` passes to whoever calls
+    file holds resolve from it: resolve_reference); `trust`, when not None, the (st_dev,
+    st_ino) of the directory those names must lie in instead of dir_fd's (a file reached
+    through a symlink outside the trusted directories). Ownership of `fd` passes to whoever calls
     `detach()`; `close()` (or the context manager) closes what is still held, `close_dir()`
     the directory alone.
     """
 
-    __slots__ = ("path", "fd", "st", "size", "dir_fd")
+    __slots__ = ("path", "fd", "st", "size", "dir_fd", "trust")
 
-    def __init__(self, path: str, fd: int, st: os.stat_result, dir_fd: int = -1):
+    def __init__(self, path: str, fd: int, st: os.stat_result, dir_fd: int = -1,
+                 trust: tuple[int, int] | None = None):
         self.path, self.fd, self.st, self.dir_fd = path, fd, st, dir_fd
+        self.trust = trust
         self.size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
 
     @property
@@ -209,10 +213,13 @@ def _lookup(base: int, name: str) -> tuple[int, int, str]:
     when it is no symlink), and that file's name in `holder`. The caller closes both.
     Raises OSError (ENOENT, ENOTDIR: missing; ELOOP: too many links).
     """
+    # The kernel allows MAXSYMLINKS links per lookup, wherever they are: a name it refuses
+    # with ELOOP is refused here too (the steps below each count afresh).
+    os.stat(name, dir_fd=base)
     head, last = _split(name)
     reached = holder = os.open(head, _DIR_FLAGS, dir_fd=base)
     try:
-        for _ in range(_MAX_LINKS):
+        for _ in range(_MAX_LINKS + 1):
             try:
                 target = os.readlink(last, dir_fd=holder)
             except OSError as exc:
@@ -321,7 +328,7 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
                 base = os.open(_split(image_path)[0], _DIR_FLAGS)
             except OSError as exc:
                 raise failed(exc) from None
-        trusted = {_ident(os.fstat(base))}
+        trusted = {getattr(image, "trust", None) or _ident(os.fstat(base))}
         for d in allowed:
             try:
                 trusted.add(_ident(os.stat(d)))
@@ -372,7 +379,12 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
             holder_path = _fd_path(holder)
             raise outside(_fd_path(fd) or (os.path.join(holder_path, last) if holder_path
                                             else path))
-        opened = OpenedFile(path, fd, st, reached)
+        # Its names resolve from `reached` (QEMU's meaning); they are checked against it only
+        # when it is trusted itself. Reached through a symlink from elsewhere (a link in /tmp
+        # to a file in the trusted directory), they are checked against the directory that
+        # really holds the file: trusting the link's directory would open it all.
+        trust = None if _below(reached, trusted) else _ident(os.fstat(holder))
+        opened = OpenedFile(path, fd, st, reached, trust)
     except BaseException:
         _close(fd, reached, holder if holder != reached else -1, base if own else -1)
         raise
