@@ -765,10 +765,6 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     items.pop("size", None)                     # (qemu-img convert sets the source's size)
     hint = items.pop(_EXTENT_HINT, (None, 0))[1]
     fixed = _FIXED_OPTIONS.get(fmt, {})
-    for key in items:
-        unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
-        if unsupported and key not in fixed:
-            raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
     if compress and fmt != "qcow2":
         if dst is not None:
             raise QemuLine("Compression not supported for this file format")
@@ -776,9 +772,14 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     prealloc = items.get("preallocation", ("off",))[0]
     if compress and prealloc != "off":
         raise QemuLine("Compression and preallocation not supported at the same time")
-    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(items, hint)
+    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(
+        items, hint, None if existing else dst)
     if why is not None:
         raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
+    for key in items:
+        unsupported = _UNSUPPORTED_OUTPUT_OPTIONS.get(key.split(".", 1)[0])
+        if unsupported and key not in fixed:
+            raise CliError(f"-o {key}: not supported by qcowfast ({unsupported})")
     opts = {}
     for key, (text, value) in items.items():
         if key in _FILE_OPTIONS:
@@ -797,12 +798,16 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     return opts
 
 
-def _qcow2_create_refusal(items: dict, hint: int = 0) -> str | None:
-    """What creating a qcow2 image with these -o values (and extent size `hint`) fails on, in
-    QEMU's order and words (qcow2_co_create_opts(): the file first, then the enums its visitor
-    reads, then qcow2_co_create()'s checks); None when QEMU creates it."""
+def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> str | None:
+    """What creating a qcow2 image `dst` with these -o values (and extent size `hint`) fails
+    on, in QEMU's order and words (qcow2_co_create_opts(): the file first, then the enums its
+    visitor reads, then qcow2_co_create()'s checks); None when QEMU creates it."""
+    from .output import create_refusal
     if hint > _EXTENT_HINT_MAX:
         return "Extent size hint is too large"
+    created = None if dst is None else create_refusal(dst)
+    if created is not None:
+        return created
 
     def text(key):
         return items[key][0] if key in items else None
@@ -840,13 +845,17 @@ def _qcow2_create_refusal(items: dict, hint: int = 0) -> str | None:
     return None
 
 
-def _raw_create_refusal(items: dict, hint: int = 0) -> str | None:
+def _raw_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> str | None:
     """The same for raw (file-posix's raw_co_create_opts(), then raw_co_create())."""
+    from .output import create_refusal
     prealloc = items.get("preallocation", ("off",))[0]
     if prealloc not in _PREALLOC_MODES:
         return f"invalid parameter value: {prealloc}"
     if hint > _EXTENT_HINT_MAX:
         return "Extent size hint is too large"
+    created = None if dst is None else create_refusal(dst)
+    if created is not None:
+        return created
     if prealloc == "metadata":
         return "Unsupported preallocation mode: metadata"
     return None
@@ -1471,7 +1480,10 @@ class _WarningsOnStderr:
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, StaleBitmapsWarning):
-                _write_quietly(sys.stderr, f"qcowfast: warning: {message}\n")
+                # qemu-img's words, whose last line ends without a newline (error_printf()):
+                # what follows on stderr continues it.
+                _write_quietly(sys.stderr, "qcowfast: warning: "
+                               + getattr(message, "qemu_text", f"{message}\n"))
             else:
                 shown(message, category, filename, lineno, file, line)
         warnings.showwarning = show

@@ -27,6 +27,33 @@ _QCOW2_KEYS = {"size": "size", "compat": "string", "backing_file": "string",
                "extent_size_hint": "size"}
 _RAW_KEYS = {"size": "size", "nocow": "bool", "preallocation": "string",
              "extent_size_hint": "size"}
+# The other formats QEMU 7.2 creates (`qemu-img create -f FMT -o help`) and so reads -o for,
+# though none but luks measures: their keys besides size, KEY:TYPE where not a string.
+_OTHER_KEYS = {
+    "file": "", "host_device": "preallocation", "host_cdrom": "preallocation",
+    "iscsi": "preallocation", "iser": "preallocation", "nbd": "preallocation",
+    "nvme": "preallocation", "nfs": "", "ssh": "",
+    "gluster": "debug:number logfile preallocation",
+    "luks": "cipher-alg cipher-mode hash-alg iter-time:number ivgen-alg ivgen-hash-alg "
+            "key-secret",
+    "parallels": "cluster_size:size",
+    "qcow": "backing_file backing_fmt encrypt.format encrypt.key-secret encryption:bool",
+    "qed": "backing_file backing_fmt cluster_size:size table_size:size",
+    "rbd": "cluster_size:size encrypt.cipher-alg encrypt.format encrypt.key-secret "
+           "password-secret",
+    "vdi": "static:bool",
+    "vhdx": "block_size:size block_state_zero:bool log_size:size subformat",
+    "vmdk": "adapter_type backing_file backing_fmt compat6:bool hwversion subformat "
+            "toolsversion zeroed_grain:bool",
+    "vpc": "force_size:bool subformat",
+}
+# block_crypto_measure(): the enums QCryptoBlockCreateOptionsLUKS visits, in its order.
+_HASHES = "md5 sha1 sha224 sha256 sha384 sha512 ripemd160".split()
+_LUKS_ENUMS = (("cipher-alg", "aes-128 aes-192 aes-256 des 3des cast5-128 serpent-128 "
+                "serpent-192 serpent-256 twofish-128 twofish-192 twofish-256".split()),
+               ("cipher-mode", "ecb cbc xts ctr".split()),
+               ("ivgen-alg", "plain plain64 essiv".split()),
+               ("ivgen-hash-alg", _HASHES), ("hash-alg", _HASHES))
 _BOOLEANS = {"on": True, "yes": True, "true": True, "y": True,
              "off": False, "no": False, "false": False, "n": False}
 _SIZE_HINT = ("a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means "
@@ -38,7 +65,8 @@ class _Failed(Exception):
 
 
 def add_parser(sub) -> None:
-    from .cli import _add_force_share_option, _add_open_options, _add_output_option
+    from .cli import (_SnapshotParam, _add_force_share_option, _add_open_options,
+                      _add_output_option)
     p = sub.add_parser(
         "measure", help="how large a new qcow2 or raw image would be, like qemu-img measure",
         description="Print the file size a conversion to a new image needs (required size), "
@@ -63,7 +91,7 @@ def add_parser(sub) -> None:
                         "qcow2 cluster_size, refcount_bits, extended_l2, compat, "
                         "preallocation, backing_file (and the keys measuring ignores, such as "
                         "lazy_refcounts); for raw preallocation, nocow")
-    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", action="append", default=[],
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", action=_SnapshotParam, default=[],
                    help="measure an internal snapshot of FILENAME: snapshot.id=ID, "
                         "snapshot.name=NAME or ID_OR_NAME")
     _add_force_share_option(p)
@@ -139,10 +167,7 @@ def _measure(args):
             raise
     try:
         fmt = args.output_format
-        if fmt not in ("qcow2", "raw"):
-            from .cli import QEMU_DRIVERS
-            raise _Failed(f"Unknown file format '{fmt}'" if fmt not in QEMU_DRIVERS else
-                          f"-O {fmt}: qcowfast measures qcow2 and raw images")
+        _output_format_refusal(fmt, args.options, args.object)
         opts = _options(args.options, fmt)
         kw = {k: opts[k] for k in ("cluster_size", "refcount_bits", "extended_l2", "compat",
                                    "preallocation", "backing_file") if k in opts}
@@ -160,6 +185,42 @@ def _measure(args):
     finally:
         if source is not None:
             source.close()
+
+
+def _output_format_refusal(fmt: str, texts: list[str], objects: list[str]) -> None:
+    """img_measure() and bdrv_measure() on an -O other than qcow2 and raw: the driver, its
+    creation options (the -o values checked against them), then its verdict: only luks
+    measures, and qcowfast does not (it is refused by name where QEMU would measure it)."""
+    if fmt in ("qcow2", "raw"):
+        return
+    from .cli import QEMU_DRIVERS
+    if fmt not in QEMU_DRIVERS:
+        raise _Failed(f"Unknown file format '{fmt}'")
+    if fmt not in _OTHER_KEYS:
+        raise _Failed(f"Format driver '{fmt}' does not support image creation")
+    items = _items(texts, fmt)
+    if fmt == "luks":
+        _luks_refusal({key: text for key, (text, _) in items.items()}, objects)
+    raise _Failed(f"Block driver '{fmt}' does not support size measurement")
+
+
+def _luks_refusal(values: dict, objects: list[str]) -> None:
+    """What block_crypto_measure() says first (the enums, iter-time as an int64, then
+    qcrypto_block_luks_create()'s key secret), else qcowfast's refusal of LUKS."""
+    from .cli_getopt import c_integer
+    for key, allowed in _LUKS_ENUMS:
+        if key in values and values[key] not in allowed:
+            raise _Failed(f"Parameter '{key}' does not accept value '{values[key]}'")
+    if "iter-time" in values:
+        number = c_integer(values["iter-time"])
+        if number is None or not -_INT64_MAX - 1 <= number <= _INT64_MAX:
+            raise _Failed("Parameter 'iter-time' expects integer")
+    secret = values.get("key-secret")
+    if secret is None:
+        raise _Failed("Parameter 'key-secret' is required for cipher")
+    if not any(f"id={secret}" in obj.split(",") for obj in objects):
+        raise _Failed(f"No secret with id '{secret}'")
+    raise _Failed("-O luks: qcowfast measures qcow2 and raw images")
 
 
 def _size_operand(text: str) -> int:
@@ -209,7 +270,7 @@ def create_options(texts: list[str], fmt: str) -> dict:
     later key winning, every value checked (encrypt.* keys of qcow2 kept as text). Raises
     ValueError with QEMU's line for the first key or value it refuses."""
     from .cli_getopt import c_integer
-    keys = _QCOW2_KEYS if fmt == "qcow2" else _RAW_KEYS
+    keys = _keys(fmt)
     out: dict = {}
     for key, text in _split_options(",".join(texts)):
         kind = "string" if key.startswith("encrypt.") and fmt == "qcow2" else keys.get(key)
@@ -240,12 +301,29 @@ def create_options(texts: list[str], fmt: str) -> dict:
     return out
 
 
-def _options(texts: list[str], fmt: str) -> dict:
-    """The -o lists joined (a later key wins, every value checked), typed."""
+def _keys(fmt: str) -> dict:
+    """The -o keys of output format `fmt` with their QemuOpts types: its creation options,
+    then file-posix's (img_measure() appends them)."""
+    if fmt == "qcow2":
+        return _QCOW2_KEYS
+    own = {"size": "size"}
+    for item in _OTHER_KEYS.get(fmt, "").split():
+        key, _, kind = item.partition(":")
+        own[key] = kind or "string"
+    return {**_RAW_KEYS, **own}
+
+
+def _items(texts: list[str], fmt: str) -> dict:
+    """create_options(), its refusal in img_measure()'s two lines."""
     try:
-        items = create_options(texts, fmt)
+        return create_options(texts, fmt)
     except ValueError as exc:
         raise _Failed(str(exc), f"Invalid options for file format '{fmt}'") from None
+
+
+def _options(texts: list[str], fmt: str) -> dict:
+    """The -o lists joined (a later key wins, every value checked), typed."""
+    items = _items(texts, fmt)
     for key in items:
         if key.startswith("encrypt."):
             raise _Failed(f"-o {key}: not supported by qcowfast (measuring encrypted images)")

@@ -153,8 +153,8 @@ def add_parser(sub) -> None:
                    help="serve internal snapshot SNAPSHOT instead of the current state: "
                         "snapshot.id=ID, snapshot.name=NAME (both may be given) or ID_OR_NAME, "
                         "as qemu-nbd -l")
-    p.add_argument("-f", "--format", choices=("qcow2", "raw"), default=None,
-                   help="image format (default: probe)")
+    p.add_argument("-f", "--format", metavar="FMT", default=None,
+                   help="image format: qcow2 or raw (default: probe)")
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
                    help="also follow backing and external data files named inside the image "
                         "when they lie in DIR")
@@ -198,6 +198,7 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
+    from .errors import QcowError
     from .serve import DEFAULT_PORT, NBDServer
 
     for option in args.refused:
@@ -209,6 +210,10 @@ def cmd_serve(args) -> int:
         port = bind = None                        # qemu-nbd: -k wins over -b/-p
     elif port is None and bind is not None:
         port = DEFAULT_PORT
+    refused = _open_refusal(args)
+    if refused is not None:
+        print(f"qcowfast: {refused}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="qcowfast: %(message)s", stream=sys.stderr)
     _lean_threads()
@@ -232,16 +237,14 @@ def cmd_serve(args) -> int:
     try:
         try:
             server.start()
+        except QcowError as exc:                 # opening the image (or its snapshot)
+            print(f"qcowfast: {_open_failure(exc, args)}", file=sys.stderr)
+            return 1
         except OSError as exc:
             if exc.filename is not None:
                 raise                             # names its file: printed by cli.main
             # Listening failed: the message names the socket path or address:port.
             print(f"qcowfast: serve: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        if getattr(args, "native_aio", False) and not getattr(args, "direct_io", False):
-            # qemu-nbd opens the image with them and file-posix refuses the pair.
-            print(f"qcowfast: Failed to blk_new_open '{args.image}': aio=native was specified, "
-                  "but it requires cache.direct=on, which was not specified.", file=sys.stderr)
             return 1
         if args.pid_file is not None:             # (an empty name fails, as in qemu-nbd)
             try:
@@ -267,6 +270,49 @@ def cmd_serve(args) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _blk_new_open(image: str, words: str) -> str:
+    """qemu-nbd's line for an image it cannot open: its error after "Failed to blk_new_open
+    'IMG': ", where qemu-img's says "Could not open 'IMG': "."""
+    prefix = f"Could not open '{image}': "
+    return f"Failed to blk_new_open '{image}': " + (
+        words[len(prefix):] if words.startswith(prefix) else words)
+
+
+def _open_refusal(args) -> str | None:
+    """qemu-nbd's line for what its blk_new_open() refuses before qcowfast opens the image,
+    in its order: an -f QEMU lacks, the file's own open, --aio=native without a direct cache,
+    an -f qcowfast does not read (in qcowfast's words); else None."""
+    from .cli import QEMU_DRIVERS, SOURCE_FORMATS, format_refusal
+    image, fmt = args.image, args.format
+    if fmt is not None and fmt not in QEMU_DRIVERS:
+        return _blk_new_open(image, f"Unknown driver '{fmt}'")
+    if getattr(args, "native_aio", False) and not getattr(args, "direct_io", False):
+        try:
+            os.close(os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            return f"Failed to blk_new_open '{image}': Could not open '{image}': {exc.strerror}"
+        # file-posix refuses the pair once the file is open.
+        return _blk_new_open(image, "aio=native was specified, but it requires "
+                             "cache.direct=on, which was not specified.")
+    if fmt is not None and fmt not in SOURCE_FORMATS:
+        return _blk_new_open(image, format_refusal(image, fmt))
+    return None
+
+
+def _open_failure(exc, args) -> str:
+    """qemu-nbd's line for `exc`, raised opening the image: its snapshot cannot be loaded
+    ("Failed to load snapshot: ..."), else blk_new_open() failed with qemu-img's words."""
+    from .cli import RAW_SNAPSHOT, error_text, opened_as_raw
+    from .errors import SnapshotNotFound, UnsupportedFeature
+    if isinstance(exc, SnapshotNotFound):
+        return "Failed to load snapshot: Can't find snapshot"
+    if isinstance(exc, UnsupportedFeature) and args.snapshot is not None and opened_as_raw(
+            args.image, args.format, backing_dirs=args.allow_backing_dir,
+            force_share=args.force_share):
+        return RAW_SNAPSHOT
+    return _blk_new_open(args.image, error_text(exc, [(args.image, args.format)]))
 
 
 THREAD_STACK = 1 << 20          # bytes: the stack of QEMU's coroutines, ample for a serve thread

@@ -608,7 +608,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             if format == "raw" and not (sparse_size and not existing and not direct):
                 _load_kernels()             # (the QCOW2 writer loads them when it needs them)
             with FileOutput(dst, image, overwrite=overwrite, existing=existing,
-                            direct=direct, nocow=nocow) as out:
+                            direct=direct, nocow=nocow, format=format) as out:
                 if progress:
                     progress.start()
                 try:

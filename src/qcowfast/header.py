@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 
 from ._record import field, record
 from .constants import (
@@ -15,7 +16,9 @@ from .constants import (
     MAX_SNAPSHOTS, MIN_CLUSTER_BITS, QCOW_MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH, Autoclear,
     CompressionType, CryptMethod, ExtensionType, IMPLEMENTED_INCOMPATIBLE, Incompatible,
 )
-from .errors import EncryptedImage, FormatError, QcowError, TruncatedImage, UnsupportedFeature
+from .errors import (
+    EncryptedImage, FormatError, QcowError, StaleBitmapsWarning, TruncatedImage, UnsupportedFeature,
+)
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
@@ -136,7 +139,7 @@ def _refusal(cls: type, words: str, detail: str | None = None) -> QcowError:
 
 
 def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
-                 refcount_table: bool = False) -> Header:
+                 refcount_table: bool = False, name: str | None = None) -> Header:
     """Parse and validate a header from the first cluster (or less, at end of file) of an image.
 
     `data` must hold the first min(file_size, 2 MiB) bytes; all offsets are checked against
@@ -149,28 +152,38 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
     `allow_encrypted` opens as qemu-img info does (BDRV_O_NO_IO): encrypted images and the
     data-file-raw flag are described, not refused. `refcount_table` refuses an image without a
     refcount table, as every qemu-img command but check does (BDRV_O_CHECK).
-    Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage.
+    Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage; before it, the
+    StaleBitmapsWarning (naming the image as `name`) where QEMU's extension walk printed it
+    before the fault (see warn_stale_bitmaps).
     """
     short: list[QcowError] = []         # the header itself cut by the end of the file
     cut: list[QcowError] = []           # then the other reads past it (the header area first)
+    warned: list[int] = []              # QEMU warned of stale bitmaps before its verdict
     try:
-        fields = _qcow2_do_open(data, file_size, short, cut, allow_encrypted, refcount_table)
-    except QcowError as exc:
-        if short:
-            short[0].qemu_chain = exc.qemu_chain
-            raise short[0] from None
+        try:
+            fields = _qcow2_do_open(data, file_size, short, cut, warned, allow_encrypted,
+                                    refcount_table)
+        except QcowError as exc:
+            if short:
+                short[0].qemu_chain = exc.qemu_chain
+                raise short[0] from None
+            raise
+        for exc in short + cut:
+            exc.qemu_chain = str(exc)
+            raise exc
+    except QcowError:
+        if warned:                      # (on success the caller warns: warn_stale_bitmaps)
+            warnings.warn(stale_bitmaps_warning(warned[0], name), stacklevel=3)
         raise
-    for exc in short + cut:
-        exc.qemu_chain = str(exc)
-        raise exc
     return Header(**fields)
 
 
-def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list,
+def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list, warned: list,
                    allow_encrypted: bool, refcount_table: bool) -> dict:
     """The fields of the header in `data`, checked in qcow2_do_open()'s order on what QEMU
     reads (zeros past the end of the file); raises QEMU's refusals. What lies past the end of
-    the file is noted in `short` (the header) and `cut` (the rest) instead."""
+    the file is noted in `short` (the header) and `cut` (the rest) instead; the version, in
+    `warned`, once QEMU's walk of the extensions has warned of stale bitmaps."""
     if len(data) < V2_HEADER_LENGTH and (len(data) < 4 or data[:4] == QCOW_MAGIC):
         short.append(TruncatedImage(f"file is {len(data)} bytes, shorter than a QCOW2 header "
                                   "(72 bytes)"))
@@ -235,6 +248,8 @@ def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list,
 
     unknown = incompatible & ~int(IMPLEMENTED_INCOMPATIBLE)
     if unknown:
+        if ext_fields.get("stale_bitmaps"):
+            warned.append(version)      # (QEMU walks them once more for the feature names)
         bits = [b for b in range(64) if unknown >> b & 1]
         raise _refusal(UnsupportedFeature, _unsupported_features(feature_table, unknown),
                        "incompatible feature " + ", ".join(f"bit {b}" for b in bits))
@@ -281,6 +296,9 @@ def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list,
     if nb_snapshots:
         _check_in_file("snapshot table", snapshots_offset, _SNAPSHOT_ENTRY * nb_snapshots,
                        file_size, cut)
+    # qcow2_read_extensions() proper: it warns of stale bitmaps where it meets them.
+    if ext_fields.get("stale_bitmaps") and not warned:
+        warned.append(version)
     if ext_error is not None:
         raise ext_error
 
@@ -390,7 +408,7 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         return parse_header(first, file_size if tables_in_file else 1 << 63,
                             allow_encrypted=allow_encrypted,
                             refcount_table=tables_in_file if refcount_table is None
-                            else refcount_table)
+                            else refcount_table, name=name)
     except QcowError as exc:
         if name is None:
             raise
@@ -399,15 +417,32 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         raise named from None
 
 
+# qcow2_read_extensions()'s warn_report() (v2 images get their own words) and error_printf():
+# its last line ends without a newline.
+_STALE_WORDS = {3: "a program lacking bitmap support modified this file, so all bitmaps are "
+                   "now considered inconsistent",
+                2: "This qcow2 v2 image contains bitmaps, but they may have been modified by a "
+                   "program without persistent bitmap support; so now they must all be "
+                   "considered inconsistent"}
+_LEAKED = "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+
+
+def stale_bitmaps_warning(version: int, name: str | None) -> StaleBitmapsWarning:
+    """The StaleBitmapsWarning of an image (`version` 2 or 3) named `name` (None: unknown):
+    its message names the file; `qemu_text` holds what qemu-img prints after "warning: "."""
+    words = _STALE_WORDS[3 if version >= 3 else 2]
+    warning = StaleBitmapsWarning((f"{name}: " if name else "") + f"{words}; some clusters "
+                                  "may be leaked ('qemu-img check -r' frees them)")
+    warning.qemu_text = f"{words}\n{_LEAKED}"
+    return warning
+
+
 def warn_stale_bitmaps(header: Header, name: str) -> None:
     """Warn (StaleBitmapsWarning) as qemu-img does on opening an image whose bitmaps extension
-    lost its autoclear bit (qcow2_read_extensions(); qcowfast reads such images all the same)."""
+    lost its autoclear bit (qcow2_read_extensions(); qcowfast reads such images all the same).
+    Where the header is refused after that walk, read_header has warned already."""
     if header.stale_bitmaps:
-        import warnings
-        from .errors import StaleBitmapsWarning
-        warnings.warn(f"{name}: a program lacking bitmap support modified this file, so all "
-                      "bitmaps are now considered inconsistent; some clusters may be leaked "
-                      "('qemu-img check -r' frees them)", StaleBitmapsWarning, stacklevel=2)
+        warnings.warn(stale_bitmaps_warning(header.version, name), stacklevel=2)
 
 
 def _header_end(head: bytes, span: int) -> int:

@@ -406,6 +406,59 @@ def free_bytes(directory: str) -> int | None:
     return (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
 
 
+def open_errno(name: str, create: bool = True) -> int | None:
+    """The errno with which qemu-img's open of output `name` fails, as far as looking tells
+    without opening anything; None where it would succeed. file-posix opens it O_RDWR,
+    following symlinks, with O_CREAT where it creates the file (raw_co_create(); not with -n:
+    `create` False)."""
+    if create and name.endswith("/") and name.strip("/"):
+        parent = os.path.dirname(name.rstrip("/")) or "."
+        try:
+            os.stat(parent)
+        except OSError as exc:
+            return exc.errno
+        return errno.EISDIR               # (O_CREAT with a trailing slash: even for a file)
+    try:
+        st = os.stat(name)
+    except OSError as exc:
+        if not create or exc.errno != errno.ENOENT:
+            return exc.errno
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return errno.EISDIR
+        if stat.S_ISSOCK(st.st_mode):
+            return errno.ENXIO
+        return _write_errno(name, os.W_OK)
+    # A new file (or a dangling symlink's target): made in the directory it is reached through.
+    target = os.path.realpath(name) if os.path.islink(name) else name
+    directory = os.path.dirname(target) or "."
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            return errno.ENOTDIR
+    except OSError as exc:
+        return exc.errno
+    return _write_errno(directory, os.W_OK | os.X_OK)
+
+
+def create_refusal(name: str) -> str | None:
+    """qemu-img's words when it cannot create output `name` ("Could not create 'NAME':
+    REASON", after "NAME: error while converting FMT: "), else None."""
+    err = open_errno(name)
+    return None if err is None else f"Could not create '{name}': {os.strerror(err)}"
+
+
+def _write_errno(path: str, mode: int) -> int | None:
+    if os.access(path, mode, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+    except OSError:
+        pass
+    return errno.EACCES
+
+
 class FileOutput:
     """A path destination being written (see the module docstring for the rules).
 
@@ -423,6 +476,9 @@ class FileOutput:
         Open the output with O_DIRECT (OutputError where the filesystem refuses it).
     nocow : bool
         Give a new file the no-copy-on-write attribute where the file system has it (btrfs).
+    format : str, optional
+        The image format written, named in qemu-img's words for an output that cannot be
+        created ("DST: error while converting FMT: Could not create 'DST': REASON").
 
     Attributes
     ----------
@@ -435,13 +491,14 @@ class FileOutput:
     """
 
     def __init__(self, dst, image, *, overwrite: bool = False, existing: bool = False,
-                 direct: bool = False, nocow: bool = False):
+                 direct: bool = False, nocow: bool = False, format: str | None = None):
         self.name = os.fspath(dst)
         if isinstance(self.name, bytes):
             self.name = os.fsdecode(self.name)
         self.overwrite = overwrite
         self.direct = direct
         self.nocow = nocow
+        self.format = format
         self.fd = -1
         self.tmp = None
         self.old = None                     # stat of a regular file being replaced
@@ -460,7 +517,7 @@ class FileOutput:
         except FileNotFoundError:
             lst = None
         except OSError as exc:
-            raise OutputError(f"{name}: {exc.strerror}") from None
+            raise self._refused(existing, exc.errno) from None  # qemu-img's open meets it too
         if lst is None:
             if existing:
                 exc = OutputError(f"{name} does not exist; existing=True (-n) writes into an "
@@ -469,19 +526,19 @@ class FileOutput:
                 exc.qemu_chain = f"Could not open '{name}': No such file or directory"
                 exc.qemu_top = name
                 raise exc
-            directory = os.path.dirname(os.path.abspath(name))
-            if not os.path.isdir(directory):
-                raise OutputError(f"cannot create {name}: directory {directory} does not exist")
+            self._refuse_if(open_errno(name), existing)
             return
         try:
             st = os.stat(name)
         except FileNotFoundError:
+            self._refuse_if(errno.ENOENT if existing else open_errno(name), existing)
             raise OutputError(f"{name} is a dangling symlink (to {os.readlink(name)}); "
                               "not writing through it") from None
         except OSError as exc:
-            raise OutputError(f"{name}: {exc.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{name} is a directory")
+            raise self._refused(existing, exc.errno) from None
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            raise self._refused(existing, errno.EISDIR if stat.S_ISDIR(st.st_mode)
+                                else errno.ENXIO)
         check_not_source(st, image, name)
         if stat.S_ISBLK(st.st_mode):
             if not (self.overwrite or existing):
@@ -492,19 +549,40 @@ class FileOutput:
         if not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{name} is neither a regular file nor a block device")
         if existing:
+            self._refuse_if(open_errno(name, create=False), existing)
             self.in_place = True
             return
         if not self.overwrite:
             raise OutputError(f"{name} exists; pass overwrite=True (--overwrite) to replace it")
         if stat.S_ISLNK(lst.st_mode):
             self.path = os.path.realpath(name)      # written through: the link stays
-        if not os.access(self.path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
-            raise OutputError(f"{name}: permission denied (cannot write the existing file)")
+        self._refuse_if(open_errno(self.path), existing)
         if os.geteuid() != 0 and st.st_uid != os.geteuid():
             raise OutputError(f"{name} belongs to uid {st.st_uid}: replacing it would change "
                               "its owner; write it in place with existing=True (-n)")
         self._guard_old(st)
         self.old = st
+
+    def _refuse_if(self, err: int | None, existing: bool) -> None:
+        if err is not None:
+            raise self._refused(existing, err)
+
+    def _refused(self, existing: bool, err: int) -> OutputError:
+        """The OutputError for a destination qemu-img cannot open either (errno `err`), in its
+        words: with -n (`existing`) its bdrv_open() line ("Could not open 'DST': Could not
+        open 'DST': REASON", in qemu_chain), else its create error (in `unnamed`, for a
+        caller to put after "DST: ")."""
+        name, why = self.name, os.strerror(err)
+        if existing:
+            exc = OutputError(f"cannot open {name}: {why}")
+            exc.qemu_chain, exc.qemu_top = f"Could not open '{name}': {why}", name
+            return exc
+        words = f"Could not create '{name}': {why}"
+        if self.format is not None:
+            words = f"error while converting {self.format}: {words}"
+        exc = OutputError(f"{name}: {words}")
+        exc.unnamed = words
+        return exc
 
     def _guard_old(self, st) -> None:
         """Lock the file about to be replaced as a QEMU writer would, until it is replaced (or
@@ -554,6 +632,8 @@ class FileOutput:
             self.fd, self.tmp = _locked_temp(directory, temp_prefix(os.path.basename(self.path)),
                                              TMP_SUFFIX)
         except OSError as exc:
+            if self.old is None:            # a new file: qemu-img could not create it either
+                raise self._refused(False, exc.errno) from None
             raise OutputError(f"cannot create a temporary file beside {self.name} in "
                               f"{directory}: {exc.strerror}") from None
         if self.nocow:
