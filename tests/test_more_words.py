@@ -19,6 +19,7 @@ status and standard error (the tool's name replaced by qcowfast's).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -483,3 +484,22 @@ def test_stale_bitmaps_warn_as_qemu_img(capsys, stale, tmp_path, case, command):
     want = _qemu(argv)
     (tmp_path / "out.raw").unlink(missing_ok=True)
     assert cli_in_process(capsys, *argv) == want
+
+
+@pytest.mark.parametrize("case", STALE)
+def test_batch_planning_adds_no_stale_bitmaps_warning(stale, case, tmp_path):
+    """convert_many reads each job's header to plan the batch (its chain, its cost): that look
+    is no open of the image and warns of nothing; the job itself warns as convert does."""
+    from qcowfast.fleet import convert_many
+
+    def stale_warnings(run) -> int:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run()
+        return sum(issubclass(w.category, qcowfast.StaleBitmapsWarning) for w in seen)
+
+    def single():
+        with contextlib.suppress(qcowfast.QcowError):
+            qcowfast.convert(stale[case], tmp_path / "one.raw")
+    alone = stale_warnings(single)
+    assert stale_warnings(lambda: convert_many([(stale[case], tmp_path / "batch.raw")])) == alone

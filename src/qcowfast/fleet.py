@@ -175,7 +175,7 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
                 if opened.ident in seen:
                     return
                 seen.add(opened.ident)
-                header = read_header(opened.fd, opened.size, tables_in_file=False,
+                header = read_header(opened.fd, opened.size, tables_in_file=False, warn=False,
                                      allow_encrypted=True)
             except (OSError, QcowError, TypeError, ValueError):
                 return

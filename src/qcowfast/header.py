@@ -139,7 +139,8 @@ def _refusal(cls: type, words: str, detail: str | None = None) -> QcowError:
 
 
 def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
-                 refcount_table: bool = False, name: str | None = None) -> Header:
+                 refcount_table: bool = False, name: str | None = None,
+                 warn: bool = True) -> Header:
     """Parse and validate a header from the first cluster (or less, at end of file) of an image.
 
     `data` must hold the first min(file_size, 2 MiB) bytes; all offsets are checked against
@@ -154,7 +155,8 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
     refcount table, as every qemu-img command but check does (BDRV_O_CHECK).
     Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage; before it, the
     StaleBitmapsWarning (naming the image as `name`) where QEMU's extension walk printed it
-    before the fault (see warn_stale_bitmaps).
+    before the fault (see warn_stale_bitmaps), unless not `warn` (a look at the header that is
+    no open of the image: a batch planning its jobs).
     """
     short: list[QcowError] = []         # the header itself cut by the end of the file
     cut: list[QcowError] = []           # then the other reads past it (the header area first)
@@ -172,7 +174,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
             exc.qemu_chain = str(exc)
             raise exc
     except QcowError:
-        if warned:                      # (on success the caller warns: warn_stale_bitmaps)
+        if warned and warn:             # (on success the caller warns: warn_stale_bitmaps)
             warnings.warn(stale_bitmaps_warning(warned[0], name), stacklevel=3)
         raise
     return Header(**fields)
@@ -384,7 +386,7 @@ def _unsupported_features(table: bytes, mask: int) -> str:
 
 def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
                 name: str | None = None, allow_encrypted: bool = False,
-                refcount_table: bool | None = None) -> Header:
+                refcount_table: bool | None = None, warn: bool = True) -> Header:
     """Parse the header of the QCOW2 image open on `fd` (reads at most its first cluster).
 
     With `tables_in_file=False` the L1, refcount and snapshot tables may extend past the end of
@@ -392,7 +394,8 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
     missing refcount table is accepted as `qemu-img check` accepts it (QEMU's BDRV_O_CHECK),
     unless `refcount_table` (default: `tables_in_file`) asks to refuse it in QEMU's order.
     Errors name the image as `name` when given (`x.img: not a QCOW2 image (bad magic)`); their
-    `qemu_chain` and `qemu_top` hold qemu-img's line ("Could not open 'TOP': CHAIN").
+    `qemu_chain` and `qemu_top` hold qemu-img's line ("Could not open 'TOP': CHAIN"). `warn`:
+    as in parse_header.
     """
     try:
         # The header area is read in one page, as QEMU reads it in small pieces, unless it runs
@@ -408,7 +411,7 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         return parse_header(first, file_size if tables_in_file else 1 << 63,
                             allow_encrypted=allow_encrypted,
                             refcount_table=tables_in_file if refcount_table is None
-                            else refcount_table, name=name)
+                            else refcount_table, name=name, warn=warn)
     except QcowError as exc:
         if name is None:
             raise

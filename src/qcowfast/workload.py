@@ -43,7 +43,7 @@ def size_and_cost(src: str, src_format: str | None, others=()) -> tuple[int, flo
     with opened:
         try:
             if src_format != "raw":
-                header = read_header(opened.fd, opened.size)
+                header = read_header(opened.fd, opened.size, warn=False)
                 size = header.size - header.size % 512      # as Image.virtual_size
                 if header.data_file or header.crypt_method:
                     return size, float(extra)
