@@ -397,3 +397,44 @@ def test_symlink_limit_as_the_kernels(tmp_path, capsys, dir_links, file_links):
     assert (proc.returncode == 0) == (dir_links + file_links <= 40)
     if status == 0:
         assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+def test_user_named_file_swapped_for_a_device_is_never_opened(tmp_path, monkeypatch):
+    """A file the user names is checked before it is opened (a device's open may act: rewind
+    a tape, arm a watchdog). A symlink to /dev/null swapped in right after the name was first
+    looked up must not get /dev/null opened: the check and the open are of one file."""
+    import stat as stat_module
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    real_open, real_stat = os.open, os.stat
+    swapped, devices = [], []
+
+    def swap_once(path):
+        if os.fspath(path) in ("a.qcow2", str(img)) and not swapped:
+            swapped.append(path)
+            os.rename(img, tmp_path / "kept.qcow2")
+            os.symlink("/dev/null", img)
+
+    def looking_stat(path, *args, **kw):
+        result = real_stat(path, *args, **kw)
+        swap_once(path)
+        return result
+
+    def looking_open(path, flags, *args, **kw):
+        fd = real_open(path, flags, *args, **kw)
+        if not flags & getattr(os, "O_PATH", 0) and stat_module.S_ISCHR(os.fstat(fd).st_mode):
+            devices.append(path)
+        swap_once(path)
+        return fd
+    monkeypatch.setattr(paths_module.os, "stat", looking_stat)
+    monkeypatch.setattr(paths_module.os, "open", looking_open)
+    try:
+        opened = paths_module.open_file(img)
+    except qcowfast.QcowError:
+        opened = None
+    finally:
+        monkeypatch.undo()
+    assert swapped and devices == []
+    if opened is not None:                  # (what it holds is the file that was checked)
+        with opened:
+            assert os.pread(opened.fd, 4, 0) == b"QFI\xfb"

@@ -35,6 +35,7 @@ _OPEN_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 # A directory held only to look names up from (O_PATH: no permission to read it is needed).
 _DIR_FLAGS = (getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
               | getattr(os, "O_CLOEXEC", 0))
+_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | getattr(os, "O_CLOEXEC", 0)
 _MAX_LINKS = 40                         # symlinks followed for one name (Linux MAXSYMLINKS)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -119,8 +120,8 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     the returned OpenedFile keeps that descriptor (`dir_fd`: the directory as the file was
     reached, through a symlinked file: the link's), for resolve_reference. On exit the file is
     a regular file, or a block device when `block_devices`; FIFOs, sockets, directories and
-    character devices are refused before any read (FormatError), and a FIFO never blocks the
-    open (O_NONBLOCK). A missing file raises ImageNotFound (MissingBackingFile when `owner` is
+    character devices are refused without being opened (FormatError): the file is found as an
+    O_PATH descriptor, checked, and reopened through that descriptor. A missing file raises ImageNotFound (MissingBackingFile when `owner` is
     given: a file of a chain), any other failure to open ImageOpenError; both are also
     OSErrors with the original errno.
     """
@@ -130,12 +131,21 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     dir_fd = fd = -1
     try:
         dir_fd = os.open(head, _DIR_FLAGS)
-        # stat first: a character device or socket is refused without being opened at all.
-        mode = os.stat(tail, dir_fd=dir_fd).st_mode
-        if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
-            raise FormatError(f"{name} is {_kind(mode)}, not a regular file"
-                              + (" or block device" if block_devices else ""))
-        fd = os.open(tail, _OPEN_FLAGS, dir_fd=dir_fd)
+        # An O_PATH descriptor first (opening one runs no device's open), its type checked,
+        # then the file reopened through it: a character device or socket is refused without
+        # being opened at all, even when a symlink to one is swapped in meanwhile.
+        held = os.open(tail, _PATH_FLAGS, dir_fd=dir_fd)
+        try:
+            mode = os.fstat(held).st_mode
+            if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
+                raise FormatError(f"{name} is {_kind(mode)}, not a regular file"
+                                  + (" or block device" if block_devices else ""))
+            try:
+                fd = os.open(f"/proc/self/fd/{held}", _OPEN_FLAGS)
+            except FileNotFoundError:           # (no /proc: the name again, checked below)
+                fd = os.open(tail, _OPEN_FLAGS, dir_fd=dir_fd)
+        finally:
+            os.close(held)
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or (block_devices and stat.S_ISBLK(st.st_mode))):
             raise FormatError(f"{name} is {_kind(st.st_mode)}, not a regular file")  # swapped
