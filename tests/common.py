@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -299,3 +300,19 @@ def compressed_stream(entry: int, bits: int) -> tuple[int, int]:
     x = 62 - (bits - 8)
     coffset = entry & ((1 << x) - 1)
     return coffset, (((entry >> x) & ((1 << (bits - 8)) - 1)) + 1) * 512 - (coffset & 511)
+
+
+def patch_l2_entry(path, guest: int, value_of) -> None:
+    """Replace the (standard) L2 entry serving guest offset `guest` of the qcow2 image at `path`
+    by value_of(old entry)."""
+    with open(path, "r+b") as f:
+        h = f.read(48)
+        bits, = struct.unpack_from(">I", h, 20)
+        l1_offset, = struct.unpack_from(">Q", h, 40)
+        l1_index, l2_index = divmod(guest >> bits, 1 << (bits - 3))
+        f.seek(l1_offset + 8 * l1_index)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+        f.seek(l2 + 8 * l2_index)
+        old, = struct.unpack(">Q", f.read(8))
+        f.seek(l2 + 8 * l2_index)
+        f.write(struct.pack(">Q", value_of(old)))

@@ -7,30 +7,13 @@ external, encrypted or compressed clusters.". A bad L2 entry further on is never
 """
 from __future__ import annotations
 
-import struct
 import subprocess
 
 import pytest
 
-from common import QEMU_IMG, qemu_img, qemu_io, run_cli
+from common import QEMU_IMG, patch_l2_entry, qemu_img, qemu_io, run_cli
 
 M = 1 << 20
-L2E_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-
-
-def _patch_l2(path, guest: int, value_of) -> None:
-    """Replace the (standard) L2 entry serving `guest` by value_of(old entry)."""
-    with open(path, "r+b") as f:
-        h = f.read(48)
-        cluster_bits, = struct.unpack_from(">I", h, 20)
-        l1_offset, = struct.unpack_from(">Q", h, 40)
-        l1_index, l2_index = divmod(guest >> cluster_bits, 1 << (cluster_bits - 3))
-        f.seek(l1_offset + 8 * l1_index)
-        l2 = struct.unpack(">Q", f.read(8))[0] & L2E_OFFSET_MASK
-        f.seek(l2 + 8 * l2_index)
-        old, = struct.unpack(">Q", f.read(8))
-        f.seek(l2 + 8 * l2_index)
-        f.write(struct.pack(">Q", value_of(old)))
 
 
 def _image(d, *writes):
@@ -44,7 +27,7 @@ def _image(d, *writes):
 def _reserved_bit(d):
     """The red-team reproducer: data at 2M, and at 4M an entry with a reserved bit (0x100)."""
     p = _image(d, "write -P 3 2M 64k", "write -P 4 4M 64k")
-    _patch_l2(p, 4 * M, lambda e: e | 0x100)
+    patch_l2_entry(p, 4 * M, lambda e: e | 0x100)
     return p, []
 
 
@@ -52,7 +35,7 @@ def _unaligned(d):
     """At 4M a host offset 512 bytes into its cluster: QEMU fails there (EIO) when it gets
     there, qcowfast as it reads the L2 table ahead."""
     p = _image(d, "write -P 3 2M 64k", "write -P 4 4M 64k")
-    _patch_l2(p, 4 * M, lambda e: e + 512)
+    patch_l2_entry(p, 4 * M, lambda e: e + 512)
     return p, []
 
 
@@ -100,7 +83,7 @@ def test_bad_entry_right_after_a_compressed_cluster_fails_first(tmp_path):
     """The query after the compressed cluster fails: qemu-img never finishes that range, so it
     prints only the rows before it and reports the bad entry, not the compressed cluster."""
     p = _image(tmp_path, "write -P 3 1088k 64k", "write -P 4 2M 64k")
-    _patch_l2(p, 1088 * 1024, lambda e: e + 512)
+    patch_l2_entry(p, 1088 * 1024, lambda e: e + 512)
     want, ours = _both(p, [])
     assert want.returncode == 1 and "Could not read file metadata" in want.stderr
     assert (ours.returncode, ours.stdout) == (1, want.stdout)

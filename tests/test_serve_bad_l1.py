@@ -21,17 +21,17 @@ import logging
 import shutil
 import struct
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from common import QEMU_IMG, QEMU_IO, qemu_img, qemu_io
+from common import QEMU_IMG, QEMU_IO, patch_l2_entry, qemu_img, qemu_io
 from qcowfast import nbd
 from qcowfast.serve import NBDServer
 from test_bad_l1 import CHAINS, KINDS, broken, set_l1
 from test_nbd_protocol import Client
+from test_serve import QemuNbd
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 MAX_LENGTH = (1 << 32) - 1                  # the longest NBD request
@@ -44,31 +44,6 @@ L2E_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 def run(*argv, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True,
                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-
-
-class QemuNbd:
-    """qemu-nbd -r -t -f qcow2 on a Unix socket; stop() ends it."""
-
-    def __init__(self, path: Path, sock: Path):
-        self.sock = sock
-        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock),
-                                      str(path)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("qemu-nbd did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @contextmanager
@@ -260,21 +235,6 @@ def _alternating(d: Path, end: int, size: int) -> Path:
     return out
 
 
-def _patch_l2(path: Path, guest: int, value_of) -> None:
-    """Replace the (standard) L2 entry of guest offset `guest` by value_of(old entry)."""
-    with open(path, "r+b") as f:
-        h = f.read(48)
-        bits, = struct.unpack_from(">I", h, 20)
-        l1_offset, = struct.unpack_from(">Q", h, 40)
-        l1_index, l2_index = divmod(guest >> bits, 1 << (bits - 3))
-        f.seek(l1_offset + 8 * l1_index)
-        l2 = struct.unpack(">Q", f.read(8))[0] & L2E_OFFSET_MASK
-        f.seek(l2 + 8 * l2_index)
-        old, = struct.unpack(">Q", f.read(8))
-        f.seek(l2 + 8 * l2_index)
-        f.write(struct.pack(">Q", value_of(old)))
-
-
 @pytest.fixture(scope="module")
 def alternating(tmp_path_factory) -> Path:
     return _alternating(tmp_path_factory.mktemp("alt") / "a", 130 * M, 136 * M)
@@ -287,9 +247,9 @@ FULL = {
     "l1-after-the-limit": lambda p: set_l1(p, 1040, "unaligned"),
     # A bad cluster 100 KiB after the limit, in the L2 table (classified with those before it)
     # that holds the limit: a reply, as qemu-nbd never asks past 128 MiB.
-    "l2-after-the-limit": lambda p: _patch_l2(p, 128 * M + 100 * K, lambda e: e + 512),
+    "l2-after-the-limit": lambda p: patch_l2_entry(p, 128 * M + 100 * K, lambda e: e + 512),
     # The same cluster, asked for from 128 MiB - 2 KiB: reached, EIO.
-    "l2-reached": lambda p: _patch_l2(p, 128 * M + 100 * K, lambda e: e + 512),
+    "l2-reached": lambda p: patch_l2_entry(p, 128 * M + 100 * K, lambda e: e + 512),
 }
 
 
@@ -332,7 +292,7 @@ def _plain_l2(d: Path) -> tuple[Path, int]:
 
 
 def _set_l2(path: Path, guest: int, kind: str) -> None:
-    _patch_l2(path, guest, {"unaligned": lambda e: e + 512,
+    patch_l2_entry(path, guest, {"unaligned": lambda e: e + 512,
                             "reserved": lambda e: e | 0x100,          # (bit 8: reserved)
                             "past-eof": lambda e: e & ~L2E_OFFSET_MASK | 0x7000_0000}[kind])
 
