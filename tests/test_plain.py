@@ -8,6 +8,8 @@ import sys
 from array import array
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qcowfast
 from qcowfast import _plain
@@ -432,3 +434,122 @@ def test_shared_host_hole_of_a_preallocated_image_is_shared(tmp_path, plain_spy)
         qcowfast.convert(str(img), str(tmp_path / "out.raw"))
     assert plain_spy == []
     assert sorted(os.listdir(tmp_path)) == ["pre.qcow2"]
+
+
+def _io_counts() -> tuple[int, int]:
+    """(bytes read, write calls) of this process so far, as the kernel counts them."""
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["rchar"]), int(fields["syscw"])
+
+
+def test_small_cluster_runs_are_written_from_the_page_cache(tmp_path, plain_spy):
+    """An image of 512-byte clusters holds its data in 32 KiB runs between L2 tables: the runs
+    of a unit share one mapping of the file, so the data is never read into a buffer (only
+    the tables are), and the runs go out in gathered writes, not one call each."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(os.urandom(4 * M))
+    img = tmp_path / "img.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", raw, img)
+    qcowfast.convert(str(img), str(tmp_path / "warm.raw"), threads=1, unit_size=4 * M)
+    out = tmp_path / "out.raw"
+    read0, writes0 = _io_counts()
+    result = qcowfast.convert(str(img), str(out), threads=1, unit_size=4 * M)
+    read1, writes1 = _io_counts()
+    assert plain_spy[-1] is not None
+    assert out.read_bytes() == raw.read_bytes()
+    assert result.bytes_written == 4 * M
+    assert read1 - read0 < 512 * K, "the 4 MiB of data was read, not mapped"
+    assert writes1 - writes0 <= 8, "128 runs of 32 KiB were written one call each"
+
+
+def test_shrunken_data_file_of_small_runs_hands_over(tmp_path):
+    """Runs sharing one mapping are mapped only while their file still holds them: an external
+    data file cut short hands the unit over, with nothing written."""
+    img, data = tmp_path / "img.qcow2", tmp_path / "img.data"
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size=512,data_file={data.name}", img,
+             str(2 * M), cwd=tmp_path)
+    qemu_io(img, "write -P 0x5a 0 2M", cwd=tmp_path)
+    with qcowfast.open(str(img)) as im:
+        chain = convert_module._plain_chain(im, 2 * M, 4096)
+        assert chain is not None
+        out = os.open(tmp_path / "o.raw", os.O_RDWR | os.O_CREAT)
+        try:
+            assert chain.copy(0, 2 * M, bytearray(2 * M), 4096, out) == 2 * M
+            assert os.pread(out, 2 * M, 0) == b"\x5a" * (2 * M)
+            os.ftruncate(out, 0)
+            os.truncate(data, M + 300 * K)
+            assert chain.copy(0, 2 * M, bytearray(2 * M), 4096, out) == _plain.FALLBACK
+            assert os.fstat(out).st_size == 0
+        finally:
+            os.close(out)
+
+
+_WRITES = st.lists(st.tuples(st.integers(0, 255), st.integers(1, 96),
+                             st.sampled_from(["data", "data", "zero", "compressed"])),
+                   min_size=1, max_size=12)
+
+
+def _nonzero_bytes(data: bytes, block: int) -> int:
+    return sum(len(data[i:i + block]) for i in range(0, len(data), block)
+               if any(data[i:i + block]))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cluster_kib=st.sampled_from([0.5, 1, 4, 64]), writes=_WRITES,
+       sparse_size=st.sampled_from([512, 1024, 4096]), big_block=st.sampled_from([8192, 65536]),
+       unit_size=st.sampled_from([256 * K, M, 4 * M]), backing=st.booleans())
+def test_any_layout_copies_its_nonzero_blocks_only(tmp_path, plain_spy, cluster_kib, writes,
+                                                   sparse_size, big_block, unit_size, backing):
+    """Whatever the layout (runs in or out of host order, short and long, zero and compressed
+    clusters between them, a raw backing file under unallocated clusters): the output is
+    qemu-img's, and exactly its non-zero blocks are written (by convert, and by the kernel's
+    copy with blocks larger than a cluster)."""
+    cs = int(cluster_kib * K)
+    size = 4 * M
+    for p in tmp_path.iterdir():
+        p.unlink()
+    img = tmp_path / "img.qcow2"
+    base_args = []
+    if backing:
+        base = tmp_path / "base.raw"
+        base.write_bytes((bytes(4096) + bytes(range(1, 256)) * 17)[:8192] * (size // 8192))
+        base_args = ["-b", "base.raw", "-F", "raw"]
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cs}", *base_args, img, str(size))
+    cmds, touched = [], set()
+    for i, (at, kib, kind) in enumerate(writes):
+        off, length = at * 16 * K, min(kib * K, size - at * 16 * K)
+        if kind == "compressed":
+            # Compressed writes go to whole clusters nothing was written to yet.
+            off, length = off - off % cs, max(cs, length - length % cs)
+            length = min(length, size - off)
+            clusters = set(range(off // cs, (off + length) // cs))
+            if clusters & touched:
+                continue
+            cmds.append(f"write -c -P {i + 1} {off} {length}")
+        elif kind == "zero":
+            cmds.append(f"write -z {off} {length}")
+        else:
+            cmds.append(f"write -P {i + 1} {off} {length}")
+        touched |= set(range(off // cs, -(-(off + length) // cs)))
+    if cmds:
+        qemu_io(img, *cmds)
+    out = tmp_path / "out.raw"
+    result = qcowfast.convert(str(img), str(out), threads=2, unit_size=unit_size,
+                              sparse_size=sparse_size)
+    assert plain_spy[-1] is not None
+    want = reference_raw(img)
+    assert out.read_bytes() == want
+    assert result.bytes_written == _nonzero_bytes(want, sparse_size)
+    with qcowfast.open(str(img)) as im:
+        chain = convert_module._plain_chain(im, unit_size, big_block)
+        fd = os.open(tmp_path / "big.raw", os.O_RDWR | os.O_CREAT)
+        try:
+            written = sum(chain.copy(start, unit_size, bytearray(unit_size), big_block, fd)
+                          for start in range(0, size, unit_size))
+            os.ftruncate(fd, size)
+            assert os.pread(fd, size, 0) == want
+        finally:
+            os.close(fd)
+    assert written == _nonzero_bytes(want, big_block)

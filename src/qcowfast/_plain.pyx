@@ -3,8 +3,8 @@
 
 Importing numpy costs a process 0.05-0.2 s, more than converting a small image takes; this
 module does not use it. It checks L1 tables at open, and reads units of guest space through the
-whole chain with one pread per data run (or writes them from a mapping) and one per group of
-nearby compressed streams, inflated by the same code as the batch kernel (_inflate_codecs.pxi),
+whole chain with one pread per data run (copy writes runs close together in their file from
+one mapping of it instead) and one per group of nearby compressed streams, inflated by the same code as the batch kernel (_inflate_codecs.pxi),
 classifying L2 entries with the same code as the table kernels (_classify.pxi). Anything it
 does not serve -- an entry breaking a rule, a stream that does not inflate, a short read --
 makes read() and copy() return FALLBACK: convert then redoes the job on its general path, which
@@ -19,7 +19,8 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport (MAP_ANONYMOUS, MAP_FAILED, MAP_FIXED, MAP_NORESERVE, MAP_POPULATE,
                          MAP_PRIVATE, MAP_SHARED, PROT_NONE, PROT_READ, mmap, munmap)
 from posix.stat cimport S_ISBLK, fstat, struct_stat
-from posix.unistd cimport SEEK_END, _SC_PAGESIZE, lseek, pread, pwrite, sysconf
+from posix.uio cimport iovec, pwritev
+from posix.unistd cimport SEEK_END, _SC_PAGESIZE, lseek, pread, sysconf
 
 cdef extern from "<unistd.h>" nogil:
     enum: SEEK_DATA
@@ -35,7 +36,10 @@ FALLBACK = -1
 
 cdef enum:
     TABLE_CHUNK = 4096      # L2 entries classified per call
-    DIRECT_MIN = 262144     # data pieces this long are written from a mapping of their file
+    DIRECT_MIN = 262144     # data this long is written from a mapping of its file, not read
+    GROUP_GAP = 65536       # data pieces this close in one file share a mapping (a group) ...
+    GROUP_SPAN = 33554432   # ... spanning at most this much of the file, at most 4x their bytes
+    WRITE_IOVS = 256        # spans gathered into one pwritev
 
 cdef enum:
     R_OK = 0
@@ -937,43 +941,153 @@ cdef int map_range(int fd, int64_t host, int64_t length, void **addr, size_t *si
     return R_OK
 
 
+cdef int64_t mark_groups(Pieces *p, int64_t start, int64_t n, int64_t block, int64_t *mid,
+                        int64_t *group) noexcept nogil:
+    """Per data piece i, its block-aligned middle [mid[2i], mid[2i+1]) (guest bytes from
+    `start`), and in group[i] the first piece of the group whose middles one mapping serves
+    (-1: the piece is read into the buffer). Consecutive middles in one file, in increasing
+    host order with gaps of at most GROUP_GAP, form a group; a group is mapped when its
+    middles hold DIRECT_MIN bytes and a quarter of its span. Pieces of 512-byte-cluster images
+    (32 KiB runs between L2 tables) are written from the page cache this way, not read."""
+    cdef int64_t i, j, g, e, a, b, first = -1, lo = 0, hi = 0, used = 0, groups = 0
+    for i in range(p.n + 1):
+        a = b = 0
+        if i < p.n:
+            group[i] = -1
+            g = p.v[i].guest - start
+            e = g + p.v[i].length
+            a = g + (block - (start + g) % block) % block
+            b = e if e == n else e - (start + e) % block
+            mid[2 * i] = a
+            mid[2 * i + 1] = b
+            if p.v[i].clen or b <= a:
+                continue            # the piece goes through the buffer whole
+            a = p.v[i].host + (a - g)   # its middle, in its file
+            b = p.v[i].host + (b - g)
+            if first >= 0 and p.v[i].fd == p.v[first].fd and hi <= a <= hi + GROUP_GAP \
+                    and b - lo <= GROUP_SPAN:
+                group[i] = first
+                used += b - a
+                hi = b
+                continue
+        if first >= 0 and used >= DIRECT_MIN and 4 * used >= hi - lo:
+            groups += 1
+        elif first >= 0:
+            for j in range(first, i):
+                group[j] = -1
+        if i < p.n:
+            first, lo, hi, used = i, a, b, b - a
+            group[i] = i
+    return groups
+
+
+cdef int write_spans(int out_fd, Spans *o, int64_t *total, int *err) noexcept nogil:
+    """pwritev the spans, those continuing each other in the output in one call; R_FALLBACK
+    when a mapped file shrank under a write (EFAULT), else R_OK (err set on a write error)."""
+    cdef iovec iov[WRITE_IOVS]
+    cdef int64_t i = 0, j, off, r
+    cdef int cnt, k
+    while i < o.n:
+        off = o.s[i].offset
+        cnt = 0
+        j = i
+        while j < o.n and cnt < WRITE_IOVS and \
+                (cnt == 0 or o.s[j].offset == o.s[j - 1].offset + o.s[j - 1].length):
+            iov[cnt].iov_base = <void *>o.s[j].data
+            iov[cnt].iov_len = <size_t>o.s[j].length
+            cnt += 1
+            j += 1
+        k = 0
+        while k < cnt:
+            r = pwritev(out_fd, &iov[k], cnt - k, off)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EFAULT:
+                    return R_FALLBACK   # a mapped file shrank under us: hand over
+                err[0] = errno
+                return R_OK
+            if r == 0:
+                err[0] = EIO            # no progress
+                return R_OK
+            total[0] += r
+            off += r
+            while r > 0:
+                if <size_t>r >= iov[k].iov_len:
+                    r -= iov[k].iov_len
+                    k += 1
+                else:
+                    iov[k].iov_base = <char *>iov[k].iov_base + r
+                    iov[k].iov_len -= r
+                    r = 0
+        i = j
+    return R_OK
+
+
 cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *dst,
                      int64_t block, Spans *o, PyThread_type_lock wlock, int out_fd,
                      int64_t *total, int *err) noexcept nogil:
     """Copy's work once the pieces of [start, start + n) are known (p.n > 0)."""
-    cdef int64_t i, g, e, a, b, lo, hi, prev, seg, r, off, left
+    cdef int64_t i, g, e, a, b, lo, hi, prev, seg, upto, k, ngroups
     cdef const uint8_t *src
     cdef int rc = R_OK
     cdef Inflater c
-    # Per piece: the block-aligned middle [a, b) written from a mapping, or a = b = -1.
     cdef int64_t *mid = <int64_t *>malloc(p.n * 16)
-    cdef void **maps = <void **>malloc(p.n * sizeof(void *))
-    cdef size_t *sizes = <size_t *>malloc(p.n * sizeof(size_t))
+    cdef int64_t *group = <int64_t *>malloc(p.n * 8)
+    cdef const uint8_t **at = <const uint8_t **>malloc(p.n * sizeof(void *))
+    cdef void **maps = NULL
+    cdef size_t *sizes = NULL
     cdef int64_t nmaps = 0
-    if mid == NULL or maps == NULL or sizes == NULL:
-        free(mid); free(maps); free(sizes)
+    if mid == NULL or group == NULL or at == NULL:
+        free(mid); free(group); free(at)
+        return R_NOMEM
+    ngroups = mark_groups(p, start, n, block, mid, group)
+    maps = <void **>malloc((ngroups + 1) * sizeof(void *))
+    sizes = <size_t *>malloc((ngroups + 1) * sizeof(size_t))
+    if maps == NULL or sizes == NULL:
+        free(mid); free(group); free(at); free(maps); free(sizes)
         return R_NOMEM
     memset(&c, 0, sizeof(Inflater))
+    # One mapping per group, from its first middle to its last: at[i] is piece i's middle.
+    i = 0
+    while i < p.n:
+        if group[i] != i:
+            i += 1
+            continue
+        k = i + 1
+        hi = i
+        while k < p.n and group[k] == i or k < p.n and group[k] < 0:
+            if group[k] == i:
+                hi = k
+            k += 1
+        g = p.v[i].host + mid[2 * i] - (p.v[i].guest - start)
+        e = p.v[hi].host + mid[2 * hi + 1] - (p.v[hi].guest - start)
+        rc = map_range(p.v[i].fd, g, e - g, &maps[nmaps], &sizes[nmaps], &src)
+        if rc != R_OK:
+            break
+        nmaps += 1
+        for k in range(i, hi + 1):
+            if group[k] == i:
+                at[k] = src + (p.v[k].host + mid[2 * k] - (p.v[k].guest - start) - g)
+        i = hi + 1
+    # The buffer holds the blocks the pieces touch, less the mapped middles: the parts of
+    # those blocks no piece covers are zeroed; blocks no piece touches are neither zeroed nor
+    # scanned (they are holes of the output).
+    prev = 0
     for i in range(p.n):
+        if rc != R_OK:
+            break                           # a mapping failed
         g = p.v[i].guest - start
         e = g + p.v[i].length
-        a = g + (block - (start + g) % block) % block
-        b = e if e == n else e - (start + e) % block
-        if b - a >= DIRECT_MIN and p.v[i].clen == 0:
-            mid[2 * i] = a
-            mid[2 * i + 1] = b
+        lo = max(g - (start + g) % block, 0)
+        if i and lo < prev:
+            lo = prev                       # the previous piece's last block
         else:
-            mid[2 * i] = mid[2 * i + 1] = -1
-    # The buffer: blocks from the first piece's to the last's, less the mapped middles.
-    lo = max(p.v[0].guest - start - (p.v[0].guest % block), 0)
-    prev = lo
-    for i in range(p.n):
-        g = p.v[i].guest - start
-        e = g + p.v[i].length
-        if g > prev:
-            memset(dst + prev, 0, g - prev)
+            hi = min(prev + (block - (start + prev) % block) % block, n) if i else prev
+            memset(dst + prev, 0, hi - prev)
+        memset(dst + lo, 0, g - lo)
         a = b = e
-        if mid[2 * i] >= 0:
+        if group[i] >= 0:
             a = mid[2 * i]
             b = mid[2 * i + 1]
         if p.v[i].clen:
@@ -987,56 +1101,34 @@ cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *d
         prev = e
     if rc == R_OK:
         hi = min(prev + (block - (start + prev) % block) % block, n)
-        if hi > prev:
-            memset(dst + prev, 0, hi - prev)
-        seg = lo
+        memset(dst + prev, 0, hi - prev)
+        # [seg, upto): buffered blocks not scanned yet.
+        seg = upto = max(p.v[0].guest - start - p.v[0].guest % block, 0)
         for i in range(p.n):
-            if mid[2 * i] < 0:
-                continue
-            a = mid[2 * i]
-            b = mid[2 * i + 1]
             g = p.v[i].guest - start
-            rc = scan_spans(o, <const uint8_t *>dst + seg, a - seg, start + seg, block)
-            if rc == R_OK:
-                rc = map_range(p.v[i].fd, p.v[i].host + a - g, b - a, &maps[nmaps],
-                               &sizes[nmaps], &src)
+            e = g + p.v[i].length
+            lo = max(g - (start + g) % block, 0)
+            if lo > upto:
+                rc = scan_spans(o, <const uint8_t *>dst + seg, upto - seg, start + seg, block)
+                seg = lo
+            if rc == R_OK and group[i] >= 0:
+                a = mid[2 * i]
+                b = mid[2 * i + 1]
+                rc = scan_spans(o, <const uint8_t *>dst + seg, a - seg, start + seg, block)
+                if rc == R_OK:
+                    rc = scan_mapped(o, at[i], b - a, start + a, block)
+                seg = b
             if rc != R_OK:
                 break
-            nmaps += 1
-            rc = scan_mapped(o, src, b - a, start + a, block)
-            if rc != R_OK:
-                break
-            seg = b
+            upto = min(e + (block - (start + e) % block) % block, n)
         if rc == R_OK:
-            rc = scan_spans(o, <const uint8_t *>dst + seg, hi - seg, start + seg, block)
+            rc = scan_spans(o, <const uint8_t *>dst + seg, upto - seg, start + seg, block)
     if rc == R_OK and o.n:
         PyThread_acquire_lock(wlock, WAIT_LOCK)
-        for i in range(o.n):
-            src = o.s[i].data
-            left = o.s[i].length
-            off = o.s[i].offset
-            while left:
-                r = pwrite(out_fd, src, <size_t>left, off)
-                if r < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno == EFAULT:
-                        rc = R_FALLBACK     # a mapped file shrank under us: hand over
-                    else:
-                        err[0] = errno
-                    break
-                if r == 0:
-                    err[0] = EIO            # no progress
-                    break
-                src += r
-                off += r
-                left -= r
-                total[0] += r
-            if err[0] or rc != R_OK:
-                break
+        rc = write_spans(out_fd, o, total, err)
         PyThread_release_lock(wlock)
     for i in range(nmaps):
         munmap(maps[i], sizes[i])
-    free(mid); free(maps); free(sizes)
+    free(mid); free(group); free(at); free(maps); free(sizes)
     inflater_free(&c)
     return rc
