@@ -485,8 +485,11 @@ def test_shrunken_data_file_of_small_runs_hands_over(tmp_path):
             os.close(out)
 
 
-_WRITES = st.lists(st.tuples(st.integers(0, 255), st.integers(1, 96),
-                             st.sampled_from(["data", "data", "zero", "compressed"])),
+# (offset in 16 KiB steps, KiB, kind): short writes, and long ones that cross the 512 KiB
+# chunks a mapped run is scanned and written in.
+_WRITES = st.lists(st.tuples(st.integers(0, 255), st.integers(1, 96) | st.integers(500, 1600),
+                             st.sampled_from(["data", "data", "zero", "zero-data",
+                                              "compressed"])),
                    min_size=1, max_size=12)
 
 
@@ -502,8 +505,9 @@ def _nonzero_bytes(data: bytes, block: int) -> int:
        unit_size=st.sampled_from([256 * K, M, 4 * M]), backing=st.booleans())
 def test_any_layout_copies_its_nonzero_blocks_only(tmp_path, plain_spy, cluster_kib, writes,
                                                    sparse_size, big_block, unit_size, backing):
-    """Whatever the layout (runs in or out of host order, short and long, zero and compressed
-    clusters between them, a raw backing file under unallocated clusters): the output is
+    """Whatever the layout (runs in or out of host order, short and long, zero blocks inside
+    them, zero and compressed clusters between them, a raw backing file under unallocated
+    clusters): the output is
     qemu-img's, and exactly its non-zero blocks are written (by convert, and by the kernel's
     copy with blocks larger than a cluster)."""
     cs = int(cluster_kib * K)
@@ -530,6 +534,8 @@ def test_any_layout_copies_its_nonzero_blocks_only(tmp_path, plain_spy, cluster_
             cmds.append(f"write -c -P {i + 1} {off} {length}")
         elif kind == "zero":
             cmds.append(f"write -z {off} {length}")
+        elif kind == "zero-data":
+            cmds.append(f"write -P 0 {off} {length}")      # zero blocks inside data runs
         else:
             cmds.append(f"write -P {i + 1} {off} {length}")
         touched |= set(range(off // cs, -(-(off + length) // cs)))

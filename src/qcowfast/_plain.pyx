@@ -40,6 +40,7 @@ cdef enum:
     GROUP_GAP = 65536       # data pieces this close in one file share a mapping (a group) ...
     GROUP_SPAN = 33554432   # ... spanning at most this much of the file, at most 4x their bytes
     WRITE_IOVS = 256        # spans gathered into one pwritev
+    SCAN_CHUNK = 524288     # mapped data scanned, then written, this much at a time
 
 cdef enum:
     R_OK = 0
@@ -735,9 +736,11 @@ cdef class Chain:
     def copy(self, int64_t start, int64_t n, uint8_t[::1] buf, int64_t block, int out_fd):
         """Write guest bytes [start, start + n) to `out_fd` at the same offsets, leaving out the
         blocks of `block` bytes (aligned to guest offsets; the last may be short) that are all
-        zeros; return the bytes written, or FALLBACK (nothing written). Long data pieces are
-        scanned and written straight from a read-only mapping of the page cache; buf (n bytes)
-        holds the rest. Writes from concurrent calls take turns. Raises OSError."""
+        zeros; return the bytes written, or FALLBACK (part of the range may have been written:
+        the caller starts again on an empty output). Data pieces long enough, or close enough
+        together in their file, are scanned and written straight from read-only mappings of the
+        page cache; buf (n bytes) holds the rest. Writes from concurrent calls take turns.
+        Raises OSError."""
         cdef Pieces p
         cdef Spans o
         cdef int rc = R_OK, err = 0
@@ -1024,11 +1027,27 @@ cdef int write_spans(int out_fd, Spans *o, int64_t *total, int *err) noexcept no
     return R_OK
 
 
+cdef int flush_spans(Spans *o, int64_t least, PyThread_type_lock wlock, int out_fd,
+                     int64_t *total, int *err) noexcept nogil:
+    """Write the spans found so far and forget them, when they hold `least` bytes."""
+    cdef int64_t i, held = 0
+    cdef int rc
+    for i in range(o.n):
+        held += o.s[i].length
+    if held < least or not o.n:
+        return R_OK
+    PyThread_acquire_lock(wlock, WAIT_LOCK)
+    rc = write_spans(out_fd, o, total, err)
+    PyThread_release_lock(wlock)
+    o.n = 0
+    return rc
+
+
 cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *dst,
                      int64_t block, Spans *o, PyThread_type_lock wlock, int out_fd,
                      int64_t *total, int *err) noexcept nogil:
     """Copy's work once the pieces of [start, start + n) are known (p.n > 0)."""
-    cdef int64_t i, g, e, a, b, lo, hi, prev, seg, upto, k, ngroups
+    cdef int64_t i, g, e, a, b, lo, hi, prev, seg, upto, k, ngroups, step
     cdef const uint8_t *src
     cdef int rc = R_OK
     cdef Inflater c
@@ -1102,8 +1121,11 @@ cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *d
     if rc == R_OK:
         hi = min(prev + (block - (start + prev) % block) % block, n)
         memset(dst + prev, 0, hi - prev)
-        # [seg, upto): buffered blocks not scanned yet.
+        # [seg, upto): buffered blocks not scanned yet. Mapped middles are scanned a chunk at
+        # a time, and what is found written out once it adds up to a chunk, so that the write
+        # copies from the cache the scan filled.
         seg = upto = max(p.v[0].guest - start - p.v[0].guest % block, 0)
+        step = max(SCAN_CHUNK - SCAN_CHUNK % block, block)
         for i in range(p.n):
             g = p.v[i].guest - start
             e = g + p.v[i].length
@@ -1115,18 +1137,20 @@ cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *d
                 a = mid[2 * i]
                 b = mid[2 * i + 1]
                 rc = scan_spans(o, <const uint8_t *>dst + seg, a - seg, start + seg, block)
-                if rc == R_OK:
-                    rc = scan_mapped(o, at[i], b - a, start + a, block)
+                while rc == R_OK and a < b and not err[0]:
+                    k = min(b, a + step)
+                    rc = scan_mapped(o, at[i] + (a - mid[2 * i]), k - a, start + a, block)
+                    if rc == R_OK:
+                        rc = flush_spans(o, SCAN_CHUNK, wlock, out_fd, total, err)
+                    a = k
                 seg = b
-            if rc != R_OK:
+            if rc != R_OK or err[0]:
                 break
             upto = min(e + (block - (start + e) % block) % block, n)
-        if rc == R_OK:
+        if rc == R_OK and not err[0]:
             rc = scan_spans(o, <const uint8_t *>dst + seg, upto - seg, start + seg, block)
-    if rc == R_OK and o.n:
-        PyThread_acquire_lock(wlock, WAIT_LOCK)
-        rc = write_spans(out_fd, o, total, err)
-        PyThread_release_lock(wlock)
+    if rc == R_OK and not err[0]:
+        rc = flush_spans(o, 1, wlock, out_fd, total, err)
     for i in range(nmaps):
         munmap(maps[i], sizes[i])
     free(mid); free(group); free(at); free(maps); free(sizes)
