@@ -90,6 +90,32 @@ class _LongString(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _LoadSnapshot(argparse.Action):
+    """-l: qemu-nbd.c parses a `snapshot.*` value while reading its options, as qemu-img
+    convert -l does (cli._SnapshotParam: the same parser, warnings and errors), but quotes it
+    `so' in its last line; any other value names a snapshot by id or name. Values collect in
+    a list: the last `snapshot.*` one counts, else the last (sn_opts wins over sn_id_or_name)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.startswith("snapshot."):
+            values = _snapshot_param(values, namespace)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+
+
+def _snapshot_param(text: str, namespace) -> str:
+    import contextlib
+    import io
+
+    from .cli import _SnapshotParam
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return _SnapshotParam.parsed(text, namespace)
+    finally:                                  # (its warnings too, when it parses)
+        sys.stderr.write(err.getvalue().replace(f"param '{text}'\n", f"param `{text}'\n"))
+        sys.stderr.flush()
+
+
 # qemu-nbd options accepted and ignored: (option strings, nargs).
 _IGNORED = ((("-T", "--trace"), 1), (("--object",), 1), (("-s", "--snapshot"), 0))
 # qemu-nbd options accepted and checked, without effect: (option strings, nargs, dest).
@@ -149,7 +175,8 @@ def add_parser(sub) -> None:
                    help="export name (default: the empty default export)")
     p.add_argument("-D", "--description", default="", metavar="TEXT", action=_LongString,
                    help="export description clients may ask for (default: none)")
-    p.add_argument("-l", "--load-snapshot", dest="snapshot", default=None, metavar="SNAPSHOT",
+    p.add_argument("-l", "--load-snapshot", dest="snapshot", default=[], metavar="SNAPSHOT",
+                   action=_LoadSnapshot,
                    help="serve internal snapshot SNAPSHOT instead of the current state: "
                         "snapshot.id=ID, snapshot.name=NAME (both may be given) or ID_OR_NAME, "
                         "as qemu-nbd -l")
@@ -200,6 +227,7 @@ def cmd_serve(args) -> int:
 
     from .errors import QcowError
     from .serve import DEFAULT_PORT, NBDServer
+    from .snapshots import choose_snapshot_option
 
     for option in args.refused:
         what = next(w for o, _, w in _REFUSED if option in o)
@@ -210,6 +238,7 @@ def cmd_serve(args) -> int:
         port = bind = None                        # qemu-nbd: -k wins over -b/-p
     elif port is None and bind is not None:
         port = DEFAULT_PORT
+    args.snapshot = choose_snapshot_option(args.snapshot)
     refused = _open_refusal(args)
     if refused is not None:
         print(f"qcowfast: {refused}", file=sys.stderr)

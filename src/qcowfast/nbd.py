@@ -163,6 +163,7 @@ _REQUEST = struct.Struct(">IHHQQI")          # magic, flags, type, handle, offse
 _SIMPLE_REPLY = struct.Struct(">IIQ")        # magic, error, handle
 _CHUNK = struct.Struct(">IHHQI")             # magic, flags, type, handle, length
 _DATA_CHUNK = struct.Struct(">IHHQIQ")       # a chunk header, then the offset of its data
+_HOLE = struct.Struct(">QI")                 # an OFFSET_HOLE chunk's offset and length
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -198,6 +199,14 @@ class Export(Protocol):
         """Return (length, NBD_STATE_* flags) extents covering [offset, offset + length) from
         `offset` on, at most `max_extents` of them (at least one). Raising fails the request
         (EIO; ENOMEM for MemoryError)."""
+
+    # Optional: the chunks of a structured read (without DF) that failed, as qemu-nbd sends
+    # them; without it such a read gets an error chunk alone:
+    # def read_failure(self, offset: int, length: int, exc: Exception
+    #                  ) -> list[tuple[int, int, bool]] | None:
+    #     """The (start, end, hole) runs qemu-nbd's sparse read of [offset, offset + length)
+    #     sends as chunks before the block status query that fails with `exc`, in order
+    #     (empty when that is the first); None when `exc` is no such failure."""
 
     # Optional: NBD_CMD_CACHE, answered with success without it:
     # def cache(self, offset: int, length: int) -> None:
@@ -689,7 +698,7 @@ class Connection:
                 raise Disconnect(f"bad request magic {magic:#x}")
             if (cmd == NBD_CMD_READ and not flags & read_flags and length <= cap
                     and offset <= size and length <= size - offset):
-                self._submit_read(handle, offset, length)          # the common case
+                self._submit_read(handle, offset, length, flags)   # the common case
                 continue
             self._kick()
             handler = self._commands.get(cmd, self._cmd_unknown)
@@ -727,7 +736,7 @@ class Connection:
         bad = self._check_range(cmd, offset, length, self.limits.max_request)
         if bad:
             return self._reply_error(handle, NBD_EINVAL, bad)
-        self._submit_read(handle, offset, length)
+        self._submit_read(handle, offset, length, flags)
 
     def _cmd_block_status(self, cmd, flags, handle, offset, length, deadline):
         if BASE_ALLOCATION_ID not in self.contexts:
@@ -780,12 +789,16 @@ class Connection:
     # -- replies ---------------------------------------------------------------------------------
     def _reply_error(self, handle: int, error: int, message: str) -> None:
         if self.structured:
-            msg = message.encode()[:NBD_MAX_STRING]
-            payload = struct.pack(">IH", error, len(msg)) + msg
-            self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                                   NBD_REPLY_TYPE_ERROR, handle, len(payload)), payload)
+            self._send(self._error_chunk(handle, error, message))
         else:
             self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle))
+
+    @staticmethod
+    def _error_chunk(handle: int, error: int, message: str) -> bytes:
+        """The final NBD_REPLY_TYPE_ERROR chunk of a structured reply."""
+        msg = message.encode()[:NBD_MAX_STRING]
+        return (_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
+                            handle, 6 + len(msg)) + struct.pack(">IH", error, len(msg)) + msg)
 
     def _admit(self, nbytes: int) -> None:
         """Wait until one more request of `nbytes` fits in the in-flight bounds; count it.
@@ -820,12 +833,13 @@ class Connection:
             self._queue.appendleft((None, fn, args, nbytes))
             self._work.notify()
 
-    def _submit_read(self, handle: int, offset: int, length: int) -> None:
+    def _submit_read(self, handle: int, offset: int, length: int, flags: int) -> None:
         # Workers are woken by _kick once the reader has parsed what it has buffered, so a
-        # burst of pipelined reads is handed over in contiguous batches.
+        # burst of pipelined reads is handed over in contiguous batches. (A read is queued as
+        # (handle, offset, length, command flags), a query as (None, fn, args, bytes).)
         with self._qlock:
             self._admit(length)
-            self._queue.append((handle, offset, length, length))
+            self._queue.append((handle, offset, length, flags))
             self._queued += length
 
     def _worker(self) -> None:
@@ -932,11 +946,7 @@ class Connection:
                                                       f"{offset}: out of memory")
             return
         try:
-            if self._plan is None:
-                self.export.read_into(first, view)
-                plan = [(first, first + total, -1, 0)]
-            else:
-                plan = self._plan(first, view)
+            plan = self._fill(first, view)
         except Exception as exc:
             if len(batch) > 1:
                 # One bad cluster must not fail its neighbours: each read again on its own.
@@ -945,11 +955,7 @@ class Connection:
                     self._do_reads([req], req[2])
                 return
             log.warning("%s: read of %d bytes at %d failed: %s", self.peer, total, first, exc)
-            code = _errno_of(exc)
-            for handle, offset, length, _ in batch:
-                self._reply_error(handle, code, f"read of {length} bytes at offset "
-                                                f"{offset} failed: {type(exc).__name__}")
-            return
+            return self._read_failed(*batch[0], exc, view)
         missing = _missing_file_bytes(plan) if self._plan is not None else None
         if missing:
             # A file cut short since it was opened: the reads that need bytes it no longer
@@ -972,6 +978,66 @@ class Connection:
                 return
         self._send_parts(self._read_replies(batch, first, plan, view))
 
+    def _fill(self, first: int, view: memoryview) -> list:
+        """Fill `view` with the guest bytes from `first` as the export places them; return
+        the read plan (see Export.read_plan)."""
+        if self._plan is None:
+            self.export.read_into(first, view)
+            return [(first, first + len(view), -1, 0)]
+        return self._plan(first, view)
+
+    def _read_failed(self, handle: int, offset: int, length: int, flags: int, exc: Exception,
+                     view: memoryview) -> None:
+        """Reply as qemu-nbd to a read that failed with `exc`.
+
+        A structured read without DF is nbd/server.c nbd_co_send_sparse_read(): it walks block
+        status from `offset`, one chunk per run (OFFSET_HOLE where it reads as zeros, else
+        OFFSET_DATA), until a query fails: then an error chunk ends the reply. The export's
+        `read_failure` gives the runs before the query that meets `exc` (their bytes are
+        filled again into `view`, which holds the whole request). Other reads fail whole,
+        as blk_pread() does, with an error alone (also when the runs cannot be sent).
+        """
+        code = _errno_of(exc)
+        runs = None
+        if self.structured and not flags & NBD_CMD_FLAG_DF:
+            runs = self._runs_before(offset, length, exc, view)
+        if runs is None:
+            return self._reply_error(handle, code, "reading from file failed")
+        runs, plan = runs
+        parts: list = []
+        k = 0
+        for start, end, hole in runs:
+            if hole:
+                parts.append(memoryview(_CHUNK.pack(
+                    NBD_STRUCTURED_REPLY_MAGIC, 0, NBD_REPLY_TYPE_OFFSET_HOLE, handle, 12)
+                    + _HOLE.pack(start, end - start)))
+                continue
+            parts.append(memoryview(_DATA_CHUNK.pack(
+                NBD_STRUCTURED_REPLY_MAGIC, 0, NBD_REPLY_TYPE_OFFSET_DATA, handle,
+                8 + end - start, start)))
+            k = _add_bytes(parts, plan, k, start, end, view, offset)
+        parts.append(memoryview(self._error_chunk(
+            handle, code, f"unable to check for holes: {os.strerror(code)}")))
+        self._send_parts(parts)
+
+    def _runs_before(self, offset: int, length: int, exc: Exception, view: memoryview):
+        """(runs, plan): the export's runs before the block status query that meets `exc`,
+        and the plan of their bytes (filled into `view`); None when the export cannot tell,
+        or their bytes cannot be read either."""
+        failure = getattr(self.export, "read_failure", None)
+        try:
+            runs = None if failure is None else failure(offset, length, exc)
+            if not runs or all(hole for _, _, hole in runs):
+                return None if runs is None else (runs, [])
+            plan = self._fill(offset, view[:runs[-1][1] - offset])
+        except Exception as again:
+            log.warning("%s: read of %d bytes at %d: the runs before the failure: %s",
+                        self.peer, length, offset, again)
+            return None
+        if self._plan is not None and _missing_file_bytes(plan):
+            return None
+        return runs, plan
+
     def _read_replies(self, batch: list, first: int, plan: list, view: memoryview) -> list:
         """The parts (see _send_parts) of the replies to the reads of `batch`: each one's header,
         then its bytes as `plan` places them: file ranges, zeros, or `view` (the filled buffer
@@ -993,24 +1059,7 @@ class Connection:
                 parts.append(memoryview(_DATA_CHUNK.pack(
                     NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
                     handle, 8 + length, offset)))
-            pos, end = offset, offset + length
-            while plan[k][1] <= pos:
-                k += 1
-            j = k
-            while pos < end:
-                a, b, fd, host = plan[j]
-                stop = b if b < end else end
-                if fd >= 0:
-                    parts.append((fd, host + (pos - a), stop - pos))
-                elif fd == -1:
-                    parts.append(view[pos - first:stop - first])
-                else:
-                    n = stop - pos
-                    while n > 0:
-                        parts.append(_ZEROS[:min(n, len(_ZEROS))])
-                        n -= len(_ZEROS)
-                pos = stop
-                j += 1
+            k = _add_bytes(parts, plan, k, offset, offset + length, view, first)
         return parts
 
     def _do_cache(self, handle: int, offset: int, length: int) -> None:
@@ -1037,6 +1086,31 @@ class Connection:
         payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
         self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
                                NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+
+
+def _add_bytes(parts: list, plan: list, k: int, pos: int, end: int, view: memoryview,
+               first: int) -> int:
+    """Append to `parts` the guest bytes [pos, end) as the read `plan` places them: file
+    ranges, zeros, or `view` (the filled buffer of guest bytes from `first`). The plan is
+    searched from its run k on; returns the index of the run holding `pos`."""
+    while plan[k][1] <= pos:
+        k += 1
+    j = k
+    while pos < end:
+        a, b, fd, host = plan[j]
+        stop = b if b < end else end
+        if fd >= 0:
+            parts.append((fd, host + (pos - a), stop - pos))
+        elif fd == -1:
+            parts.append(view[pos - first:stop - first])
+        else:
+            n = stop - pos
+            while n > 0:
+                parts.append(_ZEROS[:min(n, len(_ZEROS))])
+                n -= len(_ZEROS)
+        pos = stop
+        j += 1
+    return k
 
 
 def _errno_of(exc: Exception) -> int:

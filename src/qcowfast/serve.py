@@ -32,6 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import nbd
+from .blockstatus import BDRV_BLOCK_ZERO, status_runs
 from .constants import ExtentKind
 from .errors import CorruptImage
 from .image import RawImage, _cores, _pread_exact
@@ -221,6 +222,17 @@ class ImageExport:
             if full:
                 return out
             raise
+
+    def read_failure(self, offset: int, length: int, exc: Exception) -> list | None:
+        """The (start, end, hole) runs qemu-nbd's structured read of [offset, offset + length)
+        sends as chunks before it fails at the bad table entry `exc` met (None for any other
+        failure): nbd/server.c nbd_co_send_sparse_read() sends a chunk per block status run
+        (a hole where it reads as zeros) until the query that meets the entry."""
+        stop = self._failing_query(exc, offset)
+        if stop is None:
+            return None
+        return [(s.start, s.end, bool(s.flags & BDRV_BLOCK_ZERO)) for s in
+                status_runs(self.image, offset, min(stop, offset + length), {})]
 
     def _failing_query(self, exc: CorruptImage, start: int) -> int | None:
         """Where QEMU's block status query that meets `exc` starts, in a walk from `start`
