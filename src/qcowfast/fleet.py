@@ -161,9 +161,12 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
     opener = partial(open_file, job.src, "image", keep_dir=True)
     held = None
     try:
+        allowed = directories(job.options.get("backing_dirs", ()))   # (once, for every layer)
+    except (OSError, QcowError, TypeError, ValueError):
+        return                                  # (the job will say why)
+    try:
         for depth in range(MAX_CHAIN_DEPTH + 1):
             try:
-                allowed = directories(job.options.get("backing_dirs", ()))
                 opened = opener()
             except (OSError, QcowError, TypeError, ValueError):
                 return                          # (the job will say why)

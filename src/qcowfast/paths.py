@@ -4,7 +4,9 @@ A name stored in an image (backing file, external data file) is untrusted. It is
 whether absolute or relative, only when the file it reaches (symlinks included) lies inside the
 image's own directory or inside a directory the caller allowed (backing_dirs=,
 --allow-backing-dir). Protocol and `json:` prefixes and anything but a regular file are refused.
-Anything else is an UnsafePathError naming the file and the option that would allow it.
+Anything else is an UnsafePathError naming the file and the option that would allow it (the
+real path it reaches, however long). The allowed directories are resolved once per open
+(directories()), so a relative one means the same directory for every layer of a chain.
 
 The rule is checked on what was opened, never on a path looked up again. An image is opened
 relative to a descriptor on its directory (open_file(keep_dir=True)), and the names it holds are
@@ -36,6 +38,7 @@ _OPEN_FLAGS = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = (getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
               | getattr(os, "O_CLOEXEC", 0))
 _PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | getattr(os, "O_CLOEXEC", 0)
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)    # (os.scandir)
 _MAX_LINKS = 40                         # symlinks followed for one name (Linux MAXSYMLINKS)
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -121,12 +124,17 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     reached, through a symlinked file: the link's), for resolve_reference. On exit the file is
     a regular file, or a block device when `block_devices`; FIFOs, sockets, directories and
     character devices are refused without being opened (FormatError): the file is found as an
-    O_PATH descriptor, checked, and reopened through that descriptor. A missing file raises ImageNotFound (MissingBackingFile when `owner` is
-    given: a file of a chain), any other failure to open ImageOpenError; both are also
-    OSErrors with the original errno.
+    O_PATH descriptor, checked, and reopened through that descriptor. A missing file raises
+    ImageNotFound (MissingBackingFile when `owner` is given: a file of a chain), any other
+    failure to open ImageOpenError; both are also OSErrors with the original errno. A name
+    with a NUL byte is an UnsafePathError, as one stored in an image is.
     """
     path = os.fsdecode(os.fspath(path))        # bytes names too (undecodable bytes escaped)
-    name = f"{what} {path}" + (f" of {owner}" if owner else "")
+    of = f" of {owner}" if owner else ""
+    if "\0" in path:                            # (os would raise a bare ValueError)
+        raise UnsafePathError(f"{what} path {path!r}{of} contains a NUL byte, which no file "
+                              "name can hold")
+    name = f"{what} {path}{of}"
     head, tail = _split(path)
     dir_fd = fd = -1
     try:
@@ -189,6 +197,62 @@ def _fd_path(fd: int) -> str | None:
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _name_in(up: int, st: os.stat_result) -> str:
+    """The name directory `st` has in its parent, open (readable) as `up`; FileNotFoundError
+    when it has none there now. Found by (st_dev, st_ino): the listing's d_ino, checked by a
+    stat; a mount point's d_ino is not its root's, so there every entry is stat'ed."""
+    crossing = os.fstat(up).st_dev != st.st_dev
+    with os.scandir(up) as entries:
+        for entry in entries:
+            if crossing or entry.inode() == st.st_ino:
+                try:
+                    if _ident(os.stat(entry.name, dir_fd=up, follow_symlinks=False)) == \
+                            _ident(st):
+                        return entry.name
+                except OSError:
+                    continue
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+def _real_path(dir_fd: int, last: str = "") -> tuple[str, bool]:
+    """(path, whole): the real path of directory `dir_fd` (with `last` joined to it).
+
+    The kernel names a descriptor (_fd_path) only while its path is shorter than PATH_MAX;
+    past that, the names are found walking up through "..", each in its parent's listing
+    (_name_in), to a directory the kernel names. When a directory on the way cannot be
+    listed (or was removed), `whole` is False and `path` holds the names found below it
+    (relative, possibly empty).
+    """
+    names = [last] if last else []
+    fd = os.dup(dir_fd)
+    try:
+        while (top := _fd_path(fd)) is None:
+            st = os.fstat(fd)
+            try:
+                up = os.open("..", _LIST_FLAGS, dir_fd=fd)
+            except OSError:
+                return "/".join(reversed(names)), False
+            os.close(fd)
+            fd = up
+            if _ident(os.fstat(fd)) == _ident(st):
+                top = "/"                       # the root (no /proc): its ".." is itself
+                break
+            try:
+                names.append(_name_in(fd, st))
+            except OSError:
+                return "/".join(reversed(names)), False
+        return os.path.join(top, *reversed(names)), True
+    finally:
+        os.close(fd)
+
+
+def _shown(dir_fd: int, last: str = "") -> str:
+    """_real_path() for a message: a path cut short says so."""
+    path, whole = _real_path(dir_fd, last)
+    return path if whole else (f".../{path} (the start of a path longer than PATH_MAX; a "
+                               "directory above it cannot be listed)")
 
 
 def _below(dir_fd: int, trusted: set) -> bool:
@@ -259,23 +323,63 @@ def full_backing_filename(image_name: str, backing: str) -> str:
     return image_name[:image_name.rfind("/") + 1] + backing
 
 
-def directories(dirs) -> tuple[str, ...]:
-    """`backing_dirs` as a tuple of str: an iterable of paths, or one path (str, bytes or
-    os.PathLike: one directory, never the characters of its name). An empty name is a
-    ValueError: it would trust the working directory (an unset shell variable in
-    `--allow-backing-dir "$DIR"`)."""
+class AllowedDir(str):
+    """A directory of `backing_dirs` (its name, as given), resolved once by directories():
+    `ident` is its (st_dev, st_ino) (None when it cannot be opened: it holds nothing) and
+    `real` its real path, so a relative name keeps its meaning for every layer of a chain
+    even if the working directory changes. Pickled or copied, it is its name again (an
+    identity means nothing in another process)."""
+
+    __slots__ = ("ident", "real")
+
+    def __reduce__(self):
+        return str, (str(self),)
+
+
+def _allowed(name: str) -> AllowedDir:
+    out = AllowedDir(name)
+    try:
+        fd = os.open(name, _DIR_FLAGS)
+    except OSError:                             # (a missing directory holds nothing)
+        fd = -1
+    try:
+        out.ident = _ident(os.fstat(fd)) if fd >= 0 else None
+        real, whole = _real_path(fd) if fd >= 0 else ("", False)
+        if not whole:                           # (only to word missing names)
+            try:
+                real = os.path.realpath(name)
+            except OSError:                     # a link removed under realpath (a race)
+                real = os.path.abspath(name)
+        out.real = real
+    finally:
+        _close(fd)
+    return out
+
+
+def directories(dirs) -> tuple[AllowedDir, ...]:
+    """`backing_dirs` as a tuple of AllowedDir (str), each resolved now unless it already
+    was: an iterable of paths, or one path (str, bytes or os.PathLike: one directory, never
+    the characters of its name). An empty name is a ValueError: it would trust the working
+    directory (an unset shell variable in `--allow-backing-dir "$DIR"`); one with a NUL
+    byte, an UnsafePathError."""
     if isinstance(dirs, (str, bytes, os.PathLike)):
         dirs = (dirs,)
     try:
-        out = tuple(os.fsdecode(os.fspath(d)) for d in dirs)
+        names = tuple(d if isinstance(d, AllowedDir) else os.fsdecode(os.fspath(d))
+                      for d in dirs)
     except TypeError:
         raise TypeError(f"backing_dirs must be a path or an iterable of paths, not "
                         f"{dirs!r}") from None
-    if "" in out:
+    if "" in names:
         raise ValueError("--allow-backing-dir (backing_dirs=) was given an empty directory "
                          "name; qcowfast refuses it rather than trust the working directory "
                          "(name that one as '.')")
-    return out
+    for name in names:
+        if "\0" in name:
+            raise UnsafePathError(f"--allow-backing-dir (backing_dirs=) was given a directory "
+                                  f"name with a NUL byte ({name!r}), which no file name can "
+                                  "hold")
+    return tuple(d if isinstance(d, AllowedDir) else _allowed(d) for d in names)
 
 
 def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFile:
@@ -287,7 +391,8 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
     directory opened now: a symlink in that path repointed since the image was opened would
     move the names. `what` is "backing file" or "external data file" (used in messages);
     `allowed_dirs` are extra directories the caller trusts (open(backing_dirs=...),
-    --allow-backing-dir).
+    --allow-backing-dir), best as directories() returned them at the start of the open: then
+    every layer of a chain trusts the same directories, whatever the working directory is.
 
     On exit the returned OpenedFile holds a descriptor on a regular file that lies (all
     symlinks followed) inside the image's directory or inside one of `allowed_dirs`, and a
@@ -338,24 +443,16 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
                 base = os.open(_split(image_path)[0], _DIR_FLAGS)
             except OSError as exc:
                 raise failed(exc) from None
+        # The allowed directories as directories() resolved them (once, for the whole chain).
         trusted = {getattr(image, "trust", None) or _ident(os.fstat(base))}
-        for d in allowed:
-            try:
-                trusted.add(_ident(os.stat(d)))
-            except OSError:
-                pass                            # (a missing directory holds nothing)
-        try:                                    # (for messages, and for missing names)
-            image_dir = _fd_path(base) or os.path.realpath(_split(image_path)[0])
-            allowed_real = [os.path.realpath(d) for d in allowed]
-        except OSError:                         # a link removed under realpath (a race)
-            raise changed() from None
+        trusted.update(d.ident for d in allowed if d.ident is not None)
 
         def outside(real: str) -> UnsafePathError:
             reason = ("is outside the image's directory" if os.path.isabs(name)
                       else "resolves outside the image's directory")
             return UnsafePathError(f"{what} {name!r} named in {image_path} {reason} "
-                                   f"{image_dir} (it is {real}); qcowfast does not follow it "
-                                   f"by default; {hint}")
+                                   f"{_shown(base)} (it is {real}); qcowfast does not follow "
+                                   f"it by default; {hint}")
 
         try:
             reached, holder, last = _lookup(base, name)
@@ -363,18 +460,27 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 # Missing: where the name would lead decides between "outside" and "missing".
+                image_real, whole = _real_path(base)
                 try:
-                    real = os.path.realpath(os.path.join(image_dir, name))
-                except OSError:                 # (as above)
+                    if not whole:               # (a directory above cannot be listed)
+                        image_real = os.path.realpath(_split(image_path)[0])
+                    real = os.path.realpath(os.path.join(image_real, name))
+                except OSError:                 # a link removed under realpath (a race)
                     raise changed() from None
-                if not any(_inside(real, d) for d in (image_dir, *allowed_real)):
+                if not any(_inside(real, d) for d in (image_real, *(d.real for d in allowed))):
                     raise outside(real) from None
             raise failed(exc) from None
         if stat.S_ISLNK(st.st_mode):
             raise changed()                     # a symlink appeared since _lookup
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"{label} is {_kind(st.st_mode)}, not a regular file; "
+            exc = UnsafePathError(f"{label} is {_kind(st.st_mode)}, not a regular file; "
                                   "qcowfast follows only regular files named in an image")
+            if stat.S_ISDIR(st.st_mode):
+                # QEMU's words (file-posix.c raw_open_common()), for the command line; the
+                # layers above prefix theirs (errors.in_chain).
+                exc.qemu_chain = f"'file' driver requires '{path}' to be a regular file"
+                exc.qemu_top = path
+            raise exc
         try:
             fd = os.open(last, _OPEN_FLAGS | os.O_NOFOLLOW, dir_fd=holder)
             st = os.fstat(fd)
@@ -386,9 +492,7 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
         if not stat.S_ISREG(st.st_mode):
             raise changed()
         if not inside:
-            holder_path = _fd_path(holder)
-            raise outside(_fd_path(fd) or (os.path.join(holder_path, last) if holder_path
-                                            else path))
+            raise outside(_fd_path(fd) or _shown(holder, last))
         # Its names resolve from `reached` (QEMU's meaning); they are checked against it only
         # when it is trusted itself. Reached through a symlink from elsewhere (a link in /tmp
         # to a file in the trusted directory), they are checked against the directory that
