@@ -268,6 +268,7 @@ cdef int read_full(int fd, char *dst, int64_t n, int64_t offset) noexcept nogil:
 
 cdef enum:
     STREAM_GROUP = 1048576  # compressed streams close together are read in one pread of this
+    STREAM_MAP_MIN = 131072 # a group this long is mapped, not read (copy only)
     STREAM_GAP = 65536      # much, skipping at most this much between two
 
 
@@ -279,6 +280,10 @@ cdef struct Inflater:
     uint8_t *stream         # streams read from [gstart, gend) of file gfd
     int64_t stream_cap, gstart, gend
     int gfd
+    int may_map             # groups of STREAM_MAP_MIN bytes are mapped (copy), not read
+    void *map               # the mapping holding [gstart, gend), or NULL: stream holds it
+    size_t map_size
+    const uint8_t *mapped   # [gstart, gend) in the mapping
     uint8_t *cluster        # the inflated cluster of stream (lfd, lhost), for partial pieces
     int64_t cluster_cap, lhost
     int lfd
@@ -294,6 +299,8 @@ cdef void inflater_free(Inflater *c) noexcept nogil:
         zstd_freeDCtx(c.dctx)
     free(c.stream)
     free(c.cluster)
+    if c.map != NULL:
+        munmap(c.map, c.map_size)
     memset(c, 0, sizeof(Inflater))
 
 
@@ -345,7 +352,7 @@ cdef int stream_of(Inflater *c, Piece *v, int64_t i, int64_t n,
     cdef int64_t j, reach = a.host + a.clen, need, cap
     cdef void *grown
     if a.fd == c.gfd and c.gstart <= a.host and a.host + a.clen <= c.gend:
-        src[0] = c.stream + (a.host - c.gstart)
+        src[0] = (c.mapped if c.map != NULL else c.stream) + (a.host - c.gstart)
         return R_OK
     cap = max(<int64_t>STREAM_GROUP, a.clen)
     j = i + 1
@@ -358,18 +365,56 @@ cdef int stream_of(Inflater *c, Piece *v, int64_t i, int64_t n,
                 break
             reach = a.host + need
         j += 1
+    c.gfd = -1
+    if c.map != NULL:
+        munmap(c.map, c.map_size)
+        c.map = NULL
+    if c.may_map and reach - a.host >= STREAM_MAP_MIN and \
+            map_range(a.fd, a.host, reach - a.host, &c.map, &c.map_size, &c.mapped) == R_OK:
+        c.gfd, c.gstart, c.gend = a.fd, a.host, reach
+        src[0] = c.mapped
+        return R_OK
     if reach - a.host > c.stream_cap:
         grown = realloc(c.stream, <size_t>(reach - a.host))
         if grown == NULL:
             return R_NOMEM
         c.stream = <uint8_t *>grown
         c.stream_cap = reach - a.host
-    c.gfd = -1
     if read_full(a.fd, <char *>c.stream, reach - a.host, a.host) != R_OK:
         return R_FALLBACK
     c.gfd, c.gstart, c.gend = a.fd, a.host, reach
     src[0] = c.stream
     return R_OK
+
+
+cdef struct Inflation:
+    # inflate_to's arguments and result, for the SIGBUS guard (_sigbus.h)
+    Inflater *c
+    int ctype
+    const uint8_t *src
+    int64_t n, cs
+    uint8_t *dst
+    int rc
+
+
+cdef int _inflate_cb(void *arg) noexcept nogil:
+    cdef Inflation *a = <Inflation *>arg
+    a.rc = inflate_to(a.c, a.ctype, a.src, a.n, a.dst, a.cs)
+    return 0
+
+
+cdef int inflate_from(Inflater *c, int ctype, const uint8_t *src, int64_t n, uint8_t *dst,
+                      int64_t cs) noexcept nogil:
+    """inflate_to() from the stream stream_of() pointed at: when that is a file mapping, with
+    a SIGBUS guard (R_FALLBACK when the file shrank under it; the decoder cut short is only
+    freed after that)."""
+    cdef Inflation a
+    cdef int faulted = 0
+    if c.map == NULL:
+        return inflate_to(c, ctype, src, n, dst, cs)
+    a.c, a.ctype, a.src, a.n, a.dst, a.cs, a.rc = c, ctype, src, n, dst, cs, R_OK
+    qf_bus_call(_inflate_cb, &a, c.map, c.map_size, &faulted)
+    return R_FALLBACK if faulted else a.rc
 
 
 cdef int inflate_piece(Inflater *c, Layer *layers, Piece *v, int64_t i, int64_t n,
@@ -384,7 +429,7 @@ cdef int inflate_piece(Inflater *c, Layer *layers, Piece *v, int64_t i, int64_t 
     if a.length == cs:
         rc = stream_of(c, v, i, n, &src)
         if rc == R_OK:
-            rc = inflate_to(c, L.ctype, src, a.clen, <uint8_t *>dst, cs)
+            rc = inflate_from(c, L.ctype, src, a.clen, <uint8_t *>dst, cs)
         return rc
     # Part of a cluster (seen through an upper layer's holes, or cut by the virtual size):
     # inflate it whole into scratch, once for its consecutive pieces.
@@ -398,7 +443,7 @@ cdef int inflate_piece(Inflater *c, Layer *layers, Piece *v, int64_t i, int64_t 
         c.lfd = -1
         rc = stream_of(c, v, i, n, &src)
         if rc == R_OK:
-            rc = inflate_to(c, L.ctype, src, a.clen, c.cluster, cs)
+            rc = inflate_from(c, L.ctype, src, a.clen, c.cluster, cs)
         if rc != R_OK:
             return rc
         c.lfd, c.lhost = a.fd, a.host
@@ -1067,6 +1112,7 @@ cdef int copy_pieces(Layer *layers, Pieces *p, int64_t start, int64_t n, char *d
         free(mid); free(group); free(at); free(maps); free(sizes)
         return R_NOMEM
     memset(&c, 0, sizeof(Inflater))
+    c.may_map = 1
     # One mapping per group, from its first middle to its last: at[i] is piece i's middle.
     i = 0
     while i < p.n:
