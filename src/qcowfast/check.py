@@ -33,7 +33,7 @@ from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
 )
-from .errors import AllocationFailed, CorruptImage, FormatError, QcowError
+from .errors import AllocationFailed, CorruptImage, FormatError, QcowError, UnsafePathError
 from .header import Header, read_header, warn_stale_bitmaps
 from .info import read_snapshot_table
 from .locks import check_not_locked
@@ -1040,6 +1040,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
     ImageNotFound
         The image does not exist (a QcowError and a FileNotFoundError); ImageOpenError when it
         cannot be opened for another reason. Both start "Could not open 'PATH': ".
+    UnsafePathError
+        The name holds a NUL byte (the message shows it escaped, as every entry point does).
     QcowError
         The image cannot be checked at all (qemu-img exits 1): its header is invalid or its
         chain cannot be opened (the message starts with "Could not open 'PATH': "), its
@@ -1051,6 +1053,8 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         # ImageNotFound, any other failure to open ImageOpenError (both QcowErrors and
         # OSErrors); directories, FIFOs, sockets and devices are refused before any read.
         opened = open_file(name, "image", block_devices=False, keep_dir=True)
+    except UnsafePathError:
+        raise                   # a NUL byte, never shown raw: paths words it with the name repr'd
     except QcowError as exc:
         raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
     fd = opened.detach()

@@ -264,9 +264,9 @@ def error_text(exc: BaseException, images=()) -> str:
     text = str(exc)
     chain, top = getattr(exc, "qemu_chain", None), getattr(exc, "qemu_top", None)
     hint = getattr(exc, "qemu_hint", None)
-    if chain and not top and images and isinstance(exc, QcowError):
+    if chain and top is None and images and isinstance(exc, QcowError):
         top = os.fsdecode(images[0][0])     # a header read without the image's name (check)
-    if chain and top:
+    if chain and top is not None:
         text = f"Could not open '{top}': {chain}"
     elif isinstance(exc, ImageOpenError) and exc.filename and exc.strerror:
         # QEMU's file protocol names the file again ("Could not open 'X': Could not open 'X':
@@ -443,6 +443,8 @@ RAW_PROBE_WARNING = (
 def _file_refusal(path: str, writable: bool) -> str | None:
     """What QEMU's file driver says when it cannot open `path` (read-write when `writable`:
     check -r), else None."""
+    if not path:
+        return "Could not open '': The 'file' block driver requires a file name"
     try:
         mode, _ = _peek(path)
     except OSError as exc:
@@ -493,10 +495,34 @@ def _check_format(args) -> int:
               file=sys.stderr)
         return 1
     if repair is not None and (fmt == "qcow2" or magic and version >= 2):
-        print(f"qcowfast: check -r {repair}: qcowfast does not repair images (it never "
-              "writes to them); repair with qemu-img check -r", file=sys.stderr)
+        refused = _repair_open_refusal(image)
+        print(f"qcowfast: {refused}" if refused else f"qcowfast: check -r {repair}: qcowfast "
+              "does not repair images (it never writes to them); repair with qemu-img check "
+              "-r", file=sys.stderr)
         return 1
     return cmd_check(args)
+
+
+def _repair_open_refusal(image: str) -> str | None:
+    """check -r of a QCOW2 image: qemu-img's line when it cannot open it for its header (or
+    the bitmaps read with it), read as `check` reads it, else None."""
+    from .bitmaps import check_bitmaps_at_open
+    from .header import read_header, warn_stale_bitmaps
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None                             # (the file was looked at: _file_refusal)
+    try:
+        size = os.fstat(fd).st_size
+        header = read_header(fd, size, tables_in_file=False)
+        warn_stale_bitmaps(header, image)
+        if header.bitmaps is not None:
+            check_bitmaps_at_open(fd, header, size)
+    except QcowError as exc:
+        return f"Could not open '{image}': {getattr(exc, 'qemu_chain', None) or exc}"
+    finally:
+        os.close(fd)
+    return None
 
 
 def _add_source_cache_option(p: argparse.ArgumentParser) -> None:
@@ -525,12 +551,19 @@ class _RefusedNow(argparse.Action):
 
 
 class _ObjectOption(argparse.Action):
-    """--object: kept and ignored, except a request for help (`help`, `?`, or a `help` key,
-    as QEMU's keyval parser finds it), answered as the option is read with status 0, as
-    qemu-img answers it (its list of object types is QEMU's, not qcowfast's)."""
+    """--object: checked as qemu-img checks it while reading its options (cli_getopt.
+    qemu_object: its line, status 1, compare's 2), then kept and ignored; a request for help
+    is answered then with status 0, as qemu-img answers it (its list of object types is
+    QEMU's, not qcowfast's)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if any(item in ("help", "?") for item in values.split(",")):
+        from .cli_getopt import qemu_object
+        try:
+            asked = qemu_object(values, namespace.__dict__.setdefault("_objects", {}))
+        except ValueError as exc:
+            print(f"qcowfast: {exc}", file=sys.stderr)
+            parser.exit(2 if parser.prog.endswith(" compare") else 1)
+        if asked:
             print("qcowfast creates no QEMU objects: --object is accepted and ignored")
             parser.exit(0)
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
@@ -554,17 +587,26 @@ class CliError(Exception):
 
 class QemuLine(CliError):
     """A command line refused with qemu-img's own line ("qcowfast: LINE", where other
-    CliErrors name the subcommand)."""
+    CliErrors name the subcommand) and its exit status (1 unless qemu-img's differs)."""
+
+    def __init__(self, line: str, status: int = 1):
+        super().__init__(line)
+        self.status = status
 
 
 class _Unsupported(argparse.Action):
     """An option of qemu-img convert that needs a feature qcowfast lacks: refused by name (its
-    value first checked as qemu-img reads it: -r's rate)."""
+    value first checked as qemu-img reads it: -r's rate, of which 0, no limit, is the last
+    one's)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "unsupported", [])
         if option_string == "-r":
-            cvtnum("rate limit", values[0])
-        namespace.unsupported = [*getattr(namespace, "unsupported", []), option_string]
+            limited = cvtnum("rate limit", values[0]) > 0
+            given = [option for option in given if option != "-r"] + ["-r"] * limited
+        else:
+            given = [*given, option_string]
+        namespace.unsupported = given
 
 
 _SNAPSHOT_KEYS = ("snapshot.id", "snapshot.name")
@@ -644,8 +686,8 @@ class _SnapshotParam(argparse.Action):
 
 
 # qemu-img convert options that qcowfast refuses by name (each needs a feature it lacks).
-_UNSUPPORTED = {"-B": ("output backing files", 1), "-F": ("output backing files", 1),
-                "--image-opts": ("option strings instead of file names", 0),
+_OPTION_STRINGS = ("--image-opts", "--target-image-opts")
+_UNSUPPORTED = {"--image-opts": ("option strings instead of file names", 0),
                 "--target-image-opts": ("option strings instead of file names", 0),
                 "-r": ("rate limits", 1),
                 "-C": ("copy offloading as a requirement", 0), "--salvage": ("salvaging", 0),
@@ -698,23 +740,29 @@ def _print_output_options(fmt: str, named: bool) -> None:
         _quiet_stdout()                     # `| head`: end quietly, as qemu-img does
 
 
-def _options_help(argv: list[str]) -> bool:
-    """`qcowfast convert ... -o help ...`: print the options of -O's format and return True.
-    As in qemu-img, the file names may be left out (and are not used); -n refuses -o first,
-    and a format qemu-img does not know is refused (one qcowfast does not write, too)."""
+def _options_help(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """`qcowfast convert ... -o help ...` (`argv` as cli_getopt spells it for `parser`): print
+    the options of -O's format and return True. As in qemu-img, once every option is read (a
+    bad value, an unknown option or --object is refused first, in its place), then options
+    that do not go together (-n refuses -o); the file names may be left out (and are not
+    used); a format qemu-img does not know is refused (one qcowfast does not write, too)."""
     p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     p.add_argument("-O", default="raw")
     p.add_argument("-o", action="append", default=[])
-    p.add_argument("-n", action="store_true")
     try:
         known, rest = p.parse_known_args(argv)
     except argparse.ArgumentError:
         return False            # -O or -o lacks its value: the command's parser says so
-    fmt = "raw" if known.O == "host_device" else known.O
-    if known.n or not any(re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
+    if not any(re.search(r"(^|(?<!,),)(help|\?)(,|$)", text) for text in known.o):
         return False
-    if not all(map(_valid_option_list, known.o)):
-        return False            # refused as the options are read, before any help
+    # qemu-img's getopt loop, then its checks of option pairs (file names stand in for those
+    # left out: the help does not count them)
+    ends = [] if "--" in argv else ["--"]
+    args, _ = parser.parse_known_args(["convert", *argv, *ends, "SRC", "DST"])
+    refused = _pairing_refusal(args)
+    if refused:
+        usage_exit(refused, hint=False)
+    fmt = "raw" if known.O == "host_device" else known.O
     if fmt not in QEMU_DRIVERS:
         usage_exit(f"Unknown file format '{fmt}'", hint=False)
     if fmt not in OUTPUT_FORMATS:
@@ -738,13 +786,14 @@ _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 
 def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None = None,
-                    compress: bool = False) -> dict:
+                    compress: bool = False, backing: tuple = (None, None, 1)) -> dict:
     """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) for output format
     `fmt` into {cluster_size, compression_type, nocow} as convert() takes them; of a key given
     more than once, the last value counts, as in QEMU's option parser.
 
     Refusals come in img_convert()'s order, in qemu-img's words where QEMU refuses too: -o
-    with -n (`existing`), the option lists, each key and value (qemu_opts_do_parse), -c
+    with -n (`existing`), the option lists, each key and value (qemu_opts_do_parse), the
+    backing file (`backing`: -B, -F and the number of sources; _backing_refusal), -c
     (`compress`) with the format, then what creating the image `dst` refuses ("DST: error
     while converting FMT: ..."). Keys QEMU takes but qcowfast cannot honour come last, in
     qcowfast's words. Without `dst` (no qemu-img command line: convert-many) each refusal is
@@ -765,6 +814,9 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     items.pop("size", None)                     # (qemu-img convert sets the source's size)
     hint = items.pop(_EXTENT_HINT, (None, 0))[1]
     fixed = _FIXED_OPTIONS.get(fmt, {})
+    refused = None if existing or dst is None else _backing_refusal(items, fmt, *backing)
+    if refused is not None:
+        raise QemuLine(refused)
     if compress and fmt != "qcow2":
         if dst is not None:
             raise QemuLine("Compression not supported for this file format")
@@ -772,8 +824,11 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     prealloc = items.get("preallocation", ("off",))[0]
     if compress and prealloc != "off":
         raise QemuLine("Compression and preallocation not supported at the same time")
+    # -B and -F join -o's keys (add_old_style_options(): they win over backing_file=...)
+    created = {**items, **{key: (value, value) for key, value in zip(
+        ("backing_file", "backing_fmt"), backing[:2]) if value is not None}}
     why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(
-        items, hint, None if existing else dst)
+        created, hint, None if existing else dst)
     if why is not None:
         raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
     for key in items:
@@ -798,6 +853,28 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     return opts
 
 
+CONCATENATED_BACKING = ("Having a backing file for the target makes no sense when concatenating "
+                        "multiple input images")
+# QEMU 7.2's BlockdevDriver enum as Debian builds it (backing-fmt's values).
+_BLOCKDEV_DRIVERS = (QEMU_DRIVERS - {"iser"}) | {"blkreplay"}
+
+
+def _backing_refusal(items: dict, fmt: str, backing_file: str | None, backing_fmt: str | None,
+                     sources: int) -> str | None:
+    """img_convert()'s line for the output's backing file once -o is read into `items`
+    (add_old_style_options() for -B and -F, then the backing file from either), else None."""
+    if fmt == "raw" and backing_file is not None:
+        return "Backing file not supported for file format 'raw'"
+    if fmt == "raw" and backing_fmt is not None:
+        return "Backing file format not supported for file format 'raw'"
+    named = backing_file is not None or "backing_file" in items
+    if named and sources > 1:
+        return CONCATENATED_BACKING
+    if named and backing_fmt is None and "backing_fmt" not in items:
+        return "Use of backing file requires explicit backing format"
+    return None
+
+
 def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> str | None:
     """What creating a qcow2 image `dst` with these -o values (and extent size `hint`) fails
     on, in QEMU's order and words (qcow2_co_create_opts(): the file first, then the enums its
@@ -816,6 +893,7 @@ def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) ->
         return items[key][1] if key in items else default
 
     for key, name, allowed in (("compat", "version", _VERSIONS),
+                               ("backing_fmt", "backing-fmt", _BLOCKDEV_DRIVERS),
                                ("preallocation", "preallocation", _PREALLOC_MODES),
                                ("compression_type", "compression-type", ("zlib", "zstd"))):
         if key in items and text(key) not in allowed:
@@ -831,6 +909,11 @@ def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) ->
     if extended_l2 and cluster_size < 16384:
         return "Extended L2 entries are only supported with cluster sizes of at least 16384 " \
                "bytes"
+    if "backing_file" in items and text("preallocation") not in (None, "off") and not extended_l2:
+        return "Backing file and preallocation can only be used at the same time if " \
+               "extended_l2 is on"
+    if "backing_fmt" in items and "backing_file" not in items:
+        return "Backing format cannot be used without backing file"
     if value("lazy_refcounts", False) and version < 3:
         return f"Lazy refcounts only supported with {v3}"
     if refcount_bits > 64 or refcount_bits & (refcount_bits - 1) or not refcount_bits:
@@ -874,13 +957,21 @@ def opened_as_raw(path, fmt: str | None, **kw) -> bool:
 
 
 def _source_opens(args) -> None:
-    """Open convert's source (and its snapshot) as qemu-img does before it reads -O and -o,
-    and close it: a failure there is the one qemu-img reports."""
+    """Open convert's sources as qemu-img does before it reads -O and -o (every one in order,
+    then the snapshot, of the first), and close them: a failure there is the one qemu-img
+    reports."""
     from .errors import UnsupportedFeature
     from .image import open_source
     from .snapshots import choose_snapshot_option
     snapshot = choose_snapshot_option(args.snapshot)
     kw = dict(backing_dirs=args.allow_backing_dir, force_share=args.force_share)
+    if args.extra:
+        for path in (args.src, *args.extra):
+            open_source(path, args.src_format, **kw).close()
+        if snapshot is None:
+            return
+        if not any(value.startswith("snapshot.") for value in args.snapshot):
+            raise QemuLine("No support for concatenating multiple snapshot")
     try:
         open_source(args.src, args.src_format, snapshot=snapshot, **kw).close()
     except UnsupportedFeature:
@@ -896,28 +987,49 @@ def convert_arguments(args) -> tuple[str, str, dict]:
     qemu-img refuses them too (a bad -m, -S, -r, -o list or -l was refused as it was read):
     see _command_line_refusal, then _source_arguments.
     """
+    _operands(args)
     _command_line_refusal(args)
     return _source_arguments(args)
 
 
 def _command_line_refusal(args) -> None:
     """Raise what img_convert() refuses before it starts its progress report: options that
-    do not go together (_pairing_refusal), then -T; then qcowfast's refusals by name."""
+    do not go together (_pairing_refusal), then -T; then qcowfast's refusals by name of the
+    options that change what the file names are (the others come once qemu-img's checks
+    have passed: _late_refusal)."""
     refused = _pairing_refusal(args) or cache_refusal(args.src_cache, "source cache")
     if refused:
         raise QemuLine(refused)
     for option in getattr(args, "unsupported", []):
+        if option in _OPTION_STRINGS:
+            raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
+
+
+def _late_refusal(args) -> None:
+    """qcowfast's refusals by name of what qemu-img would go on with once its own checks have
+    passed: options it lacks, output backing files (-F is ignored with -n, as qemu-img
+    ignores it), several sources."""
+    for option in getattr(args, "unsupported", []):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
+    for option, value in (("-B", args.backing_file),
+                          ("-F", None if args.existing else args.backing_format)):
+        if value is not None:
+            raise CliError(f"{option}: not supported by qcowfast (output backing files)")
     if args.extra:
         raise CliError("multiple source images are not supported (qemu-img would concatenate "
                        "them); convert one image at a time")
 
 
 def _source_arguments(args) -> tuple[str, str, dict]:
-    """The rest, in img_convert()'s order: the source (-f; it is opened before -O and -o are
-    looked at: on a refusal it is opened, and its failure is the one reported), -O, -o, -t."""
+    """The rest, in img_convert()'s order: the sources (-f; they are opened before -O and -o
+    are looked at: on a refusal they are opened, and a failure there is the one reported;
+    several sources are opened first, as qemu-img opens them, and refused once all its checks
+    have passed), -O, -o, -t."""
     if args.src_format is not None and args.src_format not in SOURCE_FORMATS:
         raise QemuLine(format_refusal(args.src, args.src_format))
+    if args.extra:
+        _source_opens(args)
+        return _convert_keywords(args)
     try:
         return _convert_keywords(args)
     except CliError:
@@ -947,9 +1059,35 @@ def _pairing_refusal(args) -> str | None:
     return None
 
 
+def _in_place_refusal(args) -> QemuLine | None:
+    """With -n, img_convert()'s refusal once the sources are open: of a backing file (-B;
+    --target-is-zero with one ends it with status 0), then of -t, then of opening the target:
+    the driver's name (-O), the file (opened read-write, never created)."""
+    from .output import open_errno, stream_target
+    dst, fmt = args.dst, args.output_format
+    if args.backing_file is not None and args.target_is_zero:
+        # qemu-img leaves with the status of its last call that worked
+        return QemuLine("Cannot use --target-is-zero when the destination image has a "
+                        "backing file", status=0)
+    if args.backing_file is not None and args.extra:
+        return QemuLine(CONCATENATED_BACKING)
+    refused = cache_refusal(args.cache)
+    if refused is None and fmt not in QEMU_DRIVERS:
+        refused = f"Could not open '{dst}': Unknown driver '{fmt}'"
+    if refused is None and fmt not in _NOT_FILES and stream_target(dst) is None:
+        err = open_errno(dst, create=False) if dst else None
+        refused = (f"Could not open '{dst}': The 'file' block driver requires a file name"
+                   if not dst else None if err is None else
+                   f"Could not open '{dst}': Could not open '{dst}': {os.strerror(err)}")
+    return None if refused is None else QemuLine(refused)
+
+
 def _convert_keywords(args) -> tuple[str, str, dict]:
     from .snapshots import choose_snapshot_option
     fmt = args.output_format
+    refused = _in_place_refusal(args) if args.existing else None
+    if refused is not None:
+        raise refused
     if fmt == "host_device":
         # QEMU's raw protocol driver for devices: the same bytes as raw, into an existing
         # device (qemu-img refuses anything else).
@@ -965,10 +1103,12 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
         raise QemuLine(f"Unknown file format '{fmt}'")
     if fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
-    opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress)
+    opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
+                           (args.backing_file, args.backing_format, 1 + len(args.extra)))
     refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
     if refused:
         raise QemuLine(refused)
+    _late_refusal(args)
     if args.compression_level is not None and not args.compress:
         raise CliError("--compression-level needs -c")
     if args.dst == "-" and "stdout" in _CLOSED_STREAMS:
@@ -993,7 +1133,17 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     return args.src, args.dst, kw
 
 
+def _operands(args) -> None:
+    """Several sources (argparse's SRC, DST, extra): the last file name is DST, as qemu-img
+    reads them; SRC the first source, extra the others."""
+    if args.extra and not getattr(args, "operands_read", False):
+        *sources, args.dst = (args.src, args.dst, *args.extra)
+        args.src, args.extra = sources[0], sources[1:]
+    args.operands_read = True
+
+
 def cmd_convert(args) -> int:
+    _operands(args)
     _command_line_refusal(args)
     from .convert import convert
     from .errors import OutputError, UnsupportedFeature
@@ -1298,6 +1448,9 @@ def _add_convert_parser(sub) -> None:
                         "limit)")
     for option, (_, nargs) in _UNSUPPORTED.items():
         p.add_argument(option, action=_Unsupported, nargs=nargs, help=argparse.SUPPRESS)
+    # refused by name where qemu-img takes them (their refusals by qemu-img come first)
+    p.add_argument("-B", dest="backing_file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("-F", dest="backing_format", default=None, help=argparse.SUPPRESS)
     _add_open_options(p)
     p.set_defaults(func=cmd_convert, extra=[])
 
@@ -1468,7 +1621,12 @@ def _on_signal(signum, frame):
 
 class _WarningsOnStderr:
     """Within it, qcowfast's warnings print as qemu-img's do: "qcowfast: warning: ..." on
-    stderr, each once per command (other warnings print as Python prints them)."""
+    stderr, each once per command, or with `every_open` once per image opened (compare: qemu-img
+    warns at each open, twice for `compare IMG IMG`); other warnings print as Python prints
+    them."""
+
+    def __init__(self, every_open: bool = False):
+        self.every_open = every_open
 
     def __enter__(self):
         import warnings
@@ -1476,7 +1634,8 @@ class _WarningsOnStderr:
         self._saved = warnings.catch_warnings()
         self._saved.__enter__()
         shown = warnings.showwarning
-        warnings.simplefilter("default", StaleBitmapsWarning)   # resets the once-registries
+        # (either resets the once-registries)
+        warnings.simplefilter("always" if self.every_open else "default", StaleBitmapsWarning)
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, StaleBitmapsWarning):
@@ -1560,7 +1719,7 @@ def _images(args) -> list[tuple[str, str | None]]:
     if args.command == "compare":
         return [(args.image1, args.format_a), (args.image2, args.format_b)]
     if args.command == "convert":
-        return [(args.src, args.src_format)]
+        return [(path, args.src_format) for path in (args.src, *args.extra)]
     if args.command in ("info", "map", "check"):
         return [(args.image, args.format)]
     if args.command == "measure" and args.filename is not None:
@@ -1610,7 +1769,7 @@ def main(argv=None) -> int:
     elif not words:
         if argv:
             return 0                            # options alone: qemu-img ends quietly
-        # (nothing at all: the usage, where qemu-img says "Not enough arguments")
+        usage_exit("Not enough arguments")
     elif words[0] not in _COMMANDS:
         usage_exit(f"Command not found: {words[0]}")
     else:
@@ -1622,7 +1781,7 @@ def main(argv=None) -> int:
             _add_getopt_errors(parser.commands[argv[0]], glibc=argv[0] in PRINTS_ERRORS)
         argv = [argv[0], *getopt_argv(argv[1:], parser.commands[argv[0]],
                                       QEMU_LONG.get(argv[0], ()), argv[0])]
-    if argv[:1] == ["convert"] and _options_help(argv[1:]):
+    if argv[:1] == ["convert"] and _options_help(parser, argv[1:]):
         return 0
     _replace_closed_streams()
     args, extras = parser.parse_known_args(argv)
@@ -1642,7 +1801,8 @@ def main(argv=None) -> int:
     # qcowfast never calls BLAS: spare numpy's OpenBLAS its idle spinning worker threads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     old_handlers = _install_signal_handlers()
-    shown = _WarningsOnStderr()
+    # compare opens each image once, as qemu-img does; other commands may open one twice.
+    shown = _WarningsOnStderr(every_open=args.command == "compare")
     try:
         with shown:
             status = args.func(args)
@@ -1664,7 +1824,7 @@ def main(argv=None) -> int:
             prefix = "qcowfast: convert: " if isinstance(exc, CliError) and not isinstance(
                 exc, QemuLine) else "qcowfast: "
             print(f"{prefix}{error_text(exc, _images(args))}", file=sys.stderr)
-            return 1
+            return exc.status if isinstance(exc, QemuLine) else 1
         if isinstance(exc, OSError):
             name = f"{exc.filename}: " if exc.filename else ""
             print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)

@@ -115,6 +115,22 @@ def read_jobs(args) -> list[dict]:
     return jobs
 
 
+def _shown(name: str) -> str:
+    """A job's file name for a line of output: as given, escaped (repr) when it holds a NUL
+    byte, which no file name can hold and no message shows raw."""
+    return repr(name) if "\0" in name else name
+
+
+def _refuse_nul(args) -> None:
+    """ValueError when --jobs, --target-dir or --report names a file with a NUL byte (os would
+    say only "embedded null byte"; the name shown escaped)."""
+    for option, name in (("--jobs", args.jobs), ("--target-dir", args.target_dir),
+                         ("--report", args.report)):
+        if name is not None and "\0" in name:
+            raise ValueError(f"{option} was given a name with a NUL byte ({name!r}), which no "
+                             "file name can hold")
+
+
 def _common_options(args) -> dict:
     from .cli import CliError, _output_options, sparse_size
 
@@ -159,10 +175,12 @@ def describe(result) -> tuple[str, dict]:
 def cmd_convert_many(args) -> int:
     from .cli import ProgressBar, _write_quietly, human_size
     from .fleet import convert_many
+    from .errors import QcowError
     try:
+        _refuse_nul(args)
         jobs = read_jobs(args)
         common = _common_options(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, QcowError) as exc:     # (UnsafePathError: --allow-backing-dir)
         print(f"qcowfast convert-many: {exc}", file=sys.stderr)
         return 1
     jobs = [{**common, **job} for job in jobs]
@@ -183,13 +201,14 @@ def cmd_convert_many(args) -> int:
         if args.quiet:
             return
         status, fields = describe(result)
+        pair = f"{_shown(job.src)} -> {_shown(job.dst)}"
         if status == "ok":
-            line = (f"ok      {job.src} -> {job.dst}: {human_size(fields['virtual_size'])} in "
+            line = (f"ok      {pair}: {human_size(fields['virtual_size'])} in "
                     f"{fields['seconds']:.2f} s")
         elif status == "skipped":
-            line = f"skipped {job.src} -> {job.dst}: {fields['reason']}"
+            line = f"skipped {pair}: {fields['reason']}"
         else:
-            line = f"FAILED  {job.src} -> {job.dst}: {fields['error']}"
+            line = f"FAILED  {pair}: {fields['error']}"
         with lock:
             say(("\r\x1b[K" if bar is not None else "") + line)
 

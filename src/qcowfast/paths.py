@@ -101,6 +101,22 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def _as_qemu_says(exc: QcowError, mode: int, path: str) -> QcowError:
+    """`exc`, refusing file `path` of type `mode`, given qemu-img's words for that file where
+    qemu-img refuses it too (file-posix.c raw_open_common(); the command line shows them, and
+    the layers above prefix theirs: errors.in_chain): a directory, or a socket, whose open(2)
+    fails with ENXIO. A character or block device qemu-img reads (its host_device driver), and
+    on a FIFO its open(2) waits for a writer: those keep qcowfast's words alone."""
+    if stat.S_ISDIR(mode):
+        exc.qemu_chain = f"'file' driver requires '{path}' to be a regular file"
+    elif stat.S_ISSOCK(mode):
+        exc.qemu_chain = f"Could not open '{path}': {os.strerror(errno.ENXIO)}"
+    else:
+        return exc
+    exc.qemu_top = path
+    return exc
+
+
 def _split(path: str) -> tuple[str, str]:
     """(directory, last component) of `path` as a lookup walks it: "a/b" -> ("a", "b"),
     "b" -> (".", "b"), "/b" -> ("/", "b"), "a/" -> ("a", ".")."""
@@ -124,16 +140,25 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     reached, through a symlinked file: the link's), for resolve_reference. On exit the file is
     a regular file, or a block device when `block_devices`; FIFOs, sockets, directories and
     character devices are refused without being opened (FormatError): the file is found as an
-    O_PATH descriptor, checked, and reopened through that descriptor. A missing file raises
-    ImageNotFound (MissingBackingFile when `owner` is given: a file of a chain), any other
-    failure to open ImageOpenError; both are also OSErrors with the original errno. A name
-    with a NUL byte is an UnsafePathError, as one stored in an image is.
+    O_PATH descriptor, checked, and reopened through that descriptor. A missing file (or an
+    empty name, errno ENOENT as os.open gives) raises ImageNotFound (MissingBackingFile when
+    `owner` is given: a file of a chain), any other failure to open ImageOpenError; both are
+    also OSErrors with the original errno. A name with a NUL byte is an UnsafePathError, as
+    one stored in an image is. Where qemu-img refuses the file too, the error carries its
+    words (`qemu_chain`, `qemu_top`).
     """
     path = os.fsdecode(os.fspath(path))        # bytes names too (undecodable bytes escaped)
     of = f" of {owner}" if owner else ""
     if "\0" in path:                            # (os would raise a bare ValueError)
         raise UnsafePathError(f"{what} path {path!r}{of} contains a NUL byte, which no file "
                               "name can hold")
+    if not path:                                # (the lookup below would find ".")
+        missing = (MissingBackingFile if owner else ImageNotFound)(
+            f"{what} path{of} is empty: no file has an empty name", errno.ENOENT,
+            os.strerror(errno.ENOENT), path)
+        missing.qemu_chain = "The 'file' block driver requires a file name"    # (qemu-img's)
+        missing.qemu_top = path
+        raise missing
     name = f"{what} {path}{of}"
     head, tail = _split(path)
     dir_fd = fd = -1
@@ -146,8 +171,9 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
         try:
             mode = os.fstat(held).st_mode
             if not (stat.S_ISREG(mode) or (block_devices and stat.S_ISBLK(mode))):
-                raise FormatError(f"{name} is {_kind(mode)}, not a regular file"
-                                  + (" or block device" if block_devices else ""))
+                raise _as_qemu_says(FormatError(
+                    f"{name} is {_kind(mode)}, not a regular file"
+                    + (" or block device" if block_devices else "")), mode, path)
             try:
                 fd = os.open(f"/proc/self/fd/{held}", _OPEN_FLAGS)
             except FileNotFoundError:           # (no /proc: the name again, checked below)
@@ -472,15 +498,10 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
             raise failed(exc) from None
         if stat.S_ISLNK(st.st_mode):
             raise changed()                     # a symlink appeared since _lookup
-        if not stat.S_ISREG(st.st_mode):
-            exc = UnsafePathError(f"{label} is {_kind(st.st_mode)}, not a regular file; "
-                                  "qcowfast follows only regular files named in an image")
-            if stat.S_ISDIR(st.st_mode):
-                # QEMU's words (file-posix.c raw_open_common()), for the command line; the
-                # layers above prefix theirs (errors.in_chain).
-                exc.qemu_chain = f"'file' driver requires '{path}' to be a regular file"
-                exc.qemu_top = path
-            raise exc
+        if not stat.S_ISREG(st.st_mode):        # (never opened: a FIFO would block)
+            raise _as_qemu_says(UnsafePathError(
+                f"{label} is {_kind(st.st_mode)}, not a regular file; qcowfast follows only "
+                "regular files named in an image"), st.st_mode, path)
         try:
             fd = os.open(last, _OPEN_FLAGS | os.O_NOFOLLOW, dir_fd=holder)
             st = os.fstat(fd)
