@@ -472,3 +472,19 @@ def test_map_stops_at_a_bad_entry_as_qemu_img(tmp_path, case, output):
     assert len(ours.stderr.splitlines()) == 1 and ours.stderr.startswith("qcowfast: ")
     if case == "after-many":                  # (more than one batch of lines streamed)
         assert want.stdout.count("\n") > 4096
+
+
+@pytest.mark.parametrize("form", ["plain", "dot", "absolute"])
+def test_human_map_names_the_data_file_as_stored(tmp_path, form):
+    """The File column of an external data file's rows is the name the header stores, as
+    qemu-img prints it, however the image itself was named."""
+    img = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=base.data", img, "1M", cwd=tmp_path)
+    qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 512k 64k", cwd=tmp_path)
+    name = {"plain": "base.qcow2", "dot": "./base.qcow2", "absolute": str(img)}[form]
+    want = subprocess.run([QEMU_IMG, "map", name], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout
+    assert "base.data" in want
+    got = run_cli("map", name, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want

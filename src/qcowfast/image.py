@@ -679,6 +679,11 @@ class Image(_Layer):
                 raise FormatError(f"{self.filename} has no external data file but data_file= was given")
             self.data_fd, self.data_size = self._fd, self.file_size
             return
+        # The name `map` shows: the one stored in the header, as qemu-img shows it, or the
+        # one given.
+        self.data_file_label = h.data_file if data_file is None else (
+            os.fsdecode(os.fspath(data_file))
+            if isinstance(data_file, (str, bytes, os.PathLike)) else None)
         if data_file is None:
             if not h.data_file:
                 raise FormatError(f"{self.filename} needs an external data file but names none; "

@@ -301,7 +301,8 @@ def write_human(image, stream: TextIOBase, start: int = 0, length: int | None = 
         if not (e["data"] and not e["zero"] and "offset" in e):
             return ""
         layer = image.layer(e["depth"])
-        fname = getattr(layer, "data_file", layer.filename)
+        fname = (getattr(layer, "data_file_label", None)
+                     or getattr(layer, "data_file", layer.filename))
         return f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}{fname}\n"
 
     def rows(entries):
@@ -339,7 +340,8 @@ def format_human(image, entries: Iterable[dict]) -> str:
             raise QcowError("File contains external, encrypted or compressed clusters.")
         if e["data"] and not e["zero"]:
             layer = image.layer(e["depth"])
-            fname = getattr(layer, "data_file", layer.filename)
+            fname = (getattr(layer, "data_file_label", None)
+                     or getattr(layer, "data_file", layer.filename))
             lines.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}"
                          f"{_hex(e['offset']):<16}{fname}")
     return "\n".join(lines) + "\n"
