@@ -7,6 +7,10 @@
   /proc/self/fd names no path; a path whose start cannot be read says it is cut.
 * A backing or data file name that reaches a directory fails on the command line in
   qemu-img's words and with its exit code.
+* A backing file name with a protocol prefix qemu-img does not know ("base:1.qcow2") fails on
+  the command line in qemu-img's words ("Unknown protocol 'base'"); an external data file's
+  name is never parsed for a protocol: QEMU opens "d:1.raw" as a file of that name, from the
+  working directory, and so does qcowfast (under the path policy).
 * Relative allowed directories are resolved once, when the open starts: a chdir() between two
   layers of a chain moves none of them.
 """
@@ -24,7 +28,7 @@ import pytest
 import qcowfast
 from qcowfast import UnsafePathError
 
-from common import assert_same_bytes, cli_in_process, qemu_img, qemu_io
+from common import assert_same_bytes, cli_in_process, qemu_img, qemu_io, run_cli
 
 image_module, info_module, paths_module = (
     importlib.import_module(f"qcowfast.{name}") for name in ("image", "info", "paths"))
@@ -392,3 +396,65 @@ def test_relative_allowed_dirs_resolved_once(rel_chain, monkeypatch, api, case):
     # Resolved names stay plain names for another process (an identity is this host's).
     sent = pickle.loads(pickle.dumps(paths_module.directories(["rel"])))
     assert sent == ("rel",) and type(sent[0]) is str
+
+
+# --------------------------------------------------------------------------------------------
+# Names with a colon before any slash
+
+
+@pytest.mark.parametrize("command", ["map", "check", "convert", "compare", "info-chain"])
+def test_unknown_protocol_of_a_backing_name_in_qemu_img_words(tmp_path, monkeypatch, capsys,
+                                                               command):
+    _raw(tmp_path / "base:1.qcow2", MINE)       # (a file of that name exists: never read)
+    _top(tmp_path / "proto.qcow2", "base:1.qcow2", write=False)
+    args = {"map": ["map", "proto.qcow2"], "check": ["check", "proto.qcow2"],
+            "convert": ["convert", "-O", "raw", "proto.qcow2", "o.raw"],
+            "compare": ["compare", "proto.qcow2", "base:1.qcow2"],
+            "info-chain": ["info", "--backing-chain", "proto.qcow2"]}[command]
+    qemu = _qemu(*args, cwd=tmp_path)
+    assert "Unknown protocol 'base'" in qemu.stderr, qemu.stderr
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli_in_process(capsys, *args)
+    assert (status, out, err.replace("qcowfast:", "qemu-img:", 1)) == \
+        (qemu.returncode, qemu.stdout, qemu.stderr)
+    assert not (tmp_path / "o.raw").exists()
+    with pytest.raises(UnsafePathError, match="uses a protocol"):
+        qcowfast.open(tmp_path / "proto.qcow2")
+
+
+def test_known_protocol_of_a_backing_name_stays_refused(tmp_path, monkeypatch, capsys):
+    """qemu-img would connect (nbd:) or open another file (file:): qcowfast refuses in its
+    own words, saying how to store a plain name."""
+    _raw(tmp_path / "base.raw", MINE)
+    for name in ("nbd:localhost:1", "file:base.raw", "json:{}"):
+        _top(tmp_path / "t.qcow2", name, write=False)
+        monkeypatch.chdir(tmp_path)
+        status, _, err = cli_in_process(capsys, "map", "t.qcow2")
+        assert status == 1 and "never follows" in err and "qemu-img rebase -u" in err, err
+
+
+@pytest.mark.parametrize("name", ["d:1.raw", "file:d.raw"])
+def test_data_file_name_with_a_colon_is_a_file(tmp_path, name):
+    """The image's data lies in a data file named `name` (qemu-img amend stores it): read from
+    the image's directory it gives qemu-img's bytes. Like any relative data-file name it
+    resolves from the image's directory (README: Differences), and a batch refuses to write
+    over it."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=plain.raw", "img.qcow2", "1M",
+             cwd=tmp_path)
+    qemu_io("img.qcow2", f"write -P {OWN:#x} 64k 128k", cwd=tmp_path)
+    qemu_img("amend", "-f", "qcow2", "-o", f"data_file={name}", "img.qcow2", cwd=tmp_path)
+    os.rename(tmp_path / "plain.raw", tmp_path / name)
+    want = _qemu("convert", "-O", "raw", "img.qcow2", "want.raw", cwd=tmp_path)
+    assert want.returncode == 0, want.stderr
+    expected = (tmp_path / "want.raw").read_bytes()
+    assert expected[64 * K:192 * K] == bytes([OWN]) * 128 * K
+    for cwd in (tmp_path, tmp_path / "want.raw.d"):
+        cwd.mkdir(exist_ok=True)
+        proc = run_cli("convert", "-O", "raw", tmp_path / "img.qcow2", "got.raw", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        assert (cwd / "got.raw").read_bytes() == expected
+    assert _read(tmp_path / "img.qcow2") == expected
+    results = qcowfast.convert_many([(tmp_path / "img.qcow2", tmp_path / name)])
+    assert isinstance(results[0], qcowfast.OutputError), results
+    assert "refusing to write over it" in str(results[0])
+    assert _read(tmp_path / "img.qcow2") == expected

@@ -189,8 +189,9 @@ def chain_files(job: Job) -> Iterator[tuple[str, str]]:
                 if not isinstance(data_file, (str, bytes, os.PathLike)):
                     return
                 yield f"the data file of {name}", os.fsdecode(os.fspath(data_file))
-            elif header.data_file and not has_protocol(header.data_file):
-                yield f"the data file of {name}", full_backing_filename(name, header.data_file)
+            elif header.data_file:
+                yield f"the data file of {name}", full_backing_filename(
+                    name, header.data_file, protocols=False)
             if not header.backing_file or has_protocol(header.backing_file) or \
                     header.backing_format not in (None, "qcow2"):
                 if header.backing_file and not has_protocol(header.backing_file):

@@ -532,8 +532,11 @@ def check_qcow2_backing(opened: OpenedFile, owner: str) -> None:
     """Refuse a backing file that is opened as qcow2 (its format named in `owner`'s header) but
     is not one, naming both files (read_header would name the backing file alone)."""
     if os.pread(opened.fd, 4, 0) != QCOW_MAGIC:
-        raise FormatError(f"backing file {opened.path} of {owner} is not a QCOW2 image, though "
+        exc = FormatError(f"backing file {opened.path} of {owner} is not a QCOW2 image, though "
                           f"{owner} names its format qcow2")
+        exc.qemu_chain = "Image is not in qcow2 format"     # qcow2_open()'s words
+        in_chain(exc, owner, backing=True)
+        raise exc
 
 
 class Image(_Layer):

@@ -19,7 +19,8 @@ from .bitmaps import check_bitmaps_at_open, read_bitmap_directory
 from .constants import (
     MAX_CHAIN_DEPTH, RAW_FORMATS, Compatible, CompressionType, CryptMethod,
 )
-from .errors import BackingChainError, FormatError, ImageOpenError, UnsupportedFeature, in_chain
+from .errors import (BackingChainError, FormatError, ImageOpenError, UnsafePathError,
+                     UnsupportedFeature, in_chain)
 from .header import Header, read_header, require_refcount_table, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import (
@@ -276,6 +277,10 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
                 # "Could not open 'NAME': ...", under "Could not open 'NAME': " again.
                 if exc.strerror and exc.filename is not None:
                     in_chain(exc, exc.filename, backing=False)
+                raise
+            except UnsafePathError as exc:
+                if exc.qemu_chain is not None and exc.qemu_top is None:
+                    exc.qemu_top = current["backing-filename"]     # (Unknown protocol 'X')
                 raise
             opened.close()
             opened = found

@@ -198,6 +198,14 @@ def open_file(path, what: str = "image", *, owner: str | None = None,
     return opened
 
 
+#: The protocol prefixes qemu-img 7.2 (Debian's qemu-utils) knows; for any other, opening a
+#: backing file fails with "Unknown protocol 'NAME'".
+QEMU_PROTOCOLS = frozenset((
+    "file", "host_device", "host_cdrom", "nbd", "nbd+unix", "nbd+tcp", "http", "https", "ftp",
+    "ftps", "ssh", "iscsi", "iser", "rbd", "gluster", "gluster+tcp", "gluster+unix",
+    "gluster+rdma", "nfs", "null-co", "null-aio", "blkdebug", "blkverify", "json", "fat"))
+
+
 def has_protocol(name: str) -> bool:
     """True when QEMU would take `name` for a protocol (`json:`, `file:`, `nbd:`...).
 
@@ -337,14 +345,14 @@ def _lookup(base: int, name: str) -> tuple[int, int, str]:
         raise
 
 
-def full_backing_filename(image_name: str, backing: str) -> str:
+def full_backing_filename(image_name: str, backing: str, protocols: bool = True) -> str:
     """The backing file path qemu-img reports: `backing` joined to `image_name`'s directory.
 
     QEMU bdrv_get_full_backing_filename(): absolute names and protocol names stay as they
     are; a relative name replaces the last component of the image's name as given (".//top"
-    keeps ".//").
+    keeps ".//"). Without `protocols` (a data file's name) a protocol name is relative too.
     """
-    if os.path.isabs(backing) or has_protocol(backing):
+    if os.path.isabs(backing) or (protocols and has_protocol(backing)):
         return backing
     return image_name[:image_name.rfind("/") + 1] + backing
 
@@ -444,11 +452,18 @@ def resolve_reference(image, name: str, what: str, allowed_dirs=()) -> OpenedFil
         raise UnsafePathError(f"{what} name in {image_path} is empty")
     if "\0" in name:
         raise UnsafePathError(f"{what} name {name!r} in {image_path} contains a NUL byte")
-    if has_protocol(name):
-        raise UnsafePathError(f"{what} {name!r} named in {image_path} uses a protocol or json: "
+    # A backing file name is parsed for a protocol; a data file name never is: QEMU opens
+    # "file:d.raw" as a file of that name (relative names: see README, data-file names).
+    backing = what == "backing file"
+    if backing and has_protocol(name):
+        exc = UnsafePathError(f"{what} {name!r} named in {image_path} uses a protocol or json: "
                               f"prefix, which qcowfast never follows; {never}")
+        protocol = name.split(":", 1)[0][:127]      # (bdrv_find_protocol()'s char[128])
+        if protocol not in QEMU_PROTOCOLS:
+            exc.qemu_chain = f"Unknown protocol '{protocol}'"
+        raise exc
     allowed = directories(allowed_dirs)
-    path = full_backing_filename(image_path, name)
+    path = full_backing_filename(image_path, name, protocols=backing)
     label = f"{what} {path} of {image_path}"
 
     def failed(exc: OSError) -> QcowError:
