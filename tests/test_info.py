@@ -274,8 +274,13 @@ def test_every_listed_snapshot_converts_like_qemu(image, tmp_path):
             assert proc.returncode == 0, proc.stderr
             assert_same_bytes(got.read_bytes(), want.read_bytes(), f"snapshot {key!r}")
     proc = cli("convert", "-q", "-l", "no-such-snapshot", image.path, tmp_path / "x.raw")
-    assert proc.returncode == 1 and "no-such-snapshot" in proc.stderr
+    qemu = subprocess.run(["qemu-img", "convert", "-q", "-l", "no-such-snapshot", image.path,
+                           tmp_path / "q.raw"], capture_output=True, text=True)
+    assert proc.returncode == qemu.returncode == 1
+    assert proc.stderr == qemu.stderr.replace("qemu-img", "qcowfast"), proc.stderr
     assert not (tmp_path / "x.raw").exists()
+    with pytest.raises(qcowfast.SnapshotNotFound, match="no-such-snapshot"):
+        qcowfast.convert(image.path, tmp_path / "x.raw", snapshot="no-such-snapshot")
 
 
 # --------------------------------------------------------------------------------------------

@@ -744,7 +744,7 @@ def test_option_grammar_examples(workdir):
     assert "'=raw'" in ours.stderr and "'=raw'" in qemu.stderr
     ours, qemu = messages(["convert", "-l", "-snap", "disk.qcow2", "o.raw"], workdir)
     assert ours.returncode == qemu.returncode == 1
-    assert "'-snap'" in ours.stderr and "Failed to load snapshot" in qemu.stderr, qemu.stderr
+    assert ours.stderr == qemu.stderr.replace("qemu-img", "qcowfast"), (ours.stderr, qemu.stderr)
     ours, qemu = messages(["convert", "-pq", "disk.qcow2", "o.raw"], workdir)
     assert (ours.returncode, ours.stdout, ours.stderr) == (0, "", "")
     assert (qemu.returncode, qemu.stdout, qemu.stderr) == (0, "", "")

@@ -19,8 +19,10 @@ blocks are compared one at a time. An allocation failure is reported as a QcowEr
 """
 from __future__ import annotations
 
+import errno
 import os
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,15 +32,16 @@ from .bitmaps import (
     read_bitmap_directory,
 )
 from .constants import (
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
-    QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK, REFT_RESERVED_MASK,
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOTS, QCOW_MAGIC,
+    QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK,
+    REFT_RESERVED_MASK,
 )
 from .errors import AllocationFailed, CorruptImage, FormatError, QcowError, UnsafePathError
-from .header import Header, read_header, warn_stale_bitmaps
-from .info import read_snapshot_table
+from .header import Header, parse_header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import directories, open_file
 from .refcounts import MAX_OFFSET, StoredRefcounts, pread_padded
+from .snapshots import BDRV_MAX_LENGTH, read_snapshot_table
 
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
@@ -59,6 +62,22 @@ OWNER_NAMES = {HEADER: "the header", L1_TABLE: "an L1 table", L2_TABLE: "an L2 t
 
 class NotChecked(QcowError):
     """The file is not in a format that can be checked (qemu-img: exit code 63)."""
+
+
+class CheckFailed(CorruptImage):
+    """The check stopped before its end, as qemu-img's does (exit code 1, no report).
+
+    For the command line, qemu-img's words: the lines it printed until then (`messages`), its
+    error line (`qemu_error`, "ERROR ...", printed with the program's prefix; None when it
+    prints none) and the hint after it (`qemu_hint`), and the error number of its last line
+    "Check failed: STRERROR" (`qemu_errno`).
+    """
+
+    def __init__(self, message: str, *, error: str | None = None, hint: str | None = None,
+                 code: int = errno.EIO, messages=()):
+        super().__init__(message)
+        self.qemu_error, self.qemu_hint, self.qemu_errno = error, hint, code
+        self.messages = list(messages)
 
 
 @dataclass(frozen=True)
@@ -198,10 +217,11 @@ class _Checker:
         offsets = np.atleast_1d(np.asarray(offsets, np.uint64))
         sizes = np.broadcast_to(np.asarray(sizes, np.uint64), offsets.shape)
         if (offsets > _U64(MAX_OFFSET) - sizes).any():
-            # QEMU fails the whole check on such a range (it cannot size its refcount array).
+            # QEMU fails the whole check on such a range: qcow2_inc_refcounts_imrt() cannot
+            # size its refcount array (ENOMEM).
             bad = int(offsets[offsets > _U64(MAX_OFFSET) - sizes][0])
-            raise CorruptImage(f"{OWNER_NAMES[owner]} at {bad:#x} lies beyond any possible "
-                               "file offset")
+            raise CheckFailed(f"{OWNER_NAMES[owner]} at {bad:#x} lies beyond any possible "
+                              "file offset", code=errno.ENOMEM, messages=self.res.messages)
         offsets, sizes = offsets.astype(np.int64), sizes.astype(np.int64)
         weights = np.broadcast_to(np.asarray(weights, np.int64), offsets.shape)
         keep = sizes > 0
@@ -245,13 +265,7 @@ class _Checker:
     # -- the walk ------------------------------------------------------------------------------
     def run(self, stored: StoredRefcounts) -> None:
         h = self.h
-        snapshots, snapshots_size = [], 0
-        if h.nb_snapshots:
-            try:
-                snapshots, snapshots_size = read_snapshot_table(self.fd, h)
-            except CorruptImage as exc:
-                # qemu-img: "Check failed" (qcow2_co_check_locked() stops here).
-                raise CorruptImage(f"failed to read the snapshot table: {exc}") from None
+        snapshots, snapshots_size = check_snapshot_table(self.fd, h)
         if h.version >= 3:
             # Version 3 entries carry at least the 64-bit VM state size and the disk size.
             for i, sn in enumerate(snapshots):
@@ -267,23 +281,23 @@ class _Checker:
                          f"ERROR {len(snapshots)} snapshots in image with data file")
         tables: dict = {}           # (offset, entries) -> snapshots sharing that L1 table
         for sn in snapshots:
+            # calculate_refcounts()'s words
             if sn.l1_table_offset % self.cs:
-                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) has an "
-                             f"unaligned L1 table offset: {sn.l1_table_offset:#x}")
+                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) "
+                             f"l1_offset={sn.l1_table_offset:#x}: L1 table is not cluster "
+                             "aligned; snapshot table entry corrupted")
                 continue
             if sn.l1_size > MAX_L1_BYTES // 8:
-                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) L1 table is "
-                             f"too large: L1 size is {sn.l1_size}")
+                self.corrupt(1, "snapshot-l1", f"ERROR snapshot {sn.id} ({sn.name}) "
+                             f"l1_size={sn.l1_size:#x}: L1 table is too large; snapshot table "
+                             "entry corrupted")
                 continue
+            if sn.l1_size and sn.l1_table_offset + sn.l1_size * 8 > BDRV_MAX_LENGTH:
+                self.unreadable_l1(sn, tables, l2_refs, stored)
             if sn.l1_size:
                 key = (sn.l1_table_offset, sn.l1_size)
                 tables[key] = tables.get(key, 0) + 1
-        if tables:
-            # Every snapshot L1 table counted in one pass; each distinct table read once.
-            keys = np.array(list(tables), np.uint64).reshape(-1, 2)
-            self.inc(keys[:, 0], keys[:, 1] * _U64(8), L1_TABLE, list(tables.values()))
-            for (offset, entries), times in tables.items():
-                self.l1_table(offset, entries, l2_refs, active=False, times=times, counted=True)
+        self.snapshot_l1_tables(tables, l2_refs)
         self.l2_tables(l2_refs, stored)
 
         self.inc(h.snapshots_offset if snapshots else 0, snapshots_size, SNAPSHOT_TABLE)
@@ -293,6 +307,28 @@ class _Checker:
         self.compare(stored)
         self.oflag_copied(active_l1, stored)        # (after the comparison, as in QEMU)
         self.report_overlaps()
+
+    def snapshot_l1_tables(self, tables: dict, l2_refs: "_L2Refs") -> None:
+        """Count the snapshots' L1 tables ((offset, entries) -> how many snapshots share it) in
+        one pass, and collect their L2 tables; each distinct table is read once."""
+        if tables:
+            keys = np.array(list(tables), np.uint64).reshape(-1, 2)
+            self.inc(keys[:, 0], keys[:, 1] * _U64(8), L1_TABLE, list(tables.values()))
+            for (offset, entries), times in tables.items():
+                self.l1_table(offset, entries, l2_refs, active=False, times=times, counted=True)
+
+    def unreadable_l1(self, sn, tables: dict, l2_refs: "_L2Refs", stored) -> None:
+        """Fail the check on a snapshot L1 table past QEMU's largest offset, as QEMU's
+        check_refcounts_l1() does when it reads it (EIO), after checking what it checked before
+        (the active L1 table, the snapshots before this one, their L2 tables) and counting
+        this table (a range past the end of the file; ENOMEM past 2^63)."""
+        self.snapshot_l1_tables(tables, l2_refs)
+        self.l2_tables(l2_refs, stored)
+        self.inc(sn.l1_table_offset, sn.l1_size * 8, L1_TABLE)
+        self.res.messages.append("ERROR: I/O error in check_refcounts_l1")
+        raise CheckFailed(f"the L1 table of snapshot {sn.id} ({sn.name}) at "
+                          f"{sn.l1_table_offset:#x} lies past the largest offset QEMU reads "
+                          f"({BDRV_MAX_LENGTH:#x})", code=errno.EIO, messages=self.res.messages)
 
     def l1_table(self, offset: int, entries: int, l2_refs: "_L2Refs", active: bool,
                  times: int = 1, counted: bool = False):
@@ -955,6 +991,62 @@ class _L2Refs:
         return self.offsets, self.active, self.snap
 
 
+_SNAPSHOT_ENTRY = 40                # sizeof(QCowSnapshotHeader)
+_INT64_MAX = (1 << 63) - 1
+# qcow2_do_open()'s words for the snapshot table pointer, which it leaves to the check.
+_SNAPSHOT_POINTER = ("Snapshot table too large", "Snapshot table offset invalid")
+
+
+def check_snapshot_table(fd: int, h: Header, fix: bool = False) -> tuple[list, int]:
+    """The snapshot table as the check reads it (qcow2_check_read_snapshot_table()): returns
+    (snapshots, table size in bytes); raises CheckFailed in QEMU's words.
+
+    Its pointer in the header is checked as qcow2_validate_table() checks it, then the table is
+    read as at open. `fix` (check -r all): QEMU first drops the snapshots past its limit
+    ("Discarding ..."), and reads no further here (it repairs what the table walk finds).
+    """
+    count, offset = h.nb_snapshots, h.snapshots_offset
+    notes = []
+    if count > MAX_SNAPSHOTS and fix:
+        notes.append(f"Discarding {count - MAX_SNAPSHOTS} overhanging snapshots")
+        count = MAX_SNAPSHOTS
+    if count > MAX_SNAPSHOTS:
+        raise CheckFailed(f"snapshot table too large ({count} snapshots, limit "
+                          f"{MAX_SNAPSHOTS})", error="ERROR snapshot table too large",
+                          hint=f"You can force-remove all {count - MAX_SNAPSHOTS} overhanging "
+                          "snapshots with qemu-img check -r all", code=errno.EFBIG)
+    if offset % h.cluster_size or offset + _SNAPSHOT_ENTRY * count > _INT64_MAX:
+        raise CheckFailed(f"snapshot table offset {offset:#x} invalid (not aligned to the "
+                          f"cluster size {h.cluster_size}, or the table ends past 2^63)",
+                          error="ERROR snapshot table offset invalid", code=errno.EINVAL,
+                          messages=notes)
+    if not count or fix:
+        return [], 0
+    try:
+        return read_snapshot_table(fd, h)
+    except CorruptImage as exc:
+        raise CheckFailed(f"failed to read the snapshot table: {exc}",
+                          error="ERROR failed to read the snapshot table: "
+                          f"{exc.qemu_chain or exc}", hint=exc.qemu_hint,
+                          code=getattr(exc, "qemu_errno", errno.EIO)) from None
+
+
+def _check_mode_header(fd: int, file_size: int) -> Header:
+    """The header as qcow2_do_open() reads it for a check (BDRV_O_CHECK): it ignores the
+    snapshot table pointer, which the check validates (check_snapshot_table), so a fault
+    there does not fail the open, and a header fault after it is the one reported."""
+    try:
+        return read_header(fd, file_size, tables_in_file=False)
+    except QcowError as exc:
+        if exc.qemu_chain not in _SNAPSHOT_POINTER:
+            raise
+    data = bytearray(os.pread(fd, min(file_size, 1 << MAX_CLUSTER_BITS), 0))
+    count, offset = struct.unpack_from(">IQ", data, 60)
+    data[60:72] = bytes(12)
+    header = parse_header(bytes(data), 1 << 63, refcount_table=False)
+    return replace(header, nb_snapshots=count, snapshots_offset=offset)
+
+
 def _open_chain(opened, ident: tuple, header: Header, backing_dirs, force_share) -> None:
     """Open (then close) the external data file and the backing chain the image names.
 
@@ -1046,8 +1138,32 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         The image cannot be checked at all (qemu-img exits 1): its header is invalid or its
         chain cannot be opened (the message starts with "Could not open 'PATH': "), its
         bitmaps cannot be read, or memory ran out.
+    CheckFailed
+        The check stopped where qemu-img's stops (exit 1, no report): the snapshot table or
+        its pointer is invalid, a snapshot L1 table lies past what QEMU can read; qemu-img's
+        words in its attributes.
     """
     name = os.fsdecode(os.fspath(path))
+    opened, fd, header = _open_for_check(name, backing_dirs, force_share, probe)
+    try:
+        result = CheckResult(filename=name)
+        result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
+        try:
+            # The file's size as the check starts (qemu: bdrv_getlength in
+            # qcow2_check_refcounts), not as it was opened: under -U a writer may have grown it.
+            checker = _Checker(fd, header, os.fstat(fd).st_size, result, progress)
+            checker.run(StoredRefcounts(fd, header))
+        except MemoryError:
+            raise AllocationFailed(f"{name}: not enough memory to check the image") from None
+        return result
+    finally:
+        os.close(fd)
+        opened.close_dir()
+
+
+def _open_for_check(name: str, backing_dirs, force_share: bool, probe: bool):
+    """Open the image `name` as qemu-img check opens it, with its chain (see check()); returns
+    (opened file, its descriptor, header): the caller closes both."""
     try:
         # Opened as info and compare open their images (paths.open_file): a missing file is
         # ImageNotFound, any other failure to open ImageOpenError (both QcowErrors and
@@ -1075,7 +1191,7 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         try:
             if not force_share:             # qemu-img check takes QEMU's locks as info does
                 check_not_locked(fd, name)
-            header = read_header(fd, st.st_size, tables_in_file=False)
+            header = _check_mode_header(fd, st.st_size)
             warn_stale_bitmaps(header, name)
             if header.bitmaps is not None:      # loaded at open, as qemu-img check opens
                 check_bitmaps_at_open(fd, header, st.st_size)
@@ -1083,16 +1199,23 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
                         force_share)
         except QcowError as exc:
             raise _reworded(exc, f"Could not open '{name}': {exc}") from exc
-        result = CheckResult(filename=name)
-        result.total_clusters = -(-(header.size // 512 * 512) // header.cluster_size)
-        try:
-            # The file's size as the check starts (qemu: bdrv_getlength in
-            # qcow2_check_refcounts), not as it was opened: under -U a writer may have grown it.
-            checker = _Checker(fd, header, os.fstat(fd).st_size, result, progress)
-            checker.run(StoredRefcounts(fd, header))
-        except MemoryError:
-            raise AllocationFailed(f"{name}: not enough memory to check the image") from None
-        return result
+    except BaseException:
+        os.close(fd)
+        opened.close_dir()
+        raise
+    return opened, fd, header
+
+
+def check_open(path, *, repair: str = "leaks", backing_dirs=(), force_share=False,
+               probe: bool = True) -> None:
+    """Raise what `qemu-img check -r REPAIR` fails with before it repairs anything (for the
+    command line, which then refuses to repair): the open of the image and its chain, then
+    the snapshot table, which QEMU checks before it repairs (check_snapshot_table; with
+    `repair="all"` it repairs all but an invalid offset). Raises as check() does."""
+    name = os.fsdecode(os.fspath(path))
+    opened, fd, header = _open_for_check(name, backing_dirs, force_share, probe)
+    try:
+        check_snapshot_table(fd, header, fix=repair == "all")
     finally:
         os.close(fd)
         opened.close_dir()
@@ -1122,4 +1245,4 @@ def _qcow_v1_open(fd: int, name: str) -> None:
         raise QcowError(f"Could not open '{name}': {why}")
 
 
-__all__ = ["check", "CheckResult", "Overlap", "NotChecked"]
+__all__ = ["check", "check_open", "CheckResult", "CheckFailed", "Overlap", "NotChecked"]

@@ -259,8 +259,13 @@ def _on_usr1(signum, frame) -> None:
 def error_text(exc: BaseException, images=()) -> str:
     """The line for a failed command: a file that cannot be opened starts as qemu-img's does
     ("Could not open 'NAME': ..."), which scripts look for. `images`: the command's images as
-    (path, format given or None), in the order qemu-img opens them (see _open_line)."""
-    from .errors import ImageOpenError
+    (path, format given or None), in the order qemu-img opens them (see _open_line). A
+    snapshot not found is img_convert()'s line (the API's message lists the snapshots)."""
+    from .errors import ImageOpenError, SnapshotNotFound
+    if isinstance(exc, SnapshotNotFound):
+        return SNAPSHOT_NOT_FOUND
+    if getattr(exc, "qemu_snapshot", None):     # (a bad snapshot L1 table: check_l1)
+        return f"Failed to load snapshot: {exc.qemu_snapshot}"
     text = str(exc)
     chain, top = getattr(exc, "qemu_chain", None), getattr(exc, "qemu_top", None)
     hint = getattr(exc, "qemu_hint", None)
@@ -397,7 +402,13 @@ def _add_force_share_option(p: argparse.ArgumentParser) -> None:
 
 def _peek(path: str) -> tuple[int, bytes]:
     """(st_mode, first 8 bytes: none unless a regular file or block device) of `path`, opened
-    without blocking; OSError when it cannot be opened or read."""
+    without blocking; OSError when it cannot be opened or read, UnsafePathError (one line, as
+    paths.open_file words it) for a name with a NUL byte, which os refuses with a bare
+    ValueError."""
+    if "\0" in path:
+        from .errors import UnsafePathError
+        raise UnsafePathError(f"image path {path!r} contains a NUL byte, which no file name "
+                              "can hold")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
@@ -419,6 +430,8 @@ def format_refusal(path: str, fmt: str, option: str = "-f") -> str:
             mode, _ = _peek(path)
         except OSError as exc:
             return f"Could not open '{path}': Could not open '{path}': {exc.strerror}"
+        except QcowError as exc:                # (a NUL byte: _peek)
+            return str(exc)
         if stat.S_ISDIR(mode):                  # (qemu-img blocks on a FIFO)
             return f"Could not open '{path}': 'file' driver requires '{path}' to be a " \
                    "regular file"
@@ -449,6 +462,8 @@ def _file_refusal(path: str, writable: bool) -> str | None:
         mode, _ = _peek(path)
     except OSError as exc:
         return f"Could not open '{path}': Could not open '{path}': {exc.strerror}"
+    except QcowError as exc:                    # (a NUL byte: _peek)
+        return str(exc)
     why = None
     if writable and stat.S_ISDIR(mode):
         why = os.strerror(errno.EISDIR)         # (open(O_RDWR) fails before the type check)
@@ -495,34 +510,17 @@ def _check_format(args) -> int:
               file=sys.stderr)
         return 1
     if repair is not None and (fmt == "qcow2" or magic and version >= 2):
-        refused = _repair_open_refusal(image)
-        print(f"qcowfast: {refused}" if refused else f"qcowfast: check -r {repair}: qcowfast "
-              "does not repair images (it never writes to them); repair with qemu-img check "
-              "-r", file=sys.stderr)
+        # What qemu-img fails with before it repairs: the chain, then the snapshot table.
+        from .check import check_open
+        try:
+            check_open(image, repair=repair, backing_dirs=args.allow_backing_dir,
+                       force_share=args.force_share, probe=fmt is None)
+        except QcowError as exc:
+            return _check_failed(exc, args)
+        print(f"qcowfast: check -r {repair}: qcowfast does not repair images (it never writes "
+              "to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
     return cmd_check(args)
-
-
-def _repair_open_refusal(image: str) -> str | None:
-    """check -r of a QCOW2 image: qemu-img's line when it cannot open it for its header (or
-    the bitmaps read with it), read as `check` reads it, else None."""
-    from .bitmaps import check_bitmaps_at_open
-    from .header import read_header, warn_stale_bitmaps
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None                             # (the file was looked at: _file_refusal)
-    try:
-        size = os.fstat(fd).st_size
-        header = read_header(fd, size, tables_in_file=False)
-        warn_stale_bitmaps(header, image)
-        if header.bitmaps is not None:
-            check_bitmaps_at_open(fd, header, size)
-    except QcowError as exc:
-        return f"Could not open '{image}': {getattr(exc, 'qemu_chain', None) or exc}"
-    finally:
-        os.close(fd)
-    return None
 
 
 def _add_source_cache_option(p: argparse.ArgumentParser) -> None:
@@ -944,6 +942,8 @@ def _raw_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> s
     return None
 
 
+# img_convert(): bdrv_snapshot_load_tmp_by_id_or_name()'s -ENOENT ("Can't find snapshot")
+SNAPSHOT_NOT_FOUND = "Failed to load snapshot: Can't find snapshot"
 RAW_SNAPSHOT = ("Failed to load snapshot: Block format 'raw' used by device '' does not "
                 "support temporarily loading internal snapshots")
 
@@ -1030,9 +1030,10 @@ def _source_arguments(args) -> tuple[str, str, dict]:
     if args.extra:
         _source_opens(args)
         return _convert_keywords(args)
+    from .errors import UnsafePathError
     try:
         return _convert_keywords(args)
-    except CliError:
+    except (CliError, UnsafePathError):         # (UnsafePathError: DST with a NUL byte)
         _source_opens(args)
         raise
 
@@ -1076,7 +1077,8 @@ def _in_place_refusal(args) -> QemuLine | None:
         refused = f"Could not open '{dst}': Unknown driver '{fmt}'"
     if refused is None and fmt not in _NOT_FILES and stream_target(dst) is None:
         err = open_errno(dst, create=False) if dst else None
-        refused = (f"Could not open '{dst}': The 'file' block driver requires a file name"
+        driver = "host_device" if fmt == "host_device" else "file"
+        refused = (f"Could not open '{dst}': The '{driver}' block driver requires a file name"
                    if not dst else None if err is None else
                    f"Could not open '{dst}': Could not open '{dst}': {os.strerror(err)}")
     return None if refused is None else QemuLine(refused)
@@ -1091,13 +1093,12 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     if fmt == "host_device":
         # QEMU's raw protocol driver for devices: the same bytes as raw, into an existing
         # device (qemu-img refuses anything else).
-        try:
-            st = os.stat(args.dst)
-        except OSError as exc:
-            raise CliError(f"-O host_device: {args.dst}: {exc.strerror}") from None
-        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-            raise CliError(f"-O host_device: {args.dst} is not a block or character device "
-                           "(use -O raw for a file)")
+        refused = host_device_refusal(args.dst)
+        if refused is not None:
+            raise QemuLine(f"Could not open '{args.dst}': {refused}" if args.existing else
+                           f"{args.dst}: error while converting host_device: Protocol driver "
+                           "'host_device' does not support image creation, and opening the "
+                           f"image failed: {refused}")
         fmt = "raw"
     if fmt not in QEMU_DRIVERS:
         raise QemuLine(f"Unknown file format '{fmt}'")
@@ -1131,6 +1132,22 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
               snapshot=choose_snapshot_option(args.snapshot),
               max_stream_size=args.max_stream_size or None)
     return args.src, args.dst, kw
+
+
+def host_device_refusal(dst: str) -> str | None:
+    """What QEMU's host_device driver says when it cannot open `dst` (hdev_open(): opened
+    read-write, then its type checked), else None."""
+    from .output import open_errno
+    if not dst:
+        return "The 'host_device' block driver requires a file name"
+    err = open_errno(dst, create=False)
+    if err is not None:
+        return f"Could not open '{dst}': {os.strerror(err)}"
+    st = os.stat(dst)
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return f"'host_device' driver requires '{dst}' to be either a character or block " \
+               "device"
+    return None
 
 
 def _operands(args) -> None:
@@ -1255,12 +1272,7 @@ def cmd_check(args) -> int:
         print("qcowfast: This image format does not support checks", file=sys.stderr)
         return 63
     except QcowError as exc:
-        # As qemu-img: "Could not open 'IMG': ..." when the image or its chain cannot be
-        # opened, "Check failed: ..." when the check itself cannot complete.
-        text = str(exc)
-        print(f"qcowfast: {error_text(exc, _images(args))}" if text.startswith(
-            "Could not open ") else f"qcowfast: check failed: {text}", file=sys.stderr)
-        return 1
+        return _check_failed(exc, args)
     # The exit status is the verdict: a reader that went away (`| head`, `| true`) must not
     # change it, as it does not change qemu-img's.
     for line in result.messages:
@@ -1272,9 +1284,29 @@ def cmd_check(args) -> int:
         else:
             _write_quietly(sys.stdout, result.format_human())
     if result.check_errors:
-        _write_quietly(sys.stderr, "qcowfast: check failed: internal errors occurred during "
-                                   "the check\n")
+        _write_quietly(sys.stderr, "qcowfast: Check failed\n")     # (img_check()'s words)
     return result.exit_code
+
+
+def _check_failed(exc: QcowError, args) -> int:
+    """check's lines when it cannot complete (status 1), as qemu-img's: "Could not open 'IMG':
+    ..." when the image or its chain cannot be opened; where qemu-img's check stops (a
+    CheckFailed), what it printed until then, its ERROR line and hint, and "Check failed:
+    STRERROR"; else "check failed: ..." in qcowfast's words."""
+    from .check import CheckFailed
+    if isinstance(exc, CheckFailed):
+        for line in exc.messages:
+            _write_quietly(sys.stderr, line + "\n")
+        if exc.qemu_error:
+            _write_quietly(sys.stderr, f"qcowfast: {exc.qemu_error}\n")
+        if exc.qemu_hint:
+            _write_quietly(sys.stderr, exc.qemu_hint + "\n")
+        _write_quietly(sys.stderr, f"qcowfast: Check failed: {os.strerror(exc.qemu_errno)}\n")
+        return 1
+    text = str(exc)
+    print(f"qcowfast: {error_text(exc, _images(args))}" if text.startswith(
+        "Could not open ") else f"qcowfast: check failed: {text}", file=sys.stderr)
+    return 1
 
 
 def cmd_compare(args) -> int:
@@ -1752,6 +1784,121 @@ def run() -> None:
     sys.exit(status)
 
 
+def _trace_values(head: list[str]) -> list[str]:
+    """The -T/--trace values among qemu-img's options before the subcommand (`head`, as
+    cli_getopt.global_options read and accepted them), in order."""
+    values, i = [], 0
+    while i < len(head):
+        word = head[i]
+        i += 1
+        if word == "--":
+            break
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            if name and "trace".startswith(name):
+                if not eq:
+                    value, i = head[i], i + 1
+                values.append(value)
+            continue
+        if word[1:2] == "T":                # (-h and -V end the options: not in `head`)
+            if len(word) > 2:
+                values.append(word[2:])
+            else:
+                values.append(head[i])
+                i += 1
+    return values
+
+
+_TRACE_KEYS = ("enable", "events", "file")
+
+
+def _trace_option(text: str) -> dict:
+    """One -T/--trace value as QEMU's trace_opt_parse() reads it (qemu_opts_parse_noisily()
+    on qemu_trace_opts, "enable" implied for a first item without '='): {key: last value}.
+    Refusals end the command as qemu-img does (its line, status 1)."""
+    items, rest = [], text
+    head = re.match(r"[^=,]*", text).group(0)
+    if text and text[len(head):len(head) + 1] != "=":
+        value = re.match(r"(?:[^,]|,,)*", text).group(0)
+        items.append(("enable", value.replace(",,", ","), None))
+        rest = text[len(value) + 1:]
+    items += _qemu_opts(rest)
+    ident = next((value for name, value, _ in items if name == "id"), None)
+    if ident is not None and not _IDENTIFIER.fullmatch(ident):
+        print("qcowfast: Parameter 'id' expects an identifier\nIdentifiers consist of "
+              "letters, digits, '-', '.', '_', starting with a letter.", file=sys.stderr)
+        raise SystemExit(1)
+    chosen = {}
+    for name, value, flag in items:
+        if flag in ("help", "?"):                # (its list of keys, status 1)
+            sys.stdout.write("trace options:\n" + "".join(f"  {key}=<str>\n"
+                                                          for key in _TRACE_KEYS))
+            raise SystemExit(1)
+        if flag is not None:
+            print(f"qcowfast: warning: short-form boolean option '{flag}' deprecated\n"
+                  f"Please use {name}={value} instead", file=sys.stderr)
+        if name == "id":
+            continue
+        if name not in _TRACE_KEYS:
+            usage_exit(f"Invalid parameter '{name}'", hint=False)
+        chosen[name] = value
+    return chosen
+
+
+def _trace_events(pattern: str) -> None:
+    """trace_enable_events(): "help" lists QEMU's trace events and ends the command (status
+    0). qcowfast has no trace events: the list is empty, and other patterns enable nothing."""
+    if pattern in ("help", "?"):
+        raise SystemExit(0)
+
+
+def _trace_events_file(name: str) -> None:
+    """trace_init_events(): each line of the events file is a pattern (trace_enable_events);
+    a file that cannot be opened ends the command with QEMU's line (its location prefix:
+    "qcowfast:FILE: REASON", status 1)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or "Invalid argument"
+        print(f"qcowfast:{name}: {why}", file=sys.stderr)
+        raise SystemExit(1)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:                             # (a directory: fopen() works, reads fail)
+        pass
+    finally:
+        os.close(fd)
+    # fgets() lines: one of a single character is skipped, the others lose their last one
+    # (the newline, or the last character of an unterminated last line); no other trimming.
+    for line in re.findall(rb"[^\n]*\n|[^\n]+\Z", b"".join(chunks)):
+        if len(line) > 1 and not line.startswith(b"#"):
+            _trace_events(line[:-1].decode("utf-8", "surrogateescape"))
+
+
+def _trace(head: list[str], command: bool) -> None:
+    """qemu-img's -T/--trace options, in order (trace_opt_parse()), then, when a command
+    follows, its trace file (trace_init_file(): "Error opening logfile FILE: REASON", status
+    1). qcowfast writes no trace (README: Differences)."""
+    log = None
+    for value in _trace_values(head):
+        chosen = _trace_option(value)
+        if "enable" in chosen:
+            _trace_events(chosen["enable"])
+        if "events" in chosen:
+            _trace_events_file(chosen["events"])
+        log = chosen.get("file")                # (each -T sets it, or clears it)
+    if command and log is not None:
+        from .output import open_errno
+        try:
+            err = open_errno(log)
+        except QcowError:                       # (a NUL byte)
+            err = errno.EINVAL
+        if err is not None:
+            usage_exit(f"Error opening logfile {log}: {os.strerror(err)}", hint=False)
+
+
 def main(argv=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
     from .cli_getopt import (PRINTS_ERRORS, QEMU_LONG, GetoptError, getopt_argv,
@@ -1761,6 +1908,7 @@ def main(argv=None) -> int:
         words, asked = global_options(argv)
     except GetoptError as exc:
         usage_exit(str(exc))
+    _trace(argv[:len(argv) - len(words)], bool(words) and asked is None)
     if asked == "version":                      # scripts call this often: skip the parser
         print(f"qcowfast {__version__}")
         return 0

@@ -158,14 +158,19 @@ def _common_options(args) -> dict:
     return options
 
 
-def describe(result) -> tuple[str, dict]:
-    """(status, report fields) for one job's result."""
+def describe(result, src: str | None = None, src_format: str | None = None
+             ) -> tuple[str, dict]:
+    """(status, report fields) for one job's result. A failure is worded as `qcowfast
+    convert SRC DST` words it (cli.error_text: qemu-img's line where it has one), given the
+    job's source `src` (-f `src_format`)."""
+    from .cli import error_text
     from .fleet import Skipped
     if isinstance(result, Skipped):
         return "skipped", {"reason": result.reason}
     if isinstance(result, BaseException):
+        images = [] if src is None else [(src, src_format)]
         # Notes say what a failure left behind (an in-place target written in part).
-        text = "; ".join([str(result) or type(result).__name__,
+        text = "; ".join([error_text(result, images) or type(result).__name__,
                           *getattr(result, "__notes__", ())])
         return "failed", {"error": text, "error_type": type(result).__name__}
     return "ok", {"virtual_size": result.virtual_size, "bytes_written": result.bytes_written,
@@ -200,7 +205,7 @@ def cmd_convert_many(args) -> int:
     def on_result(i, job, result):
         if args.quiet:
             return
-        status, fields = describe(result)
+        status, fields = describe(result, job.src, job.options.get("src_format"))
         pair = f"{_shown(job.src)} -> {_shown(job.dst)}"
         if status == "ok":
             line = (f"ok      {pair}: {human_size(fields['virtual_size'])} in "
@@ -227,7 +232,7 @@ def cmd_convert_many(args) -> int:
     seconds = time.perf_counter() - t0
     entries = []
     for job, result in zip(jobs, results):
-        status, fields = describe(result)
+        status, fields = describe(result, job["src"], job.get("src_format"))
         entries.append({"src": job["src"], "dst": job["dst"], "status": status, **fields})
     failed = sum(e["status"] == "failed" for e in entries)
     if args.report:

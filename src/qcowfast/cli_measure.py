@@ -151,8 +151,8 @@ def _measure(args):
     from .measure import check_qcow2_options, measure
     source = None
     if args.filename is not None:
-        from .cli import RAW_SNAPSHOT, opened_as_raw
-        from .errors import SnapshotNotFound, UnsupportedFeature
+        from .cli import RAW_SNAPSHOT, SNAPSHOT_NOT_FOUND, opened_as_raw
+        from .errors import QcowError, SnapshotNotFound, UnsupportedFeature
         from .image import open_source
         from .snapshots import choose_snapshot_option
         snapshot = choose_snapshot_option(args.snapshot)
@@ -160,9 +160,12 @@ def _measure(args):
         try:
             source = open_source(args.filename, args.format, snapshot=snapshot, **kw)
         except SnapshotNotFound:
-            raise _Failed("Failed to load snapshot: Can't find snapshot") from None
-        except UnsupportedFeature:
-            if snapshot is not None and opened_as_raw(args.filename, args.format, **kw):
+            raise _Failed(SNAPSHOT_NOT_FOUND) from None
+        except QcowError as exc:
+            if getattr(exc, "qemu_snapshot", None):     # (a bad snapshot L1 table)
+                raise _Failed(f"Failed to load snapshot: {exc.qemu_snapshot}") from None
+            if isinstance(exc, UnsupportedFeature) and snapshot is not None and \
+                    opened_as_raw(args.filename, args.format, **kw):
                 raise _Failed(RAW_SNAPSHOT) from None
             raise
     try:

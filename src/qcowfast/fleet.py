@@ -66,7 +66,11 @@ def as_job(spec) -> Job:
 
 def _file_keys(name: str) -> list:
     """How a path is known: its real path, and the (device, inode) of an existing file (a hard
-    link has another name). Raises ValueError/OSError for a name no file can have."""
+    link has another name). No keys for a name with a NUL byte: no file has it, so it collides
+    with nothing (its job's convert refuses it, naming the argument). Raises OSError for other
+    names no file can have."""
+    if "\0" in name:
+        return []
     keys: list = [os.path.realpath(name)]
     try:
         # "-" is standard output (convert streams there), which /dev/stdout also names.
@@ -98,9 +102,10 @@ def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]
     output could survive), or a source another job writes, or a file of its chain (what it
     reads would depend on the order the jobs happen to run in); a job whose paths no file
     can have gets that error. Paths are compared resolved and, for existing files, by
-    identity (hard links). A job writing over a file of its own chain is refused alone, as
-    convert refuses it: it writes nothing that other jobs could read. `read`: chains(jobs),
-    when the caller has it."""
+    identity (hard links). A job writing over a file of its own chain is refused alone, with
+    what convert raises for it (own_chain_refusal): it writes nothing that other jobs could
+    read. A name with a NUL byte collides with nothing: its job runs, and convert refuses it.
+    `read`: chains(jobs), when the caller has it."""
     read = chains(jobs) if read is None else read
     writers: dict = {}
     refused: dict[int, Exception] = {}
@@ -112,9 +117,7 @@ def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]
             continue
         if not isinstance(read[i], Exception) and any(
                 k in keys for _, _, own in read[i] for k in own):
-            from .errors import OutputError
-            refused[i] = OutputError(f"{job.dst} is the source image or a file of its backing "
-                                     "chain; refusing to write over it")
+            refused[i] = own_chain_refusal(job)
             continue
         first = next((writers[k] for k in keys if k in writers), None)
         if first is not None:
@@ -136,6 +139,30 @@ def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]
                     "convert it in a later batch (the order jobs run in is not fixed)")
                 break
     return refused
+
+
+def own_chain_refusal(job: Job) -> Exception:
+    """What `convert` raises for a job whose destination is a file of its own chain, found
+    as convert finds it: a destination name no file has ('' or ending in '/') first, then the
+    source that cannot be opened (a character device, a directory...), then the overlap, in
+    convert's words (output.check_not_source)."""
+    from .errors import OutputError
+    from .image import open_source
+    from .output import check_not_source
+    name, opts = job.dst, job.options
+    if not name or name.endswith("/"):         # (convert's words for such names)
+        return OutputError(f"{name!r} names no file" if not name else
+                           f"{name} names a directory, not a file")
+    try:
+        with open_source(job.src, opts.get("src_format"),
+                         backing_dirs=opts.get("backing_dirs", ()),
+                         data_file=opts.get("data_file"), snapshot=opts.get("snapshot"),
+                         force_share=opts.get("force_share", False)) as image:
+            check_not_source(os.stat(name), image, name)
+    except Exception as exc:        # noqa: BLE001 - the job's result, as convert raises it
+        return exc
+    return OutputError(f"{name} is the source image or a file of its backing chain; refusing "
+                       "to write over it")
 
 
 def chain_files(job: Job) -> Iterator[tuple[str, str]]:

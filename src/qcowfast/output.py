@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from .errors import OutputError, QcowError
+from .errors import OutputError, QcowError, UnsafePathError
 from .locks import hold_destination
 
 TMP_SUFFIX = ".qcowfast-tmp"
@@ -144,7 +144,7 @@ def sweep_stale_temps_of(dsts: Iterable[str], listings: dict | None = None) -> l
     then not seen, which is right for the batch's own live ones."""
     owners: dict[str, set[str]] = {}    # directory: prefixes of the temporary names it may hold
     for dst in dsts:
-        if not dst or dst.endswith(os.sep):
+        if not dst or dst.endswith(os.sep) or "\0" in dst:
             continue                    # names no file (the job fails): nothing of it to sweep
         for name in {os.path.abspath(dst), os.path.realpath(dst)}:   # a symlink's target's too
             owners.setdefault(os.path.dirname(name), set()).add(
@@ -328,13 +328,23 @@ def check_not_source(st: os.stat_result, image, name: str) -> None:
                           "holds one; refusing to write over it")
 
 
+def refuse_nul(name: str) -> None:
+    """UnsafePathError when the destination `name` holds a NUL byte (os would raise a bare
+    "embedded null byte" ValueError); the name is shown escaped, as for every path argument."""
+    if "\0" in name:
+        raise UnsafePathError(f"destination path {name!r} contains a NUL byte, which no file "
+                              "name can hold")
+
+
 def stream_target(dst):
     """A file object (or a FIFO / character device path) to stream into, or None when dst is a
-    path to write as a file or block device."""
+    path to write as a file or block device. UnsafePathError for a name with a NUL byte."""
     if isinstance(dst, str) and dst == "-":
         return sys.stdout.buffer
     if hasattr(dst, "write"):
         return dst
+    if isinstance(dst, (str, bytes, os.PathLike)):
+        refuse_nul(os.fsdecode(os.fspath(dst)))
     try:
         st = os.stat(dst)
     except OSError:
@@ -410,7 +420,11 @@ def open_errno(name: str, create: bool = True) -> int | None:
     """The errno with which qemu-img's open of output `name` fails, as far as looking tells
     without opening anything; None where it would succeed. file-posix opens it O_RDWR,
     following symlinks, with O_CREAT where it creates the file (raw_co_create(); not with -n:
-    `create` False)."""
+    `create` False). An empty name is ENOENT, as open("") fails (raw_co_create() on
+    qemu-img convert SRC ''). UnsafePathError for a name with a NUL byte."""
+    refuse_nul(name)
+    if not name:
+        return errno.ENOENT
     if create and name.endswith("/") and name.strip("/"):
         parent = os.path.dirname(name.rstrip("/")) or "."
         try:
@@ -495,6 +509,7 @@ class FileOutput:
         self.name = os.fspath(dst)
         if isinstance(self.name, bytes):
             self.name = os.fsdecode(self.name)
+        refuse_nul(self.name)
         self.overwrite = overwrite
         self.direct = direct
         self.nocow = nocow

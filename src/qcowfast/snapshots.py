@@ -12,6 +12,7 @@ through. The snapshot's own disk size stays metadata (`Snapshot.disk_size`).
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from .preads import pread_padded
 _ENTRY = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOTS_SIZE = 64 * 1024 * 1024       # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
 MAX_EXTRA_DATA = 1024                       # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
+# QEMU's BDRV_MAX_LENGTH (QEMU_ALIGN_DOWN(INT64_MAX, 1 GiB)): bdrv_check_request() fails a
+# read ending past it with EIO, even a read of 0 bytes starting past it.
+BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)
 _READ_AHEAD = 64 * 1024
 SECTOR = 512
 
@@ -113,12 +117,30 @@ class _Policy:
     error: type[Exception]      # raised when an entry breaks one of QEMU's limits
     at: Callable[[int], str]    # names entry i in the table-size message
     text: Callable[[bytes], str]    # decodes an id or a name
+    qemu: bool                  # QEMU's reads: its words on the errors, its EIO past
+                                # BDRV_MAX_LENGTH (else the file's end bounds every read)
 
 
 # read_snapshots(): the snapshots an opened image serves.
-_STRICT = _Policy(FormatError, _label, lambda raw: raw.decode("utf-8", "surrogateescape"))
+_STRICT = _Policy(FormatError, _label, lambda raw: raw.decode("utf-8", "surrogateescape"),
+                  False)
 # read_snapshot_table(): what QEMU checks and prints when it opens an image.
-_AT_OPEN = _Policy(CorruptImage, lambda i: f"entry {i}", _c_string)
+_AT_OPEN = _Policy(CorruptImage, lambda i: f"entry {i}", _c_string, True)
+
+
+def _qemu_words(exc: Exception, words: str, hint: str | None, code: int) -> Exception:
+    """`exc` with what qcow2_do_read_snapshots() says instead: its error (`qemu_chain`: at
+    open, "Could not open 'X': WORDS"), the hint it appends and its errno (`qemu_errno`:
+    qemu-img check's "Check failed: STRERROR")."""
+    exc.qemu_chain, exc.qemu_hint, exc.qemu_errno = words, hint, code
+    return exc
+
+
+def _read_failed(i: int, end: int) -> Exception:
+    """qcow2_do_read_snapshots(): a read of entry `i` ending at `end` fails (EIO)."""
+    return _qemu_words(CorruptImage(f"{_label(i)}: ends at {end:#x}, past the largest offset "
+                                    f"QEMU reads ({BDRV_MAX_LENGTH:#x})"),
+                       "Failed to read snapshot table: Input/output error", None, errno.EIO)
 
 
 def _walk(get, start: int, count: int, disk_size: int,
@@ -132,15 +154,28 @@ def _walk(get, start: int, count: int, disk_size: int,
     pos = start
     for i in range(count):
         pos = (pos + 7) & ~7
+        if policy.qemu and pos + _ENTRY.size > BDRV_MAX_LENGTH:
+            raise _read_failed(i, pos + _ENTRY.size)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
          extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size, _label(i)))
         if extra_len > MAX_EXTRA_DATA:
-            raise policy.error(f"{_label(i)}: extra_data_size {extra_len} exceeds QEMU's limit "
-                               f"of {MAX_EXTRA_DATA} bytes")
+            raise _qemu_words(
+                policy.error(f"{_label(i)}: extra_data_size {extra_len} exceeds QEMU's limit "
+                             f"of {MAX_EXTRA_DATA} bytes"),
+                f"Too much extra metadata in snapshot table entry {i}",
+                "You can force-remove this extra metadata with qemu-img check -r all",
+                errno.EFBIG)
         end = pos + _ENTRY.size + extra_len + id_len + name_len
+        # (The reads of extra data, id and name follow on: the last ends at `end`.)
+        if policy.qemu and end > BDRV_MAX_LENGTH:
+            raise _read_failed(i, end)
         if end - start > MAX_SNAPSHOTS_SIZE:
-            raise policy.error(f"snapshot table is larger than QEMU's limit of "
-                               f"{MAX_SNAPSHOTS_SIZE} bytes (at {policy.at(i)})")
+            raise _qemu_words(
+                policy.error(f"snapshot table is larger than QEMU's limit of "
+                             f"{MAX_SNAPSHOTS_SIZE} bytes (at {policy.at(i)})"),
+                "Snapshot table is too big",
+                f"You can force-remove all {count - i} overhanging snapshots with qemu-img "
+                "check -r all", errno.EFBIG)
         body = get(pos + _ENTRY.size, end - pos - _ENTRY.size, _label(i))
         extra = body[:extra_len]
         # Extra data (qcow2.txt): 64-bit VM state size, disk size, icount; unknown fields ignored.
@@ -194,7 +229,8 @@ def _c_text(text: str) -> str:
 
 def _l1_einval(image, snap: Snapshot) -> bool:
     """True when QEMU's qcow2_snapshot_load_tmp() fails this snapshot with EINVAL (its L1 table
-    offset is not cluster aligned); a table too large is EFBIG, which QEMU does not retry."""
+    offset is not cluster aligned, or the table would end past 2^63); a table too large is
+    EFBIG, which QEMU does not retry."""
     entries = snap.l1_size
     if entries * 8 > MAX_L1_BYTES:
         return False
@@ -202,22 +238,42 @@ def _l1_einval(image, snap: Snapshot) -> bool:
                 or snap.l1_table_offset + entries * 8 >= 1 << 63)
 
 
+def _load_failed(exc: Exception, words: str) -> Exception:
+    """`exc` with QEMU's words for it in `qemu_snapshot`: qemu-img convert/measure -l and
+    qemu-nbd -l print "Failed to load snapshot: WORDS" (error_reportf_err())."""
+    exc.qemu_snapshot = words
+    return exc
+
+
 def check_l1(image, snap: Snapshot) -> None:
     """Check the L1 table of the snapshot about to be read (QEMU qcow2_snapshot_load_tmp()).
 
-    QEMU's qcow2_validate_table() rules (at most 32 MiB, cluster aligned), plus the file bounds
-    qcowfast keeps for every table. A table shorter than the disk needs is legal (iotest 029):
-    the clusters it does not cover read as unallocated.
+    QEMU's qcow2_validate_table() rules (at most 32 MiB, cluster aligned, ending before 2^63)
+    and its read (EIO past BDRV_MAX_LENGTH), plus the file bounds qcowfast keeps for every
+    table. A table shorter than the disk needs is legal (iotest 029): the clusters it does not
+    cover read as unallocated. Each error's `qemu_snapshot` holds QEMU's words, where QEMU
+    fails too.
     """
     h = image.header
     label = f"snapshot (id {snap.id!r}, name {snap.name!r})"
     offset, entries = snap.l1_table_offset, snap.l1_size
     if entries * 8 > MAX_L1_BYTES:
-        raise FormatError(f"{label}: L1 table too large ({entries} entries, limit "
-                          f"{MAX_L1_BYTES // 8})")
+        raise _load_failed(FormatError(f"{label}: L1 table too large ({entries} entries, "
+                                       f"limit {MAX_L1_BYTES // 8})"),
+                           "Snapshot L1 table too large")
+    if offset % h.cluster_size:
+        raise _load_failed(FormatError(f"{label}: L1 table offset {offset:#x} is not aligned "
+                                       f"to the cluster size {h.cluster_size}"),
+                           "Snapshot L1 table offset invalid")
     if _l1_einval(image, snap):
-        raise FormatError(f"{label}: L1 table offset {offset:#x} is not aligned to the cluster "
-                          f"size {h.cluster_size}")
+        raise _load_failed(FormatError(f"{label}: L1 table at {offset:#x} ({entries * 8} "
+                                       "bytes) would end past 2^63"),
+                           "Snapshot L1 table offset invalid")
+    if offset + entries * 8 > BDRV_MAX_LENGTH:     # (a read of 0 bytes fails there too)
+        raise _load_failed(TruncatedImage(f"{label}: L1 table at {offset:#x} ({entries * 8} "
+                                          "bytes) lies past the largest offset QEMU reads "
+                                          f"({BDRV_MAX_LENGTH:#x})"),
+                           "Failed to read l1 table for snapshot")
     if entries and offset + entries * 8 > image.file_size:
         raise TruncatedImage(f"{label}: L1 table at {offset:#x} ({entries * 8} bytes) runs past "
                              f"the end of the file ({image.file_size} bytes)")
