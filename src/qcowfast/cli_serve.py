@@ -116,8 +116,95 @@ def _snapshot_param(text: str, namespace) -> str:
         sys.stderr.flush()
 
 
+class _ObjectOption(argparse.Action):
+    """--object: checked as qemu-nbd checks it while reading its options (its line, status 1),
+    then ignored; a request for help is answered as qcowfast's qemu-img commands answer it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            asked = _nbd_object(values, namespace.__dict__.setdefault("_objects", {}))
+        except ValueError as exc:
+            _fail(str(exc))
+        if asked:
+            print("qcowfast creates no QEMU objects: --object is accepted and ignored")
+            parser.exit(0)
+
+
+# qemu-nbd's EventLoopBase properties (event-loop-base.c), then IOThread's own (iothread.c).
+_LOOP_PARAMS = ("aio-max-batch", "thread-pool-min", "thread-pool-max")
+_IOTHREAD_PARAMS = _LOOP_PARAMS + ("poll-max-ns", "poll-grow", "poll-shrink")
+_INT_MAX = 2 ** 31 - 1
+
+
+def _nbd_object(text: str, created: dict) -> bool:
+    """qemu-nbd's user_creatable_process_cmdline(): qemu-img's (cli_getopt.qemu_object), but
+    qemu-nbd also links iothread objects, and runs no main loop yet while it reads its options,
+    so a main-loop object fails (main_loop_update_params(): "qemu aio context not ready").
+    Returns whether `text` asks for help; raises ValueError with qemu-nbd's line."""
+    from .cli_getopt import keyval, qemu_object
+    args, asked = keyval(text, "qom-type")
+    kind = args.get("qom-type")
+    if asked or kind not in ("iothread", "main-loop"):
+        return qemu_object(text, created)
+    params = [name for name in _LOOP_PARAMS if name in args]
+    if kind == "main-loop":
+        # Each property set updates the loop, as does completing it: both fail, after the
+        # visitor's checks (and with no property given, after the duplicate id check).
+        qemu_object(text, {} if params else created)
+        _loop_values(args, _qdict_order(params)[:1])
+        raise ValueError("qemu aio context not ready")
+    _iothread(args, created)
+    return False
+
+
+def _iothread(args: dict, created: dict) -> None:
+    """An IOThread's checks, in QEMU 7.2's order: the QAPI visitor (members, id), its
+    properties (event_loop_base_set_param(), iothread_set_poll_param()), the id, then
+    iothread_complete()'s thread pool (aio_context_set_thread_pool_params())."""
+    from .cli_getopt import _IDENTIFIER, _member, _typed
+    args.pop("qom-type")
+    ident = _member(args, "id")
+    values = {name: _typed(args, name, "int") for name in _IOTHREAD_PARAMS if name in args}
+    for name in args:
+        raise ValueError(f"Parameter '{name}' is unexpected")
+    if not _IDENTIFIER.fullmatch(ident):
+        raise ValueError("Parameter 'id' expects an identifier\nIdentifiers consist of "
+                         "letters, digits, '-', '.', '_', starting with a letter.")
+    numbers = _loop_values(values, list(values))
+    if ident in created:
+        raise ValueError(f"attempt to add duplicate property '{ident}' to object (type "
+                         "'container')")
+    low, high = numbers.get("thread-pool-min", 0), numbers.get("thread-pool-max", 64)
+    if low > high or not high or high > _INT_MAX:
+        raise ValueError("bad thread-pool-min/thread-pool-max values")
+    created[ident] = ("iothread", None)
+
+
+def _loop_values(args: dict, names: list) -> dict:
+    """The integer values of the properties `names` of `args`, set in QEMU's order; a negative
+    one is refused."""
+    from .cli_getopt import c_integer
+    numbers = {name: c_integer(args[name]) for name in _qdict_order(names)}
+    for name, value in numbers.items():
+        if value < 0:
+            raise ValueError(f"{name} value must be in range [0, {2 ** 63 - 1}]")
+    return numbers
+
+
+def _qdict_order(names: list) -> list:
+    """`names`, inserted in this order into a QDict, in the order QEMU walks it (qobject/
+    qdict.c: 512 buckets by tdb_hash(), each a list with the latest insertion first), which is
+    the order object_set_properties_from_qdict() sets an object's properties in."""
+    def bucket(name: str) -> int:
+        value = 0x238F13AF * len(name)
+        for i, c in enumerate(name.encode()):
+            value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+        return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+    return sorted(names, key=lambda n: (bucket(n), -names.index(n)))
+
+
 # qemu-nbd options accepted and ignored: (option strings, nargs).
-_IGNORED = ((("-T", "--trace"), 1), (("--object",), 1), (("-s", "--snapshot"), 0))
+_IGNORED = ((("-T", "--trace"), 1), (("-s", "--snapshot"), 0))
 # qemu-nbd options accepted and checked, without effect: (option strings, nargs, dest).
 _CHECKED = ((("-n", "--nocache"), 0, "nocache"), (("--cache",), None, "cache"),
             (("--aio",), None, "aio"), (("--discard",), None, "discard"),
@@ -210,6 +297,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pid-file", metavar="PATH",
                    help="write the server's process id to PATH once it listens (removed when "
                         "it stops)")
+    p.add_argument("--object", metavar="OBJECTDEF", action=_ObjectOption, help=argparse.SUPPRESS)
     for options, nargs in _IGNORED:
         p.add_argument(*options, action=_Ignored, nargs=nargs, help=argparse.SUPPRESS)
     for options, nargs, dest in _CHECKED:
@@ -333,15 +421,37 @@ def _open_refusal(args) -> str | None:
 def _open_failure(exc, args) -> str:
     """qemu-nbd's line for `exc`, raised opening the image: its snapshot cannot be loaded
     ("Failed to load snapshot: ..."), else blk_new_open() failed with qemu-img's words."""
-    from .cli import RAW_SNAPSHOT, error_text, opened_as_raw
+    from .cli import RAW_SNAPSHOT, SNAPSHOT_NOT_FOUND, error_text, opened_as_raw
     from .errors import SnapshotNotFound, UnsupportedFeature
     if isinstance(exc, SnapshotNotFound):
-        return "Failed to load snapshot: Can't find snapshot"
-    if isinstance(exc, UnsupportedFeature) and args.snapshot is not None and opened_as_raw(
-            args.image, args.format, backing_dirs=args.allow_backing_dir,
-            force_share=args.force_share):
+        return SNAPSHOT_NOT_FOUND
+    words = error_text(exc, [(args.image, args.format)])
+    if args.snapshot is None:
+        return _blk_new_open(args.image, words)
+    kw = dict(backing_dirs=args.allow_backing_dir, force_share=args.force_share)
+    if isinstance(exc, UnsupportedFeature) and opened_as_raw(args.image, args.format, **kw):
         return RAW_SNAPSHOT
-    return _blk_new_open(args.image, error_text(exc, [(args.image, args.format)]))
+    # qemu-nbd loads the snapshot once the image is open (qcow2_snapshot_load_tmp(): its L1
+    # table's checks, in `qemu_snapshot`); qcowfast's own refusals there (a table past the
+    # end of the file) are put the same way.
+    snapshot_words = getattr(exc, "qemu_snapshot", None)
+    if snapshot_words is None and _opens(args.image, args.format, **kw):
+        prefix = f"Could not open '{args.image}': "
+        snapshot_words = words[len(prefix):] if words.startswith(prefix) else words
+    if snapshot_words is not None:
+        return f"Failed to load snapshot: {snapshot_words}"
+    return _blk_new_open(args.image, words)
+
+
+def _opens(image: str, fmt: str | None, **kw) -> bool:
+    """Whether `image` opens without a snapshot. `kw`: open_source()'s."""
+    from .errors import QcowError
+    from .image import open_source
+    try:
+        open_source(image, fmt, **kw).close()
+    except (QcowError, OSError):
+        return False
+    return True
 
 
 THREAD_STACK = 1 << 20          # bytes: the stack of QEMU's coroutines, ample for a serve thread

@@ -169,8 +169,12 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 _OPTION_NAMES = {v: k for k, v in globals().items() if k.startswith("NBD_OPT_")}
-_COMMAND_NAMES = {v: k for k, v in globals().items() if k.startswith("NBD_CMD_") and
-                  "FLAG" not in k}
+# QEMU's names of the commands (nbd/common.c nbd_cmd_lookup()), in its messages.
+_QEMU_COMMANDS = {NBD_CMD_READ: "read", NBD_CMD_WRITE: "write", NBD_CMD_DISC: "disconnect",
+                  NBD_CMD_FLUSH: "flush", NBD_CMD_TRIM: "trim", NBD_CMD_CACHE: "cache",
+                  NBD_CMD_WRITE_ZEROES: "write zeroes", NBD_CMD_BLOCK_STATUS: "block status"}
+_WRITES = (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM)
+_READ_ONLY = "Export is read-only"
 
 
 class Export(Protocol):
@@ -203,10 +207,11 @@ class Export(Protocol):
     # Optional: the chunks of a structured read (without DF) that failed, as qemu-nbd sends
     # them; without it such a read gets an error chunk alone:
     # def read_failure(self, offset: int, length: int, exc: Exception
-    #                  ) -> list[tuple[int, int, bool]] | None:
-    #     """The (start, end, hole) runs qemu-nbd's sparse read of [offset, offset + length)
-    #     sends as chunks before the block status query that fails with `exc`, in order
-    #     (empty when that is the first); None when `exc` is no such failure."""
+    #                  ) -> tuple[list[tuple[int, int, bool]], bool] | None:
+    #     """(runs, query): the (start, end, hole) runs qemu-nbd's sparse read of
+    #     [offset, offset + length) sends as chunks before the step that fails with `exc`,
+    #     in order (empty when that is the first), and whether that step is a block status
+    #     query (else the read of the next run); None when the export cannot tell."""
 
     # Optional: NBD_CMD_CACHE, answered with success without it:
     # def cache(self, offset: int, length: int) -> None:
@@ -328,14 +333,11 @@ class Connection:
             NBD_OPT_LIST_META_CONTEXT: self._opt_meta_context,
             NBD_OPT_SET_META_CONTEXT: self._opt_meta_context,
         }
+        # Valid requests of the commands served (writes never are: see _invalid).
         self._commands = {
             NBD_CMD_READ: self._cmd_read,
-            NBD_CMD_WRITE: self._cmd_write,
-            NBD_CMD_DISC: self._cmd_disc,
             NBD_CMD_FLUSH: self._cmd_flush,
-            NBD_CMD_TRIM: self._cmd_refuse_write,
             NBD_CMD_CACHE: self._cmd_cache,
-            NBD_CMD_WRITE_ZEROES: self._cmd_refuse_write,
             NBD_CMD_BLOCK_STATUS: self._cmd_block_status,
         }
 
@@ -701,9 +703,9 @@ class Connection:
                 self._submit_read(handle, offset, length, flags)   # the common case
                 continue
             self._kick()
-            handler = self._commands.get(cmd, self._cmd_unknown)
-            if handler(cmd, flags, handle, offset, length, deadline) is _STOP:
-                return
+            if cmd == NBD_CMD_DISC:
+                return                            # (whatever else the request holds)
+            self._request(cmd, flags, handle, offset, length, deadline)
 
     def _await_backlog(self) -> None:
         """Wait while the queue holds a whole batch for every worker that may take one (the
@@ -715,76 +717,75 @@ class Connection:
             while self._queued >= READ_BATCH_BYTES * self._share() and not self._closed:
                 self._flow.wait()
 
-    def _check_range(self, cmd: int, offset: int, length: int, cap: int | None) -> str | None:
+    def _request(self, cmd, flags, handle, offset, length, deadline) -> None:
+        """Check a request as nbd/server.c nbd_co_receive_request() does (a write's payload is
+        read first), reply to an invalid one with qemu-nbd's words, else serve it."""
+        bad = self._invalid(cmd, flags, offset, length)
+        if cmd == NBD_CMD_WRITE:
+            if length > self.limits.max_request:
+                # The payload cannot be skipped within bounds: refuse, then end the connection.
+                self._reply_error(handle, NBD_EPERM, bad)
+                raise Disconnect(f"write payload of {length} bytes is over the request limit")
+            self._discard(length, deadline)
+        if bad is not None:
+            # qemu-nbd -r answers writes EINVAL; proto.md asks EPERM of a read-only export.
+            error = NBD_EPERM if cmd in _WRITES else NBD_EINVAL
+            return self._reply_error(handle, error, bad)
+        self._commands.get(cmd, self._cmd_unknown)(cmd, flags, handle, offset, length)
+
+    def _invalid(self, cmd: int, flags: int, offset: int, length: int) -> str | None:
+        """qemu-nbd's words for what nbd_co_receive_request() refuses in a request, checked in
+        its order (a write-type command is always refused), else None."""
+        cap = self.limits.max_request
+        if cmd in (NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_CACHE) and length > cap:
+            return f"len ({length} ) is larger than max len ({cap})"
+        if cmd in _WRITES:
+            return _READ_ONLY
         size = self.export.size
-        if cap is not None and length > cap:
-            return f"{_COMMAND_NAMES[cmd]} of {length} bytes exceeds the maximum of {cap}"
         if offset > size or length > size - offset:
-            return (f"{_COMMAND_NAMES[cmd]} of {length} bytes at offset {offset} runs past the "
-                    f"end of the export ({size} bytes)")
+            return f"operation past EOF; From: {offset}, Len: {length}, Size: {size}"
+        if flags & ~self._valid_flags(cmd):
+            return (f"unsupported flags for command {_QEMU_COMMANDS.get(cmd, '<unknown>')} "
+                    f"(got {flags:#x})")
         return None
+
+    def _valid_flags(self, cmd: int) -> int:
+        """The command flags a request of `cmd` may carry."""
+        # proto.md: with NBD_FLAG_SEND_FUA advertised the server MUST accept FUA on every
+        # command; nothing is written, so there is nothing to wait for.
+        if cmd == NBD_CMD_READ:
+            return self._read_flags()
+        return NBD_CMD_FLAG_FUA | (NBD_CMD_FLAG_REQ_ONE if cmd == NBD_CMD_BLOCK_STATUS else 0)
 
     def _read_flags(self) -> int:
         """The command flags a read may carry."""
-        # proto.md: with NBD_FLAG_SEND_FUA advertised the server MUST accept FUA on every
-        # command; nothing is written, so there is nothing to wait for.
         return NBD_CMD_FLAG_FUA | (NBD_CMD_FLAG_DF if self.structured else 0)
 
-    def _cmd_read(self, cmd, flags, handle, offset, length, deadline):
-        if flags & ~self._read_flags():
-            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on read")
-        bad = self._check_range(cmd, offset, length, self.limits.max_request)
-        if bad:
-            return self._reply_error(handle, NBD_EINVAL, bad)
+    def _cmd_read(self, cmd, flags, handle, offset, length):
         self._submit_read(handle, offset, length, flags)
 
-    def _cmd_block_status(self, cmd, flags, handle, offset, length, deadline):
+    def _cmd_block_status(self, cmd, flags, handle, offset, length):
+        # (nbd/server.c nbd_handle_request())
+        if not length:
+            return self._reply_error(handle, NBD_EINVAL, "need non-zero length")
         if BASE_ALLOCATION_ID not in self.contexts:
-            return self._reply_error(handle, NBD_EINVAL, "no metadata context was negotiated")
-        if flags & ~(NBD_CMD_FLAG_REQ_ONE | NBD_CMD_FLAG_FUA):
-            return self._reply_error(handle, NBD_EINVAL,
-                                     f"unsupported flags {flags:#x} on block status")
-        bad = self._check_range(cmd, offset, length, None)
-        if bad or length == 0:
-            return self._reply_error(handle, NBD_EINVAL, bad or "block status of 0 bytes")
+            return self._reply_error(handle, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated")
         self._submit(0, self._do_block_status, handle, offset, length,
                      bool(flags & NBD_CMD_FLAG_REQ_ONE))
 
-    def _cmd_write(self, cmd, flags, handle, offset, length, deadline):
-        if length > self.limits.max_request:
-            # The payload cannot be skipped within bounds: refuse, then end the connection.
-            self._reply_error(handle, NBD_EPERM, "the export is read-only")
-            raise Disconnect(f"write payload of {length} bytes is over the request limit")
-        self._discard(length, deadline)
-        self._reply_error(handle, NBD_EPERM, "the export is read-only")
-
-    def _cmd_refuse_write(self, cmd, flags, handle, offset, length, deadline):
-        self._reply_error(handle, NBD_EPERM, "the export is read-only")
-
-    def _cmd_flush(self, cmd, flags, handle, offset, length, deadline):
+    def _cmd_flush(self, cmd, flags, handle, offset, length):
         # Nothing is ever written, so there is nothing to flush.
-        if flags & ~NBD_CMD_FLAG_FUA:
-            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on flush")
         self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
 
-    def _cmd_cache(self, cmd, flags, handle, offset, length, deadline):
-        # Nothing is cached (proto.md allows a CACHE with no effect); but a server advertising
-        # CACHE "MUST reject any command flags it does not recognize", and where qemu-nbd's
+    def _cmd_cache(self, cmd, flags, handle, offset, length):
+        # Nothing is cached (proto.md allows a CACHE with no effect); but where qemu-nbd's
         # prefetch reads fail, so does the export's `cache`.
-        if flags & ~NBD_CMD_FLAG_FUA:
-            return self._reply_error(handle, NBD_EINVAL, f"unsupported flags {flags:#x} on cache")
-        bad = self._check_range(cmd, offset, length, self.limits.max_request)
-        if bad:
-            return self._reply_error(handle, NBD_EINVAL, bad)
         if getattr(self.export, "cache", None) is None or not length:
             return self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
         self._submit(0, self._do_cache, handle, offset, length)
 
-    def _cmd_disc(self, cmd, flags, handle, offset, length, deadline):
-        return _STOP
-
-    def _cmd_unknown(self, cmd, flags, handle, offset, length, deadline):
-        self._reply_error(handle, NBD_EINVAL, f"unknown command {cmd}")
+    def _cmd_unknown(self, cmd, flags, handle, offset, length):
+        self._reply_error(handle, NBD_EINVAL, f"invalid request type ({cmd}) received")
 
     # -- replies ---------------------------------------------------------------------------------
     def _reply_error(self, handle: int, error: int, message: str) -> None:
@@ -992,10 +993,11 @@ class Connection:
 
         A structured read without DF is nbd/server.c nbd_co_send_sparse_read(): it walks block
         status from `offset`, one chunk per run (OFFSET_HOLE where it reads as zeros, else
-        OFFSET_DATA), until a query fails: then an error chunk ends the reply. The export's
-        `read_failure` gives the runs before the query that meets `exc` (their bytes are
-        filled again into `view`, which holds the whole request). Other reads fail whole,
-        as blk_pread() does, with an error alone (also when the runs cannot be sent).
+        OFFSET_DATA), until a query fails (then an error chunk ends the reply) or the read of
+        a data run fails (see below). The export's `read_failure` gives the runs before the
+        step that fails with `exc` (their bytes are filled again into `view`, which holds the
+        whole request). Other reads fail whole, as blk_pread() does, with an error alone
+        (also when the runs cannot be sent).
         """
         code = _errno_of(exc)
         runs = None
@@ -1003,7 +1005,7 @@ class Connection:
             runs = self._runs_before(offset, length, exc, view)
         if runs is None:
             return self._reply_error(handle, code, "reading from file failed")
-        runs, plan = runs
+        runs, plan, query = runs
         parts: list = []
         k = 0
         for start, end, hole in runs:
@@ -1016,19 +1018,27 @@ class Connection:
                 NBD_STRUCTURED_REPLY_MAGIC, 0, NBD_REPLY_TYPE_OFFSET_DATA, handle,
                 8 + end - start, start)))
             k = _add_bytes(parts, plan, k, start, end, view, offset)
-        parts.append(memoryview(self._error_chunk(
-            handle, code, f"unable to check for holes: {os.strerror(code)}")))
+        # A run that cannot be read ends qemu-nbd's reply with no error chunk: it drops the
+        # connection (nbd_co_send_sparse_read() fails as if the send had failed). Here the
+        # error chunk ends the reply and the connection serves on.
+        message = (f"unable to check for holes: {os.strerror(code)}" if query
+                   else "reading from file failed")
+        parts.append(memoryview(self._error_chunk(handle, code, message)))
         self._send_parts(parts)
 
     def _runs_before(self, offset: int, length: int, exc: Exception, view: memoryview):
-        """(runs, plan): the export's runs before the block status query that meets `exc`,
-        and the plan of their bytes (filled into `view`); None when the export cannot tell,
-        or their bytes cannot be read either."""
+        """(runs, plan, query): the export's runs before the step that fails with `exc` (see
+        Export.read_failure), the plan of their bytes (filled into `view`), and whether that
+        step is a block status query; None when the export cannot tell, or their bytes
+        cannot be read either."""
         failure = getattr(self.export, "read_failure", None)
         try:
-            runs = None if failure is None else failure(offset, length, exc)
-            if not runs or all(hole for _, _, hole in runs):
-                return None if runs is None else (runs, [])
+            found = None if failure is None else failure(offset, length, exc)
+            if found is None:
+                return None
+            runs, query = found
+            if all(hole for _, _, hole in runs):
+                return runs, [], query
             plan = self._fill(offset, view[:runs[-1][1] - offset])
         except Exception as again:
             log.warning("%s: read of %d bytes at %d: the runs before the failure: %s",
@@ -1036,7 +1046,7 @@ class Connection:
             return None
         if self._plan is not None and _missing_file_bytes(plan):
             return None
-        return runs, plan
+        return runs, plan, query
 
     def _read_replies(self, batch: list, first: int, plan: list, view: memoryview) -> list:
         """The parts (see _send_parts) of the replies to the reads of `batch`: each one's header,
@@ -1067,8 +1077,7 @@ class Connection:
             self.export.cache(offset, length)
         except Exception as exc:
             log.warning("%s: cache of %d bytes at %d failed: %s", self.peer, length, offset, exc)
-            return self._reply_error(handle, _errno_of(exc), f"cache of {length} bytes at "
-                                     f"offset {offset} failed: {type(exc).__name__}")
+            return self._reply_error(handle, _errno_of(exc), "caching data failed")
         self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
@@ -1078,8 +1087,7 @@ class Connection:
         except Exception as exc:
             # (qemu-nbd: the whole request fails, nothing of what was resolved is sent.)
             log.warning("%s: block status at %d failed: %s", self.peer, offset, exc)
-            return self._reply_error(handle, _errno_of(exc), f"block status at offset "
-                                     f"{offset} failed: {type(exc).__name__}")
+            return self._reply_error(handle, _errno_of(exc), "can't get block status")
         if req_one:
             extents = [(min(extents[0][0], length), extents[0][1])]
         flat = [v for ext in extents for v in ext]

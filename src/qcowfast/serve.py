@@ -223,16 +223,41 @@ class ImageExport:
                 return out
             raise
 
-    def read_failure(self, offset: int, length: int, exc: Exception) -> list | None:
-        """The (start, end, hole) runs qemu-nbd's structured read of [offset, offset + length)
-        sends as chunks before it fails at the bad table entry `exc` met (None for any other
-        failure): nbd/server.c nbd_co_send_sparse_read() sends a chunk per block status run
-        (a hole where it reads as zeros) until the query that meets the entry."""
+    def read_failure(self, offset: int, length: int, exc: Exception) -> tuple | None:
+        """(runs, query): the (start, end, hole) runs qemu-nbd's structured read of
+        [offset, offset + length) sends as chunks before it fails with `exc`, and whether
+        a block status query fails (at a bad table entry), else the read of the next run (a
+        compressed stream that does not inflate, say); None for memory running out, or when
+        every run reads. nbd/server.c nbd_co_send_sparse_read() sends a chunk per block
+        status run (a hole where it reads as zeros), each data run once it has read it."""
+        end = offset + length
         stop = self._failing_query(exc, offset)
-        if stop is None:
+        if stop is not None:
+            return [(s.start, s.end, bool(s.flags & BDRV_BLOCK_ZERO)) for s in
+                    status_runs(self.image, offset, min(stop, end), {})], True
+        if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
             return None
-        return [(s.start, s.end, bool(s.flags & BDRV_BLOCK_ZERO)) for s in
-                status_runs(self.image, offset, min(stop, offset + length), {})]
+        runs: list = []
+        scratch = None
+        for s in status_runs(self.image, offset, end, {}):
+            hole = bool(s.flags & BDRV_BLOCK_ZERO)
+            if not hole:
+                scratch = scratch if scratch is not None else bytearray(min(FILL_WINDOW,
+                                                                            length))
+                if not self._reads(s.start, s.end, scratch):
+                    return runs, False
+            runs.append((s.start, s.end, hole))
+        return None
+
+    def _reads(self, start: int, end: int, scratch: bytearray) -> bool:
+        """Whether the guest bytes of [start, end) read (a window of `scratch` at a time)."""
+        view = memoryview(scratch)
+        try:
+            for pos in range(start, end, len(view)):
+                self.read_into(pos, view[:min(len(view), end - pos)])
+        except Exception:                   # (the error is the one the read met)
+            return False
+        return True
 
     def _failing_query(self, exc: CorruptImage, start: int) -> int | None:
         """Where QEMU's block status query that meets `exc` starts, in a walk from `start`
