@@ -665,19 +665,12 @@ class _SnapshotParam(argparse.Action):
                  "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
         if ident is not None and ident in ids:
             fail(f"qcowfast: Duplicate ID '{ident}' for snapshot")
-        chosen = {}
-        for name, value, flag in _qemu_opts(text):
-            if flag in ("help", "?"):
-                sys.stdout.write(_SNAPSHOT_HELP)
-                fail()
-            if flag is not None:
-                print(f"qcowfast: warning: short-form boolean option '{flag}' deprecated\n"
-                      f"Please use {name}={value} instead", file=sys.stderr)
-            if name == "id":
-                continue
-            if name not in _SNAPSHOT_KEYS:
-                fail(f"qcowfast: Invalid parameter '{name}'")
-            chosen[name] = value                # (the last value of a key counts)
+        def helped() -> "typing.NoReturn":     # noqa: F821
+            sys.stdout.write(_SNAPSHOT_HELP)
+            fail()
+
+        chosen = _opts_chosen(_qemu_opts(text), _SNAPSHOT_KEYS, helped,
+                              lambda name: fail(f"qcowfast: Invalid parameter '{name}'"))
         if ident is not None:
             ids.add(ident)
         return ",".join(f"{name}={value.replace(',', ',,')}" for name, value in chosen.items())
@@ -1828,19 +1821,30 @@ def _trace_option(text: str) -> dict:
         print("qcowfast: Parameter 'id' expects an identifier\nIdentifiers consist of "
               "letters, digits, '-', '.', '_', starting with a letter.", file=sys.stderr)
         raise SystemExit(1)
+    def helped() -> "typing.NoReturn":         # noqa: F821 - its list of keys, status 1
+        sys.stdout.write("trace options:\n" + "".join(f"  {key}=<str>\n"
+                                                      for key in _TRACE_KEYS))
+        raise SystemExit(1)
+
+    return _opts_chosen(items, _TRACE_KEYS, helped,
+                        lambda name: usage_exit(f"Invalid parameter '{name}'", hint=False))
+
+
+def _opts_chosen(items, keys, helped, invalid) -> dict:
+    """QemuOpts' reading of parsed (name, value, flag) `items` (see _qemu_opts): a "help"
+    or "?" flag calls helped(); a short-form boolean gets QEMU's warning; "id" is skipped;
+    a key not in `keys` calls invalid(name). Returns {key: its last value}."""
     chosen = {}
     for name, value, flag in items:
-        if flag in ("help", "?"):                # (its list of keys, status 1)
-            sys.stdout.write("trace options:\n" + "".join(f"  {key}=<str>\n"
-                                                          for key in _TRACE_KEYS))
-            raise SystemExit(1)
+        if flag in ("help", "?"):
+            helped()
         if flag is not None:
             print(f"qcowfast: warning: short-form boolean option '{flag}' deprecated\n"
                   f"Please use {name}={value} instead", file=sys.stderr)
         if name == "id":
             continue
-        if name not in _TRACE_KEYS:
-            usage_exit(f"Invalid parameter '{name}'", hint=False)
+        if name not in keys:
+            invalid(name)
         chosen[name] = value
     return chosen
 
