@@ -685,8 +685,11 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-o", "extended_l2=on", "-O", "qcow2"], "extended_l2"),
     (["-o", "backing_file=base.qcow2,backing_fmt=qcow2", "-O", "qcow2"], "backing_file"),
     (["-o", "data_file=d.raw", "-O", "qcow2"], "data_file"),
-    (["-o", "encrypt.format=luks", "-O", "qcow2"], "encrypt.format"),
-    (["-o", "encryption=on", "-O", "qcow2"], "encryption"),
+    # (encryption qemu-img would write: its key's secret defined)
+    (["--object", "secret,id=s0,data=x", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
+      "-O", "qcow2"], "encrypt."),
+    (["--object", "secret,id=s0,data=x", "-o", "encryption=on,encrypt.key-secret=s0",
+      "-O", "qcow2"], "encrypt"),
 ])
 def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
     line = assert_one_line(*cli(capsys, "convert", *options, small_qcow2, tmp_path / "out"),
@@ -699,6 +702,12 @@ def test_convert_refuses_by_name(small_qcow2, tmp_path, capsys, options, named):
     ["-o", "cluster_size=3k", "-O", "qcow2"], ["-o", "cluster_size=4M", "-O", "qcow2"],
     ["-o", "compression_type=lzma", "-O", "qcow2"], ["-o", "cluster_size=64k", "-O", "raw"],
     ["-n", "-o", "cluster_size=64k", "-O", "qcow2"],
+    # encryption qemu-img cannot set up either: no key, no such secret, no format
+    ["-o", "encrypt.format=luks", "-O", "qcow2"], ["-o", "encryption=on", "-O", "qcow2"],
+    ["-o", "encrypt.format=aes,encrypt.key-secret=s0", "-O", "qcow2"],
+    ["-o", "encrypt.key-secret=s0", "-O", "qcow2"], ["-o", "encrypt.format=x", "-O", "qcow2"],
+    ["--object", "secret,id=s1,data=x", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
+     "-O", "qcow2"],
 ])
 def test_convert_option_values_fail_as_qemu_img(small_qcow2, tmp_path, capsys, options):
     """Values qemu-img refuses too: its line, word for word (tests/test_cli_wording.py has

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import sys
 import time
 
@@ -211,10 +212,13 @@ class QemuProgress:
         if self.last < 0:
             self.last = 0.0
             self._write("    (0.00/100%)\r")
-        if self.stream is not None and current > 0 and (current > self.last + self.min_skip
+        if self.stream is not None and current > 0 and (self._beyond(current)
                                                         or current == 100.0 > self.last):
             self.last = current
             self._write(f"    ({current:3.2f}/100%)\r")
+
+    def _beyond(self, current: float) -> bool:
+        return current > self.last + self.min_skip
 
     def __call__(self, done: int, total: int) -> None:
         with self.lock:
@@ -246,6 +250,33 @@ class QemuProgress:
 
 
 _progress_now: QemuProgress | None = None     # the job SIGUSR1 reports on
+
+
+def _f32(x: float) -> float:
+    """`x` rounded to a C float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class SummedProgress(QemuProgress):
+    """compare's report: img_compare() adds each step's share to a C float
+    (qemu_progress_print(((float) chunk / total_size) * 100, 100)), so its percentages are
+    float sums: they may round the other way than the exact share does, and stop short of
+    100 (no 100% report then). Steps are the callback's (done, total) calls."""
+
+    def __init__(self, stream, enabled: bool, min_skip: float):
+        super().__init__(stream, enabled, min_skip)
+        self.done = 0
+
+    def _beyond(self, current: float) -> bool:
+        return current > _f32(self.last + self.min_skip)
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            if total <= 0:
+                return self._report(100.0)
+            share = _f32(_f32(_f32(done - self.done) / _f32(total)) * 100)
+            self.done = done
+            self._report(min(100.0, _f32(self.current + _f32(_f32(share / 100) * 100))))
 
 
 def _on_usr1(signum, frame) -> None:
@@ -777,7 +808,8 @@ _PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 
 def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None = None,
-                    compress: bool = False, backing: tuple = (None, None, 1)) -> dict:
+                    compress: bool = False, backing: tuple = (None, None, 1),
+                    objects=()) -> dict:
     """Parse qemu-img's -o key=val[,key=val...] (',,' is a literal comma) for output format
     `fmt` into {cluster_size, compression_type, nocow} as convert() takes them; of a key given
     more than once, the last value counts, as in QEMU's option parser.
@@ -786,7 +818,8 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     with -n (`existing`), the option lists, each key and value (qemu_opts_do_parse), the
     backing file (`backing`: -B, -F and the number of sources; _backing_refusal), -c
     (`compress`) with the format, then what creating the image `dst` refuses ("DST: error
-    while converting FMT: ..."). Keys QEMU takes but qcowfast cannot honour come last, in
+    while converting FMT: ...", given the --object definitions `objects` for an encryption
+    key's secret). Keys QEMU takes but qcowfast cannot honour come last, in
     qcowfast's words. Without `dst` (no qemu-img command line: convert-many) each refusal is
     one line.
     """
@@ -818,8 +851,8 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     # -B and -F join -o's keys (add_old_style_options(): they win over backing_file=...)
     created = {**items, **{key: (value, value) for key, value in zip(
         ("backing_file", "backing_fmt"), backing[:2]) if value is not None}}
-    why = (_qcow2_create_refusal if fmt == "qcow2" else _raw_create_refusal)(
-        created, hint, None if existing else dst)
+    why = _qcow2_create_refusal(created, hint, None if existing else dst, objects) \
+        if fmt == "qcow2" else _raw_create_refusal(created, hint, None if existing else dst)
     if why is not None:
         raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
     for key in items:
@@ -866,10 +899,12 @@ def _backing_refusal(items: dict, fmt: str, backing_file: str | None, backing_fm
     return None
 
 
-def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> str | None:
+def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None,
+                          objects=()) -> str | None:
     """What creating a qcow2 image `dst` with these -o values (and extent size `hint`) fails
-    on, in QEMU's order and words (qcow2_co_create_opts(): the file first, then the enums its
-    visitor reads, then qcow2_co_create()'s checks); None when QEMU creates it."""
+    on, in QEMU's order and words (qcow2_co_create_opts(): the file first, then the members
+    its visitor reads, then qcow2_co_create()'s checks, its encryption last, given the
+    --object definitions `objects`); None when QEMU creates it."""
     from .output import create_refusal
     if hint > _EXTENT_HINT_MAX:
         return "Extent size hint is too large"
@@ -883,12 +918,18 @@ def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) ->
     def value(key, default):
         return items[key][1] if key in items else default
 
+    # encryption=on means encrypt.format=qcow (as "aes" does); off means no encryption.
+    encrypted = text("encryption") == "on" or any(k.startswith("encrypt.") for k in items)
+    cipher = text("encrypt.format") or ("qcow" if text("encryption") == "on" else None)
     for key, name, allowed in (("compat", "version", _VERSIONS),
                                ("backing_fmt", "backing-fmt", _BLOCKDEV_DRIVERS),
+                               ("encrypt.format", "format", ("qcow", "aes", "luks")),
                                ("preallocation", "preallocation", _PREALLOC_MODES),
                                ("compression_type", "compression-type", ("zlib", "zstd"))):
         if key in items and text(key) not in allowed:
             return f"Parameter '{name}' does not accept value '{text(key)}'"
+        if key == "encrypt.format" and encrypted and cipher is None:
+            return "Parameter 'encrypt.format' is missing"
     version = _VERSIONS.get(text("compat"), 3)
     cluster_size, extended_l2 = value("cluster_size", 65536), value("extended_l2", False)
     refcount_bits = value("refcount_bits", 16)
@@ -916,7 +957,25 @@ def _qcow2_create_refusal(items: dict, hint: int = 0, dst: str | None = None) ->
         return "data-file-raw requires data-file"
     if text("compression_type") == "zstd" and version < 3:
         return f"Non-zlib compression type is only supported with {v3}"
+    if encrypted:                               # (qcow2_set_up_encryption(), the crypto layer)
+        return _secret_refusal(text("encrypt.key-secret"), objects)
     return None
+
+
+def _secret_refusal(secret: str | None, objects) -> str | None:
+    """The crypto layer's line for an encryption key `secret` (an --object id) that is not
+    given, or names no secret among `objects`; None when it does."""
+    from .cli_getopt import keyval
+    if secret is None:
+        return "Parameter 'encrypt.key-secret' is required for cipher"
+    for text in objects:
+        try:
+            fields, _ = keyval(text, "qom-type")
+        except ValueError:
+            continue
+        if fields.get("qom-type") == "secret" and fields.get("id") == secret:
+            return None
+    return f"No secret with id '{secret}'"
 
 
 def _raw_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> str | None:
@@ -1098,7 +1157,8 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     if fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
     opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
-                           (args.backing_file, args.backing_format, 1 + len(args.extra)))
+                           (args.backing_file, args.backing_format, 1 + len(args.extra)),
+                           args.object)
     refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
     if refused:
         raise QemuLine(refused)
@@ -1228,10 +1288,10 @@ def cmd_map(args) -> int:
     return 0
 
 
-def _progress(args, stream, min_skip: float) -> QemuProgress:
+def _progress(args, stream, min_skip: float, kind=QemuProgress) -> QemuProgress:
     # -q wins over -p, as in qemu-img.
     enabled = (args.progress or args.force_progress) and not getattr(args, "quiet", False)
-    return QemuProgress(stream, enabled, min_skip)
+    return kind(stream, enabled, min_skip)
 
 
 def _add_progress_options(p: argparse.ArgumentParser, where: str = "standard output") -> None:
@@ -1312,7 +1372,7 @@ def cmd_compare(args) -> int:
             _write_quietly(sys.stdout, line + "\n")
 
     # The report starts before -T is checked: with -p, a refusal ends it too (a newline).
-    with _progress(args, sys.stdout, 2.0) as progress:
+    with _progress(args, sys.stdout, 2.0, SummedProgress) as progress:
         refused = _compare_refusal(args, kw)
         if refused:
             print(f"qcowfast: {refused}", file=sys.stderr)

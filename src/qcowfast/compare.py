@@ -228,7 +228,13 @@ class _Comparer:
                                READ_FAILED) from exc
 
     def common(self, end: int):
-        """Compare [0, end); return (kind, offset) of the first difference or None."""
+        """Compare [0, end); return (kind, offset) of the first difference or None.
+
+        With a progress report, walks img_compare's chunks (block status runs, see
+        `stepped`) so that the report steps where qemu-img's does; else the merged extents,
+        which find the same first difference with fewer steps."""
+        if self.progress is not None:
+            return self.stepped(end, strict=False)
         ia, ib = _allocation(self.a, self.a.pieces(0, end)), _allocation(self.b,
                                                                           self.b.pieces(0, end))
         pa, pb = next(ia, None), next(ib, None)
@@ -247,15 +253,16 @@ class _Comparer:
                 pb = next(ib, None)
         return None
 
-    def strict(self, end: int):
-        """Compare [0, end) of two images of size `end` as img_compare's strict loop does.
+    def stepped(self, end: int, strict: bool = True):
+        """Compare [0, end) as img_compare's loop does, step by step (strict: of two images
+        of size `end`, block status words compared too).
 
         Returns ("status" or "content", offset) of the first difference, or None.
 
         Each step queries both images at `pos`: the status word is the run's flags, plus
         BDRV_BLOCK_EOF when the answered range reaches the image's end (block/io.c
         bdrv_co_common_block_status_above()); a qcow2 answer is at most INT_MAX bytes long.
-        The step advances by the shorter answer, IO_BUF_SIZE at most when data is compared.
+        The step advances by the shorter answer, IO_BUF_SIZE at most when data is read.
         """
         if end == 0:
             return None
@@ -272,14 +279,17 @@ class _Comparer:
             stop_b = _answer_end(rb, pos, self.b.max_pnum)
             flags_a = ra.flags | (BDRV_BLOCK_EOF if stop_a in (end, ra.eof_at) else 0)
             flags_b = rb.flags | (BDRV_BLOCK_EOF if stop_b in (end, rb.eof_at) else 0)
-            if flags_a != flags_b:
+            if strict and flags_a != flags_b:
                 return "status", pos
             stop = min(stop_a, stop_b)
-            # Equal flags: zero on both sides (skipped), or allocated on both (read and
-            # compared); an unallocated range always reads as ZERO.
-            if not flags_a & BDRV_BLOCK_ZERO and flags_a & BDRV_BLOCK_ALLOCATED:
+            # Zero on both sides: skipped. Else read (an unallocated range always reads as
+            # ZERO): qemu-img reads both sides when both are allocated, else the allocated
+            # one; the first non-zero sector of one side that reads as zeros is where
+            # compare_buffers() would find the first difference.
+            zero_a, zero_b = flags_a & BDRV_BLOCK_ZERO, flags_b & BDRV_BLOCK_ZERO
+            if not (zero_a and zero_b):
                 stop = min(stop, pos + IO_BUF_SIZE)
-                found = self.content(pos, stop, False, False)
+                found = self.content(pos, stop, bool(zero_a), bool(zero_b))
                 if found is not None:
                     return "content", found
             pos = stop
@@ -321,6 +331,8 @@ class _Comparer:
 
     def tail(self, src, start: int, end: int) -> int | None:
         """First offset in [start, end) of `src` that does not read as zeros."""
+        if self.progress is not None:
+            return self.stepped_tail(src, start, end)
         for p in _allocation(src, src.pieces(start, end)):
             if not p.zero:
                 found = self.content(p.start, p.end, True, False) if src is self.b else \
@@ -328,6 +340,25 @@ class _Comparer:
                 if found is not None:
                     return found
             self.report(p.end)
+        return None
+
+    def stepped_tail(self, src, start: int, end: int) -> int | None:
+        """tail() in img_compare's chunks: block status runs of `src` from `start`, data
+        (allocated, not zero) read IO_BUF_SIZE at a time, each chunk reported."""
+        runs = _allocation(src, src.status_runs(end))
+        run = next(runs)
+        pos = start
+        while pos < end:
+            while run.end <= pos:
+                run = next(runs)
+            stop = _answer_end(run, pos, src.max_pnum)
+            if run.flags & BDRV_BLOCK_ALLOCATED and not run.flags & BDRV_BLOCK_ZERO:
+                stop = min(stop, pos + IO_BUF_SIZE)
+                found = self.content(pos, stop, src is self.b, src is self.a)
+                if found is not None:
+                    return found
+            pos = stop
+            self.report(pos)
         return None
 
 
@@ -398,7 +429,7 @@ def _compare(a, b, strict: bool, progress, on_message) -> CompareResult:
         say("Strict mode: Image size mismatch!")
         return CompareResult(False, None, True, messages)
     common = min(a.size, b.size)
-    found = cmp.strict(common) if strict else cmp.common(common)
+    found = cmp.stepped(common) if strict else cmp.common(common)
     if found is not None:
         kind, offset = found
         say(f"Strict mode: Offset {offset} block status mismatch!" if kind == "status"

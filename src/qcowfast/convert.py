@@ -587,7 +587,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         if stream is not None:
             name = _stream_name(dst, stream)
             if format != "raw":
-                raise OutputError(f"cannot stream {format} output to {name} (as qemu-img cannot); "
+                raise OutputError(f"cannot stream {format} output to {name}; "
                                   "write it to a file")
             if max_stream_size is not None and vsize > max_stream_size:
                 raise OutputError(f"refusing to stream {vsize} bytes (virtual size "
