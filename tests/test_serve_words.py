@@ -28,8 +28,9 @@ from common import qemu_img, qemu_io
 from qcowfast import nbd
 from test_bad_l1 import KINDS, broken
 from test_nbd_protocol import Client
-from test_serve import CliServer, QemuNbd, unix_uri
-from test_serve_bad_l1 import _l2_image, _layer_geometry, _set_l2, qcowfast_serve, qemu_nbd
+from test_serve import CliServer, QemuNbd, snap_names, unix_uri  # noqa: F401 (a fixture)
+from test_serve_bad_l1 import (_l2_image, _layer_geometry, _set_l2, assert_same,
+                              qcowfast_serve, qemu_nbd)
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 DF = nbd.NBD_CMD_FLAG_DF
@@ -37,18 +38,6 @@ TIMEOUT = 30
 
 
 # -- -l ----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def snaps(tmp_path_factory) -> Path:
-    """Snapshot id 1 named "2", id 2 named "x"; the current state differs from both."""
-    d = tmp_path_factory.mktemp("words-snapshots")
-    img = d / "sn.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
-    for pattern, name in ((0xa1, "2"), (0xa2, "x")):
-        qemu_io(img, f"write -P {pattern} 0 64k")
-        qemu_img("snapshot", "-c", name, img)
-    qemu_io(img, "write -P 0xa3 0 64k")
-    return img
 
 
 def _fails(argv: list) -> tuple[int, str, str]:
@@ -75,11 +64,11 @@ _SELECTORS = [
 
 
 @pytest.mark.parametrize("selectors", _SELECTORS, ids=" -l ".join)
-def test_load_snapshot_errors_as_qemu_nbd(snaps, tmp_path, selectors):
+def test_load_snapshot_errors_as_qemu_nbd(snap_names, tmp_path, selectors):
     options = [a for s in selectors for a in ("-l", s)]
-    want = _fails(["qemu-nbd", "-r", "-k", tmp_path / "q.sock", *options, snaps])
+    want = _fails(["qemu-nbd", "-r", "-k", tmp_path / "q.sock", *options, snap_names])
     got = _fails([sys.executable, "-m", "qcowfast", "serve", "-k", tmp_path / "f.sock",
-                  *options, snaps])
+                  *options, snap_names])
     assert want[0] == 1 and want[2].startswith("qemu-nbd: "), want
     assert got == (want[0], want[1], want[2].replace("qemu-nbd: ", "qcowfast: ")), want
     assert not (tmp_path / "f.sock").exists()
@@ -90,10 +79,10 @@ def test_load_snapshot_errors_as_qemu_nbd(snaps, tmp_path, selectors):
                                      ["-l", "snapshot.id=1,id=x", "-l", "snapshot.bad=1"]],
                          ids=" ".join)
 @pytest.mark.parametrize("name", ["sn.qcow2", "missing.qcow2"])
-def test_load_snapshot_is_parsed_in_option_order(snaps, tmp_path, options, name):
+def test_load_snapshot_is_parsed_in_option_order(snap_names, tmp_path, options, name):
     """A bad -l value fails as qemu-nbd's getopt loop meets it: after the options before it,
     before those after it and before the image is opened."""
-    path = snaps.parent / name
+    path = snap_names.parent / name
     want = _fails(["qemu-nbd", "-r", "-k", tmp_path / "q.sock", *options, path])
     got = _fails([sys.executable, "-m", "qcowfast", "serve", "-k", tmp_path / "f.sock",
                   *options, path])
@@ -105,14 +94,14 @@ def test_load_snapshot_is_parsed_in_option_order(snaps, tmp_path, options, name)
                                        ["x", "snapshot.name=2"], ["snapshot.name=x", "1"],
                                        ["2", "x"], ["snapshot.id=2,snapshot.id=1,"]],
                          ids=" -l ".join)
-def test_load_snapshot_serves_what_qemu_nbd_serves(snaps, tmp_path, selectors):
+def test_load_snapshot_serves_what_qemu_nbd_serves(snap_names, tmp_path, selectors):
     """Selectors qemu-nbd accepts (an `id=` it skips, several -l) serve the same snapshot."""
     options = [a for s in selectors for a in ("-l", s)]
     outs = []
     for tool in ("qemu-nbd", "qcowfast"):
         sock = tmp_path / f"{tool}.sock"
-        server = (QemuNbd(snaps, sock, *options) if tool == "qemu-nbd"
-                  else CliServer("-t", "-k", sock, *options, snaps))
+        server = (QemuNbd(snap_names, sock, *options) if tool == "qemu-nbd"
+                  else CliServer("-t", "-k", sock, *options, snap_names))
         try:
             out = tmp_path / f"{tool}.raw"
             subprocess.run(["nbdcopy", unix_uri(sock), str(out)], check=True, timeout=TIMEOUT,
@@ -186,13 +175,6 @@ def _reads(bad: int, size: int) -> list:
     return out
 
 
-def _assert_same(got: list, want: list, what: str) -> None:
-    __tracebackhide__ = True
-    assert len(got) == len(want), what
-    for g, w in zip(got, want):
-        assert g == w, f"{what}: qcowfast {g!r}\n  qemu-nbd {w!r}"
-
-
 def _compare(tmp_path: Path, oracle: Path, ours: dict, bad: int) -> list:
     """Serve `oracle` with qemu-nbd and each of `ours` (kind -> image) with qcowfast: the
     same replies to reads around guest offset `bad`; returns qemu-nbd's."""
@@ -203,7 +185,7 @@ def _compare(tmp_path: Path, oracle: Path, ours: dict, bad: int) -> list:
     for kind, image in ours.items():
         with qcowfast_serve(image, tmp_path / f"{kind}.sock") as sock:
             got = _wire(sock, reads)
-        _assert_same(got, want, kind)
+        assert_same(got, want, kind)
     return want
 
 
