@@ -106,6 +106,15 @@ CHECK_FAILS = {
 }
 
 
+def _fails_as_qemu_img(command: str, img) -> None:
+    """`command IMAGE` fails (exit 1) with qemu-img's stdout and stderr, run where it lies."""
+    __tracebackhide__ = True
+    want = _qemu(command, img.name, cwd=img.parent)
+    assert want[0] == 1
+    proc = run_cli(command, img.name, cwd=img.parent)
+    assert (proc.returncode, proc.stdout, proc.stderr) == want
+
+
 def _composed(exc) -> str:
     """qemu-img's stderr for a CheckFailed, from its attributes."""
     text = "".join(m + "\n" for m in exc.messages)
@@ -157,11 +166,7 @@ OPEN_FAILS = {
 
 @pytest.mark.parametrize("case", OPEN_FAILS)
 def test_check_opens_without_the_snapshot_pointer(case, pristine, tmp_path):
-    img = _broken(pristine, tmp_path, case, OPEN_FAILS[case])
-    want = _qemu("check", img.name, cwd=tmp_path)
-    assert want[0] == 1
-    proc = run_cli("check", img.name, cwd=tmp_path)
-    assert (proc.returncode, proc.stdout, proc.stderr) == want
+    _fails_as_qemu_img("check", _broken(pristine, tmp_path, case, OPEN_FAILS[case]))
 
 
 # calculate_refcounts()'s lines for a snapshot L1 table it skips (a corruption).
@@ -206,10 +211,7 @@ INFO_FAILS = {
 @pytest.mark.parametrize("case", INFO_FAILS)
 def test_snapshot_table_refused_at_open_in_qemu_words(case, pristine, tmp_path):
     img = _broken(pristine, tmp_path, case, INFO_FAILS[case])
-    want = _qemu("info", img.name, cwd=tmp_path)
-    assert want[0] == 1
-    proc = run_cli("info", img.name, cwd=tmp_path)
-    assert (proc.returncode, proc.stdout, proc.stderr) == want
+    _fails_as_qemu_img("info", img)
     if case == "table-over-64-mib":
         with pytest.raises(_check_module().CheckFailed) as failed:
             qcowfast.check(img)
