@@ -185,6 +185,8 @@ class _Checker:
         #: L2 table offset -> its data entries whose COPIED flag disagrees with the refcount
         #: (tables an active L1 entry names), reported by oflag_copied()
         self.copied_bad: dict = {}
+        #: `check -r all` would have repaired an L2 entry during the walk (l2_table())
+        self.fixed_in_walk = False
 
     # -- reporting -----------------------------------------------------------------------------
     def say(self, kind: str, text: str, times: int = 1) -> None:
@@ -263,15 +265,17 @@ class _Checker:
                      f"and {OWNER_NAMES[second]} (metadata overlap)")
 
     # -- the walk ------------------------------------------------------------------------------
-    def run(self, stored: StoredRefcounts) -> None:
+    def run(self, stored: StoredRefcounts, fix: bool = False) -> None:
+        """The check's walk; `fix`: as `check -r all` walks (see check_snapshot_table)."""
         h = self.h
-        snapshots, snapshots_size = check_snapshot_table(self.fd, h)
+        snapshots, snapshots_size = check_snapshot_table(self.fd, h, fix, self.res.messages)
         if h.version >= 3:
             # Version 3 entries carry at least the 64-bit VM state size and the disk size.
+            word = "Repairing" if fix else "ERROR"
             for i, sn in enumerate(snapshots):
                 if sn.extra_data_size < 16:
                     self.corrupt(1, "snapshot-incomplete",
-                                 f"ERROR snapshot table entry {i} is incomplete")
+                                 f"{word} snapshot table entry {i} is incomplete")
 
         self.inc(0, self.cs, HEADER)
         l2_refs = _L2Refs()
@@ -501,6 +505,11 @@ class _Checker:
                          "l2-bitmap", f"ERROR: unallocated cluster has non-zero subcluster "
                          f"allocation map ({where})")
         unaligned = alloc_off & (cs - 1)
+        # check_refcounts_l2(): an unaligned entry without data (preallocated zeros) is the
+        # one `check -r all` repairs as it walks, a write before any failure of the walk.
+        has_data = (bitmap[allocated] & _U64(QCOW_L2_BITMAP_ALL_ALLOC)) != 0 \
+            if h.extended_l2 else ~zero[allocated]
+        self.fixed_in_walk |= bool(np.count_nonzero((unaligned != 0) & ~has_data))
         self.corrupt(int(np.count_nonzero(unaligned)) * weight, "data-unaligned",
                      f"ERROR: data cluster is not properly aligned; L2 entry corrupted ({where})")
         if len(alloc_off):
@@ -536,10 +545,11 @@ class _Checker:
             hit = ok & (keys[pos] == l2_offsets)
             bad_data[hit] = counts[pos[hit]]
         self.res.corruptions += int(bad_l1.sum()) + int(bad_data.sum())
-        said_l1 = 0
-        for r in np.flatnonzero(bad_l1 | (bad_data > 0))[:MAX_MESSAGES + 1].tolist():
-            if bad_l1[r] and said_l1 < 3:
-                said_l1 += 1
+        # One line per entry, as QEMU's, up to each kind's cap (say()).
+        rows = np.union1d(np.flatnonzero(bad_l1)[:MAX_MESSAGES + 1],
+                          np.flatnonzero(bad_data)[:MAX_MESSAGES + 1])
+        for r in rows.tolist():
+            if bad_l1[r]:
                 self.say("oflag-copied-l1", f"ERROR OFLAG_COPIED L2 cluster: "
                          f"l1_index={int(index[r])} l1_entry={int(l1[r]):x} "
                          f"refcount={int(values[r])}")
@@ -997,16 +1007,19 @@ _INT64_MAX = (1 << 63) - 1
 _SNAPSHOT_POINTER = ("Snapshot table too large", "Snapshot table offset invalid")
 
 
-def check_snapshot_table(fd: int, h: Header, fix: bool = False) -> tuple[list, int]:
+def check_snapshot_table(fd: int, h: Header, fix: bool = False,
+                         notes: list | None = None) -> tuple[list, int]:
     """The snapshot table as the check reads it (qcow2_check_read_snapshot_table()): returns
     (snapshots, table size in bytes); raises CheckFailed in QEMU's words.
 
     Its pointer in the header is checked as qcow2_validate_table() checks it, then the table is
-    read as at open. `fix` (check -r all): QEMU first drops the snapshots past its limit
-    ("Discarding ..."), and reads no further here (it repairs what the table walk finds).
+    read as at open. `fix` (check -r all): QEMU first drops the snapshots past its limit, then
+    reads the table in repair mode (qcow2_do_read_snapshots(repair=true)): extra data over
+    its limit and entries past 64 MiB are dropped, a failed read still fails the check. Its
+    "Discarding ..." lines are appended to `notes`.
     """
     count, offset = h.nb_snapshots, h.snapshots_offset
-    notes = []
+    notes = [] if notes is None else notes
     if count > MAX_SNAPSHOTS and fix:
         notes.append(f"Discarding {count - MAX_SNAPSHOTS} overhanging snapshots")
         count = MAX_SNAPSHOTS
@@ -1020,15 +1033,15 @@ def check_snapshot_table(fd: int, h: Header, fix: bool = False) -> tuple[list, i
                           f"cluster size {h.cluster_size}, or the table ends past 2^63)",
                           error="ERROR snapshot table offset invalid", code=errno.EINVAL,
                           messages=notes)
-    if not count or fix:
+    if not count:
         return [], 0
     try:
-        return read_snapshot_table(fd, h)
+        return read_snapshot_table(fd, replace(h, nb_snapshots=count), notes if fix else None)
     except CorruptImage as exc:
         raise CheckFailed(f"failed to read the snapshot table: {exc}",
                           error="ERROR failed to read the snapshot table: "
                           f"{exc.qemu_chain or exc}", hint=exc.qemu_hint,
-                          code=getattr(exc, "qemu_errno", errno.EIO)) from None
+                          code=getattr(exc, "qemu_errno", errno.EIO), messages=notes) from None
 
 
 def _check_mode_header(fd: int, file_size: int) -> Header:
@@ -1208,14 +1221,25 @@ def _open_for_check(name: str, backing_dirs, force_share: bool, probe: bool):
 
 def check_open(path, *, repair: str = "leaks", backing_dirs=(), force_share=False,
                probe: bool = True) -> None:
-    """Raise what `qemu-img check -r REPAIR` fails with before it repairs anything (for the
-    command line, which then refuses to repair): the open of the image and its chain, then
-    the snapshot table, which QEMU checks before it repairs (check_snapshot_table; with
-    `repair="all"` it repairs all but an invalid offset). Raises as check() does."""
+    """Raise what `qemu-img check -r REPAIR` fails with before it writes anything (for the
+    command line, which then refuses to repair): the open of the image and its chain, the
+    snapshot table (check_snapshot_table; `repair="all"` reads it in QEMU's repair mode) and
+    the walk over the tables (a snapshot L1 table QEMU cannot read or count), unless `-r all`
+    would already have rewritten an L2 entry in that walk. Raises as check() does."""
     name = os.fsdecode(os.fspath(path))
     opened, fd, header = _open_for_check(name, backing_dirs, force_share, probe)
     try:
-        check_snapshot_table(fd, header, fix=repair == "all")
+        # qcow2_check_refcounts() repairs only once calculate_refcounts() has walked every
+        # table: a walk that fails (EIO, ENOMEM) fails the check before any write, in the
+        # same lines as without -r, as long as it met nothing -r all fixes during the walk.
+        checker = _Checker(fd, header, os.fstat(fd).st_size, CheckResult(filename=name), None)
+        try:
+            checker.run(StoredRefcounts(fd, header), fix=repair == "all")
+        except CheckFailed as exc:
+            if not (repair == "all" and checker.fixed_in_walk):
+                raise
+        except MemoryError:
+            raise AllocationFailed(f"{name}: not enough memory to check the image") from None
     finally:
         os.close(fd)
         opened.close_dir()

@@ -143,12 +143,14 @@ def _read_failed(i: int, end: int) -> Exception:
                        "Failed to read snapshot table: Input/output error", None, errno.EIO)
 
 
-def _walk(get, start: int, count: int, disk_size: int,
-          policy: _Policy) -> tuple[list[Snapshot], int]:
+def _walk(get, start: int, count: int, disk_size: int, policy: _Policy,
+          repair: list | None = None) -> tuple[list[Snapshot], int]:
     """Parse `count` entries from `start` (qcow2_do_read_snapshots()).
 
     `get(offset, n, what)` returns the `n` bytes at `offset`; `disk_size` stands for entries
-    whose extra data records none. Returns (snapshots, table size in bytes).
+    whose extra data records none. Returns (snapshots, table size in bytes). `repair` (check
+    -r all: QEMU's `repair`): a list that gets QEMU's "Discarding ..." lines where it drops
+    extra data over its limit or the entries past 64 MiB instead of failing; reads still fail.
     """
     out = []
     pos = start
@@ -158,7 +160,12 @@ def _walk(get, start: int, count: int, disk_size: int,
             raise _read_failed(i, pos + _ENTRY.size)
         (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec, vm_state32,
          extra_len) = _ENTRY.unpack(get(pos, _ENTRY.size, _label(i)))
-        if extra_len > MAX_EXTRA_DATA:
+        kept = extra_len
+        if extra_len > MAX_EXTRA_DATA and repair is not None:
+            repair.append(f"Discarding too much extra metadata in snapshot table entry {i} "
+                          f"({extra_len} > {MAX_EXTRA_DATA})")
+            kept = MAX_EXTRA_DATA
+        elif extra_len > MAX_EXTRA_DATA:
             raise _qemu_words(
                 policy.error(f"{_label(i)}: extra_data_size {extra_len} exceeds QEMU's limit "
                              f"of {MAX_EXTRA_DATA} bytes"),
@@ -169,6 +176,10 @@ def _walk(get, start: int, count: int, disk_size: int,
         # (The reads of extra data, id and name follow on: the last ends at `end`.)
         if policy.qemu and end > BDRV_MAX_LENGTH:
             raise _read_failed(i, end)
+        if end - start > MAX_SNAPSHOTS_SIZE and repair is not None:
+            repair.append(f"Discarding {count - i} overhanging snapshots (snapshot table is "
+                          "too big)")
+            break
         if end - start > MAX_SNAPSHOTS_SIZE:
             raise _qemu_words(
                 policy.error(f"snapshot table is larger than QEMU's limit of "
@@ -176,8 +187,10 @@ def _walk(get, start: int, count: int, disk_size: int,
                 "Snapshot table is too big",
                 f"You can force-remove all {count - i} overhanging snapshots with qemu-img "
                 "check -r all", errno.EFBIG)
-        body = get(pos + _ENTRY.size, end - pos - _ENTRY.size, _label(i))
-        extra = body[:extra_len]
+        # (The extra data QEMU drops is skipped, not read.)
+        extra = get(pos + _ENTRY.size, kept, _label(i))
+        body = extra + get(pos + _ENTRY.size + extra_len, id_len + name_len, _label(i))
+        extra_len = kept
         # Extra data (qcow2.txt): 64-bit VM state size, disk size, icount; unknown fields ignored.
         vm_state = int.from_bytes(extra[0:8], "big") if extra_len >= 8 else vm_state32
         disk = int.from_bytes(extra[8:16], "big") if extra_len >= 16 else disk_size
@@ -375,7 +388,8 @@ def find_snapshot(image, key) -> Snapshot:
                            f"(snapshots: {listing})")
 
 
-def read_snapshot_table(fd: int, header) -> tuple[list[Snapshot], int]:
+def read_snapshot_table(fd: int, header, repair: list | None = None
+                        ) -> tuple[list[Snapshot], int]:
     """Walk the snapshot table as QEMU's qcow2_do_read_snapshots() does when it opens an image.
 
     Only the table-level rules QEMU enforces at open are checked (extra data over 1 KiB, a table
@@ -383,11 +397,12 @@ def read_snapshot_table(fd: int, header) -> tuple[list[Snapshot], int]:
     left alone, so this refuses exactly the images QEMU refuses to open. Ids and names end at
     their first NUL byte (C strings, as QEMU prints them).
 
-    Returns (snapshots, table size in bytes). Raises CorruptImage.
+    Returns (snapshots, table size in bytes). Raises CorruptImage. `repair`: see _walk().
     """
     start = header.snapshots_offset
     get = _Window(_padded_fill(fd), start, header.cluster_size).get
-    return _walk(get, start, header.nb_snapshots, header.size // SECTOR * SECTOR, _AT_OPEN)
+    return _walk(get, start, header.nb_snapshots, header.size // SECTOR * SECTOR, _AT_OPEN,
+                 repair)
 
 
 def check_at_open(image) -> None:
