@@ -830,7 +830,8 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
         if not _valid_option_list(text):
             raise CliError(f"Invalid option list: {text}")
     try:
-        items = create_options(texts, fmt)
+        items = create_options(texts, fmt, device=bool(dst) and not existing and
+                               probes_as_device(dst))
     except ValueError as exc:
         if dst is None:
             raise CliError(f"-o {','.join(texts)}: {str(exc).splitlines()[0]}") from None
@@ -851,8 +852,13 @@ def _output_options(texts: list[str], fmt: str, existing: bool, dst: str | None 
     # -B and -F join -o's keys (add_old_style_options(): they win over backing_file=...)
     created = {**items, **{key: (value, value) for key, value in zip(
         ("backing_file", "backing_fmt"), backing[:2]) if value is not None}}
-    why = _qcow2_create_refusal(created, hint, None if existing else dst, objects) \
-        if fmt == "qcow2" else _raw_create_refusal(created, hint, None if existing else dst)
+    target = None if existing else dst
+    # A raw image's file is created by the protocol driver its name probes as: host_device
+    # for a device (bdrv_find_protocol(), hdev_probe_device()), which creates nothing.
+    why = _qcow2_create_refusal(created, hint, target, objects) if fmt == "qcow2" else \
+        _host_device_create_refusal(created, target) \
+        if fmt == "host_device" or (target and probes_as_device(target)) else \
+        _raw_create_refusal(created, hint, target)
     if why is not None:
         raise QemuLine(f"{dst}: error while converting {fmt}: {why}" if dst is not None else why)
     for key in items:
@@ -887,10 +893,10 @@ def _backing_refusal(items: dict, fmt: str, backing_file: str | None, backing_fm
                      sources: int) -> str | None:
     """img_convert()'s line for the output's backing file once -o is read into `items`
     (add_old_style_options() for -B and -F, then the backing file from either), else None."""
-    if fmt == "raw" and backing_file is not None:
-        return "Backing file not supported for file format 'raw'"
-    if fmt == "raw" and backing_fmt is not None:
-        return "Backing file format not supported for file format 'raw'"
+    if fmt != "qcow2" and backing_file is not None:
+        return f"Backing file not supported for file format '{fmt}'"
+    if fmt != "qcow2" and backing_fmt is not None:
+        return f"Backing file format not supported for file format '{fmt}'"
     named = backing_file is not None or "backing_file" in items
     if named and sources > 1:
         return CONCATENATED_BACKING
@@ -991,6 +997,31 @@ def _raw_create_refusal(items: dict, hint: int = 0, dst: str | None = None) -> s
         return created
     if prealloc == "metadata":
         return "Unsupported preallocation mode: metadata"
+    return None
+
+
+def probes_as_device(name: str) -> bool:
+    """Whether QEMU takes `name` for a host device (hdev_probe_device(): a character or block
+    device)."""
+    try:
+        mode = os.stat(name).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def _host_device_create_refusal(items: dict, dst: str | None = None) -> str | None:
+    """The same for host_device, which creates nothing (bdrv_co_create_opts_simple(): the
+    preallocation mode, then the device opened as it is; the extent size hint unread)."""
+    prealloc = items.get("preallocation", ("off",))[0]
+    if prealloc not in _PREALLOC_MODES:
+        return f"invalid parameter value: {prealloc}"
+    if prealloc != "off":
+        return f"Unsupported preallocation mode '{prealloc}'"
+    refused = None if dst is None else host_device_refusal(dst)
+    if refused is not None:
+        return "Protocol driver 'host_device' does not support image creation, and opening " \
+               f"the image failed: {refused}"
     return None
 
 
@@ -1142,23 +1173,25 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     refused = _in_place_refusal(args) if args.existing else None
     if refused is not None:
         raise refused
+    backing = (args.backing_file, args.backing_format, 1 + len(args.extra))
     if fmt == "host_device":
         # QEMU's raw protocol driver for devices: the same bytes as raw, into an existing
-        # device (qemu-img refuses anything else).
-        refused = host_device_refusal(args.dst)
+        # device (qemu-img refuses anything else). -o is read against its creation options
+        # and "creating" it opens the device (_host_device_create_refusal); its size is
+        # checked once the source is open (cmd_convert).
+        opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
+                               backing, args.object)
+        refused = host_device_refusal(args.dst) if args.existing else None
         if refused is not None:
-            raise QemuLine(f"Could not open '{args.dst}': {refused}" if args.existing else
-                           f"{args.dst}: error while converting host_device: Protocol driver "
-                           "'host_device' does not support image creation, and opening the "
-                           f"image failed: {refused}")
+            raise QemuLine(f"Could not open '{args.dst}': {refused}")
         fmt = "raw"
-    if fmt not in QEMU_DRIVERS:
+    elif fmt not in QEMU_DRIVERS:
         raise QemuLine(f"Unknown file format '{fmt}'")
-    if fmt not in OUTPUT_FORMATS:
+    elif fmt not in OUTPUT_FORMATS:
         raise CliError(f"-O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} images")
-    opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
-                           (args.backing_file, args.backing_format, 1 + len(args.extra)),
-                           args.object)
+    else:
+        opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
+                               backing, args.object)
     refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
     if refused:
         raise QemuLine(refused)
@@ -1223,19 +1256,14 @@ def cmd_convert(args) -> int:
         progress(0, 1)
         src, dst, kw = _source_arguments(args)
         try:
+            if args.output_format == "host_device" and _target_too_small(src, dst, kw):
+                # (char devices too: qemu-img's device is as long as lseek(SEEK_END) says)
+                raise QemuLine(too_small_line(dst, args.output_format, args.existing))
             result = convert(src, dst, progress=progress, **kw)
-        except UnsupportedFeature:
-            if kw["snapshot"] is not None and opened_as_raw(
-                    src, kw["src_format"], backing_dirs=kw["backing_dirs"],
-                    force_share=kw["force_share"]):
-                raise QemuLine(RAW_SNAPSHOT) from None
-            raise
-        except OutputError as exc:
-            if kw["existing"] and kw["format"] == "raw" and _target_too_small(src, dst, kw):
-                raise QemuLine("output file is smaller than input file") from None
-            unnamed = getattr(exc, "unnamed", None)
-            if unnamed is not None:             # a refusal of the writer's: name DST
-                raise QemuLine(f"{dst}: {unnamed}") from None
+        except (UnsupportedFeature, OutputError) as exc:
+            line = convert_failure_line(exc, src, dst, kw, args.output_format)
+            if line is not None:
+                raise QemuLine(line) from None
             raise
         if result.virtual_size == 0 or progress.last < 100.0:
             progress.complete()
@@ -1246,6 +1274,35 @@ def cmd_convert(args) -> int:
               f"{human_size(result.bytes_sparse)} left sparse, {result.seconds:.2f} s "
               f"({human_size(rate)}/s, {result.threads} threads)", file=sys.stderr)
     return 0
+
+
+def convert_failure_line(exc: Exception, src: str, dst: str, kw: dict,
+                         output_format: str) -> str | None:
+    """qemu-img's line for what convert(src, dst, **kw) raised (-O `output_format`) where it
+    words that failure otherwise than error_text() does, else None: a snapshot of a raw
+    source, a device shorter than the image, a refusal of the writer's (naming DST)."""
+    from .errors import OutputError, UnsupportedFeature
+    if isinstance(exc, UnsupportedFeature):
+        if kw["snapshot"] is not None and opened_as_raw(
+                src, kw["src_format"], backing_dirs=kw["backing_dirs"],
+                force_share=kw["force_share"]):
+            return RAW_SNAPSHOT
+        return None
+    if not isinstance(exc, OutputError):
+        return None
+    if kw["format"] == "raw" and (kw["existing"] or probes_as_device(dst)) and \
+            _target_too_small(src, dst, kw):
+        return too_small_line(dst, output_format, kw["existing"])
+    unnamed = getattr(exc, "unnamed", None)
+    return None if unnamed is None else f"{dst}: {unnamed}"
+
+
+def too_small_line(dst: str, output_format: str, existing: bool) -> str:
+    """qemu-img's line for a device shorter than the image: img_convert()'s with -n, else
+    the one of creating it (file-posix raw_co_truncate() refuses to grow a device)."""
+    if existing:
+        return "output file is smaller than input file"
+    return f"{dst}: error while converting {output_format}: Cannot grow device files"
 
 
 def _target_too_small(src: str, dst: str, kw: dict) -> bool:

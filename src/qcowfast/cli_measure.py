@@ -267,13 +267,14 @@ def _split_options(text: str):
         yield key, value
 
 
-def create_options(texts: list[str], fmt: str) -> dict:
+def create_options(texts: list[str], fmt: str, device: bool = False) -> dict:
     """The -o lists joined, as QEMU's qemu_opts_do_parse() reads them against the creation
-    options of `fmt` (raw or qcow2) and of the file protocol: {key: (text, typed value)}, a
-    later key winning, every value checked (encrypt.* keys of qcow2 kept as text). Raises
-    ValueError with QEMU's line for the first key or value it refuses."""
+    options of `fmt` (raw or qcow2) and of the protocol: file, or host_device for a `device`
+    name: {key: (text, typed value)}, a later key winning, every value checked (encrypt.*
+    keys of qcow2 kept as text). Raises ValueError with QEMU's line for the first key or
+    value it refuses."""
     from .cli_getopt import c_integer
-    keys = _keys(fmt)
+    keys = _keys(fmt, device)
     out: dict = {}
     for key, text in _split_options(",".join(texts)):
         kind = "string" if key.startswith("encrypt.") and fmt == "qcow2" else keys.get(key)
@@ -304,16 +305,23 @@ def create_options(texts: list[str], fmt: str) -> dict:
     return out
 
 
-def _keys(fmt: str) -> dict:
+def _keys(fmt: str, device: bool = False) -> dict:
     """The -o keys of output format `fmt` with their QemuOpts types: its creation options,
-    then file-posix's (img_measure() appends them)."""
+    then its protocol's (img_measure() and img_convert() append them): file-posix's, or for
+    a `device` host_device's, which has no nocow or extent_size_hint."""
     if fmt == "qcow2":
-        return _QCOW2_KEYS
+        return {key: kind for key, kind in _QCOW2_KEYS.items()
+                if not (device and key in _FILE_ONLY_KEYS)}
     own = {"size": "size"}
     for item in _OTHER_KEYS.get(fmt, "").split():
         key, _, kind = item.partition(":")
         own[key] = kind or "string"
-    return {**_RAW_KEYS, **own}
+    protocol = {key: kind for key, kind in _RAW_KEYS.items()
+                if not (device and key in _FILE_ONLY_KEYS)}
+    return {**protocol, **own}
+
+
+_FILE_ONLY_KEYS = ("nocow", "extent_size_hint")      # (file-posix's, not host_device's)
 
 
 def _items(texts: list[str], fmt: str) -> dict:
