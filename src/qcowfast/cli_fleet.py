@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
+import re
+import secrets
 import sys
 import threading
 import time
 
 EXTENSIONS = {"raw": ".raw", "qcow2": ".qcow2"}
+# What separates SRC from DST on a job file's line: ASCII white space only. A name may hold
+# other white space (a no-break space, U+3000): str.split() would cut it, or drop it silently
+# where it ends the name, naming another file.
+SEPARATORS = " \t\n\r\f\v"
 
 
 def add_parser(sub) -> None:
@@ -43,10 +50,11 @@ def add_parser(sub) -> None:
                         "running side by side)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip jobs whose destination exists (resume a killed batch)")
-    p.add_argument("--no-clobber", action="store_true",
-                   help="fail jobs whose destination exists instead of replacing it")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing destinations (the default, as for convert)")
+    clobber = p.add_mutually_exclusive_group()      # (as convert's)
+    clobber.add_argument("--no-clobber", action="store_true",
+                         help="fail jobs whose destination exists instead of replacing it")
+    clobber.add_argument("--overwrite", action="store_true",
+                         help="replace existing destinations (the default, as for convert)")
     p.add_argument("--stop-on-error", action="store_true",
                    help="start no new job after the first failure")
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every job to FILE")
@@ -61,9 +69,9 @@ def add_parser(sub) -> None:
 
 def read_jobs(args) -> list[dict]:
     """The batch as a list of job dicts, from --jobs or --target-dir; ValueError if malformed."""
-    if bool(args.jobs) == bool(args.target_dir):
+    if (args.jobs is None) == (args.target_dir is None):
         raise ValueError("give either --jobs FILE or --target-dir DIR SRC...")
-    if args.target_dir:
+    if args.target_dir is not None:
         if not args.sources:
             raise ValueError("--target-dir needs at least one SRC")
         if not os.path.isdir(args.target_dir):
@@ -72,8 +80,7 @@ def read_jobs(args) -> list[dict]:
                 "no such directory (create it first)"))
         # Two sources of one name: the later job is refused alone (convert_many's conflicts).
         ext = EXTENSIONS[args.output_format]
-        return [{"src": src, "dst": os.path.join(args.target_dir,
-                                                 os.path.splitext(os.path.basename(src))[0] + ext)}
+        return [{"src": src, "dst": os.path.join(args.target_dir, _stem(src) + ext)}
                 for src in args.sources]
     if args.sources:
         raise ValueError("SRC arguments go with --target-dir, not with --jobs")
@@ -88,7 +95,7 @@ def read_jobs(args) -> list[dict]:
     jobs = []
     with stream:
         for number, line in enumerate(stream, 1):
-            text = line.strip()
+            text = line.strip(SEPARATORS)
             if not text or text.startswith("#"):
                 continue
             if text.startswith("{"):
@@ -106,7 +113,7 @@ def read_jobs(args) -> list[dict]:
                                  "JSON lines, one {\"src\": ..., \"dst\": ...} object per "
                                  "line")
             else:
-                words = text.split()
+                words = re.split(f"[{SEPARATORS}]+", text)
                 if len(words) != 2:
                     raise ValueError(f"{args.jobs}:{number}: expected 'SRC DST' (use JSON "
                                      "lines for names with spaces)")
@@ -115,10 +122,27 @@ def read_jobs(args) -> list[dict]:
     return jobs
 
 
+def _stem(src: str) -> str:
+    """The name --target-dir gives SRC's output, before its extension: SRC's file name
+    without its last extension ("dir/" names "dir", not "")."""
+    return os.path.splitext(os.path.basename(src.rstrip("/")))[0]
+
+
 def _shown(name: str) -> str:
     """A job's file name for a line of output: as given, escaped (repr) when it holds a NUL
-    byte, which no file name can hold and no message shows raw."""
-    return repr(name) if "\0" in name else name
+    byte, which no file name can hold and no message shows raw, or a character no file name
+    can hold either (a lone surrogate that is not an escaped byte): stderr could not write the
+    line, and it was lost."""
+    return repr(name) if "\0" in name or not _writable(name) else name
+
+
+def _writable(text: str) -> bool:
+    """Whether stderr (UTF-8, escaped bytes kept: cli) can write `text`."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_nul(args) -> None:
@@ -158,28 +182,72 @@ def _common_options(args) -> dict:
     return options
 
 
-def describe(result, src: str | None = None, src_format: str | None = None
-             ) -> tuple[str, dict]:
+def describe(result, job=None) -> tuple[str, dict]:
     """(status, report fields) for one job's result. A failure is worded as `qcowfast
     convert SRC DST` words it (cli.error_text: qemu-img's line where it has one), given the
-    job's source `src` (-f `src_format`)."""
-    from .cli import error_text
+    job (a fleet.Job) it ended."""
     from .fleet import Skipped
     if isinstance(result, Skipped):
         return "skipped", {"reason": result.reason}
     if isinstance(result, BaseException):
-        images = [] if src is None else [(src, src_format)]
+        result, text = _convert_words(result, job)
         # Notes say what a failure left behind (an in-place target written in part).
-        text = "; ".join([error_text(result, images) or type(result).__name__,
-                          *getattr(result, "__notes__", ())])
+        text = "; ".join([text or type(result).__name__, *getattr(result, "__notes__", ())])
         return "failed", {"error": text, "error_type": type(result).__name__}
     return "ok", {"virtual_size": result.virtual_size, "bytes_written": result.bytes_written,
                   "seconds": round(result.seconds, 6)}
 
 
+def _convert_words(exc: BaseException, job) -> tuple[BaseException, str]:
+    """(the failure, its line) as `qcowfast convert` has them for the job: cli.cmd_convert's
+    readings of convert()'s exceptions, in its order."""
+    from .cli import error_text
+    images = [] if job is None else [(job.src, job.options.get("src_format"))]
+    line = None if job is None else _convert_line(exc, job)
+    if isinstance(line, BaseException):
+        exc, line = line, None
+    return exc, line or error_text(exc, images)
+
+
+def _convert_line(exc: BaseException, job) -> str | BaseException | None:
+    """The line `qcowfast convert` gives for the job's exception `exc` where it words it
+    otherwise than cli.error_text (or the failure it reports instead), else None."""
+    from .cli import SOURCE_FORMATS, convert_failure_line, format_refusal
+    from .errors import OutputError
+    from .fleet import names_no_file, source_refusal
+    opts, dst = job.options, job.dst
+    fmt, src_format = opts.get("format", "raw"), opts.get("src_format")
+    if isinstance(exc, ValueError) and isinstance(src_format, str) and \
+            src_format not in SOURCE_FORMATS:
+        return format_refusal(job.src, src_format)          # (-f, refused first)
+    kw = {"format": fmt, "src_format": src_format, "snapshot": opts.get("snapshot"),
+          "backing_dirs": opts.get("backing_dirs", ()),
+          "force_share": opts.get("force_share", False), "existing": opts.get("existing")}
+    try:
+        if isinstance(exc, OutputError) and names_no_file(dst):
+            # convert() refuses such a name before it opens anything; qemu-img opens the
+            # source first (img_convert()), and refuses the name when it creates the output,
+            # or opens it (-n): the source's failure, if any, is the one reported.
+            return source_refusal(job) or _no_file_line(dst, fmt, opts.get("existing"))
+        return convert_failure_line(exc, job.src, dst, kw, fmt)
+    except Exception:               # noqa: BLE001 - (reopened only to word it: keep `exc`)
+        return None
+
+
+def _no_file_line(dst: str, fmt: str, existing) -> str:
+    """qemu-img's line for an output name no file has ('' or ending in '/')."""
+    from .output import create_refusal, open_errno
+    if not existing:
+        return f"{dst}: error while converting {fmt}: {create_refusal(dst)}"
+    if not dst:                 # (-n: cli._in_place_refusal; raw_open_common's words)
+        return "Could not open '': The 'file' block driver requires a file name"
+    why = os.strerror(open_errno(dst, create=False) or errno.EISDIR)
+    return f"Could not open '{dst}': Could not open '{dst}': {why}"
+
+
 def cmd_convert_many(args) -> int:
     from .cli import ProgressBar, _write_quietly, human_size
-    from .fleet import convert_many
+    from .fleet import as_job, convert_many
     from .errors import QcowError
     try:
         _refuse_nul(args)
@@ -189,7 +257,7 @@ def cmd_convert_many(args) -> int:
         print(f"qcowfast convert-many: {exc}", file=sys.stderr)
         return 1
     jobs = [{**common, **job} for job in jobs]
-    if args.report:
+    if args.report is not None:
         try:
             _check_report_path(args.report, jobs, args.jobs)
         except ValueError as exc:
@@ -202,10 +270,17 @@ def cmd_convert_many(args) -> int:
     def say(line: str) -> None:             # a closed stderr ends the lines, not the batch
         _write_quietly(sys.stderr, line + "\n")
 
+    described: dict = {}                # (each failure worded once: it may open the source)
+    # An earlier run's report stops describing the outputs once a job of this run has ended;
+    # a run that then ends without its own (a signal) must not leave that one behind.
+    stale = [args.report] if args.report is not None else []
+
     def on_result(i, job, result):
+        with contextlib.suppress(IndexError, OSError):   # (the report is written later)
+            os.unlink(stale.pop())
+        status, fields = described[i] = describe(result, job)
         if args.quiet:
             return
-        status, fields = describe(result, job.src, job.options.get("src_format"))
         pair = f"{_shown(job.src)} -> {_shown(job.dst)}"
         if status == "ok":
             line = (f"ok      {pair}: {human_size(fields['virtual_size'])} in "
@@ -213,7 +288,9 @@ def cmd_convert_many(args) -> int:
         elif status == "skipped":
             line = f"skipped {pair}: {fields['reason']}"
         else:
-            line = f"FAILED  {pair}: {fields['error']}"
+            error = fields["error"]
+            line = f"FAILED  {pair}: " + (error if _writable(error) else
+                                          error.encode("utf-8", "backslashreplace").decode())
         with lock:
             say(("\r\x1b[K" if bar is not None else "") + line)
 
@@ -231,11 +308,11 @@ def cmd_convert_many(args) -> int:
             bar.finish()
     seconds = time.perf_counter() - t0
     entries = []
-    for job, result in zip(jobs, results):
-        status, fields = describe(result, job["src"], job.get("src_format"))
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        status, fields = described.get(i) or describe(result, as_job(job))
         entries.append({"src": job["src"], "dst": job["dst"], "status": status, **fields})
     failed = sum(e["status"] == "failed" for e in entries)
-    if args.report:
+    if args.report is not None:
         # ("succeeded" counts the skipped jobs too: their outputs are complete.)
         report = {"jobs": entries, "succeeded": len(entries) - failed, "failed": failed,
                   "skipped": sum(e["status"] == "skipped" for e in entries),
@@ -255,7 +332,10 @@ def _check_report_path(path: str, jobs: list[dict], jobs_file: str | None) -> No
     """Before any job runs: the report can be written where asked, and is neither a file a
     job reads or writes (its source, backing and data files, its destination; compared by
     identity too) nor the job file."""
-    from .fleet import _file_keys, as_job, chain_files
+    from .fleet import _file_keys, as_job, chain_files, names_no_file
+    if not path or path.endswith("/"):      # (written after the batch: refused before it)
+        raise ValueError(f"--report {path!r}: names no file" if not path else
+                         f"--report {path}: names a directory, not a file")
     try:
         keys = set(_file_keys(path))
     except (OSError, ValueError) as exc:
@@ -265,7 +345,8 @@ def _check_report_path(path: str, jobs: list[dict], jobs_file: str | None) -> No
     for spec in jobs:
         try:
             job = as_job(spec)
-            names = [*chain_files(job), ("the destination", job.dst)]
+            names = [*chain_files(job)] + ([] if names_no_file(job.dst) else
+                                           [("the destination", job.dst)])
             for what, name in names:
                 if keys & set(_file_keys(name)):
                     raise ValueError(f"--report {path}: also {what} ({name}) of job "
@@ -282,11 +363,15 @@ def _check_report_path(path: str, jobs: list[dict], jobs_file: str | None) -> No
 
 
 def _write_report(path: str, report: dict) -> None:
-    """Write the JSON report whole or not at all (a temporary file renamed over `path`)."""
+    """Write the JSON report whole or not at all (a temporary file renamed over `path`). The
+    temporary file is a new one (O_EXCL, a random name): a file or symlink left at a name
+    known in advance is never written through."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.report-tmp")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.report-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666)
     try:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as out:
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape") as out:
             json.dump(report, out, indent=2)
             out.write("\n")
         os.replace(tmp, path)

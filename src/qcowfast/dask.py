@@ -111,12 +111,14 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     with ``qcowfast-convert`` so the dashboard groups them.
     """
     from distributed import get_client
-    from .arguments import integer
+    from .arguments import boolean, integer
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
+    skip_existing = boolean(skip_existing, "skip_existing")     # ("no" is no True)
+    overwrite = boolean(overwrite, "overwrite")
     read = fleet.chains(jobs)
-    refused = fleet.conflicts(jobs, read)
+    refused = fleet.conflicts(jobs, read, fleet.to_skip(jobs, skip_existing))
     client = client or get_client()
     workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}
     if resources:

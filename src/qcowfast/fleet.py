@@ -12,6 +12,7 @@ import inspect
 import os
 import queue
 import resource
+import stat
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -97,19 +98,26 @@ def chains(jobs: list[Job]) -> list:
     return out
 
 
-def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]:
+def conflicts(jobs: list[Job], read: list | None = None,
+              skipped: Iterable[int] = ()) -> dict[int, Exception]:
     """Jobs that must not run, by index: a destination an earlier job also writes (only one
     output could survive), or a source another job writes, or a file of its chain (what it
     reads would depend on the order the jobs happen to run in); a job whose paths no file
-    can have gets that error. Paths are compared resolved and, for existing files, by
-    identity (hard links). A job writing over a file of its own chain is refused alone, with
-    what convert raises for it (own_chain_refusal): it writes nothing that other jobs could
-    read. A name with a NUL byte collides with nothing: its job runs, and convert refuses it.
+    can have gets that error; one whose destination names no file ('' or 'dir/') writes
+    nothing and collides with no writer (convert refuses it). Paths are compared resolved
+    and, for existing files, by identity (hard links). A job writing over a file of its own
+    chain is refused alone, with what convert raises for it (own_chain_refusal): it writes
+    nothing that other jobs could read. A name with a NUL byte collides with nothing: its
+    job runs, and convert refuses it. `skipped`: jobs whose finished output is kept
+    (to_skip): reading it is safe, writing it twice is still an error of the batch.
     `read`: chains(jobs), when the caller has it."""
     read = chains(jobs) if read is None else read
+    skipped = set(skipped)
     writers: dict = {}
     refused: dict[int, Exception] = {}
     for i, job in enumerate(jobs):
+        if names_no_file(job.dst):
+            continue                    # convert refuses it before it opens anything
         try:
             keys = _file_keys(job.dst)
         except (OSError, ValueError, UnicodeError) as exc:
@@ -133,7 +141,7 @@ def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]
             continue
         for what, name, keys in read[i]:
             writer = next((writers[k] for k in keys if k in writers), None)
-            if writer is not None and writer != i:
+            if writer is not None and writer != i and writer not in skipped:
                 refused[i] = ValueError(
                     f"{name}: {what} is the destination of job {writer} of this batch; "
                     "convert it in a later batch (the order jobs run in is not fixed)")
@@ -141,23 +149,78 @@ def conflicts(jobs: list[Job], read: list | None = None) -> dict[int, Exception]
     return refused
 
 
+def to_skip(jobs: list[Job], skip_existing: bool) -> set[int]:
+    """Jobs skip_existing skips, as the batch starts (finished)."""
+    if not skip_existing:
+        return set()
+    return {i for i, job in enumerate(jobs) if finished(job)}
+
+
+def finished(job: Job) -> bool:
+    """Whether the job's output is a finished earlier run: a regular file at its destination
+    (convert publishes only complete outputs, renamed on success). Not so for in-place jobs
+    (existing=True: a killed one leaves a partial output), nor for standard output ("-", or
+    a name of it such as /dev/stdout while it is redirected to a file): no earlier run
+    wrote what a stream there would carry."""
+    if job.options.get("existing") or job.dst == "-":
+        return False
+    try:
+        st = os.stat(job.dst)
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        out = os.fstat(1)
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) != (out.st_dev, out.st_ino)
+
+
+def names_no_file(name: str) -> bool:
+    """Whether destination `name` is one no file can have ('' or ending in '/'; not a stream
+    target): convert refuses it before it opens anything, so its job writes nothing (and
+    collides with no job). A name with a NUL byte, or one that cannot be encoded, is not
+    one: convert refuses that first."""
+    from .output import stream_target
+    if name and not name.endswith("/"):
+        return False
+    try:
+        return "\0" not in name and stream_target(name) is None
+    except ValueError:              # (a name that cannot be encoded: convert says so)
+        return False
+
+
+def _open_job_source(job: Job):
+    """The job's source, opened as its convert opens it."""
+    from .image import open_source
+    opts = job.options
+    return open_source(job.src, opts.get("src_format"),
+                       backing_dirs=opts.get("backing_dirs", ()), data_file=opts.get("data_file"),
+                       snapshot=opts.get("snapshot"), force_share=opts.get("force_share", False))
+
+
+def source_refusal(job: Job) -> Exception | None:
+    """What opening the job's source raises (as its convert opens it), or None when it opens:
+    qemu-img opens the source before it looks at the destination, so on the command line
+    that failure is the one reported for a destination convert refuses by name alone."""
+    try:
+        _open_job_source(job).close()
+    except Exception as exc:        # noqa: BLE001 - the job's error, as convert raises it
+        return exc
+    return None
+
+
 def own_chain_refusal(job: Job) -> Exception:
     """What `convert` raises for a job whose destination is a file of its own chain, found
-    as convert finds it: a destination name no file has ('' or ending in '/') first, then the
-    source that cannot be opened (a character device, a directory...), then the overlap, in
-    convert's words (output.check_not_source)."""
+    as convert finds it: the source that cannot be opened (a character device, a
+    directory...) first, then the overlap, in convert's words (output.check_not_source).
+    (A destination that names no file never gets here: names_no_file.)"""
     from .errors import OutputError
-    from .image import open_source
     from .output import check_not_source
-    name, opts = job.dst, job.options
-    if not name or name.endswith("/"):         # (convert's words for such names)
-        return OutputError(f"{name!r} names no file" if not name else
-                           f"{name} names a directory, not a file")
+    name = job.dst
     try:
-        with open_source(job.src, opts.get("src_format"),
-                         backing_dirs=opts.get("backing_dirs", ()),
-                         data_file=opts.get("data_file"), snapshot=opts.get("snapshot"),
-                         force_share=opts.get("force_share", False)) as image:
+        with _open_job_source(job) as image:
             check_not_source(os.stat(name), image, name)
     except Exception as exc:        # noqa: BLE001 - the job's result, as convert raises it
         return exc
@@ -346,10 +409,7 @@ def run_job(job: Job, *, threads: int | None = None, skip_existing: bool = False
     from .convert import convert
     if not swept:
         sweep_stale_temps(job.dst)
-    if skip_existing and not job.options.get("existing") and os.path.isfile(job.dst):
-        # convert publishes only complete outputs (rename on success), so an existing regular
-        # file at dst is a finished earlier run. Not so for in-place jobs (existing=True): a
-        # killed one leaves a partial output, so they always run.
+    if skip_existing and finished(job):
         return Skipped(job.dst, "destination exists")
     options = {"overwrite": overwrite, **job.options}
     lend = share is not None and options.get("threads") is None
@@ -418,9 +478,10 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
         raise ValueError("on_error must be 'continue' or 'stop'")
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
-    read = chains(jobs)
-    refused = conflicts(jobs, read)
     skip_existing = boolean(skip_existing, "skip_existing")
+    read = chains(jobs)
+    skipped = to_skip(jobs, skip_existing)      # (decided once: the conflicts depend on it)
+    refused = conflicts(jobs, read, skipped)
     overwrite = boolean(overwrite, "overwrite")
     workers = integer(workers, "workers", 1, none=True, what="an integer of at least 1")
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
@@ -460,6 +521,8 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
             result = CancelledError(f"not started: another job failed ({first_failure[0]})")
         elif i in refused:
             result = refused[i]
+        elif i in skipped:
+            result = Skipped(job.dst, "destination exists")
         else:
             try:
                 result = run_job(job, threads=threads, skip_existing=skip_existing,
