@@ -193,6 +193,15 @@ def test_host_device_refusals_as_qemu_img(capsys, monkeypatch, workdir):
                                ["convert", *in_place, "-O", "host_device", "IMG", name])
 
 
+@pytest.mark.parametrize("target", ["file.raw/x/", "file.raw/x", "file.raw/", "missing/x/",
+                                    "dir/x/"])
+@pytest.mark.parametrize("options", [[], ["-n"], ["-O", "qcow2"]], ids=" ".join)
+def test_output_names_under_a_file_as_qemu_img(capsys, monkeypatch, workdir, options, target):
+    """A name whose walk meets a file before its last name is ENOTDIR, trailing slash or not
+    (qcowfast said EISDIR for 'file.raw/x/': O_CREAT with a trailing slash)."""
+    assert_as_qemu_img(capsys, monkeypatch, workdir, ["convert", *options, "IMG", target])
+
+
 def test_open_errno_of_an_empty_name(workdir, monkeypatch):
     """raw_co_create()'s open("") fails with ENOENT, created or not."""
     from qcowfast.output import create_refusal, open_errno

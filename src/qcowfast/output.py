@@ -428,7 +428,8 @@ def open_errno(name: str, create: bool = True) -> int | None:
     if create and name.endswith("/") and name.strip("/"):
         parent = os.path.dirname(name.rstrip("/")) or "."
         try:
-            os.stat(parent)
+            if not stat.S_ISDIR(os.stat(parent).st_mode):
+                return errno.ENOTDIR        # (the path's walk fails before the last name)
         except OSError as exc:
             return exc.errno
         return errno.EISDIR               # (O_CREAT with a trailing slash: even for a file)
