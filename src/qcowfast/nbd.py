@@ -186,6 +186,7 @@ class Export(Protocol):
     preferred_block_size: int    # power of two >= 512 (NBD_INFO_BLOCK_SIZE)
     multi_conn: bool             # advertise NBD_FLAG_CAN_MULTI_CONN (False: one client at
                                  # a time, as qemu-nbd -e 1: a multi-conn client would wait)
+    # Optional: minimum_block_size (NBD_INFO_BLOCK_SIZE), 1 without it.
 
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill `out` with the bytes at [offset, offset + len(out)) (within size)."""
@@ -613,9 +614,11 @@ class Connection:
         if NBD_INFO_DESCRIPTION in requests and exp.description:
             self._opt_reply(opt, NBD_REP_INFO, _U16.pack(NBD_INFO_DESCRIPTION)
                             + exp.description.encode()[:NBD_MAX_STRING])
-        # Minimum 1 is the default, so clients that did not ask lose nothing by ignoring it.
+        # Minimum 1 (the default: clients that did not ask lose nothing by ignoring it) unless
+        # the export asks for more, as qemu-nbd's request alignment for a probed raw image.
         self._opt_reply(opt, NBD_REP_INFO, struct.pack(
-            ">HIII", NBD_INFO_BLOCK_SIZE, 1, exp.preferred_block_size, self.limits.max_request))
+            ">HIII", NBD_INFO_BLOCK_SIZE, getattr(exp, "minimum_block_size", 1),
+            exp.preferred_block_size, self.limits.max_request))
         self._opt_reply(opt, NBD_REP_ACK)
         return _GO if opt == NBD_OPT_GO else None
 

@@ -61,12 +61,17 @@ class ImageExport:
     DATA runs are `pread`, compressed clusters inflated, zero runs cleared.
     """
 
-    def __init__(self, image, name: str = "", description: str = "", multi_conn: bool = True):
+    def __init__(self, image, name: str = "", description: str = "", multi_conn: bool = True,
+                 probed: bool = False):
         self.image = image
         self.name = name
         self.description = description
         self.multi_conn = multi_conn
         self.size = image.virtual_size
+        # qemu-nbd's minimum block size is the export's request alignment: 512 for an image
+        # probed as raw (raw-format.c raw_refresh_limits(): "any probed image is restricted
+        # to read-modify-write on sub-sector operations"), else 1.
+        self.minimum_block_size = 512 if probed and isinstance(image, RawImage) else 1
         cluster = getattr(image, "cluster_size", 4096)
         self.preferred_block_size = min(max(512, cluster), 2 * 1024 * 1024)
         # Each layer's data file and its size, by depth in the chain (for read_plan).
@@ -467,7 +472,7 @@ class NBDServer:
             self._image = _open_image(self.path, self.format, self.backing_dirs,
                                       self.snapshot, self.force_share)
             self.export = ImageExport(self._image, self.export_name, self.description,
-                                      multi_conn=self.shared != 1)
+                                      multi_conn=self.shared != 1, probed=self.format is None)
             self._listener = self._listen()
             self._wake_r, self._wake_w = os.pipe()
         except BaseException:
