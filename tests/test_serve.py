@@ -613,11 +613,41 @@ def test_cli_fork_pid_file_description_and_ignored_options(images, tmp_path):
             proc.wait()
 
 
-@pytest.mark.parametrize("option", [["-A"], ["-B", "b0"], ["--image-opts"], ["-o", "512"],
+@pytest.mark.parametrize("option", [["--image-opts"], ["-o", "512"],
                                     ["-c", "/dev/nbd0"], ["--tls-creds", "tls0"]])
 def test_cli_refuses_what_it_lacks_by_name(images, tmp_path, option):
     message = _serve_fails(*option, "-k", tmp_path / "s", images.get("c64k-v3").path)
     assert option[0] in message and "not supported" in message
+
+
+@pytest.mark.parametrize("option", [["-A"], ["--allocation-depth"], ["-B", "b0"],
+                                    ["--bitmap=b0"]])
+def test_cli_allocation_depth_and_bitmap_options_as_qemu_nbd(images, tmp_path, option):
+    """-A and -B (once refused by name) do what qemu-nbd's do: -A offers one more context;
+    -B of a bitmap the image lacks fails with qemu-nbd's line (tests/test_serve_contexts.py
+    compares the contexts' contents)."""
+    image = images.get("c64k-v3").path
+    if option[0].startswith(("-A", "--alloc")):
+        ref = QemuNbd(image, tmp_path / "q.sock", *option)
+        try:
+            want = run("nbdinfo", "--list", "--json", unix_uri(tmp_path / "q.sock")).stdout
+        finally:
+            ref.stop()
+        server = CliServer(*option, "-k", tmp_path / "c.sock", image)
+        try:
+            got = run("nbdinfo", "--list", "--json", server.uri).stdout
+        finally:
+            server.stop()
+        contexts = json.loads(want)["exports"][0]["contexts"]
+        assert json.loads(got)["exports"][0]["contexts"] == contexts
+        assert "qemu:allocation-depth" in contexts
+        return
+    ref = subprocess.run(["qemu-nbd", "-r", "-f", "qcow2", *option, "-k", tmp_path / "q.sock",
+                          image], capture_output=True, text=True, timeout=TIMEOUT,
+                         stdin=subprocess.DEVNULL)
+    assert ref.returncode == 1
+    message = _serve_fails(*option, "-k", tmp_path / "s", image)
+    assert message == ref.stderr.rstrip("\n").replace("qemu-nbd:", "qcowfast:")
 
 
 def test_image_is_locked_while_served(images, served, tmp_path):

@@ -145,7 +145,15 @@ def read_bitmap_directory(fd: int, header: Header, file_size: int) -> list[Bitma
         name = raw_name.decode("utf-8", "surrogateescape")
         problem = _entry_problem(e, header)
         if problem:
-            raise CorruptImage(f"bitmap {name!r} is invalid: {problem}")
+            exc = CorruptImage(f"bitmap {name!r} is invalid: {problem}")
+            # QEMU: bitmap_list_load() refuses what check_dir_entry() does; a table longer
+            # than the bitmap needs fails later, in load_bitmap_data() (EINVAL).
+            long_table = e[1] > table_clusters(header, e[4]) and problem.endswith(
+                f"needs {table_clusters(header, e[4])}")
+            exc.qemu_chain = (f"Could not read bitmap '{name}' from image: Invalid argument"
+                              if long_table else
+                              f"Bitmap '{name}' doesn't satisfy the constraints")
+            raise exc
         out.append(Bitmap(name, e[0], e[1], e[2], e[3], e[4]))
         pos += entry_size
     if len(out) != ext.nb_bitmaps:
@@ -214,7 +222,114 @@ def check_bitmaps_at_open(fd: int, header: Header, file_size: int) -> None:
         if hi > lo:
             offset = int(bad[lo])
             entry = int.from_bytes(pread_padded(fd, 8, offset), "big")
-            raise CorruptImage(f"bitmap {bm.name!r}: bitmap table entry "
+            exc = CorruptImage(f"bitmap {bm.name!r}: bitmap table entry "
                                f"{(offset - bm.table_offset) // 8} ({entry:#018x}) is invalid "
                                "(reserved bits, an unaligned offset, or the all-ones flag with "
                                "an offset)")
+            # (load_bitmap(): bitmap_table_load() fails with EINVAL)
+            exc.qemu_chain = (f"Could not read bitmap_table table from image for bitmap "
+                              f"'{bm.name}': Invalid argument")
+            raise exc
+
+
+class ExportedBitmap:
+    """A persistent bitmap of a qcow2 layer as qemu-nbd -B exports it (qemu:dirty-bitmap:NAME):
+    its bits read from the file a request's worth at a time, never the whole bitmap.
+
+    QEMU loads the bitmap at open (qcow2-bitmap.c load_bitmap_data(): table entry 0 clean,
+    the all-ones flag dirty, else one cluster of serialized bits, LSB first, read as zeros
+    past the end of the file) and covers the layer's own length (`size`): bits past it are
+    never dirty. check_bitmaps_at_open() must have passed on the layer's file.
+    """
+
+    def __init__(self, fd: int, bitmap: Bitmap, cluster_size: int, size: int):
+        self.fd = fd
+        self.bitmap = bitmap
+        self.name = bitmap.name
+        self.cluster_size = cluster_size
+        self.size = size
+
+    def dirty_runs(self, start: int, end: int, limit: int | None = None
+                   ) -> list[tuple[int, int]]:
+        """The first `limit` (else all) dirty [a, b) runs within [start, end), ascending."""
+        import numpy as np
+        end = min(end, self.size)
+        if start >= end:
+            return []
+        gran = self.bitmap.granularity
+        first, last = start // gran, (end - 1) // gran           # granules asked for
+        bits = self._bits(first, last + 1)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], bits, [0])).astype(np.int8)))
+        runs = (edges.reshape(-1, 2)[:limit] + first) * gran
+        return [(max(a, start), min(b, end)) for a, b in runs.tolist()]
+
+    def _bits(self, first: int, stop: int) -> "np.ndarray":
+        """The bits of granules [first, stop) (uint8 0/1), a bitmap data cluster at a time."""
+        import numpy as np
+        cs = self.cluster_size
+        per_cluster = cs * 8                                      # granules per data cluster
+        out = np.zeros(stop - first, np.uint8)
+        k0, k1 = first // per_cluster, (stop - 1) // per_cluster
+        count = min(k1, self.bitmap.table_size - 1) - k0 + 1
+        if count <= 0:
+            return out
+        table = np.frombuffer(pread_padded(self.fd, count * 8, self.bitmap.table_offset
+                                           + k0 * 8), ">u8").astype(np.uint64)
+        if bad_table_entries(table, cs).any():
+            raise CorruptImage(f"bitmap {self.name!r}: invalid bitmap table entry")
+        for k, entry in enumerate(table.tolist(), k0):
+            a, b = max(first, k * per_cluster), min(stop, (k + 1) * per_cluster)
+            offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if not offset:
+                if entry & BME_TABLE_ENTRY_FLAG_ALL_ONES:
+                    out[a - first:b - first] = 1
+                continue
+            lo = (a - k * per_cluster) // 8                       # bytes of the cluster needed
+            hi = -(-(b - k * per_cluster) // 8)
+            raw = np.frombuffer(pread_padded(self.fd, hi - lo, offset + lo), np.uint8)
+            bits = np.unpackbits(raw, bitorder="little")
+            skip = a - (k * per_cluster + lo * 8)
+            out[a - first:b - first] = bits[skip:skip + b - a]
+        return out
+
+    def extents(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
+        """(length, NBD_STATE_DIRTY or 0) extents of [offset, offset + length), at most
+        `max_extents`: nbd/server.c bitmap_to_extents(), byte-exact at the request's edges."""
+        end = offset + length
+        out: list[tuple[int, int]] = []
+
+        def add(size: int, flags: int) -> None:
+            if out and out[-1][1] == flags:         # (a run across a chunk's edge)
+                out[-1] = (out[-1][0] + size, flags)
+            else:
+                out.append((size, flags))
+        # A bitmap data cluster's granules at a time, until the extents are enough: a hostile
+        # bitmap of alternating bits must not turn one request into millions of runs.
+        step = self.cluster_size * 8 * self.bitmap.granularity
+        pos = chunk = offset
+        while chunk < end and len(out) <= max_extents:
+            chunk_end = min(end, (chunk // step + 1) * step)
+            for a, b in self.dirty_runs(chunk, chunk_end, max_extents + 1):
+                if a > pos:
+                    add(a - pos, 0)
+                add(b - a, 1)
+                pos = b
+            chunk = chunk_end
+        if end > pos and len(out) <= max_extents:
+            add(end - pos, 0)
+        return out[:max_extents]
+
+
+def find_bitmap(layers, name: str):
+    """(layer, Bitmap): the first bitmap named `name` in the first qcow2 layer of `layers`
+    (top first) that has one, as nbd/server.c nbd_export_create() looks for a bitmap down
+    the backing chain (bdrv_find_dirty_bitmap(): the first loaded of that name; a later one
+    in use was skipped at open); None when none has it."""
+    for layer in layers:
+        header = getattr(layer, "header", None)
+        if header is None or header.bitmaps is None:
+            continue
+        for bm in read_bitmap_directory(layer._fd, header, layer.file_size):
+            if bm.name == name:
+                return layer, bm
+    return None

@@ -210,9 +210,7 @@ _CHECKED = ((("-n", "--nocache"), 0, "nocache"), (("--cache",), None, "cache"),
             (("--aio",), None, "aio"), (("--discard",), None, "discard"),
             (("--detect-zeroes",), None, "detect_zeroes"))
 # qemu-nbd options refused by name: (option strings, nargs, what is missing).
-_REFUSED = ((("-A", "--allocation-depth"), 0, "the qemu:allocation-depth context"),
-            (("-B", "--bitmap"), 1, "dirty bitmap export"),
-            (("--image-opts",), 0, "option strings instead of file names"),
+_REFUSED = ((("--image-opts",), 0, "option strings instead of file names"),
             (("-o", "--offset"), 1, "export offsets"),
             (("-c", "--connect"), 1, "kernel NBD devices (use nbd-client with the URI)"),
             (("-d", "--disconnect"), 0, "kernel NBD devices"),
@@ -272,6 +270,12 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-backing-dir", metavar="DIR", action="append", default=[],
                    help="also follow backing and external data files named inside the image "
                         "when they lie in DIR")
+    p.add_argument("-A", "--allocation-depth", action="store_true",
+                   help="also offer the qemu:allocation-depth metadata context (the depth in "
+                        "the backing chain of the layer allocating each range)")
+    p.add_argument("-B", "--bitmap", dest="bitmaps", metavar="NAME", action="append",
+                   default=[], help="also offer qemu:dirty-bitmap:NAME for this persistent "
+                                    "bitmap of the image or its backing chain (repeatable)")
     p.add_argument("-e", "--shared", type=_shared, default=8, metavar="N",
                    help="serve up to N connections at once (default 8; 0 for no limit; "
                         "multi-conn is advertised unless N is 1)")
@@ -314,7 +318,7 @@ def cmd_serve(args) -> int:
     import threading
 
     from .errors import QcowError
-    from .serve import DEFAULT_PORT, NBDServer
+    from .serve import DEFAULT_PORT, ExportRefused, NBDServer
     from .snapshots import choose_snapshot_option
 
     for option in args.refused:
@@ -340,6 +344,8 @@ def cmd_serve(args) -> int:
                        snapshot=args.snapshot, backing_dirs=args.allow_backing_dir,
                        shared=args.shared, persistent=args.persistent,
                        force_share=args.force_share, format=args.format,
+                       # (qemu-nbd lists its -B bitmaps last first)
+                       allocation_depth=args.allocation_depth, bitmaps=args.bitmaps[::-1],
                        handshake_timeout=args.handshake_timeout,
                        idle_timeout=args.idle_timeout)
     stop = threading.Event()
@@ -354,6 +360,9 @@ def cmd_serve(args) -> int:
     try:
         try:
             server.start()
+        except ExportRefused as exc:             # a bitmap to export (nbd_export_create())
+            print(f"qcowfast: {exc.qemu_nbd}", file=sys.stderr)
+            return 1
         except QcowError as exc:                 # opening the image (or its snapshot)
             print(f"qcowfast: {_open_failure(exc, args)}", file=sys.stderr)
             return 1

@@ -146,6 +146,11 @@ NBD_STATE_HOLE = 1 << 0
 NBD_STATE_ZERO = 1 << 1
 BASE_ALLOCATION = b"base:allocation"
 BASE_ALLOCATION_ID = 1                      # our context id for base:allocation
+# qemu: contexts (QEMU docs/interop/nbd.txt); an export's `meta_contexts` get ids from 2 on.
+QEMU_NAMESPACE = b"qemu:"
+QEMU_ALLOCATION_DEPTH = b"qemu:allocation-depth"
+QEMU_DIRTY_BITMAP = b"qemu:dirty-bitmap:"
+NBD_STATE_DIRTY = 1 << 0
 
 NBD_MAX_STRING = 4096                       # proto.md: strings MUST be no longer than 4096 bytes
 NBD_MAX_BUFFER_SIZE = 32 * 1024 * 1024      # QEMU's NBD_MAX_BUFFER_SIZE, the usual request cap
@@ -213,6 +218,11 @@ class Export(Protocol):
     #     [offset, offset + length) sends as chunks before the step that fails with `exc`,
     #     in order (empty when that is the first), and whether that step is a block status
     #     query (else the read of the next run); None when the export cannot tell."""
+
+    # Optional: the qemu: metadata contexts it offers besides base:allocation, in qemu-nbd's
+    # order (qemu:allocation-depth, then each qemu:dirty-bitmap:NAME):
+    # meta_contexts: list[tuple[bytes, Callable[[int, int, int], list[tuple[int, int]]]]]
+    #     (context name, extents(offset, length, max_extents)) as `allocation` gives them.
 
     # Optional: NBD_CMD_CACHE, answered with success without it:
     # def cache(self, offset: int, length: int) -> None:
@@ -295,6 +305,7 @@ class Connection:
         self.structured = False
         self.no_zeroes = False
         self.contexts: dict[int, bytes] = {}
+        self._extra = list(getattr(export, "meta_contexts", ()))
         self._on_negotiated = on_negotiated
         self._name = export.name.encode()
         self._send_lock = threading.Lock()
@@ -652,15 +663,33 @@ class Connection:
             raise OptionError(NBD_REP_ERR_INVALID, "NUL byte in a metadata context query")
         if any(b":" not in q for q in queries):
             raise OptionError(NBD_REP_ERR_INVALID, "a metadata context query lacks its namespace")
+        chosen = self._chosen_contexts(queries, not setting, asked)
         if setting:
-            # "base:" alone selects nothing in SET; unknown names are ignored.
-            if BASE_ALLOCATION in queries:
-                self.contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
-                self._opt_reply(opt, NBD_REP_META_CONTEXT,
-                                _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION)
-        elif not asked or any(q in (b"base:", BASE_ALLOCATION) for q in queries):
-            self._opt_reply(opt, NBD_REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION)
+            self.contexts = chosen
+        for cid, cname in chosen.items():
+            self._opt_reply(opt, NBD_REP_META_CONTEXT, _U32.pack(cid if setting else 0) + cname)
         self._opt_reply(opt, NBD_REP_ACK)
+
+    def _chosen_contexts(self, queries: list[bytes], listing: bool, asked: bool
+                         ) -> dict[int, bytes]:
+        """{id: name} of the contexts `queries` select, in qemu-nbd's order (base:allocation,
+        qemu:allocation-depth, the bitmaps), as nbd/server.c nbd_meta_base_query() and
+        nbd_meta_qemu_query() match them: a full name selects its context (the first of
+        that name: a bitmap may be exported twice); in LIST only, no query selects all,
+        "base:" base:allocation, "qemu:" every qemu: context and "qemu:dirty-bitmap:" every
+        bitmap. Unknown names select nothing."""
+        extra = [name for name, _ in self._extra]
+        every = listing and not asked
+        base = every or BASE_ALLOCATION in queries or (listing and b"base:" in queries)
+        picked = {extra.index(q) for q in queries if q in extra}
+        for i, name in enumerate(extra):
+            bitmap = name.startswith(QEMU_DIRTY_BITMAP)
+            if every or (listing and (QEMU_NAMESPACE in queries
+                                      or (bitmap and QEMU_DIRTY_BITMAP in queries))):
+                picked.add(i)
+        chosen = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if base else {}
+        chosen.update((2 + i, extra[i]) for i in sorted(picked))
+        return chosen
 
     # -- transmission ----------------------------------------------------------------------------
     def _transmission(self) -> None:
@@ -771,7 +800,7 @@ class Connection:
         # (nbd/server.c nbd_handle_request())
         if not length:
             return self._reply_error(handle, NBD_EINVAL, "need non-zero length")
-        if BASE_ALLOCATION_ID not in self.contexts:
+        if not self.contexts:
             return self._reply_error(handle, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated")
         self._submit(0, self._do_block_status, handle, offset, length,
                      bool(flags & NBD_CMD_FLAG_REQ_ONE))
@@ -1084,19 +1113,30 @@ class Connection:
         self._send(_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))
 
     def _do_block_status(self, handle: int, offset: int, length: int, req_one: bool) -> None:
-        try:
-            extents = self.export.allocation(offset, length,
-                                             1 if req_one else self.limits.max_extents)
-        except Exception as exc:
-            # (qemu-nbd: the whole request fails, nothing of what was resolved is sent.)
-            log.warning("%s: block status at %d failed: %s", self.peer, offset, exc)
-            return self._reply_error(handle, _errno_of(exc), "can't get block status")
-        if req_one:
-            extents = [(min(extents[0][0], length), extents[0][1])]
-        flat = [v for ext in extents for v in ext]
-        payload = _U32.pack(BASE_ALLOCATION_ID) + struct.pack(f">{len(flat)}I", *flat)
-        self._send(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
-                               NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)), payload)
+        """One BLOCK_STATUS chunk per selected context, in id order, the last one DONE (as
+        nbd/server.c nbd_handle_request()). A context whose extents fail ends the reply with
+        an error chunk after the chunks before it (qemu-nbd then goes on with the next
+        contexts after its final chunk, which the protocol forbids)."""
+        parts = []
+        ids = sorted(self.contexts)
+        for n, cid in enumerate(ids, 1):
+            extents_of = (self.export.allocation if cid == BASE_ALLOCATION_ID
+                          else self._extra[cid - 2][1])
+            try:
+                extents = extents_of(offset, length, 1 if req_one else self.limits.max_extents)
+            except Exception as exc:
+                # (qemu-nbd: the context's request fails, nothing of what was resolved is sent.)
+                log.warning("%s: block status at %d failed: %s", self.peer, offset, exc)
+                parts.append(self._error_chunk(handle, _errno_of(exc), "can't get block status"))
+                break
+            if req_one:
+                extents = [(min(extents[0][0], length), extents[0][1])]
+            flat = [v for ext in extents for v in ext]
+            payload = _U32.pack(cid) + struct.pack(f">{len(flat)}I", *flat)
+            parts.append(_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC,
+                                     NBD_REPLY_FLAG_DONE if n == len(ids) else 0,
+                                     NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload)
+        self._send(*parts)
 
 
 def _add_bytes(parts: list, plan: list, k: int, pos: int, end: int, view: memoryview,

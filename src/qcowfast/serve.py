@@ -34,7 +34,7 @@ import numpy as np
 from . import nbd
 from .blockstatus import BDRV_BLOCK_ZERO, status_runs
 from .constants import ExtentKind
-from .errors import CorruptImage
+from .errors import CorruptImage, QcowError
 from .image import RawImage, _cores, _pread_exact
 from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
@@ -62,7 +62,7 @@ class ImageExport:
     """
 
     def __init__(self, image, name: str = "", description: str = "", multi_conn: bool = True,
-                 probed: bool = False):
+                 probed: bool = False, allocation_depth: bool = False, bitmaps=()):
         self.image = image
         self.name = name
         self.description = description
@@ -90,6 +90,18 @@ class ImageExport:
                 self._raw_depths[depth] = _HOLE_ZERO
             elif metadata_preallocated(node):
                 self._raw_depths[depth] = nbd.NBD_STATE_ZERO
+        # qemu:allocation-depth of an UNALLOCATED run by its depth: past the end of a shorter
+        # backing file (the layer has one), allocated in that backing file; else nowhere.
+        top = layers[0][0]
+        self._past_short = np.array([d - top + 2 if node.backing is not None else 0
+                                     for d, node in layers], np.int64)
+        self._top = top
+        self.meta_contexts: list = []
+        if allocation_depth:
+            self.meta_contexts.append((nbd.QEMU_ALLOCATION_DEPTH, self.allocation_depth))
+        for bitmap in bitmaps:
+            self.meta_contexts.append((nbd.QEMU_DIRTY_BITMAP + bitmap.name.encode(
+                "utf-8", "surrogateescape"), bitmap.extents))
 
     def read_plan(self, offset: int, out) -> list:
         """Where the guest bytes at `offset` (len(out) of them) come from, for the NBD server:
@@ -228,6 +240,50 @@ class ImageExport:
                 return out
             raise
 
+    def allocation_depth(self, offset: int, length: int, max_extents: int
+                         ) -> list[tuple[int, int]]:
+        """qemu:allocation-depth extents of [offset, offset + length): the depth in the chain
+        of the layer allocating each run (1 the top; data, compressed and zero clusters are
+        allocated, and so is a shorter backing file past its end), 0 where none does.
+
+        nbd/server.c blockalloc_to_extents(): bdrv_is_allocated_above() runs merged while
+        their depth agrees, until `max_extents` extents are full and the run after them has
+        been asked for; a bad table entry one of those queries meets fails the request."""
+        end = min(offset + length, self.size)
+        if (all(layer.virtual_size >= end for layer in self.image.chain)
+                and self._unallocated(offset, end)):
+            return [(end - offset, 0)]
+        try:
+            return self._depth_extents(offset, end, max_extents)[0]
+        except CorruptImage as exc:
+            stop = self._failing_query(exc, offset)
+            if stop is None:
+                raise
+            out, full = self._depth_extents(offset, stop, max_extents)
+            if full:
+                return out
+            raise
+
+    def _depth_extents(self, start: int, end: int, max_extents: int) -> tuple[list, bool]:
+        """(extents, full) of allocation depths, as _extents gives base:allocation's."""
+        out: list[tuple[int, int]] = []
+        cur_start, cur = start, -1
+        for chunk in self.image._runs(start, end):
+            unalloc = chunk.kind == _UNALLOCATED
+            rel = chunk.depth - self._top
+            depth = np.where(unalloc, self._past_short[rel], rel + 1)
+            prev = np.concatenate(([cur], depth[:-1]))
+            for i in np.flatnonzero(depth != prev).tolist():
+                s = int(chunk.guest[i])
+                if cur >= 0 and s > cur_start:
+                    out.append((s - cur_start, cur))
+                    if len(out) >= max_extents:
+                        return out, True
+                cur_start, cur = s, int(depth[i])
+        if end > cur_start:
+            out.append((end - cur_start, cur))
+        return out, False
+
     def read_failure(self, offset: int, length: int, exc: Exception) -> tuple | None:
         """(runs, query): the (start, end, hole) runs qemu-nbd's structured read of
         [offset, offset + length) sends as chunks before it fails with `exc`, and whether
@@ -358,6 +414,37 @@ class ImageExport:
         return np.array(starts, np.int64), np.array(out, np.int64)
 
 
+class ExportRefused(QcowError, ValueError):
+    """The export cannot be made as asked (a bitmap to export that is missing or unusable);
+    `qemu_nbd` holds qemu-nbd's words."""
+
+    def __init__(self, message: str, qemu_nbd: str):
+        super().__init__(message)
+        self.qemu_nbd = qemu_nbd
+
+
+def _exported_bitmaps(image, names) -> list:
+    """The ExportedBitmap of each name, as nbd/server.c nbd_export_create() finds them (down
+    the chain) and checks them (bdrv_dirty_bitmap_check(): a bitmap in use when the image was
+    opened is loaded as inconsistent). Opening the image has checked the bitmaps of every
+    qcow2 layer as QEMU does (qcow2_load_dirty_bitmaps(): snapshots.check_at_open)."""
+    from .bitmaps import ExportedBitmap, find_bitmap
+    layers = [layer for layer in image.chain if not isinstance(layer, RawImage)]
+    out = []
+    for name in names:
+        found = find_bitmap(layers, name)
+        if found is None:
+            raise ExportRefused(f"no bitmap named {name!r} in the image or its backing chain",
+                                f"Bitmap '{name}' is not found")
+        layer, bm = found
+        if bm.in_use:
+            raise ExportRefused(f"bitmap {name!r} is in use (inconsistent)",
+                                f"Bitmap '{name}' is inconsistent and cannot be used")
+        size = layer.header.size // 512 * 512
+        out.append(ExportedBitmap(layer._fd, bm, layer.cluster_size, size))
+    return out
+
+
 def _open_image(path, fmt, backing_dirs, snapshot, force_share):
     from .image import open_source
     return open_source(path, fmt, backing_dirs=directories(backing_dirs), snapshot=snapshot,
@@ -397,6 +484,13 @@ class NBDServer:
         Open the image even when a running QEMU holds its write lock (qemu-img -U).
     format : None, "qcow2" or "raw"
         None probes like qemu-img (QCOW2, foreign formats refused by name, else raw).
+    allocation_depth : bool
+        Also offer the qemu:allocation-depth metadata context (qemu-nbd -A).
+    bitmaps : sequence of str
+        Also offer qemu:dirty-bitmap:NAME for each of these persistent bitmaps of the image
+        (or of its backing chain), in this order (qemu-nbd -B, whose contexts come in the
+        reverse order of its options). A missing or inconsistent one fails `start()`
+        (ExportRefused).
     limits : qcowfast.nbd.Limits, optional
         Per-connection bounds; `handshake_timeout`, `idle_timeout`, `max_request` and
         `workers` override single fields.
@@ -409,6 +503,7 @@ class NBDServer:
                  export_name: str = "", description: str = "",
                  snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
                  force_share: bool = False, format: str | None = None,
+                 allocation_depth: bool = False, bitmaps=(),
                  limits: nbd.Limits | None = None,
                  handshake_timeout: float | None = None, idle_timeout: float | None = None,
                  max_request: int | None = None, workers: int | None = None):
@@ -442,6 +537,8 @@ class NBDServer:
         self.persistent = persistent
         self.force_share = force_share
         self.format = format
+        self.allocation_depth = bool(allocation_depth)
+        self.bitmaps = [bitmaps] if isinstance(bitmaps, str) else list(bitmaps)
         self._socket_path = None if socket is None else os.fspath(socket)
         self._tcp = port is not None
         self._bind = bind
@@ -472,7 +569,9 @@ class NBDServer:
             self._image = _open_image(self.path, self.format, self.backing_dirs,
                                       self.snapshot, self.force_share)
             self.export = ImageExport(self._image, self.export_name, self.description,
-                                      multi_conn=self.shared != 1, probed=self.format is None)
+                                      multi_conn=self.shared != 1, probed=self.format is None,
+                                      allocation_depth=self.allocation_depth,
+                                      bitmaps=_exported_bitmaps(self._image, self.bitmaps))
             self._listener = self._listen()
             self._wake_r, self._wake_w = os.pipe()
         except BaseException:
@@ -715,6 +814,7 @@ def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name:
           description: str = "",
           snapshot=None, backing_dirs=(), shared: int = 8, persistent: bool = False,
           force_share: bool = False, format: str | None = None,
+          allocation_depth: bool = False, bitmaps=(),
           handshake_timeout: float | None = None, idle_timeout: float | None = None,
           ready=None) -> None:
     """Serve an image read-only over NBD until the last client leaves (or forever).
@@ -727,6 +827,7 @@ def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name:
     server = NBDServer(path, socket=socket, bind=bind, port=port, export_name=export_name,
                        description=description, snapshot=snapshot, backing_dirs=backing_dirs, shared=shared,
                        persistent=persistent, force_share=force_share, format=format,
+                       allocation_depth=allocation_depth, bitmaps=bitmaps,
                        handshake_timeout=handshake_timeout, idle_timeout=idle_timeout)
     server.start()
     try:
@@ -737,4 +838,4 @@ def serve(path, *, socket=None, bind: str = "127.0.0.1", port=None, export_name:
         server.stop()
 
 
-__all__ = ["NBDServer", "ImageExport", "serve", "DEFAULT_PORT"]
+__all__ = ["NBDServer", "ImageExport", "ExportRefused", "serve", "DEFAULT_PORT"]
