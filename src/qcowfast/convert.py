@@ -778,6 +778,13 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
         raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
                           f"bytes exceeds max_output_size ({max_output_size} bytes)")
     out.prepare(vsize, allocate=not sparse_size)
+    if sparse_size and out.in_place and not (out.block or out.direct) and \
+            not block_rule_exact(sparse_size):
+        # -n into a file: which blocks stay allocated follows qemu-img's requests (sparse.py)
+        _load_kernels()
+        from .sparse import write_raw_in_place
+        return write_raw_in_place(image, out, sparse_size, not target_is_zero, progress,
+                                  max_output_size)
     if sparse_size and not (out.in_place or out.direct) and not block_rule_exact(sparse_size):
         _load_kernels()
         from .sparse import write_raw
@@ -898,10 +905,24 @@ def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_h
     Return the bytes of data written.
     """
     total = [0]
+    cuts = None
+    if zero_holes and sparse_size and not out.block:
+        # qemu-img punches each of its write-zeroes requests on its own, and a file system
+        # block only partly inside one is zeroed, not freed: holes are cut where its
+        # requests start (sparse.requests), so the same blocks stay allocated.
+        from .sparse import request_starts
+        cuts = request_starts(image)
 
     def zero(start, end):
-        if zero_holes:
-            out.zero_range(start, end, keep_allocated=not sparse_size)
+        if not zero_holes:
+            return
+        if cuts is not None:
+            i = int(np.searchsorted(cuts, start, side="right"))
+            j = int(np.searchsorted(cuts, end, side="left"))
+            for cut in cuts[i:j].tolist():
+                out.zero_range(start, cut, keep_allocated=False)
+                start = cut
+        out.zero_range(start, end, keep_allocated=not sparse_size)
 
     def write_unit(ui, buf, ulen):
         base = ui * unit

@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import _tables
 from .blockstatus import BDRV_BLOCK_ZERO, status_runs
 from .convert import np
+from .errors import OutputError
 from .image import RawImage
 
 SECTOR = 512
@@ -65,6 +66,12 @@ def requests(image):
             n = min(n, BUF_SECTORS)
         yield sector, n, data
         sector += n
+
+
+def request_starts(image):
+    """The guest offsets where qemu-img convert's requests over `image` start (requests()),
+    ascending (an int64 array)."""
+    return np.fromiter((sector * SECTOR for sector, _, _ in requests(image)), np.int64)
 
 
 class SparsePlan:
@@ -138,29 +145,76 @@ class SparsePlan:
                 a = stop
 
 
-def write_raw(image, fd: int, sparse_size: int, progress=None) -> int:
-    """Write `image`'s guest bytes into the sized, empty file `fd` as qemu-img convert -O raw
-    -S `sparse_size` writes them, request by request (one thread); return the bytes written.
-    """
-    from .convert import _plan, _write_all
+def _raw_writes(image, sparse_size: int):
+    """Yield qemu-img convert -O raw -S `sparse_size`'s writes over `image`, request by request
+    (convert_co_write): ("data", offset, view) for the bytes it writes (the view is reused),
+    ("zero", start, end) for each write-zeroes request (zero extents, and the zero runs
+    is_allocated_sectors_min leaves in a data request, one request each) and ("done", end, 0)
+    after each request."""
+    from .convert import _plan
     for _ in _plan(image, 8 << 20):
         pass                    # refuses host clusters two guest clusters share, as every path
     low = sparse_size // SECTOR
     align = 1 << (low.bit_length() - 1)
     vsize = image.virtual_size
     view = memoryview(bytearray(BUF_SECTORS * SECTOR))
-    written = 0
     for sector, n, data in requests(image):
         off = sector * SECTOR
+        end = min(off + n * SECTOR, vsize)
         if data:
-            length = min(n * SECTOR, vsize - off)
-            chunk = view[:length]
+            chunk = view[:end - off]
             image.readinto(off, chunk)
+            pos = off
             starts, ends = _tables.sparse_writes(_tables.sector_mask(chunk), sector, low, align)
             for a, b in zip(starts.tolist(), ends.tolist()):
-                lo, hi = a * SECTOR, min(b * SECTOR, length)
-                _write_all(fd, chunk[lo:hi], off + lo)
-                written += hi - lo
-        if progress:
-            progress(min(off + n * SECTOR, vsize), vsize)
+                lo, hi = off + a * SECTOR, min(off + b * SECTOR, end)
+                if pos < lo:
+                    yield "zero", pos, lo
+                yield "data", lo, chunk[lo - off:hi - off]
+                pos = hi
+            if pos < end:
+                yield "zero", pos, end
+        else:
+            yield "zero", off, end
+        yield "done", end, 0
+
+
+def write_raw(image, fd: int, sparse_size: int, progress=None) -> int:
+    """Write `image`'s guest bytes into the sized, empty file `fd` as qemu-img convert -O raw
+    -S `sparse_size` writes them, request by request (one thread); return the bytes written.
+    """
+    from .convert import _write_all
+    vsize = image.virtual_size
+    written = 0
+    for what, off, piece in _raw_writes(image, sparse_size):
+        if what == "data":
+            _write_all(fd, piece, off)
+            written += len(piece)
+        elif what == "done" and progress:
+            progress(off, vsize)
+    return written
+
+
+def write_raw_in_place(image, out, sparse_size: int, zero_holes: bool, progress=None,
+                       max_output_size=None) -> int:
+    """qemu-img convert -n -O raw -S `sparse_size` into the existing regular file of
+    FileOutput `out`: its requests replayed, each write-zeroes request a hole punched on its
+    own when `zero_holes` (file-posix's handle_aiocb_write_zeroes_unmap: a file system block
+    only partly inside one request is zeroed, not freed, so which blocks stay allocated
+    depends on the request boundaries). Return the bytes of data written."""
+    vsize = image.virtual_size
+    written = 0
+    for what, off, piece in _raw_writes(image, sparse_size):
+        if what == "data":
+            out.pwrite(piece, off)
+            written += len(piece)
+            if max_output_size is not None and written > max_output_size:
+                raise OutputError(f"{out.name}: output exceeds max_output_size "
+                                  f"({max_output_size} bytes); stopped, {out.name} is "
+                                  "incomplete")
+        elif what == "zero":
+            if zero_holes:
+                out.zero_range(off, piece, keep_allocated=False)
+        elif progress:
+            progress(off, vsize)
     return written

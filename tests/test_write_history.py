@@ -1,0 +1,62 @@
+"""The writer on sources with a qemu-io history (writes, zero writes, discards, compressed
+writes at sector granularity), compared with qemu-img convert run on the same source: here
+`convert -n -O raw` into an existing file, whose blocks must end up allocated where
+qemu-img's are (its write-zeroes requests punch holes one request at a time)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from common import qemu_img, qemu_io, run_cli
+
+K, M = 1024, 1024 * 1024
+
+
+def _history_image(path, cluster_size: int, size: int, seed: int) -> None:
+    """A qcow2 image with a history whose extents start and end off 4 KiB boundaries."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
+    rng = random.Random(seed)
+    # (a compressed write needs a cluster never written)
+    cmds = [f"write -q -c -P 7 {size // 2 // cluster_size * cluster_size} {cluster_size}"]
+    for _ in range(40):
+        off = rng.randrange(size // 512) * 512
+        n = min(rng.choice([1, 3, 7, 9, 24, 100, 1000]) * 512, size - off)
+        op = rng.choice(["write -q -P %d" % rng.randint(1, 255), "write -q -z",
+                         "write -q -z -u", "discard -q"])
+        cmds.append(f"{op} {off} {n}")
+    qemu_io(path, *cmds)
+
+
+def _map(path) -> list:
+    """qemu-img map of a raw file: its data and hole extents."""
+    return [(e["start"], e["length"], e["data"]) for e in
+            json.loads(qemu_img("map", "-f", "raw", "--output=json", path).stdout)]
+
+
+def _existing(path, size: int, zero: bool, seed: int) -> None:
+    with open(path, "wb") as f:
+        if zero:
+            f.truncate(size)
+        else:
+            f.write(random.Random(seed).randbytes(size))
+
+
+@pytest.mark.parametrize("options", [[], ["-S", "512"], ["-S", "3k"], ["-S", "64k"],
+                                     ["--target-is-zero", "-S", "3k"],
+                                     ["--target-is-zero", "-S", "64k"]], ids=" ".join)
+@pytest.mark.parametrize("cluster_size", [512, 2 * K])
+def test_in_place_raw_allocates_what_qemu_img_allocates(tmp_path, options, cluster_size):
+    src = tmp_path / "img.qcow2"
+    size = 3 * M + 512
+    _history_image(src, cluster_size, size, seed=cluster_size)
+    zero = "--target-is-zero" in options
+    want, got = tmp_path / "want.raw", tmp_path / "got.raw"
+    for path in (want, got):
+        _existing(path, size + 64 * K, zero, seed=5)   # longer: the tail is kept
+    qemu_img("convert", "-n", "-O", "raw", *options, src, want)
+    proc = run_cli("convert", "-q", "-n", "-O", "raw", *options, src, got)
+    assert proc.returncode == 0, proc.stderr
+    assert got.read_bytes() == want.read_bytes()
+    assert _map(got) == _map(want)
