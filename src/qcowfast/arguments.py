@@ -25,7 +25,10 @@ def integer(value, name: str, low: int | None = None, high: int | None = None,
 def boolean(value, name: str) -> bool:
     """`value` as a bool: True or False (numpy's too); ValueError naming the option otherwise
     (the string "false" is true to Python: a yes/no option given one is a mistake)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    kind = type(value)
+    # numpy's bool scalar type: numpy.bool_ up to numpy 1.x, numpy.bool from 2.0 on.
+    if isinstance(value, bool) or (kind.__module__ == "numpy"
+                                   and kind.__name__ in ("bool_", "bool")):
         return bool(value)
     raise ValueError(f"{name} must be True or False, not {value!r}")
 

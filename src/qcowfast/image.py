@@ -18,7 +18,7 @@ from operator import index as _index
 
 from . import _plain, buffers
 from ._lazy import LazyModule
-from .arguments import integer
+from .arguments import boolean, integer
 from .constants import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_CHAIN_DEPTH, QCOW_MAGIC, QCOW_OFLAG_COPIED,
     RAW_FORMATS,
@@ -125,6 +125,21 @@ def _reading(method):
 
 
 _END = object()
+
+
+def writable_view(buffer) -> memoryview:
+    """`buffer` as a flat writable memoryview of bytes; TypeError, before anything is read, for
+    what no read may fill (io.FileIO's rule: read-only or not C-contiguous)."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        view = None
+    if view is None or view.readonly or not view.c_contiguous:
+        what = ("read-only " if view is not None and view.readonly else
+                "non-contiguous " if view is not None else "")
+        raise TypeError("readinto() argument must be a writable, C-contiguous bytes-like "
+                        f"object, not {what}{type(buffer).__name__}")
+    return view.cast("B")
 
 
 def _check_read_size(n: int) -> None:
@@ -510,7 +525,7 @@ class RawImage(_Layer):
     @_reading
     def readinto(self, offset: int, buffer) -> int:
         """Fill `buffer` from `offset`; return the count (short at the end of the image)."""
-        return self._readinto(offset, memoryview(buffer).cast("B"))
+        return self._readinto(offset, writable_view(buffer))
 
     def _readinto(self, offset: int, view: memoryview) -> int:
         start, end = self._span(offset, len(view))
@@ -1178,9 +1193,7 @@ class Image(_Layer):
         offset = _index(offset)
         if offset < 0:
             raise ValueError("offset must be non-negative")
-        view = memoryview(buffer).cast("B")
-        if view.readonly:
-            raise TypeError("readinto() needs a writable buffer")
+        view = writable_view(buffer)
         reads = self._reads             # as in read()
         reads.append(None)
         try:
@@ -1514,7 +1527,31 @@ def open_source(path, fmt: str | None = None, **open_kwargs) -> "Image | RawImag
     return _open_top(path, fmt, True, open_kwargs)
 
 
+_PATH_TYPES = (str, bytes, os.PathLike)
+
+
+def _check_open_options(fmt, kw: dict) -> None:
+    """Refuse, naming the option and before any file is opened, values of the wrong kind
+    (they used to fail deep inside, or be taken for a name: snapshot=True looked up 'True')."""
+    backing = kw.get("backing")
+    if not (backing is None or backing is False or isinstance(backing, (_Layer, *_PATH_TYPES))):
+        raise TypeError(f"backing must be None, False, a path or an open image, not {backing!r}")
+    data_file = kw.get("data_file")
+    if data_file is not None and not isinstance(data_file, _PATH_TYPES):
+        raise TypeError(f"data_file must be None or a path, not {data_file!r}")
+    snapshot = kw.get("snapshot")
+    if (isinstance(snapshot, bool)
+            or not isinstance(snapshot, (type(None), str, bytes, int, dict))):
+        raise TypeError(f"snapshot must be None or a snapshot's id or name (str), not "
+                        f"{snapshot!r}")
+    if "force_share" in kw:
+        kw["force_share"] = boolean(kw["force_share"], "force_share")
+    if fmt is not None and not isinstance(fmt, str):
+        raise ValueError(f"format must be None, 'qcow2' or 'raw', not {fmt!r}")
+
+
 def _open_top(path, fmt, raw_if_unknown: bool, kw: dict):
+    _check_open_options(fmt, kw)
     if fmt not in (None, "qcow2", "raw"):
         raise UnsupportedFeature(f"{os.fspath(path)}: format {fmt!r} (qcowfast reads qcow2 and "
                                  "raw)")

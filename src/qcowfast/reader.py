@@ -10,11 +10,12 @@ from operator import index
 import numpy as np
 
 from .errors import QcowError
-from .image import MAX_READ
+from .image import MAX_READ, writable_view
 
 READAHEAD = 8 * 1024 * 1024     # sequential reads are served from windows of this size
 LINE_CHUNK = 64 * 1024          # readline() reads this much at a time
 _NOGIL_COPY = 64 * 1024         # copies from a window of this size and up release the GIL
+MAX_POSITION = (1 << 63) - 1    # the largest off_t: io.FileIO and io.BufferedReader go no further
 
 
 def _prefetch_pool():
@@ -111,6 +112,18 @@ class ImageFile(io.RawIOBase):
         self._checkClosed()
         raise io.UnsupportedOperation("write: the image file is read-only")
 
+    def truncate(self, size=None) -> int:
+        self._checkClosed()             # (io.IOBase's raises UnsupportedOperation even closed)
+        raise io.UnsupportedOperation("truncate: the image file is read-only")
+
+    def fileno(self) -> int:
+        self._checkClosed()
+        raise io.UnsupportedOperation("fileno: the image file has no descriptor of its own")
+
+    def __reduce_ex__(self, protocol):
+        # A copy would share the windows, their lock and the fills in flight of this one.
+        raise TypeError("cannot pickle or copy an image file object; call as_file() again")
+
     def read(self, size: int | None = -1) -> bytes:
         """Up to `size` bytes from the position (all that is left for None or a negative
         size); b"" at the end. The buffer is never larger than what is left to read."""
@@ -156,13 +169,16 @@ class ImageFile(io.RawIOBase):
         else:
             raise ValueError(f"invalid whence {whence}")
         if pos < 0:
-            raise ValueError("negative seek position")
+            raise ValueError(f"negative seek position {pos}")
+        if pos > MAX_POSITION:
+            raise ValueError(f"seek position {pos} is past the largest file offset "
+                             f"({MAX_POSITION})")
         self._pos = pos
         return pos
 
     def readinto(self, buffer) -> int:
         self._check_open()
-        view = memoryview(buffer).cast("B")
+        view = writable_view(buffer)
         start = self._pos               # read once: another thread may seek meanwhile
         if self._windows or start == self._last_end:
             with self._lock:
