@@ -511,7 +511,7 @@ def _check_format(args) -> int:
     (opened read-write with -r), the format; then the check itself (cmd_check)."""
     from .constants import QCOW_MAGIC
     image, fmt, repair = args.image, args.format, args.repair
-    refused = cache_refusal(args.src_cache, "source cache")
+    refused = cache_refusal(args.src_cache, "source cache") or image_opts_refusal(args, fmt)
     if refused is None and fmt is not None and fmt not in QEMU_DRIVERS:
         refused = f"Could not open '{image}': Unknown driver '{fmt}'"
     if refused is None and repair is not None and args.force_share:
@@ -569,14 +569,18 @@ def _option_list(text: str) -> str:
     return text
 
 
-class _RefusedNow(argparse.Action):
-    """--image-opts outside convert: refused by name at once, with the subcommand's status for
-    a command line it cannot run (compare: 2, "could not compare", never 1, "differ")."""
+IMAGE_OPTS_REFUSED = ("--image-opts: not supported by qcowfast (option strings instead of file "
+                      "names)")
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"qcowfast: {option_string}: not supported by qcowfast (option strings instead "
-              "of file names)", file=sys.stderr)
-        parser.exit(2 if parser.prog.endswith(" compare") else 1)
+
+def image_opts_refusal(args, fmt: str | None = None) -> str | None:
+    """--image-opts outside convert, where img_open() reads the first file name as an option
+    string (every check of the command line before it has passed): with a format (`fmt`),
+    qemu-img's own line; else refused by name. None without --image-opts."""
+    if not getattr(args, "image_opts", False):
+        return None
+    return "--image-opts and --format are mutually exclusive" if fmt is not None \
+        else IMAGE_OPTS_REFUSED
 
 
 class _ObjectOption(argparse.Action):
@@ -600,7 +604,8 @@ class _ObjectOption(argparse.Action):
 
 def _add_open_options(p: argparse.ArgumentParser) -> None:
     if "--image-opts" not in p._option_string_actions:
-        p.add_argument("--image-opts", nargs=0, action=_RefusedNow, help=argparse.SUPPRESS)
+        p.add_argument("--image-opts", dest="image_opts", action="store_true",
+                       help=argparse.SUPPRESS)     # refused where qemu-img opens the image
     p.add_argument("--object", metavar="OBJECTDEF", action=_ObjectOption, default=[],
                    help="a QEMU object definition (accepted and ignored: qcowfast reads no "
                         "encrypted images and uses no other QEMU objects)")
@@ -1080,7 +1085,13 @@ def _command_line_refusal(args) -> None:
     do not go together (_pairing_refusal), then -T; then qcowfast's refusals by name of the
     options that change what the file names are (the others come once qemu-img's checks
     have passed: _late_refusal)."""
-    refused = _pairing_refusal(args) or cache_refusal(args.src_cache, "source cache")
+    refused = _pairing_refusal(args)
+    if refused is None and args.dst is None:
+        refused = "Must specify image file name"
+    refused = refused or cache_refusal(args.src_cache, "source cache")
+    if refused is None and "--image-opts" in getattr(args, "unsupported", []) and \
+            args.src_format is not None:
+        refused = "--image-opts and --format are mutually exclusive"     # (img_open())
     if refused:
         raise QemuLine(refused)
     for option in getattr(args, "unsupported", []):
@@ -1091,8 +1102,12 @@ def _command_line_refusal(args) -> None:
 def _late_refusal(args) -> None:
     """qcowfast's refusals by name of what qemu-img would go on with once its own checks have
     passed: options it lacks, output backing files (-F is ignored with -n, as qemu-img
-    ignores it), several sources."""
-    for option in getattr(args, "unsupported", []):
+    ignores it), several sources. --bitmaps comes first: qemu-img refuses a raw output then
+    (once the output is open)."""
+    given = getattr(args, "unsupported", [])
+    if "--bitmaps" in given and args.output_format == "raw":
+        raise QemuLine("Format driver 'raw' does not support bitmaps")
+    for option in sorted(given, key=lambda option: option != "--bitmaps"):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
     for option, value in (("-B", args.backing_file),
                           ("-F", None if args.existing else args.backing_format)):
@@ -1192,6 +1207,9 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     else:
         opts = _output_options(args.options, fmt, args.existing, args.dst, args.compress,
                                backing, args.object)
+    refused = _bitmaps_refusal(args)
+    if refused:
+        raise refused
     refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
     if refused:
         raise QemuLine(refused)
@@ -1220,6 +1238,24 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     return args.src, args.dst, kw
 
 
+def _bitmaps_refusal(args) -> QemuLine | None:
+    """convert --bitmaps where img_convert() first reads it, before it creates the output (and
+    checks -t): several sources, or a source that cannot store bitmaps (raw, qcow2 v2:
+    convert_check_bitmaps()); else None (see _late_refusal)."""
+    if "--bitmaps" not in getattr(args, "unsupported", []):
+        return None
+    if args.extra:
+        return QemuLine("Copying bitmaps only possible with single source")
+    from .image import Image, open_source
+    try:
+        with open_source(args.src, args.src_format, backing_dirs=args.allow_backing_dir,
+                         force_share=args.force_share) as image:
+            capable = isinstance(image, Image) and image.header.version >= 3
+    except QcowError:
+        capable = True                      # (the source's own failure is reported first)
+    return None if capable else QemuLine("Source lacks bitmap support")
+
+
 def host_device_refusal(dst: str) -> str | None:
     """What QEMU's host_device driver says when it cannot open `dst` (hdev_open(): opened
     read-write, then its type checked), else None."""
@@ -1237,11 +1273,13 @@ def host_device_refusal(dst: str) -> str | None:
 
 
 def _operands(args) -> None:
-    """Several sources (argparse's SRC, DST, extra): the last file name is DST, as qemu-img
-    reads them; SRC the first source, extra the others."""
-    if args.extra and not getattr(args, "operands_read", False):
-        *sources, args.dst = (args.src, args.dst, *args.extra)
-        args.src, args.extra = sources[0], sources[1:]
+    """The file names in command-line order (argparse's SRC, DST, extra; an optional DST can
+    be passed over while a later name goes to extra): the last is DST, as qemu-img reads them
+    (None with fewer than two); SRC the first source, extra the others."""
+    if not getattr(args, "operands_read", False):
+        names = [name for name in (args.src, args.dst, *args.extra) if name is not None]
+        *sources, args.dst = names if len(names) > 1 else [*names, None]
+        args.src, args.extra = (sources or [None])[0], sources[1:]
     args.operands_read = True
 
 
@@ -1327,6 +1365,9 @@ def _target_too_small(src: str, dst: str, kw: dict) -> bool:
 def cmd_map(args) -> int:
     from .image import Image, open_source
     from .mapping import write_human, write_json
+    refused = image_opts_refusal(args, args.format)
+    if refused:
+        raise QemuLine(refused)
     if args.format not in (None, *SOURCE_FORMATS):
         raise QemuLine(format_refusal(args.image, args.format))
     with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
@@ -1361,6 +1402,9 @@ def _add_progress_options(p: argparse.ArgumentParser, where: str = "standard out
 
 def cmd_info(args) -> int:
     from .info import format_human, format_json, info
+    refused = image_opts_refusal(args, args.format)
+    if refused:
+        raise QemuLine(refused)
     if args.format not in (None, *SOURCE_FORMATS):
         raise QemuLine(format_refusal(args.image, args.format))
     kw = {"force_share": True} if args.force_share else {}
@@ -1451,7 +1495,8 @@ def cmd_compare(args) -> int:
 def _compare_refusal(args, kw: dict) -> str | None:
     """compare's line for -T, or for a format qcowfast does not read (IMG1 is opened first),
     else None."""
-    refused = cache_refusal(args.src_cache, "source cache")
+    refused = cache_refusal(args.src_cache, "source cache") or image_opts_refusal(
+        args, args.format_a)
     if refused or args.format_a not in (None, *SOURCE_FORMATS):
         return refused or format_refusal(args.image1, args.format_a)
     if args.format_b not in (None, *SOURCE_FORMATS):
@@ -1534,9 +1579,12 @@ def _add_convert_parser(sub) -> None:
                     "convert; -t is the cache mode as in qemu-img (threads: --threads or -m). "
                     "A file output is written to a temporary file beside DST and renamed over "
                     "it only on success; an existing DST is replaced unless --no-clobber.")
-    p.add_argument("src", metavar="SRC", help="image to read (qcow2 or raw)")
-    p.add_argument("dst", metavar="DST", help="output file or block device, or - for standard "
-                                              "output (qemu-img takes - as a file name)")
+    # (optional here: img_convert() counts its file names after its checks of option pairs)
+    p.add_argument("src", metavar="SRC", nargs="?", default=None,
+                   help="image to read (qcow2 or raw)")
+    p.add_argument("dst", metavar="DST", nargs="?", default=None,
+                   help="output file or block device, or - for standard output (qemu-img "
+                        "takes - as a file name)")
     p.add_argument("-f", dest="src_format", default=None, metavar="FMT",
                    help="format of SRC: qcow2 or raw (default: probe)")
     p.add_argument("-O", dest="output_format", default="raw", metavar="FMT",
@@ -2060,8 +2108,10 @@ def main(argv=None) -> int:
             stream.reconfigure(errors="surrogateescape")
     if extras:
         sub = parser.commands[args.command]
-        if args.command in _LATE_OPERANDS and not any(e.startswith("-") and e != "-"
-                                                      for e in extras):
+        # (words after "--" are file names, whatever they start with)
+        names = argv[argv.index("--") + 1:] if "--" in argv else []
+        if args.command in _LATE_OPERANDS and all(not e.startswith("-") or e == "-" or
+                                                  e in names for e in extras):
             args.extra = extras                 # counted (convert: refused) by the command
         else:
             sub.error(f"unrecognized arguments: {' '.join(extras)}")

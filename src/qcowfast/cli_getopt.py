@@ -80,7 +80,8 @@ def _long(name: str, ours: dict, qemu: tuple) -> tuple[str | None, list[str]]:
     abbreviates, else None; qemu's options it abbreviates, in qemu's order)."""
     if name in ours:
         return name, [name]
-    matches = [full for full in qemu if full.startswith(name)] if name else []
+    # (an empty name, "--=x", abbreviates every one: glibc calls it ambiguous)
+    matches = [full for full in qemu if full.startswith(name)]
     return (matches[0] if len(matches) == 1 and matches[0] in ours else None), matches
 
 
@@ -92,6 +93,7 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
     glibc = GLIBC_MESSAGE in parser._option_string_actions
     errors = glibc or UNRECOGNIZED in parser._option_string_actions
     out: list[str] = []
+    operands: list[str] = []
     i = 0
 
     def failed(option: str, word: str, message: str) -> bool:
@@ -106,8 +108,10 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
         word = argv[i]
         i += 1
         if word == "--":
-            out += argv[i - 1:]
-            break
+            # GNU getopt's permutation: every file name after the options, in order (those
+            # before "--" too: argparse could take one of them for an optional operand left
+            # empty, and the rest after "--" for unknown options)
+            return out + ["--", *operands, *argv[i:]]
         if word.startswith("--"):
             name, eq, value = word[2:].partition("=")
             full, matches = _long(name, longs, qemu_long)
@@ -163,8 +167,8 @@ def getopt_argv(argv: list[str], parser: argparse.ArgumentParser, qemu_long=(),
                     out.append(f"-{char}")
                 break
             continue
-        out.append(word)
-    return out
+        operands.append(word)
+    return out + operands
 
 
 _C_INTEGER = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")

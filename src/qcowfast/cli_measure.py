@@ -138,12 +138,16 @@ def _measure(args):
     size = args.size
     if args.extra:
         raise _Failed("At most one filename argument is allowed.")
-    if args.filename is None and (args.format is not None or args.snapshot):
+    if args.filename is None and (args.format is not None or args.snapshot or args.image_opts):
         raise _Failed("--image-opts, -f, and -l require a filename argument.")
     if args.filename is not None and size is not None:
         raise _Failed("--size N cannot be used together with a filename.")
     if args.filename is None and size is None:
         raise _Failed("Either --size N or one filename must be specified.")
+    from .cli import image_opts_refusal
+    refused = image_opts_refusal(args, args.format) if args.filename is not None else None
+    if refused:
+        raise _Failed(refused)
     if args.format is not None and args.format not in SOURCE_FORMATS:
         from .cli import format_refusal
         raise _Failed(format_refusal(args.filename, args.format))

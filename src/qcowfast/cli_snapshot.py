@@ -16,10 +16,14 @@ ACTIONS = {"-l": "lists", "-a": "applies", "-c": "creates", "-d": "deletes"}
 
 
 class _Action(argparse.Action):
-    """Records the actions in command-line order (qemu-img takes one)."""
+    """Records the action; a second one is refused there and then, as img_snapshot()'s getopt
+    loop refuses it (before any later option is read)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        namespace.actions = [*namespace.actions, (option_string, values)]
+        if namespace.actions:
+            from .cli import usage_exit
+            usage_exit("Cannot mix '-l', '-a', '-c', '-d'")
+        namespace.actions = [(option_string, values)]
 
 
 def add_parser(sub) -> None:
@@ -50,26 +54,31 @@ def add_parser(sub) -> None:
 
 
 def cmd_snapshot(args) -> int:
-    from .cli import usage_exit
-    if len(args.actions) > 1:
-        usage_exit("Cannot mix '-l', '-a', '-c', '-d'")
+    from .cli import (RAW_PROBE_WARNING, _file_refusal, image_opts_refusal, usage_exit)
     if args.image is None or args.extra:
         usage_exit("Expecting one image file name")
-    if args.format is not None and args.format not in ("qcow2", "raw"):
-        return _fail(f"-f {args.format}: qcowfast reads qcow2 and raw images")
     action = args.actions[0][0] if args.actions else None
-    if action in ("-a", "-c", "-d"):
-        return _fail(f"snapshot {action}: not supported by qcowfast (it {ACTIONS[action]} a "
-                     "snapshot, which writes to the image; qcowfast never writes images)")
-    if action is None and args.force_share:
-        # qemu-img opens the image for writing when no action is given.
-        return _fail(f"Could not open '{args.image}': force-share=on can only be used with "
-                     "read-only images")
+    refused = image_opts_refusal(args, args.format)
+    if refused is None and args.format is not None and args.format not in ("qcow2", "raw"):
+        refused = f"-f {args.format}: qcowfast reads qcow2 and raw images"
+    if refused is None and action != "-l":
+        # img_snapshot() opens the image read-write unless it lists (no action too).
+        refused = ("Could not open '{}': force-share=on can only be used with read-only "
+                   "images".format(args.image) if args.force_share else
+                   _file_refusal(args.image, writable=True))
+    if refused is not None:
+        return _fail(refused)
     from .image import Image, open_source
     with open_source(args.image, args.format, backing_dirs=args.allow_backing_dir,
                      force_share=args.force_share) as image:
+        raw = not isinstance(image, Image)
+        if action != "-l" and raw and args.format is None:
+            sys.stderr.write(RAW_PROBE_WARNING.format(args.image))  # (QEMU's raw_open())
+        if action in ("-a", "-c", "-d"):
+            return _fail(f"snapshot {action}: not supported by qcowfast (it {ACTIONS[action]} "
+                         "a snapshot, which writes to the image; qcowfast never writes images)")
         # qcow2_snapshot_list(): none from a raw image or one with an external data file.
-        if action is None or not isinstance(image, Image) or image.header.has_data_file:
+        if action is None or raw or image.header.has_data_file:
             return 0
         from .info import read_snapshot_table, snapshot_json, snapshot_table
         snapshots = read_snapshot_table(image._fd, image.header)[0]
