@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import qcowfast
 from common import qemu_img, qemu_io
+from qcowfast.serve import NBDServer
 
 MIB = 1 << 20
 
@@ -217,3 +218,33 @@ def test_numpy_bools_are_yes_no_values(chain, tmp_path):
     assert out.read_bytes() == chain["raw"][None].read_bytes()
     with qcowfast.open(chain["top"], force_share=np.False_) as img:
         assert img.read(0, 4096) == out.read_bytes()[:4096]
+
+
+@pytest.mark.parametrize("call, option", [
+    (lambda p, t: qcowfast.info(p, force_share="yes"), "force_share"),
+    (lambda p, t: qcowfast.info(p, backing_chain="no"), "backing_chain"),
+    (lambda p, t: qcowfast.info(p, max_depth=-1), "max_depth"),
+    (lambda p, t: qcowfast.info(p, max_depth=True), "max_depth"),
+    (lambda p, t: qcowfast.info(p, fmt=5), "fmt"),
+    (lambda p, t: qcowfast.check(p, force_share=1), "force_share"),
+    (lambda p, t: qcowfast.check(p, probe="no"), "probe"),
+    (lambda p, t: qcowfast.check(p, progress=5), "progress"),
+    (lambda p, t: qcowfast.compare(p, p, strict="yes"), "strict"),
+    (lambda p, t: qcowfast.compare(p, p, progress=5), "progress"),
+    (lambda p, t: qcowfast.compare(p, p, fmt_b=5), "fmt_b"),
+    (lambda p, t: qcowfast.measure(p, format="qcow2", backing_file=5), "backing_file"),
+    (lambda p, t: qcowfast.convert(p, t / "out.raw", progress=5), "progress"),
+    (lambda p, t: qcowfast.convert_many([(p, t / "out.raw")], progress=5), "progress"),
+    (lambda p, t: qcowfast.convert_many([(p, t / "out.raw")], on_result=5), "on_result"),
+    (lambda p, t: NBDServer(p, socket=t / "s", shared=True), "shared"),
+    (lambda p, t: NBDServer(p, socket=t / "s", persistent="x"), "persistent"),
+    (lambda p, t: qcowfast.serve(p, port="x"), "port"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_public_functions_name_an_option_of_the_wrong_kind(chain, tmp_path, call, option):
+    """Options of the wrong kind are refused up front, naming the option: they were taken as
+    yes/no by truth (force_share='yes', strict='yes', persistent='x'), read as a format named
+    '5', or failed once the work had started ("'int' object is not callable"), leaving
+    nothing behind either way."""
+    with pytest.raises((TypeError, ValueError), match=rf"^{option} must be"):
+        call(chain["top"], tmp_path)
+    assert not (tmp_path / "out.raw").exists() and not (tmp_path / "s").exists()

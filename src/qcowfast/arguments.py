@@ -33,4 +33,20 @@ def boolean(value, name: str) -> bool:
     raise ValueError(f"{name} must be True or False, not {value!r}")
 
 
-__all__ = ["boolean", "integer"]
+def callback(value, name: str):
+    """`value` when it is None or callable; TypeError naming the option otherwise (it would
+    fail only once the work has started, deep inside)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be None or a callable, not {value!r}")
+    return value
+
+
+def format_name(value, name: str = "format"):
+    """`value` when it is None or a str (a format's name); TypeError naming the option
+    otherwise."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be None or a format name (str), not {value!r}")
+    return value
+
+
+__all__ = ["boolean", "callback", "format_name", "integer"]

@@ -1156,6 +1156,9 @@ def check(path, *, progress=None, backing_dirs=(), force_share=False,
         its pointer is invalid, a snapshot L1 table lies past what QEMU can read; qemu-img's
         words in its attributes.
     """
+    from .arguments import boolean, callback
+    progress = callback(progress, "progress")
+    force_share, probe = boolean(force_share, "force_share"), boolean(probe, "probe")
     name = os.fsdecode(os.fspath(path))
     opened, fd, header = _open_for_check(name, backing_dirs, force_share, probe)
     try:

@@ -400,6 +400,10 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
     QcowError, OSError
         An image cannot be opened (qemu-img exits with 2).
     """
+    from .arguments import boolean, callback, format_name
+    strict, force_share = boolean(strict, "strict"), boolean(force_share, "force_share")
+    progress, on_message = callback(progress, "progress"), callback(on_message, "on_message")
+    fmt_a, fmt_b = format_name(fmt_a, "fmt_a"), format_name(fmt_b, "fmt_b")
     a, b = os.fsdecode(os.fspath(a)), os.fsdecode(os.fspath(b))
     dirs = directories(backing_dirs)
     src_a = _open_source(a, fmt_a, dirs, force_share)

@@ -27,7 +27,7 @@ except ImportError:                         # pragma: no cover - other Pythons
 
 from . import _plain
 from ._record import record
-from .arguments import boolean, integer
+from .arguments import boolean, callback, integer
 from .buffers import Borrowed
 from ._lazy import LazyModule
 from .constants import MAX_SPARSE_SIZE, ExtentKind
@@ -566,6 +566,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     if target_is_zero and not existing:
         raise ValueError("target_is_zero needs existing=True (qemu-img: --target-is-zero "
                          "requires -n)")
+    progress = callback(progress, "progress")
     if isinstance(dst, (str, bytes, os.PathLike)) and stream_target(dst) is None:
         name = os.fsdecode(os.fspath(dst))
         if not name or name.endswith("/"):

@@ -19,7 +19,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from .arguments import boolean, integer
+from .arguments import boolean, callback, integer
 from .errors import QcowError
 from .lending import INTERRUPTED, LENDER, Share
 from .output import sweep_stale_temps, sweep_stale_temps_of, temps_swept
@@ -479,6 +479,7 @@ def convert_many(jobs, *, workers: int | None = None, threads: int | None = None
     jobs = [as_job(j) for j in jobs]
     check_options(jobs)
     skip_existing = boolean(skip_existing, "skip_existing")
+    progress, on_result = callback(progress, "progress"), callback(on_result, "on_result")
     read = chains(jobs)
     skipped = to_skip(jobs, skip_existing)      # (decided once: the conflicts depend on it)
     refused = conflicts(jobs, read, skipped)

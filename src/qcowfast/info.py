@@ -256,6 +256,11 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         The image (or, with `backing_chain`, a file of its chain) cannot be described; OSError
         when a file cannot be opened at all.
     """
+    from .arguments import boolean, format_name, integer
+    backing_chain = boolean(backing_chain, "backing_chain")
+    force_share = boolean(force_share, "force_share")
+    max_depth = integer(max_depth, "max_depth", 0, what="an integer of at least 0")
+    fmt = format_name(fmt, "fmt")
     name = os.fsdecode(os.fspath(path))
     allowed = directories(backing_dirs)
     # Each layer keeps the directory it was reached in (dir_fd) until the next is found.

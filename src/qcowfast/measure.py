@@ -305,6 +305,8 @@ def measure(src=None, /, *, size: int | None = None, format: str = "raw",
     refcount_bits = integer(refcount_bits, "refcount_bits", none=True)
     if extended_l2 is not None:
         extended_l2 = boolean(extended_l2, "extended_l2")
+    if backing_file is not None and not isinstance(backing_file, (str, bytes, os.PathLike)):
+        raise TypeError(f"backing_file must be None or a path, not {backing_file!r}")
     qcow2_options = dict(cluster_size=cluster_size, refcount_bits=refcount_bits,
                          extended_l2=extended_l2, compat=compat, preallocation=preallocation)
     if format == "raw":

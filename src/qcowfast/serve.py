@@ -509,10 +509,12 @@ class NBDServer:
                  max_request: int | None = None, workers: int | None = None):
         if socket is not None and port is not None:
             raise ValueError("give either a Unix socket or a TCP port, not both")
-        if shared < 0:
-            raise ValueError("shared must be 0 (no limit) or more")
-        if port is not None and not 0 <= int(port) <= 65535:
-            raise ValueError(f"invalid TCP port {port}")
+        from .arguments import boolean, integer
+        shared = integer(shared, "shared", 0, what="0 (no limit) or more")
+        port = integer(port, "port", 0, 65535, none=True, what="a TCP port (0 to 65535)")
+        persistent = boolean(persistent, "persistent")
+        force_share = boolean(force_share, "force_share")
+        allocation_depth = boolean(allocation_depth, "allocation_depth")
         if not isinstance(export_name, str):
             raise TypeError(f"export_name must be a str, not {type(export_name).__name__}")
         if not isinstance(bind, str):
