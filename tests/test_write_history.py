@@ -60,3 +60,29 @@ def test_in_place_raw_allocates_what_qemu_img_allocates(tmp_path, options, clust
     assert proc.returncode == 0, proc.stderr
     assert got.read_bytes() == want.read_bytes()
     assert _map(got) == _map(want)
+
+
+def test_request_starts_are_read_as_they_are_asked_for(tmp_path, monkeypatch):
+    """The holes' cuts come from qemu-img's requests read in guest order as the writer needs
+    them, never all at once: a fragmented image has a request per extent (millions for a
+    large one), which an array of every start held in memory for the whole conversion."""
+    import qcowfast
+    from qcowfast import sparse
+    path = tmp_path / "striped.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, 8 * M)
+    qemu_io(path, *(f"write -q -P 1 {off} 4k" for off in range(0, 8 * M, 8 * K)))
+    pulled = []
+    requests = sparse.requests
+
+    def counted(image):
+        for item in requests(image):
+            pulled.append(item)
+            yield item
+    monkeypatch.setattr(sparse, "requests", counted)
+    with qcowfast.open(path) as image:
+        starts = sparse.RequestStarts(image)
+        assert starts.within(0, 64 * K) == list(range(4 * K, 64 * K, 4 * K))
+        assert len(pulled) <= 17                    # 16 requests, and one to see the 17th
+        assert starts.within(64 * K, 72 * K) == [68 * K]
+        assert len(pulled) <= 19
+        assert len(list(requests(image))) == 1024 * 2    # (a data and a zero request each)

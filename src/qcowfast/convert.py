@@ -911,16 +911,14 @@ def _execute_ordered(image, out, unit, threads, sparse_size, progress, *, zero_h
         # qemu-img punches each of its write-zeroes requests on its own, and a file system
         # block only partly inside one is zeroed, not freed: holes are cut where its
         # requests start (sparse.requests), so the same blocks stay allocated.
-        from .sparse import request_starts
-        cuts = request_starts(image)
+        from .sparse import RequestStarts
+        cuts = RequestStarts(image)
 
     def zero(start, end):
         if not zero_holes:
             return
         if cuts is not None:
-            i = int(np.searchsorted(cuts, start, side="right"))
-            j = int(np.searchsorted(cuts, end, side="left"))
-            for cut in cuts[i:j].tolist():
+            for cut in cuts.within(start, end):
                 out.zero_range(start, cut, keep_allocated=False)
                 start = cut
         out.zero_range(start, end, keep_allocated=not sparse_size)

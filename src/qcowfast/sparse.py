@@ -68,10 +68,23 @@ def requests(image):
         sector += n
 
 
-def request_starts(image):
+class RequestStarts:
     """The guest offsets where qemu-img convert's requests over `image` start (requests()),
-    ascending (an int64 array)."""
-    return np.fromiter((sector * SECTOR for sector, _, _ in requests(image)), np.int64)
+    asked for in guest order: `within(start, end)` gives those strictly inside (start, end),
+    for ranges that never go back. Read as they are asked for (a fragmented image has one
+    request per extent: never all of them held at once)."""
+
+    def __init__(self, image):
+        self._starts = (sector * SECTOR for sector, _, _ in requests(image))
+        self._next = next(self._starts, None)
+
+    def within(self, start: int, end: int) -> list[int]:
+        out = []
+        while self._next is not None and self._next < end:
+            if self._next > start:
+                out.append(self._next)
+            self._next = next(self._starts, None)
+        return out
 
 
 class SparsePlan:
