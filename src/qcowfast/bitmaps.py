@@ -27,6 +27,7 @@ BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 _SCAN_BYTES = 8 * 1024 * 1024
+_WINDOW_BYTES = 64 * 1024              # bitmap bytes an export request looks at a time
 
 _DIR_ENTRY = struct.Struct(">QIIBBHI")   # table offset, table size, flags, type, gran, name, extra
 
@@ -249,20 +250,6 @@ class ExportedBitmap:
         self.cluster_size = cluster_size
         self.size = size
 
-    def dirty_runs(self, start: int, end: int, limit: int | None = None
-                   ) -> list[tuple[int, int]]:
-        """The first `limit` (else all) dirty [a, b) runs within [start, end), ascending."""
-        import numpy as np
-        end = min(end, self.size)
-        if start >= end:
-            return []
-        gran = self.bitmap.granularity
-        first, last = start // gran, (end - 1) // gran           # granules asked for
-        bits = self._bits(first, last + 1)
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], bits, [0])).astype(np.int8)))
-        runs = (edges.reshape(-1, 2)[:limit] + first) * gran
-        return [(max(a, start), min(b, end)) for a, b in runs.tolist()]
-
     def _bits(self, first: int, stop: int) -> "np.ndarray":
         """The bits of granules [first, stop) (uint8 0/1), a bitmap data cluster at a time."""
         import numpy as np
@@ -295,29 +282,37 @@ class ExportedBitmap:
     def extents(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """(length, NBD_STATE_DIRTY or 0) extents of [offset, offset + length), at most
         `max_extents`: nbd/server.c bitmap_to_extents(), byte-exact at the request's edges."""
+        import numpy as np
         end = offset + length
-        out: list[tuple[int, int]] = []
-
-        def add(size: int, flags: int) -> None:
-            if out and out[-1][1] == flags:         # (a run across a chunk's edge)
-                out[-1] = (out[-1][0] + size, flags)
-            else:
-                out.append((size, flags))
-        # A bitmap data cluster's granules at a time, until the extents are enough: a hostile
-        # bitmap of alternating bits must not turn one request into millions of runs.
-        step = self.cluster_size * 8 * self.bitmap.granularity
-        pos = chunk = offset
-        while chunk < end and len(out) <= max_extents:
-            chunk_end = min(end, (chunk // step + 1) * step)
-            for a, b in self.dirty_runs(chunk, chunk_end, max_extents + 1):
-                if a > pos:
-                    add(a - pos, 0)
-                add(b - a, 1)
-                pos = b
+        stop = min(end, self.size)                  # (bits past the layer's length are clean)
+        gran = self.bitmap.granularity
+        # At most 64 KiB of bitmap (2**19 granules, within one data cluster) at a time, until
+        # the extents are enough: a hostile bitmap of alternating bits must not turn one
+        # request into millions of runs, nor a 2 MiB cluster into arrays of 16 Mi granules.
+        step = min(self.cluster_size, _WINDOW_BYTES) * 8 * gran
+        cuts: list = []                             # byte offsets where the state changes
+        found = 0
+        first = state = 0
+        chunk = offset
+        while chunk < stop and found < max_extents:
+            chunk_end = min(stop, (chunk // step + 1) * step)
+            g0 = chunk // gran
+            bits = self._bits(g0, (chunk_end - 1) // gran + 1)
+            if chunk == offset:
+                first = state = int(bits[0])
+            pos = (np.flatnonzero(bits[1:] != bits[:-1]) + 1 + g0) * gran
+            if bits[0] != state:                    # (a window starts on a granule)
+                pos = np.concatenate(([chunk], pos))
+            cuts.append(pos[:max_extents - found])
+            found += len(cuts[-1])
+            state = int(bits[-1])
             chunk = chunk_end
-        if end > pos and len(out) <= max_extents:
-            add(end - pos, 0)
-        return out[:max_extents]
+        if state and stop < end and found < max_extents:
+            cuts.append(np.array([stop]))           # dirty up to the layer's end
+        bounds = np.concatenate(([offset], *cuts, [end]))[:max_extents + 1]
+        sizes = np.diff(bounds).tolist()
+        flags = ((np.arange(len(sizes)) + first) & 1).tolist()
+        return list(zip(sizes, flags))
 
 
 def find_bitmap(layers, name: str):

@@ -652,8 +652,14 @@ class Connection:
             if not self.structured:
                 raise OptionError(NBD_REP_ERR_INVALID,
                                   "negotiate NBD_OPT_STRUCTURED_REPLY first")
-        name, queries = _parse_meta_context(data, self.limits.max_queries)
+        # As nbd/server.c nbd_negotiate_meta_queries(): the export is looked up before the
+        # queries are read (an unknown one is ERR_UNKNOWN however malformed the rest is).
+        name, pos = _meta_export_name(data)
         self._check_name(name)
+        # The query cap never refuses a request naming each offered context (and the
+        # namespaces) once, however many bitmaps the export offers.
+        queries = _parse_meta_queries(data, pos, max(self.limits.max_queries,
+                                                     len(self._extra) + 4))
         # A query over 4096 bytes (longer than proto.md lets a string be) selects nothing and
         # is not looked into, as qemu-nbd skips it; one holding a NUL is invalid (a string
         # MUST NOT contain NUL; qemu-nbd: ERR_INVALID).
@@ -679,9 +685,12 @@ class Connection:
         "base:" base:allocation, "qemu:" every qemu: context and "qemu:dirty-bitmap:" every
         bitmap. Unknown names select nothing."""
         extra = [name for name, _ in self._extra]
+        first = {}                                # name -> index of its first context
+        for i, name in enumerate(extra):
+            first.setdefault(name, i)
         every = listing and not asked
         base = every or BASE_ALLOCATION in queries or (listing and b"base:" in queries)
-        picked = {extra.index(q) for q in queries if q in extra}
+        picked = {first[q] for q in queries if q in first}
         for i, name in enumerate(extra):
             bitmap = name.startswith(QEMU_DIRTY_BITMAP)
             if every or (listing and (QEMU_NAMESPACE in queries
@@ -1204,18 +1213,25 @@ def _give_buffer(buf: bytearray) -> None:
             _SPARE_BUFFERS.append(buf)
 
 
-def _parse_meta_context(data: bytes, max_queries: int) -> tuple[bytes, list[bytes]]:
-    """Parse NBD_OPT_{LIST,SET}_META_CONTEXT data into (export name, queries)."""
-    invalid = OptionError(NBD_REP_ERR_INVALID, "malformed metadata context request")
-    if len(data) < 8:
-        raise invalid
+def _meta_export_name(data: bytes) -> tuple[bytes, int]:
+    """The export name of NBD_OPT_{LIST,SET}_META_CONTEXT data, and where its queries start."""
+    if len(data) < 4:
+        raise OptionError(NBD_REP_ERR_INVALID, "malformed metadata context request")
     (namelen,) = _U32.unpack_from(data, 0)
-    if namelen > NBD_MAX_STRING or 4 + namelen + 4 > len(data):
+    if namelen > NBD_MAX_STRING or 4 + namelen > len(data):
+        raise OptionError(NBD_REP_ERR_INVALID, "malformed metadata context request")
+    return data[4:4 + namelen], 4 + namelen
+
+
+def _parse_meta_queries(data: bytes, pos: int, max_queries: int) -> list[bytes]:
+    """The queries of NBD_OPT_{LIST,SET}_META_CONTEXT data from `pos` (after the name)."""
+    invalid = OptionError(NBD_REP_ERR_INVALID, "malformed metadata context request")
+    if pos + 4 > len(data):
         raise invalid
-    name = data[4:4 + namelen]
-    pos = 4 + namelen
     (count,) = _U32.unpack_from(data, pos)
     pos += 4
+    if count * 4 > len(data) - pos:                # (more than the data can hold: malformed)
+        raise invalid
     if count > max_queries:
         raise OptionError(NBD_REP_ERR_TOO_BIG, f"more than {max_queries} metadata context queries")
     queries = []
@@ -1230,7 +1246,7 @@ def _parse_meta_context(data: bytes, max_queries: int) -> tuple[bytes, list[byte
         pos += qlen
     if pos != len(data):
         raise invalid
-    return name, queries
+    return queries
 
 
 def _peer_name(sock: socket.socket) -> str:
