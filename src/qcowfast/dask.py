@@ -33,17 +33,72 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
     """Run in a worker: the job's result or its non-transient exception, as a value."""
     if threads is None:
         threads = _threads_for_this_worker(host_slots or {})
+    interrupted = _cancellation_check()
     try:
+        if interrupted is not None:
+            interrupted()
         # Temporary files of killed runs beside the destination: a directory is listed once per
         # batch in each worker process, not once per task (N tasks into one directory of a
         # shared filesystem would list it N times).
         sweep_stale_temps_of([job.dst], _listings_of(batch))
         return fleet.run_job(job, threads=threads, skip_existing=skip_existing,
-                             overwrite=overwrite, swept=True)
+                             overwrite=overwrite, swept=True, interrupted=interrupted,
+                             progress=interrupted and (lambda done, total: interrupted()))
     except Exception as exc:          # noqa: BLE001 - sorted below, nothing is swallowed
         if fleet.is_transient(exc):
             raise                     # Dask retries it
+        return _portable(exc)
+
+
+def _cancellation_check():
+    """In a worker's task: a check raising fleet.Cancelled once the task is cancelled (its
+    futures cancelled or released: Dask cannot stop a running task, so the conversion stops
+    at its next unit and removes its temporary file, as convert_many's jobs do on Ctrl-C).
+    None outside a worker."""
+    from distributed import get_worker
+    try:
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ValueError, AttributeError):
+        return None
+
+    def check() -> None:
+        ts = worker.state.tasks.get(key)
+        if ts is None or ts.state in ("cancelled", "released", "forgotten"):
+            raise fleet.Cancelled("the task was cancelled")
+    return check
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc`, or when it would not survive the trip to the client (an exception class whose
+    __init__ takes other arguments than it stores, one holding a lock), an exception of the
+    nearest base class that does, with the same errno and message: the job's error, not a
+    serialisation error in its slot (and not one failing the batch's single gather)."""
+    from pickle import loads
+    from cloudpickle import dumps     # (as distributed pickles what plain pickle cannot)
+    try:
+        loads(dumps(exc))
         return exc
+    except Exception:                 # noqa: BLE001 - any failure to round-trip
+        pass
+    try:
+        message = str(exc)
+    except Exception:                 # noqa: BLE001 - a __str__ that raises
+        message = ""
+    for cls in type(exc).__mro__:
+        text = message if cls is type(exc) else f"{type(exc).__qualname__}: {message}"
+        try:
+            if issubclass(cls, OSError) and exc.errno is not None:
+                why = exc.strerror if cls is type(exc) else f"{type(exc).__qualname__}: " \
+                    f"{exc.strerror}"
+                stand_in = cls(exc.errno, why, *([] if exc.filename is None else [exc.filename]))
+            else:
+                stand_in = cls(text)
+            loads(dumps(stand_in))
+            return stand_in
+        except Exception:             # noqa: BLE001 - try the next base class
+            continue
+    return Exception(f"{type(exc).__qualname__}: {message}")
 
 
 def _listings_of(batch: str | None) -> dict | None:
@@ -70,6 +125,12 @@ def _refused(exc: ValueError) -> ValueError:
     return exc
 
 
+def _skipped(dst: str) -> fleet.Skipped:
+    """The task of a job skip_existing skips, decided once as the batch starts (as
+    convert_many decides it: other jobs of the batch may read that output)."""
+    return fleet.Skipped(dst, "destination exists")
+
+
 def _threads_for_this_worker(host_slots: dict) -> int:
     """Cores per task slot on this host: conversions on one host share its cores, whichever
     worker process runs them (`host_slots`: task slots of all workers, by host)."""
@@ -94,13 +155,29 @@ def _host_slots(workers: dict) -> dict:
 
 
 def _check_resources(workers: dict, resources: dict) -> None:
-    """Fail fast when no worker declares `resources`: such tasks would wait forever."""
+    """Fail fast when no worker declares `resources`, all of them on one worker: such tasks
+    would wait forever."""
+    def fits(info: dict) -> bool:
+        held = info.get("resources") or {}
+        return all(held.get(name, 0) >= amount for name, amount in resources.items())
+    if any(fits(w) for w in workers.values()):
+        return
     for name, amount in resources.items():
         best = max((w.get("resources", {}).get(name, 0) for w in workers.values()), default=0)
         if best < amount:
             raise ValueError(f"no worker of the cluster declares resource {name!r} >= {amount} "
                              f"(declared: {best}); start workers with --resources "
                              f"\"{name}={amount}\" or call without resources=")
+    raise ValueError(f"no worker of the cluster declares all of {resources} (each is declared "
+                     "by some worker, none has them all); a task needs them on one worker")
+
+
+def _check_workers(workers: dict) -> None:
+    """Fail fast on a cluster without workers: its tasks would wait forever (an adaptive
+    cluster scales from its minimum: give it at least one)."""
+    if not workers:
+        raise ValueError("the Dask cluster has no workers: tasks would wait forever; start "
+                         "workers (or cluster.adapt(minimum=1)) before submitting")
 
 
 def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
@@ -115,12 +192,18 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     jobs = [fleet.as_job(j) for j in jobs]
     fleet.check_options(jobs)
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
+    # (The scheduler asserts on a retries it cannot compare, and takes -1 or True silently.)
+    retries = integer(retries, "retries", 0, none=True, what="an integer of at least 0")
     skip_existing = boolean(skip_existing, "skip_existing")     # ("no" is no True)
     overwrite = boolean(overwrite, "overwrite")
     read = fleet.chains(jobs)
-    refused = fleet.conflicts(jobs, read, fleet.to_skip(jobs, skip_existing))
+    skipped = fleet.to_skip(jobs, skip_existing)    # (decided once: the conflicts depend on it)
+    refused = fleet.conflicts(jobs, read, skipped)
     client = client or get_client()
-    workers = client.scheduler_info().get("workers", {}) if resources or threads is None else {}
+    if not jobs:
+        return []
+    workers = client.scheduler_info().get("workers", {})
+    _check_workers(workers)
     if resources:
         _check_resources(workers, resources)
     host_slots = _host_slots(workers) if threads is None else None
@@ -131,9 +214,11 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     # before the scheduler knew the larger ones existed). Each call is bound in a partial,
     # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
     calls = [partial(_refused, refused[i]) if i in refused else
+             partial(_skipped, job.dst) if i in skipped else
              partial(_task, job, threads, skip_existing, overwrite, host_slots, batch)
              for i, job in enumerate(jobs)]
-    order = fleet.costliest_first([(-1, 0.0) if i in refused else fleet.size_and_cost(job, r)
+    order = fleet.costliest_first([(-1, 0.0) if i in refused or i in skipped else
+                                   fleet.size_and_cost(job, r)
                                    for i, (job, r) in enumerate(zip(jobs, read))])
     futures = client.map(_call, [calls[i] for i in order],
                          key=[f"{KEY_PREFIX}-{batch}-{i}" for i in order], pure=False,
@@ -169,7 +254,14 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
         Worker resources each task needs, e.g. ``{"disk": 1}``; checked against the scheduler
         first (ValueError when no worker declares them).
     retries : int
-        Retries of transient I/O errors only (image errors are returned, never retried).
+        Retries of transient I/O errors only (image errors are returned, never retried); an
+        integer of at least 0, or None (0).
+
+    Raises ValueError at once on a cluster without workers, or whose workers lack
+    `resources` (all of them on one worker). An exception while the batch runs
+    (KeyboardInterrupt) cancels its tasks; running conversions stop at their next unit and
+    remove their temporary files before it propagates (fleet.CANCEL_WAIT_SECONDS at most), as
+    cancelling submit_many's futures makes them do.
 
     Returns
     -------
@@ -181,15 +273,48 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     client = client or get_client()
     futures = submit_many(jobs, client, threads=threads, skip_existing=skip_existing,
                           overwrite=overwrite, resources=resources, retries=retries)
-    wait(futures)
-    # One gather for all the finished tasks (one request per worker, not one per job).
-    # Statuses are read once: a lost worker can send a finished task back to pending meanwhile.
-    finished = [fut.status == "finished" for fut in futures]
     try:
-        values = iter(client.gather([f for f, ok in zip(futures, finished) if ok]))
-    except Exception:                 # noqa: BLE001 - such a task is read on its own below
-        finished = [False] * len(futures)
-    return [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
+        wait(futures)
+        # One gather for all the finished tasks (one request per worker, not one per job).
+        # Statuses are read once: a lost worker can send a finished task back to pending
+        # meanwhile.
+        finished = [fut.status == "finished" for fut in futures]
+        try:
+            values = iter(client.gather([f for f, ok in zip(futures, finished) if ok]))
+        except Exception:             # noqa: BLE001 - such a task is read on its own below
+            finished = [False] * len(futures)
+        return [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
+    except BaseException:
+        # Ctrl-C (or any exception) while the batch runs: as convert_many, start no task any
+        # more and let the running conversions stop at their next unit, removing their
+        # temporary files, before passing it on (bounded: fleet.CANCEL_WAIT_SECONDS).
+        _stop(client, futures)
+        raise
+
+
+def _stop(client, futures) -> None:
+    """Cancel the batch's tasks and wait, a bounded time, for those running on workers to end
+    (a cancelled task runs on until its conversion notices: _cancellation_check)."""
+    keys = {f.key for f in futures}
+    try:
+        client.cancel(futures)
+        client.run(_ended, keys, fleet.CANCEL_WAIT_SECONDS)
+    except Exception:                 # noqa: BLE001 - unwinding already; a lost worker's
+        pass                          # conversions ended with it
+
+
+async def _ended(keys, timeout: float, dask_worker=None) -> bool:
+    """In a worker (client.run): wait until none of `keys` runs here; False on timeout."""
+    import asyncio
+    import time
+    deadline = time.monotonic() + timeout
+    while any(dask_worker.state.tasks.get(k) is not None and
+              dask_worker.state.tasks[k].state in ("executing", "long-running", "cancelled")
+              for k in keys):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def _outcome(future):
