@@ -74,6 +74,19 @@ def test_load_snapshot_errors_as_qemu_nbd(snap_names, tmp_path, selectors):
     assert not (tmp_path / "f.sock").exists()
 
 
+@pytest.mark.parametrize("options", [["-e", "-1"], ["-e", "x"], ["-e", ""],
+                                     ["-e", "2147483648"], ["--shared=1.5"],
+                                     ["-e", "x", "--cache=bogus"], ["--cache=bogus", "-e", "x"]],
+                         ids=" ".join)
+def test_shared_count_errors_as_qemu_nbd(snap_names, tmp_path, options):
+    """-e's value is checked as it comes, in qemu-nbd's words (it was argparse's usage)."""
+    want = _fails(["qemu-nbd", "-r", "-k", tmp_path / "q.sock", *options, snap_names])
+    got = _fails([sys.executable, "-m", "qcowfast", "serve", "-k", tmp_path / "f.sock",
+                  *options, snap_names])
+    assert want[0] == 1 and want[2].startswith("qemu-nbd: "), want
+    assert got == (want[0], want[1], want[2].replace("qemu-nbd: ", "qcowfast: ")), want
+
+
 @pytest.mark.parametrize("options", [["-l", "snapshot.foo=1", "--cache=bogus"],
                                      ["--cache=bogus", "-l", "snapshot.foo=1"],
                                      ["-l", "snapshot.id=1,id=x", "-l", "snapshot.bad=1"]],

@@ -9,14 +9,16 @@ import os
 import sys
 
 
-def _shared(text: str) -> int:
-    # qemu-nbd -e: any integer qemu_strtoi() reads (0x.., 010 octal), 0 for no limit.
-    from .cli_getopt import c_integer
-    value = c_integer(text)
-    if value is None or not 0 <= value <= 2 ** 31 - 1:     # an int, for qemu_strtoi
-        raise argparse.ArgumentTypeError(f"invalid shared device number {text!r} (a count, "
-                                         "0 for no limit)")
-    return value
+class _Shared(argparse.Action):
+    """qemu-nbd -e: any integer qemu_strtoi() reads (0x.., 010 octal), 0 for no limit; any
+    other value fails as it comes, in qemu-nbd's words."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .cli_getopt import c_integer
+        value = c_integer(values)
+        if value is None or not 0 <= value <= 2 ** 31 - 1:     # an int, for qemu_strtoi
+            _fail(f"Invalid shared device number '{values}'")
+        setattr(namespace, self.dest, value)
 
 
 class _Ignored(argparse.Action):
@@ -276,7 +278,7 @@ def add_parser(sub) -> None:
     p.add_argument("-B", "--bitmap", dest="bitmaps", metavar="NAME", action="append",
                    default=[], help="also offer qemu:dirty-bitmap:NAME for this persistent "
                                     "bitmap of the image or its backing chain (repeatable)")
-    p.add_argument("-e", "--shared", type=_shared, default=8, metavar="N",
+    p.add_argument("-e", "--shared", action=_Shared, default=8, metavar="N",
                    help="serve up to N connections at once (default 8; 0 for no limit; "
                         "multi-conn is advertised unless N is 1)")
     p.add_argument("-t", "--persistent", action="store_true",
