@@ -599,16 +599,17 @@ def synopses() -> dict[str, list[tuple[str, str, str]]]:
 VALUES = {"FMT": "qcow2", "N": "2", "SIZE": "64k", "CACHE": "writeback", "SNAPSHOT": "s1",
           "OFFSET": "65536", "LENGTH": "1048576", "NAME": "disk0", "TEXT": "a disk",
           "ADDR": "127.0.0.1", "DIR": ".", "PORT": "{port}", "OPTS": "compression_type=zstd",
-          "OPTIONS": "cluster_size=64k"}
+          "OPTIONS": "cluster_size=64k", "S": "5"}
 OPTION_VALUES = {"--target-dir": "out", "--jobs": "jobs.txt", "--report": "report.json",
-                 "-k": "disk.sock", "--pid-file": "server.pid"}
+                 "-k": "disk.sock", "--pid-file": "server.pid", "-B": "b0"}
 # Options that take others with them (qemu-img's rules: -c and -o need -O qcow2, ...).
 NEEDS = {("convert", "-c"): ["-O", "qcow2"], ("convert", "-o"): ["-O", "qcow2"],
          ("convert", "--compression-level"): ["-O", "qcow2", "-c"],
          ("convert", "--target-is-zero"): ["-n"],
          ("convert-many", "-c"): ["-O", "qcow2"], ("convert-many", "-o"): ["-O", "qcow2"],
          ("measure", "-o"): ["-O", "qcow2"],
-         ("serve", "-b"): ["-p", "{port}"], ("serve", "--fork"): ["--pid-file", "server.pid"]}
+         ("serve", "-b"): ["-p", "{port}"], ("serve", "--fork"): ["--pid-file", "server.pid"],
+         **{("snapshot", o): ["-l"] for o in ("-f", "-q", "-U", "--allow-backing-dir")}}
 # Exit statuses other than 0, as qemu-img exits for the same command line.
 STATUS = {("check", "-f", "raw"): 63}
 
@@ -636,7 +637,7 @@ def synopsis_cases() -> list:
 
 def test_synopses_name_every_command():
     assert sorted(synopses()) == ["check", "compare", "convert", "convert-many", "info", "map",
-                                  "measure", "serve"]
+                                  "measure", "serve", "snapshot"]
 
 
 def cli_argv(name: str, words: list[str], d: Path) -> list[str]:
@@ -656,7 +657,10 @@ def cli_argv(name: str, words: list[str], d: Path) -> list[str]:
             else ["--target-dir", "out", "disk.qcow2"]
     elif name == "serve":
         argv += [] if option in ("-k", "-b", "-p") else ["-k", "disk.sock"]
-        argv += ["disk.qcow2"]
+        if option == "-B":                      # (an image with that bitmap)
+            qemu_img("create", "-q", "-f", "qcow2", "bm.qcow2", "4M", cwd=d)
+            qemu_img("bitmap", "--add", "bm.qcow2", "b0", cwd=d)
+        argv += ["bm.qcow2" if option == "-B" else "disk.qcow2"]
     elif not (name == "measure" and option == "--size"):
         argv += ["disk.qcow2"]
     return argv
