@@ -114,6 +114,18 @@ def test_unpicklable_exceptions_come_back_as_the_jobs_error(client, tmp_path):
     assert isinstance(results[3], qcowfast.ConvertResult), results[3]
 
 
+def test_standard_output_is_refused_as_the_jobs_result(client, tmp_path):
+    """A job writing "-" streamed the image into a worker's standard output (its log) and
+    came back a success; it is refused in its slot, the other jobs run."""
+    src = _raw(tmp_path / "a.raw", 4096)
+    results = qdask.convert_many([{"src": src, "dst": "-", "src_format": "raw"},
+                                  {"src": src, "dst": tmp_path / "a.out", "src_format": "raw"}],
+                                 client)
+    assert isinstance(results[0], ValueError) and "standard output" in str(results[0])
+    assert isinstance(results[1], qcowfast.ConvertResult), results[1]
+    assert (tmp_path / "a.out").read_bytes() == src.read_bytes()
+
+
 # -- arguments and clusters that would make a batch wait forever ----------------------------
 
 @pytest.mark.parametrize("retries", ["2", 1.5, -1, True])

@@ -199,6 +199,11 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     read = fleet.chains(jobs)
     skipped = fleet.to_skip(jobs, skip_existing)    # (decided once: the conflicts depend on it)
     refused = fleet.conflicts(jobs, read, skipped)
+    for i, job in enumerate(jobs):
+        if job.dst == "-" and i not in refused:
+            # (convert streams "-" to standard output: here a worker's, not the caller's)
+            refused[i] = ValueError("-: standard output would be the Dask worker's, not "
+                                    "yours; give a path every worker sees")
     client = client or get_client()
     if not jobs:
         return []
