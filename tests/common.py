@@ -316,3 +316,32 @@ def patch_l2_entry(path, guest: int, value_of) -> None:
         old, = struct.unpack(">Q", f.read(8))
         f.seek(l2 + 8 * l2_index)
         f.write(struct.pack(">Q", value_of(old)))
+
+
+def both_tools(capsys, monkeypatch, workdir, argv, names=None):
+    """(qemu-img's (status, stdout, stderr), qcowfast's in this process) for `argv` (`names`
+    replaced: placeholder -> file name) run in `workdir`; what either leaves behind is
+    removed."""
+    argv = [(names or {}).get(a, a) for a in argv]
+    before = set(workdir.iterdir())
+    want = subprocess.run(["qemu-img", *argv], capture_output=True, cwd=workdir)
+    _remove_new(workdir, before)
+    monkeypatch.chdir(workdir)
+    got = cli_in_process(capsys, *argv)
+    _remove_new(workdir, before)
+    # (decoded as they are: a progress report's carriage returns stay)
+    return (want.returncode, want.stdout.decode(),
+            want.stderr.decode().replace("qemu-img", "qcowfast")), got
+
+
+def _remove_new(workdir, before) -> None:
+    for p in set(workdir.iterdir()) - before:
+        p.unlink()
+
+
+def assert_as_qemu_img(capsys, monkeypatch, workdir, argv, status=None, names=None) -> None:
+    """The same status, stdout and stderr; qemu-img's status is `status`, or not 0."""
+    __tracebackhide__ = True
+    want, got = both_tools(capsys, monkeypatch, workdir, argv, names)
+    assert want[0] == status if status is not None else want[0] != 0, want
+    assert got == want

@@ -16,12 +16,12 @@ import json
 import os
 import re
 import socket
-import subprocess
 
 import pytest
 
 import qcowfast
-from common import cli_in_process as cli, qemu_img
+from common import (assert_as_qemu_img as common_assert, both_tools,
+                    cli_in_process as cli, qemu_img)
 from qcowfast.errors import UnsafePathError
 
 NAMES = {"IMG": "img.qcow2", "SNAP": "snap.qcow2", "FILE": "file.raw", "DIR": "dir",
@@ -46,31 +46,14 @@ def workdir(tmp_path_factory):
 
 
 def _both(capsys, monkeypatch, workdir, argv):
-    """(qemu-img's (status, stdout, stderr), qcowfast's) for `argv` (NAMES replaced) run in
-    `workdir`; what either leaves behind is removed."""
-    argv = [NAMES.get(a, a) for a in argv]
-    before = set(workdir.iterdir())
-    want = subprocess.run(["qemu-img", *argv], capture_output=True, cwd=workdir)
-    _tidy(workdir, before)
-    monkeypatch.chdir(workdir)
-    got = cli(capsys, *argv)
-    _tidy(workdir, before)
-    # (decoded as they are: a progress report's carriage returns stay)
-    return (want.returncode, want.stdout.decode(),
-            want.stderr.decode().replace("qemu-img", "qcowfast")), got
-
-
-def _tidy(workdir, before) -> None:
-    for p in set(workdir.iterdir()) - before:
-        p.unlink()
+    return both_tools(capsys, monkeypatch, workdir, argv, NAMES)
 
 
 def assert_as_qemu_img(capsys, monkeypatch, workdir, argv, status=None) -> None:
-    """The same status, stdout and stderr; qemu-img's status is `status`, or not 0."""
+    """The same status, stdout and stderr as qemu-img (NAMES replaced); its status `status`,
+    or not 0."""
     __tracebackhide__ = True
-    want, got = _both(capsys, monkeypatch, workdir, argv)
-    assert want[0] == status if status is not None else want[0] != 0, want
-    assert got == want
+    common_assert(capsys, monkeypatch, workdir, argv, status, NAMES)
 
 
 # -- 1: a snapshot that does not exist ------------------------------------------------------

@@ -21,21 +21,9 @@ import distributed
 from qcowfast import dask as qdask
 from qcowfast import fleet
 from qcowfast.output import TMP_SUFFIX
+from test_dask import client  # noqa: F401 (a fixture: one 2-worker cluster per module)
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=None,
-                                       worker_dashboard_address=None)
-    c = distributed.Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close()
 
 
 def _raw(path: Path, size: int, fill: bytes = b"\x5a") -> Path:
