@@ -227,15 +227,20 @@ class ImageExport:
         end = min(offset + length, self.size)
         if self._unallocated(offset, end):
             return [(end - offset, _HOLE_ZERO)]     # (one extent, as qemu-nbd's answer)
+        return self._before_failure(self._extents, offset, end, max_extents)
+
+    def _before_failure(self, build, offset: int, end: int, max_extents: int) -> list:
+        """build(offset, end, max_extents)'s extents; where a query meets a bad table entry,
+        those before it if they already fill the reply (qemu-nbd answers then), else the
+        CorruptImage. Runs of one L2 slice are resolved together: the ones before the query
+        that fails are redone."""
         try:
-            return self._extents(offset, end, max_extents)[0]
+            return build(offset, end, max_extents)[0]
         except CorruptImage as exc:
             stop = self._failing_query(exc, offset)
             if stop is None:
                 raise
-            # Runs of one L2 slice are resolved together: redo the ones before the query
-            # that fails. qemu-nbd answers when its extents fill up before that query.
-            out, full = self._extents(offset, stop, max_extents)
+            out, full = build(offset, stop, max_extents)
             if full:
                 return out
             raise
@@ -253,16 +258,7 @@ class ImageExport:
         if (all(layer.virtual_size >= end for layer in self.image.chain)
                 and self._unallocated(offset, end)):
             return [(end - offset, 0)]
-        try:
-            return self._depth_extents(offset, end, max_extents)[0]
-        except CorruptImage as exc:
-            stop = self._failing_query(exc, offset)
-            if stop is None:
-                raise
-            out, full = self._depth_extents(offset, stop, max_extents)
-            if full:
-                return out
-            raise
+        return self._before_failure(self._depth_extents, offset, end, max_extents)
 
     def _depth_extents(self, start: int, end: int, max_extents: int) -> tuple[list, bool]:
         """(extents, full) of allocation depths, as _extents gives base:allocation's."""
