@@ -419,6 +419,26 @@ def compare(a, b, *, fmt_a: str | None = None, fmt_b: str | None = None, strict:
         src_b.close()
 
 
+def holds_guest_bytes(image, path: str, fmt: str) -> bool:
+    """Whether the image file at `path` (format `fmt`, "raw" or "qcow2") has the virtual size
+    and the guest bytes of the open `image`: how a finished conversion's output is recognised
+    (qcowfast.dask, after a worker was lost). False too when `path` cannot be opened or read."""
+    try:
+        other = _open_source(path, fmt, ())
+    except (QcowError, OSError):
+        return False
+    try:
+        size = other.file_size if isinstance(other, _RawSource) else other.image.virtual_size
+        if size != image.virtual_size:
+            return False
+        mine = _RawSource(image) if isinstance(image, RawImage) else _QcowSource(image)
+        return _compare(mine, other, False, None, None).identical
+    except (QcowError, OSError):
+        return False
+    finally:
+        other.close()
+
+
 def _compare(a, b, strict: bool, progress, on_message) -> CompareResult:
     messages: list[str] = []
 

@@ -29,8 +29,14 @@ KEY_PREFIX = "qcowfast-convert"
 
 
 def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots=None,
-          batch: str | None = None):
-    """Run in a worker: the job's result or its non-transient exception, as a value."""
+          batch: str | None = None, fresh: bool = False):
+    """Run in a worker: the job's result or its non-transient exception, as a value.
+
+    `fresh`: no file was at the job's destination when the batch was submitted. When a
+    worker is lost, Dask runs again the tasks it was running and those whose results it held
+    (a result lives on its worker until gathered): an attempt that finds the output an
+    earlier one published checks it (_published_by_lost_attempt) instead of failing on it
+    ("exists") or converting the image again."""
     if threads is None:
         threads = _threads_for_this_worker(host_slots or {})
     interrupted = _cancellation_check()
@@ -41,6 +47,10 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
         # batch in each worker process, not once per task (N tasks into one directory of a
         # shared filesystem would list it N times).
         sweep_stale_temps_of([job.dst], _listings_of(batch))
+        if fresh:
+            kept = _published_by_lost_attempt(job)
+            if kept is not None:
+                return kept
         return fleet.run_job(job, threads=threads, skip_existing=skip_existing,
                              overwrite=overwrite, swept=True, interrupted=interrupted,
                              progress=interrupted and (lambda done, total: interrupted()))
@@ -48,6 +58,57 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
         if fleet.is_transient(exc):
             raise                     # Dask retries it
         return _portable(exc)
+
+
+LOST_ATTEMPT = ("appeared while the batch ran (an attempt of this job whose worker was lost "
+                "published it) and holds the source's guest bytes")
+
+
+def _published_by_lost_attempt(job: fleet.Job) -> fleet.Skipped | None:
+    """Skipped when the job's destination, absent when the batch was submitted, is now a
+    file holding the source's size and guest bytes (read and compared in full); else None:
+    the conversion then runs and says what is wrong (a file someone else put there exists)."""
+    from .compare import holds_guest_bytes
+    fmt = job.options.get("format", "raw")
+    if job.options.get("existing") or fmt not in ("raw", "qcow2") or not fleet.finished(job):
+        return None
+    try:
+        with fleet.open_job_source(job) as image:
+            same = holds_guest_bytes(image, job.dst, fmt)
+    except Exception:                 # noqa: BLE001 - the conversion reports it
+        return None
+    return fleet.Skipped(job.dst, LOST_ATTEMPT) if same else None
+
+
+def _from_here(name, cwd: str | None):
+    """A path of a job resolved against `cwd`, the client's working directory (a worker
+    resolves a relative name against its own, which need not be the client's); names that
+    are absolute, empty or not paths at all are left as they are (the job says what is wrong
+    with them)."""
+    if cwd is None or not isinstance(name, (str, bytes, os.PathLike)):
+        return name
+    try:
+        text = os.fsdecode(os.fspath(name))
+    except (TypeError, ValueError):
+        return name
+    if not text or "\0" in text or os.path.isabs(text):
+        return name
+    return os.path.join(cwd, text)
+
+
+def _absolute(job: fleet.Job, cwd: str | None) -> fleet.Job:
+    """`job` with its source, destination ("-" aside), backing_dirs and data_file resolved
+    against the client's working directory `cwd`."""
+    options = dict(job.options)
+    if "data_file" in options:
+        options["data_file"] = _from_here(options["data_file"], cwd)
+    dirs = options.get("backing_dirs")
+    if isinstance(dirs, (str, bytes, os.PathLike)):
+        options["backing_dirs"] = _from_here(dirs, cwd)
+    elif isinstance(dirs, (list, tuple)):
+        options["backing_dirs"] = type(dirs)(_from_here(d, cwd) for d in dirs)
+    return fleet.Job(_from_here(job.src, cwd),
+                     job.dst if job.dst == "-" else _from_here(job.dst, cwd), options)
 
 
 def _cancellation_check():
@@ -185,11 +246,23 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     """Submit one task per job; return the list of `distributed.Future`s, in job order.
 
     Each future's result is what `qcowfast.convert_many` gives for that job. Task keys start
-    with ``qcowfast-convert`` so the dashboard groups them.
+    with ``qcowfast-convert`` so the dashboard groups them. Relative paths (source,
+    destination, backing_dirs, data_file) are resolved here, against the caller's working
+    directory, not a worker's.
     """
+    return _submit(jobs, client, threads=threads, skip_existing=skip_existing,
+                   overwrite=overwrite, resources=resources, retries=retries)[0]
+
+
+def _submit(jobs, client, *, threads, skip_existing, overwrite, resources, retries):
+    """submit_many's work: (futures in job order, the jobs as submitted)."""
     from distributed import get_client
     from .arguments import boolean, integer
-    jobs = [fleet.as_job(j) for j in jobs]
+    try:
+        cwd = os.getcwd()
+    except OSError:                   # (a removed working directory: names stay as given)
+        cwd = None
+    jobs = [_absolute(fleet.as_job(j), cwd) for j in jobs]
     fleet.check_options(jobs)
     threads = integer(threads, "threads", 1, none=True, what="an integer of at least 1")
     # (The scheduler asserts on a retries it cannot compare, and takes -1 or True silently.)
@@ -206,7 +279,7 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
                                     "yours; give a path every worker sees")
     client = client or get_client()
     if not jobs:
-        return []
+        return [], jobs
     workers = client.scheduler_info().get("workers", {})
     _check_workers(workers)
     if resources:
@@ -220,7 +293,8 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
     calls = [partial(_refused, refused[i]) if i in refused else
              partial(_skipped, job.dst) if i in skipped else
-             partial(_task, job, threads, skip_existing, overwrite, host_slots, batch)
+             partial(_task, job, threads, skip_existing, overwrite, host_slots, batch,
+                     not fleet.finished(job))
              for i, job in enumerate(jobs)]
     order = fleet.costliest_first([(-1, 0.0) if i in refused or i in skipped else
                                    fleet.size_and_cost(job, r)
@@ -231,7 +305,7 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     in_job_order: list = [None] * len(jobs)
     for i, future in zip(order, futures):
         in_job_order[i] = future
-    return in_job_order
+    return in_job_order, jobs
 
 
 def _call(call):
@@ -272,12 +346,14 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     -------
     list
         For each job: a `ConvertResult`, a `fleet.Skipped`, or the exception it ended with
-        (including a transient error that outlived its retries).
+        (including a transient error that outlived its retries). A job whose worker was lost
+        after it published its output is a Skipped whose reason is LOST_ATTEMPT (Dask ran it
+        again, and that attempt found the output holding the source's guest bytes).
     """
     from distributed import get_client, wait
     client = client or get_client()
-    futures = submit_many(jobs, client, threads=threads, skip_existing=skip_existing,
-                          overwrite=overwrite, resources=resources, retries=retries)
+    futures, jobs = _submit(jobs, client, threads=threads, skip_existing=skip_existing,
+                            overwrite=overwrite, resources=resources, retries=retries)
     try:
         wait(futures)
         # One gather for all the finished tasks (one request per worker, not one per job).
@@ -288,13 +364,19 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
             values = iter(client.gather([f for f, ok in zip(futures, finished) if ok]))
         except Exception:             # noqa: BLE001 - such a task is read on its own below
             finished = [False] * len(futures)
-        return [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
+        results = [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
     except BaseException:
         # Ctrl-C (or any exception) while the batch runs: as convert_many, start no task any
         # more and let the running conversions stop at their next unit, removing their
         # temporary files, before passing it on (bounded: fleet.CANCEL_WAIT_SECONDS).
         _stop(client, futures)
         raise
+    # A worker lost during a conversion leaves its temporary file behind, and the attempt
+    # that ran the job again may have used a listing of the directory made before that file
+    # existed (each worker lists a directory once per batch): every task has ended, so a
+    # temporary file that can be locked now is such a leftover.
+    sweep_stale_temps_of(job.dst for job in jobs if job.dst != "-")
+    return results
 
 
 def _stop(client, futures) -> None:

@@ -191,7 +191,7 @@ def names_no_file(name: str) -> bool:
         return False
 
 
-def _open_job_source(job: Job):
+def open_job_source(job: Job):
     """The job's source, opened as its convert opens it."""
     from .image import open_source
     opts = job.options
@@ -205,7 +205,7 @@ def source_refusal(job: Job) -> Exception | None:
     qemu-img opens the source before it looks at the destination, so on the command line
     that failure is the one reported for a destination convert refuses by name alone."""
     try:
-        _open_job_source(job).close()
+        open_job_source(job).close()
     except Exception as exc:        # noqa: BLE001 - the job's error, as convert raises it
         return exc
     return None
@@ -220,7 +220,7 @@ def own_chain_refusal(job: Job) -> Exception:
     from .output import check_not_source
     name = job.dst
     try:
-        with _open_job_source(job) as image:
+        with open_job_source(job) as image:
             check_not_source(os.stat(name), image, name)
     except Exception as exc:        # noqa: BLE001 - the job's result, as convert raises it
         return exc
