@@ -6,6 +6,7 @@ image errors come back as values in their slot, transient I/O errors are retried
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -25,8 +26,10 @@ from qcowfast.output import TMP_SUFFIX
 IMAGES = ("c64k-v3-zlib", "c64k-v3-zstd", "c4k-chain3-short-base", "c512-v3-zlib")
 
 
-@pytest.fixture(scope="module")
-def client():
+@contextlib.contextmanager
+def two_workers():
+    """A Client of a new LocalCluster of 2 worker processes (one thread each, loopback, no
+    dashboards), closed on leaving."""
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        host="127.0.0.1", dashboard_address=None,
                                        worker_dashboard_address=None)
@@ -36,6 +39,12 @@ def client():
     finally:
         c.close()
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with two_workers() as c:
+        yield c
 
 
 def test_outputs_match_local_convert_and_errors_are_values(client, images, tmp_path):

@@ -16,10 +16,9 @@ import pytest
 import qcowfast
 from common import assert_same_bytes
 
-import distributed
 from qcowfast import dask as qdask
 from qcowfast.output import TMP_SUFFIX
-from test_dask import client  # noqa: F401 (a fixture: one 2-worker cluster per module)
+from test_dask import client, two_workers  # noqa: F401 (client: one 2-worker cluster per module)
 
 MIB = 1024 * 1024
 BATCH_SECONDS = 120
@@ -154,15 +153,8 @@ def _die_after(method: str, target: str, flag: str) -> bool:
 @pytest.fixture
 def cluster_client():
     """A 2-worker cluster of its own: the tests below kill workers."""
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=None,
-                                       worker_dashboard_address=None)
-    c = distributed.Client(cluster)
-    try:
+    with two_workers() as c:
         yield c
-    finally:
-        c.close()
-        cluster.close()
 
 
 def _converted(result) -> bool:
