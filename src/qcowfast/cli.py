@@ -1305,7 +1305,9 @@ def cmd_convert(args) -> int:
             raise
         if result.virtual_size == 0 or progress.last < 100.0:
             progress.complete()
-    if not args.quiet:
+    # qemu-img says nothing on success, and tools take any standard-error text for a failure
+    # (glance's image conversion raises on it): the summary is for a person at a terminal.
+    if not args.quiet and (args.summary or _is_terminal(sys.stderr)):
         rate = result.virtual_size / result.seconds if result.seconds > 0 else 0.0
         print(f"qcowfast: converted {src} -> {dst}: {human_size(result.virtual_size)} "
               f"virtual, {human_size(result.bytes_written)} written, "
@@ -1626,7 +1628,11 @@ def _add_convert_parser(sub) -> None:
                         "ID_OR_NAME (given more than once: the last snapshot.* one, else the "
                         "last, as qemu-img)")
     _add_progress_options(p, "standard output (standard error when DST is -)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress report and no summary line")
+    p.add_argument("--summary", action="store_true",
+                   help="end with a one-line summary on standard error even when it is not a "
+                        "terminal (on a terminal it is printed unless -q)")
     clobber = p.add_mutually_exclusive_group()
     clobber.add_argument("--no-clobber", action="store_true",
                          help="refuse to replace an existing DST")
@@ -1894,6 +1900,14 @@ def _broken_pipe(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal (False for a closed or replaced one)."""
+    try:
+        return stream.isatty()
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _quiet_stdout() -> None:
