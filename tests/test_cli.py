@@ -675,7 +675,6 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
     (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
     (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
-    (["-o", "preallocation=falloc", "-O", "raw"], "preallocation"),
     (["-o", "compat=0.10", "-O", "qcow2"], "compat"),
     (["-o", "lazy_refcounts=on", "-O", "qcow2"], "lazy_refcounts"),
     (["-o", "lazy_refcounts", "-O", "qcow2"], "lazy_refcounts=on"),     # the short form

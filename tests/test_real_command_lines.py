@@ -214,6 +214,12 @@ CONVERTS = [
     # CDI pkg/image/qemu.go convertToRaw / ConvertToRawStream: -t none|writeback -p -O raw
     ["convert", "-t", "none", "-p", "-O", "raw", "v3.qcow2", "OUT.raw"],
     ["convert", "-t", "writeback", "-p", "-O", "raw", "top.qcow2", "OUT.raw"],
+    # ... with preallocation requested: -o after the file names (older CDI), or first
+    ["convert", "-t", "none", "-p", "-O", "raw", "v3.qcow2", "OUT.raw", "-o",
+     "preallocation=falloc"],
+    ["convert", "-o", "preallocation=falloc", "-t", "writeback", "-p", "-O", "raw",
+     "top.qcow2", "OUT.raw"],
+    ["convert", "-o", "preallocation=full", "-O", "raw", "zstd.qcow2", "OUT.raw"],
     # vdsm lib/vdsm/storage/qemuimg.py convert: -p -t none -T none -f -O [-o] [-n] [-c] [-W]
     ["convert", "-p", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "raw", "top.qcow2",
      "OUT.raw"],
@@ -289,6 +295,7 @@ def _outputs(d: Path) -> dict:
         if info["format"] == "raw":
             state[name]["map"] = json.loads(qemu_img("map", "--output=json", path).stdout)
             state[name]["file-size"] = path.stat().st_size
+            state[name]["allocated"] = path.stat().st_blocks      # (preallocation, -S 0)
         else:
             state[name]["check"] = json.loads(qemu_img("check", "--output=json", path).stdout)
     return state
@@ -324,11 +331,6 @@ def test_convert_shapes_as_qemu_img(tooldir, tmp_path, argv):
 
 
 @pytest.mark.parametrize("argv, option", [
-    # CDI qemu.go (preallocation requested: -o after the file names, or first)
-    (["convert", "-t", "none", "-p", "-O", "raw", "v3.qcow2", "OUT.raw", "-o",
-      "preallocation=falloc"], "-o preallocation=falloc"),
-    (["convert", "-o", "preallocation=falloc", "-t", "writeback", "-p", "-O", "raw",
-      "top.qcow2", "OUT.raw"], "-o preallocation=falloc"),
     # vdsm qemuimg.convert to an old storage domain (compat 0.10), preallocated, --bitmaps
     (["convert", "-p", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "qcow2", "-o",
       "compat=0.10", "v3.qcow2", "OUT.qcow2"], "-o compat=0.10"),

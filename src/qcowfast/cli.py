@@ -730,7 +730,6 @@ _FIXED_OPTIONS = {
               "data_file_raw": (("off", "no", "false", "n"), "raw external data file (off)"),
               "encryption": (("off",), "encryption (off)")},    # (QEMU: any other value
                                                                   # names encrypt.format)
-    "raw": {"preallocation": (("off",), "preallocation mode (off)")},
 }
 # -o keys of the output file itself, for every output format: (values meaning on, help).
 _FILE_OPTIONS = {"nocow": (("on", "yes", "true", "y"),
@@ -760,6 +759,9 @@ def _print_output_options(fmt: str, named: bool) -> None:
                  "ignored)")
     lines += [f"  {key}={'|'.join(values)} - {what}"
               for key, (values, what) in _FIXED_OPTIONS.get(fmt, {}).items()]
+    if fmt == "raw":
+        lines.append("  preallocation=off|falloc|full - preallocation mode of the file: "
+                     "falloc allocates its blocks, full writes every byte (default off)")
     try:
         print("Supported options:" if named else f"Supported {fmt} options:", *lines, sep="\n",
               flush=True)
@@ -1226,6 +1228,7 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
               compression_type=opts.get("compression_type"),
               level=args.compression_level,
               cluster_size=opts.get("cluster_size", 65536), nocow=opts.get("nocow", False),
+              preallocation=opts.get("preallocation", "off"),
               threads=args.threads or args.coroutines,
               sparse_size=4096 if args.sparse_size is None else args.sparse_size,
               overwrite=not args.no_clobber, existing=args.existing,

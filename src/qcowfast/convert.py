@@ -480,7 +480,7 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             max_output_size: int | None = None, unit_size: int = UNIT_SIZE,
             target_is_zero: bool = False, existing: bool = False, force_share: bool = False,
             direct: bool = False, compression_type: str | None = None,
-            nocow: bool = False) -> ConvertResult:
+            nocow: bool = False, preallocation: str = "off") -> ConvertResult:
     """Convert image `src` (QCOW2 with its backing chain, or raw) to a raw or QCOW2 image.
 
     Parameters
@@ -540,6 +540,10 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
     nocow : bool
         Give a new output file the no-copy-on-write attribute (qemu-img -o nocow=on, for
         images on btrfs); ignored where the file system lacks it, as qemu-img ignores it.
+    preallocation : {"off", "falloc", "full"}
+        Raw output to a new file only (qemu-img -o preallocation): "falloc" allocates the
+        whole file (fallocate) before the data is written, "full" writes every byte, zeros
+        included (as sparse_size=0).
 
     Returns
     -------
@@ -563,6 +567,14 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
             (overwrite, "overwrite"), (fsync, "fsync"), (target_is_zero, "target_is_zero"),
             (existing, "existing"), (force_share, "force_share"), (direct, "direct"),
             (nocow, "nocow")))
+    if preallocation not in ("off", "falloc", "full"):
+        raise ValueError(f"preallocation must be 'off', 'falloc' or 'full', not "
+                         f"{preallocation!r}")
+    if preallocation != "off" and (format != "raw" or existing):
+        raise ValueError("preallocation needs raw output to a new file (format='raw', not "
+                         "existing=True)")
+    if preallocation == "full":
+        sparse_size = 0                     # (every byte written, as qemu-img's zeros first)
     if target_is_zero and not existing:
         raise ValueError("target_is_zero needs existing=True (qemu-img: --target-is-zero "
                          "requires -n)")
@@ -587,6 +599,9 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
         stream = stream_target(dst)
         if stream is not None:
             name = _stream_name(dst, stream)
+            if preallocation != "off":
+                raise OutputError(f"cannot preallocate {name} (a stream); write the image "
+                                  "to a file")
             if format != "raw":
                 raise OutputError(f"cannot stream {format} output to {name}; "
                                   "write it to a file")
@@ -613,8 +628,12 @@ def convert(src, dst, /, *, format: str = "raw", src_format: str | None = None,
                 if progress:
                     progress.start()
                 try:
+                    if preallocation != "off" and out.in_place:
+                        raise OutputError(f"cannot preallocate {out.name}: it is written "
+                                          "in place (a device)")
                     written = _convert_path(image, out, format, unit, threads, sparse_size,
                                             progress, compression=compression, level=level,
+                                            allocate=preallocation != "off",
                                             cluster_size=cluster_size,
                                             max_output_size=max_output_size,
                                             target_is_zero=target_is_zero,
@@ -754,8 +773,10 @@ def _capped(progress, out, cap):
 
 
 def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, compression, level,
-                  cluster_size, max_output_size, target_is_zero, compression_type=None) -> int:
-    """Fill FileOutput `out`; return the bytes written."""
+                  cluster_size, max_output_size, target_is_zero, compression_type=None,
+                  allocate=False) -> int:
+    """Fill FileOutput `out`; return the bytes written. `allocate`: a raw file's blocks are
+    all allocated before the data is written (qemu-img -o preallocation=falloc)."""
     vsize = image.virtual_size
     if fmt == "qcow2":
         if out.in_place:
@@ -775,10 +796,12 @@ def _convert_path(image, out, fmt, unit, threads, sparse_size, progress, *, comp
             raise OutputError(f"{out.name}: output of {size} bytes exceeds max_output_size "
                               f"({max_output_size} bytes); nothing was written to {out.name}")
         return size
-    if max_output_size is not None and not sparse_size and vsize > max_output_size:
-        raise OutputError(f"{out.name}: a fully allocated output (sparse_size=0) of {vsize} "
+    if max_output_size is not None and (allocate or not sparse_size) and \
+            vsize > max_output_size:
+        how = "preallocation" if allocate else "sparse_size=0"
+        raise OutputError(f"{out.name}: a fully allocated output ({how}) of {vsize} "
                           f"bytes exceeds max_output_size ({max_output_size} bytes)")
-    out.prepare(vsize, allocate=not sparse_size)
+    out.prepare(vsize, allocate=allocate or not sparse_size)
     if sparse_size and out.in_place and not (out.block or out.direct) and \
             not block_rule_exact(sparse_size):
         # -n into a file: which blocks stay allocated follows qemu-img's requests (sparse.py)
