@@ -23,20 +23,45 @@ except ImportError as exc:
                       "pip install 'qcowfast[dask]'", name=exc.name) from exc
 
 from . import fleet
+from .errors import OutputError
 from .output import sweep_stale_temps_of
 
 KEY_PREFIX = "qcowfast-convert"
 
 
 def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots=None,
-          batch: str | None = None, fresh: bool = False):
+          batch: str | None = None, fresh: bool = False, seen: tuple = ()):
     """Run in a worker: the job's result or its non-transient exception, as a value.
 
     `fresh`: no file was at the job's destination when the batch was submitted. When a
     worker is lost, Dask runs again the tasks it was running and those whose results it held
     (a result lives on its worker until gathered): an attempt that finds the output an
     earlier one published checks it (_published_by_lost_attempt) instead of failing on it
-    ("exists") or converting the image again."""
+    ("exists") or converting the image again. `seen`: the job's files and output directory
+    that existed on the client (named in a failure when this worker lacks them)."""
+    try:
+        return _attempt(job, threads, skip_existing, overwrite, host_slots, batch, fresh, seen)
+    except BaseException as exc:      # noqa: BLE001 - SystemExit, KeyboardInterrupt, ...
+        if isinstance(exc, Exception):
+            raise                     # (transient: Dask retries it)
+        # Raised out of a task, these end the worker process (distributed's fail_hard): Dask
+        # would run the job on the next worker, ending it too, and each worker lost takes
+        # the results it held and the tasks it was given (KilledWorker for other jobs).
+        return RuntimeError(f"the conversion raised {_described(exc)}")
+
+
+def _described(exc: BaseException) -> str:
+    """`exc`'s class and message, even when its __str__ raises."""
+    try:
+        text = str(exc)
+    except Exception:                 # noqa: BLE001
+        text = ""
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+
+
+def _attempt(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_slots,
+             batch: str | None, fresh: bool, seen: tuple):
+    """_task's work (BaseExceptions aside)."""
     if threads is None:
         threads = _threads_for_this_worker(host_slots or {})
     interrupted = _cancellation_check()
@@ -57,6 +82,13 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
     except Exception as exc:          # noqa: BLE001 - sorted below, nothing is swallowed
         if fleet.is_transient(exc):
             raise                     # Dask retries it
+        if fresh and isinstance(exc, OutputError):
+            # Another attempt of this job published the output while this one converted
+            # (its worker, taken for lost, ran on): this one could not publish its own.
+            kept = _published_by_lost_attempt(job)
+            if kept is not None:
+                return kept
+        _name_unseen(exc, seen)
         return _portable(exc)
 
 
@@ -78,6 +110,47 @@ def _published_by_lost_attempt(job: fleet.Job) -> fleet.Skipped | None:
     except Exception:                 # noqa: BLE001 - the conversion reports it
         return None
     return fleet.Skipped(job.dst, LOST_ATTEMPT) if same else None
+
+
+def _seen_here(job: fleet.Job, read, dirs: dict) -> tuple:
+    """The files of the job's chain (`read`: fleet.chains) that exist here, on the client,
+    and its output's directory if it exists here (`dirs`: a cache, by directory)."""
+    names = [name for _, name, keys in read if len(keys) > 1] if isinstance(read, list) \
+        else []
+    if job.dst != "-":
+        parent = os.path.dirname(job.dst)
+        if parent not in dirs:
+            dirs[parent] = os.path.isdir(parent)
+        if dirs[parent]:
+            names.append(parent)
+    return tuple(names)
+
+
+def _name_unseen(exc: Exception, seen: tuple) -> None:
+    """Append to the message of a job's failure the first of `seen` (files the client saw
+    as the batch was submitted) that this worker lacks: paths on the client's disk alone
+    fail here as "No such file or directory", which names neither the worker nor the cause."""
+    try:
+        missing = next((n for n in seen if not os.path.lexists(n)), None)
+    except (OSError, ValueError):
+        return
+    if missing is None:
+        return
+    from distributed import get_worker
+    try:
+        where = f"Dask worker {get_worker().address}"
+    except (ValueError, AttributeError):
+        where = "the Dask worker"
+    text = (f" ({missing} existed on the client when the batch was submitted, not on {where}: "
+            "sources and destinations must be paths every worker sees, on a shared "
+            "filesystem)")
+    try:
+        if len(exc.args) == 1 and isinstance(exc.args[0], str):
+            exc.args = (exc.args[0] + text,)
+        else:
+            exc.add_note(text.strip(" ()"))
+    except Exception:                 # noqa: BLE001 - the job's error as it is
+        pass
 
 
 def _from_here(name, cwd: str | None):
@@ -215,13 +288,16 @@ def _host_slots(workers: dict) -> dict:
     return slots
 
 
+def _fits(info: dict, resources: dict) -> bool:
+    """Whether a worker (its scheduler_info() entry) declares all of `resources`."""
+    held = info.get("resources") or {}
+    return all(held.get(name, 0) >= amount for name, amount in resources.items())
+
+
 def _check_resources(workers: dict, resources: dict) -> None:
     """Fail fast when no worker declares `resources`, all of them on one worker: such tasks
     would wait forever."""
-    def fits(info: dict) -> bool:
-        held = info.get("resources") or {}
-        return all(held.get(name, 0) >= amount for name, amount in resources.items())
-    if any(fits(w) for w in workers.values()):
+    if any(_fits(w, resources) for w in workers.values()):
         return
     for name, amount in resources.items():
         best = max((w.get("resources", {}).get(name, 0) for w in workers.values()), default=0)
@@ -233,10 +309,22 @@ def _check_resources(workers: dict, resources: dict) -> None:
                      "by some worker, none has them all); a task needs them on one worker")
 
 
-def _check_workers(workers: dict) -> None:
+def _workers_of(client) -> tuple[int, dict | None]:
+    """The cluster's number of workers and their details by address (`scheduler_info()`),
+    None for the details of an asynchronous client's: it cannot ask the scheduler from
+    inside its event loop, and its cached scheduler_info() holds the totals alone."""
+    info = client.scheduler_info()
+    workers = info.get("workers") or {}
+    count = int(info.get("n_workers", len(workers)))
+    if getattr(client, "asynchronous", False) and count and not workers:
+        return count, None
+    return count, workers
+
+
+def _check_workers(count: int) -> None:
     """Fail fast on a cluster without workers: its tasks would wait forever (an adaptive
     cluster scales from its minimum: give it at least one)."""
-    if not workers:
+    if not count:
         raise ValueError("the Dask cluster has no workers: tasks would wait forever; start "
                          "workers (or cluster.adapt(minimum=1)) before submitting")
 
@@ -255,7 +343,8 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
 
 
 def _submit(jobs, client, *, threads, skip_existing, overwrite, resources, retries):
-    """submit_many's work: (futures in job order, the jobs as submitted)."""
+    """submit_many's work: (futures in job order, the jobs as submitted, for each job whether
+    its task checks for an output published by a lost attempt: see _task's `fresh`)."""
     from distributed import get_client
     from .arguments import boolean, integer
     try:
@@ -279,22 +368,26 @@ def _submit(jobs, client, *, threads, skip_existing, overwrite, resources, retri
                                     "yours; give a path every worker sees")
     client = client or get_client()
     if not jobs:
-        return [], jobs
-    workers = client.scheduler_info().get("workers", {})
-    _check_workers(workers)
-    if resources:
+        return [], jobs, []
+    count, workers = _workers_of(client)
+    _check_workers(count)
+    if resources and workers is not None:
         _check_resources(workers, resources)
-    host_slots = _host_slots(workers) if threads is None else None
+    # (unknown slots: each worker divides its host's cores by its own)
+    host_slots = _host_slots(workers or {}) if threads is None else None
     batch = uuid.uuid4().hex[:8]
     # The costliest jobs first, as convert_many orders them: a big job started last would
     # leave the other workers idle at the end. Client.map gives its tasks the order of its input as
     # their priority and sends them in one graph (submitted one by one, the first would start
     # before the scheduler knew the larger ones existed). Each call is bound in a partial,
     # which Dask does not traverse (it would rebuild the Job dataclass in a task of its own).
+    dirs: dict = {}
+    fresh = [i not in refused and i not in skipped and not fleet.finished(job)
+             for i, job in enumerate(jobs)]
     calls = [partial(_refused, refused[i]) if i in refused else
              partial(_skipped, job.dst) if i in skipped else
              partial(_task, job, threads, skip_existing, overwrite, host_slots, batch,
-                     not fleet.finished(job))
+                     fresh[i], _seen_here(job, read[i], dirs))
              for i, job in enumerate(jobs)]
     order = fleet.costliest_first([(-1, 0.0) if i in refused or i in skipped else
                                    fleet.size_and_cost(job, r)
@@ -305,7 +398,7 @@ def _submit(jobs, client, *, threads, skip_existing, overwrite, resources, retri
     in_job_order: list = [None] * len(jobs)
     for i, future in zip(order, futures):
         in_job_order[i] = future
-    return in_job_order, jobs
+    return in_job_order, jobs, fresh
 
 
 def _call(call):
@@ -346,16 +439,28 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     -------
     list
         For each job: a `ConvertResult`, a `fleet.Skipped`, or the exception it ended with
-        (including a transient error that outlived its retries). A job whose worker was lost
-        after it published its output is a Skipped whose reason is LOST_ATTEMPT (Dask ran it
-        again, and that attempt found the output holding the source's guest bytes).
+        (including a transient error that outlived its retries, `distributed.KilledWorker`
+        for a job whose workers all died running it, a CancelledError for a task cancelled
+        elsewhere, and a RuntimeError naming a SystemExit or KeyboardInterrupt the conversion
+        raised). A job whose worker was lost after it published its output is a Skipped whose
+        reason is LOST_ATTEMPT (Dask ran it again, and that attempt found the output holding
+        the source's guest bytes). Once the cluster has had no worker able to run the tasks
+        (none, or none declaring `resources`) for NO_WORKER_SECONDS, the jobs not done get a
+        CancelledError saying so instead of waiting forever.
     """
-    from distributed import get_client, wait
+    from distributed import get_client
     client = client or get_client()
-    futures, jobs = _submit(jobs, client, threads=threads, skip_existing=skip_existing,
-                            overwrite=overwrite, resources=resources, retries=retries)
+    futures, jobs, fresh = _submit(jobs, client, threads=threads, skip_existing=skip_existing,
+                                   overwrite=overwrite, resources=resources, retries=retries)
+    if not futures:
+        return []
+    stop, abandoned = threading.Event(), set()
+    watch = threading.Thread(target=_watch_workers,
+                             args=(client, futures, resources, stop, abandoned),
+                             name="qcowfast-dask-workers", daemon=True)
+    watch.start()
     try:
-        wait(futures)
+        _wait_all(futures)
         # One gather for all the finished tasks (one request per worker, not one per job).
         # Statuses are read once: a lost worker can send a finished task back to pending
         # meanwhile.
@@ -371,12 +476,88 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
         # temporary files, before passing it on (bounded: fleet.CANCEL_WAIT_SECONDS).
         _stop(client, futures)
         raise
+    finally:
+        stop.set()
+        watch.join(WATCH_SECONDS)
+    if abandoned:
+        results = [_abandoned(job, new, r) if f.key in abandoned else r
+                   for job, new, f, r in zip(jobs, fresh, futures, results)]
     # A worker lost during a conversion leaves its temporary file behind, and the attempt
     # that ran the job again may have used a listing of the directory made before that file
     # existed (each worker lists a directory once per batch): every task has ended, so a
     # temporary file that can be locked now is such a leftover.
     sweep_stale_temps_of(job.dst for job in jobs if job.dst != "-")
     return results
+
+
+def _wait_all(futures) -> None:
+    """distributed.wait(futures), which raises once a future is cancelled (by _watch_workers,
+    another client, a restart): that job's result is the cancellation, the batch goes on."""
+    from concurrent.futures import CancelledError
+    from distributed import wait
+    while True:
+        try:
+            wait([f for f in futures if not f.cancelled()])
+            return
+        except CancelledError:
+            continue
+
+
+NO_WORKER_SECONDS = 120.0       # (a nanny restarts a lost worker in seconds)
+WATCH_SECONDS = 1.0
+
+
+def _able_workers(client, resources: dict | None) -> int:
+    """How many workers of the cluster can run the batch's tasks (those declaring all of
+    `resources`); the workers' details are fetched only when resources need them."""
+    if resources:
+        workers = client.scheduler_info().get("workers") or {}
+        return sum(_fits(w, resources) for w in workers.values())
+    try:
+        info = client.scheduler_info(n_workers=1)
+    except TypeError:                 # (distributed before n_workers=)
+        info = client.scheduler_info()
+    return int(info.get("n_workers", len(info.get("workers") or {})))
+
+
+def _watch_workers(client, futures, resources, stop: threading.Event, abandoned: set) -> None:
+    """In a thread while convert_many waits: once the cluster has had no worker able to run
+    the tasks for NO_WORKER_SECONDS (lost or retired, none started, or none left declaring
+    `resources`), cancel the tasks not done, whose keys go in `abandoned`: they would wait
+    forever."""
+    import time
+    since = None
+    while not stop.wait(WATCH_SECONDS):
+        try:
+            count = _able_workers(client, resources)
+        except Exception:             # noqa: BLE001 - the scheduler unreachable: the
+            continue                  # client's own timeouts apply
+        now = time.monotonic()
+        if count:
+            since = None
+        elif since is None:
+            since = now
+        elif now - since >= NO_WORKER_SECONDS and not stop.is_set():
+            left = [f for f in futures if not f.done()]
+            abandoned.update(f.key for f in left)
+            try:
+                client.cancel(left)
+            except Exception:         # noqa: BLE001 - the client is closing
+                pass
+            return
+
+
+def _abandoned(job: fleet.Job, fresh: bool, result):
+    """The result of a job whose task _watch_workers cancelled (`fresh`: its destination was
+    absent at submission): Skipped(LOST_ATTEMPT) when a lost worker had published the output
+    (checked here, on the client), else a CancelledError saying why it did not run."""
+    from concurrent.futures import CancelledError
+    if not isinstance(result, CancelledError):
+        return result                 # (it ended before its task was cancelled)
+    kept = _published_by_lost_attempt(job) if fresh else None
+    return kept or CancelledError(f"not run: the Dask cluster had no worker able to run it "
+                                  f"for {NO_WORKER_SECONDS:g} s (its workers were lost or "
+                                  "retired); run the job again on a cluster with workers")
 
 
 def _stop(client, futures) -> None:
