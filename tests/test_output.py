@@ -614,6 +614,34 @@ def test_a_killed_conversions_temporary_file_is_removed_by_the_next(src, tmp_pat
     qemu_img("compare", "-q", src, dst)
 
 
+@pytest.mark.parametrize("fails", [1, 2])
+def test_a_temporary_name_that_cannot_be_removed_after_the_link(src, tmp_path, monkeypatch,
+                                                                fails):
+    """The output is linked to its name, then its temporary name removed: an I/O error on
+    that removal (a flaky NFS server) reported "cannot publish" for a complete, published
+    output. It is tried once more; left, it is another name for the output, which the next
+    conversion to that destination sweeps."""
+    real_unlink, failed = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if os.fsdecode(path).endswith(".qcowfast-tmp") and len(failed) < fails:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_unlink(path, *args, **kwargs)
+    dst = tmp_path / "out.raw"
+    monkeypatch.setattr(os, "unlink", unlink)
+    result = convert(src, dst, overwrite=False)
+    monkeypatch.undo()
+    assert len(failed) == fails and isinstance(result, qcowfast.ConvertResult)
+    assert_same_bytes(dst.read_bytes(), reference_raw(src), "published output")
+    assert len(_leftovers(tmp_path)) == fails - 1
+    convert(src, tmp_path / "other.raw")            # (another destination: not swept)
+    assert len(_leftovers(tmp_path)) == fails - 1
+    convert(src, dst, overwrite=True)
+    assert _leftovers(tmp_path) == []
+    assert_same_bytes(dst.read_bytes(), reference_raw(src), "converted again")
+
+
 @pytest.mark.parametrize("name", ["n" * 229, "n" * 240, "n" * 255, "é" * 127, "x" + "é" * 127])
 def test_names_up_to_name_max_convert(src, tmp_path, name):
     """Output names qemu-img takes (up to 255 bytes) convert, raw and qcow2: the temporary

@@ -853,7 +853,16 @@ class FileOutput:
                                       "not replaced") from None
                 os.rename(tmp, dst)
                 return
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                # Published already: the temporary name is a second link to the complete
+                # output. Tried once more; else a later sweep removes it (lockable once
+                # this conversion has ended).
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
         except OSError as exc:
             if isinstance(exc, QcowError):
                 raise
