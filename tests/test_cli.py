@@ -673,7 +673,6 @@ def test_convert_options_after_operands(small_qcow2, tmp_path):
     (["--image-opts"], "--image-opts"),
     (["-n", "--target-image-opts"], "--target-image-opts"),
     (["-r", "1M"], "-r"), (["-C"], "-C"), (["--salvage"], "--salvage"),
-    (["--bitmaps", "-O", "qcow2"], "--bitmaps"),
     (["-o", "preallocation=full", "-O", "qcow2"], "preallocation"),
     (["-o", "compat=0.10", "-O", "qcow2"], "compat"),
     (["-o", "lazy_refcounts=on", "-O", "qcow2"], "lazy_refcounts"),

@@ -220,6 +220,11 @@ CONVERTS = [
     ["convert", "-o", "preallocation=falloc", "-t", "writeback", "-p", "-O", "raw",
      "top.qcow2", "OUT.raw"],
     ["convert", "-o", "preallocation=full", "-O", "raw", "zstd.qcow2", "OUT.raw"],
+    # vdsm qemuimg.convert(bitmaps=True) of an image without bitmaps: none to copy
+    ["convert", "-p", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "qcow2", "-o",
+     "compat=1.1", "--bitmaps", "v3.qcow2", "OUT.qcow2"],
+    ["convert", "-f", "qcow2", "-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps",
+     "zstd.qcow2", "OUT.qcow2"],
     # vdsm lib/vdsm/storage/qemuimg.py convert: -p -t none -T none -f -O [-o] [-n] [-c] [-W]
     ["convert", "-p", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "raw", "top.qcow2",
      "OUT.raw"],

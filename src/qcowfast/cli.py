@@ -1109,6 +1109,9 @@ def _late_refusal(args) -> None:
     given = getattr(args, "unsupported", [])
     if "--bitmaps" in given and args.output_format == "raw":
         raise QemuLine("Format driver 'raw' does not support bitmaps")
+    if "--bitmaps" in given and not getattr(args, "source_bitmaps", True):
+        # A source without bitmaps: qemu-img copies none (convert_copy_bitmaps()), as here.
+        given = [o for o in given if o not in ("--bitmaps", "--skip-broken-bitmaps")]
     for option in sorted(given, key=lambda option: option != "--bitmaps"):
         raise CliError(f"{option}: not supported by qcowfast ({_UNSUPPORTED[option][0]})")
     for option, value in (("-B", args.backing_file),
@@ -1254,6 +1257,7 @@ def _bitmaps_refusal(args) -> QemuLine | None:
         with open_source(args.src, args.src_format, backing_dirs=args.allow_backing_dir,
                          force_share=args.force_share) as image:
             capable = isinstance(image, Image) and image.header.version >= 3
+            args.source_bitmaps = capable and image.header.bitmaps is not None
     except QcowError:
         capable = True                      # (the source's own failure is reported first)
     return None if capable else QemuLine("Source lacks bitmap support")
