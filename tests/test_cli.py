@@ -556,6 +556,29 @@ def test_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", qcowfast.__version__)
 
 
+def test_version_under_the_name_qemu_img(tmp_path, small_qcow2):
+    """Run through a symlink named qemu-img, --version (and -V) starts as qemu-img's, with the
+    version qcowfast follows: cinder matches r"qemu-img version ([0-9.]*)" at the start and
+    takes a qemu-img it cannot date for none. The commands answer as under their own name."""
+    link = tmp_path / "qemu-img"
+    link.symlink_to(Path(sys.executable).with_name("qcowfast"))
+    version = re.compile(r"qemu-img version ([0-9.]*)")
+    for flag in ("--version", "-V"):
+        got = subprocess.run([link, flag], capture_output=True, text=True, check=True).stdout
+        want = subprocess.run(["qemu-img", flag], capture_output=True, text=True,
+                              check=True).stdout
+        ours, theirs = version.match(got), version.match(want)
+        assert ours and theirs, got
+        assert ours.group(1).split(".")[:2] == theirs.group(1).split(".")[:2], (got, want)
+        assert f"(qcowfast {qcowfast.__version__})" in got.splitlines()[0]
+    got = subprocess.run([link, "info", "--output=json", small_qcow2], capture_output=True,
+                         check=True)
+    want = subprocess.run(["qemu-img", "info", "--output=json", small_qcow2],
+                          capture_output=True, check=True)
+    assert (got.stdout, got.stderr) == (want.stdout, want.stderr)
+    assert run("--version").stdout.decode() == f"qcowfast {qcowfast.__version__}\n"
+
+
 def test_console_script_entry_point():
     """The installed ``qcowfast`` script (beside this interpreter: the venv's bin/, which
     need not be on PATH) is the same program."""

@@ -2089,6 +2089,20 @@ def _trace(head: list[str], command: bool) -> None:
             usage_exit(f"Error opening logfile {log}: {os.strerror(err)}", hint=False)
 
 
+QEMU_IMG_VERSION = "7.2.0"          # the qemu-img whose command line qcowfast follows
+
+
+def version_text() -> str:
+    """`--version`'s text: "qcowfast X", or run under the name qemu-img (a symlink making
+    qcowfast the qemu-img of tools that check its version: cinder matches "qemu-img version
+    N" at the start), qemu-img's first line with qcowfast's version beside it."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "qemu-img":
+        return (f"qemu-img version {QEMU_IMG_VERSION} (qcowfast {__version__})\n"
+                f"qcowfast {__version__} answers qemu-img {QEMU_IMG_VERSION}'s convert, info, "
+                "map, check, compare, measure and snapshot -l command lines")
+    return f"qcowfast {__version__}"
+
+
 def main(argv=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
     from .cli_getopt import (PRINTS_ERRORS, QEMU_LONG, GetoptError, getopt_argv,
@@ -2100,7 +2114,7 @@ def main(argv=None) -> int:
         usage_exit(str(exc))
     _trace(argv[:len(argv) - len(words)], bool(words) and asked is None)
     if asked == "version":                      # scripts call this often: skip the parser
-        print(f"qcowfast {__version__}")
+        print(version_text())
         return 0
     if asked == "help":
         argv = ["--help"]
