@@ -189,6 +189,43 @@ def test_output_published_by_a_lost_worker_is_not_reported_as_a_failure(cluster_
     assert _temps(out) == []
 
 
+def _die_later(target: str, flag: str, seconds: float) -> bool:
+    """In a worker: the conversion writing `target` waits `seconds` once its output is
+    prepared, then ends this worker process (the first time only: whoever creates `flag`)."""
+    import time
+    from qcowfast import output
+    original = output.FileOutput.prepare
+
+    def prepare(self, *args, **kwargs):
+        value = original(self, *args, **kwargs)
+        if os.path.basename(self.name) == target:
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return value
+            time.sleep(seconds)
+            os._exit(1)
+        return value
+    output.FileOutput.prepare = prepare
+    return True
+
+
+def test_results_gathered_before_a_worker_is_lost_are_kept(cluster_client, tmp_path):
+    """Results stayed on their workers until the batch's single gather at its end: a worker
+    lost late in a batch took every result it held, and Dask ran all those finished jobs
+    again (each reading its output in full to find it complete: Skipped LOST_ATTEMPT).
+    Finished tasks are now gathered as the batch runs."""
+    images, out, jobs = _batch(tmp_path, 4)
+    flag = str(tmp_path / "died")
+    cluster_client.run(_die_later, "i3.raw", flag, 2.0)         # (4 GATHER_SECONDS)
+    results = _bounded(lambda: qdask.convert_many(jobs, cluster_client))
+    assert os.path.exists(flag), "no worker died: the test did not test anything"
+    assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results
+    for image, (_, dst) in zip(images, jobs):
+        assert_same_bytes(Path(dst).read_bytes(), _reference(image, tmp_path), dst)
+    assert _temps(out) == []
+
+
 def test_a_file_put_at_the_destination_is_still_refused(tmp_path):
     """Only an output holding the source's bytes is taken for a lost attempt's: a file that
     appeared at the destination with other contents (or another size) is refused as convert

@@ -460,16 +460,7 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
                              name="qcowfast-dask-workers", daemon=True)
     watch.start()
     try:
-        _wait_all(futures)
-        # One gather for all the finished tasks (one request per worker, not one per job).
-        # Statuses are read once: a lost worker can send a finished task back to pending
-        # meanwhile.
-        finished = [fut.status == "finished" for fut in futures]
-        try:
-            values = iter(client.gather([f for f, ok in zip(futures, finished) if ok]))
-        except Exception:             # noqa: BLE001 - such a task is read on its own below
-            finished = [False] * len(futures)
-        results = [next(values) if ok else _outcome(fut) for fut, ok in zip(futures, finished)]
+        results = _collect(client, futures)
     except BaseException:
         # Ctrl-C (or any exception) while the batch runs: as convert_many, start no task any
         # more and let the running conversions stop at their next unit, removing their
@@ -490,17 +481,42 @@ def convert_many(jobs, client=None, *, threads=None, skip_existing: bool = False
     return results
 
 
-def _wait_all(futures) -> None:
-    """distributed.wait(futures), which raises once a future is cancelled (by _watch_workers,
-    another client, a restart): that job's result is the cancellation, the batch goes on."""
+def _collect(client, futures) -> list:
+    """Every task's result (or the exception it ended with), in order, gathered as the tasks
+    end: a result lives on its worker until gathered, and a worker lost with results in it
+    makes Dask run those tasks again (each then reads its output in full to check it). What
+    has finished is gathered every GATHER_SECONDS, in one request per worker, and its future
+    released, so that a worker lost later costs those jobs nothing. A cancelled task (by
+    _watch_workers, another client, a restart) is its job's result; the batch goes on."""
     from concurrent.futures import CancelledError
     from distributed import wait
-    while True:
+    results: list = [None] * len(futures)
+    pending = dict(enumerate(futures))
+    while pending:
         try:
-            wait([f for f in futures if not f.cancelled()])
-            return
-        except CancelledError:
-            continue
+            wait(list(pending.values()), timeout=GATHER_SECONDS)
+        except (TimeoutError, CancelledError):
+            pass                      # (what has ended is read below)
+        ended = {i: f for i, f in pending.items() if f.done()}
+        # Statuses are read once: a lost worker can send a finished task back to pending
+        # meanwhile (the gather then waits for it to finish again).
+        finished = [i for i, f in ended.items() if f.status == "finished"]
+        try:
+            values = client.gather([ended[i] for i in finished]) if finished else []
+        except Exception:             # noqa: BLE001 - such a task is read on its own below
+            finished, values = [], []
+        for i, value in zip(finished, values):
+            results[i] = value
+        gathered = set(finished)
+        for i, f in ended.items():
+            if i not in gathered:
+                results[i] = _outcome(f)
+            del pending[i]
+            f.release()
+    return results
+
+
+GATHER_SECONDS = 0.5
 
 
 NO_WORKER_SECONDS = 120.0       # (a nanny restarts a lost worker in seconds)
