@@ -17,8 +17,8 @@ import qcowfast
 from common import assert_same_bytes
 
 from qcowfast import dask as qdask
-from qcowfast.output import TMP_SUFFIX
 from test_dask import client, two_workers  # noqa: F401 (client: one 2-worker cluster per module)
+from test_dask_redteam import _temps
 
 MIB = 1024 * 1024
 BATCH_SECONDS = 120
@@ -44,10 +44,6 @@ def _reference(src: Path, tmp: Path, *extra: str) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
-
-
-def _temps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(TMP_SUFFIX))
 
 
 def _bounded(call):
@@ -131,9 +127,10 @@ def test_a_relative_name_stays_refused_as_convert_refuses_it(client, tmp_path, m
 
 # -- workers lost ---------------------------------------------------------------------------
 
-def _die_after(method: str, target: str, flag: str) -> bool:
+def _die_after(method: str, target: str, flag: str, seconds: float = 0.0) -> bool:
     """In a worker: FileOutput.<method> for the output named `target` ends this worker
-    process right after it returns, the first time only (whoever creates `flag`)."""
+    process `seconds` after it returns, the first time only (whoever creates `flag`)."""
+    import time
     from qcowfast import output
     original = getattr(output.FileOutput, method)
 
@@ -144,6 +141,7 @@ def _die_after(method: str, target: str, flag: str) -> bool:
                 os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return value
+            time.sleep(seconds)
             os._exit(1)
         return value
     setattr(output.FileOutput, method, wrapped)
@@ -189,27 +187,6 @@ def test_output_published_by_a_lost_worker_is_not_reported_as_a_failure(cluster_
     assert _temps(out) == []
 
 
-def _die_later(target: str, flag: str, seconds: float) -> bool:
-    """In a worker: the conversion writing `target` waits `seconds` once its output is
-    prepared, then ends this worker process (the first time only: whoever creates `flag`)."""
-    import time
-    from qcowfast import output
-    original = output.FileOutput.prepare
-
-    def prepare(self, *args, **kwargs):
-        value = original(self, *args, **kwargs)
-        if os.path.basename(self.name) == target:
-            try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return value
-            time.sleep(seconds)
-            os._exit(1)
-        return value
-    output.FileOutput.prepare = prepare
-    return True
-
-
 def test_results_gathered_before_a_worker_is_lost_are_kept(cluster_client, tmp_path):
     """Results stayed on their workers until the batch's single gather at its end: a worker
     lost late in a batch took every result it held, and Dask ran all those finished jobs
@@ -217,7 +194,7 @@ def test_results_gathered_before_a_worker_is_lost_are_kept(cluster_client, tmp_p
     Finished tasks are now gathered as the batch runs."""
     images, out, jobs = _batch(tmp_path, 4)
     flag = str(tmp_path / "died")
-    cluster_client.run(_die_later, "i3.raw", flag, 2.0)         # (4 GATHER_SECONDS)
+    cluster_client.run(_die_after, "prepare", "i3.raw", flag, 2.0)   # (4 GATHER_SECONDS)
     results = _bounded(lambda: qdask.convert_many(jobs, cluster_client))
     assert os.path.exists(flag), "no worker died: the test did not test anything"
     assert all(isinstance(r, qcowfast.ConvertResult) for r in results), results

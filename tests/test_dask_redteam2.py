@@ -22,7 +22,7 @@ from qcowfast import dask as qdask
 from qcowfast import fleet
 from qcowfast.output import TMP_SUFFIX
 from test_dask import client  # noqa: F401 (a fixture: one 2-worker cluster per module)
-from test_dask_redteam import _hold, _restore_run_job, _slow_run_job
+from test_dask_redteam import _hold, _restore_run_job, _slow_run_job, _temps, _until
 
 MIB = 1024 * 1024
 BATCH_SECONDS = 60
@@ -35,17 +35,6 @@ def _image(path: Path, size: int, pattern: int) -> Path:
     return path
 
 
-def _temps(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.endswith(TMP_SUFFIX)]
-
-
-def _until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _in_thread(call) -> tuple[threading.Thread, dict]:

@@ -33,7 +33,8 @@ import pytest
 
 from common import both_tools, qemu_img, qemu_io, run_cli
 
-from qcowfast.locks import write_locked
+from test_locks import _locked
+from test_serve import _terminate as _stop
 
 M = 1 << 20
 
@@ -155,17 +156,9 @@ class Holder:
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not self._locked(path):
+        while not _locked(path):
             assert self.proc.poll() is None and time.monotonic() < deadline, "no lock"
             time.sleep(0.02)
-
-    @staticmethod
-    def _locked(path: Path) -> bool:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return write_locked(fd)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -416,16 +409,6 @@ def _serving(argv: list[str], sock: Path) -> subprocess.Popen:
             raise AssertionError(f"{argv[0]} did not start")
         time.sleep(0.02)
     return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _nbd_view(sock: Path, tmp: Path) -> tuple:

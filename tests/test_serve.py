@@ -65,7 +65,8 @@ def _terminate(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    proc.stderr.close()
+    if proc.stderr is not None:
+        proc.stderr.close()
 
 
 class CliServer:
