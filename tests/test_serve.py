@@ -72,8 +72,8 @@ def _terminate(proc: subprocess.Popen) -> None:
 class CliServer:
     """`python -m qcowfast serve ...` as a subprocess; the URI is read from its stderr."""
 
-    def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "qcowfast", "serve", *map(str, args)],
+    def __init__(self, *args, command=(sys.executable, "-m", "qcowfast", "serve")):
+        self.proc = subprocess.Popen([*map(str, command), *map(str, args)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.uri = self._wait_ready()
@@ -860,3 +860,31 @@ def test_cli_serves_eight_clients_at_once_under_a_memory_limit(pattern_image, tm
         _terminate(proc)
     for out in outputs:
         assert out.count("read ") == 6 and "fail" not in out.lower(), out
+
+
+def test_run_under_the_name_qemu_nbd(tmp_path):
+    """A symlink named qemu-nbd runs `serve` with qemu-nbd's command line, and its --version
+    starts as qemu-nbd's with the version qcowfast follows (ovirt-imageio decides from it
+    which options qemu-nbd takes)."""
+    image = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "4M")
+    qemu_io(image, "write -P 0x6d 64k 192k", "write -z 1M 64k")
+    link = tmp_path / "qemu-nbd"
+    link.symlink_to(Path(sys.executable).with_name("qcowfast"))
+    version = re.compile(r"qemu-nbd (\d+)\.(\d+)\.(\d+)")
+    for flag in ("--version", "-V"):
+        got = run(link, flag).stdout
+        want = run("qemu-nbd", flag).stdout
+        ours, theirs = version.match(got), version.match(want)
+        assert ours and theirs, got
+        assert ours.groups()[:2] == theirs.groups()[:2], (got, want)
+        assert f"(qcowfast {qcowfast.__version__})" in got.splitlines()[0]
+    sock = tmp_path / "s.sock"
+    server = CliServer("--read-only", "--persistent", "--shared=4", "-k", sock, "-f", "qcow2",
+                       "-x", "exp", image, command=(link,))
+    try:
+        out = tmp_path / "out.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", unix_uri(sock, "exp"), out)
+        assert_same_bytes(out.read_bytes(), reference_raw(image), "qemu-nbd drop-in")
+    finally:
+        server.stop()

@@ -2092,14 +2092,25 @@ def _trace(head: list[str], command: bool) -> None:
 QEMU_IMG_VERSION = "7.2.0"          # the qemu-img whose command line qcowfast follows
 
 
+def invoked_as() -> str:
+    """The name this program was run under (a symlink named qemu-img or qemu-nbd makes it
+    the drop-in of tools that run those)."""
+    return os.path.basename(sys.argv[0] if sys.argv else "")
+
+
 def version_text() -> str:
-    """`--version`'s text: "qcowfast X", or run under the name qemu-img (a symlink making
-    qcowfast the qemu-img of tools that check its version: cinder matches "qemu-img version
-    N" at the start), qemu-img's first line with qcowfast's version beside it."""
-    if os.path.basename(sys.argv[0] if sys.argv else "") == "qemu-img":
+    """`--version`'s text: "qcowfast X", or run under the name qemu-img or qemu-nbd, that
+    tool's first line with qcowfast's version beside it (tools date what they run by it:
+    cinder matches "qemu-img version N" at the start, ovirt-imageio reads qemu-nbd's)."""
+    name = invoked_as()
+    if name == "qemu-img":
         return (f"qemu-img version {QEMU_IMG_VERSION} (qcowfast {__version__})\n"
                 f"qcowfast {__version__} answers qemu-img {QEMU_IMG_VERSION}'s convert, info, "
                 "map, check, compare, measure and snapshot -l command lines")
+    if name == "qemu-nbd":
+        return (f"qemu-nbd {QEMU_IMG_VERSION} (qcowfast {__version__})\n"
+                f"qcowfast {__version__} serves images read-only with qemu-nbd "
+                f"{QEMU_IMG_VERSION}'s options (qcowfast serve)")
     return f"qcowfast {__version__}"
 
 
@@ -2108,6 +2119,8 @@ def main(argv=None) -> int:
     from .cli_getopt import (PRINTS_ERRORS, QEMU_LONG, GetoptError, getopt_argv,
                              global_options)
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
+    if invoked_as() == "qemu-nbd":
+        argv = ["serve", *argv]                 # (qemu-nbd's command line is serve's)
     try:
         words, asked = global_options(argv)
     except GetoptError as exc:

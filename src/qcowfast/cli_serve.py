@@ -241,6 +241,19 @@ def _port(text: str) -> int:
     return value
 
 
+class _Version(argparse.Action):
+    """-V / --version: print cli.version_text() as it is (argparse's own action rewraps it)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 **kwargs):
+        super().__init__(option_strings, dest=dest, default=default, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .cli import version_text
+        print(version_text(), flush=True)
+        parser.exit()
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="export an image read-only over NBD, like qemu-nbd -r",
@@ -292,8 +305,7 @@ def add_parser(sub) -> None:
                         "(default 10; 0 for no limit)")
     p.add_argument("--idle-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="drop clients idle for SECONDS between requests (default: no limit)")
-    p.add_argument("-V", "--version", action="version",
-                   version=f"qcowfast {__import__('qcowfast').__version__}",
+    p.add_argument("-V", "--version", action=_Version, nargs=0,
                    help="print the version and exit (as qemu-nbd -V)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log connections and protocol errors on stderr")
