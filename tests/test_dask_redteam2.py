@@ -331,3 +331,36 @@ def test_a_publication_reported_failed_after_the_link_is_not_a_failure(tmp_path,
     assert isinstance(result, qcowfast.ConvertResult), result
     assert_same_bytes(Path(job.dst).read_bytes(), reference_raw(src), job.dst)
     assert _temps(tmp_path) == []
+
+
+def test_resources_declared_beyond_the_first_five_workers(tmp_path, monkeypatch):
+    """Some distributed releases list only five workers in scheduler_info() by default: the
+    resources check (and the slots per host) missed the others, so a batch whose resources
+    only a sixth worker declares was refused ("none declares them"), and the watch for able
+    workers would have cancelled it."""
+    from distributed import Scheduler, SpecCluster, Worker
+    workers = {f"w{k}": {"cls": Worker, "options": {"nthreads": 1, "host": "127.0.0.1"}}
+               for k in range(7)}
+    cluster = SpecCluster(scheduler={"cls": Scheduler, "options": {
+        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}, workers=workers)
+    c = distributed.Client(cluster)
+    real = distributed.Client.scheduler_info
+
+    def five_by_default(self, n_workers=5, **kwargs):
+        return real(self, n_workers=n_workers, **kwargs)
+    try:
+        c.wait_for_workers(7, timeout=30)
+        listed = set(real(c, n_workers=5)["workers"])
+        address = next(a for a in real(c)["workers"] if a not in listed)
+        worker = next(w for w in cluster.workers.values() if w.address == address)
+        c.sync(worker.set_resources, disk=1)
+        assert _until(lambda: real(c)["workers"][address].get("resources") == {"disk": 1})
+        monkeypatch.setattr(distributed.Client, "scheduler_info", five_by_default)
+        src = _image(tmp_path / "s.qcow2", 1 << 20, 0x3c)
+        [result] = qdask.convert_many([(src, tmp_path / "s.raw")], c, resources={"disk": 1})
+        assert isinstance(result, qcowfast.ConvertResult), result
+        assert_same_bytes((tmp_path / "s.raw").read_bytes(), reference_raw(src), "s.raw")
+    finally:
+        monkeypatch.undo()
+        c.close()
+        cluster.close()

@@ -313,7 +313,7 @@ def _workers_of(client) -> tuple[int, dict | None]:
     """The cluster's number of workers and their details by address (`scheduler_info()`),
     None for the details of an asynchronous client's: it cannot ask the scheduler from
     inside its event loop, and its cached scheduler_info() holds the totals alone."""
-    info = client.scheduler_info()
+    info = _scheduler_info(client)
     workers = info.get("workers") or {}
     count = int(info.get("n_workers", len(workers)))
     if getattr(client, "asynchronous", False) and count and not workers:
@@ -527,13 +527,20 @@ def _able_workers(client, resources: dict | None) -> int:
     """How many workers of the cluster can run the batch's tasks (those declaring all of
     `resources`); the workers' details are fetched only when resources need them."""
     if resources:
-        workers = client.scheduler_info().get("workers") or {}
+        workers = _scheduler_info(client).get("workers") or {}
         return sum(_fits(w, resources) for w in workers.values())
-    try:
-        info = client.scheduler_info(n_workers=1)
-    except TypeError:                 # (distributed before n_workers=)
-        info = client.scheduler_info()
+    info = _scheduler_info(client, 1)
     return int(info.get("n_workers", len(info.get("workers") or {})))
+
+
+def _scheduler_info(client, n_workers: int = -1) -> dict:
+    """client.scheduler_info() with the details of `n_workers` workers (-1: all of them):
+    some distributed releases give those of only the first five by default, which would hide
+    the workers that declare a batch's resources on a larger cluster."""
+    try:
+        return client.scheduler_info(n_workers=n_workers)
+    except TypeError:                 # (distributed before n_workers=: all of them)
+        return client.scheduler_info()
 
 
 def _watch_workers(client, futures, resources, stop: threading.Event, abandoned: set) -> None:
