@@ -1175,7 +1175,7 @@ def _in_place_refusal(args) -> QemuLine | None:
                         "backing file", status=0)
     if args.backing_file is not None and args.extra:
         return QemuLine(CONCATENATED_BACKING)
-    refused = cache_refusal(args.cache)
+    refused = cache_refusal(args.cache or "unsafe")
     if refused is None and fmt not in QEMU_DRIVERS:
         refused = f"Could not open '{dst}': Unknown driver '{fmt}'"
     if refused is None and fmt not in _NOT_FILES and stream_target(dst) is None:
@@ -1215,7 +1215,7 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
     refused = _bitmaps_refusal(args)
     if refused:
         raise refused
-    refused = cache_refusal(args.cache)     # (qemu-img: once the output is created)
+    refused = cache_refusal(args.cache or "unsafe")    # (qemu-img: once the output exists)
     if refused:
         raise QemuLine(refused)
     _late_refusal(args)
@@ -1237,7 +1237,8 @@ def _convert_keywords(args) -> tuple[str, str, dict]:
               overwrite=not args.no_clobber, existing=args.existing,
               target_is_zero=args.target_is_zero, force_share=args.force_share,
               direct=args.cache in ("none", "off", "directsync"),
-              fsync=args.fsync or args.cache in ("writethrough", "directsync"),
+              # (bdrv_close() flushes, except under cache=unsafe, qemu-img convert's default)
+              fsync=args.fsync or args.cache not in (None, "unsafe"),
               backing_dirs=args.allow_backing_dir,
               snapshot=choose_snapshot_option(args.snapshot),
               max_stream_size=args.max_stream_size or None)
@@ -1616,10 +1617,11 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read SRC even when a running QEMU holds it open for writing (the copy "
                         "may be torn)")
-    p.add_argument("-t", dest="cache", default="writeback", metavar="CACHE",
-                   help="output cache mode: none/off (O_DIRECT), directsync (O_DIRECT and "
-                        "flush), writethrough (flush before publishing, like --fsync), "
-                        "writeback (default), unsafe")
+    p.add_argument("-t", dest="cache", default=None, metavar="CACHE",
+                   help="output cache mode: none/off (O_DIRECT), directsync (O_DIRECT), "
+                        "writethrough, writeback, unsafe; every mode but unsafe flushes DST "
+                        "before publishing it, as qemu-img flushes as it closes the file "
+                        "(default: unsafe, qemu-img convert's, which does not)")
     _add_source_cache_option(p)
     p.add_argument("-m", dest="coroutines", type=coroutine_count, default=None, metavar="N",
                    help="parallel requests as in qemu-img (1 to 16): N worker threads")
