@@ -283,6 +283,11 @@ def _outputs(d: Path) -> dict:
         path = d / name
         if not path.exists():
             continue
+        # The map first, before anything reads the file: ext4 reports an unwritten extent
+        # (preallocation=falloc) as data once a read or its readahead has cached a page of it.
+        # (-f raw: no probe reads it; every shape writes raw to *.raw, qcow2 to *.qcow2)
+        mapped = None if name.endswith(".qcow2") else json.loads(
+            qemu_img("map", "--output=json", "-f", "raw", path).stdout)
         info = json.loads(qemu_img("info", "--output=json", path).stdout)
         raw = d / "guest.bin"
         qemu_img("convert", "-O", "raw", path, raw)
@@ -291,7 +296,7 @@ def _outputs(d: Path) -> dict:
                        "guest": raw.read_bytes()}
         raw.unlink()
         if info["format"] == "raw":
-            state[name]["map"] = json.loads(qemu_img("map", "--output=json", path).stdout)
+            state[name]["map"] = mapped
             state[name]["file-size"] = path.stat().st_size
             state[name]["allocated"] = path.stat().st_blocks      # (preallocation, -S 0)
         else:
