@@ -50,12 +50,17 @@ def _task(job: fleet.Job, threads, skip_existing: bool, overwrite: bool, host_sl
         return RuntimeError(f"the conversion raised {_described(exc)}")
 
 
+def _message(exc: BaseException) -> str:
+    """str(exc), or "" when its __str__ raises."""
+    try:
+        return str(exc)
+    except Exception:                 # noqa: BLE001 - a __str__ that raises
+        return ""
+
+
 def _described(exc: BaseException) -> str:
     """`exc`'s class and message, even when its __str__ raises."""
-    try:
-        text = str(exc)
-    except Exception:                 # noqa: BLE001
-        text = ""
+    text = _message(exc)
     return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
@@ -215,10 +220,7 @@ def _portable(exc: Exception) -> Exception:
         return exc
     except Exception:                 # noqa: BLE001 - any failure to round-trip
         pass
-    try:
-        message = str(exc)
-    except Exception:                 # noqa: BLE001 - a __str__ that raises
-        message = ""
+    message = _message(exc)
     for cls in type(exc).__mro__:
         text = message if cls is type(exc) else f"{type(exc).__qualname__}: {message}"
         try:
