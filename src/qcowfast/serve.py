@@ -389,12 +389,16 @@ class ImageExport:
         """(starts, flags) with the data runs of raw and metadata-preallocated layers split
         at their files' holes (SEEK_DATA/SEEK_HOLE), which qemu-nbd reports as HOLE|ZERO
         (file-posix block status); in a preallocated layer's data clusters, as ZERO only
-        (qcow2 answers DATA, the file's hole adds ZERO: BDRV_BLOCK_RECURSE)."""
+        (qcow2 answers DATA, the file's hole adds ZERO: BDRV_BLOCK_RECURSE). Bytes past the
+        file's current end (cut before or while served) are data: qemu-nbd reports them as a
+        hole (SEEK_DATA fails with ENXIO) and reads zeros, but here their read fails, and a
+        ZERO flag would let a client copy zeros without reading them."""
         raw = np.isin(chunk.depth, list(self._raw_depths)) & (chunk.kind == _DATA)
         if not raw.any():
             return chunk.guest, flags
         starts: list[int] = []
         out: list[int] = []
+        sizes: dict[int, int] = {}          # fd -> its file's size now (one fstat per call)
         for i, (g, n, h, d, f) in enumerate(zip(chunk.guest.tolist(), chunk.length.tolist(),
                                                 chunk.host.tolist(), chunk.depth.tolist(),
                                                 flags.tolist())):
@@ -403,10 +407,17 @@ class ImageExport:
                 out.append(f)
                 continue
             fd = self.image.layer(d).data_fd
+            if fd not in sizes:
+                sizes[fd] = os.fstat(fd).st_size
             hole = self._raw_depths[d]
-            for s, _, is_data in _raw_pieces(fd, h, n):
-                starts.append(g + s - h)
-                out.append(0 if is_data else hole)
+            for s, length, is_data in _raw_pieces(fd, h, n):
+                cut = min(max(s, sizes[fd]), s + length)
+                if cut > s:
+                    starts.append(g + s - h)
+                    out.append(0 if is_data else hole)
+                if cut < s + length:                # past the end of the file: data
+                    starts.append(g + cut - h)
+                    out.append(0)
         return np.array(starts, np.int64), np.array(out, np.int64)
 
 
