@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from functools import partial
 
@@ -339,9 +340,56 @@ def submit_many(jobs, client=None, *, threads=None, skip_existing: bool = False,
     with ``qcowfast-convert`` so the dashboard groups them. Relative paths (source,
     destination, backing_dirs, data_file) are resolved here, against the caller's working
     directory, not a worker's.
+
+    Once every future of the batch has ended (finished, erred, cancelled or released, the
+    client closing included), the temporary files that killed runs left beside its
+    destinations are removed, as `convert_many` does at its end: a worker lost mid-conversion
+    leaves its temporary file, which the attempt that ran the job again need not have seen.
+    That sweep runs in a thread of this process (destinations it does not see are swept by
+    the next conversion to them); it removes only files no live conversion holds.
     """
-    return _submit(jobs, client, threads=threads, skip_existing=skip_existing,
-                   overwrite=overwrite, resources=resources, retries=retries)[0]
+    futures, jobs, _ = _submit(jobs, client, threads=threads, skip_existing=skip_existing,
+                               overwrite=overwrite, resources=resources, retries=retries)
+    if futures:
+        _sweep_when_done(futures, jobs)
+    return futures
+
+
+def _sweep_when_done(futures, jobs) -> None:
+    """Sweep the jobs' destinations (sweep_stale_temps_of) once all `futures` have ended,
+    waiting on the client's event loop for their shared states, not the futures themselves:
+    holding those would keep the tasks wanted after the caller dropped them."""
+    dsts = [job.dst for job in jobs if job.dst != "-"]
+    states = [getattr(f, "_state", None) for f in futures]
+    if dsts and all(s is not None and hasattr(s, "wait") for s in states):
+        futures[0].client.loop.add_callback(_sweep_after, states, dsts)
+
+
+async def _sweep_after(states: list, dsts: list) -> None:
+    """On the client's event loop: wait until every one of `states` has ended at once (a
+    finished task whose result a lost worker held runs again: "lost", then pending), then
+    sweep in a thread. A task cancelled or released may still be converting on its worker
+    until its next unit: the sweep leaves its temporary file, which it holds locked (see
+    output._locked_temp), and it removes that file itself."""
+    while True:
+        state = next((s for s in states if not s.done()), None)
+        if state is None:
+            break
+        await state.wait()
+    try:
+        threading.Thread(target=_sweep, args=(dsts,), name="qcowfast-dask-sweep",
+                         daemon=True).start()
+    except RuntimeError:              # (the interpreter is exiting)
+        pass
+
+
+def _sweep(dsts: list) -> None:
+    """sweep_stale_temps_of(dsts), in a thread of its own: nobody is there to be told of an
+    error (what it cannot remove stays for the next conversion to that destination)."""
+    try:
+        sweep_stale_temps_of(dsts)
+    except Exception:                 # noqa: BLE001 - see above
+        pass
 
 
 def _submit(jobs, client, *, threads, skip_existing, overwrite, resources, retries):
@@ -525,14 +573,62 @@ NO_WORKER_SECONDS = 120.0       # (a nanny restarts a lost worker in seconds)
 WATCH_SECONDS = 1.0
 
 
-def _able_workers(client, resources: dict | None) -> int:
-    """How many workers of the cluster can run the batch's tasks (those declaring all of
-    `resources`); the workers' details are fetched only when resources need them."""
-    if resources:
-        workers = _scheduler_info(client).get("workers") or {}
-        return sum(_fits(w, resources) for w in workers.values())
-    info = _scheduler_info(client, 1)
-    return int(info.get("n_workers", len(info.get("workers") or {})))
+RECOUNT_SECONDS = 30.0          # resources set on a running worker are seen within this
+
+
+class _AbleWorkers:
+    """Counts the workers able to run the batch's tasks (those declaring all of `resources`)
+    each WATCH_SECONDS without fetching every worker's details each time (megabytes a second
+    from the scheduler of a thousand workers): each call asks for the scheduler's totals
+    alone, and the able workers are counted again only when those changed (a worker came or
+    went) or RECOUNT_SECONDS passed (resources set on a running worker)."""
+
+    def __init__(self, client, resources: dict | None):
+        self.client, self.resources = client, resources
+        self.totals, self.when, self.able = None, 0.0, 0
+        self.on_scheduler = True        # until the scheduler refuses to run _able_there
+
+    def __call__(self) -> int:
+        info = _scheduler_info(self.client, 0)
+        workers = info.get("workers") or {}
+        count = int(info.get("n_workers", len(workers)))
+        if not self.resources or not count:
+            return count
+        if len(workers) == count:       # (distributed before n_workers=: all details came)
+            return sum(_fits(w, self.resources) for w in workers.values())
+        totals = (count, info.get("total_threads"), info.get("total_memory"))
+        now = time.monotonic()
+        if totals != self.totals or now - self.when >= RECOUNT_SECONDS:
+            self.able = self._count()
+            self.totals, self.when = totals, now
+        return self.able
+
+    def _count(self) -> int:
+        """The able workers, counted on the scheduler (a number comes back) or, where it does
+        not run the client's functions, from every worker's details."""
+        if self.on_scheduler:
+            try:
+                return int(self.client.run_on_scheduler(_able_there, self.resources))
+            except OSError:
+                raise                   # (the scheduler unreachable: the tick is skipped)
+            except Exception:           # noqa: BLE001 - refused, or it cannot unpickle it
+                self.on_scheduler = False
+        workers = _scheduler_info(self.client).get("workers") or {}
+        return sum(_fits(w, self.resources) for w in workers.values())
+
+
+def _able_on_scheduler():
+    """_AbleWorkers' count as it runs on the scheduler (client.run_on_scheduler). Made in a
+    function so that cloudpickle sends its code, not its name: the scheduler's environment
+    need not have qcowfast."""
+    def qcowfast_able_workers(resources: dict, dask_scheduler=None) -> int:
+        return sum(all((ws.resources or {}).get(name, 0) >= amount
+                       for name, amount in resources.items())
+                   for ws in dask_scheduler.workers.values())
+    return qcowfast_able_workers
+
+
+_able_there = _able_on_scheduler()
 
 
 def _scheduler_info(client, n_workers: int = -1) -> dict:
@@ -550,11 +646,10 @@ def _watch_workers(client, futures, resources, stop: threading.Event, abandoned:
     the tasks for NO_WORKER_SECONDS (lost or retired, none started, or none left declaring
     `resources`), cancel the tasks not done, whose keys go in `abandoned`: they would wait
     forever."""
-    import time
-    since = None
+    able, since = _AbleWorkers(client, resources), None
     while not stop.wait(WATCH_SECONDS):
         try:
-            count = _able_workers(client, resources)
+            count = able()
         except Exception:             # noqa: BLE001 - the scheduler unreachable: the
             continue                  # client's own timeouts apply
         now = time.monotonic()
