@@ -377,12 +377,13 @@ def _write_quietly(stream, text: str) -> bool:
 
 def usage_exit(*lines: str, hint: bool = True) -> "typing.NoReturn":  # noqa: F821
     """End as qemu-img ends on a command line it refuses: each line as one error_report()
-    ("qcowfast: LINE"), then with `hint` error_exit()'s pointer to the help; status 1.
+    ("NAME: LINE", NAME from program_name()), then with `hint` error_exit()'s pointer to the
+    help; status 1.
     (typing is not imported: every command's start-up would pay for it.)"""
     for line in lines:
-        print(f"qcowfast: {line}", file=sys.stderr)
+        print(f"{program_name()}: {line}", file=sys.stderr)
     if hint:
-        print("Try 'qcowfast --help' for more information", file=sys.stderr)
+        print(f"Try '{program_name()} --help' for more information", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -522,10 +523,10 @@ def _check_format(args) -> int:
     if refused is None and fmt not in (None, *SOURCE_FORMATS):
         refused = f"Could not open '{image}': -f {fmt}: qcowfast reads qcow2 and raw images"
     if refused is not None:
-        print(f"qcowfast: {refused}", file=sys.stderr)
+        print(f"{program_name()}: {refused}", file=sys.stderr)
         return 1
     if fmt == "raw":
-        print("qcowfast: This image format does not support checks", file=sys.stderr)
+        print(f"{program_name()}: This image format does not support checks", file=sys.stderr)
         return 63
     try:
         _, head = _peek(image)
@@ -537,7 +538,7 @@ def _check_format(args) -> int:
     if fmt is None and repair is not None and not (magic and version):
         sys.stderr.write(RAW_PROBE_WARNING.format(image))
     if fmt == "qcow2" and not magic:
-        print(f"qcowfast: Could not open '{image}': Image is not in qcow2 format",
+        print(f"{program_name()}: Could not open '{image}': Image is not in qcow2 format",
               file=sys.stderr)
         return 1
     if repair is not None and (fmt == "qcow2" or magic and version >= 2):
@@ -548,8 +549,8 @@ def _check_format(args) -> int:
                        force_share=args.force_share, probe=fmt is None)
         except QcowError as exc:
             return _check_failed(exc, args)
-        print(f"qcowfast: check -r {repair}: qcowfast does not repair images (it never writes "
-              "to them); repair with qemu-img check -r", file=sys.stderr)
+        print(f"{program_name()}: check -r {repair}: qcowfast does not repair images (it never "
+              "writes to them); repair with qemu-img check -r", file=sys.stderr)
         return 1
     return cmd_check(args)
 
@@ -594,7 +595,7 @@ class _ObjectOption(argparse.Action):
         try:
             asked = qemu_object(values, namespace.__dict__.setdefault("_objects", {}))
         except ValueError as exc:
-            print(f"qcowfast: {exc}", file=sys.stderr)
+            print(f"{program_name()}: {exc}", file=sys.stderr)
             parser.exit(2 if parser.prog.endswith(" compare") else 1)
         if asked:
             print("qcowfast creates no QEMU objects: --object is accepted and ignored")
@@ -620,7 +621,7 @@ class CliError(Exception):
 
 
 class QemuLine(CliError):
-    """A command line refused with qemu-img's own line ("qcowfast: LINE", where other
+    """A command line refused with qemu-img's own line ("NAME: LINE", where other
     CliErrors name the subcommand) and its exit status (1 unless qemu-img's differs)."""
 
     def __init__(self, line: str, status: int = 1):
@@ -691,22 +692,22 @@ class _SnapshotParam(argparse.Action):
         def fail(*lines: str) -> "typing.NoReturn":  # noqa: F821
             for line in lines:
                 print(line, file=sys.stderr)
-            print(f"qcowfast: Failed in parsing snapshot param '{text}'", file=sys.stderr)
+            print(f"{program_name()}: Failed in parsing snapshot param '{text}'", file=sys.stderr)
             raise SystemExit(1)
 
         ident = next((value for name, value, _ in _qemu_opts(text) if name == "id"), None)
         ids = namespace.__dict__.setdefault("_snapshot_ids", set())
         if ident is not None and not _IDENTIFIER.fullmatch(ident):
-            fail("qcowfast: Parameter 'id' expects an identifier",
+            fail(f"{program_name()}: Parameter 'id' expects an identifier",
                  "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
         if ident is not None and ident in ids:
-            fail(f"qcowfast: Duplicate ID '{ident}' for snapshot")
+            fail(f"{program_name()}: Duplicate ID '{ident}' for snapshot")
         def helped() -> "typing.NoReturn":     # noqa: F821
             sys.stdout.write(_SNAPSHOT_HELP)
             fail()
 
         chosen = _opts_chosen(_qemu_opts(text), _SNAPSHOT_KEYS, helped,
-                              lambda name: fail(f"qcowfast: Invalid parameter '{name}'"))
+                              lambda name: fail(f"{program_name()}: Invalid parameter '{name}'"))
         if ident is not None:
             ids.add(ident)
         return ",".join(f"{name}={value.replace(',', ',,')}" for name, value in chosen.items())
@@ -795,8 +796,8 @@ def _options_help(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
     if fmt not in QEMU_DRIVERS:
         usage_exit(f"Unknown file format '{fmt}'", hint=False)
     if fmt not in OUTPUT_FORMATS:
-        print(f"qcowfast: convert: -O {fmt}: qcowfast writes {' and '.join(OUTPUT_FORMATS)} "
-              "images", file=sys.stderr)
+        print(f"{program_name()}: convert: -O {fmt}: qcowfast writes "
+              f"{' and '.join(OUTPUT_FORMATS)} images", file=sys.stderr)
         raise SystemExit(1)
     _print_output_options(fmt, any(not a.startswith("-") for a in rest))
     return True
@@ -1317,7 +1318,7 @@ def cmd_convert(args) -> int:
     # (glance's image conversion raises on it): the summary is for a person at a terminal.
     if not args.quiet and (args.summary or _is_terminal(sys.stderr)):
         rate = result.virtual_size / result.seconds if result.seconds > 0 else 0.0
-        print(f"qcowfast: converted {src} -> {dst}: {human_size(result.virtual_size)} "
+        print(f"{program_name()}: converted {src} -> {dst}: {human_size(result.virtual_size)} "
               f"virtual, {human_size(result.bytes_written)} written, "
               f"{human_size(result.bytes_sparse)} left sparse, {result.seconds:.2f} s "
               f"({human_size(rate)}/s, {result.threads} threads)", file=sys.stderr)
@@ -1433,7 +1434,7 @@ def cmd_check(args) -> int:
                            backing_dirs=args.allow_backing_dir,
                            force_share=args.force_share, probe=args.format is None)
     except NotChecked:
-        print("qcowfast: This image format does not support checks", file=sys.stderr)
+        print(f"{program_name()}: This image format does not support checks", file=sys.stderr)
         return 63
     except QcowError as exc:
         return _check_failed(exc, args)
@@ -1448,7 +1449,7 @@ def cmd_check(args) -> int:
         else:
             _write_quietly(sys.stdout, result.format_human())
     if result.check_errors:
-        _write_quietly(sys.stderr, "qcowfast: Check failed\n")     # (img_check()'s words)
+        _write_quietly(sys.stderr, f"{program_name()}: Check failed\n")     # (img_check()'s words)
     return result.exit_code
 
 
@@ -1462,14 +1463,15 @@ def _check_failed(exc: QcowError, args) -> int:
         for line in exc.messages:
             _write_quietly(sys.stderr, line + "\n")
         if exc.qemu_error:
-            _write_quietly(sys.stderr, f"qcowfast: {exc.qemu_error}\n")
+            _write_quietly(sys.stderr, f"{program_name()}: {exc.qemu_error}\n")
         if exc.qemu_hint:
             _write_quietly(sys.stderr, exc.qemu_hint + "\n")
-        _write_quietly(sys.stderr, f"qcowfast: Check failed: {os.strerror(exc.qemu_errno)}\n")
+        _write_quietly(sys.stderr,
+                       f"{program_name()}: Check failed: {os.strerror(exc.qemu_errno)}\n")
         return 1
     text = str(exc)
-    print(f"qcowfast: {error_text(exc, _images(args))}" if text.startswith(
-        "Could not open ") else f"qcowfast: check failed: {text}", file=sys.stderr)
+    print(f"{program_name()}: {error_text(exc, _images(args))}" if text.startswith(
+        "Could not open ") else f"{program_name()}: check failed: {text}", file=sys.stderr)
     return 1
 
 
@@ -1486,18 +1488,18 @@ def cmd_compare(args) -> int:
     with _progress(args, sys.stdout, 2.0, SummedProgress) as progress:
         refused = _compare_refusal(args, kw)
         if refused:
-            print(f"qcowfast: {refused}", file=sys.stderr)
+            print(f"{program_name()}: {refused}", file=sys.stderr)
             return 2                            # (could not compare; 1 says they differ)
         try:
             result = compare(args.image1, args.image2, fmt_a=args.format_a,
                              fmt_b=args.format_b, strict=args.strict, progress=progress,
                              backing_dirs=args.allow_backing_dir, on_message=say, **kw)
         except QcowError as exc:
-            print(f"qcowfast: {error_text(exc, _images(args))}", file=sys.stderr)
+            print(f"{program_name()}: {error_text(exc, _images(args))}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)     # CompareError: 3 or 4, as qemu-img
         except OSError as exc:
             name = f"{exc.filename}: " if exc.filename else ""
-            print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
+            print(f"{program_name()}: {name}{exc.strerror or exc}", file=sys.stderr)
             return 2
     return result.exit_code
 
@@ -1573,6 +1575,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if self.prog == "qemu-nbd" and message.startswith(("the following arguments are required",
+                                                           "unrecognized arguments")):
+            from .cli_serve import operands_refused
+            operands_refused()
         operands = _OPERANDS.get(self.prog.rpartition(" ")[2]) if " " in self.prog else None
         if operands and message.startswith(("the following arguments are required",
                                             "unrecognized arguments")):
@@ -1664,7 +1670,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line parser; with `command`, only that subcommand's (start-up time: the
     other subcommands' arguments cost milliseconds to build and are never used)."""
     parser = _Parser(
-        prog="qcowfast", description="Fast, safe reading and conversion of QCOW2 disk images.")
+        prog=program_name(), description="Fast, safe reading and conversion of QCOW2 disk images.")
     parser.add_argument("--version", action="version", version=f"qcowfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, adder in _COMMANDS.items():
@@ -1825,7 +1831,7 @@ def _on_signal(signum, frame):
 
 
 class _WarningsOnStderr:
-    """Within it, qcowfast's warnings print as qemu-img's do: "qcowfast: warning: ..." on
+    """Within it, qcowfast's warnings print as qemu-img's do: "NAME: warning: ..." on
     stderr, each once per command, or with `every_open` once per image opened (compare: qemu-img
     warns at each open, twice for `compare IMG IMG`); other warnings print as Python prints
     them."""
@@ -1846,7 +1852,7 @@ class _WarningsOnStderr:
             if issubclass(category, StaleBitmapsWarning):
                 # qemu-img's words, whose last line ends without a newline (error_printf()):
                 # what follows on stderr continues it.
-                _write_quietly(sys.stderr, "qcowfast: warning: "
+                _write_quietly(sys.stderr, f"{program_name()}: warning: "
                                + getattr(message, "qemu_text", f"{message}\n"))
             else:
                 shown(message, category, filename, lineno, file, line)
@@ -2006,7 +2012,7 @@ def _trace_option(text: str) -> dict:
     items += _qemu_opts(rest)
     ident = next((value for name, value, _ in items if name == "id"), None)
     if ident is not None and not _IDENTIFIER.fullmatch(ident):
-        print("qcowfast: Parameter 'id' expects an identifier\nIdentifiers consist of "
+        print(f"{program_name()}: Parameter 'id' expects an identifier\nIdentifiers consist of "
               "letters, digits, '-', '.', '_', starting with a letter.", file=sys.stderr)
         raise SystemExit(1)
     def helped() -> "typing.NoReturn":         # noqa: F821 - its list of keys, status 1
@@ -2027,7 +2033,7 @@ def _opts_chosen(items, keys, helped, invalid) -> dict:
         if flag in ("help", "?"):
             helped()
         if flag is not None:
-            print(f"qcowfast: warning: short-form boolean option '{flag}' deprecated\n"
+            print(f"{program_name()}: warning: short-form boolean option '{flag}' deprecated\n"
                   f"Please use {name}={value} instead", file=sys.stderr)
         if name == "id":
             continue
@@ -2047,12 +2053,12 @@ def _trace_events(pattern: str) -> None:
 def _trace_events_file(name: str) -> None:
     """trace_init_events(): each line of the events file is a pattern (trace_enable_events);
     a file that cannot be opened ends the command with QEMU's line (its location prefix:
-    "qcowfast:FILE: REASON", status 1)."""
+    "NAME:FILE: REASON", status 1)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     except (OSError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or "Invalid argument"
-        print(f"qcowfast:{name}: {why}", file=sys.stderr)
+        print(f"{program_name()}:{name}: {why}", file=sys.stderr)
         raise SystemExit(1)
     chunks = []
     try:
@@ -2098,6 +2104,15 @@ def invoked_as() -> str:
     """The name this program was run under (a symlink named qemu-img or qemu-nbd makes it
     the drop-in of tools that run those)."""
     return os.path.basename(sys.argv[0] if sys.argv else "")
+
+
+def program_name() -> str:
+    """The name that starts each error and warning line ("NAME: ..."): qemu-img or qemu-nbd
+    when run under that name (QEMU's error_report() prefixes the name error_init() took from
+    argv[0]), else qcowfast. The one source of that prefix: logs grepped for "qemu-img:" find
+    a drop-in's lines."""
+    name = invoked_as()
+    return name if name in ("qemu-img", "qemu-nbd") else "qcowfast"
 
 
 def version_text() -> str:
@@ -2190,16 +2205,16 @@ def main(argv=None) -> int:
             _quiet_stdout()
             return 0
         if isinstance(exc, (QcowError, CliError, ValueError)):
-            prefix = "qcowfast: convert: " if isinstance(exc, CliError) and not isinstance(
-                exc, QemuLine) else "qcowfast: "
+            prefix = f"{program_name()}: convert: " if isinstance(exc, CliError) and \
+                not isinstance(exc, QemuLine) else f"{program_name()}: "
             print(f"{prefix}{error_text(exc, _images(args))}", file=sys.stderr)
             return exc.status if isinstance(exc, QemuLine) else 1
         if isinstance(exc, OSError):
             name = f"{exc.filename}: " if exc.filename else ""
-            print(f"qcowfast: {name}{exc.strerror or exc}", file=sys.stderr)
+            print(f"{program_name()}: {name}{exc.strerror or exc}", file=sys.stderr)
             return 1
         if isinstance(exc, MemoryError):
-            print("qcowfast: not enough memory", file=sys.stderr)
+            print(f"{program_name()}: not enough memory", file=sys.stderr)
             return 1
         raise
     finally:

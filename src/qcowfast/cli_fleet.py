@@ -246,7 +246,7 @@ def _no_file_line(dst: str, fmt: str, existing) -> str:
 
 
 def cmd_convert_many(args) -> int:
-    from .cli import ProgressBar, _write_quietly, human_size
+    from .cli import ProgressBar, _write_quietly, human_size, program_name
     from .fleet import as_job, convert_many
     from .errors import QcowError
     try:
@@ -254,14 +254,14 @@ def cmd_convert_many(args) -> int:
         jobs = read_jobs(args)
         common = _common_options(args)
     except (ValueError, OSError, QcowError) as exc:     # (UnsafePathError: --allow-backing-dir)
-        print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+        print(f"{program_name()} convert-many: {exc}", file=sys.stderr)
         return 1
     jobs = [{**common, **job} for job in jobs]
     if args.report is not None:
         try:
             _check_report_path(args.report, jobs, args.jobs)
         except ValueError as exc:
-            print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+            print(f"{program_name()} convert-many: {exc}", file=sys.stderr)
             return 1
     show = args.progress and sys.stderr.isatty()
     bar = ProgressBar(sys.stderr, "converting") if show else None
@@ -301,7 +301,7 @@ def cmd_convert_many(args) -> int:
                                progress=bar, skip_existing=args.skip_existing,
                                overwrite=not args.no_clobber, on_result=on_result)
     except ValueError as exc:
-        print(f"qcowfast convert-many: {exc}", file=sys.stderr)
+        print(f"{program_name()} convert-many: {exc}", file=sys.stderr)
         return 1
     finally:
         if bar is not None:
@@ -320,10 +320,11 @@ def cmd_convert_many(args) -> int:
         try:
             _write_report(args.report, report)
         except OSError as exc:
-            say(f"qcowfast convert-many: cannot write report {args.report}: {exc.strerror}")
+            say(f"{program_name()} convert-many: cannot write report {args.report}: "
+                f"{exc.strerror}")
             return 1
     if not args.quiet:
-        say(f"qcowfast: {len(entries) - failed} of {len(entries)} jobs succeeded in "
+        say(f"{program_name()}: {len(entries) - failed} of {len(entries)} jobs succeeded in "
             f"{seconds:.2f} s")
     return 1 if failed else 0
 

@@ -31,11 +31,13 @@ QEMU_LONG = {
     "compare": ("help", "object", "image-opts", "force-share"),
     "measure": ("help", "image-opts", "object", "output", "size", "force-share"),
     "snapshot": ("help", "object", "image-opts", "force-share"),
-    "serve": ("help", "version", "verbose", "object", "image-opts", "tls-creds", "tls-authz",
-              "tls-hostname", "trace", "fork", "pid-file", "read-only", "export-name",
-              "description", "persistent", "shared", "port", "bind", "socket", "offset",
-              "load-snapshot", "snapshot", "format", "cache", "aio", "discard", "detect-zeroes",
-              "allocation-depth", "bitmap", "connect", "disconnect", "list", "nocache"),
+    # (in qemu-nbd.c's order: glibc lists an ambiguous abbreviation's options in it)
+    "serve": ("help", "version", "bind", "port", "socket", "offset", "read-only",
+              "allocation-depth", "bitmap", "connect", "disconnect", "list", "snapshot",
+              "load-snapshot", "nocache", "cache", "aio", "discard", "detect-zeroes", "shared",
+              "format", "persistent", "verbose", "object", "export-name", "description",
+              "tls-creds", "tls-hostname", "tls-authz", "image-opts", "trace", "fork",
+              "pid-file", "selinux-label"),
 }
 # qemu-img's options before the subcommand: -h/--help, -V/--version, -T/--trace ARG.
 _GLOBAL_LONG = ("help", "version", "trace")
@@ -222,9 +224,16 @@ def global_options(argv: list[str]) -> tuple[list[str], str | None]:
                 break
             # getopt names argv[optind - 1]: this word once its last letter is read, else the
             # word before it (the program's name for the first).
-            named = word if j == len(word) else argv[i - 2] if i > 1 else "qcowfast"
+            named = word if j == len(word) else argv[i - 2] if i > 1 else _argv0()
             raise GetoptError(f"unrecognized option '{named}'")
     return argv[i:], None
+
+
+def _argv0() -> str:
+    """The program's argv[0] as getopt names it: as run, under the name qemu-img (a path where
+    one was typed, as qemu-img's own); else "qcowfast"."""
+    from .cli import program_name
+    return sys.argv[0] if program_name() == "qemu-img" and sys.argv else "qcowfast"
 
 
 _C_SPACE = " \t\n\v\f\r"
@@ -270,8 +279,9 @@ def strtosz(text: str) -> int:
     shift = _MULTIPLIERS.get(rest[:1].lower()) if rest else None
     if shift is not None:
         if hexa:
-            print(f"qcowfast: warning: Using a multiplier suffix on hex numbers is deprecated: "
-                  f"{text}", file=sys.stderr)
+            from .cli import program_name
+            print(f"{program_name()}: warning: Using a multiplier suffix on hex numbers is "
+                  f"deprecated: {text}", file=sys.stderr)
         rest = rest[1:]
     else:
         shift = 0

@@ -61,7 +61,8 @@ _SIZE_HINT = ("a non-negative number below 2^64\nOptional suffix k, M, G, T, P o
 
 
 class _Failed(Exception):
-    """qemu-img's error_report()s, one argument each ("qcowfast: " before each); exit 1."""
+    """qemu-img's error_report()s, one argument each ("NAME: " before each, cli.program_name());
+    exit 1."""
 
 
 def add_parser(sub) -> None:
@@ -122,8 +123,9 @@ def cmd_measure(args) -> int:
     try:
         result = _measure(args)
     except _Failed as exc:
+        from .cli import program_name
         for line in exc.args:
-            print(f"qcowfast: {line}", file=sys.stderr)
+            print(f"{program_name()}: {line}", file=sys.stderr)
         return 1
     if args.output == "json":
         from .info import qemu_json

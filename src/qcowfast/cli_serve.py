@@ -36,10 +36,37 @@ class _Refused(argparse.Action):
 
 
 def _fail(message: str):
-    """Print a qemu-nbd error message under qcowfast's name and exit 1, as qemu-nbd does (its
-    options are checked in the order they come, the first error ends the command)."""
-    print(f"qcowfast: {message}", file=sys.stderr, flush=True)
+    """Print a qemu-nbd error message under the program's name (cli.program_name()) and exit
+    1, as qemu-nbd does (its options are checked in the order they come, the first error ends
+    the command)."""
+    from .cli import program_name
+    print(f"{program_name()}: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+class _GetoptMessage(argparse.Action):
+    """Under the name qemu-nbd, getopt_long's refusal of an option (cli_getopt.getopt_argv
+    hands over glibc's words, which glibc prints after argv[0]), then qemu-nbd.c's `case '?'`
+    error_report(); status 1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        argv0 = _argv0()
+        print(f"{argv0}: {values}\nqemu-nbd: Try `{argv0} --help' for more information.",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def operands_refused() -> None:
+    """Under the name qemu-nbd: qemu-nbd.c main()'s check, once the options are read, that one
+    image follows them (its error_report(), then error_printf()'s pointer to the help)."""
+    argv0 = _argv0()
+    print(f"qemu-nbd: Invalid number of arguments\nTry `{argv0} --help' for more information.",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _argv0() -> str:
+    return sys.argv[0] if sys.argv else "qemu-nbd"
 
 
 _CACHE_MODES = {"none": True, "off": True, "directsync": True, "writeback": False,
@@ -255,8 +282,12 @@ class _Version(argparse.Action):
 
 
 def add_parser(sub) -> None:
+    from .cli import program_name
+    from .cli_getopt import GLIBC_MESSAGE
+    nbd = program_name() == "qemu-nbd"
     p = sub.add_parser(
-        "serve", help="export an image read-only over NBD, like qemu-nbd -r",
+        "serve", prog="qemu-nbd" if nbd else None,
+        help="export an image read-only over NBD, like qemu-nbd -r",
         description="Serve the guest contents of an image (QCOW2 with its backing chain, or raw) "
                     "as a read-only NBD export that qemu-img, QEMU, nbdcopy, nbdinfo, nbdfuse and "
                     "the kernel's nbd-client can read. Listens on a Unix socket (a new one in a "
@@ -323,6 +354,8 @@ def add_parser(sub) -> None:
                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for options, nargs, _ in _REFUSED:
         p.add_argument(*options, action=_Refused, nargs=nargs, help=argparse.SUPPRESS)
+    if nbd:                                     # (qemu-nbd's getopt errors: its own words)
+        p.add_argument(GLIBC_MESSAGE, action=_GetoptMessage, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve, refused=[])
 
 
@@ -331,13 +364,14 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
+    from .cli import program_name
     from .errors import QcowError
     from .serve import DEFAULT_PORT, ExportRefused, NBDServer
     from .snapshots import choose_snapshot_option
 
     for option in args.refused:
         what = next(w for o, _, w in _REFUSED if option in o)
-        print(f"qcowfast: serve {option}: not supported ({what})", file=sys.stderr)
+        print(f"{program_name()}: serve {option}: not supported ({what})", file=sys.stderr)
         return 1
     port, bind = args.port, args.bind
     if args.socket is not None:
@@ -347,10 +381,10 @@ def cmd_serve(args) -> int:
     args.snapshot = choose_snapshot_option(args.snapshot)
     refused = _open_refusal(args)
     if refused is not None:
-        print(f"qcowfast: {refused}", file=sys.stderr)
+        print(f"{program_name()}: {refused}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="qcowfast: %(message)s", stream=sys.stderr)
+                        format=f"{program_name()}: %(message)s", stream=sys.stderr)
     _lean_threads()
     ready_w = _fork() if args.fork else -1
     server = NBDServer(args.image, socket=args.socket, bind=bind or "127.0.0.1",
@@ -375,26 +409,27 @@ def cmd_serve(args) -> int:
         try:
             server.start()
         except ExportRefused as exc:             # a bitmap to export (nbd_export_create())
-            print(f"qcowfast: {exc.qemu_nbd}", file=sys.stderr)
+            print(f"{program_name()}: {exc.qemu_nbd}", file=sys.stderr)
             return 1
         except QcowError as exc:                 # opening the image (or its snapshot)
-            print(f"qcowfast: {_open_failure(exc, args)}", file=sys.stderr)
+            print(f"{program_name()}: {_open_failure(exc, args)}", file=sys.stderr)
             return 1
         except OSError as exc:
             if exc.filename is not None:
                 raise                             # names its file: printed by cli.main
             # Listening failed: the message names the socket path or address:port.
-            print(f"qcowfast: serve: {exc.strerror or exc}", file=sys.stderr)
+            print(f"{program_name()}: serve: {exc.strerror or exc}", file=sys.stderr)
             return 1
         if args.pid_file is not None:             # (an empty name fails, as in qemu-nbd)
             try:
                 pid_path = _write_pid_file(args.pid_file)
             except OSError as exc:
-                print(f"qcowfast: Could not create '{args.pid_file}': "
+                print(f"{program_name()}: Could not create '{args.pid_file}': "
                       f"{exc.strerror or exc}", file=sys.stderr)
                 return 1
             pid_written = True
-        print(f"qcowfast: serving {args.image} on {server.uri}", file=sys.stderr, flush=True)
+        print(f"{program_name()}: serving {args.image} on {server.uri}", file=sys.stderr,
+              flush=True)
         if ready_w >= 0:
             # qemu-nbd's daemon moves to / so that it keeps no directory busy, once everything
             # named relative to the starting directory is open (the image and its backing and

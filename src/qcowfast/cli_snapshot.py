@@ -89,5 +89,6 @@ def cmd_snapshot(args) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"qcowfast: {message}", file=sys.stderr)
+    from .cli import program_name
+    print(f"{program_name()}: {message}", file=sys.stderr)
     return 1

@@ -1,0 +1,225 @@
+"""Run under the name qemu-img or qemu-nbd (a symlink to the `qcowfast` console script), the
+error and warning lines start as that tool's do ("qemu-img: ...", "qemu-nbd: ..."), so that
+logs and scripts matching "qemu-img: Could not open" find them; under the name qcowfast they
+still start "qcowfast: ".
+
+Each case runs the same failing command line through the real tool and through the symlink, in
+a fresh copy of the same files, and compares the exit status and the standard error, where only
+argv[0] as run (which getopt names) necessarily differs. The same command line under the name
+qcowfast gives qemu's lines with qcowfast's name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qcowfast.locks import write_locked
+
+from common import qemu_img, qemu_io
+
+TIMEOUT = 60
+CONSOLE_SCRIPT = Path(sys.executable).with_name("qcowfast")
+
+
+@pytest.fixture(scope="module")
+def links(tmp_path_factory) -> dict:
+    """{tool: the symlink named after it}, both to the venv's `qcowfast` console script."""
+    assert CONSOLE_SCRIPT.exists(), f"no qcowfast console script beside {sys.executable}"
+    d = tmp_path_factory.mktemp("names")
+    for tool in ("qemu-img", "qemu-nbd"):
+        (d / tool).symlink_to(CONSOLE_SCRIPT)
+    return {tool: d / tool for tool in ("qemu-img", "qemu-nbd")}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """The files the command lines name: a good qcow2, a raw file, an image whose L1 table
+    offset is not cluster-aligned."""
+    d = tmp_path_factory.mktemp("files")
+    qemu_img("create", "-q", "-f", "qcow2", d / "ok.qcow2", "1M")
+    qemu_io(d / "ok.qcow2", "write -P 0x5a 0 64k")
+    (d / "notq.raw").write_bytes(b"hello" * 1000)
+    data = bytearray((d / "ok.qcow2").read_bytes())
+    data[40:48] = (0x30001).to_bytes(8, "big")          # l1_table_offset
+    (d / "corrupt.qcow2").write_bytes(bytes(data))
+    return d
+
+
+def _run(argv, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+
+
+def _in_copy(files: Path, tmp: Path, argv) -> subprocess.CompletedProcess:
+    """`argv` run in a fresh copy of `files` (what a failed run leaves cannot change the
+    next)."""
+    cwd = tmp / f"run{len(list(tmp.iterdir()))}"
+    shutil.copytree(files, cwd)
+    return _run(argv, cwd)
+
+
+# The qcowfast command as the qemu-nbd cases run it: `python -m qcowfast` (argv[0] its
+# __main__.py); the others run the console script.
+PYTHON_M = (sys.executable, "-m", "qcowfast")
+
+
+def _three(tool: str, args, links, files, tmp):
+    """(the real tool's run, the symlink's with its argv[0] spelled as the real tool's, the
+    qcowfast command's)."""
+    real = shutil.which(tool)
+    want = _in_copy(files, tmp, [real, *args])
+    got = _in_copy(files, tmp, [links[tool], *args])
+    got.stderr = got.stderr.replace(str(links[tool]), real)
+    qcowfast = [*PYTHON_M, "serve"] if tool == "qemu-nbd" else [CONSOLE_SCRIPT]
+    return want, got, _in_copy(files, tmp, [*qcowfast, *args])
+
+
+# Command lines qemu-img refuses, whose lines qcowfast already had word for word (but for its
+# name): now the whole standard error must be qemu-img's.
+QEMU_IMG_SAME = {
+    "missing file": ["info", "missing.qcow2"],
+    "not qcow2 with -f qcow2": ["info", "-f", "qcow2", "notq.raw"],
+    "convert source not qcow2": ["convert", "-f", "qcow2", "-O", "qcow2", "notq.raw", "o.qcow2"],
+    "bad -O format": ["convert", "-O", "vmdkx", "ok.qcow2", "out.img"],
+    "bad -o key": ["convert", "-o", "bogus=1", "-O", "qcow2", "ok.qcow2", "o.qcow2"],
+    "unknown option": ["info", "--bogus", "ok.qcow2"],
+    "unknown global option (getopt names argv[0])": ["-xy", "info"],
+    "unknown command": ["bogus"],
+    "no command": [],
+    "check of a corrupt image": ["check", "corrupt.qcow2"],
+    "check of a raw image (status 63)": ["check", "-f", "raw", "notq.raw"],
+    "compare with a missing file (status 2)": ["compare", "ok.qcow2", "missing.qcow2"],
+    "convert into a missing directory": ["convert", "-O", "raw", "ok.qcow2", "nodir/o.raw"],
+    "snapshot -l of a missing file": ["snapshot", "-l", "missing.qcow2"],
+    "measure of a missing file": ["measure", "-O", "qcow2", "missing.qcow2"],
+    "bad --output": ["map", "--output=xml", "ok.qcow2"],
+    "bad size": ["map", "-s", "abc", "ok.qcow2"],
+    "deprecated short-form boolean": ["convert", "-l", "snapshot.id=1,foo", "ok.qcow2",
+                                      "o.raw"],
+    "warning: hex with a suffix (status 0)": ["measure", "--size", "0x1k", "-O", "raw"],
+    "trace events file (location prefix)": ["-T", "events=/nonexistent", "info", "ok.qcow2"],
+}
+
+
+@pytest.mark.parametrize("case", list(QEMU_IMG_SAME))
+def test_qemu_img_lines(case, links, files, tmp_path):
+    want, got, ours = _three("qemu-img", QEMU_IMG_SAME[case], links, files, tmp_path)
+    assert want.stderr.startswith("qemu-img:"), want
+    assert (got.returncode, got.stderr) == (want.returncode, want.stderr)
+    if not want.returncode:                     # (a warning: the same output as well)
+        assert got.stdout == want.stdout
+    qcowfast = want.stderr.replace(shutil.which("qemu-img"), "qemu-img").replace(
+        "qemu-img", "qcowfast")
+    assert (ours.returncode, ours.stderr) == (want.returncode, qcowfast)
+
+
+# Lines qcowfast words its own way (a feature it lacks): only the name before them follows.
+QEMU_IMG_OWN = {
+    "check -r (qcowfast does not repair)": ["check", "-r", "all", "ok.qcow2"],
+    "a driver qcowfast lacks": ["info", "-f", "vmdk", "ok.qcow2"],
+}
+
+
+@pytest.mark.parametrize("case", list(QEMU_IMG_OWN))
+def test_qemu_img_prefix_on_qcowfast_words(case, links, files, tmp_path):
+    _, got, ours = _three("qemu-img", QEMU_IMG_OWN[case], links, files, tmp_path)
+    assert got.returncode == ours.returncode == 1
+    assert got.stderr.startswith("qemu-img: ") and "qcowfast" in got.stderr, got
+    assert ours.stderr == "qcowfast: " + got.stderr[len("qemu-img: "):]
+
+
+def _write_locked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return write_locked(fd)
+    finally:
+        os.close(fd)
+
+
+class _Writer:
+    """`qemu-io -f FMT PATH` holding the image open for writing (a running VM)."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.proc = subprocess.Popen(["qemu-io", "-f", fmt, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not _write_locked(path):          # (asking qemu-img would race the open)
+            assert self.proc.poll() is None and time.monotonic() < deadline, "not held"
+            time.sleep(0.02)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def test_qemu_img_locked_images(links, tmp_path):
+    """An image a running QEMU writes: as a source, qemu-img's two lines word for word; as
+    convert's destination (qcowfast words it its own way), the same status and name first."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "held.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "src.qcow2", "64K")
+    for name in ("busy-qemu.raw", "busy-ours.raw"):
+        qemu_img("create", "-q", "-f", "raw", tmp_path / name, "1M")
+    writers = [_Writer(tmp_path / "held.qcow2", "qcow2"),
+               _Writer(tmp_path / "busy-qemu.raw", "raw"),
+               _Writer(tmp_path / "busy-ours.raw", "raw")]
+    try:
+        want = _run(["qemu-img", "info", "held.qcow2"], tmp_path)
+        got = _run([links["qemu-img"], "info", "held.qcow2"], tmp_path)
+        assert 'Failed to get shared "write" lock' in want.stderr, want
+        assert (got.returncode, got.stderr) == (want.returncode, want.stderr)
+        want = _run(["qemu-img", "convert", "-O", "qcow2", "src.qcow2", "busy-qemu.raw"],
+                    tmp_path)
+        got = _run([links["qemu-img"], "convert", "-O", "qcow2", "src.qcow2", "busy-ours.raw"],
+                   tmp_path)
+        assert want.stderr.startswith("qemu-img: busy-qemu.raw: "), want
+        assert got.returncode == want.returncode == 1
+        assert got.stderr.startswith("qemu-img: busy-ours.raw: ") and "lock" in got.stderr, got
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+# qemu-nbd command lines that fail before serving: (argv, whether qemu-nbd's lines are all its
+# own error_report()s, which `qcowfast serve` gives under its own name).
+QEMU_NBD = {
+    "missing file": (["missing.qcow2"], True),
+    "not qcow2 with -f qcow2": (["-f", "qcow2", "notq.raw"], True),
+    "bad --cache": (["--cache=bogus", "ok.qcow2"], True),
+    "bad -e": (["-e", "x", "ok.qcow2"], True),
+    "deprecated short-form boolean": (["-l", "snapshot.id=1,foo", "ok.qcow2"], True),
+    "unknown long option": (["--bogus", "ok.qcow2"], False),
+    "unknown short option": (["-z", "ok.qcow2"], False),
+    "ambiguous option": (["--fo", "ok.qcow2"], False),
+    "missing argument": (["ok.qcow2", "-k"], False),
+    "missing long argument": (["ok.qcow2", "--socket"], False),
+    "no image": ([], False),
+    "two images": (["ok.qcow2", "ok.qcow2"], False),
+}
+
+
+@pytest.mark.parametrize("case", list(QEMU_NBD))
+def test_qemu_nbd_lines(case, links, files, tmp_path):
+    args, own = QEMU_NBD[case]
+    want, got, ours = _three("qemu-nbd", args, links, files, tmp_path)
+    assert want.returncode == 1 and "qemu-nbd: " in want.stderr, want
+    assert (got.returncode, got.stderr) == (want.returncode, want.stderr)
+    assert ours.returncode == 1
+    if own:
+        assert ours.stderr == want.stderr.replace("qemu-nbd: ", "qcowfast: ")
+    else:                                       # (argparse's usage, as before)
+        assert "qcowfast serve: error: " in ours.stderr and "qemu-nbd" not in ours.stderr
+
+
+def test_qemu_nbd_prefix_on_qcowfast_words(links, files, tmp_path):
+    """An option qcowfast serve refuses by name (a kernel NBD device): its words, after the
+    name it runs under."""
+    _, got, ours = _three("qemu-nbd", ["-c", "/dev/nbd0", "ok.qcow2"], links, files, tmp_path)
+    assert got.returncode == ours.returncode == 1
+    assert got.stderr.startswith("qemu-nbd: serve -c: not supported"), got
+    assert ours.stderr == "qcowfast: " + got.stderr[len("qemu-nbd: "):]
