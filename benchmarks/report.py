@@ -201,6 +201,13 @@ def fleet_table(data: dict) -> str:
                    f"(e) {m['python-loop']:.3f} s; median of the per-round ratios "
                    f"(d) / (c) = {paired['dask_over_convert_many']:.2f}, "
                    f"(e) / (c) = {paired['python_loop_over_convert_many']:.2f}.")
+        if "ceiling" in m:
+            out.append(f"Ceiling on {paired['cores']} cores (as many copies of the batch "
+                       "converted side by side, one thread each; per batch): "
+                       f"{m['ceiling']:.3f} s; (c) / ceiling = "
+                       f"{paired['convert_many_over_ceiling']:.2f} (1.00: at the machine's "
+                       f"limit), (e) / ceiling = {paired['python_loop_over_ceiling']:.2f} "
+                       "(the most (e) / (c) can be here).")
     if "qemu-img-loop" in scale and "convert_many" in scale:
         (q, n, neighbours), (c, _, _) = scale["qemu-img-loop"], scale["convert_many"]
         out.append("")

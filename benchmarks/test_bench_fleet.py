@@ -10,6 +10,9 @@ Every approach's outputs are checked against qemu-img's SHA-256 after its last r
 `test_fleet_paired` runs (c), (e) and (d) in turn within each round, so that the ratios between
 them are paired: this machine's speed drifts by tens of percent between one test and the next.
 No Dask cluster is running while (c) or (e) is timed: an idle one takes about a tenth of a core.
+Each round also measures the machine's own limit for the batch, the ceiling: as many copies
+of the batch as cores converted at once, one thread each (every core busy from the first job
+to the last, with nothing to schedule or share), timed per batch (the time over the copies).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +39,7 @@ VARIANTS = {  # name: qemu-img convert options
     "zstd": ["-c", "-o", "cluster_size=65536,compression_type=zstd"],
     "c512": ["-o", "cluster_size=512"],
 }
+CORES = len(os.sched_getaffinity(0))
 APPROACHES = ("qemu-img-loop", "qcowfast-process-loop", "convert_many", "dask", "python-loop")
 
 
@@ -81,7 +86,7 @@ def fleet_images(pytestconfig) -> list[tuple[Path, str]]:
 @pytest.fixture(scope="session")
 def fleet_out() -> Path:
     shm = Path("/dev/shm")
-    need = 2 * sum(SIZES_MIB) * MiB
+    need = (2 + CORES) * sum(SIZES_MIB) * MiB      # (+ the ceiling's copies: test_fleet_paired)
     base = shm if shm.is_dir() and shutil.disk_usage(shm).free > need else Path("/tmp")
     out = base / f"qcowfast-fleet-{os.getpid()}"
     out.mkdir(exist_ok=True)
@@ -158,7 +163,35 @@ def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approa
     _check_outputs(fleet_images, jobs, approach)
 
 
-PAIRED = ("convert_many", "python-loop", "dask")
+PAIRED = ("convert_many", "python-loop", "dask", "ceiling")
+
+
+def _side_by_side(jobs, copies: list[Path]):
+    """The ceiling's run: each of `copies` (one per core) gets its own thread, which converts
+    the whole batch into it with one conversion thread (threads=1). Copy k starts k/len(copies)
+    of the way through the batch: in the same order, the copies would read each source at the
+    same moment and share its cache lines, which (c)'s jobs side by side do not (2-3% faster)."""
+    import qcowfast
+    step = len(jobs) // len(copies)
+
+    def one_copy(k: int, failed: list):
+        try:
+            for src, dst in jobs[k * step:] + jobs[:k * step]:
+                qcowfast.convert(src, str(copies[k] / Path(dst).name), threads=1)
+        except BaseException as exc:        # (re-raised in the timing thread)
+            failed.append(exc)
+
+    def run():
+        failed: list = []
+        threads = [threading.Thread(target=one_copy, args=(k, failed))
+                   for k in range(len(copies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failed:
+            raise failed[0]
+    return run
 
 
 def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
@@ -166,10 +199,15 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
 
     Each round times (c) and (e) with no cluster running, then starts a 2-worker LocalCluster,
     warms its workers with one untimed batch (imports, kernels, buffers), times (d) and closes
-    the cluster. The timed unit is the whole round; each approach's times are in extra_info.
+    the cluster. The ceiling (module docstring) is timed after (e), on as many copies of the
+    batch as there are cores. The timed unit is the whole round; each approach's times are in
+    extra_info.
     """
     jobs = _jobs(fleet_images, fleet_out)
     times: dict[str, list[float]] = {name: [] for name in PAIRED}
+    copies = [fleet_out.with_name(f"{fleet_out.name}-copy{k}") for k in range(CORES)]
+    for out in copies:
+        out.mkdir(exist_ok=True)
 
     def timed(name, client=None):
         run = _in_process(name, jobs, client)
@@ -178,9 +216,18 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
         run()
         times[name].append(time.perf_counter() - start)
 
+    def ceiling():
+        for out in copies:
+            _clear(out)
+        run = _side_by_side(jobs, copies)
+        start = time.perf_counter()
+        run()
+        times["ceiling"].append((time.perf_counter() - start) / len(copies))
+
     def one_round():
         timed("convert_many")
         timed("python-loop")
+        ceiling()
         cluster, client = _start_cluster()
         try:
             _clear(fleet_out)
@@ -192,16 +239,28 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
 
     rounds, _ = bench_rounds
     benchmark.group = "fleet: 12 images, paired rounds"
-    benchmark.pedantic(one_round, rounds=2 * rounds, warmup_rounds=1)
+    try:
+        benchmark.pedantic(one_round, rounds=2 * rounds, warmup_rounds=1)
+        for out in copies:
+            _check_outputs(fleet_images, [(s, str(out / Path(d).name)) for s, d in jobs],
+                           "the ceiling's copies")
+    finally:
+        for out in copies:
+            shutil.rmtree(out, ignore_errors=True)
     for name in PAIRED:
         del times[name][0]                       # the warm-up round
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    ratios = [d / c for c, d in zip(times["convert_many"], times["dask"])]
-    speedups = [e / c for c, e in zip(times["convert_many"], times["python-loop"])]
+
+    def paired(top: str, bottom: str) -> float:
+        return statistics.median(t / b for t, b in zip(times[top], times[bottom]))
     benchmark.extra_info.update(
-        kind="fleet-paired", rounds=len(ratios), medians=medians,
-        dask_over_convert_many=statistics.median(ratios),
-        python_loop_over_convert_many=statistics.median(speedups))
+        kind="fleet-paired", rounds=len(times["dask"]), medians=medians, cores=CORES,
+        dask_over_convert_many=paired("dask", "convert_many"),
+        python_loop_over_convert_many=paired("python-loop", "convert_many"),
+        # (c)'s time over the ceiling's (1.0: at the machine's limit), and the most (e)/(c)
+        # could be on this machine: (e) over the ceiling.
+        convert_many_over_ceiling=paired("convert_many", "ceiling"),
+        python_loop_over_ceiling=paired("python-loop", "ceiling"))
     _check_outputs(fleet_images, jobs, "paired rounds")
 
 
