@@ -281,6 +281,44 @@ def test_destination_in_use(tmp_path, hold, holder):
             h.close()
 
 
+@pytest.mark.parametrize("holder", list(HOLDERS))
+def test_destination_in_use_lines(tmp_path, hold, holder):
+    """On the command line, a destination refused for a lock gets qemu-img's two lines and
+    exit code: "DST: error while converting FMT: Failed to get ... lock" when creating it,
+    "Could not open 'DST': Failed to get ... lock" in place (-n, where qemu-img opens the target
+    before it compares sizes), then "Is another process using the image [DST]?". The one
+    refusal on purpose (test_destination_in_use) gets the same lines as qemu-img's qcow2 output."""
+    tool, fmt, read_only = HOLDERS[holder]
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "2M")
+    qemu_io(src, "write -P 0x5a 0 4k")
+    holders = []
+    for args in (["-O", "qcow2"], ["-O", "raw"], ["-n", "-O", "raw"]):
+        lines = {}
+        for who in ("qemu-img", "qcowfast"):
+            busy = tmp_path / who / f"busy{'-'.join(args)}"     # (the same name in both)
+            busy.parent.mkdir(exist_ok=True)
+            qemu_img("create", "-q", "-f", fmt, busy, "1M")     # (smaller than the source)
+            holders.append(hold(busy, fmt, read_only=read_only) if tool == "qemu-io"
+                           else NbdHolder(busy, fmt, read_only))
+            run = (subprocess.run(["qemu-img", "convert", *args, src, busy.name],
+                                  capture_output=True, text=True, cwd=busy.parent)
+                   if who == "qemu-img" else run_cli("convert", *args, src, busy.name,
+                                                     cwd=busy.parent))
+            lines[who] = (run.returncode, run.stderr.replace("qemu-img: ", "qcowfast: "))
+        if holder == "qemu-io raw" and args == ["-O", "raw"]:      # (refused on purpose)
+            assert lines["qemu-img"] == (0, ""), lines
+            assert lines["qcowfast"] == (1, f"qcowfast: {busy.name}: error while converting "
+                                            'raw: Failed to get shared "write" lock\nIs '
+                                            f"another process using the image [{busy.name}]?"
+                                            "\n"), lines
+        else:
+            assert lines["qcowfast"] == lines["qemu-img"], (args, lines)
+    for h in holders:
+        if isinstance(h, NbdHolder):
+            h.close()
+
+
 def test_in_place_output_holds_the_write_lock(tmp_path):
     """While qcowfast writes a target in place, a QEMU that does not share writing (a qcow2
     reader without -U) cannot open it, as while qemu-img writes it; afterwards it can."""

@@ -1339,11 +1339,15 @@ def convert_failure_line(exc: Exception, src: str, dst: str, kw: dict,
         return None
     if not isinstance(exc, OutputError):
         return None
-    if kw["format"] == "raw" and (kw["existing"] or probes_as_device(dst)) and \
-            _target_too_small(src, dst, kw):
+    if getattr(exc, "qemu_lock", None) is None and kw["format"] == "raw" and \
+            (kw["existing"] or probes_as_device(dst)) and _target_too_small(src, dst, kw):
+        # (qemu-img opens its target, and fails on a lock, before it compares the sizes)
         return too_small_line(dst, output_format, kw["existing"])
     unnamed = getattr(exc, "unnamed", None)
-    return None if unnamed is None else f"{dst}: {unnamed}"
+    if unnamed is None:
+        return None
+    hint = getattr(exc, "qemu_hint", None)          # (a lock's second line)
+    return f"{dst}: {unnamed}" + (f"\n{hint}" if hint else "")
 
 
 def too_small_line(dst: str, output_format: str, existing: bool) -> str:

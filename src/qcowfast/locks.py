@@ -71,8 +71,15 @@ def check_destination(fd: int, name: str, in_place: bool) -> None:
     QEMU uses would tear what it reads; replacing it would lose its writes."""
     for byte, lock in _IN_PLACE if in_place else _REPLACE:
         if _held(fd, byte):
-            raise OutputError(f"{name}: failed to get {lock}: another process (a running "
+            exc = OutputError(f"{name}: failed to get {lock}: another process (a running "
                               "QEMU?) is using the image; it was not written")
+            # qemu-img's words (raw_check_lock_bytes()): its open of the target fails in
+            # place; creating it, the create step does (output.FileOutput adds the format).
+            exc.qemu_lock = f"Failed to get {lock}"
+            exc.qemu_hint = f"Is another process using the image [{name}]?"
+            if in_place:
+                exc.qemu_chain, exc.qemu_top = exc.qemu_lock, name
+            raise exc
 
 
 def hold_destination(fd: int, name: str, in_place: bool) -> None:

@@ -613,8 +613,11 @@ class FileOutput:
                 raise OutputError(f"{self.name} changed while it was being checked; not "
                                   "replaced")
             hold_destination(fd, self.name, in_place=False)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
+            lock = getattr(exc, "qemu_lock", None)
+            if lock is not None and self.format is not None:
+                exc.unnamed = f"error while converting {self.format}: {lock}"
             raise
         self._guard = fd
 
