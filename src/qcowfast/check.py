@@ -36,7 +36,8 @@ from .constants import (
     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, RAW_FORMATS, REFT_OFFSET_MASK,
     REFT_RESERVED_MASK,
 )
-from .errors import AllocationFailed, CorruptImage, FormatError, QcowError, UnsafePathError
+from .errors import (AllocationFailed, CorruptImage, FormatError, QcowError, TruncatedImage,
+                     UnsafePathError)
 from .header import Header, parse_header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import directories, open_file
@@ -227,7 +228,8 @@ class _Checker:
         offsets, sizes = offsets.astype(np.int64), sizes.astype(np.int64)
         weights = np.broadcast_to(np.asarray(weights, np.int64), offsets.shape)
         keep = sizes > 0
-        past = keep & (offsets + sizes - self.file_size >= self.cs)
+        # (QEMU's file length is bdrv_getlength(): whole 512-byte sectors, rounded up.)
+        past = keep & (offsets + sizes - -(-self.file_size // 512) * 512 >= self.cs)
         if past.any():
             for o, s in zip(offsets[past][:MAX_MESSAGES + 1].tolist(),
                             sizes[past][:MAX_MESSAGES + 1].tolist()):
@@ -1044,16 +1046,32 @@ def check_snapshot_table(fd: int, h: Header, fix: bool = False,
                           code=getattr(exc, "qemu_errno", errno.EIO), messages=notes) from None
 
 
+def _header_area(fd: int, file_size: int) -> bytearray:
+    """The first cluster of the image, zeros past the end of the file: qcow2_do_open() reads
+    the header, its extensions and the backing file name so (bdrv_pread() of a file cut short),
+    and the check reports what lies past the end, as qemu-img check does."""
+    data = bytearray(os.pread(fd, min(file_size, 1 << MAX_CLUSTER_BITS), 0))
+    bits = int.from_bytes(data[20:24], "big") if len(data) >= 24 else 0
+    if len(data) < 1 << min(max(bits, 12), MAX_CLUSTER_BITS):
+        data += bytes((1 << min(max(bits, 12), MAX_CLUSTER_BITS)) - len(data))
+    return data
+
+
 def _check_mode_header(fd: int, file_size: int) -> Header:
     """The header as qcow2_do_open() reads it for a check (BDRV_O_CHECK): it ignores the
     snapshot table pointer, which the check validates (check_snapshot_table), so a fault
     there does not fail the open, and a header fault after it is the one reported."""
     try:
         return read_header(fd, file_size, tables_in_file=False)
+    except TruncatedImage as exc:
+        try:
+            return parse_header(_header_area(fd, file_size), 1 << 63, refcount_table=False)
+        except QcowError:
+            raise exc from None
     except QcowError as exc:
         if exc.qemu_chain not in _SNAPSHOT_POINTER:
             raise
-    data = bytearray(os.pread(fd, min(file_size, 1 << MAX_CLUSTER_BITS), 0))
+    data = _header_area(fd, file_size)
     count, offset = struct.unpack_from(">IQ", data, 60)
     data[60:72] = bytes(12)
     header = parse_header(bytes(data), 1 << 63, refcount_table=False)

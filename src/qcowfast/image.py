@@ -156,6 +156,7 @@ np = LazyModule("numpy", __name__, "np")
 _tables = LazyModule("qcowfast._tables", __name__, "_tables")
 _inflate = LazyModule("qcowfast._inflate", __name__, "_inflate")
 _EXTENDED_L2 = _plain.FLAGS["extended_l2"]
+_DATA_FILE = _plain.FLAGS["data_file"]
 _ZERO_OFFSET = array("q", [0])      # one stream, read into the start of its buffer (never written)
 _UNALLOCATED, _ZERO, _DATA, _COMPRESSED = (int(k) for k in ExtentKind)
 
@@ -859,6 +860,27 @@ class Image(_Layer):
         exc._bad_layer = (self, err.bad_bitmap)        # for _failing_query()
         return exc
 
+    def _check_data_file_hosts(self, guest, kind, host) -> None:
+        """Raise where a run of classified L2 entries maps guest bytes of an external data file
+        to other host bytes (QEMU qcow2_get_host_offset(): "External data file host cluster
+        offset ... does not match guest cluster offset", EIO for any query of that cluster)."""
+        bad = np.flatnonzero((host >= 0) & (host != guest) & (kind != _COMPRESSED))
+        if len(bad):
+            raise self._data_file_host_error(int(guest[bad[0]]), int(host[bad[0]]))
+
+    def _data_file_host_error(self, guest: int, host: int) -> CorruptImage:
+        """The error of the L2 entry mapping guest byte `guest` to data file byte `host`."""
+        at = guest - guest % self.cluster_size
+        l1_index, index = divmod(at, self._l2_per_l1)
+        l2_offset = int(self._l2_offsets[l1_index])
+        exc = CorruptImage(f"{self.filename}: L2 entry {index // self.cluster_size} of the table "
+                           f"at {l2_offset:#x} (guest offset {at:#x}): host offset "
+                           f"{host - (guest - at):#x} in the external data file is not the "
+                           f"guest offset")
+        exc.guest_offset = at
+        exc._bad_layer = (self, 0)                      # for _failing_query()
+        return exc
+
     # -- QEMU's block status queries, for where a map fails ------------------------------------
     def _entry_at(self, cluster: int) -> tuple[int, int] | None:
         """(L2 entry, subcluster bitmap or 0) of `cluster`; None when its L2 table is absent."""
@@ -986,6 +1008,8 @@ class Image(_Layer):
                                                  self._flags, guest_base, self.data_size)
                 except _tables.L2EntryError as err:
                     raise self._l2_error(err, l2_offset, s_index, table_start) from None
+                if self._flags & _DATA_FILE:
+                    self._check_data_file_hosts(arrays[0], arrays[2], arrays[3])
                 yield self._clip(arrays, pos, table_end)
                 first += count
                 pos = min(table_start + first * cs, table_end)
@@ -1031,6 +1055,8 @@ class Image(_Layer):
             t = err.index // entries
             err.index -= t * entries
             raise self._l2_error(err, offsets[t], 0, (group[0] + t) * self._l2_per_l1) from None
+        if self._flags & _DATA_FILE:
+            self._check_data_file_hosts(arrays[0], arrays[2], arrays[3])
         return self._clip(arrays, start, end)
 
     def _small_runs(self, start: int, end: int, out: list) -> None:
@@ -1069,6 +1095,10 @@ class Image(_Layer):
                                               table_start + (first << bits), self.data_size)
             except _tables.L2EntryError as err:
                 raise self._l2_error(err, l2_offset, s_index, table_start) from None
+            if self._flags & _DATA_FILE:
+                for g, n, k, h, c in runs:
+                    if h >= 0 and h != g and k != _COMPRESSED:
+                        raise self._data_file_host_error(g, h)
             for g, n, k, h, c in runs:
                 a = g if g > pos else pos
                 b = g + n if g + n < stop else stop

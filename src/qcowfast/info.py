@@ -175,7 +175,7 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
             specific["bitmaps"] = [{"flags": b.flag_names(), "name": b.name,
                                     "granularity": b.granularity} for b in bitmaps]
     specific["refcount-bits"] = h.refcount_bits
-    if h.version >= 3 and h.data_file:
+    if h.version >= 3 and h.data_file is not None:     # (an empty name too, as QEMU)
         specific["data-file"] = h.data_file
     if encrypt is not None:
         specific["encrypt"] = encrypt
