@@ -156,7 +156,8 @@ def _refuse_nul(args) -> None:
 
 
 def _common_options(args) -> dict:
-    from .cli import CliError, _output_options, sparse_size
+    from .cli import CliError
+    from .cli_convert import _output_options, sparse_size
 
     options = {}
     if args.output_format != "raw":
@@ -199,8 +200,8 @@ def describe(result, job=None) -> tuple[str, dict]:
 
 
 def _convert_words(exc: BaseException, job) -> tuple[BaseException, str]:
-    """(the failure, its line) as `qcowfast convert` has them for the job: cli.cmd_convert's
-    readings of convert()'s exceptions, in its order."""
+    """(the failure, its line) as `qcowfast convert` has them for the job:
+    cli_convert.cmd_convert's readings of convert()'s exceptions, in its order."""
     from .cli import error_text
     images = [] if job is None else [(job.src, job.options.get("src_format"))]
     line = None if job is None else _convert_line(exc, job)
@@ -212,7 +213,8 @@ def _convert_words(exc: BaseException, job) -> tuple[BaseException, str]:
 def _convert_line(exc: BaseException, job) -> str | BaseException | None:
     """The line `qcowfast convert` gives for the job's exception `exc` where it words it
     otherwise than cli.error_text (or the failure it reports instead), else None."""
-    from .cli import SOURCE_FORMATS, convert_failure_line, format_refusal
+    from .cli import SOURCE_FORMATS, format_refusal
+    from .cli_convert import convert_failure_line
     from .errors import OutputError
     from .fleet import names_no_file, source_refusal
     opts, dst = job.options, job.dst
@@ -239,14 +241,16 @@ def _no_file_line(dst: str, fmt: str, existing) -> str:
     from .output import create_refusal, open_errno
     if not existing:
         return f"{dst}: error while converting {fmt}: {create_refusal(dst)}"
-    if not dst:                 # (-n: cli._in_place_refusal; raw_open_common's words)
+    if not dst:                 # (-n: cli_convert._in_place_refusal; raw_open_common's words)
         return "Could not open '': The 'file' block driver requires a file name"
     why = os.strerror(open_errno(dst, create=False) or errno.EISDIR)
     return f"Could not open '{dst}': Could not open '{dst}': {why}"
 
 
 def cmd_convert_many(args) -> int:
-    from .cli import ProgressBar, _write_quietly, human_size, program_name
+    from .cli import program_name
+    from .cli_process import _write_quietly
+    from .cli_progress import ProgressBar, human_size
     from .fleet import as_job, convert_many
     from .errors import QcowError
     try:
