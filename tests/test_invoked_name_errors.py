@@ -177,6 +177,11 @@ QEMU_NBD = {
     "missing long argument": (["ok.qcow2", "--socket"], False),
     "no image": ([], False),
     "two images": (["ok.qcow2", "ok.qcow2"], False),
+    # (-p is a service for getaddrinfo; its failure comes before the image is opened)
+    "unknown service": (["-b", "127.0.0.1", "-p", "abc", "ok.qcow2"], True),
+    "negative port": (["-b", "127.0.0.1", "-p", "-1", "ok.qcow2"], True),
+    "hex port": (["-b", "127.0.0.1", "--port=0x10", "missing.qcow2"], True),
+    "unresolvable address": (["-b", "::zz", "ok.qcow2"], True),
 }
 
 

@@ -888,3 +888,14 @@ def test_run_under_the_name_qemu_nbd(tmp_path):
         assert_same_bytes(out.read_bytes(), reference_raw(image), "qemu-nbd drop-in")
     finally:
         server.stop()
+    # Without -k, -p or -b, qemu-nbd listens on TCP port 10809 (here on loopback only), and
+    # -p takes a service name as its getaddrinfo() does.
+    for args in ([], ["-p", "nbd"]):
+        server = CliServer("-r", "-f", "qcow2", *args, image, command=(link,))
+        try:
+            assert server.uri == "nbd://127.0.0.1:10809/", server.uri
+            out.unlink()
+            run("qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd://127.0.0.1:10809", out)
+            assert_same_bytes(out.read_bytes(), reference_raw(image), f"qemu-nbd {args}")
+        finally:
+            server.stop()

@@ -245,7 +245,7 @@ _REFUSED = ((("--image-opts",), 0, "option strings instead of file names"),
             (("-d", "--disconnect"), 0, "kernel NBD devices"),
             (("-L", "--list"), 0, "the client side"),
             (("--tls-creds",), 1, "TLS"), (("--tls-authz",), 1, "TLS"),
-            (("--tls-hostname",), 1, "TLS"))
+            (("--tls-hostname",), 1, "TLS"), (("--selinux-label",), 1, "SELinux labels"))
 
 
 def _seconds(text: str) -> float | None:
@@ -258,14 +258,17 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
-def _port(text: str) -> int:
+def _resolved_port(bind: str, port: str) -> int:
+    """The TCP port `port` names (a number or a service such as "nbd"), resolved with `bind`
+    as qemu-nbd's inet_listen_saddr() does (getaddrinfo, AI_PASSIVE); a name it cannot resolve
+    ends the command with qemu-nbd's line, before the image is opened, as there."""
+    import socket
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid TCP port {text!r}")
-    return value
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        _fail(f"address resolution failed for {bind}:{port}: {exc.strerror}")
+    return infos[0][4][1]
 
 
 class _Version(argparse.Action):
@@ -300,8 +303,9 @@ def add_parser(sub) -> None:
     p.add_argument("-k", "--socket", metavar="PATH", help="listen on this Unix socket")
     p.add_argument("-b", "--bind", metavar="ADDR", help="listen on TCP at ADDR "
                    "(default 127.0.0.1 when --port is given)")
-    p.add_argument("-p", "--port", type=_port, metavar="N",
-                   help="listen on TCP port N (default 10809 when --bind is given; 0 picks one)")
+    p.add_argument("-p", "--port", metavar="N",
+                   help="listen on TCP port N, a number or a service name (default 10809 when "
+                        "--bind is given; 0 picks one)")
     p.add_argument("-x", "--export-name", default="", metavar="NAME", action=_LongString,
                    help="export name (default: the empty default export)")
     p.add_argument("-D", "--description", default="", metavar="TEXT", action=_LongString,
@@ -376,8 +380,11 @@ def cmd_serve(args) -> int:
     port, bind = args.port, args.bind
     if args.socket is not None:
         port = bind = None                        # qemu-nbd: -k wins over -b/-p
-    elif port is None and bind is not None:
-        port = DEFAULT_PORT
+    elif port is None and (bind is not None or program_name() == "qemu-nbd"):
+        port = str(DEFAULT_PORT)                  # (qemu-nbd's default: TCP, port 10809)
+    if port is not None:
+        bind = bind or "127.0.0.1"
+        port = _resolved_port(bind, port)
     args.snapshot = choose_snapshot_option(args.snapshot)
     refused = _open_refusal(args)
     if refused is not None:
