@@ -20,10 +20,10 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from . import _plain
-from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO,
-                          Status as _Status, status_runs as _status_runs)
+from .blockstatus import (BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_DATA, BDRV_BLOCK_EOF,
+                          BDRV_BLOCK_ZERO, Status as _Status, status_runs as _status_runs)
 from .constants import ExtentKind
-from .errors import CompareError, QcowError
+from .errors import CompareError, QcowError, TruncatedImage
 from .image import Image, RawImage, open_source
 from .mapping import _raw_pieces, metadata_preallocated
 from .paths import directories
@@ -64,14 +64,7 @@ class _RawSource:
         return (self.fd, offset) if offset + n <= self.file_size else None
 
     def readinto(self, offset: int, buf) -> None:
-        view = memoryview(buf)
-        got = 0
-        while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n <= 0:
-                view[got:] = bytes(len(view) - got)
-                break
-            got += n
+        _pread_zero_filled(self.fd, memoryview(buf), offset)
 
     def close(self) -> None:
         self.raw.close()
@@ -88,6 +81,10 @@ class _QcowSource:
         self._prealloc: dict = {}           # depth -> mapping.metadata_preallocated(layer)
 
     def pieces(self, start: int, end: int) -> Iterator[_Piece]:
+        return _until_faults(self.image, self._pieces, start, end,
+                             lambda a, b: _Piece(a, b, False))
+
+    def _pieces(self, start: int, end: int) -> Iterator[_Piece]:
         image = self.image
         prealloc = self._prealloc
         for e in image.extents(start, end - start):
@@ -110,24 +107,135 @@ class _QcowSource:
             yield _Piece(g0, g1, e.kind not in (ExtentKind.DATA, ExtentKind.COMPRESSED))
 
     def status_runs(self, end: int) -> Iterator[_Status]:
-        return _status_runs(self.image, 0, end, {})
+        prealloc: dict = {}
+        return _until_faults(
+            self.image, lambda a, b: _status_runs(self.image, a, b, prealloc), 0, end,
+            lambda a, b: _Status(a, b, BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, -1))
 
     def host_range(self, offset: int, n: int) -> tuple[int, int] | None:
         """(fd, file offset) holding guest bytes [offset, offset + n) as they are, when one
         data run of one layer (not compressed) holds them all; else None."""
         got = None
-        for e in self.image.extents(offset, n):
-            if got is not None or e.kind != ExtentKind.DATA or e.guest_offset > offset or \
-                    e.guest_offset + e.length < offset + n:
-                return None
-            got = (self.image.layer(e.depth).data_fd, e.host_offset + offset - e.guest_offset)
+        try:
+            for e in self.image.extents(offset, n):
+                if got is not None or e.kind != ExtentKind.DATA or e.guest_offset > offset or \
+                        e.guest_offset + e.length < offset + n:
+                    return None
+                got = (self.image.layer(e.depth).data_fd,
+                       e.host_offset + offset - e.guest_offset)
+        except QcowError:
+            return None                 # (a compressed cluster's fault: the read meets it)
         return got
 
     def readinto(self, offset: int, buf) -> None:
-        self.image.readinto(offset, buf)
+        try:
+            self.image.readinto(offset, buf)
+        except TruncatedImage:
+            self._read_short_clusters(offset, memoryview(buf))
+
+    def _read_short_clusters(self, offset: int, view) -> None:
+        """readinto() where a data cluster starts before the end of its file and runs past
+        it: QEMU reads the missing part as zeros (file-posix fills a short read with zeros),
+        so img_compare compares it (README "Differences": refused by convert and reads only).
+        Other faults raise as in Image.readinto()."""
+        for e in self.image.extents(offset, len(view)):
+            a = e.guest_offset - offset
+            layer = self.image.layer(e.depth)
+            if e.kind == ExtentKind.DATA and isinstance(layer, Image):
+                _pread_zero_filled(layer.data_fd, view[a:a + e.length], e.host_offset)
+            else:
+                self.image.readinto(e.guest_offset, view[a:a + e.length])
 
     def close(self) -> None:
         self.image.close()
+
+
+def _pread_zero_filled(fd: int, view, offset: int) -> None:
+    """Fill `view` from `fd` at `offset`, with zeros past the end of the file."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            view[got:] = bytes(len(view) - got)
+            break
+        got += n
+
+
+def _read_fault(exc: QcowError):
+    """(guest offset, cluster size) of the compressed cluster whose L2 entry `exc` refuses
+    where QEMU's block status passes it, else None. qcow2_get_host_offset() takes a compressed
+    descriptor as it is (COPIED flag set, stream past the end of the file): only the read of
+    that cluster fails (img_compare: "Error while reading offset", exit 4, not 3). An image
+    with an external data file fails the query itself."""
+    got = _bad_l2_entry(exc)
+    if got is None or got[0].header.has_data_file:
+        return None
+    layer, cluster = got
+    entry = layer._entry_at(cluster)
+    return (exc.guest_offset, layer.cluster_size) if entry[0] >> 62 & 1 else None
+
+
+def _bad_l2_entry(exc: QcowError):
+    """(layer, cluster index) of the L2 entry `exc` refuses, else None (an L1 entry's
+    error, or no entry named)."""
+    layer = getattr(exc, "_bad_layer", (None,))[0]
+    at = getattr(exc, "guest_offset", None)
+    if not isinstance(layer, Image) or at is None or at % layer.cluster_size:
+        return None
+    cluster = at // layer.cluster_size
+    if int(layer._l2_offsets[cluster // layer._l2_entries]) <= 0:
+        return None
+    return layer, cluster
+
+
+_L2E_RESERVED = 0x3F000000000001FE         # bits 1-8 and 56-61 (qcow2.txt)
+
+
+def _query_start(image: Image, exc: QcowError, done: int) -> int:
+    """Where QEMU's block status query that reaches `exc`'s bad entry starts (from `done`):
+    `Image._failing_query`; but an entry QEMU reads as it is (reserved bits set, a data
+    cluster past the end of the file: README "Differences") in the top layer may continue
+    the run before it (count_contiguous_subclusters()): qcowfast cannot answer that run, so
+    fails where it starts."""
+    stop = max(done, image._failing_query(exc, done))
+    got = _bad_l2_entry(exc)
+    if got is None or got[0] is not image or stop != exc.guest_offset:
+        return stop
+    if isinstance(exc, TruncatedImage) or image._entry_at(got[1])[0] & _L2E_RESERVED:
+        stop = max(done, image._scan_start(stop, done)[0])
+    return stop
+
+
+def _until_faults(image: Image, walk, start: int, end: int, bad_run) -> Iterator:
+    """The runs walk(a, b) yields over [start, end) (each with an `end`), as far as QEMU's
+    block status queries get before a bad L2 entry stops them.
+
+    A bad entry stops the walk where the query that meets it starts
+    (`Image._failing_query`, as for map): the runs before it are yielded, so that what
+    differs there is found first (the kernel refuses a whole slice of entries), then the
+    error is raised. A compressed cluster that QEMU's block status passes but whose read
+    fails (`_read_fault`) is one run of its own instead, bad_run(a, b): data, so that the
+    comparison reads it and fails there (exit 4), and the walk goes on after it."""
+    done = start
+    while done < end:
+        try:
+            for run in walk(done, end):
+                yield run
+                done = run.end
+            return
+        except QcowError as exc:
+            at = getattr(exc, "guest_offset", None)
+            if at is None or at < done or not hasattr(exc, "_bad_layer"):
+                raise
+            fault = _read_fault(exc)
+            stop = at if fault else _query_start(image, exc, done)
+            if done < stop:                 # (the runs the error cut short before it)
+                for run in walk(done, stop):
+                    yield run
+            if fault is None:
+                raise
+            done = min(at + fault[1], end)
+            yield bad_run(at, done)
 
 
 def _has_hole(fd: int, offset: int, n: int) -> bool:
@@ -215,8 +323,10 @@ class _Comparer:
         self.buf_b = bytearray(IO_BUF_SIZE)
 
     def report(self, pos: int) -> None:
+        # Two empty images: img_compare's loops never run, so only its first report (0%) is
+        # printed (a total of 0 would report 100%).
         if self.progress is not None:
-            self.progress(pos, self.total)
+            self.progress(*((pos, self.total) if self.total else (0, 1)))
 
     @staticmethod
     def read(src, pos: int, view) -> None:
