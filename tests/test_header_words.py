@@ -162,6 +162,7 @@ CASES = [
     # size_to_l1() wraps: the open goes on, and bdrv_refresh_total_sectors() refuses the size.
     Case("size-just-below-2^64", "plain", header(size=(1 << 64) - 1)),
     Case("encryption-method-9", "plain", header(crypt_method=9)),
+    Case("encryption-method-2^32-1", "plain", header(crypt_method=0xFFFFFFFF)),   # (%d: -1)
     # qcow2_read_extensions().
     Case("extension-too-long", "plain", ext_put(FEATURE_TABLE, 4, ">I", 0xFFFFFFFF)),
     Case("header-length-113", "plain", header(header_length=113)),

@@ -291,7 +291,9 @@ def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list, warned: 
                        f"{l1_needed}")
     _check_in_file("L1 table", l1_table_offset, l1_size * 8, file_size, cut)
     if crypt_method not in (CryptMethod.NONE, CryptMethod.AES, CryptMethod.LUKS):
-        raise _refusal(EncryptedImage, f"Unsupported encryption method {crypt_method}",
+        # (qcow2_do_open() prints the uint32 field with %d)
+        signed = crypt_method - (1 << 32) if crypt_method >> 31 else crypt_method
+        raise _refusal(EncryptedImage, f"Unsupported encryption method {signed}",
                        "qcowfast does not decrypt images")
     _check_in_file("refcount table", refcount_table_offset,
                    refcount_table_clusters * cluster_size, file_size, cut)
