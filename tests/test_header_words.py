@@ -5,7 +5,9 @@ qemu-img and qcowfast (in this process) for info, check, map, compare, convert a
 compares the exit status and standard error (qemu-img's name replaced by qcowfast's), and the
 empty standard output of a failure. Where a header has two faults, the one QEMU checks first is
 the one reported. A fault in a backing file is reported through the image opened, as QEMU does
-("Could not open 'TOP': Could not open backing file: ...").
+("Could not open 'TOP': Could not open backing file: ..."), and so is a backing format
+qcowfast does not read where QEMU's driver refuses the file too; an image that needs an
+external data file and names none, where QEMU opens the data file.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 from common import QEMU_IMG, cli_in_process, qemu_img
 
 FEATURE_TABLE, BACKING_FORMAT, BITMAPS, CRYPTO = 0x6803F857, 0xE2792ACA, 0x23852875, 0x0537BE77
+DATA_FILE = 0x44415441
 # Header fields (qcow2.txt "Header"): byte offset and struct format.
 FIELDS = {
     "version": (4, ">I"), "backing_file_offset": (8, ">Q"), "backing_file_size": (16, ">I"),
@@ -85,6 +88,36 @@ def features(*entries: tuple[int, int, bytes]) -> Callable[[bytearray], None]:
     return mutate
 
 
+def backing_format(name: bytes) -> Callable[[bytearray], None]:
+    """Store `name` as the backing format, moving what follows that extension (the other
+    extensions and the backing file name) to fit."""
+    def mutate(data: bytearray) -> None:
+        at = extension(data, BACKING_FORMAT)
+        old_end = at + 8 + (struct.unpack_from(">I", data, at + 4)[0] + 7) // 8 * 8
+        new = struct.pack(">II", BACKING_FORMAT, len(name)) + name.ljust(-(-len(name) // 8) * 8,
+                                                                          b"\0")
+        name_at, name_size = struct.unpack_from(">QI", data, 8)
+        block = new + data[old_end:name_at + name_size]
+        data[at:at + len(block)] = block
+        struct.pack_into(">Q", data, 8, name_at + len(new) - (old_end - at))
+    return mutate
+
+
+def backing_name(name: bytes) -> Callable[[bytearray], None]:
+    """Overwrite the backing file name (of the same length)."""
+    def mutate(data: bytearray) -> None:
+        at, size = struct.unpack_from(">QI", data, 8)
+        assert len(name) == size
+        data[at:at + size] = name
+    return mutate
+
+
+def cut(length: int) -> Callable[[bytearray], None]:
+    def mutate(data: bytearray) -> None:
+        del data[length:]
+    return mutate
+
+
 def both(*mutators) -> Callable[[bytearray], None]:
     def mutate(data: bytearray) -> None:
         for m in mutators:
@@ -108,6 +141,8 @@ class Case:
 # qemu-img check opens without validating the snapshot table (BDRV_O_CHECK): it reports the
 # table its own way, which qcowfast's check does not (yet) do.
 NOT_CHECK = {"check"}
+# qemu-img info reads zeros past the end of the file; qcowfast refuses (README, Differences).
+CUT = {"info"}
 CASES = [
     # The fixed header.
     Case("version-4", "plain", header(version=4)),
@@ -184,6 +219,12 @@ CASES = [
     # The data file (not opened by info), the encryption, the backing file name.
     Case("data-file-raw-alone", "plain", header(autoclear_features=2)),
     Case("data-file-name-without-its-bit", "datafile", header(incompatible_features=0)),
+    # Where qcow2_do_open() opens the data file (info does not: BDRV_O_NO_IO).
+    Case("data-file-bit-without-a-name", "plain", header(incompatible_features=1 << 2)),
+    Case("data-file-name-empty", "datafile", ext_put(DATA_FILE, 8, ">8s", bytes(8))),
+    Case("data-file-name-past-the-end-of-the-file", "datafile", cut(104), CUT),
+    Case("data-file-bit-without-a-name-in-a-cut-header", "plain",
+         both(header(incompatible_features=1 << 2, header_length=112), cut(104)), CUT),
     # (qemu-img 7.2's info crashes on this one.)
     Case("luks-without-crypto-header", "plain", header(crypt_method=2), {"info"}),
     Case("backing-name-too-long", "chain", header(backing_file_size=1024)),
@@ -223,6 +264,17 @@ CASES = [
     Case("bitmaps-before-backing-name", "bitmap",
          both(header(backing_file_offset=600, backing_file_size=1024),
               ext_put(BITMAPS, 8, ">I", 0))),
+    # The backing format: a driver QEMU lacks is refused before the file is opened; a driver
+    # qcowfast does not read, where QEMU's refuses the file too (here a qcow2 image).
+    Case("backing-format-unknown", "chain", backing_format(b"QCOW2")),
+    Case("backing-format-unknown-of-a-missing-file", "chain",
+         both(backing_format(b"no-such"), backing_name(b"nothere.qc"))),
+    Case("backing-format-qcow", "chain", backing_format(b"qcow")),
+    Case("backing-format-qed", "chain", backing_format(b"qed")),
+    Case("backing-format-parallels", "chain", backing_format(b"parallels")),
+    Case("backing-format-bochs", "chain", backing_format(b"bochs")),
+    Case("backing-format-vpc", "chain", backing_format(b"vpc")),
+    Case("backing-format-vmdk", "chain", backing_format(b"vmdk")),
     # A backing file's header.
     Case("backing-file-refcount-order", "backing", header(refcount_order=7)),
     Case("backing-file-extension", "backing", ext_put(FEATURE_TABLE, 4, ">I", 0xFFFFFFFF)),
@@ -341,3 +393,53 @@ def test_the_library_keeps_its_classes_and_adds_detail(bases, tmp_path):
             qcowfast.open(image)
         assert type(info.value) is cls, (cid, info.value)
         assert str(info.value) == f"{image}: {words}"
+
+
+BACKING_FORMATS = [c for c in CASES if c.id.startswith("backing-format-") and
+                   c.id != "backing-format-16-bytes"]
+
+
+@pytest.mark.parametrize("c", BACKING_FORMATS, ids=[c.id for c in BACKING_FORMATS])
+def test_backing_format_through_info_backing_chain(capsys, bases, tmp_path, c):
+    """img_info's loop opens each layer on its own, with the format its image names: a
+    driver QEMU lacks or refuses is reported under the backing file's name."""
+    image = damaged(bases, c, tmp_path)
+    args = ["info", "--backing-chain", image]
+    want = qemu_outcome(args, os.path.dirname(image))
+    assert want[0] == 1 and want[1] == ""
+    assert cli_in_process(capsys, *args) == want
+
+
+def test_the_library_keeps_its_words_for_data_files_and_backing_formats(bases, tmp_path):
+    """The command line says QEMU's words; the exception keeps qcowfast's, and its class."""
+    import qcowfast
+    by_id = {c.id: c for c in CASES}
+    work = {}
+    for cid in ("data-file-bit-without-a-name", "data-file-name-empty",
+                "data-file-name-past-the-end-of-the-file", "backing-format-unknown",
+                "backing-format-qcow"):
+        (tmp_path / cid).mkdir()
+        work[cid] = damaged(bases, by_id[cid], tmp_path / cid)
+    cases = {
+        "data-file-bit-without-a-name": (qcowfast.FormatError, "needs an external data file "
+                                         "but names none; pass data_file=PATH"),
+        "data-file-name-empty": (qcowfast.FormatError, "needs an external data file but names "
+                                 "an empty one; pass data_file=PATH"),
+        "data-file-name-past-the-end-of-the-file": (qcowfast.TruncatedImage, "header_length "
+                                                    "112 runs past the end of the file"),
+    }
+    for cid, (cls, words) in cases.items():
+        with pytest.raises(qcowfast.QcowError) as info:
+            qcowfast.open(work[cid])
+        assert (type(info.value), str(info.value)) == (cls, f"{work[cid]}: {words}")
+    for cid, fmt in (("backing-format-unknown", "QCOW2"), ("backing-format-qcow", "qcow")):
+        with pytest.raises(qcowfast.UnsupportedFeature) as info:
+            qcowfast.open(work[cid])
+        assert str(info.value) == f"backing file format {fmt!r} of {work[cid]} is not " \
+            "supported (qcowfast reads qcow2 and raw backing files)"
+    # The file given opens what names none (QEMU: -o data-file=...).
+    raw = tmp_path / "given.raw"
+    raw.write_bytes(b"\x5a" * (1 << 20))
+    for cid in ("data-file-bit-without-a-name", "data-file-name-empty"):
+        with qcowfast.open(work[cid], data_file=raw) as img:
+            assert img.read(0, 512) == bytes(512)      # (no cluster allocated)

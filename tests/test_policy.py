@@ -305,10 +305,9 @@ def test_backing_format_errors_name_both_files(tmp_path):
             proc = run_cli(*args)
             assert proc.returncode == qemu.returncode, (args, proc.stderr, qemu.stderr)
             assert proc.stderr.count("\n") == 1, proc.stderr
-            if top is as_vmdk:          # a format qcowfast does not read: its own words
-                assert wants[as_vmdk] in proc.stderr, (args, proc.stderr)
-            else:
-                assert proc.stderr.replace("qcowfast:", "qemu-img:", 1) == qemu.stderr, args
+            # (vmdk, a format qcowfast does not read: qemu-img's line where it fails too,
+            # "Could not open backing file: File is too small, not a valid image")
+            assert proc.stderr.replace("qcowfast:", "qemu-img:", 1) == qemu.stderr, args
         assert not (tmp_path / "o.raw").exists()
 
 

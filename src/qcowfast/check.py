@@ -38,7 +38,7 @@ from .constants import (
 )
 from .errors import (AllocationFailed, CorruptImage, FormatError, QcowError, TruncatedImage,
                      UnsafePathError)
-from .header import Header, parse_header, read_header, warn_stale_bitmaps
+from .header import Header, _no_data_file, parse_header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked
 from .paths import directories, open_file
 from .refcounts import MAX_OFFSET, StoredRefcounts, pread_padded
@@ -1062,7 +1062,7 @@ def _check_mode_header(fd: int, file_size: int) -> Header:
     snapshot table pointer, which the check validates (check_snapshot_table), so a fault
     there does not fail the open, and a header fault after it is the one reported."""
     try:
-        return read_header(fd, file_size, tables_in_file=False)
+        return read_header(fd, file_size, tables_in_file=False, data_file_name=True)
     except TruncatedImage as exc:
         try:
             return parse_header(_header_area(fd, file_size), 1 << 63, refcount_table=False)
@@ -1074,7 +1074,7 @@ def _check_mode_header(fd: int, file_size: int) -> Header:
     data = _header_area(fd, file_size)
     count, offset = struct.unpack_from(">IQ", data, 60)
     data[60:72] = bytes(12)
-    header = parse_header(bytes(data), 1 << 63, refcount_table=False)
+    header = parse_header(bytes(data), 1 << 63, refcount_table=False, data_file_name=True)
     return replace(header, nb_snapshots=count, snapshots_offset=offset)
 
 
@@ -1086,13 +1086,13 @@ def _open_chain(opened, ident: tuple, header: Header, backing_dirs, force_share)
     image needs a data file and names none. Files are found under qcowfast's path policy.
     """
     from .errors import BackingChainError, ImageOpenError, UnsupportedFeature, in_chain
-    from .image import Image, RawImage, check_qcow2_backing
+    from .image import Image, RawImage, check_qcow2_backing, unsupported_backing_format
     from .paths import resolve_reference
-    from .probe import detect_format
+    from .probe import detect_format, driver_refusal
     name = opened.path
     if header.has_data_file:
-        if not header.data_file:
-            raise FormatError("'data-file' is required for this image")
+        if not header.data_file:            # (a header cut short: read as zeros)
+            raise _no_data_file(header.data_file)
         try:
             resolve_reference(opened, header.data_file, "external data file",
                               backing_dirs).close()
@@ -1101,6 +1101,8 @@ def _open_chain(opened, ident: tuple, header: Header, backing_dirs, force_share)
             raise
     if not header.backing_file:
         return
+    if header.backing_format is not None and driver_refusal(header.backing_format) is not None:
+        raise unsupported_backing_format(header.backing_format, name)   # (before the file)
     try:
         backing = resolve_reference(opened, header.backing_file, "backing file", backing_dirs)
     except QcowError as exc:
@@ -1122,8 +1124,7 @@ def _open_chain(opened, ident: tuple, header: Header, backing_dirs, force_share)
                     in_chain(exc, name, backing=True)
                 raise
         else:
-            raise UnsupportedFeature(f"backing file format {fmt!r} of {name} is not supported "
-                                     "(qcowfast reads qcow2 and raw backing files)")
+            raise unsupported_backing_format(fmt, name, backing.fd)
         layer.close()
     finally:
         backing.close()

@@ -17,16 +17,10 @@ import sys
 
 from . import __version__
 from .errors import QcowError
+from .probe import QEMU_DRIVERS
 
 CACHE_MODES = ("none", "off", "writeback", "writethrough", "unsafe", "directsync")
 SOURCE_FORMATS = ("qcow2", "raw")
-# QEMU 7.2's block drivers (Debian's `qemu-img --help`, "Supported formats"): a format outside
-# them is unknown to qemu-img ("Unknown driver", "Unknown file format").
-QEMU_DRIVERS = frozenset(
-    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg "
-    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio "
-    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
-    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
 # Those of them that do not open the image name as a file (URLs, device options).
 _NOT_FILES = frozenset("blkverify ftp ftps gluster http https iscsi iser nbd nfs null-aio "
                        "null-co nvme rbd ssh vvfat".split())

@@ -9,13 +9,14 @@ import re
 import stat
 import sys
 
-from .cli import (QEMU_DRIVERS, RAW_SNAPSHOT, SOURCE_FORMATS, _NOT_FILES, CliError, QemuLine,
+from .cli import (RAW_SNAPSHOT, SOURCE_FORMATS, _NOT_FILES, CliError, QemuLine,
                   _SnapshotParam, _add_open_options, _add_progress_options,
                   _add_source_cache_option, _valid_option_list, cache_refusal, cvtnum,
                   format_refusal, opened_as_raw, parse_size, program_name, usage_exit)
 from .cli_process import _CLOSED_STREAMS, _is_terminal, _quiet_stdout
 from .cli_progress import _progress, human_size
 from .errors import QcowError
+from .probe import QEMU_DRIVERS
 
 
 MAX_COROUTINES = 16                          # qemu-img convert -m: 1 .. MAX_COROUTINES

@@ -202,7 +202,7 @@ def _output_format_refusal(fmt: str, texts: list[str], objects: list[str]) -> No
     measures, and qcowfast does not (it is refused by name where QEMU would measure it)."""
     if fmt in ("qcow2", "raw"):
         return
-    from .cli import QEMU_DRIVERS
+    from .probe import QEMU_DRIVERS
     if fmt not in QEMU_DRIVERS:
         raise _Failed(f"Unknown file format '{fmt}'")
     if fmt not in _OTHER_KEYS:

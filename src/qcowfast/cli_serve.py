@@ -466,7 +466,8 @@ def _open_refusal(args) -> str | None:
     """qemu-nbd's line for what its blk_new_open() refuses before qcowfast opens the image,
     in its order: an -f QEMU lacks, the file's own open, --aio=native without a direct cache,
     an -f qcowfast does not read (in qcowfast's words); else None."""
-    from .cli import QEMU_DRIVERS, SOURCE_FORMATS, format_refusal
+    from .cli import SOURCE_FORMATS, format_refusal
+    from .probe import QEMU_DRIVERS
     image, fmt = args.image, args.format
     if fmt is not None and fmt not in QEMU_DRIVERS:
         return _blk_new_open(image, f"Unknown driver '{fmt}'")

@@ -140,7 +140,7 @@ def _refusal(cls: type, words: str, detail: str | None = None) -> QcowError:
 
 def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
                  refcount_table: bool = False, name: str | None = None,
-                 warn: bool = True) -> Header:
+                 warn: bool = True, data_file_name: bool = False) -> Header:
     """Parse and validate a header from the first cluster (or less, at end of file) of an image.
 
     `data` must hold the first min(file_size, 2 MiB) bytes; all offsets are checked against
@@ -152,7 +152,9 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
 
     `allow_encrypted` opens as qemu-img info does (BDRV_O_NO_IO): encrypted images and the
     data-file-raw flag are described, not refused. `refcount_table` refuses an image without a
-    refcount table, as every qemu-img command but check does (BDRV_O_CHECK).
+    refcount table, as every qemu-img command but check does (BDRV_O_CHECK). `data_file_name`
+    refuses, where QEMU opens the external data file, an image that needs one and names none
+    (the caller gives none: data_file=).
     Raises FormatError, TruncatedImage, UnsupportedFeature or EncryptedImage; before it, the
     StaleBitmapsWarning (naming the image as `name`) where QEMU's extension walk printed it
     before the fault (see warn_stale_bitmaps), unless not `warn` (a look at the header that is
@@ -164,7 +166,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
     try:
         try:
             fields = _qcow2_do_open(data, file_size, short, cut, warned, allow_encrypted,
-                                    refcount_table)
+                                    refcount_table, data_file_name)
         except QcowError as exc:
             if short:
                 short[0].qemu_chain = exc.qemu_chain
@@ -181,7 +183,7 @@ def parse_header(data: bytes, file_size: int, *, allow_encrypted: bool = False,
 
 
 def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list, warned: list,
-                   allow_encrypted: bool, refcount_table: bool) -> dict:
+                   allow_encrypted: bool, refcount_table: bool, data_file_name: bool) -> dict:
     """The fields of the header in `data`, checked in qcow2_do_open()'s order on what QEMU
     reads (zeros past the end of the file); raises QEMU's refusals. What lies past the end of
     the file is noted in `short` (the header) and `cut` (the rest) instead; the version, in
@@ -308,7 +310,10 @@ def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list, warned: 
 
     if not allow_encrypted:
         # (qemu-img info opens neither the data file nor the encryption: BDRV_O_NO_IO.)
-        if not incompatible & _INCOMPATIBLE_DATA_FILE and autoclear & _AUTOCLEAR_DATA_FILE_RAW:
+        if incompatible & _INCOMPATIBLE_DATA_FILE:
+            if data_file_name and not ext_fields.get("data_file"):
+                raise _no_data_file(ext_fields.get("data_file"))
+        elif autoclear & _AUTOCLEAR_DATA_FILE_RAW:
             raise _refusal(FormatError, "data-file-raw requires a data file",
                            "the data-file-raw autoclear bit is set without the external data "
                            "file feature bit")
@@ -339,6 +344,17 @@ def _qcow2_do_open(data: bytes, file_size: int, short: list, cut: list, warned: 
 def _not_qcow2() -> QcowError:
     exc = FormatError("not a QCOW2 image (bad magic)")
     exc.qemu_chain = "Image is not in qcow2 format"
+    return exc
+
+
+def _no_data_file(name: str | None) -> QcowError:
+    """The image needs an external data file and names none (`name` None) or an empty one:
+    qcow2_do_open() refuses the first, bdrv_open_child() the file "" (QEMU's words in
+    `qemu_chain`)."""
+    exc = FormatError("needs an external data file but names "
+                      f"{'none' if name is None else 'an empty one'}; pass data_file=PATH")
+    exc.qemu_chain = ("'data-file' is required for this image" if name is None
+                      else "The 'file' block driver requires a file name")
     return exc
 
 
@@ -388,7 +404,8 @@ def _unsupported_features(table: bytes, mask: int) -> str:
 
 def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
                 name: str | None = None, allow_encrypted: bool = False,
-                refcount_table: bool | None = None, warn: bool = True) -> Header:
+                refcount_table: bool | None = None, warn: bool = True,
+                data_file_name: bool = False) -> Header:
     """Parse the header of the QCOW2 image open on `fd` (reads at most its first cluster).
 
     With `tables_in_file=False` the L1, refcount and snapshot tables may extend past the end of
@@ -396,8 +413,8 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
     missing refcount table is accepted as `qemu-img check` accepts it (QEMU's BDRV_O_CHECK),
     unless `refcount_table` (default: `tables_in_file`) asks to refuse it in QEMU's order.
     Errors name the image as `name` when given (`x.img: not a QCOW2 image (bad magic)`); their
-    `qemu_chain` and `qemu_top` hold qemu-img's line ("Could not open 'TOP': CHAIN"). `warn`:
-    as in parse_header.
+    `qemu_chain` and `qemu_top` hold qemu-img's line ("Could not open 'TOP': CHAIN"). `warn`
+    and `data_file_name`: as in parse_header.
     """
     try:
         # The header area is read in one page, as QEMU reads it in small pieces, unless it runs
@@ -413,7 +430,8 @@ def read_header(fd: int, file_size: int, *, tables_in_file: bool = True,
         return parse_header(first, file_size if tables_in_file else 1 << 63,
                             allow_encrypted=allow_encrypted,
                             refcount_table=tables_in_file if refcount_table is None
-                            else refcount_table, name=name, warn=warn)
+                            else refcount_table, name=name, warn=warn,
+                            data_file_name=data_file_name)
     except QcowError as exc:
         if name is None:
             raise

@@ -31,7 +31,7 @@ from .errors import (
 from .header import Header, read_header, warn_stale_bitmaps
 from .locks import check_not_locked, hold_read_locks
 from .paths import OpenedFile, directories, open_file, resolve_reference
-from .probe import detect_format
+from .probe import detect_format, driver_refusal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:                           # (typing costs start-up; type checkers only)
@@ -555,6 +555,19 @@ def check_qcow2_backing(opened: OpenedFile, owner: str) -> None:
         raise exc
 
 
+def unsupported_backing_format(fmt: str, owner: str, fd: int | None = None) -> QcowError:
+    """The refusal of backing format `fmt` (named in `owner`'s header), which qcowfast does
+    not read; where QEMU fails too (probe.driver_refusal: a name it lacks, with `fd` None;
+    else the file on `fd` lacking the format's magic), its line is the error's."""
+    exc = UnsupportedFeature(f"backing file format {fmt!r} of {owner} is not supported "
+                             "(qcowfast reads qcow2 and raw backing files)")
+    refused = driver_refusal(fmt, fd)
+    if refused is not None:
+        exc.qemu_chain, exc.qemu_hint = refused
+        in_chain(exc, owner, backing=True)
+    return exc
+
+
 class Image(_Layer):
     """An opened QCOW2 image (read-only), with its backing chain. Use `qcowfast.open`.
 
@@ -599,7 +612,8 @@ class Image(_Layer):
               seen):
         # `self_file`: this image's OpenedFile (paths.resolve_reference resolves names from it).
         # self.file_size: st_size, or the device size of a block device (paths.open_file).
-        self.header: Header = read_header(self._fd, self.file_size, name=self.filename)
+        self.header: Header = read_header(self._fd, self.file_size, name=self.filename,
+                                          data_file_name=data_file is None)
         h = self.header
         warn_stale_bitmaps(h, self.filename)
         self.virtual_size = h.size - h.size % 512   # QEMU counts whole sectors (qcow2_do_open)
@@ -703,10 +717,7 @@ class Image(_Layer):
         self.data_file_label = h.data_file if data_file is None else (
             os.fsdecode(os.fspath(data_file))
             if isinstance(data_file, (str, bytes, os.PathLike)) else None)
-        if data_file is None:
-            if not h.data_file:
-                raise FormatError(f"{self.filename} needs an external data file but names none; "
-                                  "pass data_file=PATH")
+        if data_file is None:               # (named: read_header refuses an image naming none)
             try:
                 data_file = resolve_reference(self_file, h.data_file, "external data file", allowed)
             except QcowError as exc:
@@ -740,6 +751,10 @@ class Image(_Layer):
             raise BackingChainError(f"backing chain of {self._top} is deeper than {max_depth} "
                                     f"(the backing file of {self.filename} would be layer "
                                     f"{self.depth + 1})")
+        if backing is None and h.backing_format is not None and \
+                driver_refusal(h.backing_format) is not None:
+            # QEMU finds the driver before it opens the file (bdrv_fill_options()).
+            raise unsupported_backing_format(h.backing_format, self.filename)
         # The descriptor opened (and checked) here is the one the backing layer reads.
         try:
             if backing is None:
@@ -776,9 +791,7 @@ class Image(_Layer):
                         in_chain(exc, self.filename, backing=True)
                     raise
             else:
-                raise UnsupportedFeature(f"backing file format {fmt!r} of {self.filename} is "
-                                         "not supported (qcowfast reads qcow2 and raw backing "
-                                         "files)")
+                raise unsupported_backing_format(fmt, self.filename, opened.fd)
             self._owns_backing = True
             self._reads = self.backing._reads
         finally:

@@ -26,7 +26,7 @@ from .locks import check_not_locked
 from .paths import (
     OpenedFile, directories, full_backing_filename, open_file, resolve_reference,
 )
-from .probe import detect_format
+from .probe import detect_format, driver_refusal
 from .preads import pread_padded
 from .snapshots import Snapshot, read_snapshot_table
 
@@ -195,6 +195,18 @@ def _qcow2_info(fd: int, name: str, st: os.stat_result) -> dict:
     return out
 
 
+def _unsupported_format(path: str, fmt: str, fd: int | None) -> UnsupportedFeature:
+    """The refusal of file `path` in format `fmt` (a backing file's, named in its image),
+    which qcowfast does not read; where QEMU fails too (probe.driver_refusal), in its words:
+    img_info's loop opens each layer on its own ("Could not open 'PATH': ...")."""
+    exc = UnsupportedFeature(f"{path}: format {fmt!r} is not supported (qcowfast reads qcow2 "
+                             "and raw)")
+    refused = driver_refusal(fmt, fd)
+    if refused is not None:
+        (exc.qemu_chain, exc.qemu_hint), exc.qemu_top = refused, path
+    return exc
+
+
 def _layer_info(opened: OpenedFile, fmt: str | None, force_share: bool = False
                 ) -> tuple[dict, tuple[int, int]]:
     """Info of one file (qcow2 or raw, probed when `fmt` is None) and its (st_dev, st_ino).
@@ -218,8 +230,7 @@ def _layer_info(opened: OpenedFile, fmt: str | None, force_share: bool = False
             out = {"virtual-size": -(-opened.size // SECTOR) * SECTOR, "filename": path,
                    "format": fmt, "actual-size": st.st_blocks * 512, "dirty-flag": False}
         else:
-            raise UnsupportedFeature(f"{path}: format {fmt!r} is not supported (qcowfast "
-                                     "reads qcow2 and raw)")
+            raise _unsupported_format(path, fmt, fd)
         return out, (st.st_dev, st.st_ino)
     finally:
         os.close(opened.detach())
@@ -274,6 +285,10 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
         while "backing-filename" in current:
             if len(chain) > max_depth:
                 raise BackingChainError(f"backing chain of {name} is deeper than {max_depth}")
+            fmt = current.get("backing-filename-format")
+            if fmt is not None and driver_refusal(fmt) is not None:
+                # (QEMU finds the driver before it opens the file: bdrv_fill_options())
+                raise _unsupported_format(current["full-backing-filename"], fmt, None)
             try:
                 found = resolve_reference(opened, current["backing-filename"], "backing file",
                                           allowed)
@@ -289,8 +304,7 @@ def info(path, *, backing_chain: bool = False, backing_dirs=(), fmt: str | None 
                 raise
             opened.close()
             opened = found
-            current, ident = _layer_info(opened, current.get("backing-filename-format"),
-                                         force_share)
+            current, ident = _layer_info(opened, fmt, force_share)
             if ident in seen:
                 # (qemu-img tells a loop by the name repeated, qcowfast by the file)
                 raise BackingChainError(f"Backing file '{opened.path}' creates an infinite "

@@ -14,6 +14,13 @@ import struct
 from .errors import UnsupportedFeature
 
 PROBE_SIZE = 2048
+# QEMU 7.2's block drivers (Debian's `qemu-img --help`, "Supported formats"): a format outside
+# them is unknown to qemu-img ("Unknown driver", "Unknown file format").
+QEMU_DRIVERS = frozenset(
+    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg "
+    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio "
+    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
+    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
 _CLOOP_V2 = (b"#!/bin/sh\n#V2.0 Format\n"
              b"modprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")
 
@@ -119,4 +126,70 @@ def detect_format(fd: int, name: str = "image") -> str:
     raise UnsupportedFeature(f"{os.fspath(name)} is a {found} image; qcowfast reads qcow2 and raw")
 
 
-__all__ = ["detect_format", "PROBE_SIZE"]
+def driver_refusal(fmt: str, fd: int | None = None) -> tuple[str, str | None] | None:
+    """QEMU 7.2's words (and the hint line it adds, or None) when it opens the file on `fd`
+    with block driver `fmt`, a format qcowfast does not read, and fails; None where QEMU
+    would open it, or where its words are not modelled (qcowfast's refusal stands).
+
+    A name QEMU lacks fails before any file is opened (bdrv_fill_options()), so `fd` None
+    asks about the name alone. Else the drivers that read a header refuse a file lacking
+    their magic (qcow_open(), bdrv_qed_do_open(), parallels_open(), bochs_open(),
+    vpc_open(), vmdk_open()).
+    """
+    if fmt not in QEMU_DRIVERS:
+        return f"Unknown driver '{fmt}'", None
+    if fd is None:
+        return None
+    size = -(-os.lseek(fd, 0, os.SEEK_END) // 512) * 512    # (bdrv_getlength(): sectors)
+    buf = os.pread(fd, PROBE_SIZE, 0).ljust(PROBE_SIZE, b"\0")
+    found = _probe_head(buf)
+    if fmt == "qcow":
+        return _qcow_refusal(buf)
+    if fmt in _NOT_IN_FORMAT:
+        name, words = _NOT_IN_FORMAT[fmt]
+        # (bochs_open() takes the "Growing" subtype alone, of the three its probe takes)
+        opens = found == name and (fmt != "bochs" or buf[48:64].split(b"\0")[0] == b"Growing")
+        return None if opens else (words, None)
+    if fmt == "vpc" and not buf.startswith(b"conectix"):
+        if size < 512:
+            return "File too small for a VHD header", None
+        if not os.pread(fd, 8, size - 512).startswith(b"conectix"):
+            return "invalid VPC image", None
+    if fmt == "vmdk":
+        return _vmdk_refusal(fd, size, buf)
+    return None
+
+
+# A driver whose open fails on a file its probe rejects, with these words (the probe's name).
+_NOT_IN_FORMAT = {"qed": ("QED", "Image not in QED format"),
+                  "parallels": ("Parallels", "Image not in Parallels format"),
+                  "bochs": ("Bochs", "Image not in Bochs format")}
+
+
+def _qcow_refusal(buf: bytes) -> tuple[str, str | None] | None:
+    """qcow_open()'s header checks (block/qcow.c), in its order."""
+    magic, version, size = struct.unpack_from(">4sI16xQ", buf)
+    cluster_bits, l2_bits = buf[32], buf[33]
+    if magic != b"QFI\xfb":
+        return "Image not in qcow format", None
+    if version != 1:
+        hint = "Try the 'qcow2' driver instead." if version in (2, 3) else None
+        return f"qcow (v1) does not support qcow version {version}", hint
+    why = ("Image size is too small (must be at least 2 bytes)" if size <= 1 else
+           "Cluster size must be between 512 and 64k" if not 9 <= cluster_bits <= 16 else
+           "L2 table size must be between 512 and 64k" if not 6 <= l2_bits <= 13 else None)
+    return None if why is None else (why, None)
+
+
+def _vmdk_refusal(fd: int, size: int, buf: bytes) -> tuple[str, str | None] | None:
+    """vmdk_read_desc() and vmdk_open_desc_file(): a file that is no sparse extent is a text
+    descriptor (its first MiB - 1, up to a NUL byte), which must set createType."""
+    if size < 4:
+        return "File is too small, not a valid image", None
+    if buf[:4] in (b"KDMV", b"COWD"):
+        return None
+    desc = os.pread(fd, min(size, (1 << 20) - 1), 0).split(b"\0", 1)[0]
+    return None if b"createType" in desc else ("invalid VMDK image descriptor", None)
+
+
+__all__ = ["detect_format", "driver_refusal", "PROBE_SIZE"]
