@@ -3,7 +3,9 @@
 test_mutation only asks that random damage ends in success or a QcowError. Here each damaged
 copy of test_corrupt's small images (and `wide`, whose L1 table has several entries) goes
 through `convert -O raw`, `map --output=json`, `info --output=json` and `check` of both tools
-(qemu-img run in the test, qcowfast's command line run in this process); a deterministic
+(qemu-img run in the test, qcowfast's command line run in this process), on `SWEPT` (every
+other damage, and each kind and image at least once: the whole list, run by hand on
+2026-12-05, found nothing more, and would add half a minute to the suite); a deterministic
 subset (`EXTRA_DAMAGES`: every eighth damage, and each kind and image at least once) also
 through the `EXTRA` commands: `compare` with its pristine original (plain, and `-s -p`) and
 with itself (`-p`), `measure --output=json -O qcow2` and `-O raw`, `snapshot -l` and
@@ -426,6 +428,7 @@ def _extra_subset(damages: list[Damage], every: int = 8) -> set[Damage]:
 
 DAMAGES = _all_damages()
 EXTRA_DAMAGES = _extra_subset(DAMAGES)
+SWEPT = [d for d in DAMAGES if d in _extra_subset(DAMAGES, every=2) | EXTRA_DAMAGES]
 IDS = [f"{d.image}:{d.id}" for d in DAMAGES]
 assert len(set(IDS)) == len(IDS), [i for i in IDS if IDS.count(i) > 1]
 
@@ -661,7 +664,7 @@ def extra_disagreements(path: Path, original: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("d", DAMAGES, ids=IDS)
+@pytest.mark.parametrize("d", SWEPT, ids=[f"{d.image}:{d.id}" for d in SWEPT])
 def test_damage_parity(pristine, tmp_path, d):
     path = damaged(pristine, d, tmp_path)
     problems = disagreements(path)
