@@ -203,11 +203,16 @@ def fleet_table(data: dict) -> str:
                    f"(e) / (c) = {paired['python_loop_over_convert_many']:.2f}.")
         if "ceiling" in m:
             out.append(f"Ceiling on {paired['cores']} cores (as many copies of the batch "
-                       "converted side by side, one thread each; per batch): "
+                       "converted side by side in this process, one thread each; per batch): "
                        f"{m['ceiling']:.3f} s; (c) / ceiling = "
-                       f"{paired['convert_many_over_ceiling']:.2f} (1.00: at the machine's "
+                       f"{paired['convert_many_over_ceiling']:.2f} (1.00: at the in-process "
                        f"limit), (e) / ceiling = {paired['python_loop_over_ceiling']:.2f} "
-                       "(the most (e) / (c) can be here).")
+                       "(the most (e) / (c) can be in one process).")
+        if "process-ceiling" in m:
+            out.append(f"Process ceiling (the same copies, each in a process of its own: the "
+                       f"machine's limit): {m['process-ceiling']:.3f} s; (c) / process ceiling "
+                       f"= {paired['convert_many_over_process_ceiling']:.2f}, (e) / process "
+                       f"ceiling = {paired['python_loop_over_process_ceiling']:.2f}.")
     if "qemu-img-loop" in scale and "convert_many" in scale:
         (q, n, neighbours), (c, _, _) = scale["qemu-img-loop"], scale["convert_many"]
         out.append("")

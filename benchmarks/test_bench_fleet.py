@@ -10,9 +10,11 @@ Every approach's outputs are checked against qemu-img's SHA-256 after its last r
 `test_fleet_paired` runs (c), (e) and (d) in turn within each round, so that the ratios between
 them are paired: this machine's speed drifts by tens of percent between one test and the next.
 No Dask cluster is running while (c) or (e) is timed: an idle one takes about a tenth of a core.
-Each round also measures the machine's own limit for the batch, the ceiling: as many copies
-of the batch as cores converted at once, one thread each (every core busy from the first job
-to the last, with nothing to schedule or share), timed per batch (the time over the copies).
+Each round also measures two limits for the batch, timed per batch (the time over the copies):
+the ceiling, as many copies of the batch as cores converted at once in this process, one thread
+each (every core busy from the first job to the last, with nothing to schedule), and the process
+ceiling, the same copies each in a child process of its own: the machine's limit (threads of one
+process share its address space and GIL; processes do not).
 """
 from __future__ import annotations
 
@@ -163,7 +165,24 @@ def test_fleet(benchmark, request, fleet_images, fleet_out, bench_rounds, approa
     _check_outputs(fleet_images, jobs, approach)
 
 
-PAIRED = ("convert_many", "python-loop", "dask", "ceiling")
+PAIRED = ("convert_many", "python-loop", "dask", "ceiling", "process-ceiling")
+
+#: One copy of the batch in a child process of its own (the process ceiling): it converts its
+#: first job once (imports, kernels, buffers), says so, waits for the word, converts the batch
+#: with one thread and says when it is done.
+_CEILING_CHILD = """
+import json, sys
+from pathlib import Path
+import qcowfast
+jobs = json.loads(sys.argv[1])
+qcowfast.convert(jobs[0][0], jobs[0][1], threads=1)
+Path(jobs[0][1]).unlink()
+print("ready", flush=True)
+sys.stdin.readline()
+for src, dst in jobs:
+    qcowfast.convert(src, dst, threads=1)
+print("done", flush=True)
+"""
 
 
 def _side_by_side(jobs, copies: list[Path]):
@@ -192,6 +211,40 @@ def _side_by_side(jobs, copies: list[Path]):
         if failed:
             raise failed[0]
     return run
+
+
+def _side_by_side_processes(jobs, copies: list[Path]) -> float:
+    """The process ceiling's run: each of `copies` converted by a warmed child process of its
+    own, staggered as in _side_by_side, all told to start at once; the seconds from that word
+    to the last child's end. Processes share no address space: no mmap lock, no TLB
+    shootdowns between them, no GIL (threads of one process pay for all three)."""
+    import json
+    step = len(jobs) // len(copies)
+    children = []
+    try:
+        for k, out in enumerate(copies):
+            mine = [(src, str(out / Path(dst).name))
+                    for src, dst in jobs[k * step:] + jobs[:k * step]]
+            children.append(subprocess.Popen(
+                [sys.executable, "-c", _CEILING_CHILD, json.dumps(mine)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for child in children:
+            assert child.stdout.readline() == "ready\n", "a ceiling child failed to start"
+        start = time.perf_counter()
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        for child in children:
+            assert child.stdout.readline() == "done\n", "a ceiling child failed"
+        elapsed = time.perf_counter() - start
+        for child in children:
+            assert child.wait(60) == 0
+        return elapsed
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
@@ -223,6 +276,9 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
         start = time.perf_counter()
         run()
         times["ceiling"].append((time.perf_counter() - start) / len(copies))
+        for out in copies:
+            _clear(out)
+        times["process-ceiling"].append(_side_by_side_processes(jobs, copies) / len(copies))
 
     def one_round():
         timed("convert_many")
@@ -260,7 +316,9 @@ def test_fleet_paired(benchmark, fleet_images, fleet_out, bench_rounds):
         # (c)'s time over the ceiling's (1.0: at the machine's limit), and the most (e)/(c)
         # could be on this machine: (e) over the ceiling.
         convert_many_over_ceiling=paired("convert_many", "ceiling"),
-        python_loop_over_ceiling=paired("python-loop", "ceiling"))
+        python_loop_over_ceiling=paired("python-loop", "ceiling"),
+        convert_many_over_process_ceiling=paired("convert_many", "process-ceiling"),
+        python_loop_over_process_ceiling=paired("python-loop", "process-ceiling"))
     _check_outputs(fleet_images, jobs, "paired rounds")
 
 
