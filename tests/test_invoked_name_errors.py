@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,36 @@ def test_qemu_nbd_prefix_on_qcowfast_words(links, files, tmp_path):
     assert got.returncode == ours.returncode == 1
     assert got.stderr.startswith("qemu-nbd: serve -c: not supported"), got
     assert ours.stderr == "qcowfast: " + got.stderr[len("qemu-nbd: "):]
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_qemu_nbd_serves_without_a_word(links, files, tmp_path, verbose):
+    """Serving, qemu-nbd prints nothing, with -v or without; under its name neither does
+    qcowfast serve (it printed "qemu-nbd: serving ... on ..."). Under its own name it still
+    says where it serves. Each server ends when its one client (nbdinfo) has gone (no -t)."""
+    runs = {"qemu-nbd": ["qemu-nbd"], "link": [links["qemu-nbd"]],
+            "qcowfast": [CONSOLE_SCRIPT, "serve"]}
+    for label, tool in runs.items():
+        sock = tmp_path / f"{label}.sock"
+        proc = subprocess.Popen([str(a) for a in (*tool, *verbose, "-r", "-k", sock,
+                                                  files / "ok.qcow2")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        try:
+            for _ in range(300):
+                if sock.exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            size = subprocess.run(["nbdinfo", "--size", f"nbd+unix:///?socket={sock}"],
+                                  capture_output=True, text=True, timeout=TIMEOUT)
+            assert size.stdout == "1048576\n", (label, size)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, (label, err)
+        if label == "qcowfast":
+            assert err.startswith("qcowfast: serving "), err
+        else:
+            assert (out, err) == ("", ""), (label, out, err)

@@ -69,14 +69,39 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.stderr.close()
 
 
-class CliServer:
-    """`python -m qcowfast serve ...` as a subprocess; the URI is read from its stderr."""
+def _listening(uri: str) -> bool:
+    """Whether a socket listens at `uri` (nbd+unix:///...?socket=PATH or nbd://127.0.0.1:PORT/),
+    from /proc/net: connecting to find out would be a client, and a server without -t ends
+    when its last client leaves."""
+    if "socket=" in uri:
+        path = uri.split("socket=", 1)[1]
+        with open("/proc/net/unix") as f:        # Flags 00010000: __SO_ACCEPTCON (listening)
+            return any(line.split()[-1] == path and line.split()[3] == "00010000"
+                       for line in f.readlines()[1:] if len(line.split()) == 8)
+    port = int(uri.rsplit(":", 1)[1].strip("/"))
+    with open("/proc/net/tcp") as f:             # st 0A: LISTEN
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+                   for line in f.readlines()[1:])
 
-    def __init__(self, *args, command=(sys.executable, "-m", "qcowfast", "serve")):
+
+class CliServer:
+    """`python -m qcowfast serve ...` as a subprocess; the URI is read from its stderr, or,
+    for a server that prints nothing (run as qemu-nbd), given as `uri` and waited for."""
+
+    def __init__(self, *args, command=(sys.executable, "-m", "qcowfast", "serve"), uri=None):
         self.proc = subprocess.Popen([*map(str, command), *map(str, args)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-        self.uri = self._wait_ready()
+        self.uri = self._wait_ready() if uri is None else self._wait_listening(uri)
+
+    def _wait_listening(self, uri: str) -> str:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if _listening(uri):
+                return uri
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"{uri}: no server listening")
 
     def _wait_ready(self) -> str:
         deadline = time.monotonic() + 20
@@ -881,7 +906,7 @@ def test_run_under_the_name_qemu_nbd(tmp_path):
         assert f"(qcowfast {qcowfast.__version__})" in got.splitlines()[0]
     sock = tmp_path / "s.sock"
     server = CliServer("--read-only", "--persistent", "--shared=4", "-k", sock, "-f", "qcow2",
-                       "-x", "exp", image, command=(link,))
+                       "-x", "exp", image, command=(link,), uri=unix_uri(sock, "exp"))
     try:
         out = tmp_path / "out.raw"
         run("qemu-img", "convert", "-f", "raw", "-O", "raw", unix_uri(sock, "exp"), out)
@@ -891,9 +916,9 @@ def test_run_under_the_name_qemu_nbd(tmp_path):
     # Without -k, -p or -b, qemu-nbd listens on TCP port 10809 (here on loopback only), and
     # -p takes a service name as its getaddrinfo() does.
     for args in ([], ["-p", "nbd"]):
-        server = CliServer("-r", "-f", "qcow2", *args, image, command=(link,))
+        server = CliServer("-r", "-f", "qcow2", *args, image, command=(link,),
+                           uri="nbd://127.0.0.1:10809/")
         try:
-            assert server.uri == "nbd://127.0.0.1:10809/", server.uri
             out.unlink()
             run("qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd://127.0.0.1:10809", out)
             assert_same_bytes(out.read_bytes(), reference_raw(image), f"qemu-nbd {args}")

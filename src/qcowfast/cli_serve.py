@@ -435,8 +435,9 @@ def cmd_serve(args) -> int:
                       f"{exc.strerror or exc}", file=sys.stderr)
                 return 1
             pid_written = True
-        print(f"{program_name()}: serving {args.image} on {server.uri}", file=sys.stderr,
-              flush=True)
+        if program_name() != "qemu-nbd":         # (qemu-nbd prints nothing, -v or not)
+            print(f"{program_name()}: serving {args.image} on {server.uri}", file=sys.stderr,
+                  flush=True)
         if ready_w >= 0:
             # qemu-nbd's daemon moves to / so that it keeps no directory busy, once everything
             # named relative to the starting directory is open (the image and its backing and
