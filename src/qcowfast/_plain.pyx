@@ -577,7 +577,13 @@ cdef int resolve_table(Layer *layers, int nl, int d, int64_t l1, int64_t pos, in
             a = max(g, pos)
             b = min(g + o[cap + r], pos + n)
             kind = k[r]
-            if a < b:
+            if a < b and L.flags & FLAG_DATA_FILE and kind != K_COMPRESSED and \
+                    o[2 * cap + r] >= 0 and o[2 * cap + r] != g:
+                # An external data file's clusters lie at their guest offsets (QEMU
+                # qcow2_get_host_offset(): "External data file host cluster offset ... does not
+                # match guest cluster offset"): the general path raises that.
+                rc = R_FALLBACK
+            elif a < b:
                 if kind == K_DATA and L.holes_read_zero and not out.claims:
                     # QEMU (qcow2_detect_metadata_preallocation, then block status with
                     # BDRV_BLOCK_RECURSE) reads the host file's holes in such clusters as zeros.
