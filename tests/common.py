@@ -345,3 +345,14 @@ def assert_as_qemu_img(capsys, monkeypatch, workdir, argv, status=None, names=No
     want, got = both_tools(capsys, monkeypatch, workdir, argv, names)
     assert want[0] == status if status is not None else want[0] != 0, want
     assert got == want
+
+
+#: (source image kind, convert options) reaching each of convert's paths, for tests that run
+#: a conversion down every one of them.
+CONVERSION_PATHS = [
+    ("plain", {}),                                          # the numpy-free path
+    ("zlib", {}),                                           # the general path, sparse
+    ("zlib", {"sparse_size": 0}),                           # every unit written
+    ("zlib", {"existing": True}),                           # in place, in guest order
+    ("plain", {"format": "qcow2", "compression": "zlib"}),  # the QCOW2 writer
+]

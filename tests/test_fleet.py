@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import qcowfast
-from common import assert_same_bytes, qemu_img, qemu_io, reference_raw, run_cli
+from common import CONVERSION_PATHS, assert_same_bytes, qemu_img, qemu_io, reference_raw, run_cli
 from qcowfast.fleet import Skipped, convert_many, sweep_stale_temps
 from qcowfast.output import LOCKED_AT_BIRTH
 
@@ -119,13 +119,7 @@ def _big_image(tmp_path: Path, compress: bool) -> Path:
     return img
 
 
-@pytest.mark.parametrize("source, options", [
-    ("plain", {}),                                          # the numpy-free path
-    ("zlib", {}),                                           # the general path, sparse
-    ("zlib", {"sparse_size": 0}),                           # every unit written
-    ("zlib", {"existing": True}),                           # in place, in guest order
-    ("plain", {"format": "qcow2", "compression": "zlib"}),  # the QCOW2 writer
-])
+@pytest.mark.parametrize("source, options", CONVERSION_PATHS)
 def test_last_job_takes_the_idle_cores(tmp_path, source, options):
     """A batch's last job grows to the cores the other slots leave idle: a large image
     converted last no longer runs on its share of the cores alone (convert_many was slower

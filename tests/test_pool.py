@@ -9,6 +9,7 @@ import time
 import pytest
 
 import qcowfast.convert  # noqa: F401  (the module, not the function of that name)
+from common import CONVERSION_PATHS
 
 convert_module = sys.modules["qcowfast.convert"]
 _Pool = convert_module._Pool
@@ -98,13 +99,7 @@ def multi_unit_images(tmp_path_factory):
     return {"plain": plain, "zlib": packed}
 
 
-@pytest.mark.parametrize("source, options", [
-    ("plain", {}),                                          # the numpy-free path
-    ("zlib", {}),                                           # the general path, sparse
-    ("zlib", {"sparse_size": 0}),                           # every unit written
-    ("zlib", {"existing": True}),                           # in place, in guest order
-    ("plain", {"format": "qcow2", "compression": "zlib"}),  # the QCOW2 writer
-])
+@pytest.mark.parametrize("source, options", CONVERSION_PATHS)
 def test_one_thread_conversion_runs_in_the_calling_thread(multi_unit_images, tmp_path,
                                                           source, options):
     """threads=1 fills every unit in the calling thread: no pool thread to hand each unit to
